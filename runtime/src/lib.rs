@@ -51,3 +51,9 @@ unsafe impl GlobalAlloc for GallocyAlloc {
     unsafe fn alloc(&self, _l: Layout) -> *mut u8 { unimplemented!() }
     unsafe fn dealloc(&self, _p: *mut u8, _l: Layout) { unimplemented!() }
 }
+pub mod jacobi;
+pub mod launch;
+/// Default heap base (see config.rs for the reasoning).
+pub const DEFAULT_HEAP_BASE: usize = 0x2000_0000_0000;
+/// Default heap size: 16 GiB of address space (memory is committed only when touched).
+pub const DEFAULT_HEAP_SIZE: usize = 16 << 30;

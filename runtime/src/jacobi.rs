@@ -1,0 +1,1 @@
+//! Jacobi workload (being written).
