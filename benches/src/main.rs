@@ -1,1 +1,339 @@
-fn main(){}
+//! gallocy-bench: latency benchmarks for gallocy on local processes.
+//!
+//! ```text
+//! gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600]
+//! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N]
+//! ```
+//!
+//! `fault` first measures the floor (two helper processes: a TCP server and a client that also
+//! does the SIGSEGV measurements), then starts `--procs` ranks of a gallocy job and has rank 0
+//! time remote read and write faults. It prints a table and, as the last line of stdout, one
+//! JSON object. `floor` runs only the first part (it does not need the runtime).
+//!
+//! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
+//! `__fault-rank`.
+
+mod cases;
+mod floor;
+mod launch;
+mod net;
+mod report;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use report::{JsonObject, Summary};
+
+const USAGE: &str = "usage:
+  gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600]
+  gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N]
+GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
+
+/// Options common to all subcommands.
+#[derive(Debug, Clone)]
+struct Opts {
+    procs: usize,
+    iters: usize,
+    /// None = min(iters / 10, 200).
+    warmup: Option<usize>,
+    spin_us: u64,
+    timeout_s: u64,
+    /// Positional arguments (hidden subcommands take an address).
+    positional: Vec<String>,
+}
+
+impl Opts {
+    fn warmup(&self) -> usize {
+        self.warmup.unwrap_or((self.iters / 10).min(200))
+    }
+}
+
+fn parse_opts(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        procs: 5,
+        iters: 5000,
+        warmup: None,
+        spin_us: net::spin_us_from_env(),
+        timeout_s: 600,
+        positional: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (key, inline) = match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<u64> {
+            let v = match &inline {
+                Some(v) => v.clone(),
+                None => it
+                    .next()
+                    .with_context(|| format!("{name} needs a value"))?
+                    .clone(),
+            };
+            v.parse()
+                .with_context(|| format!("{name}: not a number: {v}"))
+        };
+        match key {
+            "--procs" => o.procs = value(key)? as usize,
+            "--iters" => o.iters = value(key)? as usize,
+            "--warmup" => o.warmup = Some(value(key)? as usize),
+            "--spin-us" => o.spin_us = value(key)?,
+            "--timeout-s" => o.timeout_s = value(key)?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            k if k.starts_with('-') => bail!("unknown option {k}\n{USAGE}"),
+            _ => o.positional.push(a.clone()),
+        }
+    }
+    if o.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let result = parse_opts(&args[1..]).and_then(|o| match cmd.as_str() {
+        "fault" => cmd_fault(&o),
+        "floor" => cmd_floor(&o),
+        "__floor-server" => floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000),
+        "__floor-client" => child_floor_client(&o),
+        "__fault-rank" => cases::run_rank(o.iters, o.warmup()),
+        other => bail!("unknown subcommand {other}\n{USAGE}"),
+    });
+    if let Err(e) = result {
+        eprintln!("gallocy-bench {cmd}: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn addr_arg(o: &Opts) -> Result<SocketAddr> {
+    let a = o.positional.first().context("missing address argument")?;
+    a.parse().with_context(|| format!("bad address {a}"))
+}
+
+/// Arguments passed down to children so they use the same iteration counts.
+fn child_args(sub: &str, o: &Opts, extra: &[String]) -> Vec<String> {
+    let mut v = vec![
+        sub.to_string(),
+        "--iters".into(),
+        o.iters.to_string(),
+        "--warmup".into(),
+        o.warmup().to_string(),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn child_floor_client(o: &Opts) -> Result<()> {
+    let rows = floor::run_client(addr_arg(o)?, o.iters, o.warmup(), o.spin_us * 1000)?;
+    for r in rows {
+        println!("{}", r.to_record());
+    }
+    Ok(())
+}
+
+/// Floor phase: a server process and a client process on a fresh loopback port.
+fn run_floor_phase(o: &Opts) -> Result<Vec<Summary>> {
+    let addr = format!("127.0.0.1:{}", launch::free_port()?);
+    let env = vec![("GALLOCY_SPIN_US".to_string(), o.spin_us.to_string())];
+    let specs = vec![
+        launch::Spec {
+            label: "floor-server".into(),
+            args: child_args("__floor-server", o, std::slice::from_ref(&addr)),
+            env: env.clone(),
+        },
+        launch::Spec {
+            label: "floor-client".into(),
+            args: child_args("__floor-client", o, &[addr]),
+            env,
+        },
+    ];
+    let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
+    let rows: Vec<Summary> = recs
+        .iter()
+        .filter_map(|(_, l)| Summary::parse_record(l))
+        .collect();
+    if rows.len() != 3 {
+        bail!("floor phase reported {} results, expected 3", rows.len());
+    }
+    Ok(rows)
+}
+
+/// Share of CPU time the whole machine spent idle over `window` (0..100), from /proc/stat;
+/// NaN if unknown. Taken before a run: other work on this 2-core machine skews every number.
+fn idle_pct(window: Duration) -> f64 {
+    fn sample() -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = s.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((idle, v.iter().sum()))
+    }
+    let Some((i0, t0)) = sample() else {
+        return f64::NAN;
+    };
+    std::thread::sleep(window);
+    let Some((i1, t1)) = sample() else {
+        return f64::NAN;
+    };
+    if t1 <= t0 {
+        return f64::NAN;
+    }
+    100.0 * (i1 - i0) as f64 / (t1 - t0) as f64
+}
+
+/// 1-minute load average (other work on this 2-core machine skews the numbers); NaN if unknown.
+fn load_avg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn find<'a>(rows: &'a [Summary], name: &str) -> Option<&'a Summary> {
+    rows.iter().find(|r| r.name == name)
+}
+
+fn cmd_floor(o: &Opts) -> Result<()> {
+    let rows = run_floor_phase(o)?;
+    print!("{}", report::table(&rows));
+    let mut j = JsonObject::new();
+    j.str("bench", "floor")
+        .int("iters", o.iters as u64)
+        .int("spin_us", o.spin_us)
+        .num("load_avg_1m", load_avg_1m());
+    add_floor_json(&mut j, &rows);
+    println!("{}", j.render());
+    Ok(())
+}
+
+fn add_floor_json(j: &mut JsonObject, rows: &[Summary]) {
+    for (key, name) in [
+        ("floor", "floor"),
+        ("floor_tcp_rtt", "floor.tcp_rtt"),
+        ("floor_segv", "floor.segv_mprotect"),
+    ] {
+        if let Some(r) = find(rows, name) {
+            j.num(&format!("{key}_p50_us"), r.p50_us())
+                .num(&format!("{key}_p99_us"), r.p99_us());
+        }
+    }
+}
+
+fn cmd_fault(o: &Opts) -> Result<()> {
+    if o.procs < 2 {
+        bail!("--procs must be at least 2 (rank 0 times faults on pages another rank owns)");
+    }
+    let idle = idle_pct(Duration::from_millis(300));
+    println!(
+        "gallocy-bench fault: procs={} iters={} warmup={} spin_us={} load_avg_1m={:.2} idle_before={:.0}%",
+        o.procs,
+        o.iters,
+        o.warmup(),
+        o.spin_us,
+        load_avg_1m(),
+        idle
+    );
+    if idle < 90.0 {
+        println!(
+            "warning: the machine was only {idle:.0}% idle before the run; expect inflated numbers"
+        );
+    }
+    let floor_rows = run_floor_phase(o)?;
+
+    let coordinator = format!("127.0.0.1:{}", launch::free_port()?);
+    let token = launch::token();
+    let specs = (0..o.procs)
+        .map(|r| launch::Spec {
+            label: format!("rank {r}"),
+            args: child_args("__fault-rank", o, &[]),
+            env: vec![
+                ("GALLOCY_RANK".into(), r.to_string()),
+                ("GALLOCY_SIZE".into(), o.procs.to_string()),
+                ("GALLOCY_COORDINATOR".into(), coordinator.clone()),
+                ("GALLOCY_TOKEN".into(), token.clone()),
+                ("GALLOCY_SPIN_US".into(), o.spin_us.to_string()),
+            ],
+        })
+        .collect();
+    let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
+    let mut case_rows = Vec::new();
+    let mut skipped = Vec::new();
+    for (_, line) in &recs {
+        if let Some(s) = Summary::parse_record(line) {
+            case_rows.push(s);
+        } else if let Some(rest) = line.strip_prefix(report::SKIP_PREFIX) {
+            skipped.push(rest.to_string());
+        }
+    }
+
+    let mut all = floor_rows.clone();
+    all.extend(case_rows.iter().cloned());
+    println!();
+    print!("{}", report::table(&all));
+    for s in &skipped {
+        println!("skipped: {s}");
+    }
+
+    let floor = find(&floor_rows, "floor").context("no floor result")?;
+    let read = find(&case_rows, "read_home_owner").context("no read_home_owner result")?;
+    let write = find(&case_rows, "write_0").context("no write_0 result")?;
+    let mut j = JsonObject::new();
+    j.str("bench", "fault")
+        .int("procs", o.procs as u64)
+        .int("iters", o.iters as u64)
+        .int("spin_us", o.spin_us)
+        .num("load_avg_1m", load_avg_1m())
+        .num("idle_before_pct", idle)
+        .num("read_fault_p50_us", read.p50_us())
+        .num("read_fault_p99_us", read.p99_us())
+        .num("write_fault_p50_us", write.p50_us())
+        .num("write_fault_p99_us", write.p99_us());
+    add_floor_json(&mut j, &floor_rows);
+    j.num("ratio", read.p50_us() / floor.p50_us())
+        .num("write_ratio", write.p50_us() / floor.p50_us());
+    for r in &case_rows {
+        j.num(&format!("{}_p50_us", r.name), r.p50_us())
+            .num(&format!("{}_p99_us", r.name), r.p99_us());
+    }
+    let mut cases = JsonObject::new();
+    for r in all.iter() {
+        cases.raw(&r.name, report::summary_json(r));
+    }
+    j.raw("cases", cases.render());
+    println!("{}", j.render());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_options() {
+        let o = parse_opts(&s(&["--procs", "3", "--iters=100", "--spin-us", "7", "x"])).unwrap();
+        assert_eq!((o.procs, o.iters, o.spin_us, o.warmup()), (3, 100, 7, 10));
+        assert_eq!(o.positional, ["x"]);
+        assert_eq!(parse_opts(&s(&[])).unwrap().warmup(), 200);
+        assert!(parse_opts(&s(&["--bogus"])).is_err());
+        assert!(parse_opts(&s(&["--iters"])).is_err());
+    }
+}

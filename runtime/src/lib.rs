@@ -1,59 +1,564 @@
-//! gallocy: a distributed shared memory runtime (API skeleton; bodies being written).
-#![allow(clippy::missing_safety_doc)]
+//! gallocy: a distributed shared memory runtime.
+//!
+//! Every process of a job maps one heap at the same virtual addresses, so a pointer made in one
+//! process is valid in all of them. Pages a process does not hold are mapped with no access;
+//! touching one faults inside the process, and the runtime fetches the latest contents from the
+//! page's owner and resumes the thread (sequential consistency, one writer or many readers per
+//! page). See the README for the protocol and the environment variables.
+//!
+//! ```no_run
+//! gallocy::init().expect("join the job");
+//! let counter = gallocy::alloc_collective(8) as *mut u64; // same pointer on every rank
+//! gallocy::lock(1);
+//! unsafe { *counter += 1 };
+//! gallocy::unlock(1);
+//! gallocy::barrier();
+//! gallocy::finalize().unwrap();
+//! ```
 
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Msg(String),
-}
-
-/// Join the job described by GALLOCY_* (or mpirun/PMI/Slurm) variables. Idempotent.
-pub fn init() -> Result<(), Error> { unimplemented!() }
-/// This process's rank (0 before init).
-pub fn rank() -> usize { unimplemented!() }
-/// Number of processes in the job (1 before init).
-pub fn size() -> usize { unimplemented!() }
-/// Barrier across all processes (one thread per process calls it).
-pub fn barrier() { unimplemented!() }
-/// Acquire global lock `id` (FIFO across the job).
-pub fn lock(_id: u32) { unimplemented!() }
-/// Release global lock `id`.
-pub fn unlock(_id: u32) { unimplemented!() }
-/// Every rank calls with the same size; every rank gets the same zero-filled pointer.
-pub fn alloc_collective(_size: usize) -> *mut u8 { unimplemented!() }
-/// Copy `buf` of rank `root` into `buf` of every rank (same length everywhere).
-pub fn broadcast(_buf: &mut [u8], _root: usize) { unimplemented!() }
-/// Print the statistics report now (to stderr).
-pub fn stats_print() { unimplemented!() }
-/// Barrier, then leave the job (prints statistics when GALLOCY_STATS=1).
-pub fn finalize() -> Result<(), Error> { unimplemented!() }
-/// Snapshot of this process's counters.
-pub fn stats() -> StatsSnapshot { unimplemented!() }
-#[derive(Debug, Clone, Default)]
-pub struct StatsSnapshot { pub read_faults: u64, pub write_faults: u64, pub invalidations_sent: u64, pub invalidations_received: u64, pub bytes_moved: u64, pub fault_p50_us: f64, pub fault_p99_us: f64 }
-pub fn heap_base() -> usize { unimplemented!() }
-pub fn heap_size() -> usize { unimplemented!() }
-pub fn page_size() -> usize { unimplemented!() }
-/// Home rank of the page holding `addr`.
-pub fn home_of(_addr: usize) -> usize { unimplemented!() }
-/// Rank whose arena (allocation region, initial owner) holds `addr`.
-pub fn arena_rank_of(_addr: usize) -> usize { unimplemented!() }
-pub fn malloc(_size: usize) -> *mut u8 { unimplemented!() }
-pub fn calloc(_n: usize, _size: usize) -> *mut u8 { unimplemented!() }
-pub unsafe fn realloc(_p: *mut u8, _size: usize) -> *mut u8 { unimplemented!() }
-pub fn aligned_alloc(_align: usize, _size: usize) -> *mut u8 { unimplemented!() }
-pub unsafe fn free(_p: *mut u8) { unimplemented!() }
-pub unsafe fn usable_size(_p: *mut u8) -> usize { unimplemented!() }
-pub struct GallocyAlloc;
-unsafe impl GlobalAlloc for GallocyAlloc {
-    unsafe fn alloc(&self, _l: Layout) -> *mut u8 { unimplemented!() }
-    unsafe fn dealloc(&self, _p: *mut u8, _l: Layout) { unimplemented!() }
-}
+mod alloc;
+mod bootstrap;
+mod clock;
+mod config;
+mod engine;
+mod error;
+mod fault;
+mod fmt;
+mod futex;
 pub mod jacobi;
 pub mod launch;
-/// Default heap base (see config.rs for the reasoning).
-pub const DEFAULT_HEAP_BASE: usize = 0x2000_0000_0000;
-/// Default heap size: 16 GiB of address space (memory is committed only when touched).
-pub const DEFAULT_HEAP_SIZE: usize = 16 << 30;
+mod lazy;
+mod pagetable;
+mod region;
+mod runtime;
+mod slots;
+mod stats;
+mod wire;
+
+pub use alloc::AllocError;
+pub use config::{DEFAULT_HEAP_BASE, DEFAULT_HEAP_SIZE, DEFAULT_SPIN_US, MAX_PROCESSES};
+pub use error::Error;
+pub use fault::prepare_thread;
+pub use stats::StatsSnapshot;
+
+use gallocy_transport::MemoryView;
+use runtime::{Runtime, RUNTIME};
+use wire::Msg;
+
+thread_local! {
+    /// Non-zero while this thread runs gallocy's own code: its allocations then go to the
+    /// system allocator, never to the shared heap.
+    static IN_RUNTIME: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as running runtime code for the scope's lifetime.
+pub(crate) struct RuntimeScope(());
+
+impl RuntimeScope {
+    pub(crate) fn enter() -> RuntimeScope {
+        let _ = IN_RUNTIME.try_with(|c| c.set(c.get() + 1));
+        RuntimeScope(())
+    }
+}
+
+impl Drop for RuntimeScope {
+    fn drop(&mut self) {
+        let _ = IN_RUNTIME.try_with(|c| c.set(c.get() - 1));
+    }
+}
+
+fn in_runtime() -> bool {
+    IN_RUNTIME.try_with(|c| c.get() > 0).unwrap_or(true)
+}
+
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+/// Size of a slab span; arenas are multiples of it.
+const ARENA_ALIGN: usize = 64 * 1024;
+
+/// Joins the job described by the environment (`GALLOCY_RANK`/`GALLOCY_SIZE`/`GALLOCY_COORDINATOR`,
+/// or the variables `mpirun`, PMI and Slurm set). Without any of them this is a one-process job.
+/// Idempotent. Returns once every process of the job has joined.
+pub fn init() -> Result<(), Error> {
+    if RUNTIME.get().is_some() {
+        return Ok(());
+    }
+    let _scope = RuntimeScope::enter();
+    let _g = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if RUNTIME.get().is_some() {
+        return Ok(());
+    }
+    let id = config::identity()?;
+    let rank = id.rank;
+    start(id).map_err(|e| e.on_rank(rank))?;
+    if size() > 1 {
+        barrier();
+    }
+    Ok(())
+}
+
+fn start(id: config::Identity) -> Result<(), Error> {
+    let settings = config::settings();
+    let region = settings
+        .as_ref()
+        .map_err(|e| e.to_string())
+        .and_then(|s| region::Region::reserve(s.heap_base, s.heap_size).map_err(|e| e.to_string()));
+    let settings_ok = settings.as_ref().ok().cloned();
+    let (transport, region) = if id.size > 1 {
+        let problem = region.as_ref().err().cloned();
+        let view = match &region {
+            Ok(r) => MemoryView {
+                base: r.runtime_base as *mut u8,
+                len: r.size,
+            },
+            Err(_) => MemoryView {
+                base: std::ptr::null_mut(),
+                len: 0,
+            },
+        };
+        let transport = bootstrap::connect(&id, settings_ok.as_ref(), view, problem);
+        // Our own problem is the clearest message for this rank.
+        let settings = settings?;
+        let region = region.map_err(|_| {
+            match region::Region::reserve(settings.heap_base, settings.heap_size) {
+                Err(e) => e,
+                Ok(_) => Error::JobStopped("heap reservation failed".into()),
+            }
+        })?;
+        (Some(transport?), region)
+    } else {
+        let settings = settings?;
+        let region = match region {
+            Ok(r) => r,
+            Err(_) => region::Region::reserve(settings.heap_base, settings.heap_size)?,
+        };
+        (None, region)
+    };
+    let settings = settings_ok.expect("settings were valid");
+    if id.rank == 0 && id.token_derived {
+        eprintln!(
+            "gallocy: warning: GALLOCY_TOKEN is not set; using a token derived from the job's identity, \
+             which keeps other jobs out but is not a secret"
+        );
+    }
+    let arena_size = (region.size / id.size) / ARENA_ALIGN * ARENA_ALIGN;
+    let page = region.page;
+    let first = id.rank * arena_size / page;
+    let end = if id.rank == id.size - 1 {
+        region.pages()
+    } else {
+        first + arena_size / page
+    };
+    region
+        .protect(first, end - first, region::Access::Write)
+        .map_err(|e| Error::Os {
+            what: "opening this rank's arena".into(),
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
+    let pt = pagetable::PageTable::new(region.pages(), first, end)?;
+    let rt = Runtime::new(
+        id.rank, id.size, settings, region, pt, transport, arena_size,
+    );
+    if RUNTIME.set(rt).is_err() {
+        unreachable!("init holds the init lock");
+    }
+    let rt = RUNTIME.get().expect("just set");
+    fault::install()?;
+    fault::prepare_thread();
+    if rt.size > 1 {
+        std::thread::Builder::new()
+            .name("gallocy-service".into())
+            .spawn(move || {
+                std::mem::forget(RuntimeScope::enter());
+                fault::prepare_thread();
+                engine::Engine::new(rt).run();
+            })
+            .map_err(|e| Error::Os {
+                what: "starting the service thread".into(),
+                source: e,
+            })?;
+    }
+    Ok(())
+}
+
+fn rt() -> &'static Runtime {
+    if let Some(rt) = RUNTIME.get() {
+        return rt;
+    }
+    if let Err(e) = init() {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+    RUNTIME.get().expect("initialized")
+}
+
+/// This process's rank (0 before `init`).
+pub fn rank() -> usize {
+    RUNTIME.get().map_or(0, |r| r.rank)
+}
+
+/// Number of processes in the job (1 before `init`).
+pub fn size() -> usize {
+    RUNTIME.get().map_or(1, |r| r.size)
+}
+
+/// Waits until every process of the job has called `barrier` (one thread per process calls it).
+pub fn barrier() {
+    let rt = rt();
+    if rt.size == 1 {
+        return;
+    }
+    let _s = RuntimeScope::enter();
+    let epoch = rt.barrier_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+    rt.post(0, Msg::BarrierArrive { epoch });
+    rt.sync.wait_barrier(epoch);
+}
+
+static HELD_LOCKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Acquires global lock `id`: at most one thread in the whole job holds it; waiters are served
+/// in arrival order at the lock's home.
+pub fn lock(id: u32) {
+    let rt = rt();
+    let _s = RuntimeScope::enter();
+    if rt.size > 1 {
+        let slot = rt.slots.claim();
+        rt.post(id as usize % rt.size, Msg::LockAcquire { id, slot });
+        rt.slots.wait_and_release(slot, rt.settings.spin);
+    } else {
+        while HELD_LOCKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+        {
+            std::thread::yield_now();
+        }
+    }
+    HELD_LOCKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(id);
+}
+
+/// Releases global lock `id`. Panics if this process does not hold it.
+pub fn unlock(id: u32) {
+    let rt = rt();
+    let _s = RuntimeScope::enter();
+    {
+        let mut held = HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        match held.iter().position(|h| *h == id) {
+            Some(i) => {
+                held.swap_remove(i);
+            }
+            None => panic!(
+                "gallocy: rank {}: unlock({id}) but this process does not hold global lock {id}",
+                rt.rank
+            ),
+        }
+    }
+    if rt.size > 1 {
+        rt.post(id as usize % rt.size, Msg::LockRelease { id });
+    }
+}
+
+/// Every rank calls this with the same `size`; every rank gets the same pointer to `size`
+/// zero-filled bytes of the shared heap (allocated in rank 0's arena).
+pub fn alloc_collective(size: usize) -> *mut u8 {
+    let rt = rt();
+    let mut p = if rt.rank == 0 {
+        calloc(1, size) as u64
+    } else {
+        0
+    };
+    let mut bytes = p.to_le_bytes();
+    broadcast(&mut bytes, 0);
+    p = u64::from_le_bytes(bytes);
+    p as *mut u8
+}
+
+/// Copies `buf` of rank `root` into `buf` of every other rank. Every rank calls it, in the same
+/// order, with buffers of the same length.
+pub fn broadcast(buf: &mut [u8], root: usize) {
+    let rt = rt();
+    assert!(
+        root < rt.size,
+        "gallocy: broadcast root {root} is not a rank of a {}-process job",
+        rt.size
+    );
+    if rt.size == 1 {
+        return;
+    }
+    let _s = RuntimeScope::enter();
+    let seq = rt.broadcast_seq.fetch_add(1, Ordering::AcqRel) + 1;
+    if rt.rank == root {
+        let total = buf.len() as u64;
+        for to in (0..rt.size).filter(|r| *r != root) {
+            let mut offset = 0;
+            loop {
+                let end = (offset + wire::BROADCAST_CHUNK).min(buf.len());
+                let data = buf[offset..end].to_vec();
+                rt.post(
+                    to,
+                    Msg::Broadcast {
+                        seq,
+                        total,
+                        offset: offset as u64,
+                        data,
+                    },
+                );
+                offset = end;
+                if offset >= buf.len() {
+                    break;
+                }
+            }
+        }
+    } else {
+        let data = rt.sync.take_broadcast(seq);
+        assert_eq!(
+            data.len(),
+            buf.len(),
+            "gallocy: rank {}: broadcast length mismatch: root {root} sent {} bytes, this rank passed a buffer of {}",
+            rt.rank,
+            data.len(),
+            buf.len()
+        );
+        buf.copy_from_slice(&data);
+    }
+}
+
+/// Prints this process's statistics report to stderr now.
+pub fn stats_print() {
+    if let Some(rt) = RUNTIME.get() {
+        let _s = RuntimeScope::enter();
+        eprintln!("{}", rt.stats.report(rt.rank));
+    }
+}
+
+/// A copy of this process's counters.
+pub fn stats() -> StatsSnapshot {
+    RUNTIME
+        .get()
+        .map(|rt| rt.stats.snapshot())
+        .unwrap_or_default()
+}
+
+/// Waits for every process (barrier), prints statistics when `GALLOCY_STATS=1`, and leaves the
+/// job. Every process must call it before exiting normally: a process that disappears without
+/// it is reported as lost by its peers. Afterwards the heap stays mapped with the access this
+/// process had; touching a page it did not hold is fatal.
+pub fn finalize() -> Result<(), Error> {
+    let Some(rt) = RUNTIME.get() else {
+        return Ok(());
+    };
+    if rt.finalized.load(Ordering::Acquire) || rt.leaving.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    barrier();
+    let _s = RuntimeScope::enter();
+    if rt.settings.stats {
+        eprintln!("{}", rt.stats.report(rt.rank));
+    }
+    if let Some(t) = rt.transport.as_deref() {
+        rt.leaving.store(true, Ordering::Release);
+        t.say_goodbye()
+            .map_err(|e| Error::from(e).on_rank(rt.rank))?;
+        t.wake();
+        let deadline = std::time::Instant::now() + rt.settings.peer_timeout;
+        while !rt.all_departed.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    rt.finalized.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// First address of the shared heap.
+pub fn heap_base() -> usize {
+    rt().region.base
+}
+
+/// Size of the shared heap in bytes.
+pub fn heap_size() -> usize {
+    rt().region.size
+}
+
+/// The page size (the unit of coherence).
+pub fn page_size() -> usize {
+    region::page_size()
+}
+
+/// The rank that keeps the directory entry of the page holding `addr`.
+pub fn home_of(addr: usize) -> usize {
+    let rt = rt();
+    rt.home((addr - rt.region.base) / rt.region.page)
+}
+
+/// The rank whose arena holds `addr` (that rank allocates there and initially owns its pages).
+pub fn arena_rank_of(addr: usize) -> usize {
+    let rt = rt();
+    rt.arena_rank((addr - rt.region.base) / rt.region.page)
+}
+
+/// Reports an allocator misuse and ends the process like glibc does (SIGABRT).
+fn misuse(rt: &Runtime, e: &AllocError) -> ! {
+    runtime::write_stderr(format!("gallocy: rank {}: error: {e}\n", rt.rank).as_bytes());
+    std::process::abort()
+}
+
+/// Allocates `size` bytes aligned to `align` from the shared heap; null when out of memory.
+fn allocate(size: usize, align: usize) -> *mut u8 {
+    let rt = rt();
+    let _s = RuntimeScope::enter();
+    match rt.alloc.alloc(size, align) {
+        Ok(a) => a as *mut u8,
+        Err(AllocError::OutOfMemory(_)) => std::ptr::null_mut(),
+        Err(e) => misuse(rt, &e),
+    }
+}
+
+/// `malloc` from the shared heap (16-byte aligned).
+pub fn malloc(size: usize) -> *mut u8 {
+    allocate(size, 16)
+}
+
+/// `calloc` from the shared heap: zero-filled.
+pub fn calloc(n: usize, size: usize) -> *mut u8 {
+    let Some(total) = n.checked_mul(size) else {
+        return std::ptr::null_mut();
+    };
+    let p = malloc(total);
+    if !p.is_null() {
+        // SAFETY: `p` points at `total` freshly allocated bytes.
+        unsafe { std::ptr::write_bytes(p, 0, total) };
+    }
+    p
+}
+
+/// `aligned_alloc` from the shared heap; `align` must be a power of two.
+pub fn aligned_alloc(align: usize, size: usize) -> *mut u8 {
+    allocate(size, align.max(16))
+}
+
+/// Frees a block of the shared heap, wherever it was allocated (blocks of another rank's arena
+/// are handed to that rank). A double or invalid free ends the process with a clear message.
+///
+/// # Safety
+/// `p` must be null or a live block from this allocator, not used after this call.
+pub unsafe fn free(p: *mut u8) {
+    if p.is_null() {
+        return;
+    }
+    let rt = rt();
+    let _s = RuntimeScope::enter();
+    let addr = p as usize;
+    if !rt.region.contains(addr) {
+        misuse(rt, &AllocError::InvalidPointer(addr));
+    }
+    if rt.alloc.is_local(addr) {
+        if let Err(e) = rt.alloc.free(addr) {
+            misuse(rt, &e);
+        }
+    } else {
+        rt.post(
+            rt.arena_rank((addr - rt.region.base) / rt.region.page),
+            Msg::Free { addr: addr as u64 },
+        );
+    }
+}
+
+/// Usable size of a block of the shared heap (asks the owning rank for another rank's block).
+///
+/// # Safety
+/// `p` must be a live block from this allocator.
+pub unsafe fn usable_size(p: *mut u8) -> usize {
+    let rt = rt();
+    let _s = RuntimeScope::enter();
+    let addr = p as usize;
+    if !rt.region.contains(addr) {
+        misuse(rt, &AllocError::InvalidPointer(addr));
+    }
+    if rt.alloc.is_local(addr) {
+        return rt
+            .alloc
+            .usable_size(addr)
+            .unwrap_or_else(|e| misuse(rt, &e));
+    }
+    let slot = rt.slots.claim();
+    rt.post(
+        rt.arena_rank((addr - rt.region.base) / rt.region.page),
+        Msg::SizeQuery {
+            addr: addr as u64,
+            slot,
+        },
+    );
+    let s = rt.slots.get(slot).expect("claimed");
+    rt.slots.wait_and_release(slot, rt.settings.spin);
+    match s.result.load(Ordering::Acquire) {
+        0 => misuse(rt, &AllocError::InvalidPointer(addr)),
+        n => n as usize,
+    }
+}
+
+/// `realloc` within the shared heap: contents are kept up to the smaller size.
+///
+/// # Safety
+/// `p` must be null or a live block from this allocator; after a non-null return it is freed.
+pub unsafe fn realloc(p: *mut u8, size: usize) -> *mut u8 {
+    if p.is_null() {
+        return malloc(size);
+    }
+    if size == 0 {
+        // SAFETY: forwarded caller contract.
+        unsafe { free(p) };
+        return std::ptr::null_mut();
+    }
+    // SAFETY: forwarded caller contract.
+    let old = unsafe { usable_size(p) };
+    if size <= old && rt().alloc.is_local(p as usize) && size >= old / 2 {
+        return p;
+    }
+    let q = malloc(size);
+    if !q.is_null() {
+        // SAFETY: both blocks are live and at least min(old, size) bytes long; they are distinct.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p, q, old.min(size));
+            free(p);
+        }
+    }
+    q
+}
+
+/// A `GlobalAlloc` that puts Rust allocations (`Box`, `Vec`, ...) in the shared heap once
+/// `init` has run; before that, and for gallocy's own threads, it uses the system allocator.
+/// `dealloc` decides by address, so both kinds of blocks can be freed at any time.
+pub struct GallocyAlloc;
+
+// SAFETY: blocks come from either the system allocator or gallocy's allocator, each honouring
+// the layout, and every block is returned to the allocator its address belongs to.
+unsafe impl GlobalAlloc for GallocyAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match RUNTIME.get() {
+            Some(rt) if !in_runtime() && !rt.finalized.load(Ordering::Acquire) => {
+                let _s = RuntimeScope::enter();
+                rt.alloc
+                    .alloc(layout.size(), layout.align().max(16))
+                    .map_or(std::ptr::null_mut(), |a| a as *mut u8)
+            }
+            // SAFETY: forwarded layout contract.
+            _ => unsafe { System.alloc(layout) },
+        }
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        match RUNTIME.get() {
+            // SAFETY: the block is ours (by address) and live per the caller's contract.
+            Some(rt) if rt.region.contains(p as usize) => unsafe { free(p) },
+            // SAFETY: forwarded contract: the block came from System.
+            _ => unsafe { System.dealloc(p, layout) },
+        }
+    }
+}

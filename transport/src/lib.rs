@@ -1,1 +1,148 @@
-//! transport
+//! Byte movers for gallocy.
+//!
+//! A [`Transport`] carries opaque control messages between the processes of a job and moves page
+//! contents between their *runtime views* (the always-writable mapping of the shared heap). It knows
+//! nothing of coherence: the engine in `gallocy` decides what to send; a transport only moves bytes.
+//!
+//! Two data paths exist so that an RDMA implementation can map them onto one-sided verbs:
+//! - [`Transport::send`] with an attached page: the page lands in the receiver's runtime view at the
+//!   same heap offset *before* the receiver sees the message (RDMA: WRITE followed by SEND on one
+//!   reliable-connected QP; TCP: one frame carrying both).
+//! - [`Transport::start_read`]: copy bytes at heap offset X of process P into my runtime view
+//!   (RDMA: READ from P's registered memory; TCP: the owner's transport answers from its view).
+
+#![deny(missing_docs)]
+
+mod auth;
+mod frame;
+mod sys;
+pub mod tcp;
+
+use std::time::Duration;
+
+/// Errors of the transport layer. Each variant's message names the peer involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// An operating-system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The connection to a peer is gone.
+    #[error("connection to rank {rank} lost: {reason}")]
+    PeerLost {
+        /// The peer's rank.
+        rank: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A peer did not prove knowledge of the job's secret (or we could not prove ours).
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// Setting up the job failed: the text says which rank and why.
+    #[error("{0}")]
+    Bootstrap(String),
+    /// Rank 0 stopped the job during start-up.
+    #[error("{0}")]
+    JobAborted(String),
+    /// A caller passed an argument outside what the transport supports.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+impl TransportError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        TransportError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The local process's runtime view of the heap: always readable and writable, the source of
+/// every page another process reads from us and the destination of every page we receive.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryView {
+    /// First byte of the view.
+    pub base: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+// SAFETY: the view is a fixed mapping that outlives the transport; callers coordinate access
+// to individual pages through the coherence protocol.
+unsafe impl Send for MemoryView {}
+// SAFETY: as above.
+unsafe impl Sync for MemoryView {}
+
+/// A page (or byte range) of the heap, by offset from the heap base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Offset from the heap base.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Something that happened, reported by [`Transport::poll`].
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A control message from `from`. If it carried a page, the page's bytes are already in the
+    /// local runtime view at `page.offset`.
+    Message {
+        /// Sender's rank.
+        from: usize,
+        /// The message bytes (valid during the callback only).
+        bytes: &'a [u8],
+        /// The page that came with it, if any.
+        page: Option<Span>,
+    },
+    /// A read started by [`Transport::start_read`] is complete: the bytes are in the local view.
+    ReadDone {
+        /// The rank read from.
+        from: usize,
+        /// The caller's token.
+        token: u64,
+    },
+    /// A peer said goodbye; its connection will close.
+    PeerLeft {
+        /// The peer's rank.
+        rank: usize,
+    },
+}
+
+/// Moves bytes between the processes of one job.
+///
+/// `send`, `start_read` and `wake` may be called from any thread, including from a signal handler
+/// (they allocate nothing and take only the transport's own locks, never held by application
+/// code). `poll` is called by a single service thread.
+pub trait Transport: Send + Sync {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Number of processes in the job.
+    fn size(&self) -> usize;
+    /// Sends a control message (at most [`MAX_MESSAGE`] bytes) to `peer`, optionally with a span of
+    /// the local runtime view that lands at the same offset in the peer's runtime view before the
+    /// peer is told about the message.
+    fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError>;
+    /// Starts copying `span` of `peer`'s runtime view into the same place of ours. Completion is
+    /// reported by `poll` as [`Event::ReadDone`] with `token`.
+    fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError>;
+    /// Waits up to `timeout` (`None`: forever, `Some(ZERO)`: do not wait) for events and hands
+    /// each to `handler`. Returns how many events were handled.
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        handler: &mut dyn FnMut(Event<'_>),
+    ) -> Result<usize, TransportError>;
+    /// Makes the current or next `poll` return promptly. Async-signal-safe.
+    fn wake(&self);
+    /// Says goodbye to every peer: after this, their closing connections are expected.
+    fn say_goodbye(&self) -> Result<(), TransportError>;
+}
+
+/// Largest control message a transport must carry.
+pub const MAX_MESSAGE: usize = 256 * 1024;

@@ -1,0 +1,172 @@
+//! counter, pingpong, disjoint: writes to shared words from several processes.
+
+use crate::util::{collective, mix, vread, vwrite, Args, Outcome};
+use std::time::{Duration, Instant};
+
+/// N processes x T threads add 1 to one shared counter under `gallocy::lock(1)`; the job as a
+/// whole does exactly `--total` increments (default 50,000); every rank checks the final value.
+pub fn counter(args: &Args) -> Outcome {
+    let total = args.usize_or("--total", 50_000) as u64;
+    let threads = args.usize_or("--threads", 2).max(1);
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let cell = collective(gallocy::page_size())?;
+    let ctr = cell.word(0);
+    let workers = (size * threads) as u64;
+    gallocy::barrier();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            // Global worker index: spreads the remainder so the job total is exactly `total`.
+            let g = (rank * threads + t) as u64;
+            let n = total / workers + u64::from(g < total % workers);
+            s.spawn(move || {
+                let ctr = cell.word(0);
+                for _ in 0..n {
+                    gallocy::lock(1);
+                    // SAFETY: `ctr` is the first word of a live collective page; the global lock
+                    // serialises every read-modify-write of it across threads and processes.
+                    unsafe { vwrite(ctr, vread(ctr) + 1) };
+                    gallocy::unlock(1);
+                }
+            });
+        }
+    });
+    let elapsed = t0.elapsed();
+    gallocy::barrier();
+    // SAFETY: as above; after the barrier nobody writes any more.
+    let got = unsafe { vread(ctr) };
+    gallocy::barrier();
+    if got != total {
+        return Err(format!(
+            "counter is {got} after the barrier, expected exactly {total} ({size} processes x {threads} threads); lost {} increments",
+            total as i128 - got as i128
+        ));
+    }
+    Ok(format!(
+        "total {got} = {size} processes x {threads} threads; {:.0} ms, {:.1} us per increment",
+        elapsed.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e6 / total.max(1) as f64
+    ))
+}
+
+/// Spin (yielding) until `cond` holds; gives up after `limit`.
+fn spin_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    let mut n = 0u32;
+    loop {
+        if cond() {
+            return true;
+        }
+        n = n.wrapping_add(1);
+        if n % 64 == 0 && t0.elapsed() > limit {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Ranks 0 and 1 write the same page alternately `--rounds` times (default 10,000) in total.
+/// Word 0 is the turn (whose move it is), word 1 the value (number of moves made so far).
+/// Before each move a rank checks it sees the other's last write; ranks >= 2 only watch.
+pub fn pingpong(args: &Args) -> Outcome {
+    let rounds = args.usize_or("--rounds", 10_000) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    if size < 2 {
+        return Err(format!("pingpong needs at least 2 ranks, job has {size}"));
+    }
+    let page = collective(gallocy::page_size())?;
+    let (turn, value) = (page.word(0), page.word(1));
+    gallocy::barrier();
+    let t0 = Instant::now();
+    let mut moves = 0u64;
+    if rank < 2 {
+        let me = rank as u64;
+        // Rank 0 makes moves 0, 2, 4, ...; rank 1 makes moves 1, 3, 5, ...
+        let mut k = me;
+        while k < rounds {
+            // SAFETY: `turn` and `value` are words of a live collective page.
+            let ok = spin_until(Duration::from_secs(60), || unsafe { vread(turn) } == me);
+            if !ok {
+                // SAFETY: as above.
+                let (t, v) = unsafe { (vread(turn), vread(value)) };
+                return Err(format!(
+                    "stuck before move {k}: turn word stays {t} (want {me}), value word is {v}"
+                ));
+            }
+            // SAFETY: as above.
+            let v = unsafe { vread(value) };
+            if v != k {
+                return Err(format!(
+                    "move {k}: turn is mine but the value word is {v}, expected {k} (the other rank's last write was lost or is stale)"
+                ));
+            }
+            // SAFETY: as above. Value first, then hand the turn over.
+            unsafe {
+                vwrite(value, k + 1);
+                vwrite(turn, 1 - me);
+            }
+            moves += 1;
+            k += 2;
+        }
+    }
+    let elapsed = t0.elapsed();
+    gallocy::barrier();
+    // SAFETY: as above; nobody writes after the barrier.
+    let v = unsafe { vread(value) };
+    gallocy::barrier();
+    if v != rounds {
+        return Err(format!(
+            "after the game the value word is {v}, expected {rounds}"
+        ));
+    }
+    Ok(format!(
+        "{moves} of {rounds} moves made here; {:.0} ms, {:.1} us per move",
+        elapsed.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e6 / rounds.max(1) as f64
+    ))
+}
+
+/// Every rank writes its own `--words` words (default 100) of ONE shared page with
+/// round-dependent values, concurrently, `--rounds` times (default 200); after each barrier every
+/// rank checks every word of every rank.
+pub fn disjoint(args: &Args) -> Outcome {
+    let rounds = args.usize_or("--rounds", 200) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let page_words = gallocy::page_size() / 8;
+    let words = args.usize_or("--words", 100).min(page_words / size);
+    if words == 0 {
+        return Err(format!(
+            "a page of {page_words} words cannot be split among {size} ranks"
+        ));
+    }
+    let page = collective(gallocy::page_size())?;
+    let val = |round: u64, r: usize, i: usize| mix((round << 32) ^ ((r as u64) << 16) ^ i as u64);
+    gallocy::barrier();
+    let t0 = Instant::now();
+    for round in 0..rounds {
+        for i in 0..words {
+            // SAFETY: word `rank*words + i` < page_words lies in the live collective page.
+            unsafe { vwrite(page.word(rank * words + i), val(round, rank, i)) };
+        }
+        gallocy::barrier();
+        for r in 0..size {
+            for i in 0..words {
+                // SAFETY: as above.
+                let got = unsafe { vread(page.word(r * words + i)) };
+                let want = val(round, r, i);
+                if got != want {
+                    return Err(format!(
+                        "round {round}: word {i} of rank {r} (address {:#x}) is {got:#x}, expected {want:#x}: a write was lost",
+                        page.word(r * words + i) as usize
+                    ));
+                }
+            }
+        }
+        gallocy::barrier();
+    }
+    let elapsed = t0.elapsed();
+    Ok(format!(
+        "{rounds} rounds x {size} ranks x {words} words; {:.0} ms",
+        elapsed.as_secs_f64() * 1e3
+    ))
+}

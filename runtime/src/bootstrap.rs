@@ -1,0 +1,188 @@
+//! Joining a job: every rank reserves its heap, reports what it has to rank 0, and rank 0 stops
+//! the whole job with one message if anything disagrees or failed.
+
+use std::time::Duration;
+
+use bincode::{Decode, Encode};
+use gallocy_transport::tcp::{self, TcpConfig};
+use gallocy_transport::{MemoryView, Transport};
+
+use crate::config::{Identity, Settings};
+use crate::error::Error;
+use crate::runtime::PROTOCOL_VERSION;
+
+/// What each rank reports when it joins.
+#[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub heap_base: u64,
+    pub heap_size: u64,
+    pub page_size: u64,
+    pub transport: String,
+    pub host: String,
+    pub pid: u32,
+    /// What went wrong on this rank before joining (bad setting, occupied heap range).
+    pub problem: Option<String>,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<65536>()
+}
+
+impl Hello {
+    pub fn new(settings: Option<&Settings>, problem: Option<String>) -> Hello {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            heap_base: settings.map_or(0, |s| s.heap_base as u64),
+            heap_size: settings.map_or(0, |s| s.heap_size as u64),
+            page_size: crate::region::page_size() as u64,
+            transport: settings.map_or("tcp", |s| s.transport.name()).into(),
+            host,
+            pid: std::process::id(),
+            problem,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::encode_to_vec(self, config()).expect("a hello always encodes")
+    }
+}
+
+/// Rank 0's judgement of all hellos: every problem, each naming its rank.
+pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
+    let mut decoded = Vec::with_capacity(hellos.len());
+    for (rank, h) in hellos.iter().enumerate() {
+        match bincode::decode_from_slice::<Hello, _>(h, config()) {
+            Ok((h, _)) => decoded.push(h),
+            Err(e) => {
+                return Err(format!(
+                    "rank {rank} sent an unreadable report ({e}): a different gallocy version?"
+                ))
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for (rank, h) in decoded.iter().enumerate() {
+        if let Some(p) = &h.problem {
+            problems.push(format!("rank {rank} (pid {} on {}): {p}", h.pid, h.host));
+        }
+    }
+    let zero = &decoded[0];
+    for (rank, h) in decoded.iter().enumerate().skip(1) {
+        if h.problem.is_some() || zero.problem.is_some() {
+            continue;
+        }
+        let mut diff = Vec::new();
+        if h.protocol != zero.protocol {
+            diff.push(format!(
+                "protocol version {} vs {}",
+                h.protocol, zero.protocol
+            ));
+        }
+        if h.heap_base != zero.heap_base {
+            diff.push(format!(
+                "GALLOCY_HEAP_BASE {:#x} vs {:#x}",
+                h.heap_base, zero.heap_base
+            ));
+        }
+        if h.heap_size != zero.heap_size {
+            diff.push(format!(
+                "GALLOCY_HEAP_SIZE {} vs {}",
+                h.heap_size, zero.heap_size
+            ));
+        }
+        if h.page_size != zero.page_size {
+            diff.push(format!("page size {} vs {}", h.page_size, zero.page_size));
+        }
+        if h.transport != zero.transport {
+            diff.push(format!("transport {} vs {}", h.transport, zero.transport));
+        }
+        if !diff.is_empty() {
+            problems.push(format!(
+                "rank {rank} (pid {}) disagrees with rank 0: {}",
+                h.pid,
+                diff.join(", ")
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Connects this rank to the job. `problem` is this rank's own start-up failure, reported to
+/// rank 0 so that the whole job stops with it.
+pub fn connect(
+    id: &Identity,
+    settings: Option<&Settings>,
+    view: MemoryView,
+    problem: Option<String>,
+) -> Result<Box<dyn Transport>, Error> {
+    let hello = Hello::new(settings, problem);
+    let cfg = TcpConfig {
+        rank: id.rank,
+        size: id.size,
+        coordinator: id
+            .coordinator
+            .clone()
+            .expect("a multi-process job has a coordinator"),
+        bind: id.bind,
+        token: id.token.clone(),
+        view,
+        setup_timeout: settings.map_or(Duration::from_secs(30), |s| s.setup_timeout),
+    };
+    match tcp::establish(&cfg, &hello.encode(), &judge) {
+        Ok(t) => Ok(Box::new(t)),
+        Err(gallocy_transport::TransportError::JobAborted(msg)) => Err(Error::JobStopped(msg)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(base: u64, problem: Option<&str>) -> Vec<u8> {
+        Hello {
+            protocol: 1,
+            heap_base: base,
+            heap_size: 1 << 30,
+            page_size: 4096,
+            transport: "tcp".into(),
+            host: "h".into(),
+            pid: 7,
+            problem: problem.map(str::to_owned),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn judge_names_the_rank_at_fault() {
+        assert!(judge(&[hello(1 << 40, None), hello(1 << 40, None)]).is_ok());
+        let e = judge(&[
+            hello(1 << 40, None),
+            hello(1 << 40, None),
+            hello(2 << 40, None),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("rank 2") && e.contains("GALLOCY_HEAP_BASE"),
+            "{e}"
+        );
+        let e = judge(&[
+            hello(1 << 40, None),
+            hello(1 << 40, Some("heap range occupied")),
+        ])
+        .unwrap_err();
+        assert!(e.contains("rank 1") && e.contains("occupied"), "{e}");
+        assert!(judge(&[hello(1 << 40, None), vec![1, 2, 3]])
+            .unwrap_err()
+            .contains("rank 1"));
+    }
+}

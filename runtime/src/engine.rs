@@ -1,0 +1,840 @@
+//! The coherence engine: one service thread per process runs it.
+//!
+//! Protocol (IVY-style write-invalidate, home-based directory): page `p`'s home is rank
+//! `p % size`; the home keeps `p`'s owner, whether the owner may write, and the copy set, and it
+//! handles one request for `p` at a time (others queue in FIFO order). A requester sends
+//! `Request` to the home. The home:
+//! - read, owner writable: `Forward` to the owner, which downgrades itself and sends the page
+//!   with a `Grant`; the requester installs it and sends `Done` to the home.
+//! - read, owner read-only: `Grant` with the page attached if the home holds a copy (complete at
+//!   once: later messages from the home to the requester arrive after the grant), else `Grant`
+//!   telling the requester to read the owner's runtime view; the requester then sends `Done`.
+//! - write: `Revoke` every other copy and wait for every acknowledgement; then `Grant` (page
+//!   attached from the home, or no data if the requester holds a valid copy), or `Forward` to the
+//!   owner, which invalidates itself and sends the page. The requester becomes the only holder.
+//!
+//! New contents land in the runtime view first; the application view opens only afterwards, in
+//! the service thread, which applies every protection change of this process in message order.
+//! A page just installed is not taken away before the thread it was installed for has resumed
+//! (at most `MAX_HOLD`), plus an optional fixed window (`GALLOCY_HOLD_US`), so that a thread
+//! contending for a page always gets to use it once: no livelock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use gallocy_transport::{Event, Span};
+
+use crate::clock::now_ns;
+use crate::region::Access;
+use crate::runtime::{fatal, Runtime};
+use crate::wire::{self, Msg, Source};
+
+/// A request waiting at (or being served by) a home.
+#[derive(Clone, Copy, Debug)]
+struct Req {
+    from: usize,
+    slot: u32,
+    write: bool,
+}
+
+/// What the home does when the last revoke acknowledgement arrives.
+#[derive(Clone, Copy, Debug)]
+enum AfterAcks {
+    /// The requester holds a valid copy: grant write without data.
+    GrantValid,
+    /// The home holds a valid copy: grant write with the page attached.
+    GrantInline,
+    /// Ask the owner to hand the page over.
+    ForwardTo(usize),
+}
+
+/// What the home records when the requester's `Done` arrives.
+#[derive(Clone, Copy, Debug)]
+enum OnDone {
+    AddReader,
+    NewOwner,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Txn {
+    AwaitAcks {
+        req: Req,
+        remaining: u32,
+        then: AfterAcks,
+    },
+    AwaitDone {
+        req: Req,
+        on_done: OnDone,
+    },
+}
+
+/// The home's record of one page.
+struct DirEntry {
+    owner: usize,
+    /// The owner has (or may have) write access; then nobody else holds a copy.
+    writable: bool,
+    /// Readers other than the owner.
+    copyset: u64,
+    txn: Option<Txn>,
+    queue: VecDeque<Req>,
+}
+
+/// Global lock state at its home.
+#[derive(Default)]
+struct LockHome {
+    holder: Option<(usize, u32)>,
+    queue: VecDeque<(usize, u32)>,
+}
+
+/// Longest a page waits for the thread it was installed for to resume.
+const MAX_HOLD_NS: u64 = 5_000_000;
+
+fn bit(rank: usize) -> u64 {
+    1u64 << rank
+}
+
+/// The service thread's state.
+pub struct Engine<'a> {
+    rt: &'a Runtime,
+    me: usize,
+    dir: HashMap<u64, DirEntry>,
+    self_queue: VecDeque<Msg>,
+    /// Revokes/forwards waiting for a hold to end: (from, message).
+    deferred: VecDeque<(usize, Msg)>,
+    /// When each recently installed page was installed.
+    installed_at: HashMap<u64, u64>,
+    /// Pages being read from an owner: page -> (slot, write).
+    reads: HashMap<u64, (u32, bool)>,
+    barrier_arrivals: HashMap<u64, usize>,
+    locks: HashMap<u32, LockHome>,
+    last_heard: Vec<u64>,
+    last_ping: u64,
+    departed: Vec<bool>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(rt: &'a Runtime) -> Engine<'a> {
+        let now = now_ns();
+        Engine {
+            rt,
+            me: rt.rank,
+            dir: HashMap::new(),
+            self_queue: VecDeque::new(),
+            deferred: VecDeque::new(),
+            installed_at: HashMap::new(),
+            reads: HashMap::new(),
+            barrier_arrivals: HashMap::new(),
+            locks: HashMap::new(),
+            last_heard: vec![now; rt.size],
+            last_ping: now,
+            departed: vec![false; rt.size],
+            buf: vec![0u8; wire::LIMIT],
+        }
+    }
+
+    /// The service loop. Never returns while the job runs; ends after every peer left.
+    pub fn run(mut self) {
+        let spin_ns = self.rt.settings.spin.as_nanos() as u64;
+        let mut last_activity = now_ns();
+        let mut idle_spins = 0u32;
+        loop {
+            let mut handled = self.take_local_work();
+            let spinning = now_ns().saturating_sub(last_activity) < spin_ns
+                || self.rt.slots.spinners.load(Ordering::Acquire) > 0;
+            let timeout = if handled > 0 || spinning {
+                Duration::ZERO
+            } else {
+                self.sleep_budget()
+            };
+            if !timeout.is_zero() {
+                self.rt.service_sleeping.store(true, Ordering::Release);
+                // Re-check for work posted just before we announced sleeping.
+                if self.rt.slots_posted() || self.rt.has_api_messages() {
+                    self.rt.service_sleeping.store(false, Ordering::Release);
+                    continue;
+                }
+            }
+            let transport = self
+                .rt
+                .transport
+                .as_deref()
+                .expect("a job of several processes has a transport");
+            let mut events: Vec<(usize, Result<Msg, String>, Option<Span>)> = Vec::new();
+            let mut reads_done: Vec<(usize, u64)> = Vec::new();
+            let mut left: Vec<usize> = Vec::new();
+            let r = transport.poll(Some(timeout), &mut |ev| match ev {
+                Event::Message { from, bytes, page } => {
+                    events.push((from, wire::decode(bytes), page))
+                }
+                Event::ReadDone { from, token } => reads_done.push((from, token)),
+                Event::PeerLeft { rank } => left.push(rank),
+            });
+            self.rt.service_sleeping.store(false, Ordering::Release);
+            if let Err(e) = r {
+                if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
+                    return;
+                }
+                fatal(self.rt, &format!("{}", self.describe_transport_error(&e)));
+            }
+            let now = now_ns();
+            for (from, msg, page) in events {
+                self.last_heard[from] = now;
+                match msg {
+                    Ok(m) => self.handle(from, m, page),
+                    Err(e) => fatal(
+                        self.rt,
+                        &format!("rank {from} sent a malformed message: {e}"),
+                    ),
+                }
+                handled += 1;
+            }
+            for (from, token) in reads_done {
+                self.last_heard[from] = now;
+                self.read_done(from, token);
+                handled += 1;
+            }
+            for rank in left {
+                self.departed[rank] = true;
+                handled += 1;
+            }
+            handled += self.run_deferred(now);
+            self.keep_alive(now);
+            if handled > 0 {
+                last_activity = now_ns();
+                idle_spins = 0;
+            } else {
+                idle_spins = idle_spins.wrapping_add(1);
+                if idle_spins % 64 == 0 {
+                    // SAFETY: sched_yield has no preconditions.
+                    unsafe { libc::sched_yield() };
+                }
+            }
+            if self.rt.leaving.load(Ordering::Acquire)
+                && self
+                    .departed
+                    .iter()
+                    .enumerate()
+                    .all(|(r, d)| *d || r == self.me)
+            {
+                self.rt.all_departed.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+
+    fn describe_transport_error(&self, e: &gallocy_transport::TransportError) -> String {
+        match e {
+            gallocy_transport::TransportError::PeerLost { rank, reason } => {
+                format!("lost contact with rank {rank}: {reason}")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// While leaving, a peer that closes without a goodbye after the final barrier is fine.
+    fn all_departed_or(&mut self, e: &gallocy_transport::TransportError) -> bool {
+        if let gallocy_transport::TransportError::PeerLost { rank, .. } = e {
+            self.departed[*rank] = true;
+        }
+        self.departed
+            .iter()
+            .enumerate()
+            .all(|(r, d)| *d || r == self.me)
+    }
+
+    /// How long the loop may block: until the next deferred revoke or heartbeat.
+    fn sleep_budget(&self) -> Duration {
+        let now = now_ns();
+        if !self.deferred.is_empty() {
+            return Duration::from_millis(1);
+        }
+        let until = self.last_ping + 1_000_000_000;
+        Duration::from_nanos(until.saturating_sub(now).clamp(1_000_000, 1_000_000_000))
+    }
+
+    /// Local fault requests, messages from application threads, messages to ourselves.
+    fn take_local_work(&mut self) -> usize {
+        let mut posted = Vec::new();
+        let mut n = self.rt.slots.take_posted(|i, s| {
+            posted.push((
+                i,
+                s.page.load(Ordering::Acquire),
+                s.write.load(Ordering::Acquire),
+            ));
+        });
+        for (slot, page, write) in posted {
+            self.handle(self.me, Msg::Request { page, write, slot }, None);
+        }
+        for (to, m) in self.rt.take_api_messages() {
+            self.send(to, m, None);
+            n += 1;
+        }
+        while let Some(m) = self.self_queue.pop_front() {
+            self.handle(self.me, m, None);
+            n += 1;
+        }
+        n
+    }
+
+    fn keep_alive(&mut self, now: u64) {
+        if self.rt.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        if now.saturating_sub(self.last_ping) >= 1_000_000_000 {
+            self.last_ping = now;
+            let peers: Vec<usize> = (0..self.rt.size)
+                .filter(|r| *r != self.me && !self.departed[*r])
+                .collect();
+            for r in peers {
+                self.send(r, Msg::Ping, None);
+            }
+        }
+        let limit = self.rt.settings.peer_timeout.as_nanos() as u64;
+        for r in (0..self.rt.size).filter(|r| *r != self.me && !self.departed[*r]) {
+            if now.saturating_sub(self.last_heard[r]) > limit {
+                fatal(
+                    self.rt,
+                    &format!(
+                        "lost contact with rank {r}: no word from it for {:?}",
+                        self.rt.settings.peer_timeout
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Sends a message; to ourselves it goes through the local queue.
+    fn send(&mut self, to: usize, msg: Msg, page: Option<u64>) {
+        if to == self.me {
+            self.self_queue.push_back(msg);
+            return;
+        }
+        let span = page.map(|p| {
+            self.rt
+                .stats
+                .count(&self.rt.stats.bytes_out, self.rt.region.page as u64);
+            Span {
+                offset: p * self.rt.region.page as u64,
+                len: self.rt.region.page as u32,
+            }
+        });
+        let bytes = match wire::encode(&msg, &mut self.buf) {
+            Ok(b) => b,
+            Err(e) => fatal(self.rt, &format!("cannot encode a message: {e}")),
+        };
+        let transport = self.rt.transport.as_deref().expect("transport");
+        if let Err(e) = transport.send(to, bytes, span) {
+            fatal(self.rt, &self.describe_transport_error(&e));
+        }
+    }
+
+    fn handle(&mut self, from: usize, msg: Msg, page: Option<Span>) {
+        if let Some(span) = page {
+            if from != self.me {
+                self.rt
+                    .stats
+                    .count(&self.rt.stats.bytes_in, u64::from(span.len));
+            }
+        }
+        match msg {
+            Msg::Request { page, write, slot } => {
+                self.check_page(from, page);
+                if self.rt.home(page as usize) != self.me {
+                    fatal(
+                        self.rt,
+                        &format!(
+                            "rank {from} asked rank {} for page {page}, which it is not home of",
+                            self.me
+                        ),
+                    );
+                }
+                self.home_request(page, Req { from, slot, write });
+            }
+            Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
+                self.deferred.push_back((from, msg));
+            }
+            Msg::Forward {
+                page,
+                requester,
+                slot,
+                write,
+            } => {
+                self.check_page(from, page);
+                self.forward(page, requester as usize, slot, write);
+            }
+            Msg::Revoke { page, to_read } => {
+                self.check_page(from, page);
+                self.revoke(from, page, to_read);
+            }
+            Msg::Grant {
+                page,
+                slot,
+                write,
+                source,
+            } => {
+                self.check_page(from, page);
+                self.grant(from, page, slot, write, source);
+            }
+            Msg::Done { page } => self.home_done(page),
+            Msg::RevokeAck { page } => self.home_ack(page),
+            Msg::Free { addr } => {
+                if let Err(e) = crate::alloc::free_local(self.rt, addr as usize) {
+                    fatal(self.rt, &format!("rank {from} freed {addr:#x}: {e}"));
+                }
+            }
+            Msg::BarrierArrive { epoch } => {
+                let n = self.barrier_arrivals.entry(epoch).or_insert(0);
+                *n += 1;
+                if *n == self.rt.size {
+                    self.barrier_arrivals.remove(&epoch);
+                    for r in 0..self.rt.size {
+                        self.send(r, Msg::BarrierRelease { epoch }, None);
+                    }
+                }
+            }
+            Msg::BarrierRelease { epoch } => self.rt.sync.barrier_released(epoch),
+            Msg::LockAcquire { id, slot } => self.lock_acquire(id, from, slot),
+            Msg::LockGranted { slot, .. } => {
+                if !self.rt.slots.complete(slot) {
+                    fatal(
+                        self.rt,
+                        &format!("rank {from} granted a lock to slot {slot}, which is not waiting"),
+                    );
+                }
+            }
+            Msg::LockRelease { id } => self.lock_release(id, from),
+            Msg::Broadcast {
+                seq,
+                total,
+                offset,
+                data,
+            } => {
+                if let Err(e) = self.rt.sync.broadcast_chunk(seq, total, offset, &data) {
+                    fatal(self.rt, &format!("bad broadcast from rank {from}: {e}"));
+                }
+            }
+            Msg::SizeQuery { addr, slot } => {
+                let size = self.rt.alloc.usable_size(addr as usize).unwrap_or(0) as u64;
+                self.send(from, Msg::SizeReply { slot, size }, None);
+            }
+            Msg::SizeReply { slot, size } => match self.rt.slots.get(slot) {
+                Some(s) => {
+                    s.result.store(size, Ordering::Release);
+                    self.rt.slots.complete(slot);
+                }
+                None => fatal(
+                    self.rt,
+                    &format!("rank {from} answered slot {slot}, which does not exist"),
+                ),
+            },
+            Msg::Ping => {}
+        }
+    }
+
+    fn check_page(&self, from: usize, page: u64) {
+        if page as usize >= self.rt.region.pages() {
+            fatal(
+                self.rt,
+                &format!("rank {from} named page {page}, beyond the heap"),
+            );
+        }
+    }
+
+    /// Whether `page` must stay with us a little longer (see the module comment).
+    fn held(&mut self, page: u64) -> bool {
+        let Some(&at) = self.installed_at.get(&page) else {
+            return false;
+        };
+        let age = now_ns().saturating_sub(at);
+        let waiting_thread = self.rt.pt.is_fresh(page as usize) && age < MAX_HOLD_NS;
+        if waiting_thread || age < self.rt.settings.hold.as_nanos() as u64 {
+            return true;
+        }
+        self.installed_at.remove(&page);
+        false
+    }
+
+    fn run_deferred(&mut self, _now: u64) -> usize {
+        let mut n = 0;
+        for _ in 0..self.deferred.len() {
+            let (from, msg) = self.deferred.pop_front().expect("counted");
+            let page = match &msg {
+                Msg::Forward { page, .. } | Msg::Revoke { page, .. } => *page,
+                _ => unreachable!("only forwards and revokes are deferred"),
+            };
+            if self.held(page) {
+                self.deferred.push_back((from, msg));
+            } else {
+                self.handle(from, msg, None);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    // ----- home side -----
+
+    fn entry(&mut self, page: u64) -> &mut DirEntry {
+        let owner = self.rt.arena_rank(page as usize);
+        self.dir.entry(page).or_insert_with(|| DirEntry {
+            owner,
+            writable: true,
+            copyset: 0,
+            txn: None,
+            queue: VecDeque::new(),
+        })
+    }
+
+    fn home_request(&mut self, page: u64, req: Req) {
+        let e = self.entry(page);
+        if e.txn.is_some() {
+            e.queue.push_back(req);
+            return;
+        }
+        self.start(page, req);
+    }
+
+    fn start(&mut self, page: u64, req: Req) {
+        let me = self.me;
+        let e = self.entry(page);
+        let holders = e.copyset | bit(e.owner);
+        let (owner, writable) = (e.owner, e.writable);
+        let r = req.from;
+        if !req.write {
+            if holders & bit(r) != 0 {
+                let write = owner == r && writable;
+                self.send(
+                    r,
+                    Msg::Grant {
+                        page,
+                        slot: req.slot,
+                        write,
+                        source: Source::Valid,
+                    },
+                    None,
+                );
+                return self.finish(page);
+            }
+            if writable {
+                self.entry(page).txn = Some(Txn::AwaitDone {
+                    req,
+                    on_done: OnDone::AddReader,
+                });
+                return self.send(
+                    owner,
+                    Msg::Forward {
+                        page,
+                        requester: r as u32,
+                        slot: req.slot,
+                        write: false,
+                    },
+                    None,
+                );
+            }
+            if holders & bit(me) != 0 {
+                self.entry(page).copyset |= bit(r);
+                self.send(
+                    r,
+                    Msg::Grant {
+                        page,
+                        slot: req.slot,
+                        write: false,
+                        source: Source::Inline,
+                    },
+                    Some(page),
+                );
+                return self.finish(page);
+            }
+            self.entry(page).txn = Some(Txn::AwaitDone {
+                req,
+                on_done: OnDone::AddReader,
+            });
+            return self.send(
+                r,
+                Msg::Grant {
+                    page,
+                    slot: req.slot,
+                    write: false,
+                    source: Source::ReadFrom(owner as u32),
+                },
+                None,
+            );
+        }
+        // Write.
+        let (victims, then) = if holders & bit(r) != 0 {
+            (holders & !bit(r), AfterAcks::GrantValid)
+        } else if writable {
+            self.entry(page).txn = Some(Txn::AwaitDone {
+                req,
+                on_done: OnDone::NewOwner,
+            });
+            return self.send(
+                owner,
+                Msg::Forward {
+                    page,
+                    requester: r as u32,
+                    slot: req.slot,
+                    write: true,
+                },
+                None,
+            );
+        } else if holders & bit(me) != 0 {
+            (holders, AfterAcks::GrantInline)
+        } else {
+            (holders & !bit(owner), AfterAcks::ForwardTo(owner))
+        };
+        if victims == 0 {
+            self.entry(page).txn = Some(Txn::AwaitAcks {
+                req,
+                remaining: 0,
+                then,
+            });
+            return self.after_acks(page);
+        }
+        self.entry(page).txn = Some(Txn::AwaitAcks {
+            req,
+            remaining: victims.count_ones(),
+            then,
+        });
+        for v in (0..self.rt.size).filter(|v| victims & bit(*v) != 0) {
+            self.rt.stats.count(&self.rt.stats.invalidations_sent, 1);
+            self.send(
+                v,
+                Msg::Revoke {
+                    page,
+                    to_read: false,
+                },
+                None,
+            );
+        }
+    }
+
+    fn home_ack(&mut self, page: u64) {
+        match self.dir.get_mut(&page).and_then(|e| e.txn.as_mut()) {
+            Some(Txn::AwaitAcks { remaining, .. }) if *remaining > 0 => {
+                *remaining -= 1;
+                if *remaining == 0 {
+                    self.after_acks(page);
+                }
+            }
+            _ => fatal(
+                self.rt,
+                &format!("unexpected revoke acknowledgement for page {page}"),
+            ),
+        }
+    }
+
+    fn after_acks(&mut self, page: u64) {
+        let Some(Txn::AwaitAcks { req, then, .. }) = self.entry(page).txn else {
+            fatal(self.rt, "acknowledgements complete without a transaction");
+        };
+        match then {
+            AfterAcks::GrantValid | AfterAcks::GrantInline => {
+                let (source, attach) = match then {
+                    AfterAcks::GrantValid => (Source::Valid, None),
+                    _ => (Source::Inline, Some(page)),
+                };
+                let e = self.entry(page);
+                e.owner = req.from;
+                e.writable = true;
+                e.copyset = 0;
+                self.send(
+                    req.from,
+                    Msg::Grant {
+                        page,
+                        slot: req.slot,
+                        write: true,
+                        source,
+                    },
+                    attach,
+                );
+                self.finish(page);
+            }
+            AfterAcks::ForwardTo(owner) => {
+                self.entry(page).txn = Some(Txn::AwaitDone {
+                    req,
+                    on_done: OnDone::NewOwner,
+                });
+                self.rt.stats.count(&self.rt.stats.invalidations_sent, 1);
+                self.send(
+                    owner,
+                    Msg::Forward {
+                        page,
+                        requester: req.from as u32,
+                        slot: req.slot,
+                        write: true,
+                    },
+                    None,
+                );
+            }
+        }
+    }
+
+    fn home_done(&mut self, page: u64) {
+        let txn = self.dir.get(&page).and_then(|e| e.txn);
+        let Some(Txn::AwaitDone { req, on_done }) = txn else {
+            fatal(self.rt, &format!("unexpected completion for page {page}"));
+        };
+        let e = self.entry(page);
+        match on_done {
+            OnDone::AddReader => {
+                e.writable = false;
+                e.copyset |= bit(req.from);
+                e.copyset &= !bit(e.owner);
+            }
+            OnDone::NewOwner => {
+                e.owner = req.from;
+                e.writable = true;
+                e.copyset = 0;
+            }
+        }
+        self.finish(page);
+    }
+
+    fn finish(&mut self, page: u64) {
+        let e = self.entry(page);
+        e.txn = None;
+        if let Some(next) = e.queue.pop_front() {
+            self.start(page, next);
+        }
+    }
+
+    // ----- holder side -----
+
+    fn set_access(&self, page: u64, access: Access) {
+        if self.rt.pt.access(page as usize) == access {
+            return;
+        }
+        if let Err(errno) = self.rt.region.protect(page as usize, 1, access) {
+            crate::runtime::protect_failed(self.rt, errno);
+        }
+        self.rt.pt.set(page as usize, access);
+    }
+
+    fn revoke(&mut self, home: usize, page: u64, to_read: bool) {
+        if to_read {
+            if self.rt.pt.access(page as usize) == Access::Write {
+                self.set_access(page, Access::Read);
+            }
+        } else {
+            self.rt
+                .stats
+                .count(&self.rt.stats.invalidations_received, 1);
+            self.set_access(page, Access::None);
+        }
+        self.send(home, Msg::RevokeAck { page }, None);
+    }
+
+    fn forward(&mut self, page: u64, requester: usize, slot: u32, write: bool) {
+        if write {
+            self.rt
+                .stats
+                .count(&self.rt.stats.invalidations_received, 1);
+            self.set_access(page, Access::None);
+        } else if self.rt.pt.access(page as usize) == Access::Write {
+            self.set_access(page, Access::Read);
+        }
+        self.send(
+            requester,
+            Msg::Grant {
+                page,
+                slot,
+                write,
+                source: Source::Forwarded,
+            },
+            Some(page),
+        );
+    }
+
+    fn grant(&mut self, from: usize, page: u64, slot: u32, write: bool, source: Source) {
+        match source {
+            Source::Inline | Source::Valid => self.install(page, slot, write, false),
+            Source::Forwarded => self.install(page, slot, write, true),
+            Source::ReadFrom(owner) => {
+                let owner = owner as usize;
+                if owner >= self.rt.size || owner == self.me {
+                    fatal(
+                        self.rt,
+                        &format!("rank {from} told us to read page {page} from rank {owner}"),
+                    );
+                }
+                self.reads.insert(page, (slot, write));
+                let span = Span {
+                    offset: page * self.rt.region.page as u64,
+                    len: self.rt.region.page as u32,
+                };
+                let transport = self.rt.transport.as_deref().expect("transport");
+                if let Err(e) = transport.start_read(owner, span, page) {
+                    fatal(self.rt, &self.describe_transport_error(&e));
+                }
+            }
+        }
+    }
+
+    fn read_done(&mut self, from: usize, page: u64) {
+        let Some((slot, write)) = self.reads.remove(&page) else {
+            fatal(
+                self.rt,
+                &format!("rank {from} answered a read of page {page} nobody asked for"),
+            );
+        };
+        self.rt
+            .stats
+            .count(&self.rt.stats.bytes_in, self.rt.region.page as u64);
+        // The home waits for our word that the owner's copy is no longer needed.
+        self.install(page, slot, write, true);
+    }
+
+    /// New contents are in the runtime view: open the application view, tell the home when it
+    /// waits for us, wake the waiting thread.
+    fn install(&mut self, page: u64, slot: u32, write: bool, notify_home: bool) {
+        let Some(s) = self.rt.slots.get(slot) else {
+            fatal(
+                self.rt,
+                &format!("grant for page {page} names slot {slot}, which does not exist"),
+            );
+        };
+        if s.page.load(Ordering::Acquire) != page {
+            fatal(
+                self.rt,
+                &format!("grant for page {page} names slot {slot}, which waits for another page"),
+            );
+        }
+        self.set_access(page, if write { Access::Write } else { Access::Read });
+        self.rt.pt.mark_fresh(page as usize);
+        self.installed_at.insert(page, now_ns());
+        if notify_home {
+            self.send(self.rt.home(page as usize), Msg::Done { page }, None);
+        }
+        self.rt.slots.complete(slot);
+    }
+
+    // ----- global locks (home: id % size) -----
+
+    fn lock_acquire(&mut self, id: u32, from: usize, slot: u32) {
+        let l = self.locks.entry(id).or_default();
+        if l.holder.is_none() {
+            l.holder = Some((from, slot));
+            self.send(from, Msg::LockGranted { id, slot }, None);
+        } else {
+            l.queue.push_back((from, slot));
+        }
+    }
+
+    fn lock_release(&mut self, id: u32, from: usize) {
+        let l = self.locks.entry(id).or_default();
+        match l.holder {
+            Some((holder, _)) if holder == from => {}
+            _ => fatal(
+                self.rt,
+                &format!("rank {from} released global lock {id}, which it does not hold"),
+            ),
+        }
+        l.holder = l.queue.pop_front();
+        if let Some((next, slot)) = l.holder {
+            self.send(next, Msg::LockGranted { id, slot }, None);
+        }
+    }
+}

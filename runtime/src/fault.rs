@@ -1,0 +1,240 @@
+//! In-process page faults: the SIGSEGV handler and the fault path.
+//!
+//! The handler is installed with `SA_SIGINFO | SA_ONSTACK` and all signals blocked while it runs.
+//! A fault inside the heap's application view is a coherence miss: the faulting thread asks the
+//! page's home for access and waits (spin, then futex) until the service thread has installed
+//! the page. Everything on this path is async-signal-safe: no allocation, no lock application
+//! code can hold, no logging (only a raw `write` right before a fatal `_exit`). Any other fault is
+//! handed to the handler that was installed before ours, or to the default action, so a real bug
+//! still kills the program with SIGSEGV.
+
+use std::cell::Cell;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::clock::now_ns;
+use crate::error::Error;
+use crate::fmt::RawWriter;
+use crate::runtime::{write_stderr, Runtime, RUNTIME};
+use crate::wire::{self, Msg};
+
+/// The action that was installed before ours.
+static mut PREVIOUS: MaybeUninit<libc::sigaction> = MaybeUninit::uninit();
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+static INSTALL_LOCK: Mutex<()> = Mutex::new(());
+
+/// Size of the alternate signal stack gallocy gives threads.
+const ALT_STACK: usize = 64 * 1024;
+
+/// Installs the SIGSEGV handler once per process.
+pub fn install() -> Result<(), Error> {
+    let _g = INSTALL_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if INSTALLED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    // SAFETY: a zeroed sigaction is a valid value to fill in; PREVIOUS is written before the
+    // handler can run (INSTALLED is published after sigaction returns, and the handler only
+    // reads PREVIOUS when chaining).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigfillset(&mut sa.sa_mask);
+        let prev = &raw mut PREVIOUS;
+        if libc::sigaction(libc::SIGSEGV, &sa, (*prev).as_mut_ptr()) != 0 {
+            return Err(Error::os("installing the SIGSEGV handler"));
+        }
+    }
+    INSTALLED.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Gives the calling thread an alternate signal stack large enough for the fault path, unless
+/// it already has one of at least that size.
+pub fn prepare_thread() {
+    // SAFETY: querying and setting this thread's alternate stack with valid pointers; the new
+    // stack is a fresh mapping that stays mapped for the thread's (and process's) lifetime.
+    unsafe {
+        let mut old: libc::stack_t = std::mem::zeroed();
+        libc::sigaltstack(std::ptr::null(), &mut old);
+        if old.ss_flags & libc::SS_DISABLE == 0 && old.ss_size >= ALT_STACK {
+            return;
+        }
+        if old.ss_flags & libc::SS_ONSTACK != 0 {
+            return;
+        }
+        let page = crate::region::page_size();
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            ALT_STACK + page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        libc::mprotect(p, page, libc::PROT_NONE); // guard page below the stack
+        let st = libc::stack_t {
+            ss_sp: p.cast::<u8>().add(page).cast(),
+            ss_flags: 0,
+            ss_size: ALT_STACK,
+        };
+        libc::sigaltstack(&st, std::ptr::null_mut());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_write(ctx: *mut libc::c_void) -> bool {
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler; on x86-64 the page
+    // fault error code is saved in REG_ERR and bit 1 means "write".
+    unsafe {
+        let uc = ctx as *const libc::ucontext_t;
+        (*uc).uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_write(_ctx: *mut libc::c_void) -> bool {
+    // Unknown: ask for read access; a write will fault again and upgrade.
+    false
+}
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    if let Some(rt) = RUNTIME.get() {
+        if rt.region.contains(addr) && handle_heap_fault(rt, addr, is_write(ctx)) {
+            return;
+        }
+    }
+    chain(sig, info, ctx);
+}
+
+/// Passes a foreign fault to the previous handler, or restores the default action and returns
+/// so that the faulting instruction runs again and the default action ends the process.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: PREVIOUS was written by `install` before our handler was installed.
+    let prev = unsafe { (*(&raw const PREVIOUS)).assume_init_ref() };
+    let action = prev.sa_sigaction;
+    if action == libc::SIG_DFL || action == libc::SIG_IGN {
+        // SAFETY: resetting SIGSEGV to its default disposition.
+        unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        return;
+    }
+    // SAFETY: calling the previously installed handler with the arguments it was installed for.
+    unsafe {
+        if prev.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                std::mem::transmute(action);
+            f(sig, info, ctx);
+        } else {
+            let f: extern "C" fn(libc::c_int) = std::mem::transmute(action);
+            f(sig);
+        }
+    }
+}
+
+thread_local! {
+    /// Faults on pages whose access already allowed the access: a foreign fault in disguise
+    /// (e.g. executing heap memory) if it keeps happening.
+    static SPURIOUS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Resolves a fault at `addr` in the heap. Returns false if it is not ours to resolve.
+fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
+    if rt.finalized.load(Ordering::Acquire) || rt.size == 1 {
+        return false;
+    }
+    let page = (addr - rt.region.base) / rt.region.page;
+    if rt.pt.permits(page, write) {
+        // Another thread installed it meanwhile (or a protection change is in progress).
+        let n = SPURIOUS.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        return n < 100_000;
+    }
+    SPURIOUS.with(|c| c.set(0));
+    let start = now_ns();
+    loop {
+        if rt.pt.permits(page, write) {
+            return true;
+        }
+        if !rt.pt.try_claim(page) {
+            rt.pt.wait_unclaimed(page, rt.settings.spin);
+            continue;
+        }
+        if rt.pt.permits(page, write) {
+            rt.pt.release(page);
+            return true;
+        }
+        fetch(rt, page, write);
+        // We are about to resume: the service thread may now let the page go again.
+        rt.pt.clear_fresh(page);
+        rt.pt.release(page);
+        rt.stats.record_fault(now_ns() - start);
+        return true;
+    }
+}
+
+/// Asks the home for `page` and waits until the service thread installed it.
+fn fetch(rt: &Runtime, page: usize, write: bool) {
+    let counter = if write {
+        &rt.stats.write_faults
+    } else {
+        &rt.stats.read_faults
+    };
+    rt.stats.count(counter, 1);
+    let slot = rt.slots.claim();
+    let s = rt.slots.get(slot).expect("claimed slot exists");
+    s.page.store(page as u64, Ordering::Release);
+    s.write.store(write, Ordering::Release);
+    let home = rt.home(page);
+    if home == rt.rank {
+        rt.slots.post_local(slot);
+        if let Some(t) = rt.transport.as_deref() {
+            t.wake();
+        }
+    } else {
+        let mut buf = [0u8; 64];
+        let msg = Msg::Request {
+            page: page as u64,
+            write,
+            slot,
+        };
+        let sent = wire::encode(&msg, &mut buf).ok().map(|bytes| {
+            rt.transport
+                .as_deref()
+                .expect("transport")
+                .send(home, bytes, None)
+                .is_ok()
+        });
+        if sent != Some(true) {
+            fatal_raw(rt, "cannot send a page request to rank ", home);
+        }
+        rt.wake_service();
+    }
+    rt.slots.wait_and_release(slot, rt.settings.spin);
+}
+
+/// Writes "gallocy: rank R: fatal: WHAT N" and ends the process. Async-signal-safe.
+fn fatal_raw(rt: &Runtime, what: &str, n: usize) -> ! {
+    let mut buf = [0u8; 256];
+    let mut w = RawWriter::new(&mut buf);
+    w.str("gallocy: rank ")
+        .num(rt.rank as u64)
+        .str(": fatal: ")
+        .str(what)
+        .num(n as u64)
+        .str("\n");
+    write_stderr(w.as_bytes());
+    // SAFETY: ends the process.
+    unsafe { libc::_exit(1) }
+}

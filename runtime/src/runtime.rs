@@ -1,0 +1,245 @@
+//! The process-wide runtime: configuration, heap, page table, transport, service thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+use gallocy_transport::Transport;
+
+use crate::alloc::Allocator;
+use crate::config::Settings;
+use crate::pagetable::PageTable;
+use crate::region::Region;
+use crate::slots::Slots;
+use crate::stats::Stats;
+use crate::wire::Msg;
+
+/// The one runtime of this process, once `init` succeeded.
+pub static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// Protocol version every rank must share.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Everything the runtime owns.
+pub struct Runtime {
+    pub rank: usize,
+    pub size: usize,
+    pub settings: Settings,
+    pub region: Region,
+    pub pt: PageTable,
+    pub slots: Slots,
+    pub transport: Option<Box<dyn Transport>>,
+    pub stats: Stats,
+    pub alloc: Allocator,
+    /// Bytes of heap each rank allocates from.
+    pub arena_size: usize,
+    pub sync: SyncState,
+    api_queue: Mutex<VecDeque<(usize, Msg)>>,
+    api_pending: AtomicBool,
+    pub service_sleeping: AtomicBool,
+    /// `finalize` started: peers' departures are expected.
+    pub leaving: AtomicBool,
+    pub all_departed: AtomicBool,
+    pub finalized: AtomicBool,
+    pub barrier_epoch: AtomicU64,
+    pub broadcast_seq: AtomicU64,
+}
+
+impl Runtime {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        rank: usize,
+        size: usize,
+        settings: Settings,
+        region: Region,
+        pt: PageTable,
+        transport: Option<Box<dyn Transport>>,
+        arena_size: usize,
+    ) -> Runtime {
+        let alloc = Allocator::new(region.base, region.size, region.page, rank, arena_size);
+        Runtime {
+            rank,
+            size,
+            settings,
+            region,
+            pt,
+            slots: Slots::default(),
+            transport,
+            stats: Stats::default(),
+            alloc,
+            arena_size,
+            sync: SyncState::default(),
+            api_queue: Mutex::new(VecDeque::new()),
+            api_pending: AtomicBool::new(false),
+            service_sleeping: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            all_departed: AtomicBool::new(false),
+            finalized: AtomicBool::new(false),
+            barrier_epoch: AtomicU64::new(0),
+            broadcast_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The rank that keeps the directory entry of `page`.
+    #[inline]
+    pub fn home(&self, page: usize) -> usize {
+        page % self.size
+    }
+
+    /// The rank whose arena holds `page` (its initial owner).
+    #[inline]
+    pub fn arena_rank(&self, page: usize) -> usize {
+        ((page * self.region.page) / self.arena_size).min(self.size - 1)
+    }
+
+    /// Posts a message from an application thread; the service thread sends it to `to`.
+    pub fn post(&self, to: usize, msg: Msg) {
+        self.api_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((to, msg));
+        self.api_pending.store(true, Ordering::Release);
+        self.wake_service();
+    }
+
+    pub fn has_api_messages(&self) -> bool {
+        self.api_pending.load(Ordering::Acquire)
+    }
+
+    pub fn take_api_messages(&self) -> Vec<(usize, Msg)> {
+        if !self.api_pending.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        self.api_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    pub fn slots_posted(&self) -> bool {
+        self.slots.has_posted()
+    }
+
+    /// Wakes the service thread if it sleeps. Async-signal-safe.
+    #[inline]
+    pub fn wake_service(&self) {
+        if self.service_sleeping.load(Ordering::Acquire) {
+            if let Some(t) = self.transport.as_deref() {
+                t.wake();
+            }
+        }
+    }
+}
+
+/// Formats and writes a fatal error, then ends the process with status 1. Used by the service
+/// thread (may allocate).
+pub fn fatal(rt: &Runtime, what: &str) -> ! {
+    let msg = format!("gallocy: rank {}: fatal: {what}\n", rt.rank);
+    write_stderr(msg.as_bytes());
+    // SAFETY: _exit ends the process at once; nothing of ours needs flushing.
+    unsafe { libc::_exit(1) }
+}
+
+/// Writes bytes to stderr with one raw write (async-signal-safe).
+pub fn write_stderr(b: &[u8]) {
+    // SAFETY: writing a valid buffer to fd 2.
+    unsafe { libc::write(2, b.as_ptr().cast(), b.len()) };
+}
+
+/// Ends the process after mprotect failed (async-signal-safe: no allocation).
+pub fn protect_failed(rt: &Runtime, errno: i32) -> ! {
+    let mut buf = [0u8; 400];
+    let mut w = crate::fmt::RawWriter::new(&mut buf);
+    w.str("gallocy: rank ")
+        .num(rt.rank as u64)
+        .str(": fatal: mprotect failed (errno ")
+        .num(errno as u64)
+        .str(")");
+    if errno == libc::ENOMEM {
+        w.str(": the process reached vm.max_map_count (")
+            .num(crate::region::max_map_count().unwrap_or(0) as u64)
+            .str(" mappings); every page with its own protection is one mapping. Raise the limit, e.g. `sysctl -w vm.max_map_count=1048576`");
+    }
+    w.str("\n");
+    write_stderr(w.as_bytes());
+    // SAFETY: ends the process.
+    unsafe { libc::_exit(1) }
+}
+
+/// State shared between application threads waiting in collective calls and the service thread.
+#[derive(Default)]
+pub struct SyncState {
+    inner: Mutex<SyncInner>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SyncInner {
+    barrier_released: u64,
+    broadcasts: HashMap<u64, Incoming>,
+}
+
+struct Incoming {
+    data: Vec<u8>,
+    received: u64,
+}
+
+impl SyncState {
+    pub fn barrier_released(&self, epoch: u64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.barrier_released = g.barrier_released.max(epoch);
+        self.cv.notify_all();
+    }
+
+    pub fn wait_barrier(&self, epoch: u64) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        while g.barrier_released < epoch {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn broadcast_chunk(
+        &self,
+        seq: u64,
+        total: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        if total > (1 << 40)
+            || offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|e| e > total)
+        {
+            return Err(format!(
+                "chunk {offset}+{} outside a broadcast of {total} bytes",
+                data.len()
+            ));
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let inc = g.broadcasts.entry(seq).or_insert_with(|| Incoming {
+            data: vec![0; total as usize],
+            received: 0,
+        });
+        if inc.data.len() as u64 != total {
+            return Err(format!("broadcast {seq} changed its length"));
+        }
+        inc.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        inc.received += data.len() as u64;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Waits for broadcast `seq` to be complete and takes its bytes.
+    pub fn take_broadcast(&self, seq: u64) -> Vec<u8> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(inc) = g.broadcasts.get(&seq) {
+                if inc.received >= inc.data.len() as u64 {
+                    return g.broadcasts.remove(&seq).expect("present").data;
+                }
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}

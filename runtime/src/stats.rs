@@ -1,0 +1,130 @@
+//! Per-process statistics: fault counts, invalidations, bytes moved, fault latency.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hdrhistogram::Histogram;
+
+/// Counters and the fault-latency histogram (nanoseconds).
+pub struct Stats {
+    pub read_faults: AtomicU64,
+    pub write_faults: AtomicU64,
+    pub invalidations_sent: AtomicU64,
+    pub invalidations_received: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    latency_lock: AtomicBool,
+    latency: std::cell::UnsafeCell<Histogram<u64>>,
+}
+
+// SAFETY: the histogram is only touched with `latency_lock` held.
+unsafe impl Sync for Stats {}
+
+/// A copy of the counters.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    pub read_faults: u64,
+    pub write_faults: u64,
+    pub invalidations_sent: u64,
+    pub invalidations_received: u64,
+    /// Page bytes received plus sent.
+    pub bytes_moved: u64,
+    pub fault_p50_us: f64,
+    pub fault_p99_us: f64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            read_faults: AtomicU64::new(0),
+            write_faults: AtomicU64::new(0),
+            invalidations_sent: AtomicU64::new(0),
+            invalidations_received: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            latency_lock: AtomicBool::new(false),
+            latency: std::cell::UnsafeCell::new(
+                Histogram::new_with_bounds(100, 600_000_000_000, 2)
+                    .expect("valid histogram bounds"),
+            ),
+        }
+    }
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub fn count(&self, c: &AtomicU64, n: u64) {
+        add(c, n);
+    }
+
+    fn with_latency<R>(&self, f: impl FnOnce(&mut Histogram<u64>) -> R) -> R {
+        while self
+            .latency_lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        // SAFETY: we hold the lock.
+        let r = f(unsafe { &mut *self.latency.get() });
+        self.latency_lock.store(false, Ordering::Release);
+        r
+    }
+
+    /// Records one fault's latency. Allocation-free (the histogram never resizes).
+    pub fn record_fault(&self, ns: u64) {
+        self.with_latency(|h| h.saturating_record(ns.max(100)));
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let (p50, p99) = self.with_latency(|h| {
+            if h.is_empty() {
+                (0.0, 0.0)
+            } else {
+                (
+                    h.value_at_quantile(0.5) as f64 / 1e3,
+                    h.value_at_quantile(0.99) as f64 / 1e3,
+                )
+            }
+        });
+        StatsSnapshot {
+            read_faults: self.read_faults.load(Ordering::Relaxed),
+            write_faults: self.write_faults.load(Ordering::Relaxed),
+            invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
+            invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
+            bytes_moved: self.bytes_in.load(Ordering::Relaxed)
+                + self.bytes_out.load(Ordering::Relaxed),
+            fault_p50_us: p50,
+            fault_p99_us: p99,
+        }
+    }
+
+    /// The report printed by `GALLOCY_STATS=1` at exit.
+    pub fn report(&self, rank: usize) -> String {
+        let s = self.snapshot();
+        let (n, p90, max) = self.with_latency(|h| {
+            (
+                h.len(),
+                h.value_at_quantile(0.9) as f64 / 1e3,
+                h.max() as f64 / 1e3,
+            )
+        });
+        format!(
+            "gallocy stats rank {rank}: read faults {} | write faults {} | invalidations sent {} received {} | \
+             bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+            s.read_faults,
+            s.write_faults,
+            s.invalidations_sent,
+            s.invalidations_received,
+            s.bytes_moved,
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+            s.fault_p50_us,
+            p90,
+            s.fault_p99_us,
+            if n == 0 { 0.0 } else { max },
+        )
+    }
+}

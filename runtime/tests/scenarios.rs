@@ -1,0 +1,113 @@
+//! Every scenario of `gallocy-scenario` through the launcher: exit 0 and a PASS line per rank.
+//! Run in release mode (`cargo test --release`); the timeouts are hard limits, not targets.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+#[test]
+fn fill64_four_ranks() {
+    let _g = serial();
+    launch_ok(4, &["fill64"], 3 * MIN);
+}
+
+#[test]
+fn counter_four_ranks_two_threads() {
+    let _g = serial();
+    launch_ok(
+        4,
+        &["counter", "--total", "50000", "--threads", "2"],
+        4 * MIN,
+    );
+}
+
+#[test]
+fn pingpong_two_ranks() {
+    let _g = serial();
+    launch_ok(2, &["pingpong", "--rounds", "10000"], 3 * MIN);
+}
+
+#[test]
+fn disjoint_words_four_ranks() {
+    let _g = serial();
+    launch_ok(
+        4,
+        &["disjoint", "--rounds", "200", "--words", "100"],
+        3 * MIN,
+    );
+}
+
+#[test]
+fn litmus_message_passing() {
+    let _g = serial();
+    launch_ok(4, &["litmus-mp", "--rounds", "10000"], 4 * MIN);
+}
+
+#[test]
+fn litmus_store_buffering() {
+    let _g = serial();
+    launch_ok(4, &["litmus-sb", "--rounds", "10000"], 4 * MIN);
+}
+
+#[test]
+fn litmus_iriw() {
+    let _g = serial();
+    launch_ok(4, &["litmus-iriw", "--rounds", "10000"], 4 * MIN);
+}
+
+#[test]
+fn jacobi_launcher_matches_reference() {
+    let _g = serial();
+    let p = launch_ok(
+        4,
+        &["jacobi", "--n", "128", "--iters", "100", "--threads", "2"],
+        3 * MIN,
+    );
+    assert!(
+        p.stdout().contains("identical to the sequential reference"),
+        "rank 0 did not confirm the comparison\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn alloc_four_ranks() {
+    let _g = serial();
+    launch_ok(4, &["alloc"], 3 * MIN);
+}
+
+fn assert_double_free_reported(args: &[&str]) {
+    let label = format!("gallocy run -n 2 -- gallocy-scenario {}", args.join(" "));
+    let p = run(&label, &mut launcher_cmd(2, args), 2 * MIN);
+    assert!(
+        !p.status().unwrap().success(),
+        "{label}: a double free must fail the job\n{}",
+        p.report()
+    );
+    let all = format!("{}{}", p.stdout(), p.stderr()).to_lowercase();
+    assert!(
+        !all.contains("returned normally"),
+        "{label}: the second free() was not detected\n{}",
+        p.report()
+    );
+    assert!(
+        all.contains("double free") || all.contains("invalid free"),
+        "{label}: no message containing \"double free\" or \"invalid free\"\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn double_free_is_reported() {
+    let _g = serial();
+    assert_double_free_reported(&["double-free"]);
+}
+
+#[test]
+fn remote_double_free_is_reported() {
+    let _g = serial();
+    assert_double_free_reported(&["double-free", "--remote"]);
+}

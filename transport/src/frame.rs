@@ -1,0 +1,163 @@
+//! Wire frames on a TCP connection: a fixed 32-byte little-endian header, then `msg_len` bytes of
+//! control message (bincode, produced by the engine), then `page_len` bytes of page contents.
+//!
+//! Header: kind u8 | 3 zero bytes | msg_len u32 | page_len u32 | 4 zero bytes | offset u64 | token u64.
+
+use crate::MAX_MESSAGE;
+
+/// Size of a frame header.
+pub const HEADER_LEN: usize = 32;
+/// Largest span one frame may carry.
+pub const MAX_SPAN: u32 = 1 << 20;
+
+/// What a frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A control message, maybe with a page.
+    Message = 1,
+    /// "Send me `page_len` bytes at `offset` of your runtime view" (no payload).
+    ReadRequest = 2,
+    /// The answer to a read request: `page_len` bytes for `offset`.
+    ReadReply = 3,
+    /// The sender leaves the job; no more frames follow.
+    Goodbye = 4,
+}
+
+/// A decoded header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub msg_len: u32,
+    pub page_len: u32,
+    pub offset: u64,
+    pub token: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.msg_len.to_le_bytes());
+        b[8..12].copy_from_slice(&self.page_len.to_le_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..32].copy_from_slice(&self.token.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header against the size of the local heap view.
+    pub fn decode(b: &[u8; HEADER_LEN], view_len: usize) -> Result<Header, String> {
+        let kind = match b[0] {
+            1 => Kind::Message,
+            2 => Kind::ReadRequest,
+            3 => Kind::ReadReply,
+            4 => Kind::Goodbye,
+            k => return Err(format!("unknown frame kind {k}")),
+        };
+        if b[1..4] != [0; 3] || b[12..16] != [0; 4] {
+            return Err("reserved header bytes are not zero".into());
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let h = Header {
+            kind,
+            msg_len: u32_at(4),
+            page_len: u32_at(8),
+            offset: u64_at(16),
+            token: u64_at(24),
+        };
+        if h.msg_len as usize > MAX_MESSAGE {
+            return Err(format!(
+                "message of {} bytes exceeds the limit of {MAX_MESSAGE}",
+                h.msg_len
+            ));
+        }
+        if h.page_len > MAX_SPAN {
+            return Err(format!(
+                "span of {} bytes exceeds the limit of {MAX_SPAN}",
+                h.page_len
+            ));
+        }
+        if h.offset
+            .checked_add(u64::from(h.page_len))
+            .is_none_or(|end| end > view_len as u64)
+        {
+            return Err(format!(
+                "span {:#x}+{} lies outside the heap",
+                h.offset, h.page_len
+            ));
+        }
+        let shape_ok = match kind {
+            Kind::Message => true,
+            Kind::ReadRequest => h.msg_len == 0 && h.page_len > 0,
+            Kind::ReadReply => h.msg_len == 0 && h.page_len > 0,
+            Kind::Goodbye => h.msg_len == 0 && h.page_len == 0,
+        };
+        if !shape_ok {
+            return Err(format!("malformed {kind:?} frame"));
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let h = Header {
+            kind: Kind::Message,
+            msg_len: 12,
+            page_len: 4096,
+            offset: 8192,
+            token: 7,
+        };
+        assert_eq!(Header::decode(&h.encode(), 1 << 20).unwrap(), h);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let good = Header {
+            kind: Kind::ReadRequest,
+            msg_len: 0,
+            page_len: 4096,
+            offset: 0,
+            token: 1,
+        };
+        let mut b = good.encode();
+        b[0] = 9;
+        assert!(Header::decode(&b, 1 << 20)
+            .unwrap_err()
+            .contains("unknown frame kind"));
+        let out = Header {
+            offset: 1 << 20,
+            ..good
+        };
+        assert!(Header::decode(&out.encode(), 1 << 20)
+            .unwrap_err()
+            .contains("outside the heap"));
+        let wrap = Header {
+            offset: u64::MAX - 10,
+            ..good
+        };
+        assert!(Header::decode(&wrap.encode(), 1 << 20).is_err());
+        let big = Header {
+            kind: Kind::Message,
+            msg_len: u32::MAX,
+            ..good
+        };
+        assert!(Header::decode(&big.encode(), 1 << 20)
+            .unwrap_err()
+            .contains("exceeds"));
+        let mut pad = good.encode();
+        pad[2] = 1;
+        assert!(Header::decode(&pad, 1 << 20).is_err());
+        let shape = Header {
+            kind: Kind::Goodbye,
+            ..good
+        };
+        assert!(Header::decode(&shape.encode(), 1 << 20)
+            .unwrap_err()
+            .contains("malformed"));
+    }
+}

@@ -1,0 +1,755 @@
+//! TCP transport: one connection per pair of processes, `TCP_NODELAY`, length-prefixed frames.
+//!
+//! Start-up ([`establish`]): every rank authenticates to rank 0 (the coordinator) and sends a
+//! join record with an opaque hello (the runtime's configuration report). Rank 0 checks all hellos
+//! with the caller's function and either sends every rank the roster of listening addresses or
+//! stops the job with a message. Ranks then connect downwards (rank r connects to ranks 1..r and
+//! accepts from ranks above it), authenticating each connection; the join connections serve as the
+//! links to rank 0. After start-up, listeners accept and immediately close anything that connects.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::frame::{Header, Kind, HEADER_LEN};
+use crate::sys::{self, Epoll, EventFd};
+use crate::{auth, Event, MemoryView, Span, Transport, TransportError};
+
+/// Start-up parameters.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of processes.
+    pub size: usize,
+    /// `host:port` where rank 0 listens.
+    pub coordinator: String,
+    /// Address other ranks bind their listeners to.
+    pub bind: IpAddr,
+    /// The job's secret.
+    pub token: Vec<u8>,
+    /// The local runtime view of the heap.
+    pub view: MemoryView,
+    /// How long start-up may take before it fails.
+    pub setup_timeout: Duration,
+}
+
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+const KEY_WAKE: u64 = u64::MAX;
+const KEY_LISTENER: u64 = u64::MAX - 1;
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// A connection to one peer.
+struct Peer {
+    stream: TcpStream,
+    /// Serializes whole frames from the many threads that send.
+    write_lock: Mutex<()>,
+    /// The peer said goodbye.
+    left: AtomicBool,
+}
+
+/// Receive-side state of one connection; touched only by the polling thread.
+#[derive(Default)]
+struct Inbox {
+    header_bytes: [u8; HEADER_LEN],
+    header_got: usize,
+    header: Option<Header>,
+    msg: Vec<u8>,
+    msg_got: usize,
+    page_got: usize,
+    closed: bool,
+}
+
+struct Receiver {
+    inboxes: Vec<Inbox>,
+    ready: Vec<u64>,
+}
+
+/// The TCP implementation of [`Transport`].
+pub struct TcpTransport {
+    rank: usize,
+    size: usize,
+    view: MemoryView,
+    peers: Vec<Option<Peer>>,
+    listener: TcpListener,
+    epoll: Epoll,
+    waker: EventFd,
+    receiver: Mutex<Receiver>,
+}
+
+fn setup_err(cfg: &TcpConfig, what: impl std::fmt::Display) -> TransportError {
+    TransportError::Bootstrap(format!("rank {}: {what}", cfg.rank))
+}
+
+fn write_record(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    s.write_all(bytes)
+}
+
+fn read_record(s: &mut TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "record too long",
+        ));
+    }
+    let mut v = vec![0u8; len];
+    s.read_exact(&mut v)?;
+    Ok(v)
+}
+
+/// Join record a rank sends rank 0: size it believes in, its listening address, its hello.
+fn encode_join(size: usize, listen: &SocketAddr, hello: &[u8]) -> Vec<u8> {
+    let addr = listen.to_string();
+    let mut v = Vec::new();
+    v.extend_from_slice(&(size as u32).to_le_bytes());
+    v.extend_from_slice(&(addr.len() as u32).to_le_bytes());
+    v.extend_from_slice(addr.as_bytes());
+    v.extend_from_slice(hello);
+    v
+}
+
+fn decode_join(v: &[u8]) -> Option<(usize, String, Vec<u8>)> {
+    let size = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?) as usize;
+    let alen = u32::from_le_bytes(v.get(4..8)?.try_into().ok()?) as usize;
+    let addr = String::from_utf8(v.get(8..8 + alen)?.to_vec()).ok()?;
+    Some((size, addr, v.get(8 + alen..)?.to_vec()))
+}
+
+/// Rank 0's answer: b'O' + roster lines, or b'A' + reason.
+fn encode_roster(addrs: &[String]) -> Vec<u8> {
+    let mut v = vec![b'O'];
+    v.extend_from_slice(addrs.join("\n").as_bytes());
+    v
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// Accepts one authenticated connection before `deadline`, skipping connections that fail the
+/// handshake. Returns the stream and the rank it proved.
+fn accept_authenticated(
+    listener: &TcpListener,
+    token: &[u8],
+    deadline: Instant,
+) -> Result<(TcpStream, usize), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    loop {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                if let Ok(rank) = auth::accept(&mut s, token, AUTH_TIMEOUT) {
+                    return Ok((s, rank as usize));
+                }
+                // A stranger, or a process of another job: closed without a byte of heap.
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err("timed out".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn connect_authenticated(
+    addr: &SocketAddr,
+    cfg: &TcpConfig,
+    deadline: Instant,
+) -> Result<TcpStream, TransportError> {
+    loop {
+        match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                auth::connect(&mut s, &cfg.token, cfg.rank as u32, AUTH_TIMEOUT)
+                    .map_err(|e| setup_err(cfg, format!("connecting to {addr}: {e}")))?;
+                return Ok(s);
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(setup_err(cfg, format!("cannot reach {addr}: {e}"))),
+        }
+    }
+}
+
+/// Sets up the job's connections. `hello` is this rank's report; on rank 0, `check` judges all
+/// reports (indexed by rank) and may stop the job with a message.
+pub fn establish(
+    cfg: &TcpConfig,
+    hello: &[u8],
+    check: &dyn Fn(&[Vec<u8>]) -> Result<(), String>,
+) -> Result<TcpTransport, TransportError> {
+    if cfg.size == 0 || cfg.rank >= cfg.size {
+        return Err(TransportError::Invalid(format!(
+            "rank {} of {}",
+            cfg.rank, cfg.size
+        )));
+    }
+    let deadline = Instant::now() + cfg.setup_timeout;
+    let coordinator = resolve(&cfg.coordinator)
+        .map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
+    let mut peers: Vec<Option<TcpStream>> = (0..cfg.size).map(|_| None).collect();
+    let listener;
+    if cfg.rank == 0 {
+        listener = TcpListener::bind(coordinator).map_err(|e| {
+            setup_err(
+                cfg,
+                format!("cannot listen on coordinator address {coordinator}: {e}"),
+            )
+        })?;
+        coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
+    } else {
+        listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))
+            .map_err(|e| setup_err(cfg, format!("cannot listen on {}: {e}", cfg.bind)))?;
+        join(cfg, &listener, &coordinator, hello, deadline, &mut peers)?;
+    }
+    TcpTransport::new(cfg, listener, peers)
+}
+
+fn coordinate(
+    cfg: &TcpConfig,
+    listener: &TcpListener,
+    hello: &[u8],
+    check: &dyn Fn(&[Vec<u8>]) -> Result<(), String>,
+    deadline: Instant,
+    peers: &mut [Option<TcpStream>],
+) -> Result<(), TransportError> {
+    let mut hellos: Vec<Option<Vec<u8>>> = vec![None; cfg.size];
+    let mut addrs = vec![String::new(); cfg.size];
+    hellos[0] = Some(hello.to_vec());
+    addrs[0] = cfg.coordinator.clone();
+    let mut problem: Option<String> = None;
+    while hellos.iter().any(Option::is_none) {
+        let (mut s, rank) = match accept_authenticated(listener, &cfg.token, deadline) {
+            Ok(x) => x,
+            Err(_) => {
+                let missing: Vec<String> = (0..cfg.size)
+                    .filter(|r| hellos[*r].is_none())
+                    .map(|r| r.to_string())
+                    .collect();
+                let msg = format!(
+                    "rank 0: ranks {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
+                    missing.join(", "),
+                    cfg.setup_timeout
+                );
+                abort_all(peers, &msg);
+                return Err(TransportError::Bootstrap(msg));
+            }
+        };
+        let join = s
+            .set_read_timeout(Some(AUTH_TIMEOUT))
+            .and_then(|_| read_record(&mut s, 1 << 20));
+        let Some((size, addr, their_hello)) = join.ok().as_deref().and_then(decode_join) else {
+            continue;
+        };
+        if rank == 0 || rank >= cfg.size {
+            let msg = format!(
+                "rank 0: a process claims rank {rank}, but the job has ranks 0..{}",
+                cfg.size - 1
+            );
+            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
+            problem.get_or_insert(msg);
+            continue;
+        }
+        if hellos[rank].is_some() {
+            let msg = format!("rank 0: two processes claim rank {rank}");
+            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
+            problem.get_or_insert(msg);
+            continue;
+        }
+        if size != cfg.size {
+            problem.get_or_insert(format!(
+                "rank {rank} believes the job has {size} processes, rank 0 believes {}",
+                cfg.size
+            ));
+        }
+        hellos[rank] = Some(their_hello);
+        addrs[rank] = addr;
+        peers[rank] = Some(s);
+    }
+    let hellos: Vec<Vec<u8>> = hellos.into_iter().map(|h| h.expect("all joined")).collect();
+    if let Some(msg) = problem.or_else(|| check(&hellos).err()) {
+        abort_all(peers, &msg);
+        return Err(TransportError::JobAborted(msg));
+    }
+    let roster = encode_roster(&addrs);
+    for (rank, p) in peers.iter_mut().enumerate() {
+        if let Some(s) = p {
+            write_record(s, &roster)
+                .map_err(|e| setup_err(cfg, format!("sending roster to rank {rank}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn abort_all(peers: &mut [Option<TcpStream>], msg: &str) {
+    let record = [&b"A"[..], msg.as_bytes()].concat();
+    for s in peers.iter_mut().flatten() {
+        let _ = write_record(s, &record);
+    }
+}
+
+fn join(
+    cfg: &TcpConfig,
+    listener: &TcpListener,
+    coordinator: &SocketAddr,
+    hello: &[u8],
+    deadline: Instant,
+    peers: &mut [Option<TcpStream>],
+) -> Result<(), TransportError> {
+    let mut to_zero = connect_authenticated(coordinator, cfg, deadline)?;
+    let local_ip = to_zero.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
+    let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
+    let advertised = SocketAddr::new(
+        if cfg.bind.is_unspecified() {
+            local_ip
+        } else {
+            cfg.bind
+        },
+        port,
+    );
+    write_record(&mut to_zero, &encode_join(cfg.size, &advertised, hello))
+        .map_err(|e| setup_err(cfg, format!("sending join to rank 0: {e}")))?;
+    to_zero
+        .set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT))
+        .map_err(|e| setup_err(cfg, e))?;
+    let answer = read_record(&mut to_zero, 1 << 20)
+        .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
+    match answer.first() {
+        Some(b'O') => {}
+        Some(b'A') => {
+            return Err(TransportError::JobAborted(
+                String::from_utf8_lossy(&answer[1..]).into_owned(),
+            ))
+        }
+        _ => return Err(setup_err(cfg, "malformed start-up answer from rank 0")),
+    }
+    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..])
+        .split('\n')
+        .map(str::to_owned)
+        .collect();
+    if roster.len() != cfg.size {
+        return Err(setup_err(cfg, "roster from rank 0 has the wrong length"));
+    }
+    peers[0] = Some(to_zero);
+    for (j, addr) in roster.iter().enumerate().take(cfg.rank).skip(1) {
+        let a = resolve(addr).map_err(|e| setup_err(cfg, e))?;
+        peers[j] = Some(connect_authenticated(&a, cfg, deadline)?);
+    }
+    while peers.iter().skip(cfg.rank + 1).any(Option::is_none) {
+        let (s, rank) = accept_authenticated(listener, &cfg.token, deadline)
+            .map_err(|e| setup_err(cfg, format!("waiting for higher ranks to connect: {e}")))?;
+        if rank > cfg.rank && rank < cfg.size && peers[rank].is_none() {
+            peers[rank] = Some(s);
+        }
+    }
+    Ok(())
+}
+
+fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    s.set_nonblocking(true)?;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setting an int socket option from a valid pointer.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    Ok(())
+}
+
+impl TcpTransport {
+    fn new(
+        cfg: &TcpConfig,
+        listener: TcpListener,
+        streams: Vec<Option<TcpStream>>,
+    ) -> Result<TcpTransport, TransportError> {
+        let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
+        let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
+        epoll
+            .add(waker.0, KEY_WAKE)
+            .map_err(|e| TransportError::io("epoll_ctl", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| TransportError::io("listener", e))?;
+        epoll
+            .add(listener.as_raw_fd(), KEY_LISTENER)
+            .map_err(|e| TransportError::io("epoll_ctl", e))?;
+        let mut peers = Vec::with_capacity(cfg.size);
+        for (rank, s) in streams.into_iter().enumerate() {
+            match s {
+                Some(s) => {
+                    set_socket_options(&s)
+                        .map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
+                    epoll
+                        .add(s.as_raw_fd(), rank as u64)
+                        .map_err(|e| TransportError::io("epoll_ctl", e))?;
+                    peers.push(Some(Peer {
+                        stream: s,
+                        write_lock: Mutex::new(()),
+                        left: AtomicBool::new(false),
+                    }));
+                }
+                None if rank == cfg.rank => peers.push(None),
+                None => {
+                    return Err(TransportError::Bootstrap(format!(
+                        "rank {}: no connection to rank {rank}",
+                        cfg.rank
+                    )))
+                }
+            }
+        }
+        let inboxes = (0..cfg.size).map(|_| Inbox::default()).collect();
+        Ok(TcpTransport {
+            rank: cfg.rank,
+            size: cfg.size,
+            view: cfg.view,
+            peers,
+            listener,
+            epoll,
+            waker,
+            receiver: Mutex::new(Receiver {
+                inboxes,
+                ready: Vec::with_capacity(32),
+            }),
+        })
+    }
+
+    fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
+        match self.peers.get(rank) {
+            Some(Some(p)) => Ok(p),
+            _ => Err(TransportError::Invalid(format!(
+                "no connection to rank {rank}"
+            ))),
+        }
+    }
+
+    fn check_span(&self, span: Span) -> Result<(), TransportError> {
+        let end = span.offset.checked_add(u64::from(span.len));
+        if span.len == 0
+            || span.len > crate::frame::MAX_SPAN
+            || end.is_none_or(|e| e > self.view.len as u64)
+        {
+            return Err(TransportError::Invalid(format!(
+                "span {:#x}+{} outside the heap",
+                span.offset, span.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes one frame: header, message, then `page` bytes taken from the local view.
+    fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
+        let peer = self.peer(rank)?;
+        let head = header.encode();
+        let page_ptr = if header.page_len > 0 {
+            // SAFETY: check_span verified the span lies inside the view.
+            unsafe { self.view.base.add(header.offset as usize) }
+        } else {
+            std::ptr::null_mut()
+        };
+        let mut parts = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: HEADER_LEN,
+            },
+            libc::iovec {
+                iov_base: msg.as_ptr() as *mut libc::c_void,
+                iov_len: msg.len(),
+            },
+            libc::iovec {
+                iov_base: page_ptr.cast(),
+                iov_len: header.page_len as usize,
+            },
+        ];
+        let _guard = peer.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts).map_err(|e| {
+            TransportError::PeerLost {
+                rank,
+                reason: format!("send failed: {e}"),
+            }
+        })
+    }
+
+    /// Reads everything available on one connection, delivering complete frames.
+    fn drain(
+        &self,
+        rank: usize,
+        inbox: &mut Inbox,
+        handler: &mut dyn FnMut(Event<'_>),
+    ) -> Result<usize, TransportError> {
+        let fd: RawFd = self.peer(rank)?.stream.as_raw_fd();
+        let mut delivered = 0;
+        loop {
+            let (dst, want) = self.next_read(inbox);
+            // SAFETY: `next_read` returns a pointer into the inbox buffers or into the page of the
+            // runtime view named by a validated header, with `want` bytes of room.
+            let n = match unsafe { sys::read_into(fd, dst, want) } {
+                Ok(0) => {
+                    return self
+                        .closed(rank, inbox, "connection closed")
+                        .map(|_| delivered)
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(delivered),
+                Err(e) => return self.closed(rank, inbox, &e.to_string()).map(|_| delivered),
+            };
+            if self.advance(rank, inbox, n)? {
+                delivered += self.deliver(rank, inbox, handler)?;
+            }
+            if inbox.closed {
+                return Ok(delivered);
+            }
+        }
+    }
+
+    /// Where the next bytes of this connection go, and how many are wanted.
+    fn next_read(&self, inbox: &mut Inbox) -> (*mut u8, usize) {
+        match inbox.header {
+            None => (
+                // SAFETY: header_got < HEADER_LEN while no header is decoded.
+                unsafe { inbox.header_bytes.as_mut_ptr().add(inbox.header_got) },
+                HEADER_LEN - inbox.header_got,
+            ),
+            Some(h) if inbox.msg_got < h.msg_len as usize => (
+                // SAFETY: msg was sized to msg_len when the header was decoded.
+                unsafe { inbox.msg.as_mut_ptr().add(inbox.msg_got) },
+                h.msg_len as usize - inbox.msg_got,
+            ),
+            Some(h) => (
+                // SAFETY: the header was validated to lie within the view.
+                unsafe { self.view.base.add(h.offset as usize + inbox.page_got) },
+                h.page_len as usize - inbox.page_got,
+            ),
+        }
+    }
+
+    /// Accounts for `n` received bytes; returns true when a whole frame is in.
+    fn advance(&self, rank: usize, inbox: &mut Inbox, n: usize) -> Result<bool, TransportError> {
+        match inbox.header {
+            None => {
+                inbox.header_got += n;
+                if inbox.header_got < HEADER_LEN {
+                    return Ok(false);
+                }
+                let h = Header::decode(&inbox.header_bytes, self.view.len).map_err(|e| {
+                    TransportError::PeerLost {
+                        rank,
+                        reason: format!("protocol error: {e}"),
+                    }
+                })?;
+                inbox.msg.resize(h.msg_len as usize, 0);
+                let carries_page = matches!(h.kind, Kind::Message | Kind::ReadReply);
+                inbox.header = Some(Header {
+                    page_len: if carries_page { h.page_len } else { 0 },
+                    ..h
+                });
+                if h.kind == Kind::ReadRequest {
+                    inbox.header = Some(h);
+                    inbox.msg_got = 0;
+                    inbox.page_got = h.page_len as usize;
+                    return Ok(true);
+                }
+                Ok(h.msg_len == 0 && (!carries_page || h.page_len == 0))
+            }
+            Some(h) if inbox.msg_got < h.msg_len as usize => {
+                inbox.msg_got += n;
+                Ok(inbox.msg_got == h.msg_len as usize && h.page_len == 0)
+            }
+            Some(h) => {
+                inbox.page_got += n;
+                Ok(inbox.page_got == h.page_len as usize)
+            }
+        }
+    }
+
+    fn deliver(
+        &self,
+        rank: usize,
+        inbox: &mut Inbox,
+        handler: &mut dyn FnMut(Event<'_>),
+    ) -> Result<usize, TransportError> {
+        let h = inbox.header.take().expect("a complete frame has a header");
+        inbox.header_got = 0;
+        inbox.msg_got = 0;
+        inbox.page_got = 0;
+        let span = Span {
+            offset: h.offset,
+            len: h.page_len,
+        };
+        match h.kind {
+            Kind::Message => {
+                let page = (h.page_len > 0).then_some(span);
+                handler(Event::Message {
+                    from: rank,
+                    bytes: &inbox.msg,
+                    page,
+                });
+            }
+            Kind::ReadRequest => {
+                let reply = Header {
+                    kind: Kind::ReadReply,
+                    msg_len: 0,
+                    ..h
+                };
+                self.write_frame(rank, reply, &[])?;
+                return Ok(0);
+            }
+            Kind::ReadReply => handler(Event::ReadDone {
+                from: rank,
+                token: h.token,
+            }),
+            Kind::Goodbye => {
+                self.peer(rank)?.left.store(true, Ordering::Release);
+                handler(Event::PeerLeft { rank });
+            }
+        }
+        Ok(1)
+    }
+
+    fn closed(&self, rank: usize, inbox: &mut Inbox, why: &str) -> Result<(), TransportError> {
+        inbox.closed = true;
+        let peer = self.peer(rank)?;
+        self.epoll.del(peer.stream.as_raw_fd());
+        if peer.left.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(TransportError::PeerLost {
+                rank,
+                reason: why.to_string(),
+            })
+        }
+    }
+
+    /// After start-up nobody may connect: accept and close at once.
+    fn refuse_latecomers(&self) {
+        while let Ok((s, _)) = self.listener.accept() {
+            drop(s);
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
+        if msg.len() > crate::MAX_MESSAGE {
+            return Err(TransportError::Invalid(format!(
+                "message of {} bytes is too long",
+                msg.len()
+            )));
+        }
+        let span = page.unwrap_or(Span { offset: 0, len: 0 });
+        if page.is_some() {
+            self.check_span(span)?;
+        }
+        let h = Header {
+            kind: Kind::Message,
+            msg_len: msg.len() as u32,
+            page_len: span.len,
+            offset: span.offset,
+            token: 0,
+        };
+        self.write_frame(peer, h, msg)
+    }
+
+    fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
+        self.check_span(span)?;
+        let h = Header {
+            kind: Kind::ReadRequest,
+            msg_len: 0,
+            page_len: span.len,
+            offset: span.offset,
+            token,
+        };
+        // The request carries no payload: write only the header.
+        let peer_ref = self.peer(peer)?;
+        let head = h.encode();
+        let mut parts = [libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: HEADER_LEN,
+        }];
+        let _guard = peer_ref
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sys::write_all_vectored(peer_ref.stream.as_raw_fd(), &mut parts).map_err(|e| {
+            TransportError::PeerLost {
+                rank: peer,
+                reason: format!("send failed: {e}"),
+            }
+        })
+    }
+
+    fn poll(
+        &self,
+        timeout: Option<Duration>,
+        handler: &mut dyn FnMut(Event<'_>),
+    ) -> Result<usize, TransportError> {
+        let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
+        let Receiver { inboxes, ready } = &mut *rx;
+        let ms = match timeout {
+            None => -1,
+            Some(d) => d.as_millis().min(i32::MAX as u128) as i32,
+        };
+        self.epoll
+            .wait(ready, ms)
+            .map_err(|e| TransportError::io("epoll_wait", e))?;
+        let mut handled = 0;
+        for &key in ready.iter() {
+            match key {
+                KEY_WAKE => self.waker.drain(),
+                KEY_LISTENER => self.refuse_latecomers(),
+                rank => {
+                    handled += self.drain(rank as usize, &mut inboxes[rank as usize], handler)?
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    fn wake(&self) {
+        self.waker.signal();
+    }
+
+    fn say_goodbye(&self) -> Result<(), TransportError> {
+        let bye = Header {
+            kind: Kind::Goodbye,
+            msg_len: 0,
+            page_len: 0,
+            offset: 0,
+            token: 0,
+        };
+        for rank in (0..self.size).filter(|r| *r != self.rank) {
+            self.write_frame(rank, bye, &[])?;
+        }
+        Ok(())
+    }
+}
