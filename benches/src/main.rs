@@ -1,8 +1,8 @@
 //! gallocy-bench: latency benchmarks for gallocy on local processes.
 //!
 //! ```text
-//! gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600]
-//! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N]
+//! gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
+//! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
 //! ```
 //!
 //! `fault` first measures the floor (two helper processes: a TCP server and a client that also
@@ -27,8 +27,9 @@ use anyhow::{bail, Context, Result};
 use report::{JsonObject, Summary};
 
 const USAGE: &str = "usage:
-  gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600]
-  gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N]
+  gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
+  gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
+--no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
 GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
 
 /// Options common to all subcommands.
@@ -40,6 +41,8 @@ struct Opts {
     warmup: Option<usize>,
     spin_us: u64,
     timeout_s: u64,
+    /// Pin the floor server and client to different CPUs (default on).
+    pin: bool,
     /// Positional arguments (hidden subcommands take an address).
     positional: Vec<String>,
 }
@@ -57,6 +60,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         warmup: None,
         spin_us: net::spin_us_from_env(),
         timeout_s: 600,
+        pin: true,
         positional: Vec::new(),
     };
     let mut it = args.iter();
@@ -82,6 +86,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             "--warmup" => o.warmup = Some(value(key)? as usize),
             "--spin-us" => o.spin_us = value(key)?,
             "--timeout-s" => o.timeout_s = value(key)?,
+            "--no-pin" => o.pin = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -105,8 +110,8 @@ fn main() {
     let result = parse_opts(&args[1..]).and_then(|o| match cmd.as_str() {
         "fault" => cmd_fault(&o),
         "floor" => cmd_floor(&o),
-        "__floor-server" => floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000),
-        "__floor-client" => child_floor_client(&o),
+        "__floor-server" => pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)),
+        "__floor-client" => pin_from_env().and_then(|()| child_floor_client(&o)),
         "__fault-rank" => cases::run_rank(o.iters, o.warmup()),
         other => bail!("unknown subcommand {other}\n{USAGE}"),
     });
@@ -142,20 +147,63 @@ fn child_floor_client(o: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// Floor phase: a server process and a client process on a fresh loopback port.
+/// Env variable that tells a floor child which CPU to pin itself to.
+const PIN_ENV: &str = "GALLOCY_BENCH_PIN_CPU";
+
+/// Pin the calling process to the CPU named by [`PIN_ENV`], if set.
+fn pin_from_env() -> Result<()> {
+    let Ok(v) = std::env::var(PIN_ENV) else { return Ok(()) };
+    let cpu: usize = v.parse().with_context(|| format!("{PIN_ENV}={v}"))?;
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET stays in bounds for
+    // cpu < CPU_SETSIZE (checked), and sched_setaffinity(0, ..) affects only this process.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            bail!("{PIN_ENV}={cpu} out of range");
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity({cpu}): {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: zeroed cpu_set_t is valid; sched_getaffinity fills it; CPU_ISSET reads in bounds.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Floor phase: a server process and a client process on a fresh loopback port. With `pin`
+/// and at least two CPUs they run on different CPUs: with both on one CPU, each side's spin
+/// keeps the other off the CPU and a round trip costs about two spin periods, which is a
+/// scheduling accident, not a floor.
 fn run_floor_phase(o: &Opts) -> Result<Vec<Summary>> {
     let addr = format!("127.0.0.1:{}", launch::free_port()?);
     let env = vec![("GALLOCY_SPIN_US".to_string(), o.spin_us.to_string())];
+    let cpus = allowed_cpus();
+    let (mut server_env, mut client_env) = (env.clone(), env);
+    if o.pin && cpus.len() >= 2 {
+        client_env.push((PIN_ENV.into(), cpus[0].to_string()));
+        server_env.push((PIN_ENV.into(), cpus[1].to_string()));
+    }
     let specs = vec![
         launch::Spec {
             label: "floor-server".into(),
             args: child_args("__floor-server", o, std::slice::from_ref(&addr)),
-            env: env.clone(),
+            env: server_env,
         },
         launch::Spec {
             label: "floor-client".into(),
             args: child_args("__floor-client", o, &[addr]),
-            env,
+            env: client_env,
         },
     ];
     let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
@@ -215,7 +263,8 @@ fn cmd_floor(o: &Opts) -> Result<()> {
     j.str("bench", "floor")
         .int("iters", o.iters as u64)
         .int("spin_us", o.spin_us)
-        .num("load_avg_1m", load_avg_1m());
+        .num("load_avg_1m", load_avg_1m())
+        .raw("floor_pinned", o.pin.to_string());
     add_floor_json(&mut j, &rows);
     println!("{}", j.render());
     Ok(())
@@ -299,6 +348,7 @@ fn cmd_fault(o: &Opts) -> Result<()> {
         .int("spin_us", o.spin_us)
         .num("load_avg_1m", load_avg_1m())
         .num("idle_before_pct", idle)
+        .raw("floor_pinned", o.pin.to_string())
         .num("read_fault_p50_us", read.p50_us())
         .num("read_fault_p99_us", read.p99_us())
         .num("write_fault_p50_us", write.p50_us())

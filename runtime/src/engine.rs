@@ -102,8 +102,6 @@ pub struct Engine<'a> {
     self_queue: VecDeque<Msg>,
     /// Revokes/forwards waiting for a hold to end: (from, message).
     deferred: VecDeque<(usize, Msg)>,
-    /// When each recently installed page was installed.
-    installed_at: HashMap<u64, u64>,
     /// Pages being read from an owner: page -> (slot, write).
     reads: HashMap<u64, (u32, bool)>,
     barrier_arrivals: HashMap<u64, usize>,
@@ -123,7 +121,6 @@ impl<'a> Engine<'a> {
             dir: HashMap::new(),
             self_queue: VecDeque::new(),
             deferred: VecDeque::new(),
-            installed_at: HashMap::new(),
             reads: HashMap::new(),
             barrier_arrivals: HashMap::new(),
             locks: HashMap::new(),
@@ -141,8 +138,7 @@ impl<'a> Engine<'a> {
         let mut idle_spins = 0u32;
         loop {
             let mut handled = self.take_local_work();
-            let spinning = now_ns().saturating_sub(last_activity) < spin_ns
-                || self.rt.slots.spinners.load(Ordering::Acquire) > 0;
+            let spinning = now_ns().saturating_sub(last_activity) < spin_ns;
             let timeout = if handled > 0 || spinning {
                 Duration::ZERO
             } else {
@@ -444,16 +440,9 @@ impl<'a> Engine<'a> {
 
     /// Whether `page` must stay with us a little longer (see the module comment).
     fn held(&mut self, page: u64) -> bool {
-        let Some(&at) = self.installed_at.get(&page) else {
-            return false;
-        };
-        let age = now_ns().saturating_sub(at);
+        let age = now_ns().saturating_sub(self.rt.pt.installed_at(page as usize));
         let waiting_thread = self.rt.pt.is_fresh(page as usize) && age < MAX_HOLD_NS;
-        if waiting_thread || age < self.rt.settings.hold.as_nanos() as u64 {
-            return true;
-        }
-        self.installed_at.remove(&page);
-        false
+        waiting_thread || age < self.rt.settings.hold.as_nanos() as u64
     }
 
     fn run_deferred(&mut self, _now: u64) -> usize {
@@ -790,21 +779,10 @@ impl<'a> Engine<'a> {
     /// New contents are in the runtime view: open the application view, tell the home when it
     /// waits for us, wake the waiting thread.
     fn install(&mut self, page: u64, slot: u32, write: bool, notify_home: bool) {
-        let Some(s) = self.rt.slots.get(slot) else {
-            fatal(
-                self.rt,
-                &format!("grant for page {page} names slot {slot}, which does not exist"),
-            );
-        };
-        if s.page.load(Ordering::Acquire) != page {
-            fatal(
-                self.rt,
-                &format!("grant for page {page} names slot {slot}, which waits for another page"),
-            );
+        if !grant_matches(self.rt, page, slot) {
+            fatal(self.rt, &format!("grant for page {page} names slot {slot}, which does not wait for it"));
         }
-        self.set_access(page, if write { Access::Write } else { Access::Read });
-        self.rt.pt.mark_fresh(page as usize);
-        self.installed_at.insert(page, now_ns());
+        open_page(self.rt, page, write);
         if notify_home {
             self.send(self.rt.home(page as usize), Msg::Done { page }, None);
         }
@@ -837,4 +815,22 @@ impl<'a> Engine<'a> {
             self.send(next, Msg::LockGranted { id, slot }, None);
         }
     }
+}
+
+/// Whether `slot` is a local thread waiting for `page`. Async-signal-safe.
+pub fn grant_matches(rt: &Runtime, page: u64, slot: u32) -> bool {
+    (page as usize) < rt.region.pages() && rt.slots.get(slot).is_some_and(|s| s.page.load(Ordering::Acquire) == page)
+}
+
+/// Opens the application view of `page`, whose new contents are complete in the runtime view,
+/// and marks it as just installed. Async-signal-safe.
+pub fn open_page(rt: &Runtime, page: u64, write: bool) {
+    let access = if write { Access::Write } else { Access::Read };
+    if rt.pt.access(page as usize) != access {
+        if let Err(errno) = rt.region.protect(page as usize, 1, access) {
+            crate::runtime::protect_failed(rt, errno);
+        }
+        rt.pt.set(page as usize, access);
+    }
+    rt.pt.mark_installed(page as usize, now_ns());
 }

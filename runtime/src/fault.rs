@@ -17,7 +17,8 @@ use crate::clock::now_ns;
 use crate::error::Error;
 use crate::fmt::RawWriter;
 use crate::runtime::{write_stderr, Runtime, RUNTIME};
-use crate::wire::{self, Msg};
+use crate::engine;
+use crate::wire::{self, Msg, Source};
 
 /// The action that was installed before ours.
 static mut PREVIOUS: MaybeUninit<libc::sigaction> = MaybeUninit::uninit();
@@ -221,7 +222,46 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         }
         rt.wake_service();
     }
-    rt.slots.wait_and_release(slot, rt.settings.spin);
+    let mut drive = || {
+        if let Some(t) = rt.transport.as_deref() {
+            t.poll_inline(&mut |from, bytes, page| take_grant(rt, from, bytes, page));
+        }
+    };
+    rt.slots.wait_and_release(slot, rt.settings.spin, &mut drive);
+}
+
+/// Installs a grant read by a waiting thread itself (any local thread's grant). Declines what
+/// only the service thread may handle: every other message, grants that need a read from the
+/// owner, and forwarded grants whose home is this process. Async-signal-safe.
+fn take_grant(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<gallocy_transport::Span>) -> bool {
+    if bytes.first() != Some(&wire::GRANT_TAG) {
+        return false;
+    }
+    let Ok(Msg::Grant { page, slot, write, source }) = wire::decode(bytes) else { return false };
+    let notify_home = match source {
+        Source::Inline | Source::Valid => false,
+        Source::Forwarded => true,
+        Source::ReadFrom(_) => return false,
+    };
+    let home = rt.home(page as usize);
+    if (notify_home && home == rt.rank) || !engine::grant_matches(rt, page, slot) {
+        return false;
+    }
+    if let Some(span) = attached {
+        rt.stats.count(&rt.stats.bytes_in, u64::from(span.len));
+    }
+    engine::open_page(rt, page, write);
+    if notify_home {
+        let mut buf = [0u8; 32];
+        let sent = wire::encode(&Msg::Done { page }, &mut buf)
+            .ok()
+            .map(|b| rt.transport.as_deref().expect("transport").send(home, b, None).is_ok());
+        if sent != Some(true) {
+            fatal_raw(rt, "cannot send a completion to rank ", home);
+        }
+    }
+    rt.slots.complete(slot);
+    true
 }
 
 /// Writes "gallocy: rank R: fatal: WHAT N" and ends the process. Async-signal-safe.

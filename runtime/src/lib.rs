@@ -228,7 +228,7 @@ pub fn lock(id: u32) {
     if rt.size > 1 {
         let slot = rt.slots.claim();
         rt.post(id as usize % rt.size, Msg::LockAcquire { id, slot });
-        rt.slots.wait_and_release(slot, rt.settings.spin);
+        rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {});
     } else {
         while HELD_LOCKS
             .lock()
@@ -496,7 +496,7 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
         },
     );
     let s = rt.slots.get(slot).expect("claimed");
-    rt.slots.wait_and_release(slot, rt.settings.spin);
+    rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {});
     match s.result.load(Ordering::Acquire) {
         0 => misuse(rt, &AllocError::InvalidPointer(addr)),
         n => n as usize,

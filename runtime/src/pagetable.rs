@@ -4,7 +4,7 @@
 //! space, not memory. The state byte is written by the service thread (which also changes the
 //! page protections); the in-flight word lets one local thread fetch a page while others wait.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::error::Error;
 use crate::lazy::LazyArray;
@@ -21,6 +21,8 @@ pub struct PageTable {
     inflight: LazyArray<AtomicU32>,
     /// Installed for a local thread that has not resumed yet.
     fresh: LazyArray<AtomicU8>,
+    /// When each page was last installed (CLOCK_MONOTONIC ns).
+    installed_at: LazyArray<AtomicU64>,
     /// Pages [own_first, own_end) start out owned and writable here.
     own_first: usize,
     own_end: usize,
@@ -32,6 +34,7 @@ impl PageTable {
             state: LazyArray::new(pages)?,
             inflight: LazyArray::new(pages)?,
             fresh: LazyArray::new(pages)?,
+            installed_at: LazyArray::new(pages)?,
             own_first,
             own_end,
         })
@@ -68,9 +71,15 @@ impl PageTable {
         }
     }
 
-    /// Marks `page` as just installed for a waiting local thread.
-    pub fn mark_fresh(&self, page: usize) {
+    /// Marks `page` as just installed (at `now`) for a waiting local thread.
+    pub fn mark_installed(&self, page: usize, now: u64) {
+        self.installed_at.get(page).store(now, Ordering::Release);
         self.fresh.get(page).store(1, Ordering::Release);
+    }
+
+    /// When `page` was last installed.
+    pub fn installed_at(&self, page: usize) -> u64 {
+        self.installed_at.get(page).load(Ordering::Acquire)
     }
 
     /// The waiting thread is about to resume and use the page.

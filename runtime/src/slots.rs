@@ -124,11 +124,15 @@ impl Slots {
         true
     }
 
-    /// Waits until slot `i` is done (spinning for `spin` first), then frees it.
-    pub fn wait_and_release(&self, i: u32, spin: Duration) {
+    /// Waits until slot `i` is done (spinning for `spin` first, calling `drive` meanwhile so the
+    /// waiter can make progress itself), then frees it.
+    pub fn wait_and_release(&self, i: u32, spin: Duration, drive: &mut dyn FnMut()) {
         let s = &self.slots[i as usize];
         self.spinners.fetch_add(1, Ordering::AcqRel);
-        let done = futex::spin_until(spin, || s.state.load(Ordering::Acquire) == DONE);
+        let done = futex::spin_until(spin, || {
+            drive();
+            s.state.load(Ordering::Acquire) == DONE
+        });
         self.spinners.fetch_sub(1, Ordering::AcqRel);
         if !done {
             loop {
@@ -165,7 +169,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             assert!(s2.complete(i));
         });
-        slots.wait_and_release(i, Duration::from_micros(10));
+        slots.wait_and_release(i, Duration::from_micros(10), &mut || {});
         t.join().unwrap();
         assert!(!slots.complete(i), "a released slot is not waiting");
     }

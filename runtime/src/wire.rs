@@ -73,6 +73,10 @@ pub const LIMIT: usize = 128 * 1024;
 /// Chunk size for broadcasts.
 pub const BROADCAST_CHUNK: usize = 64 * 1024;
 
+/// First byte of every encoded `Msg::Grant` (its variant index): lets a waiting thread skip
+/// other messages without decoding them.
+pub const GRANT_TAG: u8 = 2;
+
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<LIMIT>()
 }
@@ -123,6 +127,8 @@ mod tests {
             let b = encode(&m, &mut buf).unwrap().to_vec();
             assert_eq!(decode(&b).unwrap(), m);
         }
+        let g = encode(&Msg::Grant { page: 1, slot: 1, write: true, source: Source::Valid }, &mut buf).unwrap();
+        assert_eq!(g[0], GRANT_TAG);
         assert!(decode(&[0xff, 0xff, 0xff]).is_err());
         let mut b = encode(&Msg::Ping, &mut buf).unwrap().to_vec();
         b.push(0);

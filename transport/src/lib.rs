@@ -138,6 +138,13 @@ pub trait Transport: Send + Sync {
         timeout: Option<Duration>,
         handler: &mut dyn FnMut(Event<'_>),
     ) -> Result<usize, TransportError>;
+    /// Lets a thread that waits for an answer read incoming frames itself, so no thread hand-off
+    /// sits on the fault path. Each complete control message is offered to `accept`; if it
+    /// returns false, the message stays queued for the next `poll` (and nothing after it on that
+    /// connection is read before), and the poller is woken. Returns how many messages were
+    /// taken. Never blocks; returns 0 at once if another thread is receiving. Async-signal-safe
+    /// (allocation-free), provided `accept` is.
+    fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize;
     /// Makes the current or next `poll` return promptly. Async-signal-safe.
     fn wake(&self);
     /// Says goodbye to every peer: after this, their closing connections are expected.

@@ -34,22 +34,19 @@ impl Epoll {
         unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
     }
 
-    /// Waits for readiness; returns the keys of ready fds in `keys`.
-    pub fn wait(&self, keys: &mut Vec<u64>, timeout_ms: i32) -> io::Result<()> {
+    /// Waits for readiness; stores the keys of ready fds in `keys` and returns how many.
+    pub fn wait(&self, keys: &mut [u64; 32], timeout_ms: i32) -> io::Result<usize> {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
         // SAFETY: `evs` is a writable array of the length passed.
         let n = unsafe { libc::epoll_wait(self.0, evs.as_mut_ptr(), evs.len() as i32, timeout_ms) };
-        keys.clear();
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(e)
-            };
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
         }
-        keys.extend(evs[..n as usize].iter().map(|e| e.u64));
-        Ok(())
+        for (k, e) in keys.iter_mut().zip(&evs[..n as usize]) {
+            *k = e.u64;
+        }
+        Ok(n as usize)
     }
 }
 

@@ -61,11 +61,36 @@ struct Inbox {
     msg_got: usize,
     page_got: usize,
     closed: bool,
+    /// A complete frame waits for the service thread.
+    pending: bool,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        // Room for the largest message up front: the inline path must never allocate.
+        Inbox { msg: Vec::with_capacity(crate::MAX_MESSAGE), ..Inbox::default() }
+    }
+
+    /// Forgets the current frame (it was delivered or consumed).
+    fn reset(&mut self) {
+        self.header = None;
+        self.header_got = 0;
+        self.msg_got = 0;
+        self.page_got = 0;
+        self.msg.clear();
+    }
+}
+
+/// Who takes complete frames.
+enum Sink<'a> {
+    /// The service thread: every frame becomes an event.
+    Service(&'a mut dyn for<'e> FnMut(Event<'e>)),
+    /// A waiting thread: takes the messages it can handle, leaves the rest.
+    Inline(&'a mut dyn FnMut(usize, &[u8], Option<Span>) -> bool),
 }
 
 struct Receiver {
     inboxes: Vec<Inbox>,
-    ready: Vec<u64>,
 }
 
 /// The TCP implementation of [`Transport`].
@@ -420,7 +445,7 @@ impl TcpTransport {
                 }
             }
         }
-        let inboxes = (0..cfg.size).map(|_| Inbox::default()).collect();
+        let inboxes = (0..cfg.size).map(|_| Inbox::new()).collect();
         Ok(TcpTransport {
             rank: cfg.rank,
             size: cfg.size,
@@ -429,10 +454,7 @@ impl TcpTransport {
             listener,
             epoll,
             waker,
-            receiver: Mutex::new(Receiver {
-                inboxes,
-                ready: Vec::with_capacity(32),
-            }),
+            receiver: Mutex::new(Receiver { inboxes }),
         })
     }
 
@@ -492,31 +514,59 @@ impl TcpTransport {
         })
     }
 
-    /// Reads everything available on one connection, delivering complete frames.
-    fn drain(
-        &self,
-        rank: usize,
-        inbox: &mut Inbox,
-        handler: &mut dyn FnMut(Event<'_>),
-    ) -> Result<usize, TransportError> {
+    /// Reads everything available on one connection, handing complete frames to `sink`.
+    /// A frame the inline sink declines stays pending for the service thread, and nothing more
+    /// is read from that connection until the service thread has taken it.
+    fn drain(&self, rank: usize, inbox: &mut Inbox, sink: &mut Sink<'_>) -> Result<usize, TransportError> {
         let fd: RawFd = self.peer(rank)?.stream.as_raw_fd();
         let mut delivered = 0;
+        if inbox.pending {
+            match sink {
+                Sink::Inline(_) => return Ok(0),
+                Sink::Service(handler) => {
+                    inbox.pending = false;
+                    delivered += self.deliver(rank, inbox, &mut **handler)?;
+                }
+            }
+        }
         loop {
             let (dst, want) = self.next_read(inbox);
             // SAFETY: `next_read` returns a pointer into the inbox buffers or into the page of the
             // runtime view named by a validated header, with `want` bytes of room.
             let n = match unsafe { sys::read_into(fd, dst, want) } {
-                Ok(0) => {
-                    return self
-                        .closed(rank, inbox, "connection closed")
-                        .map(|_| delivered)
-                }
-                Ok(n) => n,
+                Ok(n) if n > 0 => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(delivered),
+                // End of stream or an error: the service thread reports it.
+                _ if matches!(sink, Sink::Inline(_)) => return Ok(delivered),
+                Ok(_) => return self.closed(rank, inbox, "connection closed").map(|_| delivered),
                 Err(e) => return self.closed(rank, inbox, &e.to_string()).map(|_| delivered),
             };
-            if self.advance(rank, inbox, n)? {
-                delivered += self.deliver(rank, inbox, handler)?;
+            if !self.advance(rank, inbox, n)? {
+                continue;
+            }
+            match sink {
+                Sink::Service(handler) => delivered += self.deliver(rank, inbox, &mut **handler)?,
+                Sink::Inline(accept) => {
+                    let h = inbox.header.expect("a complete frame has a header");
+                    let taken = match h.kind {
+                        Kind::Message => {
+                            let page = (h.page_len > 0).then_some(Span { offset: h.offset, len: h.page_len });
+                            accept(rank, &inbox.msg, page)
+                        }
+                        Kind::ReadRequest => {
+                            self.deliver(rank, inbox, &mut |_| {})?;
+                            continue;
+                        }
+                        Kind::ReadReply | Kind::Goodbye => false,
+                    };
+                    if !taken {
+                        inbox.pending = true;
+                        self.waker.signal();
+                        return Ok(delivered);
+                    }
+                    inbox.reset();
+                    delivered += 1;
+                }
             }
             if inbox.closed {
                 return Ok(delivered);
@@ -590,10 +640,19 @@ impl TcpTransport {
         inbox: &mut Inbox,
         handler: &mut dyn FnMut(Event<'_>),
     ) -> Result<usize, TransportError> {
-        let h = inbox.header.take().expect("a complete frame has a header");
-        inbox.header_got = 0;
-        inbox.msg_got = 0;
-        inbox.page_got = 0;
+        let h = inbox.header.expect("a complete frame has a header");
+        let delivered = self.deliver_frame(rank, h, &inbox.msg, handler);
+        inbox.reset();
+        delivered
+    }
+
+    fn deliver_frame(
+        &self,
+        rank: usize,
+        h: Header,
+        msg: &[u8],
+        handler: &mut dyn FnMut(Event<'_>),
+    ) -> Result<usize, TransportError> {
         let span = Span {
             offset: h.offset,
             len: h.page_len,
@@ -603,7 +662,7 @@ impl TcpTransport {
                 let page = (h.page_len > 0).then_some(span);
                 handler(Event::Message {
                     from: rank,
-                    bytes: &inbox.msg,
+                    bytes: msg,
                     page,
                 });
             }
@@ -708,31 +767,46 @@ impl Transport for TcpTransport {
         })
     }
 
-    fn poll(
-        &self,
-        timeout: Option<Duration>,
-        handler: &mut dyn FnMut(Event<'_>),
-    ) -> Result<usize, TransportError> {
-        let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
-        let Receiver { inboxes, ready } = &mut *rx;
+    fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
         let ms = match timeout {
             None => -1,
             Some(d) => d.as_millis().min(i32::MAX as u128) as i32,
         };
-        self.epoll
-            .wait(ready, ms)
-            .map_err(|e| TransportError::io("epoll_wait", e))?;
+        // Wait without the receiver lock, so a waiting thread can read meanwhile.
+        let mut keys = [0u64; 32];
+        let n = self.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
+        let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
         let mut handled = 0;
-        for &key in ready.iter() {
+        let mut sink = Sink::Service(handler);
+        for rank in 0..self.size {
+            if rx.inboxes[rank].pending {
+                handled += self.drain(rank, &mut rx.inboxes[rank], &mut sink)?;
+            }
+        }
+        for &key in &keys[..n] {
             match key {
                 KEY_WAKE => self.waker.drain(),
                 KEY_LISTENER => self.refuse_latecomers(),
-                rank => {
-                    handled += self.drain(rank as usize, &mut inboxes[rank as usize], handler)?
+                rank if !rx.inboxes[rank as usize].closed => {
+                    handled += self.drain(rank as usize, &mut rx.inboxes[rank as usize], &mut sink)?
                 }
+                _ => {}
             }
         }
         Ok(handled)
+    }
+
+    fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize {
+        let Ok(mut rx) = self.receiver.try_lock() else { return 0 };
+        let mut sink = Sink::Inline(accept);
+        let mut taken = 0;
+        for rank in (0..self.size).filter(|r| *r != self.rank) {
+            let inbox = &mut rx.inboxes[rank];
+            if !inbox.closed && !inbox.pending {
+                taken += self.drain(rank, inbox, &mut sink).unwrap_or(0);
+            }
+        }
+        taken
     }
 
     fn wake(&self) {

@@ -148,7 +148,7 @@ fn report(
         ));
     }
     Ok(format!(
-        "{rounds} rounds, no forbidden outcome; {:.0} ms; {hist}",
+        "{rounds} rounds, no forbidden outcome; {:.0} ms",
         elapsed.as_secs_f64() * 1e3
     ))
 }
