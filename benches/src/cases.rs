@@ -41,41 +41,11 @@ impl Case {
 }
 
 pub const CASES: &[Case] = &[
-    Case {
-        name: "read_home_owner",
-        owner: 1,
-        home: 1,
-        readers: &[],
-        write: false,
-    },
-    Case {
-        name: "read_third_owner",
-        owner: 2,
-        home: 1,
-        readers: &[],
-        write: false,
-    },
-    Case {
-        name: "write_0",
-        owner: 1,
-        home: 1,
-        readers: &[],
-        write: true,
-    },
-    Case {
-        name: "write_1",
-        owner: 1,
-        home: 1,
-        readers: &[2],
-        write: true,
-    },
-    Case {
-        name: "write_3",
-        owner: 1,
-        home: 1,
-        readers: &[2, 3, 4],
-        write: true,
-    },
+    Case { name: "read_home_owner", owner: 1, home: 1, readers: &[], write: false },
+    Case { name: "read_third_owner", owner: 2, home: 1, readers: &[], write: false },
+    Case { name: "write_0", owner: 1, home: 1, readers: &[], write: true },
+    Case { name: "write_1", owner: 1, home: 1, readers: &[2], write: true },
+    Case { name: "write_3", owner: 1, home: 1, readers: &[2, 3, 4], write: true },
 ];
 
 /// Value the owner writes at offsets 0 and 8 of page `i` of case `c`.
@@ -113,15 +83,8 @@ pub struct Picker<H: Fn(usize) -> usize, A: Fn(usize) -> usize> {
 
 impl<H: Fn(usize) -> usize, A: Fn(usize) -> usize> Picker<H, A> {
     pub fn new(heap: Heap, home_of: H, arena_rank_of: A) -> Self {
-        let cursor = (0..heap.procs)
-            .map(|k| heap.base + (k + 1) * heap.arena_size())
-            .collect();
-        Picker {
-            heap,
-            cursor,
-            home_of,
-            arena_rank_of,
-        }
+        let cursor = (0..heap.procs).map(|k| heap.base + (k + 1) * heap.arena_size()).collect();
+        Picker { heap, cursor, home_of, arena_rank_of }
     }
 
     /// `n` page addresses in `owner`'s arena whose home is `home`, never below the middle of
@@ -159,11 +122,7 @@ pub fn run_rank(iters: usize, warmup: usize) -> Result<()> {
     for (c, case) in CASES.iter().enumerate() {
         if case.min_procs() > heap.procs {
             if rank == 0 {
-                println!(
-                    "{SKIP_PREFIX}{} needs {} processes",
-                    case.name,
-                    case.min_procs()
-                );
+                println!("{SKIP_PREFIX}{} needs {} processes", case.name, case.min_procs());
             }
             continue;
         }
@@ -252,11 +211,8 @@ fn run_case(rank: usize, c: usize, case: &Case, pages: &[usize], warmup: usize) 
             }
         }
         let after = gallocy::stats();
-        let faults = if case.write {
-            after.write_faults - before.write_faults
-        } else {
-            after.read_faults - before.read_faults
-        };
+        let faults =
+            if case.write { after.write_faults - before.write_faults } else { after.read_faults - before.read_faults };
         let note = format!(
             "owner={} home={} copies={} runtime_{}_faults={}",
             case.owner,
@@ -265,10 +221,7 @@ fn run_case(rank: usize, c: usize, case: &Case, pages: &[usize], warmup: usize) 
             if case.write { "write" } else { "read" },
             faults
         );
-        println!(
-            "{}",
-            Summary::from_histogram(case.name, &h, &note).to_record()
-        );
+        println!("{}", Summary::from_histogram(case.name, &h, &note).to_record());
     }
     gallocy::barrier();
 
@@ -279,12 +232,7 @@ fn run_case(rank: usize, c: usize, case: &Case, pages: &[usize], warmup: usize) 
         for i in (0..pages.len()).step_by(step) {
             let p = pages[i];
             // SAFETY: shared-heap addresses; reads fault into the runtime as needed.
-            let (a, b) = unsafe {
-                (
-                    read_volatile(p as *const u64),
-                    read_volatile((p + 8) as *const u64),
-                )
-            };
+            let (a, b) = unsafe { (read_volatile(p as *const u64), read_volatile((p + 8) as *const u64)) };
             check("after-write offset 0", i, a, wtag(c, i));
             check("after-write offset 8", i, b, tag(c, i));
         }
@@ -306,12 +254,7 @@ mod tests {
 
     #[test]
     fn picker_takes_disjoint_pages_with_the_right_home_and_arena() {
-        let heap = Heap {
-            base: 0x2000_0000_0000,
-            size: 1 << 30,
-            page: 4096,
-            procs: 5,
-        };
+        let heap = Heap { base: 0x2000_0000_0000, size: 1 << 30, page: 4096, procs: 5 };
         let a = heap.arena_size();
         let home = move |x: usize| ((x - heap.base) / 4096) % 5;
         let arena = move |x: usize| (x - heap.base) / a;

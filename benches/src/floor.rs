@@ -47,8 +47,7 @@ pub fn serve(listener: TcpListener, spin_ns: u64) -> Result<()> {
             Err(e) => bail!("floor server: recv: {}", net::describe(e)),
         }
         reply[..REQ_LEN].copy_from_slice(&req);
-        net::send_all(fd, &reply)
-            .map_err(|e| anyhow::anyhow!("floor server: send: {}", net::describe(e)))?;
+        net::send_all(fd, &reply).map_err(|e| anyhow::anyhow!("floor server: send: {}", net::describe(e)))?;
     }
 }
 
@@ -75,12 +74,7 @@ fn connect_retry(addr: SocketAddr) -> Result<TcpStream> {
 
 /// Run the three floor measurements against the server at `addr`; `warmup` extra iterations
 /// of each are run first and discarded.
-pub fn run_client(
-    addr: SocketAddr,
-    iters: usize,
-    warmup: usize,
-    spin_ns: u64,
-) -> Result<Vec<Summary>> {
+pub fn run_client(addr: SocketAddr, iters: usize, warmup: usize, spin_ns: u64) -> Result<Vec<Summary>> {
     let stream = connect_retry(addr)?;
     stream.set_nodelay(true)?;
     let fd = stream.as_raw_fd();
@@ -108,11 +102,7 @@ fn measure_tcp(fd: RawFd, iters: usize, warmup: usize, spin_ns: u64) -> Result<S
             h.saturating_record((t1 - t0).max(1));
         }
     }
-    Ok(Summary::from_histogram(
-        "floor.tcp_rtt",
-        &h,
-        "8 B req / 4 KiB reply, TCP_NODELAY",
-    ))
+    Ok(Summary::from_histogram("floor.tcp_rtt", &h, "8 B req / 4 KiB reply, TCP_NODELAY"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,13 +141,7 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         // Not ours: put the previous action back and return; the access faults again and the
         // previous handler (or the default action) deals with it.
         // SAFETY: OLD_ACTION was filled by install() before this handler could run.
-        unsafe {
-            libc::sigaction(
-                libc::SIGSEGV,
-                (*OLD_ACTION.0.get()).as_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
+        unsafe { libc::sigaction(libc::SIGSEGV, (*OLD_ACTION.0.get()).as_ptr(), std::ptr::null_mut()) };
         return;
     }
     let page_size = PAGE.load(Relaxed);
@@ -170,30 +154,16 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         // SAFETY: SCRATCH points to a live REPLY_LEN-byte buffer for as long as MODE_FETCH is
         // set (see measure_fault), and nothing else touches it while the handler runs.
         let buf = unsafe { std::slice::from_raw_parts_mut(scratch, REPLY_LEN) };
-        let r = net::send_all(fd, &req)
-            .and_then(|()| net::recv_exact_spin(fd, buf, SPIN_NS.load(Relaxed)));
+        let r = net::send_all(fd, &req).and_then(|()| net::recv_exact_spin(fd, buf, SPIN_NS.load(Relaxed)));
         // SAFETY: `page` is a page of our own mapping (checked against the region above).
-        let rc = unsafe {
-            libc::mprotect(
-                page as *mut libc::c_void,
-                page_size,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
+        let rc = unsafe { libc::mprotect(page as *mut libc::c_void, page_size, libc::PROT_READ | libc::PROT_WRITE) };
         match r {
             // SAFETY: the page was just made writable, is REPLY_LEN (= page size) bytes long and
             // does not overlap the scratch buffer.
-            Ok(()) if rc == 0 => unsafe {
-                std::ptr::copy_nonoverlapping(scratch, page as *mut u8, REPLY_LEN)
-            },
+            Ok(()) if rc == 0 => unsafe { std::ptr::copy_nonoverlapping(scratch, page as *mut u8, REPLY_LEN) },
             Ok(()) => {
                 // SAFETY: reading this thread's errno.
-                let _ = HANDLER_ERR.compare_exchange(
-                    0,
-                    unsafe { *libc::__errno_location() },
-                    Relaxed,
-                    Relaxed,
-                );
+                let _ = HANDLER_ERR.compare_exchange(0, unsafe { *libc::__errno_location() }, Relaxed, Relaxed);
             }
             Err(e) => {
                 let _ = HANDLER_ERR.compare_exchange(0, e, Relaxed, Relaxed);
@@ -203,32 +173,14 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
             // Cannot make progress on this page: restore the old action so the retry dies
             // loudly instead of looping forever.
             // SAFETY: as above.
-            unsafe {
-                libc::sigaction(
-                    libc::SIGSEGV,
-                    (*OLD_ACTION.0.get()).as_ptr(),
-                    std::ptr::null_mut(),
-                )
-            };
+            unsafe { libc::sigaction(libc::SIGSEGV, (*OLD_ACTION.0.get()).as_ptr(), std::ptr::null_mut()) };
         }
     } else {
         // SAFETY: `page` is a page of our own mapping.
-        let rc = unsafe {
-            libc::mprotect(
-                page as *mut libc::c_void,
-                page_size,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
+        let rc = unsafe { libc::mprotect(page as *mut libc::c_void, page_size, libc::PROT_READ | libc::PROT_WRITE) };
         if rc != 0 {
             // SAFETY: as above.
-            unsafe {
-                libc::sigaction(
-                    libc::SIGSEGV,
-                    (*OLD_ACTION.0.get()).as_ptr(),
-                    std::ptr::null_mut(),
-                )
-            };
+            unsafe { libc::sigaction(libc::SIGSEGV, (*OLD_ACTION.0.get()).as_ptr(), std::ptr::null_mut()) };
         }
     }
 }
@@ -258,13 +210,7 @@ impl SegvGuard {
 impl Drop for SegvGuard {
     fn drop(&mut self) {
         // SAFETY: OLD_ACTION was filled by install().
-        unsafe {
-            libc::sigaction(
-                libc::SIGSEGV,
-                (*OLD_ACTION.0.get()).as_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
+        unsafe { libc::sigaction(libc::SIGSEGV, (*OLD_ACTION.0.get()).as_ptr(), std::ptr::null_mut()) };
         REGION_LEN.store(0, SeqCst);
     }
 }
@@ -315,18 +261,10 @@ impl Drop for Region {
 
 /// Touch one fresh PROT_NONE page per iteration and time the access. `fetch_fd = None`
 /// measures SIGSEGV + mprotect; `Some(fd)` the combined fetch over TCP.
-fn measure_fault(
-    fetch_fd: Option<RawFd>,
-    iters: usize,
-    warmup: usize,
-    spin_ns: u64,
-) -> Result<Summary> {
+fn measure_fault(fetch_fd: Option<RawFd>, iters: usize, warmup: usize, spin_ns: u64) -> Result<Summary> {
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    assert!(
-        page_size >= REPLY_LEN,
-        "floor assumes 4 KiB replies fit in one page"
-    );
+    assert!(page_size >= REPLY_LEN, "floor assumes 4 KiB replies fit in one page");
     let n = warmup + iters;
     let region = Region::new(n, page_size)?;
     let mut scratch = vec![0u8; REPLY_LEN];
@@ -335,14 +273,7 @@ fn measure_fault(
     SPIN_NS.store(spin_ns, Relaxed);
     SCRATCH.store(scratch.as_mut_ptr(), Relaxed);
     FETCH_FD.store(fetch_fd.unwrap_or(-1), Relaxed);
-    MODE.store(
-        if fetch_fd.is_some() {
-            MODE_FETCH
-        } else {
-            MODE_MPROTECT
-        },
-        Relaxed,
-    );
+    MODE.store(if fetch_fd.is_some() { MODE_FETCH } else { MODE_MPROTECT }, Relaxed);
     HANDLER_ERR.store(0, Relaxed);
     HANDLED.store(0, Relaxed);
     REGION_START.store(region.base as usize, Relaxed);
@@ -389,16 +320,10 @@ fn measure_fault(
         bail!("floor: page {i} holds {v:#x} after the fault");
     }
     Ok(match fetch_fd {
-        None => Summary::from_histogram(
-            "floor.segv_mprotect",
-            &h,
-            "SIGSEGV -> mprotect(RW) -> resume",
-        ),
-        Some(_) => Summary::from_histogram(
-            "floor",
-            &h,
-            "SIGSEGV -> 8 B/4 KiB TCP round trip -> mprotect -> copy -> resume",
-        ),
+        None => Summary::from_histogram("floor.segv_mprotect", &h, "SIGSEGV -> mprotect(RW) -> resume"),
+        Some(_) => {
+            Summary::from_histogram("floor", &h, "SIGSEGV -> 8 B/4 KiB TCP round trip -> mprotect -> copy -> resume")
+        }
     })
 }
 
@@ -419,10 +344,7 @@ mod tests {
         assert_eq!(names, ["floor", "floor.tcp_rtt", "floor.segv_mprotect"]);
         for r in &rows {
             assert_eq!(r.count, 300, "{r:?}");
-            assert!(
-                r.p50_ns > 0 && r.p50_ns <= r.p99_ns && r.p99_ns <= r.max_ns,
-                "{r:?}"
-            );
+            assert!(r.p50_ns > 0 && r.p50_ns <= r.p99_ns && r.p99_ns <= r.max_ns, "{r:?}");
         }
     }
 }

@@ -33,10 +33,7 @@ pub fn free_port() -> Result<u16> {
 
 /// A job token: hex of the clock, the pid and an address (unique enough for a local run).
 pub fn token() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let stack_addr = &t as *const u128 as usize;
     format!("{:032x}{:08x}{:016x}", t, std::process::id(), stack_addr)
 }
@@ -73,9 +70,7 @@ pub fn run_group(specs: Vec<Spec>, timeout: Duration) -> Result<Records> {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if line.starts_with(crate::report::RECORD_PREFIX)
-                    || line.starts_with(crate::report::SKIP_PREFIX)
-                {
+                if line.starts_with(crate::report::RECORD_PREFIX) || line.starts_with(crate::report::SKIP_PREFIX) {
                     let _ = tx.send((label.clone(), line));
                 } else {
                     let out = std::io::stdout();
@@ -85,11 +80,7 @@ pub fn run_group(specs: Vec<Spec>, timeout: Duration) -> Result<Records> {
                 }
             }
         });
-        running.push(Running {
-            label: spec.label,
-            child,
-            reader: Some(reader),
-        });
+        running.push(Running { label: spec.label, child, reader: Some(reader) });
     }
     drop(tx);
 
@@ -151,10 +142,7 @@ mod tests {
     #[test]
     fn token_is_hex_and_port_is_nonzero() {
         let t = token();
-        assert!(
-            t.len() >= 32 && t.chars().all(|c| c.is_ascii_hexdigit()),
-            "{t}"
-        );
+        assert!(t.len() >= 32 && t.chars().all(|c| c.is_ascii_hexdigit()), "{t}");
         assert_ne!(free_port().unwrap(), 0);
     }
 }

@@ -72,13 +72,9 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         let mut value = |name: &str| -> Result<u64> {
             let v = match &inline {
                 Some(v) => v.clone(),
-                None => it
-                    .next()
-                    .with_context(|| format!("{name} needs a value"))?
-                    .clone(),
+                None => it.next().with_context(|| format!("{name} needs a value"))?.clone(),
             };
-            v.parse()
-                .with_context(|| format!("{name}: not a number: {v}"))
+            v.parse().with_context(|| format!("{name}: not a number: {v}"))
         };
         match key {
             "--procs" => o.procs = value(key)? as usize,
@@ -128,13 +124,7 @@ fn addr_arg(o: &Opts) -> Result<SocketAddr> {
 
 /// Arguments passed down to children so they use the same iteration counts.
 fn child_args(sub: &str, o: &Opts, extra: &[String]) -> Vec<String> {
-    let mut v = vec![
-        sub.to_string(),
-        "--iters".into(),
-        o.iters.to_string(),
-        "--warmup".into(),
-        o.warmup().to_string(),
-    ];
+    let mut v = vec![sub.to_string(), "--iters".into(), o.iters.to_string(), "--warmup".into(), o.warmup().to_string()];
     v.extend_from_slice(extra);
     v
 }
@@ -152,7 +142,9 @@ const PIN_ENV: &str = "GALLOCY_BENCH_PIN_CPU";
 
 /// Pin the calling process to the CPU named by [`PIN_ENV`], if set.
 fn pin_from_env() -> Result<()> {
-    let Ok(v) = std::env::var(PIN_ENV) else { return Ok(()) };
+    let Ok(v) = std::env::var(PIN_ENV) else {
+        return Ok(());
+    };
     let cpu: usize = v.parse().with_context(|| format!("{PIN_ENV}={v}"))?;
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET stays in bounds for
     // cpu < CPU_SETSIZE (checked), and sched_setaffinity(0, ..) affects only this process.
@@ -200,17 +192,10 @@ fn run_floor_phase(o: &Opts) -> Result<Vec<Summary>> {
             args: child_args("__floor-server", o, std::slice::from_ref(&addr)),
             env: server_env,
         },
-        launch::Spec {
-            label: "floor-client".into(),
-            args: child_args("__floor-client", o, &[addr]),
-            env: client_env,
-        },
+        launch::Spec { label: "floor-client".into(), args: child_args("__floor-client", o, &[addr]), env: client_env },
     ];
     let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
-    let rows: Vec<Summary> = recs
-        .iter()
-        .filter_map(|(_, l)| Summary::parse_record(l))
-        .collect();
+    let rows: Vec<Summary> = recs.iter().filter_map(|(_, l)| Summary::parse_record(l)).collect();
     if rows.len() != 3 {
         bail!("floor phase reported {} results, expected 3", rows.len());
     }
@@ -223,11 +208,7 @@ fn idle_pct(window: Duration) -> f64 {
     fn sample() -> Option<(u64, u64)> {
         let s = std::fs::read_to_string("/proc/stat").ok()?;
         let line = s.lines().find(|l| l.starts_with("cpu "))?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
         let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
         Some((idle, v.iter().sum()))
     }
@@ -271,14 +252,9 @@ fn cmd_floor(o: &Opts) -> Result<()> {
 }
 
 fn add_floor_json(j: &mut JsonObject, rows: &[Summary]) {
-    for (key, name) in [
-        ("floor", "floor"),
-        ("floor_tcp_rtt", "floor.tcp_rtt"),
-        ("floor_segv", "floor.segv_mprotect"),
-    ] {
+    for (key, name) in [("floor", "floor"), ("floor_tcp_rtt", "floor.tcp_rtt"), ("floor_segv", "floor.segv_mprotect")] {
         if let Some(r) = find(rows, name) {
-            j.num(&format!("{key}_p50_us"), r.p50_us())
-                .num(&format!("{key}_p99_us"), r.p99_us());
+            j.num(&format!("{key}_p50_us"), r.p50_us()).num(&format!("{key}_p99_us"), r.p99_us());
         }
     }
 }
@@ -298,9 +274,7 @@ fn cmd_fault(o: &Opts) -> Result<()> {
         idle
     );
     if idle < 90.0 {
-        println!(
-            "warning: the machine was only {idle:.0}% idle before the run; expect inflated numbers"
-        );
+        println!("warning: the machine was only {idle:.0}% idle before the run; expect inflated numbers");
     }
     let floor_rows = run_floor_phase(o)?;
 
@@ -354,11 +328,9 @@ fn cmd_fault(o: &Opts) -> Result<()> {
         .num("write_fault_p50_us", write.p50_us())
         .num("write_fault_p99_us", write.p99_us());
     add_floor_json(&mut j, &floor_rows);
-    j.num("ratio", read.p50_us() / floor.p50_us())
-        .num("write_ratio", write.p50_us() / floor.p50_us());
+    j.num("ratio", read.p50_us() / floor.p50_us()).num("write_ratio", write.p50_us() / floor.p50_us());
     for r in &case_rows {
-        j.num(&format!("{}_p50_us", r.name), r.p50_us())
-            .num(&format!("{}_p99_us", r.name), r.p99_us());
+        j.num(&format!("{}_p50_us", r.name), r.p50_us()).num(&format!("{}_p99_us", r.name), r.p99_us());
     }
     let mut cases = JsonObject::new();
     for r in all.iter() {

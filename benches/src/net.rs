@@ -18,19 +18,13 @@ pub const EOF: Errno = -1;
 /// `GALLOCY_SPIN_US` read the way the runtime reads it (unset means [`DEFAULT_SPIN_US`]; the
 /// runtime rejects an unparsable value, we fall back to the default).
 pub fn spin_us_from_env() -> u64 {
-    std::env::var("GALLOCY_SPIN_US")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_SPIN_US)
+    std::env::var("GALLOCY_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_SPIN_US)
 }
 
 /// Monotonic clock in nanoseconds (`CLOCK_MONOTONIC`, served by the vDSO).
 #[inline]
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -48,14 +42,7 @@ pub fn send_all(fd: RawFd, buf: &[u8]) -> Result<(), Errno> {
     let mut sent = 0;
     while sent < buf.len() {
         // SAFETY: the pointer/length pair describes the live tail of `buf`.
-        let r = unsafe {
-            libc::send(
-                fd,
-                buf[sent..].as_ptr().cast(),
-                buf.len() - sent,
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        let r = unsafe { libc::send(fd, buf[sent..].as_ptr().cast(), buf.len() - sent, libc::MSG_NOSIGNAL) };
         if r > 0 {
             sent += r as usize;
         } else if r < 0 && errno() == libc::EINTR {
@@ -72,11 +59,7 @@ pub fn send_all(fd: RawFd, buf: &[u8]) -> Result<(), Errno> {
 /// Block in `poll()` until `fd` reports `events` (or an error/hang-up, which the next
 /// send/recv will surface).
 fn wait_fd(fd: RawFd, events: libc::c_short) -> Result<(), Errno> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
     loop {
         // SAFETY: one valid pollfd, infinite timeout.
         let r = unsafe { libc::poll(&mut pfd, 1, -1) };
@@ -97,14 +80,7 @@ pub fn recv_exact_spin(fd: RawFd, buf: &mut [u8], spin_ns: u64) -> Result<(), Er
     let mut deadline = now_ns() + spin_ns;
     while got < buf.len() {
         // SAFETY: the pointer/length pair describes the unfilled, writable tail of `buf`.
-        let r = unsafe {
-            libc::recv(
-                fd,
-                buf[got..].as_mut_ptr().cast(),
-                buf.len() - got,
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let r = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, libc::MSG_DONTWAIT) };
         if r > 0 {
             got += r as usize;
             deadline = now_ns() + spin_ns;

@@ -46,14 +46,7 @@ impl Summary {
     pub fn to_record(&self) -> String {
         format!(
             "{RECORD_PREFIX}{} {} {} {} {} {} {} {}",
-            self.name,
-            self.count,
-            self.p50_ns,
-            self.p90_ns,
-            self.p99_ns,
-            self.max_ns,
-            self.mean_ns,
-            self.note
+            self.name, self.count, self.p50_ns, self.p90_ns, self.p99_ns, self.max_ns, self.mean_ns, self.note
         )
         .trim_end()
         .to_string()
@@ -65,19 +58,9 @@ impl Summary {
         let mut it = rest.splitn(8, ' ');
         let name = it.next()?.to_string();
         let mut num = || it.next()?.parse::<u64>().ok();
-        let (count, p50_ns, p90_ns, p99_ns, max_ns, mean_ns) =
-            (num()?, num()?, num()?, num()?, num()?, num()?);
+        let (count, p50_ns, p90_ns, p99_ns, max_ns, mean_ns) = (num()?, num()?, num()?, num()?, num()?, num()?);
         let note = it.next().unwrap_or("").to_string();
-        Some(Summary {
-            name,
-            count,
-            p50_ns,
-            p90_ns,
-            p99_ns,
-            max_ns,
-            mean_ns,
-            note,
-        })
+        Some(Summary { name, count, p50_ns, p90_ns, p99_ns, max_ns, mean_ns, note })
     }
 
     pub fn p50_us(&self) -> f64 {
@@ -127,11 +110,7 @@ impl JsonObject {
     }
     /// A finite float with 3 decimals (non-finite values become `null`).
     pub fn num(&mut self, key: &str, v: f64) -> &mut Self {
-        let enc = if v.is_finite() {
-            format!("{v:.3}")
-        } else {
-            "null".into()
-        };
+        let enc = if v.is_finite() { format!("{v:.3}") } else { "null".into() };
         self.raw(key, enc)
     }
     pub fn int(&mut self, key: &str, v: u64) -> &mut Self {
@@ -146,11 +125,7 @@ impl JsonObject {
         self
     }
     pub fn render(&self) -> String {
-        let body: Vec<String> = self
-            .fields
-            .iter()
-            .map(|(k, v)| format!("{}:{}", json_string(k), v))
-            .collect();
+        let body: Vec<String> = self.fields.iter().map(|(k, v)| format!("{}:{}", json_string(k), v)).collect();
         format!("{{{}}}", body.join(","))
     }
 }
@@ -202,24 +177,15 @@ mod tests {
         assert!((s.p99_us() - 990.0).abs() < 2.0, "{}", s.p99_us());
         let back = Summary::parse_record(&s.to_record()).unwrap();
         assert_eq!(back, s);
-        let no_note = Summary {
-            note: String::new(),
-            ..s
-        };
-        assert_eq!(
-            Summary::parse_record(&no_note.to_record()).unwrap(),
-            no_note
-        );
+        let no_note = Summary { note: String::new(), ..s };
+        assert_eq!(Summary::parse_record(&no_note.to_record()).unwrap(), no_note);
         assert!(Summary::parse_record("hello").is_none());
     }
 
     #[test]
     fn json_is_escaped_and_ordered() {
         let mut o = JsonObject::new();
-        o.str("a\"b", "x\ny")
-            .int("n", 3)
-            .num("f", 1.5)
-            .num("bad", f64::NAN);
+        o.str("a\"b", "x\ny").int("n", 3).num("f", 1.5).num("bad", f64::NAN);
         assert_eq!(o.render(), r#"{"a\"b":"x\ny","n":3,"f":1.500,"bad":null}"#);
     }
 

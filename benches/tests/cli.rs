@@ -14,61 +14,30 @@ fn last_line(out: &std::process::Output) -> String {
 
 #[test]
 fn floor_prints_table_and_json() {
-    let out = bench()
-        .args(["floor", "--iters", "300", "--spin-us", "20"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = bench().args(["floor", "--iters", "300", "--spin-us", "20"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for name in ["floor ", "floor.tcp_rtt", "floor.segv_mprotect"] {
         assert!(stdout.contains(name), "{stdout}");
     }
     let json = last_line(&out);
     assert!(json.starts_with('{') && json.ends_with('}'), "{json}");
-    for key in [
-        "\"floor_p50_us\":",
-        "\"floor_tcp_rtt_p50_us\":",
-        "\"floor_segv_p50_us\":",
-        "\"spin_us\":20",
-    ] {
+    for key in ["\"floor_p50_us\":", "\"floor_tcp_rtt_p50_us\":", "\"floor_segv_p50_us\":", "\"spin_us\":20"] {
         assert!(json.contains(key), "{key} missing in {json}");
     }
 }
 
 #[test]
 fn bad_arguments_fail() {
-    assert!(!bench()
-        .args(["fault", "--procs", "1"])
-        .status()
-        .unwrap()
-        .success());
+    assert!(!bench().args(["fault", "--procs", "1"]).status().unwrap().success());
     assert!(!bench().args(["nope"]).status().unwrap().success());
-    assert!(!bench()
-        .args(["floor", "--iters", "x"])
-        .status()
-        .unwrap()
-        .success());
+    assert!(!bench().args(["floor", "--iters", "x"]).status().unwrap().success());
 }
 
 /// Full fault benchmark on 5 small processes: needs the runtime.
 #[test]
 fn fault_prints_every_case_and_json() {
-    let out = bench()
-        .args([
-            "fault",
-            "--procs",
-            "5",
-            "--iters",
-            "200",
-            "--timeout-s",
-            "120",
-        ])
-        .output()
-        .unwrap();
+    let out = bench().args(["fault", "--procs", "5", "--iters", "200", "--timeout-s", "120"]).output().unwrap();
     assert!(
         out.status.success(),
         "stdout:\n{}\nstderr:\n{}",
@@ -89,9 +58,6 @@ fn fault_prints_every_case_and_json() {
         "write_3_p99_us",
         "spin_us",
     ] {
-        assert!(
-            json.contains(&format!("\"{key}\":")),
-            "{key} missing in {json}"
-        );
+        assert!(json.contains(&format!("\"{key}\":")), "{key} missing in {json}");
     }
 }

@@ -24,9 +24,7 @@ pub enum AllocError {
     #[error("invalid free of {0:#x}: not a block allocated by gallocy")]
     InvalidPointer(usize),
     /// The arena is exhausted.
-    #[error(
-        "out of memory: this rank's arena has no room for {0} bytes (raise GALLOCY_HEAP_SIZE)"
-    )]
+    #[error("out of memory: this rank's arena has no room for {0} bytes (raise GALLOCY_HEAP_SIZE)")]
     OutOfMemory(usize),
     /// Alignment must be a power of two.
     #[error("alignment {0} is not a power of two")]
@@ -38,9 +36,8 @@ const SPAN_SHIFT: u32 = 16;
 /// Largest small size.
 pub const MAX_SMALL: usize = 16 * 1024;
 const CLASS_SIZES: [usize; 36] = [
-    16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
-    1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336,
-    16384,
+    16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+    2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384,
 ];
 const CACHE: usize = 32;
 
@@ -49,10 +46,7 @@ fn class_of(size: usize) -> usize {
     if s <= 128 {
         return (s + 15) / 16 - 1;
     }
-    CLASS_SIZES
-        .iter()
-        .position(|c| *c >= s)
-        .expect("size is small")
+    CLASS_SIZES.iter().position(|c| *c >= s).expect("size is small")
 }
 
 /// One slab: a 64 KiB span cut into objects of one class.
@@ -170,9 +164,7 @@ struct ThreadCache {
 
 impl ThreadCache {
     const fn new() -> ThreadCache {
-        ThreadCache {
-            bins: [([0; CACHE], 0); CLASS_SIZES.len()],
-        }
+        ThreadCache { bins: [([0; CACHE], 0); CLASS_SIZES.len()] }
     }
 }
 
@@ -181,10 +173,7 @@ impl Drop for ThreadCache {
         if let Some(rt) = crate::runtime::RUNTIME.get() {
             let _g = crate::RuntimeScope::enter();
             for (class, (items, n)) in self.bins.iter_mut().enumerate() {
-                rt.alloc.central[class]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&items[..*n]);
+                rt.alloc.central[class].lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&items[..*n]);
                 *n = 0;
             }
         }
@@ -192,13 +181,7 @@ impl Drop for ThreadCache {
 }
 
 impl Allocator {
-    pub fn new(
-        heap_base: usize,
-        heap_size: usize,
-        page: usize,
-        rank: usize,
-        arena_size: usize,
-    ) -> Allocator {
+    pub fn new(heap_base: usize, heap_size: usize, page: usize, rank: usize, arena_size: usize) -> Allocator {
         let arena_start = heap_base + rank * arena_size;
         let arena_end = if (heap_size / arena_size).saturating_sub(1) <= rank {
             heap_base + heap_size
@@ -219,9 +202,7 @@ impl Allocator {
             slabs: LazyArray::new(heap_size / SPAN).expect("mapping the slab table"),
             large: LazyArray::new(heap_size / page).expect("mapping the block table"),
             runs: Mutex::new(runs),
-            central: (0..CLASS_SIZES.len())
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
+            central: (0..CLASS_SIZES.len()).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -231,18 +212,14 @@ impl Allocator {
     }
 
     fn slab_at(&self, addr: usize) -> Option<&Slab> {
-        let p = self
-            .slabs
-            .get((addr - self.heap_base) >> SPAN_SHIFT)
-            .load(Ordering::Acquire);
+        let p = self.slabs.get((addr - self.heap_base) >> SPAN_SHIFT).load(Ordering::Acquire);
         // SAFETY: slabs are created once and never freed while the runtime lives.
         (!p.is_null()).then(|| unsafe { &*p })
     }
 
     fn take_pages(&self, n: usize, align: usize) -> Result<usize, AllocError> {
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        runs.take(n, align)
-            .ok_or(AllocError::OutOfMemory(n * self.page))
+        runs.take(n, align).ok_or(AllocError::OutOfMemory(n * self.page))
     }
 
     /// Carves a new slab for `class` and returns its objects.
@@ -252,24 +229,14 @@ impl Allocator {
         let base = self.heap_base + first * self.page;
         let obj_size = CLASS_SIZES[class];
         let nobj = SPAN / obj_size;
-        let slab = Box::new(Slab {
-            base,
-            obj_size,
-            nobj,
-            class,
-            live: std::array::from_fn(|_| AtomicU64::new(0)),
-        });
-        self.slabs
-            .get((base - self.heap_base) >> SPAN_SHIFT)
-            .store(Box::into_raw(slab), Ordering::Release);
+        let slab = Box::new(Slab { base, obj_size, nobj, class, live: std::array::from_fn(|_| AtomicU64::new(0)) });
+        self.slabs.get((base - self.heap_base) >> SPAN_SHIFT).store(Box::into_raw(slab), Ordering::Release);
         Ok((0..nobj).rev().map(|i| base + i * obj_size).collect())
     }
 
     /// Refills `out` with up to CACHE/2 free objects of `class`.
     fn refill(&self, class: usize, out: &mut ([usize; CACHE], usize)) -> Result<(), AllocError> {
-        let mut central = self.central[class]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
         if central.is_empty() {
             let fresh = self.new_slab(class)?;
             central.extend(fresh);
@@ -299,19 +266,13 @@ impl Allocator {
                 let mut one = ([0usize; CACHE], 0usize);
                 self.refill(class, &mut one)?;
                 let a = one.0[one.1 - 1];
-                self.central[class]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&one.0[..one.1 - 1]);
+                self.central[class].lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&one.0[..one.1 - 1]);
                 a
             }
         };
         let slab = self.slab_at(addr).expect("cached objects belong to slabs");
         let i = slab.index(addr).expect("cached objects are slab objects");
-        assert!(
-            slab.mark_live(i),
-            "gallocy: allocator corruption: a free object at {addr:#x} was live"
-        );
+        assert!(slab.mark_live(i), "gallocy: allocator corruption: a free object at {addr:#x} was live");
         Ok(addr)
     }
 
@@ -347,11 +308,7 @@ impl Allocator {
         if (addr - self.heap_base) % self.page != 0 {
             return Err(AllocError::InvalidPointer(addr));
         }
-        match self
-            .large
-            .get((addr - self.heap_base) / self.page)
-            .load(Ordering::Acquire)
-        {
+        match self.large.get((addr - self.heap_base) / self.page).load(Ordering::Acquire) {
             0 => Err(AllocError::InvalidPointer(addr)),
             n => Ok(n as usize * self.page),
         }
@@ -372,9 +329,7 @@ impl Allocator {
                 let mut c = c.borrow_mut();
                 let bin = &mut c.bins[class];
                 if bin.1 == CACHE {
-                    let mut central = self.central[class]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
                     central.extend_from_slice(&bin.0[CACHE / 2..]);
                     bin.1 = CACHE / 2;
                 }
@@ -382,10 +337,7 @@ impl Allocator {
                 bin.1 += 1;
             });
             if cached.is_err() {
-                self.central[class]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(addr);
+                self.central[class].lock().unwrap_or_else(|p| p.into_inner()).push(addr);
             }
             return Ok(());
         }
@@ -396,10 +348,7 @@ impl Allocator {
         match self.large.get(first).swap(0, Ordering::AcqRel) {
             0 => Err(AllocError::DoubleFree(addr)),
             n => {
-                self.runs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(first, n as usize);
+                self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(first, n as usize);
                 Ok(())
             }
         }
@@ -424,10 +373,7 @@ mod tests {
     fn classes_cover_sizes() {
         for s in 1..=MAX_SMALL {
             let c = class_of(s);
-            assert!(
-                CLASS_SIZES[c] >= s && (c == 0 || CLASS_SIZES[c - 1] < s),
-                "size {s}"
-            );
+            assert!(CLASS_SIZES[c] >= s && (c == 0 || CLASS_SIZES[c - 1] < s), "size {s}");
         }
     }
 
@@ -468,9 +414,6 @@ mod tests {
         let p = a.alloc(1 << 20, 4096).unwrap();
         a.free(p).unwrap();
         assert_eq!(a.alloc(1 << 20, 4096).unwrap(), p);
-        assert_eq!(
-            a.alloc(64 << 20, 4096),
-            Err(AllocError::OutOfMemory(64 << 20))
-        );
+        assert_eq!(a.alloc(64 << 20, 4096), Err(AllocError::OutOfMemory(64 << 20)));
     }
 }

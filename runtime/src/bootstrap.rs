@@ -31,10 +31,7 @@ fn config() -> impl bincode::config::Config {
 
 impl Hello {
     pub fn new(settings: Option<&Settings>, problem: Option<String>) -> Hello {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
         Hello {
             protocol: PROTOCOL_VERSION,
             heap_base: settings.map_or(0, |s| s.heap_base as u64),
@@ -58,11 +55,7 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
     for (rank, h) in hellos.iter().enumerate() {
         match bincode::decode_from_slice::<Hello, _>(h, config()) {
             Ok((h, _)) => decoded.push(h),
-            Err(e) => {
-                return Err(format!(
-                    "rank {rank} sent an unreadable report ({e}): a different gallocy version?"
-                ))
-            }
+            Err(e) => return Err(format!("rank {rank} sent an unreadable report ({e}): a different gallocy version?")),
         }
     }
     let mut problems = Vec::new();
@@ -78,22 +71,13 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
         }
         let mut diff = Vec::new();
         if h.protocol != zero.protocol {
-            diff.push(format!(
-                "protocol version {} vs {}",
-                h.protocol, zero.protocol
-            ));
+            diff.push(format!("protocol version {} vs {}", h.protocol, zero.protocol));
         }
         if h.heap_base != zero.heap_base {
-            diff.push(format!(
-                "GALLOCY_HEAP_BASE {:#x} vs {:#x}",
-                h.heap_base, zero.heap_base
-            ));
+            diff.push(format!("GALLOCY_HEAP_BASE {:#x} vs {:#x}", h.heap_base, zero.heap_base));
         }
         if h.heap_size != zero.heap_size {
-            diff.push(format!(
-                "GALLOCY_HEAP_SIZE {} vs {}",
-                h.heap_size, zero.heap_size
-            ));
+            diff.push(format!("GALLOCY_HEAP_SIZE {} vs {}", h.heap_size, zero.heap_size));
         }
         if h.page_size != zero.page_size {
             diff.push(format!("page size {} vs {}", h.page_size, zero.page_size));
@@ -102,11 +86,7 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
             diff.push(format!("transport {} vs {}", h.transport, zero.transport));
         }
         if !diff.is_empty() {
-            problems.push(format!(
-                "rank {rank} (pid {}) disagrees with rank 0: {}",
-                h.pid,
-                diff.join(", ")
-            ));
+            problems.push(format!("rank {rank} (pid {}) disagrees with rank 0: {}", h.pid, diff.join(", ")));
         }
     }
     if problems.is_empty() {
@@ -128,10 +108,7 @@ pub fn connect(
     let cfg = TcpConfig {
         rank: id.rank,
         size: id.size,
-        coordinator: id
-            .coordinator
-            .clone()
-            .expect("a multi-process job has a coordinator"),
+        coordinator: id.coordinator.clone().expect("a multi-process job has a coordinator"),
         bind: id.bind,
         token: id.token.clone(),
         view,
@@ -165,24 +142,10 @@ mod tests {
     #[test]
     fn judge_names_the_rank_at_fault() {
         assert!(judge(&[hello(1 << 40, None), hello(1 << 40, None)]).is_ok());
-        let e = judge(&[
-            hello(1 << 40, None),
-            hello(1 << 40, None),
-            hello(2 << 40, None),
-        ])
-        .unwrap_err();
-        assert!(
-            e.contains("rank 2") && e.contains("GALLOCY_HEAP_BASE"),
-            "{e}"
-        );
-        let e = judge(&[
-            hello(1 << 40, None),
-            hello(1 << 40, Some("heap range occupied")),
-        ])
-        .unwrap_err();
+        let e = judge(&[hello(1 << 40, None), hello(1 << 40, None), hello(2 << 40, None)]).unwrap_err();
+        assert!(e.contains("rank 2") && e.contains("GALLOCY_HEAP_BASE"), "{e}");
+        let e = judge(&[hello(1 << 40, None), hello(1 << 40, Some("heap range occupied"))]).unwrap_err();
         assert!(e.contains("rank 1") && e.contains("occupied"), "{e}");
-        assert!(judge(&[hello(1 << 40, None), vec![1, 2, 3]])
-            .unwrap_err()
-            .contains("rank 1"));
+        assert!(judge(&[hello(1 << 40, None), vec![1, 2, 3]]).unwrap_err().contains("rank 1"));
     }
 }

@@ -72,9 +72,7 @@ fn var(name: &str) -> Result<Option<String>, Error> {
     match std::env::var(name) {
         Ok(v) => Ok(Some(v)),
         Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            Err(Error::config(name, "<not UTF-8>", "is not valid UTF-8"))
-        }
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::config(name, "<not UTF-8>", "is not valid UTF-8")),
     }
 }
 
@@ -88,10 +86,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
         't' | 'T' => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let v = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
+    let v = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
         Some(hex) => usize::from_str_radix(&hex.replace('_', ""), 16).ok()?,
         None => digits.replace('_', "").parse::<usize>().ok()?,
     };
@@ -101,10 +96,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
 fn parse_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Error> {
     match var(name)? {
         None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| Error::config(name, &v, "is not a whole number")),
+        Some(v) => v.trim().parse().map_err(|_| Error::config(name, &v, "is not a whole number")),
     }
 }
 
@@ -120,42 +112,16 @@ fn rank_and_size() -> Result<Option<(usize, usize, &'static str)>, Error> {
         let (r, s) = (var(rank_var)?, var(size_var)?);
         match (r, s) {
             (None, None) => continue,
-            (Some(_), None) => {
-                return Err(Error::config(
-                    size_var,
-                    "",
-                    &format!("must be set when {rank_var} is"),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::config(
-                    rank_var,
-                    "",
-                    &format!("must be set when {size_var} is"),
-                ))
-            }
+            (Some(_), None) => return Err(Error::config(size_var, "", &format!("must be set when {rank_var} is"))),
+            (None, Some(_)) => return Err(Error::config(rank_var, "", &format!("must be set when {size_var} is"))),
             (Some(r), Some(s)) => {
-                let rank: usize = r
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::config(rank_var, &r, "is not a whole number"))?;
-                let size: usize = s
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::config(size_var, &s, "is not a whole number"))?;
+                let rank: usize = r.trim().parse().map_err(|_| Error::config(rank_var, &r, "is not a whole number"))?;
+                let size: usize = s.trim().parse().map_err(|_| Error::config(size_var, &s, "is not a whole number"))?;
                 if size == 0 || size > MAX_PROCESSES {
-                    return Err(Error::config(
-                        size_var,
-                        &s,
-                        &format!("must be between 1 and {MAX_PROCESSES}"),
-                    ));
+                    return Err(Error::config(size_var, &s, &format!("must be between 1 and {MAX_PROCESSES}")));
                 }
                 if rank >= size {
-                    return Err(Error::config(
-                        rank_var,
-                        &r,
-                        &format!("must be below {size_var}={size}"),
-                    ));
+                    return Err(Error::config(rank_var, &r, &format!("must be below {size_var}={size}")));
                 }
                 return Ok(Some((rank, size, rank_var)));
             }
@@ -171,12 +137,7 @@ fn derived_token(coordinator: &str) -> Vec<u8> {
         // SAFETY: getuid has no preconditions.
         unsafe { libc::getuid() }
     });
-    for v in [
-        "PMIX_NAMESPACE",
-        "OMPI_MCA_ess_base_jobid",
-        "SLURM_JOB_ID",
-        "SLURM_STEP_ID",
-    ] {
+    for v in ["PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "SLURM_STEP_ID"] {
         if let Ok(x) = std::env::var(v) {
             t.push_str(&format!("|{v}={x}"));
         }
@@ -188,84 +149,38 @@ fn derived_token(coordinator: &str) -> Vec<u8> {
 pub fn identity() -> Result<Identity, Error> {
     let bind = match var("GALLOCY_BIND")? {
         None => IpAddr::from([127, 0, 0, 1]),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?,
+        Some(v) => v.trim().parse().map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?,
     };
     let Some((rank, size, _)) = rank_and_size()? else {
-        return Ok(Identity {
-            rank: 0,
-            size: 1,
-            coordinator: None,
-            token: Vec::new(),
-            token_derived: false,
-            bind,
-        });
+        return Ok(Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind });
     };
     if size == 1 {
-        return Ok(Identity {
-            rank,
-            size,
-            coordinator: None,
-            token: Vec::new(),
-            token_derived: false,
-            bind,
-        });
+        return Ok(Identity { rank, size, coordinator: None, token: Vec::new(), token_derived: false, bind });
     }
     let coordinator = var("GALLOCY_COORDINATOR")?.ok_or_else(|| {
-        Error::config(
-            "GALLOCY_COORDINATOR",
-            "",
-            "must be set (host:port of rank 0) for a job of more than one process",
-        )
+        Error::config("GALLOCY_COORDINATOR", "", "must be set (host:port of rank 0) for a job of more than one process")
     })?;
-    if !coordinator.contains(':')
-        || coordinator
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_none()
-    {
-        return Err(Error::config(
-            "GALLOCY_COORDINATOR",
-            &coordinator,
-            "must look like host:port",
-        ));
+    if !coordinator.contains(':') || coordinator.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).is_none() {
+        return Err(Error::config("GALLOCY_COORDINATOR", &coordinator, "must look like host:port"));
     }
     let (token, token_derived) = match var("GALLOCY_TOKEN")? {
-        Some(t) if t.is_empty() => {
-            return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty"))
-        }
+        Some(t) if t.is_empty() => return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty")),
         Some(t) => (t.into_bytes(), false),
         None => (derived_token(&coordinator), true),
     };
-    Ok(Identity {
-        rank,
-        size,
-        coordinator: Some(coordinator),
-        token,
-        token_derived,
-        bind,
-    })
+    Ok(Identity { rank, size, coordinator: Some(coordinator), token, token_derived, bind })
 }
 
 /// Reads the settings every rank must agree on (and some local tuning).
 pub fn settings() -> Result<Settings, Error> {
     let heap_base = match var("GALLOCY_HEAP_BASE")? {
         None => DEFAULT_HEAP_BASE,
-        Some(v) => parse_size(&v)
-            .ok_or_else(|| Error::config("GALLOCY_HEAP_BASE", &v, "is not an address"))?,
+        Some(v) => parse_size(&v).ok_or_else(|| Error::config("GALLOCY_HEAP_BASE", &v, "is not an address"))?,
     };
     let heap_size = match var("GALLOCY_HEAP_SIZE")? {
         None => DEFAULT_HEAP_SIZE,
-        Some(v) => parse_size(&v).ok_or_else(|| {
-            Error::config(
-                "GALLOCY_HEAP_SIZE",
-                &v,
-                "is not a size (e.g. 4G, 512M, 0x40000000)",
-            )
-        })?,
+        Some(v) => parse_size(&v)
+            .ok_or_else(|| Error::config("GALLOCY_HEAP_SIZE", &v, "is not a size (e.g. 4G, 512M, 0x40000000)"))?,
     };
     let page = crate::region::page_size();
     if heap_base == 0 || heap_base % (64 << 10) != 0 {
@@ -282,15 +197,8 @@ pub fn settings() -> Result<Settings, Error> {
             "must be at least 16M and a multiple of 64K",
         ));
     }
-    if heap_base
-        .checked_add(heap_size)
-        .is_none_or(|end| end > USER_SPACE_END)
-    {
-        return Err(Error::config(
-            "GALLOCY_HEAP_SIZE",
-            &heap_size.to_string(),
-            "puts the heap end beyond user space",
-        ));
+    if heap_base.checked_add(heap_size).is_none_or(|end| end > USER_SPACE_END) {
+        return Err(Error::config("GALLOCY_HEAP_SIZE", &heap_size.to_string(), "puts the heap end beyond user space"));
     }
     debug_assert!(page <= 64 << 10);
     let transport = match var("GALLOCY_TRANSPORT")?.as_deref().map(str::trim) {
@@ -302,13 +210,7 @@ pub fn settings() -> Result<Settings, Error> {
                 "this build has no RDMA transport (cargo feature `rdma`)",
             ))
         }
-        Some(other) => {
-            return Err(Error::config(
-                "GALLOCY_TRANSPORT",
-                other,
-                "must be tcp, rdma or auto",
-            ))
-        }
+        Some(other) => return Err(Error::config("GALLOCY_TRANSPORT", other, "must be tcp, rdma or auto")),
     };
     let stats = match var("GALLOCY_STATS")?.as_deref().map(str::trim) {
         None | Some("") | Some("0") => false,

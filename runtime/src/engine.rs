@@ -43,7 +43,7 @@ struct Req {
 enum AfterAcks {
     /// The requester holds a valid copy: grant write without data.
     GrantValid,
-    /// The home holds a valid copy: grant write with the page attached.
+    /// The home holds a valid copy: grant (read or write, as requested) with the page attached.
     GrantInline,
     /// Ask the owner to hand the page over.
     ForwardTo(usize),
@@ -58,15 +58,8 @@ enum OnDone {
 
 #[derive(Clone, Copy, Debug)]
 enum Txn {
-    AwaitAcks {
-        req: Req,
-        remaining: u32,
-        then: AfterAcks,
-    },
-    AwaitDone {
-        req: Req,
-        on_done: OnDone,
-    },
+    AwaitAcks { req: Req, remaining: u32, then: AfterAcks },
+    AwaitDone { req: Req, on_done: OnDone },
 }
 
 /// The home's record of one page.
@@ -138,86 +131,97 @@ impl<'a> Engine<'a> {
         let mut idle_spins = 0u32;
         loop {
             let mut handled = self.take_local_work();
-            let spinning = now_ns().saturating_sub(last_activity) < spin_ns;
-            let timeout = if handled > 0 || spinning {
-                Duration::ZERO
-            } else {
-                self.sleep_budget()
-            };
-            if !timeout.is_zero() {
-                self.rt.service_sleeping.store(true, Ordering::Release);
-                // Re-check for work posted just before we announced sleeping.
-                if self.rt.slots_posted() || self.rt.has_api_messages() {
-                    self.rt.service_sleeping.store(false, Ordering::Release);
-                    continue;
-                }
-            }
-            let transport = self
-                .rt
-                .transport
-                .as_deref()
-                .expect("a job of several processes has a transport");
-            let mut events: Vec<(usize, Result<Msg, String>, Option<Span>)> = Vec::new();
-            let mut reads_done: Vec<(usize, u64)> = Vec::new();
-            let mut left: Vec<usize> = Vec::new();
-            let r = transport.poll(Some(timeout), &mut |ev| match ev {
-                Event::Message { from, bytes, page } => {
-                    events.push((from, wire::decode(bytes), page))
-                }
-                Event::ReadDone { from, token } => reads_done.push((from, token)),
-                Event::PeerLeft { rank } => left.push(rank),
-            });
-            self.rt.service_sleeping.store(false, Ordering::Release);
-            if let Err(e) = r {
-                if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
-                    return;
-                }
-                fatal(self.rt, &format!("{}", self.describe_transport_error(&e)));
+            handled += self.pump(Duration::ZERO);
+            if self.rt.leaving.load(Ordering::Acquire) && self.all_departed() {
+                self.rt.all_departed.store(true, Ordering::Release);
+                return;
             }
             let now = now_ns();
-            for (from, msg, page) in events {
-                self.last_heard[from] = now;
-                match msg {
-                    Ok(m) => self.handle(from, m, page),
-                    Err(e) => fatal(
-                        self.rt,
-                        &format!("rank {from} sent a malformed message: {e}"),
-                    ),
-                }
-                handled += 1;
-            }
-            for (from, token) in reads_done {
-                self.last_heard[from] = now;
-                self.read_done(from, token);
-                handled += 1;
-            }
-            for rank in left {
-                self.departed[rank] = true;
-                handled += 1;
-            }
-            handled += self.run_deferred(now);
-            self.keep_alive(now);
             if handled > 0 {
-                last_activity = now_ns();
+                last_activity = now;
                 idle_spins = 0;
-            } else {
+                continue;
+            }
+            if now.saturating_sub(last_activity) < spin_ns {
                 idle_spins = idle_spins.wrapping_add(1);
                 if idle_spins % 64 == 0 {
                     // SAFETY: sched_yield has no preconditions.
                     unsafe { libc::sched_yield() };
                 }
+                continue;
             }
-            if self.rt.leaving.load(Ordering::Acquire)
-                && self
-                    .departed
-                    .iter()
-                    .enumerate()
-                    .all(|(r, d)| *d || r == self.me)
-            {
-                self.rt.all_departed.store(true, Ordering::Release);
-                return;
-            }
+            self.idle();
         }
+    }
+
+    /// Blocks until there may be work. While local threads spin for answers they read the
+    /// sockets themselves, so we then wait only for their call (or a short timeout) instead of
+    /// waking on every frame and competing with them for the two CPUs.
+    fn idle(&mut self) {
+        let transport = self.rt.transport.as_deref().expect("a job of several processes has a transport");
+        if self.rt.slots.spinners.load(Ordering::Acquire) > 0 {
+            self.rt.service_deaf.store(true, Ordering::SeqCst);
+            if self.rt.slots.spinners.load(Ordering::SeqCst) > 0
+                && !self.rt.slots_posted()
+                && !self.rt.has_api_messages()
+            {
+                transport.wait_for_wake(Duration::from_millis(1));
+            }
+            self.rt.service_deaf.store(false, Ordering::SeqCst);
+            return;
+        }
+        self.rt.service_sleeping.store(true, Ordering::SeqCst);
+        // Re-check for work posted just before we announced sleeping.
+        if !self.rt.slots_posted() && !self.rt.has_api_messages() {
+            let budget = self.sleep_budget();
+            self.pump(budget);
+        }
+        self.rt.service_sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Polls the transport (waiting at most `timeout`) and handles what arrived.
+    fn pump(&mut self, timeout: Duration) -> usize {
+        let transport = self.rt.transport.as_deref().expect("a job of several processes has a transport");
+        let mut events: Vec<(usize, Result<Msg, String>, Option<Span>)> = Vec::new();
+        let mut reads_done: Vec<(usize, u64)> = Vec::new();
+        let mut left: Vec<usize> = Vec::new();
+        let r = transport.poll(Some(timeout), &mut |ev| match ev {
+            Event::Message { from, bytes, page } => events.push((from, wire::decode(bytes), page)),
+            Event::ReadDone { from, token } => reads_done.push((from, token)),
+            Event::PeerLeft { rank } => left.push(rank),
+        });
+        if let Err(e) = r {
+            if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
+                return 1;
+            }
+            fatal(self.rt, &self.describe_transport_error(&e));
+        }
+        let now = now_ns();
+        let mut handled = 0;
+        for (from, msg, page) in events {
+            self.last_heard[from] = now;
+            match msg {
+                Ok(m) => self.handle(from, m, page),
+                Err(e) => fatal(self.rt, &format!("rank {from} sent a malformed message: {e}")),
+            }
+            handled += 1;
+        }
+        for (from, token) in reads_done {
+            self.last_heard[from] = now;
+            self.read_done(from, token);
+            handled += 1;
+        }
+        for rank in left {
+            self.departed[rank] = true;
+            handled += 1;
+        }
+        handled += self.run_deferred(now);
+        self.keep_alive(now);
+        handled
+    }
+
+    fn all_departed(&self) -> bool {
+        self.departed.iter().enumerate().all(|(r, d)| *d || r == self.me)
     }
 
     fn describe_transport_error(&self, e: &gallocy_transport::TransportError) -> String {
@@ -234,10 +238,7 @@ impl<'a> Engine<'a> {
         if let gallocy_transport::TransportError::PeerLost { rank, .. } = e {
             self.departed[*rank] = true;
         }
-        self.departed
-            .iter()
-            .enumerate()
-            .all(|(r, d)| *d || r == self.me)
+        self.all_departed()
     }
 
     /// How long the loop may block: until the next deferred revoke or heartbeat.
@@ -254,11 +255,7 @@ impl<'a> Engine<'a> {
     fn take_local_work(&mut self) -> usize {
         let mut posted = Vec::new();
         let mut n = self.rt.slots.take_posted(|i, s| {
-            posted.push((
-                i,
-                s.page.load(Ordering::Acquire),
-                s.write.load(Ordering::Acquire),
-            ));
+            posted.push((i, s.page.load(Ordering::Acquire), s.write.load(Ordering::Acquire)));
         });
         for (slot, page, write) in posted {
             self.handle(self.me, Msg::Request { page, write, slot }, None);
@@ -280,9 +277,7 @@ impl<'a> Engine<'a> {
         }
         if now.saturating_sub(self.last_ping) >= 1_000_000_000 {
             self.last_ping = now;
-            let peers: Vec<usize> = (0..self.rt.size)
-                .filter(|r| *r != self.me && !self.departed[*r])
-                .collect();
+            let peers: Vec<usize> = (0..self.rt.size).filter(|r| *r != self.me && !self.departed[*r]).collect();
             for r in peers {
                 self.send(r, Msg::Ping, None);
             }
@@ -292,10 +287,7 @@ impl<'a> Engine<'a> {
             if now.saturating_sub(self.last_heard[r]) > limit {
                 fatal(
                     self.rt,
-                    &format!(
-                        "lost contact with rank {r}: no word from it for {:?}",
-                        self.rt.settings.peer_timeout
-                    ),
+                    &format!("lost contact with rank {r}: no word from it for {:?}", self.rt.settings.peer_timeout),
                 );
             }
         }
@@ -308,13 +300,8 @@ impl<'a> Engine<'a> {
             return;
         }
         let span = page.map(|p| {
-            self.rt
-                .stats
-                .count(&self.rt.stats.bytes_out, self.rt.region.page as u64);
-            Span {
-                offset: p * self.rt.region.page as u64,
-                len: self.rt.region.page as u32,
-            }
+            self.rt.stats.count(&self.rt.stats.bytes_out, self.rt.region.page as u64);
+            Span { offset: p * self.rt.region.page as u64, len: self.rt.region.page as u32 }
         });
         let bytes = match wire::encode(&msg, &mut self.buf) {
             Ok(b) => b,
@@ -329,9 +316,7 @@ impl<'a> Engine<'a> {
     fn handle(&mut self, from: usize, msg: Msg, page: Option<Span>) {
         if let Some(span) = page {
             if from != self.me {
-                self.rt
-                    .stats
-                    .count(&self.rt.stats.bytes_in, u64::from(span.len));
+                self.rt.stats.count(&self.rt.stats.bytes_in, u64::from(span.len));
             }
         }
         match msg {
@@ -340,10 +325,7 @@ impl<'a> Engine<'a> {
                 if self.rt.home(page as usize) != self.me {
                     fatal(
                         self.rt,
-                        &format!(
-                            "rank {from} asked rank {} for page {page}, which it is not home of",
-                            self.me
-                        ),
+                        &format!("rank {from} asked rank {} for page {page}, which it is not home of", self.me),
                     );
                 }
                 self.home_request(page, Req { from, slot, write });
@@ -351,12 +333,7 @@ impl<'a> Engine<'a> {
             Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
                 self.deferred.push_back((from, msg));
             }
-            Msg::Forward {
-                page,
-                requester,
-                slot,
-                write,
-            } => {
+            Msg::Forward { page, requester, slot, write } => {
                 self.check_page(from, page);
                 self.forward(page, requester as usize, slot, write);
             }
@@ -364,12 +341,7 @@ impl<'a> Engine<'a> {
                 self.check_page(from, page);
                 self.revoke(from, page, to_read);
             }
-            Msg::Grant {
-                page,
-                slot,
-                write,
-                source,
-            } => {
+            Msg::Grant { page, slot, write, source } => {
                 self.check_page(from, page);
                 self.grant(from, page, slot, write, source);
             }
@@ -394,19 +366,11 @@ impl<'a> Engine<'a> {
             Msg::LockAcquire { id, slot } => self.lock_acquire(id, from, slot),
             Msg::LockGranted { slot, .. } => {
                 if !self.rt.slots.complete(slot) {
-                    fatal(
-                        self.rt,
-                        &format!("rank {from} granted a lock to slot {slot}, which is not waiting"),
-                    );
+                    fatal(self.rt, &format!("rank {from} granted a lock to slot {slot}, which is not waiting"));
                 }
             }
             Msg::LockRelease { id } => self.lock_release(id, from),
-            Msg::Broadcast {
-                seq,
-                total,
-                offset,
-                data,
-            } => {
+            Msg::Broadcast { seq, total, offset, data } => {
                 if let Err(e) = self.rt.sync.broadcast_chunk(seq, total, offset, &data) {
                     fatal(self.rt, &format!("bad broadcast from rank {from}: {e}"));
                 }
@@ -420,10 +384,7 @@ impl<'a> Engine<'a> {
                     s.result.store(size, Ordering::Release);
                     self.rt.slots.complete(slot);
                 }
-                None => fatal(
-                    self.rt,
-                    &format!("rank {from} answered slot {slot}, which does not exist"),
-                ),
+                None => fatal(self.rt, &format!("rank {from} answered slot {slot}, which does not exist")),
             },
             Msg::Ping => {}
         }
@@ -431,10 +392,7 @@ impl<'a> Engine<'a> {
 
     fn check_page(&self, from: usize, page: u64) {
         if page as usize >= self.rt.region.pages() {
-            fatal(
-                self.rt,
-                &format!("rank {from} named page {page}, beyond the heap"),
-            );
+            fatal(self.rt, &format!("rank {from} named page {page}, beyond the heap"));
         }
     }
 
@@ -491,112 +449,51 @@ impl<'a> Engine<'a> {
         let holders = e.copyset | bit(e.owner);
         let (owner, writable) = (e.owner, e.writable);
         let r = req.from;
-        if !req.write {
+        let (victims, to_read, then) = if !req.write {
             if holders & bit(r) != 0 {
                 let write = owner == r && writable;
-                self.send(
-                    r,
-                    Msg::Grant {
-                        page,
-                        slot: req.slot,
-                        write,
-                        source: Source::Valid,
-                    },
-                    None,
-                );
+                self.send(r, Msg::Grant { page, slot: req.slot, write, source: Source::Valid }, None);
                 return self.finish(page);
             }
-            if writable {
-                self.entry(page).txn = Some(Txn::AwaitDone {
-                    req,
-                    on_done: OnDone::AddReader,
-                });
-                return self.send(
-                    owner,
-                    Msg::Forward {
-                        page,
-                        requester: r as u32,
-                        slot: req.slot,
-                        write: false,
-                    },
-                    None,
-                );
-            }
-            if holders & bit(me) != 0 {
+            if holders & bit(me) != 0 && !writable {
                 self.entry(page).copyset |= bit(r);
-                self.send(
-                    r,
-                    Msg::Grant {
-                        page,
-                        slot: req.slot,
-                        write: false,
-                        source: Source::Inline,
-                    },
-                    Some(page),
-                );
+                self.send(r, Msg::Grant { page, slot: req.slot, write: false, source: Source::Inline }, Some(page));
                 return self.finish(page);
             }
-            self.entry(page).txn = Some(Txn::AwaitDone {
-                req,
-                on_done: OnDone::AddReader,
-            });
-            return self.send(
-                r,
-                Msg::Grant {
-                    page,
-                    slot: req.slot,
-                    write: false,
-                    source: Source::ReadFrom(owner as u32),
-                },
-                None,
-            );
-        }
-        // Write.
-        let (victims, then) = if holders & bit(r) != 0 {
-            (holders & !bit(r), AfterAcks::GrantValid)
-        } else if writable {
-            self.entry(page).txn = Some(Txn::AwaitDone {
-                req,
-                on_done: OnDone::NewOwner,
-            });
-            return self.send(
-                owner,
-                Msg::Forward {
-                    page,
-                    requester: r as u32,
-                    slot: req.slot,
-                    write: true,
-                },
-                None,
-            );
+            if owner == me {
+                // We own it writable: downgrade ourselves (a revoke, so the hold rule applies),
+                // then send the page with the grant.
+                (bit(me), true, AfterAcks::GrantInline)
+            } else if writable {
+                self.entry(page).txn = Some(Txn::AwaitDone { req, on_done: OnDone::AddReader });
+                let fwd = Msg::Forward { page, requester: r as u32, slot: req.slot, write: false };
+                return self.send(owner, fwd, None);
+            } else {
+                self.entry(page).txn = Some(Txn::AwaitDone { req, on_done: OnDone::AddReader });
+                let grant = Msg::Grant { page, slot: req.slot, write: false, source: Source::ReadFrom(owner as u32) };
+                return self.send(r, grant, None);
+            }
+        } else if holders & bit(r) != 0 {
+            (holders & !bit(r), false, AfterAcks::GrantValid)
         } else if holders & bit(me) != 0 {
-            (holders, AfterAcks::GrantInline)
+            // We hold a copy: invalidate every copy (ours included), then send ours.
+            (holders, false, AfterAcks::GrantInline)
+        } else if writable {
+            self.entry(page).txn = Some(Txn::AwaitDone { req, on_done: OnDone::NewOwner });
+            let fwd = Msg::Forward { page, requester: r as u32, slot: req.slot, write: true };
+            return self.send(owner, fwd, None);
         } else {
-            (holders & !bit(owner), AfterAcks::ForwardTo(owner))
+            (holders & !bit(owner), false, AfterAcks::ForwardTo(owner))
         };
+        self.entry(page).txn = Some(Txn::AwaitAcks { req, remaining: victims.count_ones(), then });
         if victims == 0 {
-            self.entry(page).txn = Some(Txn::AwaitAcks {
-                req,
-                remaining: 0,
-                then,
-            });
             return self.after_acks(page);
         }
-        self.entry(page).txn = Some(Txn::AwaitAcks {
-            req,
-            remaining: victims.count_ones(),
-            then,
-        });
         for v in (0..self.rt.size).filter(|v| victims & bit(*v) != 0) {
-            self.rt.stats.count(&self.rt.stats.invalidations_sent, 1);
-            self.send(
-                v,
-                Msg::Revoke {
-                    page,
-                    to_read: false,
-                },
-                None,
-            );
+            if !to_read {
+                self.rt.stats.count(&self.rt.stats.invalidations_sent, 1);
+            }
+            self.send(v, Msg::Revoke { page, to_read }, None);
         }
     }
 
@@ -608,10 +505,7 @@ impl<'a> Engine<'a> {
                     self.after_acks(page);
                 }
             }
-            _ => fatal(
-                self.rt,
-                &format!("unexpected revoke acknowledgement for page {page}"),
-            ),
+            _ => fatal(self.rt, &format!("unexpected revoke acknowledgement for page {page}")),
         }
     }
 
@@ -626,37 +520,22 @@ impl<'a> Engine<'a> {
                     _ => (Source::Inline, Some(page)),
                 };
                 let e = self.entry(page);
-                e.owner = req.from;
-                e.writable = true;
-                e.copyset = 0;
-                self.send(
-                    req.from,
-                    Msg::Grant {
-                        page,
-                        slot: req.slot,
-                        write: true,
-                        source,
-                    },
-                    attach,
-                );
+                if req.write {
+                    e.owner = req.from;
+                    e.writable = true;
+                    e.copyset = 0;
+                } else {
+                    e.writable = false;
+                    e.copyset |= bit(req.from);
+                }
+                self.send(req.from, Msg::Grant { page, slot: req.slot, write: req.write, source }, attach);
                 self.finish(page);
             }
             AfterAcks::ForwardTo(owner) => {
-                self.entry(page).txn = Some(Txn::AwaitDone {
-                    req,
-                    on_done: OnDone::NewOwner,
-                });
+                self.entry(page).txn = Some(Txn::AwaitDone { req, on_done: OnDone::NewOwner });
                 self.rt.stats.count(&self.rt.stats.invalidations_sent, 1);
-                self.send(
-                    owner,
-                    Msg::Forward {
-                        page,
-                        requester: req.from as u32,
-                        slot: req.slot,
-                        write: true,
-                    },
-                    None,
-                );
+                let fwd = Msg::Forward { page, requester: req.from as u32, slot: req.slot, write: true };
+                self.send(owner, fwd, None);
             }
         }
     }
@@ -708,9 +587,7 @@ impl<'a> Engine<'a> {
                 self.set_access(page, Access::Read);
             }
         } else {
-            self.rt
-                .stats
-                .count(&self.rt.stats.invalidations_received, 1);
+            self.rt.stats.count(&self.rt.stats.invalidations_received, 1);
             self.set_access(page, Access::None);
         }
         self.send(home, Msg::RevokeAck { page }, None);
@@ -718,23 +595,12 @@ impl<'a> Engine<'a> {
 
     fn forward(&mut self, page: u64, requester: usize, slot: u32, write: bool) {
         if write {
-            self.rt
-                .stats
-                .count(&self.rt.stats.invalidations_received, 1);
+            self.rt.stats.count(&self.rt.stats.invalidations_received, 1);
             self.set_access(page, Access::None);
         } else if self.rt.pt.access(page as usize) == Access::Write {
             self.set_access(page, Access::Read);
         }
-        self.send(
-            requester,
-            Msg::Grant {
-                page,
-                slot,
-                write,
-                source: Source::Forwarded,
-            },
-            Some(page),
-        );
+        self.send(requester, Msg::Grant { page, slot, write, source: Source::Forwarded }, Some(page));
     }
 
     fn grant(&mut self, from: usize, page: u64, slot: u32, write: bool, source: Source) {
@@ -744,16 +610,10 @@ impl<'a> Engine<'a> {
             Source::ReadFrom(owner) => {
                 let owner = owner as usize;
                 if owner >= self.rt.size || owner == self.me {
-                    fatal(
-                        self.rt,
-                        &format!("rank {from} told us to read page {page} from rank {owner}"),
-                    );
+                    fatal(self.rt, &format!("rank {from} told us to read page {page} from rank {owner}"));
                 }
                 self.reads.insert(page, (slot, write));
-                let span = Span {
-                    offset: page * self.rt.region.page as u64,
-                    len: self.rt.region.page as u32,
-                };
+                let span = Span { offset: page * self.rt.region.page as u64, len: self.rt.region.page as u32 };
                 let transport = self.rt.transport.as_deref().expect("transport");
                 if let Err(e) = transport.start_read(owner, span, page) {
                     fatal(self.rt, &self.describe_transport_error(&e));
@@ -764,14 +624,9 @@ impl<'a> Engine<'a> {
 
     fn read_done(&mut self, from: usize, page: u64) {
         let Some((slot, write)) = self.reads.remove(&page) else {
-            fatal(
-                self.rt,
-                &format!("rank {from} answered a read of page {page} nobody asked for"),
-            );
+            fatal(self.rt, &format!("rank {from} answered a read of page {page} nobody asked for"));
         };
-        self.rt
-            .stats
-            .count(&self.rt.stats.bytes_in, self.rt.region.page as u64);
+        self.rt.stats.count(&self.rt.stats.bytes_in, self.rt.region.page as u64);
         // The home waits for our word that the owner's copy is no longer needed.
         self.install(page, slot, write, true);
     }
@@ -805,10 +660,7 @@ impl<'a> Engine<'a> {
         let l = self.locks.entry(id).or_default();
         match l.holder {
             Some((holder, _)) if holder == from => {}
-            _ => fatal(
-                self.rt,
-                &format!("rank {from} released global lock {id}, which it does not hold"),
-            ),
+            _ => fatal(self.rt, &format!("rank {from} released global lock {id}, which it does not hold")),
         }
         l.holder = l.queue.pop_front();
         if let Some((next, slot)) = l.holder {

@@ -51,27 +51,17 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn config(var: &str, value: &str, why: &str) -> Error {
-        Error::Config {
-            var: var.into(),
-            value: value.into(),
-            why: why.into(),
-        }
+        Error::Config { var: var.into(), value: value.into(), why: why.into() }
     }
 
     pub(crate) fn os(what: impl Into<String>) -> Error {
-        Error::Os {
-            what: what.into(),
-            source: std::io::Error::last_os_error(),
-        }
+        Error::Os { what: what.into(), source: std::io::Error::last_os_error() }
     }
 
     pub(crate) fn on_rank(self, rank: usize) -> Error {
         match self {
             e @ Error::OnRank { .. } => e,
-            e => Error::OnRank {
-                rank,
-                source: Box::new(e),
-            },
+            e => Error::OnRank { rank, source: Box::new(e) },
         }
     }
 }

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::clock::now_ns;
+use crate::engine;
 use crate::error::Error;
 use crate::fmt::RawWriter;
 use crate::runtime::{write_stderr, Runtime, RUNTIME};
-use crate::engine;
 use crate::wire::{self, Msg, Source};
 
 /// The action that was installed before ours.
@@ -78,11 +78,7 @@ pub fn prepare_thread() {
             return;
         }
         libc::mprotect(p, page, libc::PROT_NONE); // guard page below the stack
-        let st = libc::stack_t {
-            ss_sp: p.cast::<u8>().add(page).cast(),
-            ss_flags: 0,
-            ss_size: ALT_STACK,
-        };
+        let st = libc::stack_t { ss_sp: p.cast::<u8>().add(page).cast(), ss_flags: 0, ss_size: ALT_STACK };
         libc::sigaltstack(&st, std::ptr::null_mut());
     }
 }
@@ -132,8 +128,7 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: calling the previously installed handler with the arguments it was installed for.
     unsafe {
         if prev.sa_flags & libc::SA_SIGINFO != 0 {
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                std::mem::transmute(action);
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = std::mem::transmute(action);
             f(sig, info, ctx);
         } else {
             let f: extern "C" fn(libc::c_int) = std::mem::transmute(action);
@@ -187,11 +182,7 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
 
 /// Asks the home for `page` and waits until the service thread installed it.
 fn fetch(rt: &Runtime, page: usize, write: bool) {
-    let counter = if write {
-        &rt.stats.write_faults
-    } else {
-        &rt.stats.read_faults
-    };
+    let counter = if write { &rt.stats.write_faults } else { &rt.stats.read_faults };
     rt.stats.count(counter, 1);
     let slot = rt.slots.claim();
     let s = rt.slots.get(slot).expect("claimed slot exists");
@@ -205,18 +196,10 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         }
     } else {
         let mut buf = [0u8; 64];
-        let msg = Msg::Request {
-            page: page as u64,
-            write,
-            slot,
-        };
-        let sent = wire::encode(&msg, &mut buf).ok().map(|bytes| {
-            rt.transport
-                .as_deref()
-                .expect("transport")
-                .send(home, bytes, None)
-                .is_ok()
-        });
+        let msg = Msg::Request { page: page as u64, write, slot };
+        let sent = wire::encode(&msg, &mut buf)
+            .ok()
+            .map(|bytes| rt.transport.as_deref().expect("transport").send(home, bytes, None).is_ok());
         if sent != Some(true) {
             fatal_raw(rt, "cannot send a page request to rank ", home);
         }
@@ -227,7 +210,15 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
             t.poll_inline(&mut |from, bytes, page| take_grant(rt, from, bytes, page));
         }
     };
-    rt.slots.wait_and_release(slot, rt.settings.spin, &mut drive);
+    // When we stop reading the sockets ourselves, make sure the service thread does.
+    let mut after_spin = || {
+        if rt.service_deaf.load(Ordering::SeqCst) {
+            if let Some(t) = rt.transport.as_deref() {
+                t.wake();
+            }
+        }
+    };
+    rt.slots.wait_and_release(slot, rt.settings.spin, &mut drive, &mut after_spin);
 }
 
 /// Installs a grant read by a waiting thread itself (any local thread's grant). Declines what
@@ -268,12 +259,7 @@ fn take_grant(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<gallocy
 fn fatal_raw(rt: &Runtime, what: &str, n: usize) -> ! {
     let mut buf = [0u8; 256];
     let mut w = RawWriter::new(&mut buf);
-    w.str("gallocy: rank ")
-        .num(rt.rank as u64)
-        .str(": fatal: ")
-        .str(what)
-        .num(n as u64)
-        .str("\n");
+    w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: ").str(what).num(n as u64).str("\n");
     write_stderr(w.as_bytes());
     // SAFETY: ends the process.
     unsafe { libc::_exit(1) }

@@ -67,11 +67,7 @@ pub fn distributed_with_progress(
 ) -> DistResult {
     let cells = n * n;
     if cells == 0 {
-        return DistResult {
-            grid: Vec::new(),
-            residual: 0.0,
-            iterations: iters,
-        };
+        return DistResult { grid: Vec::new(), residual: 0.0, iterations: iters };
     }
     let bytes = cells * std::mem::size_of::<f64>();
     let mut src = SharedGrid::collective(bytes);
@@ -94,13 +90,7 @@ pub fn distributed_with_progress(
         // its own rows of `dst`), and the rows of `dst` borrowed here are
         // written only by this rank; the borrows end before the barrier.
         unsafe {
-            sweep_block(
-                n,
-                src.all(cells),
-                dst.rows_mut(n, rows.clone()),
-                rows.clone(),
-                threads,
-            );
+            sweep_block(n, src.all(cells), dst.rows_mut(n, rows.clone()), rows.clone(), threads);
         }
         crate::barrier();
         std::mem::swap(&mut src, &mut dst);
@@ -110,21 +100,14 @@ pub fn distributed_with_progress(
     // SAFETY: after the last barrier no rank writes either grid any more.
     let grid = unsafe { src.all(cells) }.to_vec();
     let residual = residual(n, &grid);
-    DistResult {
-        grid,
-        residual,
-        iterations: iters,
-    }
+    DistResult { grid, residual, iterations: iters }
 }
 
 /// Rows `[start, end)` of rank `rank` out of `parts` when `n` rows are split into
 /// contiguous blocks whose sizes differ by at most one (earlier ranks get the
 /// extra rows). Blocks of consecutive ranks are adjacent and cover `0..n`.
 pub fn row_block(n: usize, parts: usize, rank: usize) -> Range<usize> {
-    assert!(
-        parts > 0 && rank < parts,
-        "row_block: rank {rank} out of {parts}"
-    );
+    assert!(parts > 0 && rank < parts, "row_block: rank {rank} out of {parts}");
     let base = n / parts;
     let extra = n % parts;
     let start = rank * base + rank.min(extra);
@@ -135,11 +118,7 @@ pub fn row_block(n: usize, parts: usize, rank: usize) -> Range<usize> {
 /// Set the boundary cells of `rows` (absolute row numbers) in `block`, which
 /// holds exactly those rows; interior cells are left alone.
 pub fn init_boundary(n: usize, block: &mut [f64], rows: Range<usize>) {
-    assert_eq!(
-        block.len(),
-        rows.len() * n,
-        "init_boundary: block does not hold rows {rows:?}"
-    );
+    assert_eq!(block.len(), rows.len() * n, "init_boundary: block does not hold rows {rows:?}");
     if n == 0 {
         return;
     }
@@ -167,11 +146,7 @@ fn boundary_value(i: usize) -> f64 {
 /// numbers, row-major). Boundary cells in `dst` are not touched.
 pub fn sweep_rows(n: usize, src: &[f64], dst: &mut [f64], rows: Range<usize>) {
     assert_eq!(src.len(), n * n, "sweep_rows: src is not n*n");
-    assert_eq!(
-        dst.len(),
-        rows.len() * n,
-        "sweep_rows: dst does not hold rows {rows:?}"
-    );
+    assert_eq!(dst.len(), rows.len() * n, "sweep_rows: dst does not hold rows {rows:?}");
     if n < 3 {
         return; // no interior cells
     }
@@ -252,11 +227,7 @@ impl SharedGrid {
     fn collective(bytes: usize) -> Self {
         let p = crate::alloc_collective(bytes);
         assert!(!p.is_null(), "alloc_collective({bytes}) failed");
-        assert_eq!(
-            p.align_offset(std::mem::align_of::<f64>()),
-            0,
-            "shared grid misaligned"
-        );
+        assert_eq!(p.align_offset(std::mem::align_of::<f64>()), 0, "shared grid misaligned");
         SharedGrid(p.cast())
     }
 
@@ -308,11 +279,7 @@ mod tests {
         let g = reference(n, 60);
         for i in 0..n {
             for j in 0..n {
-                assert_eq!(
-                    at(&g, n, i, j).to_bits(),
-                    at(&g, n, i, n - 1 - j).to_bits(),
-                    "({i},{j})"
-                );
+                assert_eq!(at(&g, n, i, j).to_bits(), at(&g, n, i, n - 1 - j).to_bits(), "({i},{j})");
             }
         }
     }
@@ -344,10 +311,7 @@ mod tests {
         let r10 = residual(n, &reference(n, 10));
         let r100 = residual(n, &reference(n, 100));
         let r1000 = residual(n, &reference(n, 1000));
-        assert!(
-            r10 > r100 && r100 > r1000 && r1000 > 0.0,
-            "{r10} {r100} {r1000}"
-        );
+        assert!(r10 > r100 && r100 > r1000 && r1000 > 0.0, "{r10} {r100} {r1000}");
     }
 
     #[test]
@@ -403,11 +367,7 @@ mod tests {
             for parts in [1, 2, 3, 4, 7] {
                 for threads in [0, 1, 2, 3, 5] {
                     let got = simulated(n, iters, parts, threads);
-                    assert_eq!(
-                        first_mismatch(&expected, &got),
-                        None,
-                        "n={n} parts={parts} threads={threads}"
-                    );
+                    assert_eq!(first_mismatch(&expected, &got), None, "n={n} parts={parts} threads={threads}");
                 }
             }
         }
@@ -416,15 +376,9 @@ mod tests {
     #[test]
     fn first_mismatch_reports_bits_and_lengths() {
         assert_eq!(first_mismatch(&[1.0, 2.0], &[1.0, 2.0]), None);
-        assert_eq!(
-            first_mismatch(&[1.0, 2.0], &[1.0, 3.0]),
-            Some((1, 2.0, 3.0))
-        );
+        assert_eq!(first_mismatch(&[1.0, 2.0], &[1.0, 3.0]), Some((1, 2.0, 3.0)));
         let (i, a, b) = first_mismatch(&[0.0], &[-0.0]).unwrap();
-        assert_eq!(
-            (i, a.to_bits(), b.to_bits()),
-            (0, 0.0f64.to_bits(), (-0.0f64).to_bits())
-        );
+        assert_eq!((i, a.to_bits(), b.to_bits()), (0, 0.0f64.to_bits(), (-0.0f64).to_bits()));
         let (i, a, b) = first_mismatch(&[1.0], &[1.0, 5.0]).unwrap();
         assert!(i == 1 && a.is_nan() && b == 5.0);
     }

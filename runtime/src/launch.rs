@@ -67,10 +67,7 @@ impl LaunchSpec {
     /// Checks the rank count, the program and the transport.
     pub fn validate(&self) -> Result<(), LaunchError> {
         if self.nprocs == 0 || self.nprocs > MAX_RANKS {
-            return Err(LaunchError::RankCount {
-                nprocs: self.nprocs,
-                max: MAX_RANKS,
-            });
+            return Err(LaunchError::RankCount { nprocs: self.nprocs, max: MAX_RANKS });
         }
         if self.program.is_empty() {
             return Err(LaunchError::NoProgram);
@@ -178,10 +175,7 @@ impl RankOutcome {
     pub fn describe(&self, rank: usize) -> String {
         match *self {
             RankOutcome::Exited(code) => format!("rank {rank} exited with code {code}"),
-            RankOutcome::Signaled {
-                signal,
-                core_dumped,
-            } => format!(
+            RankOutcome::Signaled { signal, core_dumped } => format!(
                 "rank {rank} was killed by signal {signal} ({}){}",
                 signal_name(signal),
                 if core_dumped { " (core dumped)" } else { "" }
@@ -194,10 +188,7 @@ impl RankOutcome {
         match (status.code(), status.signal()) {
             (Some(code), _) => RankOutcome::Exited(code),
             (None, Some(libc::SIGKILL)) if killed_by_us => RankOutcome::StoppedByLauncher,
-            (None, Some(signal)) => RankOutcome::Signaled {
-                signal,
-                core_dumped: status.core_dumped(),
-            },
+            (None, Some(signal)) => RankOutcome::Signaled { signal, core_dumped: status.core_dumped() },
             (None, None) => RankOutcome::Exited(1), // not reachable on Unix
         }
     }
@@ -238,10 +229,7 @@ pub fn signal_name(signal: i32) -> String {
 /// first rank (in time) that failed (128 + signal if it was killed).
 pub fn run(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     spec.validate()?;
-    let coordinator = format!(
-        "127.0.0.1:{}",
-        free_loopback_port().map_err(LaunchError::Port)?
-    );
+    let coordinator = format!("127.0.0.1:{}", free_loopback_port().map_err(LaunchError::Port)?);
     let token = job_token()?;
     let mut job = Job::default();
     for rank in 0..spec.nprocs {
@@ -261,10 +249,7 @@ fn free_loopback_port() -> io::Result<u16> {
 
 /// `GALLOCY_TOKEN` from the launcher's environment, or 32 fresh hex digits.
 fn job_token() -> Result<String, LaunchError> {
-    if let Some(token) = std::env::var("GALLOCY_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(token) = std::env::var("GALLOCY_TOKEN").ok().filter(|t| !t.is_empty()) {
         return Ok(token);
     }
     let mut bytes = [0u8; 16];
@@ -299,14 +284,7 @@ fn die_with_launcher(cmd: &mut Command) {
     // from an errno value, which does not allocate.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // The launcher may have died before prctl took effect.
@@ -342,12 +320,7 @@ struct Job {
 
 impl Job {
     /// Starts `cmd` as rank `rank` and the reader threads for its pipes.
-    fn spawn(
-        &mut self,
-        rank: usize,
-        mut cmd: Command,
-        program: &OsString,
-    ) -> Result<(), LaunchError> {
+    fn spawn(&mut self, rank: usize, mut cmd: Command, program: &OsString) -> Result<(), LaunchError> {
         let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             rank,
             program: program.to_string_lossy().into_owned(),
@@ -355,12 +328,7 @@ impl Job {
         })?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        self.ranks.push(RankProc {
-            rank,
-            child,
-            outcome: None,
-            killed_by_us: false,
-        });
+        self.ranks.push(RankProc { rank, child, outcome: None, killed_by_us: false });
         if let Some(out) = stdout {
             self.start_reader(rank, Pipe::Out(out))?;
         }
@@ -414,11 +382,7 @@ impl Job {
             }
             std::thread::sleep(POLL_INTERVAL);
         }
-        let all = self
-            .ranks
-            .iter()
-            .map(|r| r.outcome.expect("all reaped"))
-            .collect();
+        let all = self.ranks.iter().map(|r| r.outcome.expect("all reaped")).collect();
         Ok(Outcomes { all, first_failure })
     }
 
@@ -430,10 +394,7 @@ impl Job {
             return Ok(None);
         }
         let rank = proc.rank;
-        let status = proc
-            .child
-            .try_wait()
-            .map_err(|source| LaunchError::Wait { rank, source })?;
+        let status = proc.child.try_wait().map_err(|source| LaunchError::Wait { rank, source })?;
         let outcome = status.map(|s| RankOutcome::from_status(s, proc.killed_by_us));
         proc.outcome = outcome;
         Ok(outcome)
@@ -463,9 +424,8 @@ impl Job {
                 pending -= 1;
             }
         }
-        let (finished, open): (Vec<_>, Vec<_>) = std::mem::take(&mut self.readers)
-            .into_iter()
-            .partition(|h| h.is_finished());
+        let (finished, open): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.readers).into_iter().partition(|h| h.is_finished());
         for handle in finished {
             let _ = handle.join();
         }
@@ -591,11 +551,7 @@ fn forward_lines<R: Read>(input: R, prefix: &str, sink: &mut dyn LineSink) {
 
 /// Appends bytes up to and including the next newline (or at most `cap`
 /// bytes) to `buf`; returns how many were appended (0 at EOF).
-fn read_line_capped<R: BufRead>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    cap: usize,
-) -> io::Result<usize> {
+fn read_line_capped<R: BufRead>(reader: &mut R, buf: &mut Vec<u8>, cap: usize) -> io::Result<usize> {
     let mut total = 0;
     loop {
         let available = reader.fill_buf()?;
@@ -631,10 +587,7 @@ mod tests {
     fn lines_get_prefixed_and_terminated() {
         assert_eq!(forwarded(b""), "");
         assert_eq!(forwarded(b"a\nb\n"), "[rank 3] a\n[rank 3] b\n");
-        assert_eq!(
-            forwarded(b"a\n\nlast"),
-            "[rank 3] a\n[rank 3] \n[rank 3] last\n"
-        );
+        assert_eq!(forwarded(b"a\n\nlast"), "[rank 3] a\n[rank 3] \n[rank 3] last\n");
     }
 
     #[test]
@@ -654,20 +607,11 @@ mod tests {
     #[test]
     fn outcomes_describe_themselves() {
         assert!(!RankOutcome::Exited(0).failed());
-        assert_eq!(
-            RankOutcome::Exited(3).describe(1),
-            "rank 1 exited with code 3"
-        );
-        let segv = RankOutcome::Signaled {
-            signal: libc::SIGSEGV,
-            core_dumped: false,
-        };
+        assert_eq!(RankOutcome::Exited(3).describe(1), "rank 1 exited with code 3");
+        let segv = RankOutcome::Signaled { signal: libc::SIGSEGV, core_dumped: false };
         assert_eq!(segv.describe(0), "rank 0 was killed by signal 11 (SIGSEGV)");
         assert_eq!(segv.exit_code(), 139);
-        assert_eq!(
-            RankOutcome::StoppedByLauncher.describe(2),
-            "rank 2 was stopped by the launcher"
-        );
+        assert_eq!(RankOutcome::StoppedByLauncher.describe(2), "rank 2 was stopped by the launcher");
         assert_eq!(signal_name(64), "SIG64");
     }
 
@@ -680,25 +624,13 @@ mod tests {
             f(&mut s);
             s.validate().unwrap_err()
         };
-        assert!(matches!(
-            bad(&|s| s.nprocs = 0),
-            LaunchError::RankCount { .. }
-        ));
-        assert!(matches!(
-            bad(&|s| s.nprocs = MAX_RANKS + 1),
-            LaunchError::RankCount { .. }
-        ));
-        assert!(matches!(
-            bad(&|s| s.program = OsString::new()),
-            LaunchError::NoProgram
-        ));
+        assert!(matches!(bad(&|s| s.nprocs = 0), LaunchError::RankCount { .. }));
+        assert!(matches!(bad(&|s| s.nprocs = MAX_RANKS + 1), LaunchError::RankCount { .. }));
+        assert!(matches!(bad(&|s| s.program = OsString::new()), LaunchError::NoProgram));
         let rdma = bad(&|s| s.transport = "rdma".into());
         assert!(rdma.to_string().contains("not built"), "{rdma}");
         assert_eq!(rdma.exit_code(), 2);
-        assert!(matches!(
-            bad(&|s| s.transport = "udp".into()),
-            LaunchError::UnknownTransport(_)
-        ));
+        assert!(matches!(bad(&|s| s.transport = "udp".into()), LaunchError::UnknownTransport(_)));
     }
 
     #[test]

@@ -44,11 +44,6 @@ impl<T> LazyArray<T> {
 impl<T> Drop for LazyArray<T> {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mapping.
-        unsafe {
-            libc::munmap(
-                self.ptr.cast(),
-                (self.len * std::mem::size_of::<T>()).max(1),
-            )
-        };
+        unsafe { libc::munmap(self.ptr.cast(), (self.len * std::mem::size_of::<T>()).max(1)) };
     }
 }

@@ -111,23 +111,15 @@ fn start(id: config::Identity) -> Result<(), Error> {
     let (transport, region) = if id.size > 1 {
         let problem = region.as_ref().err().cloned();
         let view = match &region {
-            Ok(r) => MemoryView {
-                base: r.runtime_base as *mut u8,
-                len: r.size,
-            },
-            Err(_) => MemoryView {
-                base: std::ptr::null_mut(),
-                len: 0,
-            },
+            Ok(r) => MemoryView { base: r.runtime_base as *mut u8, len: r.size },
+            Err(_) => MemoryView { base: std::ptr::null_mut(), len: 0 },
         };
         let transport = bootstrap::connect(&id, settings_ok.as_ref(), view, problem);
         // Our own problem is the clearest message for this rank.
         let settings = settings?;
-        let region = region.map_err(|_| {
-            match region::Region::reserve(settings.heap_base, settings.heap_size) {
-                Err(e) => e,
-                Ok(_) => Error::JobStopped("heap reservation failed".into()),
-            }
+        let region = region.map_err(|_| match region::Region::reserve(settings.heap_base, settings.heap_size) {
+            Err(e) => e,
+            Ok(_) => Error::JobStopped("heap reservation failed".into()),
         })?;
         (Some(transport?), region)
     } else {
@@ -148,21 +140,13 @@ fn start(id: config::Identity) -> Result<(), Error> {
     let arena_size = (region.size / id.size) / ARENA_ALIGN * ARENA_ALIGN;
     let page = region.page;
     let first = id.rank * arena_size / page;
-    let end = if id.rank == id.size - 1 {
-        region.pages()
-    } else {
-        first + arena_size / page
-    };
-    region
-        .protect(first, end - first, region::Access::Write)
-        .map_err(|e| Error::Os {
-            what: "opening this rank's arena".into(),
-            source: std::io::Error::from_raw_os_error(e),
-        })?;
+    let end = if id.rank == id.size - 1 { region.pages() } else { first + arena_size / page };
+    region.protect(first, end - first, region::Access::Write).map_err(|e| Error::Os {
+        what: "opening this rank's arena".into(),
+        source: std::io::Error::from_raw_os_error(e),
+    })?;
     let pt = pagetable::PageTable::new(region.pages(), first, end)?;
-    let rt = Runtime::new(
-        id.rank, id.size, settings, region, pt, transport, arena_size,
-    );
+    let rt = Runtime::new(id.rank, id.size, settings, region, pt, transport, arena_size);
     if RUNTIME.set(rt).is_err() {
         unreachable!("init holds the init lock");
     }
@@ -177,10 +161,7 @@ fn start(id: config::Identity) -> Result<(), Error> {
                 fault::prepare_thread();
                 engine::Engine::new(rt).run();
             })
-            .map_err(|e| Error::Os {
-                what: "starting the service thread".into(),
-                source: e,
-            })?;
+            .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
     }
     Ok(())
 }
@@ -228,20 +209,13 @@ pub fn lock(id: u32) {
     if rt.size > 1 {
         let slot = rt.slots.claim();
         rt.post(id as usize % rt.size, Msg::LockAcquire { id, slot });
-        rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {});
+        rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {}, &mut || {});
     } else {
-        while HELD_LOCKS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
-        {
+        while HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
             std::thread::yield_now();
         }
     }
-    HELD_LOCKS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(id);
+    HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push(id);
 }
 
 /// Releases global lock `id`. Panics if this process does not hold it.
@@ -254,10 +228,7 @@ pub fn unlock(id: u32) {
             Some(i) => {
                 held.swap_remove(i);
             }
-            None => panic!(
-                "gallocy: rank {}: unlock({id}) but this process does not hold global lock {id}",
-                rt.rank
-            ),
+            None => panic!("gallocy: rank {}: unlock({id}) but this process does not hold global lock {id}", rt.rank),
         }
     }
     if rt.size > 1 {
@@ -269,11 +240,7 @@ pub fn unlock(id: u32) {
 /// zero-filled bytes of the shared heap (allocated in rank 0's arena).
 pub fn alloc_collective(size: usize) -> *mut u8 {
     let rt = rt();
-    let mut p = if rt.rank == 0 {
-        calloc(1, size) as u64
-    } else {
-        0
-    };
+    let mut p = if rt.rank == 0 { calloc(1, size) as u64 } else { 0 };
     let mut bytes = p.to_le_bytes();
     broadcast(&mut bytes, 0);
     p = u64::from_le_bytes(bytes);
@@ -284,11 +251,7 @@ pub fn alloc_collective(size: usize) -> *mut u8 {
 /// order, with buffers of the same length.
 pub fn broadcast(buf: &mut [u8], root: usize) {
     let rt = rt();
-    assert!(
-        root < rt.size,
-        "gallocy: broadcast root {root} is not a rank of a {}-process job",
-        rt.size
-    );
+    assert!(root < rt.size, "gallocy: broadcast root {root} is not a rank of a {}-process job", rt.size);
     if rt.size == 1 {
         return;
     }
@@ -301,15 +264,7 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
             loop {
                 let end = (offset + wire::BROADCAST_CHUNK).min(buf.len());
                 let data = buf[offset..end].to_vec();
-                rt.post(
-                    to,
-                    Msg::Broadcast {
-                        seq,
-                        total,
-                        offset: offset as u64,
-                        data,
-                    },
-                );
+                rt.post(to, Msg::Broadcast { seq, total, offset: offset as u64, data });
                 offset = end;
                 if offset >= buf.len() {
                     break;
@@ -340,10 +295,7 @@ pub fn stats_print() {
 
 /// A copy of this process's counters.
 pub fn stats() -> StatsSnapshot {
-    RUNTIME
-        .get()
-        .map(|rt| rt.stats.snapshot())
-        .unwrap_or_default()
+    RUNTIME.get().map(|rt| rt.stats.snapshot()).unwrap_or_default()
 }
 
 /// Waits for every process (barrier), prints statistics when `GALLOCY_STATS=1`, and leaves the
@@ -364,8 +316,7 @@ pub fn finalize() -> Result<(), Error> {
     }
     if let Some(t) = rt.transport.as_deref() {
         rt.leaving.store(true, Ordering::Release);
-        t.say_goodbye()
-            .map_err(|e| Error::from(e).on_rank(rt.rank))?;
+        t.say_goodbye().map_err(|e| Error::from(e).on_rank(rt.rank))?;
         t.wake();
         let deadline = std::time::Instant::now() + rt.settings.peer_timeout;
         while !rt.all_departed.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
@@ -463,10 +414,7 @@ pub unsafe fn free(p: *mut u8) {
             misuse(rt, &e);
         }
     } else {
-        rt.post(
-            rt.arena_rank((addr - rt.region.base) / rt.region.page),
-            Msg::Free { addr: addr as u64 },
-        );
+        rt.post(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
     }
 }
 
@@ -482,21 +430,12 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
         misuse(rt, &AllocError::InvalidPointer(addr));
     }
     if rt.alloc.is_local(addr) {
-        return rt
-            .alloc
-            .usable_size(addr)
-            .unwrap_or_else(|e| misuse(rt, &e));
+        return rt.alloc.usable_size(addr).unwrap_or_else(|e| misuse(rt, &e));
     }
     let slot = rt.slots.claim();
-    rt.post(
-        rt.arena_rank((addr - rt.region.base) / rt.region.page),
-        Msg::SizeQuery {
-            addr: addr as u64,
-            slot,
-        },
-    );
+    rt.post(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::SizeQuery { addr: addr as u64, slot });
     let s = rt.slots.get(slot).expect("claimed");
-    rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {});
+    rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {}, &mut || {});
     match s.result.load(Ordering::Acquire) {
         0 => misuse(rt, &AllocError::InvalidPointer(addr)),
         n => n as usize,
@@ -544,9 +483,7 @@ unsafe impl GlobalAlloc for GallocyAlloc {
         match RUNTIME.get() {
             Some(rt) if !in_runtime() && !rt.finalized.load(Ordering::Acquire) => {
                 let _s = RuntimeScope::enter();
-                rt.alloc
-                    .alloc(layout.size(), layout.align().max(16))
-                    .map_or(std::ptr::null_mut(), |a| a as *mut u8)
+                rt.alloc.alloc(layout.size(), layout.align().max(16)).map_or(std::ptr::null_mut(), |a| a as *mut u8)
             }
             // SAFETY: forwarded layout contract.
             _ => unsafe { System.alloc(layout) },

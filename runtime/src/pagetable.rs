@@ -95,10 +95,7 @@ impl PageTable {
     /// Tries to become the one local thread fetching `page`.
     #[inline]
     pub fn try_claim(&self, page: usize) -> bool {
-        self.inflight
-            .get(page)
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.inflight.get(page).compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// Waits (spin, then futex) until no local thread is fetching `page`.

@@ -113,10 +113,7 @@ impl Region {
                     mapping: conflicting_mapping(base, base + size),
                 });
             }
-            return Err(Error::Os {
-                what: format!("mapping the heap at {base:#x}"),
-                source: errno,
-            });
+            return Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno });
         }
         // SAFETY: mapping our memfd anywhere, shared, read-write.
         let rt = unsafe {
@@ -138,13 +135,7 @@ impl Region {
             }
             return Err(e);
         }
-        Ok(Region {
-            base,
-            size,
-            page,
-            runtime_base: rt as usize,
-            memfd,
-        })
+        Ok(Region { base, size, page, runtime_base: rt as usize, memfd })
     }
 
     /// Number of pages.
@@ -163,8 +154,7 @@ impl Region {
     pub fn protect(&self, page: usize, count: usize, access: Access) -> Result<(), i32> {
         let addr = self.base + page * self.page;
         // SAFETY: the range lies inside our application view.
-        let r =
-            unsafe { libc::mprotect(addr as *mut libc::c_void, count * self.page, access.prot()) };
+        let r = unsafe { libc::mprotect(addr as *mut libc::c_void, count * self.page, access.prot()) };
         if r == 0 {
             Ok(())
         } else {
@@ -193,11 +183,7 @@ impl Drop for Region {
 
 /// The kernel's limit on mappings per process (each protection change can split one).
 pub fn max_map_count() -> Option<usize> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]

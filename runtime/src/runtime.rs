@@ -37,6 +37,8 @@ pub struct Runtime {
     api_queue: Mutex<VecDeque<(usize, Msg)>>,
     api_pending: AtomicBool,
     pub service_sleeping: AtomicBool,
+    /// The service thread waits only for a wake call (local threads are reading the sockets).
+    pub service_deaf: AtomicBool,
     /// `finalize` started: peers' departures are expected.
     pub leaving: AtomicBool,
     pub all_departed: AtomicBool,
@@ -72,6 +74,7 @@ impl Runtime {
             api_queue: Mutex::new(VecDeque::new()),
             api_pending: AtomicBool::new(false),
             service_sleeping: AtomicBool::new(false),
+            service_deaf: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             all_departed: AtomicBool::new(false),
             finalized: AtomicBool::new(false),
@@ -94,10 +97,7 @@ impl Runtime {
 
     /// Posts a message from an application thread; the service thread sends it to `to`.
     pub fn post(&self, to: usize, msg: Msg) {
-        self.api_queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((to, msg));
+        self.api_queue.lock().unwrap_or_else(|p| p.into_inner()).push_back((to, msg));
         self.api_pending.store(true, Ordering::Release);
         self.wake_service();
     }
@@ -110,11 +110,7 @@ impl Runtime {
         if !self.api_pending.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
-        self.api_queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect()
+        self.api_queue.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
     }
 
     pub fn slots_posted(&self) -> bool {
@@ -151,11 +147,7 @@ pub fn write_stderr(b: &[u8]) {
 pub fn protect_failed(rt: &Runtime, errno: i32) -> ! {
     let mut buf = [0u8; 400];
     let mut w = crate::fmt::RawWriter::new(&mut buf);
-    w.str("gallocy: rank ")
-        .num(rt.rank as u64)
-        .str(": fatal: mprotect failed (errno ")
-        .num(errno as u64)
-        .str(")");
+    w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: mprotect failed (errno ").num(errno as u64).str(")");
     if errno == libc::ENOMEM {
         w.str(": the process reached vm.max_map_count (")
             .num(crate::region::max_map_count().unwrap_or(0) as u64)
@@ -199,28 +191,12 @@ impl SyncState {
         }
     }
 
-    pub fn broadcast_chunk(
-        &self,
-        seq: u64,
-        total: u64,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), String> {
-        if total > (1 << 40)
-            || offset
-                .checked_add(data.len() as u64)
-                .is_none_or(|e| e > total)
-        {
-            return Err(format!(
-                "chunk {offset}+{} outside a broadcast of {total} bytes",
-                data.len()
-            ));
+    pub fn broadcast_chunk(&self, seq: u64, total: u64, offset: u64, data: &[u8]) -> Result<(), String> {
+        if total > (1 << 40) || offset.checked_add(data.len() as u64).is_none_or(|e| e > total) {
+            return Err(format!("chunk {offset}+{} outside a broadcast of {total} bytes", data.len()));
         }
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let inc = g.broadcasts.entry(seq).or_insert_with(|| Incoming {
-            data: vec![0; total as usize],
-            received: 0,
-        });
+        let inc = g.broadcasts.entry(seq).or_insert_with(|| Incoming { data: vec![0; total as usize], received: 0 });
         if inc.data.len() as u64 != total {
             return Err(format!("broadcast {seq} changed its length"));
         }

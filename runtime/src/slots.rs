@@ -67,9 +67,7 @@ impl Slots {
                 let i = (start + k) % SLOTS;
                 let s = &self.slots[i];
                 if !s.claimed.load(Ordering::Relaxed)
-                    && s.claimed
-                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
+                    && s.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
                 {
                     s.state.store(WAITING, Ordering::Release);
                     return i as u32;
@@ -125,8 +123,8 @@ impl Slots {
     }
 
     /// Waits until slot `i` is done (spinning for `spin` first, calling `drive` meanwhile so the
-    /// waiter can make progress itself), then frees it.
-    pub fn wait_and_release(&self, i: u32, spin: Duration, drive: &mut dyn FnMut()) {
+    /// waiter can make progress itself; `after_spin` runs when it stops spinning), then frees it.
+    pub fn wait_and_release(&self, i: u32, spin: Duration, drive: &mut dyn FnMut(), after_spin: &mut dyn FnMut()) {
         let s = &self.slots[i as usize];
         self.spinners.fetch_add(1, Ordering::AcqRel);
         let done = futex::spin_until(spin, || {
@@ -134,14 +132,10 @@ impl Slots {
             s.state.load(Ordering::Acquire) == DONE
         });
         self.spinners.fetch_sub(1, Ordering::AcqRel);
+        after_spin();
         if !done {
             loop {
-                match s.state.compare_exchange(
-                    WAITING,
-                    SLEEPING,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
+                match s.state.compare_exchange(WAITING, SLEEPING, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) | Err(SLEEPING) => futex::wait(&s.state, SLEEPING, None),
                     Err(_) => {}
                 }
@@ -169,7 +163,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             assert!(s2.complete(i));
         });
-        slots.wait_and_release(i, Duration::from_micros(10), &mut || {});
+        slots.wait_and_release(i, Duration::from_micros(10), &mut || {}, &mut || {});
         t.join().unwrap();
         assert!(!slots.complete(i), "a released slot is not waiting");
     }
@@ -181,10 +175,7 @@ mod tests {
         slots.get(a).unwrap().page.store(77, Ordering::Relaxed);
         slots.post_local(a);
         let mut seen = Vec::new();
-        assert_eq!(
-            slots.take_posted(|i, s| seen.push((i, s.page.load(Ordering::Relaxed)))),
-            1
-        );
+        assert_eq!(slots.take_posted(|i, s| seen.push((i, s.page.load(Ordering::Relaxed)))), 1);
         assert_eq!(seen, vec![(a, 77)]);
         assert_eq!(slots.take_posted(|_, _| panic!("taken twice")), 0);
     }

@@ -43,8 +43,7 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
             latency: std::cell::UnsafeCell::new(
-                Histogram::new_with_bounds(100, 600_000_000_000, 2)
-                    .expect("valid histogram bounds"),
+                Histogram::new_with_bounds(100, 600_000_000_000, 2).expect("valid histogram bounds"),
             ),
         }
     }
@@ -60,11 +59,7 @@ impl Stats {
     }
 
     fn with_latency<R>(&self, f: impl FnOnce(&mut Histogram<u64>) -> R) -> R {
-        while self
-            .latency_lock
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while self.latency_lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             std::hint::spin_loop();
         }
         // SAFETY: we hold the lock.
@@ -83,10 +78,7 @@ impl Stats {
             if h.is_empty() {
                 (0.0, 0.0)
             } else {
-                (
-                    h.value_at_quantile(0.5) as f64 / 1e3,
-                    h.value_at_quantile(0.99) as f64 / 1e3,
-                )
+                (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3)
             }
         });
         StatsSnapshot {
@@ -94,8 +86,7 @@ impl Stats {
             write_faults: self.write_faults.load(Ordering::Relaxed),
             invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
             invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
-            bytes_moved: self.bytes_in.load(Ordering::Relaxed)
-                + self.bytes_out.load(Ordering::Relaxed),
+            bytes_moved: self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed),
             fault_p50_us: p50,
             fault_p99_us: p99,
         }
@@ -104,13 +95,8 @@ impl Stats {
     /// The report printed by `GALLOCY_STATS=1` at exit.
     pub fn report(&self, rank: usize) -> String {
         let s = self.snapshot();
-        let (n, p90, max) = self.with_latency(|h| {
-            (
-                h.len(),
-                h.value_at_quantile(0.9) as f64 / 1e3,
-                h.max() as f64 / 1e3,
-            )
-        });
+        let (n, p90, max) =
+            self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | invalidations sent {} received {} | \
              bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",

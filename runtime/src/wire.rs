@@ -22,19 +22,9 @@ pub enum Msg {
     /// Requester -> home: I need `page` (for writing if `write`). `slot` identifies my waiter.
     Request { page: u64, write: bool, slot: u32 },
     /// Home -> owner: give `page` to `requester` (downgrade to read, or invalidate if `write`).
-    Forward {
-        page: u64,
-        requester: u32,
-        slot: u32,
-        write: bool,
-    },
+    Forward { page: u64, requester: u32, slot: u32, write: bool },
     /// -> requester: access granted.
-    Grant {
-        page: u64,
-        slot: u32,
-        write: bool,
-        source: Source,
-    },
+    Grant { page: u64, slot: u32, write: bool, source: Source },
     /// Requester -> home: a grant that did not come from the home is installed.
     Done { page: u64 },
     /// Home -> holder: downgrade to read-only (`to_read`) or drop your copy.
@@ -54,12 +44,7 @@ pub enum Msg {
     /// -> lock home: I release lock `id`.
     LockRelease { id: u32 },
     /// Root -> all: bytes `offset..offset+data.len()` of broadcast `seq` (of `total` bytes).
-    Broadcast {
-        seq: u64,
-        total: u64,
-        offset: u64,
-        data: Vec<u8>,
-    },
+    Broadcast { seq: u64, total: u64, offset: u64, data: Vec<u8> },
     /// -> owner of a block: how large is the block at `addr`? Answer to `slot`.
     SizeQuery { addr: u64, slot: u32 },
     /// Owner -> asker: the usable size (0: not a live block).
@@ -89,13 +74,9 @@ pub fn encode<'a>(msg: &Msg, buf: &'a mut [u8]) -> Result<&'a [u8], String> {
 
 /// Decodes one whole message.
 pub fn decode(bytes: &[u8]) -> Result<Msg, String> {
-    let (msg, used): (Msg, usize) =
-        bincode::decode_from_slice(bytes, config()).map_err(|e| e.to_string())?;
+    let (msg, used): (Msg, usize) = bincode::decode_from_slice(bytes, config()).map_err(|e| e.to_string())?;
     if used != bytes.len() {
-        return Err(format!(
-            "{} trailing bytes after a message",
-            bytes.len() - used
-        ));
+        return Err(format!("{} trailing bytes after a message", bytes.len() - used));
     }
     Ok(msg)
 }
@@ -108,21 +89,9 @@ mod tests {
     fn round_trips_and_rejects_garbage() {
         let mut buf = [0u8; 64];
         for m in [
-            Msg::Request {
-                page: 1 << 40,
-                write: true,
-                slot: 511,
-            },
-            Msg::Grant {
-                page: 3,
-                slot: 2,
-                write: false,
-                source: Source::ReadFrom(7),
-            },
-            Msg::Revoke {
-                page: 9,
-                to_read: true,
-            },
+            Msg::Request { page: 1 << 40, write: true, slot: 511 },
+            Msg::Grant { page: 3, slot: 2, write: false, source: Source::ReadFrom(7) },
+            Msg::Revoke { page: 9, to_read: true },
         ] {
             let b = encode(&m, &mut buf).unwrap().to_vec();
             assert_eq!(decode(&b).unwrap(), m);

@@ -17,14 +17,8 @@ fn heap_size_banana_is_a_clear_error() {
     let _g = serial();
     // One-process job.
     let mut cmd = Command::new(SCENARIO);
-    clean_env(&mut cmd)
-        .env("GALLOCY_HEAP_SIZE", "banana")
-        .args(["fill64", "--mib", "1"]);
-    let p = run(
-        "GALLOCY_HEAP_SIZE=banana gallocy-scenario fill64",
-        &mut cmd,
-        T,
-    );
+    clean_env(&mut cmd).env("GALLOCY_HEAP_SIZE", "banana").args(["fill64", "--mib", "1"]);
+    let p = run("GALLOCY_HEAP_SIZE=banana gallocy-scenario fill64", &mut cmd, T);
     assert!(!p.status().unwrap().success(), "must fail\n{}", p.report());
     let err = p.stderr();
     assert!(
@@ -34,16 +28,10 @@ fn heap_size_banana_is_a_clear_error() {
     );
 
     // Four ranks, all misconfigured.
-    let mut job = Job::builder(4)
-        .env_all("GALLOCY_HEAP_SIZE", "banana")
-        .spawn(&["fill64", "--mib", "1"]);
+    let mut job = Job::builder(4).env_all("GALLOCY_HEAP_SIZE", "banana").spawn(&["fill64", "--mib", "1"]);
     job.wait_or_fail("GALLOCY_HEAP_SIZE=banana on every rank", T);
     for r in 0..4 {
-        assert!(
-            exit_nonzero(&job, r),
-            "rank {r} must exit non-zero\n{}",
-            job.report()
-        );
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
         assert!(
             job.ranks[r].stderr().contains("GALLOCY_HEAP_SIZE"),
             "rank {r}'s error must name GALLOCY_HEAP_SIZE\n{}",
@@ -62,11 +50,7 @@ fn heap_size_banana_on_one_rank_stops_every_rank() {
         .spawn(&["fill64", "--mib", "1"]);
     job.wait_or_fail("GALLOCY_HEAP_SIZE=banana on rank 2 only", T);
     for r in 0..4 {
-        assert!(
-            exit_nonzero(&job, r),
-            "rank {r} must exit non-zero\n{}",
-            job.report()
-        );
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
     }
     assert!(
         job.ranks[2].stderr().contains("GALLOCY_HEAP_SIZE"),
@@ -74,11 +58,7 @@ fn heap_size_banana_on_one_rank_stops_every_rank() {
         job.report()
     );
     for r in [0, 1, 3] {
-        assert!(
-            job.ranks[r].stderr().contains("rank 2"),
-            "rank {r}'s error must name rank 2\n{}",
-            job.report()
-        );
+        assert!(job.ranks[r].stderr().contains("rank 2"), "rank {r}'s error must name rank 2\n{}", job.report());
     }
 }
 
@@ -92,11 +72,7 @@ fn rank_out_of_range_is_a_clear_error() {
         .env("GALLOCY_COORDINATOR", format!("127.0.0.1:{}", free_port()))
         .env("GALLOCY_TOKEN", token())
         .args(["fill64", "--mib", "1"]);
-    let p = run(
-        "GALLOCY_RANK=7 GALLOCY_SIZE=4 gallocy-scenario fill64",
-        &mut cmd,
-        T,
-    );
+    let p = run("GALLOCY_RANK=7 GALLOCY_SIZE=4 gallocy-scenario fill64", &mut cmd, T);
     assert!(!p.status().unwrap().success(), "must fail\n{}", p.report());
     let err = p.stderr();
     assert!(
@@ -112,16 +88,10 @@ fn rank_out_of_range_is_a_clear_error() {
 #[test]
 fn heap_size_mismatch_names_the_rank_everywhere() {
     let _g = serial();
-    let mut job = Job::builder(4)
-        .env(2, "GALLOCY_HEAP_SIZE", "8G")
-        .spawn(&["fill64", "--mib", "1"]);
+    let mut job = Job::builder(4).env(2, "GALLOCY_HEAP_SIZE", "8G").spawn(&["fill64", "--mib", "1"]);
     job.wait_or_fail("GALLOCY_HEAP_SIZE=8G on rank 2 only", T);
     for r in 0..4 {
-        assert!(
-            exit_nonzero(&job, r),
-            "rank {r} must exit non-zero\n{}",
-            job.report()
-        );
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
         let err = job.ranks[r].stderr();
         assert!(
             err.to_lowercase().contains("heap"),
@@ -129,11 +99,7 @@ fn heap_size_mismatch_names_the_rank_everywhere() {
             job.report()
         );
         if r != 2 {
-            assert!(
-                err.contains("rank 2"),
-                "rank {r}'s error must name rank 2\n{}",
-                job.report()
-            );
+            assert!(err.contains("rank 2"), "rank {r}'s error must name rank 2\n{}", job.report());
         }
     }
 }
@@ -141,29 +107,14 @@ fn heap_size_mismatch_names_the_rank_everywhere() {
 #[test]
 fn occupied_heap_range_names_the_rank_and_mapping() {
     let _g = serial();
-    let mut job = Job::builder(4)
-        .env_all("SCENARIO_OCCUPY_RANK", "1")
-        .spawn(&["occupy"]);
+    let mut job = Job::builder(4).env_all("SCENARIO_OCCUPY_RANK", "1").spawn(&["occupy"]);
     job.wait_or_fail("heap range occupied on rank 1", T);
     let addr = format!("{:x}-", gallocy::DEFAULT_HEAP_BASE + (1 << 20));
-    assert_ne!(
-        job.ranks[1].status().and_then(|s| s.code()),
-        Some(3),
-        "scenario setup failed\n{}",
-        job.report()
-    );
+    assert_ne!(job.ranks[1].status().and_then(|s| s.code()), Some(3), "scenario setup failed\n{}", job.report());
     for r in 0..4 {
-        assert!(
-            exit_nonzero(&job, r),
-            "rank {r} must exit non-zero\n{}",
-            job.report()
-        );
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
         if r != 1 {
-            assert!(
-                job.ranks[r].stderr().contains("rank 1"),
-                "rank {r}'s error must name rank 1\n{}",
-                job.report()
-            );
+            assert!(job.ranks[r].stderr().contains("rank 1"), "rank {r}'s error must name rank 1\n{}", job.report());
         }
     }
     assert!(

@@ -12,16 +12,8 @@ use std::time::{Duration, Instant};
 fn nullderef_through_launcher_is_sigsegv() {
     let _g = serial();
     let label = "gallocy run -n 4 -- gallocy-scenario nullderef";
-    let p = run(
-        label,
-        &mut launcher_cmd(4, &["nullderef"]),
-        Duration::from_secs(60),
-    );
-    assert!(
-        !p.status().unwrap().success(),
-        "{label}: must fail\n{}",
-        p.report()
-    );
+    let p = run(label, &mut launcher_cmd(4, &["nullderef"]), Duration::from_secs(60));
+    assert!(!p.status().unwrap().success(), "{label}: must fail\n{}", p.report());
     let err = p.stderr();
     assert!(
         err.contains("rank 3 was killed by signal 11") && err.contains("SIGSEGV"),
@@ -35,11 +27,7 @@ fn nullderef_one_process_dies_by_sigsegv() {
     let _g = serial();
     let mut cmd = Command::new(SCENARIO);
     clean_env(&mut cmd).arg("nullderef");
-    let p = run(
-        "gallocy-scenario nullderef (no GALLOCY_* variables)",
-        &mut cmd,
-        Duration::from_secs(30),
-    );
+    let p = run("gallocy-scenario nullderef (no GALLOCY_* variables)", &mut cmd, Duration::from_secs(30));
     let st = p.status().unwrap();
     assert_eq!(
         st.signal(),
@@ -50,24 +38,13 @@ fn nullderef_one_process_dies_by_sigsegv() {
     );
 }
 
-const JACOBI_LONG: &[&str] = &[
-    "jacobi",
-    "--n",
-    "64",
-    "--iters",
-    "100000",
-    "--progress",
-    "--slow-ms",
-    "20",
-];
+const JACOBI_LONG: &[&str] = &["jacobi", "--n", "64", "--iters", "100000", "--progress", "--slow-ms", "20"];
 
 #[test]
 fn kill9_of_one_rank_stops_the_others() {
     let _g = serial();
     let mut job = Job::builder(4).spawn(JACOBI_LONG);
-    let started = job.ranks[2].wait_for_stdout(Duration::from_secs(60), |o| {
-        count_lines(o, "iteration ") >= 3
-    });
+    let started = job.ranks[2].wait_for_stdout(Duration::from_secs(60), |o| count_lines(o, "iteration ") >= 3);
     if !started {
         let msg = format!("rank 2 never printed 3 iteration lines\n{}", job.report());
         drop(job);
@@ -80,12 +57,8 @@ fn kill9_of_one_rank_stops_the_others() {
     let mut failures = Vec::new();
     for r in [0, 1, 3] {
         match job.ranks[r].wait_until(deadline) {
-            None => failures.push(format!(
-                "rank {r} still running 10 s after rank 2 was killed"
-            )),
-            Some(s) if s.success() => {
-                failures.push(format!("rank {r} exited 0 after rank 2 was killed"))
-            }
+            None => failures.push(format!("rank {r} still running 10 s after rank 2 was killed")),
+            Some(s) if s.success() => failures.push(format!("rank {r} exited 0 after rank 2 was killed")),
             Some(_) => {
                 let err = job.ranks[r].stderr();
                 if !err.contains("rank 2") {
@@ -94,32 +67,19 @@ fn kill9_of_one_rank_stops_the_others() {
             }
         }
     }
-    eprintln!(
-        "survivors finished {:.2} s after the kill",
-        killed_at.elapsed().as_secs_f64()
-    );
-    assert!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        job.report()
-    );
+    eprintln!("survivors finished {:.2} s after the kill", killed_at.elapsed().as_secs_f64());
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), job.report());
 }
 
 #[test]
 fn kill9_of_one_rank_under_launcher() {
     let _g = serial();
-    let label =
-        "gallocy run -n 4 -- gallocy-scenario jacobi --progress --slow-ms 20 (rank 2 gets SIGKILL)";
+    let label = "gallocy run -n 4 -- gallocy-scenario jacobi --progress --slow-ms 20 (rank 2 gets SIGKILL)";
     let mut p = Proc::spawn(label, &mut launcher_cmd(4, JACOBI_LONG));
     let ready = p.wait_for_stdout(Duration::from_secs(60), |o| {
         o.contains("[rank 2] pid=") && count_lines(o, "[rank 2] iteration ") >= 3
     });
-    assert!(
-        ready,
-        "{label}: rank 2 never printed its pid and 3 iteration lines\n{}",
-        p.report()
-    );
+    assert!(ready, "{label}: rank 2 never printed its pid and 3 iteration lines\n{}", p.report());
     let out = p.stdout();
     let pid: i32 = out
         .lines()
@@ -128,34 +88,18 @@ fn kill9_of_one_rank_under_launcher() {
         .unwrap_or_else(|| panic!("{label}: cannot parse rank 2's pid\n{}", p.report()));
     // SAFETY: kill(2) has no memory-safety preconditions; pid is rank 2's process.
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, SIGKILL) failed: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "kill({pid}, SIGKILL) failed: {}", std::io::Error::last_os_error());
     let st = p.wait_until(Instant::now() + Duration::from_secs(15));
     if st.is_none() {
         p.kill_group();
         let _ = p.wait_until(Instant::now() + Duration::from_secs(5));
-        panic!(
-            "{label}: the launcher did not exit within 15 s of the kill\n{}",
-            p.report()
-        );
+        panic!("{label}: the launcher did not exit within 15 s of the kill\n{}", p.report());
     }
-    assert!(
-        !st.unwrap().success(),
-        "{label}: the launcher must exit non-zero\n{}",
-        p.report()
-    );
+    assert!(!st.unwrap().success(), "{label}: the launcher must exit non-zero\n{}", p.report());
     assert!(
         p.stderr().contains("rank 2 was killed by signal 9"),
         "{label}: stderr must report rank 2 killed by signal 9\n{}",
         p.report()
     );
-    assert!(
-        !p.stragglers,
-        "{label}: the launcher left processes behind\n{}",
-        p.report()
-    );
+    assert!(!p.stragglers, "{label}: the launcher left processes behind\n{}", p.report());
 }

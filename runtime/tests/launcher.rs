@@ -46,11 +46,7 @@ fn gallocy_env(args: &[&str], env: &[(&str, &str)]) -> Run {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     });
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().expect("wait for gallocy");
+    let Output { status, stdout, stderr } = child.wait_with_output().expect("wait for gallocy");
     let _ = done.send(());
     watchdog.join().unwrap();
     Run {
@@ -71,10 +67,7 @@ fn run_sh(n: usize, extra: &[&str], script: &str) -> Run {
 }
 
 fn launcher_lines(stderr: &str) -> Vec<&str> {
-    stderr
-        .lines()
-        .filter(|l| l.starts_with("gallocy run: "))
-        .collect()
+    stderr.lines().filter(|l| l.starts_with("gallocy run: ")).collect()
 }
 
 fn sh_spec(n: usize, script: &str) -> LaunchSpec {
@@ -87,17 +80,10 @@ fn sh_spec(n: usize, script: &str) -> LaunchSpec {
 #[test]
 fn library_run_returns_exit_codes() {
     assert_eq!(launch::run(&sh_spec(3, "exit 0")).unwrap(), 0);
-    assert_eq!(
-        launch::run(&sh_spec(2, r#"[ "$GALLOCY_RANK" = 1 ] && exit 7; exit 0"#)).unwrap(),
-        7
-    );
+    assert_eq!(launch::run(&sh_spec(2, r#"[ "$GALLOCY_RANK" = 1 ] && exit 7; exit 0"#)).unwrap(), 7);
     let mut spec = sh_spec(2, r#"[ "$FOO" = bar ] && [ "$GALLOCY_SIZE" = 2 ]"#);
     spec.env.push(("FOO".into(), "bar".into()));
-    assert_eq!(
-        launch::run(&spec).unwrap(),
-        0,
-        "spec.env and GALLOCY_SIZE reach the ranks"
-    );
+    assert_eq!(launch::run(&spec).unwrap(), 0, "spec.env and GALLOCY_SIZE reach the ranks");
 }
 
 #[test]
@@ -125,90 +111,41 @@ fn ranks_get_the_environment_contract() {
     for line in r.stdout.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         assert_eq!(f.len(), 8, "{line}");
-        assert_eq!(
-            f[0..2].join(" "),
-            format!("[rank {}]", f[3]),
-            "prefix names the rank: {line}"
-        );
+        assert_eq!(f[0..2].join(" "), format!("[rank {}]", f[3]), "prefix names the rank: {line}");
         ranks.insert(f[3].to_string());
         assert_eq!(f[4], "3");
-        let port: u16 = f[5]
-            .strip_prefix("127.0.0.1:")
-            .expect("loopback coordinator")
-            .parse()
-            .unwrap();
+        let port: u16 = f[5].strip_prefix("127.0.0.1:").expect("loopback coordinator").parse().unwrap();
         assert_ne!(port, 0);
-        assert!(
-            f[6].len() == 32 && f[6].bytes().all(|b| b.is_ascii_hexdigit()),
-            "token {}",
-            f[6]
-        );
+        assert!(f[6].len() == 32 && f[6].bytes().all(|b| b.is_ascii_hexdigit()), "token {}", f[6]);
         assert_eq!(f[7], "tcp");
         shared.insert((f[5].to_string(), f[6].to_string()));
     }
-    assert_eq!(
-        ranks,
-        ["0", "1", "2"].iter().map(|s| s.to_string()).collect()
-    );
+    assert_eq!(ranks, ["0", "1", "2"].iter().map(|s| s.to_string()).collect());
     assert_eq!(shared.len(), 1, "all ranks share coordinator and token");
 }
 
 #[test]
 fn token_is_passed_through_and_contract_overrides_inherited_values() {
     let r = gallocy_env(
-        &[
-            "run",
-            "-n",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            r#"echo "$GALLOCY_TOKEN $GALLOCY_RANK $GALLOCY_SIZE""#,
-        ],
-        &[
-            ("GALLOCY_TOKEN", "secret-from-env"),
-            ("GALLOCY_RANK", "99"),
-            ("GALLOCY_SIZE", "99"),
-        ],
+        &["run", "-n", "2", "--", "sh", "-c", r#"echo "$GALLOCY_TOKEN $GALLOCY_RANK $GALLOCY_SIZE""#],
+        &[("GALLOCY_TOKEN", "secret-from-env"), ("GALLOCY_RANK", "99"), ("GALLOCY_SIZE", "99")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let mut lines: Vec<&str> = r.stdout.lines().collect();
     lines.sort();
-    assert_eq!(
-        lines,
-        [
-            "[rank 0] secret-from-env 0 2",
-            "[rank 1] secret-from-env 1 2"
-        ]
-    );
+    assert_eq!(lines, ["[rank 0] secret-from-env 0 2", "[rank 1] secret-from-env 1 2"]);
 }
 
 // ------------------------------------------------------------ output
 
 #[test]
 fn output_is_prefixed_per_stream_and_nothing_extra_on_success() {
-    let r = run_sh(
-        2,
-        &[],
-        r#"echo "out $GALLOCY_RANK"; echo "err $GALLOCY_RANK" >&2; printf 'tail'"#,
-    );
+    let r = run_sh(2, &[], r#"echo "out $GALLOCY_RANK"; echo "err $GALLOCY_RANK" >&2; printf 'tail'"#);
     assert_eq!(r.code, Some(0));
     for rank in 0..2 {
-        assert!(
-            r.stdout.contains(&format!("[rank {rank}] out {rank}\n")),
-            "{}",
-            r.stdout
-        );
-        assert!(
-            r.stdout.contains(&format!("[rank {rank}] tail\n")),
-            "{}",
-            r.stdout
-        );
-        assert!(
-            r.stderr.contains(&format!("[rank {rank}] err {rank}\n")),
-            "{}",
-            r.stderr
-        );
+        assert!(r.stdout.contains(&format!("[rank {rank}] out {rank}\n")), "{}", r.stdout);
+        assert!(r.stdout.contains(&format!("[rank {rank}] tail\n")), "{}", r.stdout);
+        assert!(r.stderr.contains(&format!("[rank {rank}] err {rank}\n")), "{}", r.stderr);
     }
     assert!(!r.stdout.contains("err"));
     assert!(launcher_lines(&r.stderr).is_empty(), "{}", r.stderr);
@@ -227,16 +164,8 @@ fn lines_are_never_mixed_and_all_output_is_drained() {
         let mut next = [0usize; 4];
         for line in stream.lines() {
             let (prefix, body) = line.split_at(9);
-            let rank: usize = prefix
-                .trim_start_matches("[rank ")
-                .trim_end_matches("] ")
-                .parse()
-                .expect(line);
-            assert_eq!(
-                body,
-                format!("{rank}:{}:{pad}", next[rank]),
-                "mixed or reordered line"
-            );
+            let rank: usize = prefix.trim_start_matches("[rank ").trim_end_matches("] ").parse().expect(line);
+            assert_eq!(body, format!("{rank}:{}:{pad}", next[rank]), "mixed or reordered line");
             next[rank] += 1;
         }
         assert_eq!(next, [LINES; 4], "every line of every rank arrives");
@@ -257,32 +186,15 @@ fn nonzero_exit_is_reported_and_returned() {
     let r = run_sh(3, &[], r#"[ "$GALLOCY_RANK" = 1 ] && exit 3; exit 0"#);
     assert_eq!(r.code, Some(3));
     let lines = launcher_lines(&r.stderr);
-    assert!(
-        lines.contains(&"gallocy run: rank 1 exited with code 3"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        lines.iter().all(|l| l.contains("rank 1 ")),
-        "only rank 1 failed: {}",
-        r.stderr
-    );
+    assert!(lines.contains(&"gallocy run: rank 1 exited with code 3"), "{}", r.stderr);
+    assert!(lines.iter().all(|l| l.contains("rank 1 ")), "only rank 1 failed: {}", r.stderr);
 }
 
 #[test]
 fn death_by_signal_is_reported_as_128_plus_signal() {
-    let r = run_sh(
-        2,
-        &[],
-        r#"[ "$GALLOCY_RANK" = 0 ] && kill -SEGV $$; exit 0"#,
-    );
+    let r = run_sh(2, &[], r#"[ "$GALLOCY_RANK" = 0 ] && kill -SEGV $$; exit 0"#);
     assert_eq!(r.code, Some(128 + 11));
-    assert!(
-        r.stderr
-            .contains("gallocy run: rank 0 was killed by signal 11 (SIGSEGV)"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("gallocy run: rank 0 was killed by signal 11 (SIGSEGV)"), "{}", r.stderr);
 }
 
 #[test]
@@ -290,22 +202,10 @@ fn survivors_that_exit_within_grace_are_not_killed() {
     let script = r#"[ "$GALLOCY_RANK" = 0 ] && exit 4; sleep 0.3; echo "rank $GALLOCY_RANK: lost peer" >&2; exit 1"#;
     let r = run_sh(3, &[], script);
     assert_eq!(r.code, Some(4), "the first failure decides: {}", r.stderr);
-    assert!(
-        r.elapsed < Duration::from_secs(4),
-        "did not wait for the full grace: {:?}",
-        r.elapsed
-    );
+    assert!(r.elapsed < Duration::from_secs(4), "did not wait for the full grace: {:?}", r.elapsed);
     assert!(!r.stderr.contains("stopping rank"), "{}", r.stderr);
-    for expected in [
-        "rank 0 exited with code 4",
-        "rank 1 exited with code 1",
-        "rank 2 exited with code 1",
-    ] {
-        assert!(
-            r.stderr.contains(&format!("gallocy run: {expected}\n")),
-            "{}",
-            r.stderr
-        );
+    for expected in ["rank 0 exited with code 4", "rank 1 exited with code 1", "rank 2 exited with code 1"] {
+        assert!(r.stderr.contains(&format!("gallocy run: {expected}\n")), "{}", r.stderr);
     }
     assert!(r.stderr.contains("[rank 2] rank 2: lost peer"));
 }
@@ -317,20 +217,12 @@ fn stragglers_are_killed_after_grace() {
     assert_eq!(r.code, Some(1));
     assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
     for rank in [1, 2] {
-        assert!(
-            r.stderr
-                .contains(&format!("gallocy run: stopping rank {rank}\n")),
-            "{}",
-            r.stderr
-        );
+        assert!(r.stderr.contains(&format!("gallocy run: stopping rank {rank}\n")), "{}", r.stderr);
         let stopped = format!("gallocy run: rank {rank} was stopped by the launcher\n");
         assert!(r.stderr.contains(&stopped), "{}", r.stderr);
     }
     let first = r.stderr.find("rank 0 exited with code 1").unwrap();
-    assert!(
-        first < r.stderr.find("stopping rank").unwrap(),
-        "failure reported before stopping"
-    );
+    assert!(first < r.stderr.find("stopping rank").unwrap(), "failure reported before stopping");
 }
 
 #[test]
@@ -351,15 +243,7 @@ fn missing_program_exits_127() {
 #[test]
 fn ranks_die_when_the_launcher_is_killed() {
     let mut launcher = Command::new(BIN)
-        .args([
-            "run",
-            "-n",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "echo pid $$; exec sleep 30",
-        ])
+        .args(["run", "-n", "2", "--", "sh", "-c", "echo pid $$; exec sleep 30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -378,10 +262,7 @@ fn ranks_die_when_the_launcher_is_killed() {
     let deadline = Instant::now() + Duration::from_secs(10);
     for pid in pids {
         while is_alive(pid) {
-            assert!(
-                Instant::now() < deadline,
-                "rank process {pid} survived the launcher"
-            );
+            assert!(Instant::now() < deadline, "rank process {pid} survived the launcher");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -391,13 +272,7 @@ fn ranks_die_when_the_launcher_is_killed() {
 fn is_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .chars()
-                .next();
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
             !matches!(state, Some('Z') | Some('X'))
         }
         Err(_) => false,
@@ -425,41 +300,17 @@ fn usage_errors_exit_2() {
         (&["run", "-n", "0", "--", "true"], "between 1 and 64"),
         (&["run", "-n", "65", "--", "true"], "between 1 and 64"),
         (&["run", "-n", "two", "--", "true"], "not a valid number"),
-        (
-            &["run", "-n", "2", "--transport", "rdma", "--", "true"],
-            "not built in this build",
-        ),
-        (
-            &[
-                "run",
-                "-n",
-                "2",
-                "--transport",
-                "carrier-pigeon",
-                "--",
-                "true",
-            ],
-            "unknown transport",
-        ),
-        (
-            &["run", "-n", "2", "--grace", "soon", "--", "true"],
-            "not a valid number",
-        ),
-        (
-            &["run", "-n", "2", "--bogus", "--", "true"],
-            "unknown option",
-        ),
+        (&["run", "-n", "2", "--transport", "rdma", "--", "true"], "not built in this build"),
+        (&["run", "-n", "2", "--transport", "carrier-pigeon", "--", "true"], "unknown transport"),
+        (&["run", "-n", "2", "--grace", "soon", "--", "true"], "not a valid number"),
+        (&["run", "-n", "2", "--bogus", "--", "true"], "unknown option"),
         (&["demo", "--size", "1"], "--size"),
         (&["demo", "-n", "100"], "between 1 and 64"),
     ];
     for (args, message) in cases {
         let r = gallocy(args);
         assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
-        assert!(
-            r.stderr.contains(message),
-            "{args:?}: expected {message:?} in {}",
-            r.stderr
-        );
+        assert!(r.stderr.contains(message), "{args:?}: expected {message:?} in {}", r.stderr);
         assert!(r.stderr.contains("usage:"), "{args:?}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{args:?}");
     }

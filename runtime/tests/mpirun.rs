@@ -10,9 +10,7 @@ use std::time::Duration;
 
 fn find_in_path(prog: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|d| d.join(prog)).find(|p| p.is_file())
 }
 
 #[test]
@@ -34,40 +32,24 @@ fn jacobi_under_mpirun() {
     cmd.env("GALLOCY_COORDINATOR", &coordinator);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
-    cmd.args([
-        "-n",
-        "4",
-        "--oversubscribe",
-        "--bind-to",
-        "none",
-        "-x",
-        "GALLOCY_COORDINATOR",
-    ])
-    .arg(SCENARIO)
-    .args(["jacobi", "--n", "128", "--iters", "100", "--threads", "2"]);
+    cmd.args(["-n", "4", "--oversubscribe", "--bind-to", "none", "-x", "GALLOCY_COORDINATOR"]).arg(SCENARIO).args([
+        "jacobi",
+        "--n",
+        "128",
+        "--iters",
+        "100",
+        "--threads",
+        "2",
+    ]);
     let label = format!("mpirun -n 4 --oversubscribe (GALLOCY_COORDINATOR={coordinator})");
     let p = run(&label, &mut cmd, Duration::from_secs(180));
     let status = p.status().unwrap();
-    assert!(
-        status.success(),
-        "{label}: {}\n{}",
-        describe(Some(status)),
-        p.report()
-    );
+    assert!(status.success(), "{label}: {}\n{}", describe(Some(status)), p.report());
     for r in 0..4 {
         let pass = format!("rank {r}: jacobi ok");
-        assert!(
-            p.stdout().contains(&pass),
-            "{label}: no {pass:?} line\n{}",
-            p.report()
-        );
+        assert!(p.stdout().contains(&pass), "{label}: no {pass:?} line\n{}", p.report());
     }
-    assert!(
-        p.stdout().contains("identical to the sequential reference"),
-        "{}",
-        p.report()
-    );
+    assert!(p.stdout().contains("identical to the sequential reference"), "{}", p.report());
 }

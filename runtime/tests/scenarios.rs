@@ -17,11 +17,7 @@ fn fill64_four_ranks() {
 #[test]
 fn counter_four_ranks_two_threads() {
     let _g = serial();
-    launch_ok(
-        4,
-        &["counter", "--total", "50000", "--threads", "2"],
-        4 * MIN,
-    );
+    launch_ok(4, &["counter", "--total", "50000", "--threads", "2"], 4 * MIN);
 }
 
 #[test]
@@ -33,11 +29,7 @@ fn pingpong_two_ranks() {
 #[test]
 fn disjoint_words_four_ranks() {
     let _g = serial();
-    launch_ok(
-        4,
-        &["disjoint", "--rounds", "200", "--words", "100"],
-        3 * MIN,
-    );
+    launch_ok(4, &["disjoint", "--rounds", "200", "--words", "100"], 3 * MIN);
 }
 
 #[test]
@@ -61,11 +53,7 @@ fn litmus_iriw() {
 #[test]
 fn jacobi_launcher_matches_reference() {
     let _g = serial();
-    let p = launch_ok(
-        4,
-        &["jacobi", "--n", "128", "--iters", "100", "--threads", "2"],
-        3 * MIN,
-    );
+    let p = launch_ok(4, &["jacobi", "--n", "128", "--iters", "100", "--threads", "2"], 3 * MIN);
     assert!(
         p.stdout().contains("identical to the sequential reference"),
         "rank 0 did not confirm the comparison\n{}",
@@ -82,17 +70,9 @@ fn alloc_four_ranks() {
 fn assert_double_free_reported(args: &[&str]) {
     let label = format!("gallocy run -n 2 -- gallocy-scenario {}", args.join(" "));
     let p = run(&label, &mut launcher_cmd(2, args), 2 * MIN);
-    assert!(
-        !p.status().unwrap().success(),
-        "{label}: a double free must fail the job\n{}",
-        p.report()
-    );
+    assert!(!p.status().unwrap().success(), "{label}: a double free must fail the job\n{}", p.report());
     let all = format!("{}{}", p.stdout(), p.stderr()).to_lowercase();
-    assert!(
-        !all.contains("returned normally"),
-        "{label}: the second free() was not detected\n{}",
-        p.report()
-    );
+    assert!(!all.contains("returned normally"), "{label}: the second free() was not detected\n{}", p.report());
     assert!(
         all.contains("double free") || all.contains("invalid free"),
         "{label}: no message containing \"double free\" or \"invalid free\"\n{}",

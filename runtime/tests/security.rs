@@ -21,8 +21,7 @@ fn garbage_probe(addr: &str) -> Option<Vec<u8>> {
     garbage.extend((0..1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
     // The peer may close before reading everything: errors here are fine.
     let _ = s.write_all(&garbage);
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let t0 = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -40,9 +39,7 @@ fn garbage_probe(addr: &str) -> Option<Vec<u8>> {
             Err(e)
                 if matches!(
                     e.kind(),
-                    ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
                 ) =>
             {
                 break
@@ -56,39 +53,20 @@ fn garbage_probe(addr: &str) -> Option<Vec<u8>> {
 #[test]
 fn garbage_connection_is_closed_and_job_survives() {
     let _g = serial();
-    let args = &[
-        "jacobi",
-        "--n",
-        "64",
-        "--iters",
-        "80",
-        "--progress",
-        "--slow-ms",
-        "30",
-    ];
+    let args = &["jacobi", "--n", "64", "--iters", "80", "--progress", "--slow-ms", "30"];
     let b = Job::builder(4);
     // Ranks 0..=2 first: the coordinator is certainly accepting while it waits for rank 3.
     let mut ranks: Vec<Proc> = (0..3).map(|r| b.spawn_rank(r, args)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let during_startup = garbage_probe(&b.coordinator);
     ranks.push(b.spawn_rank(3, args));
-    let mut job = Job {
-        ranks,
-        coordinator: b.coordinator.clone(),
-        token: b.token.clone(),
-    };
-    let running = job.ranks[0].wait_for_stdout(Duration::from_secs(60), |o| {
-        count_lines(o, "iteration ") >= 2
-    });
+    let mut job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+    let running = job.ranks[0].wait_for_stdout(Duration::from_secs(60), |o| count_lines(o, "iteration ") >= 2);
     assert!(running, "the job did not start iterating\n{}", job.report());
     let while_running = garbage_probe(&b.coordinator);
     job.wait_or_fail("job probed with garbage", Duration::from_secs(120));
     let got = during_startup.unwrap_or_else(|| {
-        panic!(
-            "connection to the coordinator {} refused while it waited for rank 3\n{}",
-            b.coordinator,
-            job.report()
-        )
+        panic!("connection to the coordinator {} refused while it waited for rank 3\n{}", b.coordinator, job.report())
     });
     assert!(
         got.len() <= 64,
@@ -97,20 +75,12 @@ fn garbage_connection_is_closed_and_job_survives() {
         got
     );
     if let Some(got) = &while_running {
-        assert!(
-            got.len() <= 64,
-            "a stranger received {} bytes while the job ran: {:02x?}",
-            got.len(),
-            got
-        );
+        assert!(got.len() <= 64, "a stranger received {} bytes while the job ran: {:02x?}", got.len(), got);
     }
     eprintln!(
         "probe during start-up: {} bytes before close; while running: {}",
         got.len(),
-        while_running.map_or("refused".to_string(), |g| format!(
-            "{} bytes before close",
-            g.len()
-        ))
+        while_running.map_or("refused".to_string(), |g| format!("{} bytes before close", g.len()))
     );
     job.assert_all_ok("job probed with garbage", "jacobi");
 }
@@ -138,8 +108,5 @@ fn rank_with_wrong_token_cannot_join() {
     );
     // "rank 3" or, in a list of missing ranks, "ranks 3".
     let e0 = job.ranks[0].stderr();
-    assert!(
-        e0.contains("rank 3") || e0.contains("ranks 3"),
-        "rank 0's error must name rank 3\n{report}"
-    );
+    assert!(e0.contains("rank 3") || e0.contains("ranks 3"), "rank 0's error must name rank 3\n{report}");
 }

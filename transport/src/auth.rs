@@ -25,8 +25,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 fn nonce() -> Result<[u8; NONCE], TransportError> {
     let mut n = [0u8; NONCE];
-    getrandom::getrandom(&mut n)
-        .map_err(|e| TransportError::Auth(format!("no randomness for a nonce: {e}")))?;
+    getrandom::getrandom(&mut n).map_err(|e| TransportError::Auth(format!("no randomness for a nonce: {e}")))?;
     Ok(n)
 }
 
@@ -44,17 +43,9 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
 }
 
 /// Acceptor side. Returns the connector's (authenticated) rank.
-pub fn accept(
-    stream: &mut TcpStream,
-    token: &[u8],
-    timeout: Duration,
-) -> Result<u32, TransportError> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(io("set timeout"))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(io("set timeout"))?;
+pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result<u32, TransportError> {
+    stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
+    stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let nonce_s = nonce()?;
     let mut hello = [0u8; SERVER_HELLO_LEN];
     hello[..4].copy_from_slice(&MAGIC);
@@ -67,47 +58,32 @@ pub fn accept(
     mac(token, b'c', &nonce_s, nonce_c, rank)
         .verify_slice(&reply[NONCE + 4..])
         .map_err(|_| TransportError::Auth("peer does not know the job token".into()))?;
-    let answer = mac(token, b's', nonce_c, &nonce_s, rank)
-        .finalize()
-        .into_bytes();
+    let answer = mac(token, b's', nonce_c, &nonce_s, rank).finalize().into_bytes();
     stream.write_all(&answer).map_err(io("send proof"))?;
     Ok(rank)
 }
 
 /// Connector side: proves `rank` and checks the acceptor knows the token too.
-pub fn connect(
-    stream: &mut TcpStream,
-    token: &[u8],
-    rank: u32,
-    timeout: Duration,
-) -> Result<(), TransportError> {
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(io("set timeout"))?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(io("set timeout"))?;
+pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duration) -> Result<(), TransportError> {
+    stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
+    stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let mut hello = [0u8; SERVER_HELLO_LEN];
     stream.read_exact(&mut hello).map_err(io("read hello"))?;
     if hello[..4] != MAGIC {
-        return Err(TransportError::Auth(
-            "peer is not a gallocy process of this version".into(),
-        ));
+        return Err(TransportError::Auth("peer is not a gallocy process of this version".into()));
     }
     let nonce_s = &hello[4..];
     let nonce_c = nonce()?;
-    let proof = mac(token, b'c', nonce_s, &nonce_c, rank)
-        .finalize()
-        .into_bytes();
+    let proof = mac(token, b'c', nonce_s, &nonce_c, rank).finalize().into_bytes();
     let mut msg = [0u8; NONCE + 4 + MAC];
     msg[..NONCE].copy_from_slice(&nonce_c);
     msg[NONCE..NONCE + 4].copy_from_slice(&rank.to_le_bytes());
     msg[NONCE + 4..].copy_from_slice(&proof);
     stream.write_all(&msg).map_err(io("send proof"))?;
     let mut answer = [0u8; MAC];
-    stream.read_exact(&mut answer).map_err(|_| {
-        TransportError::Auth("peer rejected our token (GALLOCY_TOKEN differs?)".into())
-    })?;
+    stream
+        .read_exact(&mut answer)
+        .map_err(|_| TransportError::Auth("peer rejected our token (GALLOCY_TOKEN differs?)".into()))?;
     mac(token, b's', &nonce_c, nonce_s, rank)
         .verify_slice(&answer)
         .map_err(|_| TransportError::Auth("peer does not know the job token".into()))

@@ -58,33 +58,15 @@ impl Header {
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let h = Header {
-            kind,
-            msg_len: u32_at(4),
-            page_len: u32_at(8),
-            offset: u64_at(16),
-            token: u64_at(24),
-        };
+        let h = Header { kind, msg_len: u32_at(4), page_len: u32_at(8), offset: u64_at(16), token: u64_at(24) };
         if h.msg_len as usize > MAX_MESSAGE {
-            return Err(format!(
-                "message of {} bytes exceeds the limit of {MAX_MESSAGE}",
-                h.msg_len
-            ));
+            return Err(format!("message of {} bytes exceeds the limit of {MAX_MESSAGE}", h.msg_len));
         }
         if h.page_len > MAX_SPAN {
-            return Err(format!(
-                "span of {} bytes exceeds the limit of {MAX_SPAN}",
-                h.page_len
-            ));
+            return Err(format!("span of {} bytes exceeds the limit of {MAX_SPAN}", h.page_len));
         }
-        if h.offset
-            .checked_add(u64::from(h.page_len))
-            .is_none_or(|end| end > view_len as u64)
-        {
-            return Err(format!(
-                "span {:#x}+{} lies outside the heap",
-                h.offset, h.page_len
-            ));
+        if h.offset.checked_add(u64::from(h.page_len)).is_none_or(|end| end > view_len as u64) {
+            return Err(format!("span {:#x}+{} lies outside the heap", h.offset, h.page_len));
         }
         let shape_ok = match kind {
             Kind::Message => true,
@@ -105,59 +87,26 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let h = Header {
-            kind: Kind::Message,
-            msg_len: 12,
-            page_len: 4096,
-            offset: 8192,
-            token: 7,
-        };
+        let h = Header { kind: Kind::Message, msg_len: 12, page_len: 4096, offset: 8192, token: 7 };
         assert_eq!(Header::decode(&h.encode(), 1 << 20).unwrap(), h);
     }
 
     #[test]
     fn rejects_bad_frames() {
-        let good = Header {
-            kind: Kind::ReadRequest,
-            msg_len: 0,
-            page_len: 4096,
-            offset: 0,
-            token: 1,
-        };
+        let good = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: 4096, offset: 0, token: 1 };
         let mut b = good.encode();
         b[0] = 9;
-        assert!(Header::decode(&b, 1 << 20)
-            .unwrap_err()
-            .contains("unknown frame kind"));
-        let out = Header {
-            offset: 1 << 20,
-            ..good
-        };
-        assert!(Header::decode(&out.encode(), 1 << 20)
-            .unwrap_err()
-            .contains("outside the heap"));
-        let wrap = Header {
-            offset: u64::MAX - 10,
-            ..good
-        };
+        assert!(Header::decode(&b, 1 << 20).unwrap_err().contains("unknown frame kind"));
+        let out = Header { offset: 1 << 20, ..good };
+        assert!(Header::decode(&out.encode(), 1 << 20).unwrap_err().contains("outside the heap"));
+        let wrap = Header { offset: u64::MAX - 10, ..good };
         assert!(Header::decode(&wrap.encode(), 1 << 20).is_err());
-        let big = Header {
-            kind: Kind::Message,
-            msg_len: u32::MAX,
-            ..good
-        };
-        assert!(Header::decode(&big.encode(), 1 << 20)
-            .unwrap_err()
-            .contains("exceeds"));
+        let big = Header { kind: Kind::Message, msg_len: u32::MAX, ..good };
+        assert!(Header::decode(&big.encode(), 1 << 20).unwrap_err().contains("exceeds"));
         let mut pad = good.encode();
         pad[2] = 1;
         assert!(Header::decode(&pad, 1 << 20).is_err());
-        let shape = Header {
-            kind: Kind::Goodbye,
-            ..good
-        };
-        assert!(Header::decode(&shape.encode(), 1 << 20)
-            .unwrap_err()
-            .contains("malformed"));
+        let shape = Header { kind: Kind::Goodbye, ..good };
+        assert!(Header::decode(&shape.encode(), 1 << 20).unwrap_err().contains("malformed"));
     }
 }

@@ -55,10 +55,7 @@ pub enum TransportError {
 
 impl TransportError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        TransportError::Io {
-            what: what.into(),
-            source,
-        }
+        TransportError::Io { what: what.into(), source }
     }
 }
 
@@ -133,11 +130,7 @@ pub trait Transport: Send + Sync {
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError>;
     /// Waits up to `timeout` (`None`: forever, `Some(ZERO)`: do not wait) for events and hands
     /// each to `handler`. Returns how many events were handled.
-    fn poll(
-        &self,
-        timeout: Option<Duration>,
-        handler: &mut dyn FnMut(Event<'_>),
-    ) -> Result<usize, TransportError>;
+    fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError>;
     /// Lets a thread that waits for an answer read incoming frames itself, so no thread hand-off
     /// sits on the fault path. Each complete control message is offered to `accept`; if it
     /// returns false, the message stays queued for the next `poll` (and nothing after it on that
@@ -145,7 +138,9 @@ pub trait Transport: Send + Sync {
     /// taken. Never blocks; returns 0 at once if another thread is receiving. Async-signal-safe
     /// (allocation-free), provided `accept` is.
     fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize;
-    /// Makes the current or next `poll` return promptly. Async-signal-safe.
+    /// Blocks until `wake` is called or `timeout` passes, ignoring the peers' connections.
+    fn wait_for_wake(&self, timeout: Duration);
+    /// Makes the current or next `poll` (or `wait_for_wake`) return promptly. Async-signal-safe.
     fn wake(&self);
     /// Says goodbye to every peer: after this, their closing connections are expected.
     fn say_goodbye(&self) -> Result<(), TransportError>;

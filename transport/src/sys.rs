@@ -21,10 +21,7 @@ impl Epoll {
     }
 
     pub fn add(&self, fd: RawFd, key: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: key,
-        };
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: key };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         check(unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
     }
@@ -130,11 +127,7 @@ pub fn write_all_vectored(fd: RawFd, parts: &mut [libc::iovec]) -> io::Result<()
 }
 
 fn wait_writable(fd: RawFd) -> io::Result<()> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
     loop {
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut p, 1, 30_000) };
@@ -142,10 +135,7 @@ fn wait_writable(fd: RawFd) -> io::Result<()> {
             return Ok(());
         }
         if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped reading for 30 s",
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading for 30 s"));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

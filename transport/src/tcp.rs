@@ -119,10 +119,7 @@ fn read_record(s: &mut TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "record too long",
-        ));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "record too long"));
     }
     let mut v = vec![0u8; len];
     s.read_exact(&mut v)?;
@@ -163,11 +160,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 
 /// Accepts one authenticated connection before `deadline`, skipping connections that fail the
 /// handshake. Returns the stream and the rank it proved.
-fn accept_authenticated(
-    listener: &TcpListener,
-    token: &[u8],
-    deadline: Instant,
-) -> Result<(TcpStream, usize), String> {
+fn accept_authenticated(listener: &TcpListener, token: &[u8], deadline: Instant) -> Result<(TcpStream, usize), String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     loop {
         match listener.accept() {
@@ -189,11 +182,7 @@ fn accept_authenticated(
     }
 }
 
-fn connect_authenticated(
-    addr: &SocketAddr,
-    cfg: &TcpConfig,
-    deadline: Instant,
-) -> Result<TcpStream, TransportError> {
+fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<TcpStream, TransportError> {
     loop {
         match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
             Ok(mut s) => {
@@ -218,23 +207,15 @@ pub fn establish(
     check: &dyn Fn(&[Vec<u8>]) -> Result<(), String>,
 ) -> Result<TcpTransport, TransportError> {
     if cfg.size == 0 || cfg.rank >= cfg.size {
-        return Err(TransportError::Invalid(format!(
-            "rank {} of {}",
-            cfg.rank, cfg.size
-        )));
+        return Err(TransportError::Invalid(format!("rank {} of {}", cfg.rank, cfg.size)));
     }
     let deadline = Instant::now() + cfg.setup_timeout;
-    let coordinator = resolve(&cfg.coordinator)
-        .map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
+    let coordinator = resolve(&cfg.coordinator).map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
     let mut peers: Vec<Option<TcpStream>> = (0..cfg.size).map(|_| None).collect();
     let listener;
     if cfg.rank == 0 {
-        listener = TcpListener::bind(coordinator).map_err(|e| {
-            setup_err(
-                cfg,
-                format!("cannot listen on coordinator address {coordinator}: {e}"),
-            )
-        })?;
+        listener = TcpListener::bind(coordinator)
+            .map_err(|e| setup_err(cfg, format!("cannot listen on coordinator address {coordinator}: {e}")))?;
         coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
     } else {
         listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))
@@ -261,10 +242,8 @@ fn coordinate(
         let (mut s, rank) = match accept_authenticated(listener, &cfg.token, deadline) {
             Ok(x) => x,
             Err(_) => {
-                let missing: Vec<String> = (0..cfg.size)
-                    .filter(|r| hellos[*r].is_none())
-                    .map(|r| r.to_string())
-                    .collect();
+                let missing: Vec<String> =
+                    (0..cfg.size).filter(|r| hellos[*r].is_none()).map(|r| r.to_string()).collect();
                 let msg = format!(
                     "rank 0: ranks {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
                     missing.join(", "),
@@ -274,17 +253,12 @@ fn coordinate(
                 return Err(TransportError::Bootstrap(msg));
             }
         };
-        let join = s
-            .set_read_timeout(Some(AUTH_TIMEOUT))
-            .and_then(|_| read_record(&mut s, 1 << 20));
+        let join = s.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
         let Some((size, addr, their_hello)) = join.ok().as_deref().and_then(decode_join) else {
             continue;
         };
         if rank == 0 || rank >= cfg.size {
-            let msg = format!(
-                "rank 0: a process claims rank {rank}, but the job has ranks 0..{}",
-                cfg.size - 1
-            );
+            let msg = format!("rank 0: a process claims rank {rank}, but the job has ranks 0..{}", cfg.size - 1);
             let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
             problem.get_or_insert(msg);
             continue;
@@ -313,8 +287,7 @@ fn coordinate(
     let roster = encode_roster(&addrs);
     for (rank, p) in peers.iter_mut().enumerate() {
         if let Some(s) = p {
-            write_record(s, &roster)
-                .map_err(|e| setup_err(cfg, format!("sending roster to rank {rank}: {e}")))?;
+            write_record(s, &roster).map_err(|e| setup_err(cfg, format!("sending roster to rank {rank}: {e}")))?;
         }
     }
     Ok(())
@@ -338,34 +311,18 @@ fn join(
     let mut to_zero = connect_authenticated(coordinator, cfg, deadline)?;
     let local_ip = to_zero.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
     let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
-    let advertised = SocketAddr::new(
-        if cfg.bind.is_unspecified() {
-            local_ip
-        } else {
-            cfg.bind
-        },
-        port,
-    );
+    let advertised = SocketAddr::new(if cfg.bind.is_unspecified() { local_ip } else { cfg.bind }, port);
     write_record(&mut to_zero, &encode_join(cfg.size, &advertised, hello))
         .map_err(|e| setup_err(cfg, format!("sending join to rank 0: {e}")))?;
-    to_zero
-        .set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT))
-        .map_err(|e| setup_err(cfg, e))?;
+    to_zero.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
     let answer = read_record(&mut to_zero, 1 << 20)
         .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
     match answer.first() {
         Some(b'O') => {}
-        Some(b'A') => {
-            return Err(TransportError::JobAborted(
-                String::from_utf8_lossy(&answer[1..]).into_owned(),
-            ))
-        }
+        Some(b'A') => return Err(TransportError::JobAborted(String::from_utf8_lossy(&answer[1..]).into_owned())),
         _ => return Err(setup_err(cfg, "malformed start-up answer from rank 0")),
     }
-    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..])
-        .split('\n')
-        .map(str::to_owned)
-        .collect();
+    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..]).split('\n').map(str::to_owned).collect();
     if roster.len() != cfg.size {
         return Err(setup_err(cfg, "roster from rank 0 has the wrong length"));
     }
@@ -412,36 +369,20 @@ impl TcpTransport {
     ) -> Result<TcpTransport, TransportError> {
         let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
         let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
-        epoll
-            .add(waker.0, KEY_WAKE)
-            .map_err(|e| TransportError::io("epoll_ctl", e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| TransportError::io("listener", e))?;
-        epoll
-            .add(listener.as_raw_fd(), KEY_LISTENER)
-            .map_err(|e| TransportError::io("epoll_ctl", e))?;
+        epoll.add(waker.0, KEY_WAKE).map_err(|e| TransportError::io("epoll_ctl", e))?;
+        listener.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
+        epoll.add(listener.as_raw_fd(), KEY_LISTENER).map_err(|e| TransportError::io("epoll_ctl", e))?;
         let mut peers = Vec::with_capacity(cfg.size);
         for (rank, s) in streams.into_iter().enumerate() {
             match s {
                 Some(s) => {
-                    set_socket_options(&s)
-                        .map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
-                    epoll
-                        .add(s.as_raw_fd(), rank as u64)
-                        .map_err(|e| TransportError::io("epoll_ctl", e))?;
-                    peers.push(Some(Peer {
-                        stream: s,
-                        write_lock: Mutex::new(()),
-                        left: AtomicBool::new(false),
-                    }));
+                    set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
+                    epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
+                    peers.push(Some(Peer { stream: s, write_lock: Mutex::new(()), left: AtomicBool::new(false) }));
                 }
                 None if rank == cfg.rank => peers.push(None),
                 None => {
-                    return Err(TransportError::Bootstrap(format!(
-                        "rank {}: no connection to rank {rank}",
-                        cfg.rank
-                    )))
+                    return Err(TransportError::Bootstrap(format!("rank {}: no connection to rank {rank}", cfg.rank)))
                 }
             }
         }
@@ -461,22 +402,14 @@ impl TcpTransport {
     fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
         match self.peers.get(rank) {
             Some(Some(p)) => Ok(p),
-            _ => Err(TransportError::Invalid(format!(
-                "no connection to rank {rank}"
-            ))),
+            _ => Err(TransportError::Invalid(format!("no connection to rank {rank}"))),
         }
     }
 
     fn check_span(&self, span: Span) -> Result<(), TransportError> {
         let end = span.offset.checked_add(u64::from(span.len));
-        if span.len == 0
-            || span.len > crate::frame::MAX_SPAN
-            || end.is_none_or(|e| e > self.view.len as u64)
-        {
-            return Err(TransportError::Invalid(format!(
-                "span {:#x}+{} outside the heap",
-                span.offset, span.len
-            )));
+        if span.len == 0 || span.len > crate::frame::MAX_SPAN || end.is_none_or(|e| e > self.view.len as u64) {
+            return Err(TransportError::Invalid(format!("span {:#x}+{} outside the heap", span.offset, span.len)));
         }
         Ok(())
     }
@@ -492,26 +425,13 @@ impl TcpTransport {
             std::ptr::null_mut()
         };
         let mut parts = [
-            libc::iovec {
-                iov_base: head.as_ptr() as *mut libc::c_void,
-                iov_len: HEADER_LEN,
-            },
-            libc::iovec {
-                iov_base: msg.as_ptr() as *mut libc::c_void,
-                iov_len: msg.len(),
-            },
-            libc::iovec {
-                iov_base: page_ptr.cast(),
-                iov_len: header.page_len as usize,
-            },
+            libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN },
+            libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() },
+            libc::iovec { iov_base: page_ptr.cast(), iov_len: header.page_len as usize },
         ];
         let _guard = peer.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts).map_err(|e| {
-            TransportError::PeerLost {
-                rank,
-                reason: format!("send failed: {e}"),
-            }
-        })
+        sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts)
+            .map_err(|e| TransportError::PeerLost { rank, reason: format!("send failed: {e}") })
     }
 
     /// Reads everything available on one connection, handing complete frames to `sink`.
@@ -603,18 +523,11 @@ impl TcpTransport {
                 if inbox.header_got < HEADER_LEN {
                     return Ok(false);
                 }
-                let h = Header::decode(&inbox.header_bytes, self.view.len).map_err(|e| {
-                    TransportError::PeerLost {
-                        rank,
-                        reason: format!("protocol error: {e}"),
-                    }
-                })?;
+                let h = Header::decode(&inbox.header_bytes, self.view.len)
+                    .map_err(|e| TransportError::PeerLost { rank, reason: format!("protocol error: {e}") })?;
                 inbox.msg.resize(h.msg_len as usize, 0);
                 let carries_page = matches!(h.kind, Kind::Message | Kind::ReadReply);
-                inbox.header = Some(Header {
-                    page_len: if carries_page { h.page_len } else { 0 },
-                    ..h
-                });
+                inbox.header = Some(Header { page_len: if carries_page { h.page_len } else { 0 }, ..h });
                 if h.kind == Kind::ReadRequest {
                     inbox.header = Some(h);
                     inbox.msg_got = 0;
@@ -653,32 +566,18 @@ impl TcpTransport {
         msg: &[u8],
         handler: &mut dyn FnMut(Event<'_>),
     ) -> Result<usize, TransportError> {
-        let span = Span {
-            offset: h.offset,
-            len: h.page_len,
-        };
+        let span = Span { offset: h.offset, len: h.page_len };
         match h.kind {
             Kind::Message => {
                 let page = (h.page_len > 0).then_some(span);
-                handler(Event::Message {
-                    from: rank,
-                    bytes: msg,
-                    page,
-                });
+                handler(Event::Message { from: rank, bytes: msg, page });
             }
             Kind::ReadRequest => {
-                let reply = Header {
-                    kind: Kind::ReadReply,
-                    msg_len: 0,
-                    ..h
-                };
+                let reply = Header { kind: Kind::ReadReply, msg_len: 0, ..h };
                 self.write_frame(rank, reply, &[])?;
                 return Ok(0);
             }
-            Kind::ReadReply => handler(Event::ReadDone {
-                from: rank,
-                token: h.token,
-            }),
+            Kind::ReadReply => handler(Event::ReadDone { from: rank, token: h.token }),
             Kind::Goodbye => {
                 self.peer(rank)?.left.store(true, Ordering::Release);
                 handler(Event::PeerLeft { rank });
@@ -694,10 +593,7 @@ impl TcpTransport {
         if peer.left.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err(TransportError::PeerLost {
-                rank,
-                reason: why.to_string(),
-            })
+            Err(TransportError::PeerLost { rank, reason: why.to_string() })
         }
     }
 
@@ -720,10 +616,7 @@ impl Transport for TcpTransport {
 
     fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
         if msg.len() > crate::MAX_MESSAGE {
-            return Err(TransportError::Invalid(format!(
-                "message of {} bytes is too long",
-                msg.len()
-            )));
+            return Err(TransportError::Invalid(format!("message of {} bytes is too long", msg.len())));
         }
         let span = page.unwrap_or(Span { offset: 0, len: 0 });
         if page.is_some() {
@@ -741,30 +634,14 @@ impl Transport for TcpTransport {
 
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
         self.check_span(span)?;
-        let h = Header {
-            kind: Kind::ReadRequest,
-            msg_len: 0,
-            page_len: span.len,
-            offset: span.offset,
-            token,
-        };
+        let h = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: span.len, offset: span.offset, token };
         // The request carries no payload: write only the header.
         let peer_ref = self.peer(peer)?;
         let head = h.encode();
-        let mut parts = [libc::iovec {
-            iov_base: head.as_ptr() as *mut libc::c_void,
-            iov_len: HEADER_LEN,
-        }];
-        let _guard = peer_ref
-            .write_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        sys::write_all_vectored(peer_ref.stream.as_raw_fd(), &mut parts).map_err(|e| {
-            TransportError::PeerLost {
-                rank: peer,
-                reason: format!("send failed: {e}"),
-            }
-        })
+        let mut parts = [libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN }];
+        let _guard = peer_ref.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        sys::write_all_vectored(peer_ref.stream.as_raw_fd(), &mut parts)
+            .map_err(|e| TransportError::PeerLost { rank: peer, reason: format!("send failed: {e}") })
     }
 
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
@@ -809,18 +686,21 @@ impl Transport for TcpTransport {
         taken
     }
 
+    fn wait_for_wake(&self, timeout: Duration) {
+        let mut p = libc::pollfd { fd: self.waker.0, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, ms) } > 0 {
+            self.waker.drain();
+        }
+    }
+
     fn wake(&self) {
         self.waker.signal();
     }
 
     fn say_goodbye(&self) -> Result<(), TransportError> {
-        let bye = Header {
-            kind: Kind::Goodbye,
-            msg_len: 0,
-            page_len: 0,
-            offset: 0,
-            token: 0,
-        };
+        let bye = Header { kind: Kind::Goodbye, msg_len: 0, page_len: 0, offset: 0, token: 0 };
         for rank in (0..self.size).filter(|r| *r != self.rank) {
             self.write_frame(rank, bye, &[])?;
         }

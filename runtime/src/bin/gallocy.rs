@@ -59,11 +59,7 @@ enum Cmd {
     Help,
     Version,
     Run(LaunchSpec),
-    Demo {
-        ranks: usize,
-        problem: Problem,
-        grace: Duration,
-    },
+    Demo { ranks: usize, problem: Problem, grace: Duration },
     DemoRank(Problem),
 }
 
@@ -98,11 +94,7 @@ fn execute(cmd: Cmd) -> i32 {
             0
         }
         Cmd::Run(spec) => launch_job(&spec),
-        Cmd::Demo {
-            ranks,
-            problem,
-            grace,
-        } => demo(ranks, problem, grace),
+        Cmd::Demo { ranks, problem, grace } => demo(ranks, problem, grace),
         Cmd::DemoRank(problem) => demo_rank(problem).unwrap_or_else(|e| {
             eprintln!("gallocy demo: {e:#}");
             1
@@ -141,22 +133,16 @@ fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
                 break;
             }
             "-h" | "--help" => return Ok(Cmd::Help),
-            "-n" | "--nprocs" | "-np" => {
-                nprocs = Some(parse_num(flag, value(args, &mut i, inline)?)?)
-            }
+            "-n" | "--nprocs" | "-np" => nprocs = Some(parse_num(flag, value(args, &mut i, inline)?)?),
             "--transport" => transport = value(args, &mut i, inline)?.to_string(),
             "--grace" => grace = parse_seconds(flag, value(args, &mut i, inline)?)?,
-            f if f.starts_with('-') && f.len() > 1 => {
-                return Err(Usage(format!("unknown option \"{f}\"")))
-            }
+            f if f.starts_with('-') && f.len() > 1 => return Err(Usage(format!("unknown option \"{f}\""))),
             _ => break, // first word of the program
         }
         i += 1;
     }
     let nprocs = nprocs.ok_or_else(|| Usage("run: missing -n N".into()))?;
-    let (program, program_args) = args[i..]
-        .split_first()
-        .ok_or_else(|| Usage("run: missing PROGRAM".into()))?;
+    let (program, program_args) = args[i..].split_first().ok_or_else(|| Usage("run: missing PROGRAM".into()))?;
     let mut spec = LaunchSpec::new(nprocs, program.clone(), program_args.to_vec());
     spec.transport = transport;
     spec.grace = grace;
@@ -166,11 +152,7 @@ fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
 
 fn parse_demo(args: &[OsString]) -> Result<Cmd, Usage> {
     let mut ranks = DEMO_DEFAULT_RANKS;
-    let mut problem = Problem {
-        size: DEMO_DEFAULT_SIZE,
-        iters: DEMO_DEFAULT_ITERS,
-        threads: 1,
-    };
+    let mut problem = Problem { size: DEMO_DEFAULT_SIZE, iters: DEMO_DEFAULT_ITERS, threads: 1 };
     let mut grace = launch::DEFAULT_GRACE;
     let mut i = 0;
     while i < args.len() {
@@ -187,16 +169,10 @@ fn parse_demo(args: &[OsString]) -> Result<Cmd, Usage> {
         i += 1;
     }
     if !(1..=MAX_RANKS).contains(&ranks) {
-        return Err(Usage(format!(
-            "demo: -n must be between 1 and {MAX_RANKS}, not {ranks}"
-        )));
+        return Err(Usage(format!("demo: -n must be between 1 and {MAX_RANKS}, not {ranks}")));
     }
     check_problem(problem)?;
-    Ok(Cmd::Demo {
-        ranks,
-        problem,
-        grace,
-    })
+    Ok(Cmd::Demo { ranks, problem, grace })
 }
 
 fn parse_demo_rank(args: &[OsString]) -> Result<Cmd, Usage> {
@@ -214,22 +190,13 @@ fn parse_demo_rank(args: &[OsString]) -> Result<Cmd, Usage> {
 
 fn check_problem(p: Problem) -> Result<(), Usage> {
     if !(3..=DEMO_MAX_SIZE).contains(&p.size) {
-        return Err(Usage(format!(
-            "demo: --size must be between 3 and {DEMO_MAX_SIZE}, not {}",
-            p.size
-        )));
+        return Err(Usage(format!("demo: --size must be between 3 and {DEMO_MAX_SIZE}, not {}", p.size)));
     }
     if !(1..=DEMO_MAX_ITERS).contains(&p.iters) {
-        return Err(Usage(format!(
-            "demo: --iters must be between 1 and {DEMO_MAX_ITERS}, not {}",
-            p.iters
-        )));
+        return Err(Usage(format!("demo: --iters must be between 1 and {DEMO_MAX_ITERS}, not {}", p.iters)));
     }
     if !(1..=MAX_THREADS).contains(&p.threads) {
-        return Err(Usage(format!(
-            "demo: --threads must be between 1 and {MAX_THREADS}, not {}",
-            p.threads
-        )));
+        return Err(Usage(format!("demo: --threads must be between 1 and {MAX_THREADS}, not {}", p.threads)));
     }
     Ok(())
 }
@@ -243,25 +210,18 @@ fn split_flag(arg: &str) -> (&str, Option<&str>) {
 }
 
 /// The value of the option at `args[*i]`: inline (`--x=v`) or the next argument.
-fn value<'a>(
-    args: &'a [OsString],
-    i: &mut usize,
-    inline: Option<&'a str>,
-) -> Result<&'a str, Usage> {
+fn value<'a>(args: &'a [OsString], i: &mut usize, inline: Option<&'a str>) -> Result<&'a str, Usage> {
     if let Some(v) = inline {
         return Ok(v);
     }
     let flag = utf8(&args[*i])?;
     *i += 1;
-    let v = args
-        .get(*i)
-        .ok_or_else(|| Usage(format!("{flag} needs a value")))?;
+    let v = args.get(*i).ok_or_else(|| Usage(format!("{flag} needs a value")))?;
     utf8(v)
 }
 
 fn utf8(arg: &OsString) -> Result<&str, Usage> {
-    arg.to_str()
-        .ok_or_else(|| Usage(format!("argument {arg:?} is not valid UTF-8")))
+    arg.to_str().ok_or_else(|| Usage(format!("argument {arg:?} is not valid UTF-8")))
 }
 
 /// Options are UTF-8; anything else can only be the program name.
@@ -270,8 +230,7 @@ fn utf8_or_program(arg: &OsString) -> &str {
 }
 
 fn parse_num<T: FromStr>(flag: &str, v: &str) -> Result<T, Usage> {
-    v.parse()
-        .map_err(|_| Usage(format!("{flag}: \"{v}\" is not a valid number")))
+    v.parse().map_err(|_| Usage(format!("{flag}: \"{v}\" is not a valid number")))
 }
 
 fn parse_seconds(flag: &str, v: &str) -> Result<Duration, Usage> {
@@ -279,11 +238,7 @@ fn parse_seconds(flag: &str, v: &str) -> Result<Duration, Usage> {
     Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| *d <= Duration::from_secs(86_400))
-        .ok_or_else(|| {
-            Usage(format!(
-                "{flag}: \"{v}\" is not a number of seconds between 0 and 86400"
-            ))
-        })
+        .ok_or_else(|| Usage(format!("{flag}: \"{v}\" is not a number of seconds between 0 and 86400")))
 }
 
 // ---------------------------------------------------------------- run
@@ -315,12 +270,7 @@ fn demo(ranks: usize, p: Problem, grace: Duration) -> i32 {
         p.iters,
         n = p.size
     );
-    let args = [
-        DEMO_RANK.to_string(),
-        p.size.to_string(),
-        p.iters.to_string(),
-        p.threads.to_string(),
-    ];
+    let args = [DEMO_RANK.to_string(), p.size.to_string(), p.iters.to_string(), p.threads.to_string()];
     let mut spec = LaunchSpec::new(ranks, exe, args.iter().map(OsString::from).collect());
     spec.env.push(("GALLOCY_STATS".into(), "1".into()));
     spec.grace = grace;
@@ -380,11 +330,7 @@ fn verify(rank: usize, p: Problem, result: &jacobi::DistResult) -> Verdict {
     if !same && rank != 0 {
         eprintln!("gallocy demo: the final grid read by rank {rank} differs from the single-process result");
     }
-    Verdict {
-        same_as_reference: same,
-        reference_time,
-        mismatch,
-    }
+    Verdict { same_as_reference: same, reference_time, mismatch }
 }
 
 /// Every rank writes its verdict into a shared array; returns (agreeing, ranks).
@@ -396,9 +342,7 @@ fn gather_agreement(mine: bool) -> (usize, usize) {
     unsafe { votes.add(gallocy::rank()).write_volatile(u8::from(mine)) };
     gallocy::barrier();
     // SAFETY: as above; nobody writes the array after the barrier.
-    let agreeing = (0..ranks)
-        .filter(|&r| unsafe { votes.add(r).read_volatile() } == 1)
-        .count();
+    let agreeing = (0..ranks).filter(|&r| unsafe { votes.add(r).read_volatile() } == 1).count();
     (agreeing, ranks)
 }
 
@@ -406,31 +350,14 @@ fn gather_agreement(mine: bool) -> (usize, usize) {
 fn fingerprint(grid: &[f64]) -> u64 {
     grid.iter()
         .flat_map(|v| v.to_bits().to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-fn print_summary(
-    p: Problem,
-    r: &jacobi::DistResult,
-    wall: Duration,
-    v: &Verdict,
-    agree: (usize, usize),
-) {
+fn print_summary(p: Problem, r: &jacobi::DistResult, wall: Duration, v: &Verdict, agree: (usize, usize)) {
     let n = p.size;
-    println!(
-        "Jacobi {n}x{n}, {} iterations, {} processes x {} thread(s)",
-        r.iterations, agree.1, p.threads
-    );
-    println!(
-        "  distributed wall time:         {:.3} s",
-        wall.as_secs_f64()
-    );
-    println!(
-        "  single-process reference time: {:.3} s",
-        v.reference_time.as_secs_f64()
-    );
+    println!("Jacobi {n}x{n}, {} iterations, {} processes x {} thread(s)", r.iterations, agree.1, p.threads);
+    println!("  distributed wall time:         {:.3} s", wall.as_secs_f64());
+    println!("  single-process reference time: {:.3} s", v.reference_time.as_secs_f64());
     println!("  residual (max |u - sweep(u)|): {:.6e}", r.residual);
     match v.mismatch {
         None => println!("  matches single-process result: yes (bit for bit, {} values)", r.grid.len()),
@@ -443,10 +370,7 @@ fn print_summary(
         ),
     }
     let yes = if agree.0 == agree.1 { "yes" } else { "NO" };
-    println!(
-        "  every rank read the same grid: {yes} ({}/{} ranks)",
-        agree.0, agree.1
-    );
+    println!("  every rank read the same grid: {yes} ({}/{} ranks)", agree.0, agree.1);
 }
 
 #[cfg(test)]
@@ -459,29 +383,15 @@ mod tests {
 
     #[test]
     fn run_parses_options_and_program() {
-        let Ok(Cmd::Run(spec)) = parse(&args(&[
-            "run",
-            "-n",
-            "3",
-            "--grace=0.5",
-            "--",
-            "prog",
-            "-x",
-            "--y",
-        ])) else {
+        let Ok(Cmd::Run(spec)) = parse(&args(&["run", "-n", "3", "--grace=0.5", "--", "prog", "-x", "--y"])) else {
             panic!("not a run command")
         };
         assert_eq!(spec.nprocs, 3);
         assert_eq!(spec.grace, Duration::from_millis(500));
         assert_eq!(spec.program, "prog");
         assert_eq!(spec.args, args(&["-x", "--y"]));
-        let Ok(Cmd::Run(spec)) = parse(&args(&["run", "--nprocs=2", "prog"])) else {
-            panic!()
-        };
-        assert_eq!(
-            (spec.nprocs, spec.program.as_os_str()),
-            (2, "prog".as_ref())
-        );
+        let Ok(Cmd::Run(spec)) = parse(&args(&["run", "--nprocs=2", "prog"])) else { panic!() };
+        assert_eq!((spec.nprocs, spec.program.as_os_str()), (2, "prog".as_ref()));
     }
 
     #[test]
@@ -504,22 +414,14 @@ mod tests {
             &["demo", "extra"],
             &["__demo-rank", "10"],
         ] {
-            assert!(
-                parse(&args(bad)).is_err(),
-                "{bad:?} should be a usage error"
-            );
+            assert!(parse(&args(bad)).is_err(), "{bad:?} should be a usage error");
         }
     }
 
     #[test]
     fn demo_defaults() {
-        let Ok(Cmd::Demo { ranks, problem, .. }) = parse(&args(&["demo"])) else {
-            panic!()
-        };
-        assert_eq!(
-            (ranks, problem.size, problem.iters, problem.threads),
-            (4, 512, 200, 1)
-        );
+        let Ok(Cmd::Demo { ranks, problem, .. }) = parse(&args(&["demo"])) else { panic!() };
+        assert_eq!((ranks, problem.size, problem.iters, problem.threads), (4, 512, 200, 1));
     }
 
     #[test]

@@ -39,10 +39,7 @@ pub fn token() -> String {
 pub fn clean_env(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if ["GALLOCY_", "OMPI_", "PMI_", "PMIX_", "SLURM_", "SCENARIO_"]
-            .iter()
-            .any(|p| k.starts_with(p))
-        {
+        if ["GALLOCY_", "OMPI_", "PMI_", "PMIX_", "SLURM_", "SCENARIO_"].iter().any(|p| k.starts_with(p)) {
             cmd.env_remove(&k);
         }
     }
@@ -79,10 +76,7 @@ fn pump(mut src: impl Read + Send + 'static, buf: Arc<Mutex<String>>) -> JoinHan
         loop {
             match src.read(&mut chunk) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => buf
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Ok(n) => buf.lock().unwrap_or_else(|e| e.into_inner()).push_str(&String::from_utf8_lossy(&chunk[..n])),
             }
         }
     })
@@ -105,30 +99,14 @@ impl Proc {
     /// Spawn `cmd` in a new process group with piped output.
     pub fn spawn(label: impl Into<String>, cmd: &mut Command) -> Proc {
         let label = label.into();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("{label}: cannot spawn {cmd:?}: {e}"));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{label}: cannot spawn {cmd:?}: {e}"));
         let out = Arc::new(Mutex::new(String::new()));
         let err = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            pump(child.stdout.take().unwrap(), out.clone()),
-            pump(child.stderr.take().unwrap(), err.clone()),
-        ];
+        let readers =
+            vec![pump(child.stdout.take().unwrap(), out.clone()), pump(child.stderr.take().unwrap(), err.clone())];
         let pid = child.id();
-        Proc {
-            label,
-            child,
-            pid,
-            out,
-            err,
-            readers,
-            status: None,
-            stragglers: false,
-        }
+        Proc { label, child, pid, out, err, readers, status: None, stragglers: false }
     }
 
     pub fn pid(&self) -> u32 {
@@ -223,11 +201,7 @@ impl Proc {
             self.label,
             self.pid,
             describe(self.status),
-            if self.stragglers {
-                " [left processes behind holding its output]"
-            } else {
-                ""
-            },
+            if self.stragglers { " [left processes behind holding its output]" } else { "" },
             tail(&self.stdout(), 6000),
             tail(&self.stderr(), 6000)
         )
@@ -252,16 +226,9 @@ pub fn run(label: &str, cmd: &mut Command, timeout: Duration) -> Proc {
     if p.wait_until(t0 + timeout).is_none() {
         p.kill_group();
         let _ = p.wait_until(Instant::now() + Duration::from_secs(5));
-        panic!(
-            "{label}: did not finish within {timeout:?}; killed.\n{}",
-            p.report()
-        );
+        panic!("{label}: did not finish within {timeout:?}; killed.\n{}", p.report());
     }
-    eprintln!(
-        "{label}: {} after {:.1} s",
-        describe(p.status()),
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("{label}: {} after {:.1} s", describe(p.status()), t0.elapsed().as_secs_f64());
     p
 }
 
@@ -269,44 +236,23 @@ pub fn run(label: &str, cmd: &mut Command, timeout: Duration) -> Proc {
 pub fn launcher_cmd(n: usize, scenario_args: &[&str]) -> Command {
     let mut cmd = Command::new(LAUNCHER);
     clean_env(&mut cmd);
-    cmd.arg("run")
-        .arg("-n")
-        .arg(n.to_string())
-        .arg("--")
-        .arg(SCENARIO)
-        .args(scenario_args);
+    cmd.arg("run").arg("-n").arg(n.to_string()).arg("--").arg(SCENARIO).args(scenario_args);
     cmd
 }
 
 /// Run a scenario through the launcher and require success plus the PASS line of every rank.
 pub fn launch_ok(n: usize, scenario_args: &[&str], timeout: Duration) -> Proc {
     let name = scenario_args[0];
-    let label = format!(
-        "gallocy run -n {n} -- gallocy-scenario {}",
-        scenario_args.join(" ")
-    );
+    let label = format!("gallocy run -n {n} -- gallocy-scenario {}", scenario_args.join(" "));
     let p = run(&label, &mut launcher_cmd(n, scenario_args), timeout);
     let status = p.status().unwrap();
-    assert!(
-        status.success(),
-        "{label}: expected exit 0, got {}\n{}",
-        describe(Some(status)),
-        p.report()
-    );
+    assert!(status.success(), "{label}: expected exit 0, got {}\n{}", describe(Some(status)), p.report());
     let all = format!("{}{}", p.stdout(), p.stderr());
     for r in 0..n {
         let pass = format!("rank {r}: {name} ok");
-        assert!(
-            all.contains(&pass),
-            "{label}: no {pass:?} line\n{}",
-            p.report()
-        );
+        assert!(all.contains(&pass), "{label}: no {pass:?} line\n{}", p.report());
     }
-    assert!(
-        !p.stragglers,
-        "{label}: the launcher exited but left processes behind\n{}",
-        p.report()
-    );
+    assert!(!p.stragglers, "{label}: the launcher exited but left processes behind\n{}", p.report());
     p
 }
 
@@ -320,12 +266,7 @@ pub struct Job {
 impl Job {
     /// Describe the job: `n` ranks, a fresh coordinator port and token.
     pub fn builder(n: usize) -> JobBuilder {
-        JobBuilder {
-            n,
-            coordinator: format!("127.0.0.1:{}", free_port()),
-            token: token(),
-            extra: vec![Vec::new(); n],
-        }
+        JobBuilder { n, coordinator: format!("127.0.0.1:{}", free_port()), token: token(), extra: vec![Vec::new(); n] }
     }
 
     pub fn wait_all(&mut self, timeout: Duration) -> bool {
@@ -348,20 +289,13 @@ impl Job {
     /// Wait for every rank; on timeout kill everything and fail with the output.
     pub fn wait_or_fail(&mut self, what: &str, timeout: Duration) {
         if !self.wait_all(timeout) {
-            let running: Vec<String> = self
-                .ranks
-                .iter()
-                .filter(|p| p.status().is_none())
-                .map(|p| p.label.clone())
-                .collect();
+            let running: Vec<String> =
+                self.ranks.iter().filter(|p| p.status().is_none()).map(|p| p.label.clone()).collect();
             for p in &self.ranks {
                 p.kill_group();
             }
-            let msg = format!(
-                "{what}: {} still running after {timeout:?} (killed)\n{}",
-                running.join(", "),
-                self.report()
-            );
+            let msg =
+                format!("{what}: {} still running after {timeout:?} (killed)\n{}", running.join(", "), self.report());
             for p in &mut self.ranks {
                 let _ = p.wait_until(Instant::now() + Duration::from_secs(5));
             }
@@ -379,11 +313,7 @@ impl Job {
                 self.report()
             );
             let pass = format!("rank {r}: {name} ok");
-            assert!(
-                p.stdout().contains(&pass),
-                "{what}: rank {r} printed no {pass:?}\n{}",
-                self.report()
-            );
+            assert!(p.stdout().contains(&pass), "{what}: rank {r} printed no {pass:?}\n{}", self.report());
         }
     }
 }
@@ -433,11 +363,7 @@ impl JobBuilder {
     /// Start every rank.
     pub fn spawn(self, args: &[&str]) -> Job {
         let ranks = (0..self.n).map(|r| self.spawn_rank(r, args)).collect();
-        Job {
-            ranks,
-            coordinator: self.coordinator,
-            token: self.token,
-        }
+        Job { ranks, coordinator: self.coordinator, token: self.token }
     }
 }
 

@@ -28,22 +28,16 @@ fn check_block(what: &str, p: *mut u8, len: usize, align: usize) -> Result<(), S
     }
     let owner = gallocy::arena_rank_of(p as usize);
     if owner != gallocy::rank() {
-        return Err(format!(
-            "{what}: {p:p} is in the arena of rank {owner}, not this rank's"
-        ));
+        return Err(format!("{what}: {p:p} is in the arena of rank {owner}, not this rank's"));
     }
     // SAFETY: `p` was just returned by the allocator for a live block.
     let usable = unsafe { gallocy::usable_size(p) };
     if usable < len {
-        return Err(format!(
-            "{what}: usable_size({p:p}) = {usable} < requested {len}"
-        ));
+        return Err(format!("{what}: usable_size({p:p}) = {usable} < requested {len}"));
     }
     let sane = len.max(16).next_power_of_two() * 2 + gallocy::page_size();
     if usable > sane {
-        return Err(format!(
-            "{what}: usable_size({p:p}) = {usable}, implausibly large for {len} bytes"
-        ));
+        return Err(format!("{what}: usable_size({p:p}) = {usable}, implausibly large for {len} bytes"));
     }
     Ok(())
 }
@@ -73,11 +67,9 @@ unsafe fn check(what: &str, p: *const u8, len: usize, seed: u64) -> Result<(), S
     let s = unsafe { std::slice::from_raw_parts(p, len) };
     match (0..len).find(|&i| s[i] != byte(seed, i)) {
         None => Ok(()),
-        Some(i) => Err(format!(
-            "{what}: byte {i} of the block at {p:p} is {:#04x}, expected {:#04x}",
-            s[i],
-            byte(seed, i)
-        )),
+        Some(i) => {
+            Err(format!("{what}: byte {i} of the block at {p:p} is {:#04x}, expected {:#04x}", s[i], byte(seed, i)))
+        }
     }
 }
 
@@ -100,14 +92,7 @@ fn aligned() -> Result<usize, String> {
         }
         for &(p, len, seed) in &blocks {
             // SAFETY: the blocks are live until freed below.
-            unsafe {
-                check(
-                    &format!("aligned_alloc({align}, {len}) block"),
-                    p,
-                    len,
-                    seed,
-                )?
-            };
+            unsafe { check(&format!("aligned_alloc({align}, {len}) block"), p, len, seed)? };
         }
         for (p, _, _) in blocks {
             // SAFETY: each block came from the allocator and is freed once.
@@ -134,10 +119,7 @@ fn sizes() -> Result<usize, String> {
     sorted.sort();
     for w in sorted.windows(2) {
         if w[0].0 + w[0].1 > w[1].0 {
-            return Err(format!(
-                "malloc blocks overlap: {:#x}+{} and {:#x}",
-                w[0].0, w[0].1, w[1].0
-            ));
+            return Err(format!("malloc blocks overlap: {:#x}+{} and {:#x}", w[0].0, w[0].1, w[1].0));
         }
     }
     for &(p, len, seed) in &blocks {
@@ -180,13 +162,7 @@ fn realloc_chain() -> Result<usize, String> {
 /// calloc returns zeroed memory even where a dirty block was just freed; overflow -> null.
 fn calloc_zero() -> Result<usize, String> {
     let mut n = 0;
-    for &(cnt, sz) in &[
-        (4usize, 4096usize),
-        (1, 24),
-        (100, 3),
-        (1000, 1000),
-        (7, 65536),
-    ] {
+    for &(cnt, sz) in &[(4usize, 4096usize), (1, 24), (100, 3), (1000, 1000), (7, 65536)] {
         let len = cnt * sz;
         let dirty = gallocy::malloc(len);
         check_block(&format!("malloc({len})"), dirty, len, 8)?;
@@ -199,10 +175,7 @@ fn calloc_zero() -> Result<usize, String> {
         // SAFETY: live block of `len` bytes.
         let s = unsafe { std::slice::from_raw_parts(p, len) };
         if let Some(i) = s.iter().position(|&b| b != 0) {
-            return Err(format!(
-                "calloc({cnt}, {sz}) = {p:p}: byte {i} is {:#04x}, not zero",
-                s[i]
-            ));
+            return Err(format!("calloc({cnt}, {sz}) = {p:p}: byte {i} is {:#04x}, not zero", s[i]));
         }
         // SAFETY: freed once.
         unsafe { gallocy::free(p) };
@@ -210,25 +183,14 @@ fn calloc_zero() -> Result<usize, String> {
     }
     let huge = gallocy::calloc(usize::MAX / 2 + 1, 2);
     if !huge.is_null() {
-        return Err(format!(
-            "calloc(usize::MAX/2+1, 2) overflows but returned {huge:p} instead of null"
-        ));
+        return Err(format!("calloc(usize::MAX/2+1, 2) overflows but returned {huge:p} instead of null"));
     }
     Ok(n + 1)
 }
 
 /// The GlobalAlloc implementation, called directly.
 fn global_alloc() -> Result<usize, String> {
-    let layouts = [
-        (1, 1),
-        (8, 8),
-        (24, 8),
-        (100, 16),
-        (4096, 4096),
-        (10_000, 64),
-        (3, 65536),
-        (1 << 20, 32),
-    ];
+    let layouts = [(1, 1), (8, 8), (24, 8), (100, 16), (4096, 4096), (10_000, 64), (3, 65536), (1 << 20, 32)];
     for (j, &(size, align)) in layouts.iter().enumerate() {
         let l = Layout::from_size_align(size, align).map_err(|e| e.to_string())?;
         let what = format!("GallocyAlloc.alloc({size}, align {align})");
@@ -240,12 +202,7 @@ fn global_alloc() -> Result<usize, String> {
         unsafe { fill(p, size, seed) };
         // SAFETY: `p` was allocated with `l`; the new size is non-zero.
         let q = unsafe { gallocy::GallocyAlloc.realloc(p, l, size * 3) };
-        check_block(
-            &format!("GallocyAlloc.realloc to {}", size * 3),
-            q,
-            size * 3,
-            align,
-        )?;
+        check_block(&format!("GallocyAlloc.realloc to {}", size * 3), q, size * 3, align)?;
         // SAFETY: `q` holds at least `size` bytes.
         unsafe { check(&format!("{what} after realloc"), q, size, seed)? };
         let l3 = Layout::from_size_align(size * 3, align).map_err(|e| e.to_string())?;
@@ -254,20 +211,10 @@ fn global_alloc() -> Result<usize, String> {
 
         // SAFETY: non-zero size.
         let z = unsafe { gallocy::GallocyAlloc.alloc_zeroed(l) };
-        check_block(
-            &format!("GallocyAlloc.alloc_zeroed({size}, align {align})"),
-            z,
-            size,
-            align,
-        )?;
+        check_block(&format!("GallocyAlloc.alloc_zeroed({size}, align {align})"), z, size, align)?;
         // SAFETY: live block of `size` bytes.
-        if unsafe { std::slice::from_raw_parts(z, size) }
-            .iter()
-            .any(|&b| b != 0)
-        {
-            return Err(format!(
-                "GallocyAlloc.alloc_zeroed({size}, align {align}) is not zeroed"
-            ));
+        if unsafe { std::slice::from_raw_parts(z, size) }.iter().any(|&b| b != 0) {
+            return Err(format!("GallocyAlloc.alloc_zeroed({size}, align {align}) is not zeroed"));
         }
         // SAFETY: allocated with `l`.
         unsafe { gallocy::GallocyAlloc.dealloc(z, l) };
@@ -314,9 +261,7 @@ fn threaded(threads: usize, ops: usize) -> Result<usize, String> {
                 })
             })
             .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
-            .collect()
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
     });
     for r in results {
         r?;
@@ -359,18 +304,11 @@ fn remote_free() -> Result<String, String> {
         }
         let owner = gallocy::arena_rank_of(p as usize);
         if owner != src {
-            return Err(format!(
-                "rank {src}'s block {i} at {p:p} is in the arena of rank {owner}"
-            ));
+            return Err(format!("rank {src}'s block {i} at {p:p} is in the arena of rank {owner}"));
         }
         // SAFETY: the block is live (rank `src` allocated it and handed it to us).
         unsafe {
-            check(
-                &format!("rank {src}'s block {i} read here"),
-                p,
-                len,
-                ((src as u64) << 32) | i as u64,
-            )?;
+            check(&format!("rank {src}'s block {i} read here"), p, len, ((src as u64) << 32) | i as u64)?;
             fill(p, len, 0xF00D ^ i as u64);
             gallocy::free(p);
         }
@@ -412,9 +350,7 @@ fn remote_free() -> Result<String, String> {
             (rank + 1) % size
         ));
     }
-    Ok(format!(
-        "remote free: {reused} of {REMOTE_BLOCKS} blocks reused"
-    ))
+    Ok(format!("remote free: {reused} of {REMOTE_BLOCKS} blocks reused"))
 }
 
 pub fn alloc(_args: &Args) -> Outcome {

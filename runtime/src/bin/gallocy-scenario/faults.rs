@@ -14,9 +14,7 @@ pub fn nullderef(args: &Args) -> ! {
         let p = std::hint::black_box(std::ptr::null::<u64>());
         // SAFETY: deliberately not safe: the whole point is to fault on address 0 and die.
         let v = unsafe { std::ptr::read_volatile(p) };
-        eprintln!(
-            "error: rank {rank}: nullderef: reading address 0 returned {v:#x} instead of faulting"
-        );
+        eprintln!("error: rank {rank}: nullderef: reading address 0 returned {v:#x} instead of faulting");
         std::process::exit(1);
     }
     gallocy::barrier();
@@ -30,13 +28,9 @@ pub fn nullderef(args: &Args) -> ! {
 /// when init succeeds (a runtime bug).
 pub fn occupy(_args: &Args) -> ! {
     let rank = env_rank();
-    let occupier: Option<usize> = std::env::var("SCENARIO_OCCUPY_RANK")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let base = std::env::var("GALLOCY_HEAP_BASE")
-        .ok()
-        .and_then(|v| parse_size(&v))
-        .unwrap_or(gallocy::DEFAULT_HEAP_BASE);
+    let occupier: Option<usize> = std::env::var("SCENARIO_OCCUPY_RANK").ok().and_then(|v| v.parse().ok());
+    let base =
+        std::env::var("GALLOCY_HEAP_BASE").ok().and_then(|v| parse_size(&v)).unwrap_or(gallocy::DEFAULT_HEAP_BASE);
     if occupier == Some(rank) {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
@@ -73,7 +67,9 @@ pub fn occupy(_args: &Args) -> ! {
         Ok(()) => {
             // Leave cleanly so peers do not report a lost rank, then fail.
             let _ = gallocy::finalize();
-            eprintln!("error: occupy: init() returned Ok here although part of the heap range was occupied before init");
+            eprintln!(
+                "error: occupy: init() returned Ok here although part of the heap range was occupied before init"
+            );
             std::process::exit(1);
         }
     }

@@ -10,9 +10,7 @@ pub fn jacobi(args: &Args) -> Outcome {
     let iters = args.usize_or("--iters", 100);
     let threads = args.usize_or("--threads", 2);
     let progress = args.flag("--progress");
-    let slow = args
-        .opt_usize("--slow-ms")
-        .map(|ms| Duration::from_millis(ms as u64));
+    let slow = args.opt_usize("--slow-ms").map(|ms| Duration::from_millis(ms as u64));
     let rank = gallocy::rank();
     let t0 = Instant::now();
     let res = if progress || slow.is_some() {
@@ -31,10 +29,7 @@ pub fn jacobi(args: &Args) -> Outcome {
     };
     let elapsed = t0.elapsed();
     if res.iterations != iters {
-        return Err(format!(
-            "ran {} iterations, asked for {iters}",
-            res.iterations
-        ));
+        return Err(format!("ran {} iterations, asked for {iters}", res.iterations));
     }
     if !res.residual.is_finite() {
         return Err(format!("residual is {}", res.residual));
@@ -47,16 +42,10 @@ pub fn jacobi(args: &Args) -> Outcome {
     if rank == 0 {
         let want = gallocy::jacobi::reference(n, iters);
         if want.len() != res.grid.len() {
-            return Err(format!(
-                "grid has {} cells, the reference {}",
-                res.grid.len(),
-                want.len()
-            ));
+            return Err(format!("grid has {} cells, the reference {}", res.grid.len(), want.len()));
         }
         if let Some(i) = (0..want.len()).find(|&i| want[i].to_bits() != res.grid[i].to_bits()) {
-            let bad = (0..want.len())
-                .filter(|&i| want[i].to_bits() != res.grid[i].to_bits())
-                .count();
+            let bad = (0..want.len()).filter(|&i| want[i].to_bits() != res.grid[i].to_bits()).count();
             return Err(format!(
                 "grid differs from the reference in {bad} cells; first at index {i} (row {}, col {}): {:e} vs reference {:e}",
                 i / n.max(1),

@@ -23,19 +23,11 @@ impl Litmus {
     fn new(args: &Args, nvars: usize, min_ranks: usize) -> Result<Litmus, String> {
         let (rank, size) = (gallocy::rank(), gallocy::size());
         if size < min_ranks {
-            return Err(format!(
-                "needs at least {min_ranks} ranks, the job has {size}"
-            ));
+            return Err(format!("needs at least {min_ranks} ranks, the job has {size}"));
         }
         let page = gallocy::page_size();
         let vars = collective(nvars * page)?;
-        Ok(Litmus {
-            rank,
-            size,
-            rounds: args.usize_or("--rounds", 10_000),
-            page,
-            vars,
-        })
+        Ok(Litmus { rank, size, rounds: args.usize_or("--rounds", 10_000), page, vars })
     }
 
     /// Variable `i`: the first word of page `i` of the collective block.
@@ -47,9 +39,7 @@ impl Litmus {
         // SAFETY: `var(i)` is an aligned word of the live collective block.
         let v = unsafe { vread(self.var(i)) };
         if v > 1 {
-            return Err(format!(
-                "variable {i} holds {v}, only 0 or 1 are ever written"
-            ));
+            return Err(format!("variable {i} holds {v}, only 0 or 1 are ever written"));
         }
         Ok(v)
     }
@@ -83,11 +73,7 @@ impl Litmus {
         // Exchange the records: every rank ends up with everybody's.
         let mut all = Vec::with_capacity(self.size);
         for root in 0..self.size {
-            let mut buf = if root == self.rank {
-                mine.clone()
-            } else {
-                vec![0u8; self.rounds]
-            };
+            let mut buf = if root == self.rank { mine.clone() } else { vec![0u8; self.rounds] };
             gallocy::broadcast(&mut buf, root);
             all.push(buf);
         }
@@ -111,10 +97,7 @@ fn delay(round: usize, rank: usize) {
     }
 }
 
-fn histogram(
-    rounds: usize,
-    label: impl Fn(usize) -> (String, bool),
-) -> (BTreeMap<String, usize>, Vec<usize>) {
+fn histogram(rounds: usize, label: impl Fn(usize) -> (String, bool)) -> (BTreeMap<String, usize>, Vec<usize>) {
     let mut h = BTreeMap::new();
     let mut bad = Vec::new();
     for round in 0..rounds {
@@ -127,13 +110,7 @@ fn histogram(
     (h, bad)
 }
 
-fn report(
-    name: &str,
-    rounds: usize,
-    h: &BTreeMap<String, usize>,
-    bad: &[usize],
-    elapsed: Duration,
-) -> Outcome {
+fn report(name: &str, rounds: usize, h: &BTreeMap<String, usize>, bad: &[usize], elapsed: Duration) -> Outcome {
     let hist: Vec<String> = h.iter().map(|(k, v)| format!("{k}: {v}")).collect();
     let hist = hist.join(", ");
     if gallocy::rank() == 0 {
@@ -147,10 +124,7 @@ fn report(
             shown.join(", ")
         ));
     }
-    Ok(format!(
-        "{rounds} rounds, no forbidden outcome; {:.0} ms",
-        elapsed.as_secs_f64() * 1e3
-    ))
+    Ok(format!("{rounds} rounds, no forbidden outcome; {:.0} ms", elapsed.as_secs_f64() * 1e3))
 }
 
 /// Message passing. Variables: 0 = data, 1 = flag (different pages). Rank 1 writes data=1 then
@@ -244,8 +218,7 @@ pub fn iriw(args: &Args) -> Outcome {
         let (r2, r3) = (all[2][round], all[3][round]);
         let (x2, y2) = (r2 & 1, (r2 >> 1) & 1);
         let (y3, x3) = (r3 & 1, (r3 >> 1) & 1);
-        let forbidden =
-            r2 & PART == 0 || r3 & PART == 0 || (x2 == 1 && y2 == 0 && y3 == 1 && x3 == 0);
+        let forbidden = r2 & PART == 0 || r3 & PART == 0 || (x2 == 1 && y2 == 0 && y3 == 1 && x3 == 0);
         let tag = if forbidden { " (FORBIDDEN)" } else { "" };
         (format!("r2:x={x2},y={y2} r3:y={y3},x={x3}{tag}"), forbidden)
     });

@@ -89,9 +89,7 @@ pub fn pingpong(args: &Args) -> Outcome {
             if !ok {
                 // SAFETY: as above.
                 let (t, v) = unsafe { (vread(turn), vread(value)) };
-                return Err(format!(
-                    "stuck before move {k}: turn word stays {t} (want {me}), value word is {v}"
-                ));
+                return Err(format!("stuck before move {k}: turn word stays {t} (want {me}), value word is {v}"));
             }
             // SAFETY: as above.
             let v = unsafe { vread(value) };
@@ -115,9 +113,7 @@ pub fn pingpong(args: &Args) -> Outcome {
     let v = unsafe { vread(value) };
     gallocy::barrier();
     if v != rounds {
-        return Err(format!(
-            "after the game the value word is {v}, expected {rounds}"
-        ));
+        return Err(format!("after the game the value word is {v}, expected {rounds}"));
     }
     Ok(format!(
         "{moves} of {rounds} moves made here; {:.0} ms, {:.1} us per move",
@@ -135,9 +131,7 @@ pub fn disjoint(args: &Args) -> Outcome {
     let page_words = gallocy::page_size() / 8;
     let words = args.usize_or("--words", 100).min(page_words / size);
     if words == 0 {
-        return Err(format!(
-            "a page of {page_words} words cannot be split among {size} ranks"
-        ));
+        return Err(format!("a page of {page_words} words cannot be split among {size} ranks"));
     }
     let page = collective(gallocy::page_size())?;
     let val = |round: u64, r: usize, i: usize| mix((round << 32) ^ ((r as u64) << 16) ^ i as u64);
@@ -165,8 +159,5 @@ pub fn disjoint(args: &Args) -> Outcome {
         gallocy::barrier();
     }
     let elapsed = t0.elapsed();
-    Ok(format!(
-        "{rounds} rounds x {size} ranks x {words} words; {:.0} ms",
-        elapsed.as_secs_f64() * 1e3
-    ))
+    Ok(format!("{rounds} rounds x {size} ranks x {words} words; {:.0} ms", elapsed.as_secs_f64() * 1e3))
 }

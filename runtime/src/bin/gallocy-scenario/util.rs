@@ -41,9 +41,7 @@ impl Args {
     pub fn usize_or(&self, name: &str, default: usize) -> usize {
         match self.values.get(name) {
             None => default,
-            Some(v) => v
-                .parse()
-                .unwrap_or_else(|_| usage_error(&format!("{name} wants a number, got {v:?}"))),
+            Some(v) => v.parse().unwrap_or_else(|_| usage_error(&format!("{name} wants a number, got {v:?}"))),
         }
     }
 
@@ -135,9 +133,7 @@ pub fn collective(size: usize) -> Result<Shared, String> {
     let (base, len) = (gallocy::heap_base(), gallocy::heap_size());
     let a = p as usize;
     if a < base || a + size > base + len {
-        return Err(format!(
-            "alloc_collective({size}) returned {a:#x}, outside the heap {base:#x}+{len:#x}"
-        ));
+        return Err(format!("alloc_collective({size}) returned {a:#x}, outside the heap {base:#x}+{len:#x}"));
     }
     Ok(Shared(a))
 }
@@ -152,12 +148,7 @@ pub fn mix(mut x: u64) -> u64 {
 
 /// Rank of this process as the runtime will see it, read from the environment before `init()`.
 pub fn env_rank() -> usize {
-    for var in [
-        "GALLOCY_RANK",
-        "OMPI_COMM_WORLD_RANK",
-        "PMI_RANK",
-        "SLURM_PROCID",
-    ] {
+    for var in ["GALLOCY_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"] {
         if let Ok(v) = std::env::var(var) {
             if let Ok(r) = v.trim().parse() {
                 return r;
