@@ -190,12 +190,6 @@ impl<'a> Engine<'a> {
             Event::ReadDone { from, token } => reads_done.push((from, token)),
             Event::PeerLeft { rank } => left.push(rank),
         });
-        if let Err(e) = r {
-            if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
-                return 1;
-            }
-            fatal(self.rt, &self.describe_transport_error(&e));
-        }
         let now = now_ns();
         let mut handled = 0;
         for (from, msg, page) in events {
@@ -204,6 +198,8 @@ impl<'a> Engine<'a> {
                 Ok(m) => self.handle(from, m, page),
                 Err(e) => fatal(self.rt, &format!("rank {from} sent a malformed message: {e}")),
             }
+            // What we told ourselves (e.g. a home revoking its own copy) follows at once.
+            self.drain_self_queue();
             handled += 1;
         }
         for (from, token) in reads_done {
@@ -217,6 +213,12 @@ impl<'a> Engine<'a> {
         }
         handled += self.run_deferred(now);
         self.keep_alive(now);
+        if let Err(e) = r {
+            if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
+                return handled + 1;
+            }
+            fatal(self.rt, &self.describe_transport_error(&e));
+        }
         handled
     }
 
@@ -264,6 +266,11 @@ impl<'a> Engine<'a> {
             self.send(to, m, None);
             n += 1;
         }
+        n + self.drain_self_queue()
+    }
+
+    fn drain_self_queue(&mut self) -> usize {
+        let mut n = 0;
         while let Some(m) = self.self_queue.pop_front() {
             self.handle(self.me, m, None);
             n += 1;

@@ -23,17 +23,46 @@ pub enum Kind {
     Goodbye = 4,
 }
 
+/// What is wrong with a received header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Unknown kind byte.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// Reserved bytes are not zero.
+    #[error("reserved header bytes are not zero")]
+    Reserved,
+    /// The message is longer than allowed.
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE}")]
+    MessageTooLong(u32),
+    /// The span is longer than allowed.
+    #[error("span of {0} bytes exceeds the limit of {MAX_SPAN}")]
+    SpanTooLong(u32),
+    /// The span lies outside the heap.
+    #[error("span {0:#x}+{1} lies outside the heap")]
+    OutsideHeap(u64, u32),
+    /// Fields that do not fit the kind.
+    #[error("malformed {0:?} frame")]
+    Malformed(Kind),
+}
+
 /// A decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// What the frame is.
     pub kind: Kind,
+    /// Control message bytes that follow.
     pub msg_len: u32,
+    /// Page bytes that follow (or are requested).
     pub page_len: u32,
+    /// Heap offset of the page bytes.
     pub offset: u64,
+    /// The reader's token of a read request and its reply.
     pub token: u64,
 }
 
 impl Header {
+    /// The wire form.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0] = self.kind as u8;
@@ -45,28 +74,28 @@ impl Header {
     }
 
     /// Decodes and checks a header against the size of the local heap view.
-    pub fn decode(b: &[u8; HEADER_LEN], view_len: usize) -> Result<Header, String> {
+    pub fn decode(b: &[u8; HEADER_LEN], view_len: usize) -> Result<Header, FrameError> {
         let kind = match b[0] {
             1 => Kind::Message,
             2 => Kind::ReadRequest,
             3 => Kind::ReadReply,
             4 => Kind::Goodbye,
-            k => return Err(format!("unknown frame kind {k}")),
+            k => return Err(FrameError::UnknownKind(k)),
         };
         if b[1..4] != [0; 3] || b[12..16] != [0; 4] {
-            return Err("reserved header bytes are not zero".into());
+            return Err(FrameError::Reserved);
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let h = Header { kind, msg_len: u32_at(4), page_len: u32_at(8), offset: u64_at(16), token: u64_at(24) };
         if h.msg_len as usize > MAX_MESSAGE {
-            return Err(format!("message of {} bytes exceeds the limit of {MAX_MESSAGE}", h.msg_len));
+            return Err(FrameError::MessageTooLong(h.msg_len));
         }
         if h.page_len > MAX_SPAN {
-            return Err(format!("span of {} bytes exceeds the limit of {MAX_SPAN}", h.page_len));
+            return Err(FrameError::SpanTooLong(h.page_len));
         }
         if h.offset.checked_add(u64::from(h.page_len)).is_none_or(|end| end > view_len as u64) {
-            return Err(format!("span {:#x}+{} lies outside the heap", h.offset, h.page_len));
+            return Err(FrameError::OutsideHeap(h.offset, h.page_len));
         }
         let shape_ok = match kind {
             Kind::Message => true,
@@ -75,7 +104,7 @@ impl Header {
             Kind::Goodbye => h.msg_len == 0 && h.page_len == 0,
         };
         if !shape_ok {
-            return Err(format!("malformed {kind:?} frame"));
+            return Err(FrameError::Malformed(kind));
         }
         Ok(h)
     }
@@ -96,17 +125,17 @@ mod tests {
         let good = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: 4096, offset: 0, token: 1 };
         let mut b = good.encode();
         b[0] = 9;
-        assert!(Header::decode(&b, 1 << 20).unwrap_err().contains("unknown frame kind"));
+        assert!(Header::decode(&b, 1 << 20).unwrap_err().to_string().contains("unknown frame kind"));
         let out = Header { offset: 1 << 20, ..good };
-        assert!(Header::decode(&out.encode(), 1 << 20).unwrap_err().contains("outside the heap"));
+        assert!(Header::decode(&out.encode(), 1 << 20).unwrap_err().to_string().contains("outside the heap"));
         let wrap = Header { offset: u64::MAX - 10, ..good };
         assert!(Header::decode(&wrap.encode(), 1 << 20).is_err());
         let big = Header { kind: Kind::Message, msg_len: u32::MAX, ..good };
-        assert!(Header::decode(&big.encode(), 1 << 20).unwrap_err().contains("exceeds"));
+        assert!(Header::decode(&big.encode(), 1 << 20).unwrap_err().to_string().contains("exceeds"));
         let mut pad = good.encode();
         pad[2] = 1;
         assert!(Header::decode(&pad, 1 << 20).is_err());
         let shape = Header { kind: Kind::Goodbye, ..good };
-        assert!(Header::decode(&shape.encode(), 1 << 20).unwrap_err().contains("malformed"));
+        assert!(Header::decode(&shape.encode(), 1 << 20).unwrap_err().to_string().contains("malformed"));
     }
 }

@@ -14,7 +14,7 @@
 #![deny(missing_docs)]
 
 mod auth;
-mod frame;
+pub mod frame;
 mod sys;
 pub mod tcp;
 
@@ -37,8 +37,22 @@ pub enum TransportError {
         /// The peer's rank.
         rank: usize,
         /// Why.
-        reason: String,
+        reason: LostReason,
     },
+    /// There is no connection to that rank (it is us, or out of range).
+    #[error("no connection to rank {0}")]
+    NoSuchPeer(usize),
+    /// A span outside the local heap view, or larger than one frame carries.
+    #[error("span {offset:#x}+{len} lies outside the heap or is too large")]
+    BadSpan {
+        /// Offset from the heap base.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
+    /// A control message longer than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is too long")]
+    MessageTooLong(usize),
     /// A peer did not prove knowledge of the job's secret (or we could not prove ours).
     #[error("authentication failed: {0}")]
     Auth(String),
@@ -51,6 +65,28 @@ pub enum TransportError {
     /// A caller passed an argument outside what the transport supports.
     #[error("invalid argument: {0}")]
     Invalid(String),
+}
+
+/// Why a peer's connection is considered lost. Building one never allocates, so the fault path
+/// can report it from a signal handler.
+#[derive(Debug)]
+pub enum LostReason {
+    /// The peer closed the connection without saying goodbye.
+    Closed,
+    /// A socket call failed.
+    Io(std::io::Error),
+    /// The peer sent a frame that breaks the protocol.
+    Protocol(frame::FrameError),
+}
+
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostReason::Closed => write!(f, "connection closed"),
+            LostReason::Io(e) => write!(f, "{e}"),
+            LostReason::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
 }
 
 impl TransportError {

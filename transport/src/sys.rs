@@ -135,7 +135,8 @@ fn wait_writable(fd: RawFd) -> io::Result<()> {
             return Ok(());
         }
         if r == 0 {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading for 30 s"));
+            // A raw OS error: building it allocates nothing (this runs in signal handlers).
+            return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

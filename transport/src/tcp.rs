@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{Header, Kind, HEADER_LEN};
 use crate::sys::{self, Epoll, EventFd};
-use crate::{auth, Event, MemoryView, Span, Transport, TransportError};
+use crate::{auth, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
 /// Start-up parameters.
 #[derive(Clone, Debug)]
@@ -41,6 +41,8 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 const KEY_WAKE: u64 = u64::MAX;
 const KEY_LISTENER: u64 = u64::MAX - 1;
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
+/// Receive staging buffer per connection.
+const STAGE: usize = 64 * 1024;
 
 /// A connection to one peer.
 struct Peer {
@@ -63,12 +65,20 @@ struct Inbox {
     closed: bool,
     /// A complete frame waits for the service thread.
     pending: bool,
+    /// Received bytes not yet parsed: `stage[stage_start..stage_end]`.
+    stage: Box<[u8]>,
+    stage_start: usize,
+    stage_end: usize,
 }
 
 impl Inbox {
     fn new() -> Inbox {
         // Room for the largest message up front: the inline path must never allocate.
-        Inbox { msg: Vec::with_capacity(crate::MAX_MESSAGE), ..Inbox::default() }
+        Inbox {
+            msg: Vec::with_capacity(crate::MAX_MESSAGE),
+            stage: vec![0u8; STAGE].into_boxed_slice(),
+            ..Inbox::default()
+        }
     }
 
     /// Forgets the current frame (it was delivered or consumed).
@@ -402,14 +412,14 @@ impl TcpTransport {
     fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
         match self.peers.get(rank) {
             Some(Some(p)) => Ok(p),
-            _ => Err(TransportError::Invalid(format!("no connection to rank {rank}"))),
+            _ => Err(TransportError::NoSuchPeer(rank)),
         }
     }
 
     fn check_span(&self, span: Span) -> Result<(), TransportError> {
         let end = span.offset.checked_add(u64::from(span.len));
         if span.len == 0 || span.len > crate::frame::MAX_SPAN || end.is_none_or(|e| e > self.view.len as u64) {
-            return Err(TransportError::Invalid(format!("span {:#x}+{} outside the heap", span.offset, span.len)));
+            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
         }
         Ok(())
     }
@@ -431,15 +441,21 @@ impl TcpTransport {
         ];
         let _guard = peer.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts)
-            .map_err(|e| TransportError::PeerLost { rank, reason: format!("send failed: {e}") })
+            .map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
     }
 
     /// Reads everything available on one connection, handing complete frames to `sink`.
     /// A frame the inline sink declines stays pending for the service thread, and nothing more
     /// is read from that connection until the service thread has taken it.
+    ///
+    /// Bytes are read into a staging buffer, so one `recv` usually brings a whole frame (header,
+    /// message and page); a large page remainder is read straight into the runtime view.
     fn drain(&self, rank: usize, inbox: &mut Inbox, sink: &mut Sink<'_>) -> Result<usize, TransportError> {
         let fd: RawFd = self.peer(rank)?.stream.as_raw_fd();
         let mut delivered = 0;
+        // A short read means the socket is empty for now: stop there instead of paying for
+        // another `recv` that would only say so (epoll reports whatever comes next).
+        let mut maybe_more = true;
         if inbox.pending {
             match sink {
                 Sink::Inline(_) => return Ok(0),
@@ -450,48 +466,76 @@ impl TcpTransport {
             }
         }
         loop {
+            while inbox.stage_start < inbox.stage_end {
+                let (dst, want) = self.next_read(inbox);
+                let take = want.min(inbox.stage_end - inbox.stage_start);
+                // SAFETY: the source is initialized stage bytes, the destination has `want` bytes
+                // of room (see next_read); the two never overlap.
+                unsafe { std::ptr::copy_nonoverlapping(inbox.stage.as_ptr().add(inbox.stage_start), dst, take) };
+                inbox.stage_start += take;
+                if self.advance(rank, inbox, take)? && !self.complete(rank, inbox, sink, &mut delivered)? {
+                    return Ok(delivered);
+                }
+            }
+            inbox.stage_start = 0;
+            inbox.stage_end = 0;
+            if !maybe_more {
+                return Ok(delivered);
+            }
             let (dst, want) = self.next_read(inbox);
-            // SAFETY: `next_read` returns a pointer into the inbox buffers or into the page of the
-            // runtime view named by a validated header, with `want` bytes of room.
-            let n = match unsafe { sys::read_into(fd, dst, want) } {
+            let direct = inbox.header.is_some_and(|h| inbox.msg_got == h.msg_len as usize) && want >= 1024;
+            let (ptr, len) = if direct { (dst, want) } else { (inbox.stage.as_mut_ptr(), inbox.stage.len()) };
+            // SAFETY: `ptr` has `len` writable bytes: the stage, or the rest of a validated page.
+            let n = match unsafe { sys::read_into(fd, ptr, len) } {
                 Ok(n) if n > 0 => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(delivered),
                 // End of stream or an error: the service thread reports it.
                 _ if matches!(sink, Sink::Inline(_)) => return Ok(delivered),
-                Ok(_) => return self.closed(rank, inbox, "connection closed").map(|_| delivered),
-                Err(e) => return self.closed(rank, inbox, &e.to_string()).map(|_| delivered),
+                Ok(_) => return self.closed(rank, inbox, LostReason::Closed).map(|_| delivered),
+                Err(e) => return self.closed(rank, inbox, LostReason::Io(e)).map(|_| delivered),
             };
-            if !self.advance(rank, inbox, n)? {
-                continue;
-            }
-            match sink {
-                Sink::Service(handler) => delivered += self.deliver(rank, inbox, &mut **handler)?,
-                Sink::Inline(accept) => {
-                    let h = inbox.header.expect("a complete frame has a header");
-                    let taken = match h.kind {
-                        Kind::Message => {
-                            let page = (h.page_len > 0).then_some(Span { offset: h.offset, len: h.page_len });
-                            accept(rank, &inbox.msg, page)
-                        }
-                        Kind::ReadRequest => {
-                            self.deliver(rank, inbox, &mut |_| {})?;
-                            continue;
-                        }
-                        Kind::ReadReply | Kind::Goodbye => false,
-                    };
-                    if !taken {
-                        inbox.pending = true;
-                        self.waker.signal();
-                        return Ok(delivered);
-                    }
-                    inbox.reset();
-                    delivered += 1;
-                }
-            }
-            if inbox.closed {
+            maybe_more = n == len;
+            if !direct {
+                inbox.stage_end = n;
+            } else if self.advance(rank, inbox, n)? && !self.complete(rank, inbox, sink, &mut delivered)? {
                 return Ok(delivered);
             }
         }
+    }
+
+    /// Hands a complete frame to `sink`. Returns false when reading must stop (a pending frame).
+    fn complete(
+        &self,
+        rank: usize,
+        inbox: &mut Inbox,
+        sink: &mut Sink<'_>,
+        delivered: &mut usize,
+    ) -> Result<bool, TransportError> {
+        match sink {
+            Sink::Service(handler) => *delivered += self.deliver(rank, inbox, &mut **handler)?,
+            Sink::Inline(accept) => {
+                let h = inbox.header.expect("a complete frame has a header");
+                let taken = match h.kind {
+                    Kind::Message => {
+                        let page = (h.page_len > 0).then_some(Span { offset: h.offset, len: h.page_len });
+                        accept(rank, &inbox.msg, page)
+                    }
+                    Kind::ReadRequest => {
+                        self.deliver(rank, inbox, &mut |_| {})?;
+                        return Ok(true);
+                    }
+                    Kind::ReadReply | Kind::Goodbye => false,
+                };
+                if !taken {
+                    inbox.pending = true;
+                    self.waker.signal();
+                    return Ok(false);
+                }
+                inbox.reset();
+                *delivered += 1;
+            }
+        }
+        Ok(!inbox.closed)
     }
 
     /// Where the next bytes of this connection go, and how many are wanted.
@@ -524,7 +568,7 @@ impl TcpTransport {
                     return Ok(false);
                 }
                 let h = Header::decode(&inbox.header_bytes, self.view.len)
-                    .map_err(|e| TransportError::PeerLost { rank, reason: format!("protocol error: {e}") })?;
+                    .map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Protocol(e) })?;
                 inbox.msg.resize(h.msg_len as usize, 0);
                 let carries_page = matches!(h.kind, Kind::Message | Kind::ReadReply);
                 inbox.header = Some(Header { page_len: if carries_page { h.page_len } else { 0 }, ..h });
@@ -586,14 +630,14 @@ impl TcpTransport {
         Ok(1)
     }
 
-    fn closed(&self, rank: usize, inbox: &mut Inbox, why: &str) -> Result<(), TransportError> {
+    fn closed(&self, rank: usize, inbox: &mut Inbox, why: LostReason) -> Result<(), TransportError> {
         inbox.closed = true;
         let peer = self.peer(rank)?;
         self.epoll.del(peer.stream.as_raw_fd());
         if peer.left.load(Ordering::Acquire) {
             Ok(())
         } else {
-            Err(TransportError::PeerLost { rank, reason: why.to_string() })
+            Err(TransportError::PeerLost { rank, reason: why })
         }
     }
 
@@ -616,7 +660,7 @@ impl Transport for TcpTransport {
 
     fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
         if msg.len() > crate::MAX_MESSAGE {
-            return Err(TransportError::Invalid(format!("message of {} bytes is too long", msg.len())));
+            return Err(TransportError::MessageTooLong(msg.len()));
         }
         let span = page.unwrap_or(Span { offset: 0, len: 0 });
         if page.is_some() {
@@ -641,7 +685,7 @@ impl Transport for TcpTransport {
         let mut parts = [libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN }];
         let _guard = peer_ref.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         sys::write_all_vectored(peer_ref.stream.as_raw_fd(), &mut parts)
-            .map_err(|e| TransportError::PeerLost { rank: peer, reason: format!("send failed: {e}") })
+            .map_err(|e| TransportError::PeerLost { rank: peer, reason: LostReason::Io(e) })
     }
 
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
@@ -674,13 +718,24 @@ impl Transport for TcpTransport {
     }
 
     fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize {
+        let mut keys = [0u64; 32];
+        let Ok(n) = self.epoll.wait(&mut keys, 0) else { return 0 };
+        if !keys[..n].iter().any(|k| (*k as usize) < self.size) {
+            return 0;
+        }
         let Ok(mut rx) = self.receiver.try_lock() else { return 0 };
         let mut sink = Sink::Inline(accept);
         let mut taken = 0;
-        for rank in (0..self.size).filter(|r| *r != self.rank) {
-            let inbox = &mut rx.inboxes[rank];
-            if !inbox.closed && !inbox.pending {
-                taken += self.drain(rank, inbox, &mut sink).unwrap_or(0);
+        for &key in &keys[..n] {
+            match key {
+                // Level-triggered: the service thread still sees these.
+                KEY_WAKE | KEY_LISTENER => {}
+                rank => {
+                    let inbox = &mut rx.inboxes[rank as usize];
+                    if !inbox.closed && !inbox.pending {
+                        taken += self.drain(rank as usize, inbox, &mut sink).unwrap_or(0);
+                    }
+                }
             }
         }
         taken

@@ -1,0 +1,195 @@
+//! Two and three TcpTransports in one process (one thread each), on loopback.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use gallocy_transport::tcp::{establish, TcpConfig};
+use gallocy_transport::{Event, MemoryView, Span, Transport, TransportError};
+
+const VIEW: usize = 1 << 20;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn view() -> MemoryView {
+    let mem: &'static mut [u8] = Box::leak(vec![0u8; VIEW].into_boxed_slice());
+    MemoryView { base: mem.as_mut_ptr(), len: VIEW }
+}
+
+fn config(rank: usize, size: usize, port: u16, token: &str) -> TcpConfig {
+    TcpConfig {
+        rank,
+        size,
+        coordinator: format!("127.0.0.1:{port}"),
+        bind: "127.0.0.1".parse().unwrap(),
+        token: token.as_bytes().to_vec(),
+        view: view(),
+        setup_timeout: Duration::from_secs(5),
+    }
+}
+
+/// Starts `size` ranks, each running `body` on its own thread. A rank's transport is dropped
+/// only after every rank's body returned (unless the body drops it itself).
+fn job<F>(size: usize, body: F)
+where
+    F: Fn(usize, Box<dyn Transport>, MemoryView) -> Option<Box<dyn Transport>> + Send + Sync + 'static,
+{
+    let port = free_port();
+    let body = Arc::new(body);
+    let done = Arc::new(Barrier::new(size));
+    let threads: Vec<_> = (0..size)
+        .map(|rank| {
+            let (body, done) = (body.clone(), done.clone());
+            std::thread::spawn(move || {
+                let cfg = config(rank, size, port, "secret");
+                let t = establish(&cfg, b"hello", &|_| Ok(())).unwrap();
+                let kept = body(rank, Box::new(t), cfg.view);
+                done.wait();
+                drop(kept);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// Polls until `n` events were collected (or panics after 10 s).
+fn collect(t: &dyn Transport, n: usize) -> Vec<(usize, Vec<u8>, Option<Span>)> {
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while out.len() < n {
+        assert!(std::time::Instant::now() < deadline, "timed out with {} of {n} events", out.len());
+        t.poll(Some(Duration::from_millis(10)), &mut |ev| match ev {
+            Event::Message { from, bytes, page } => out.push((from, bytes.to_vec(), page)),
+            Event::ReadDone { from, token } => out.push((from, token.to_le_bytes().to_vec(), None)),
+            Event::PeerLeft { rank } => out.push((rank, b"bye".to_vec(), None)),
+        })
+        .unwrap();
+    }
+    out
+}
+
+#[test]
+fn messages_pages_and_reads_arrive_intact_and_in_order() {
+    let sync = Arc::new(Barrier::new(2));
+    job(2, move |rank, t, v| {
+        // SAFETY: each rank owns its view; offsets are in range.
+        let page = |off: usize| unsafe { std::slice::from_raw_parts_mut(v.base.add(off), 4096) };
+        if rank == 0 {
+            page(8192).fill(0xab);
+            page(65536).iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+            sync.wait();
+            // Many small messages, some with pages, some large enough to cross the staging buffer.
+            for i in 0..2000u32 {
+                let len = if i % 97 == 0 { 100_000 } else { 8 };
+                let msg = vec![(i % 251) as u8; len];
+                let attach = (i % 10 == 0).then_some(Span { offset: 8192, len: 4096 });
+                t.send(1, &msg, attach).unwrap();
+            }
+            let got = collect(&*t, 1);
+            assert_eq!(got[0].1, b"done");
+        } else {
+            sync.wait();
+            let got = collect(&*t, 2000);
+            for (i, (from, bytes, page)) in got.iter().enumerate() {
+                assert_eq!(*from, 0);
+                let len = if i % 97 == 0 { 100_000 } else { 8 };
+                assert_eq!(bytes.len(), len, "message {i}");
+                assert!(bytes.iter().all(|b| *b == (i % 251) as u8), "message {i} corrupted");
+                assert_eq!(page.is_some(), i % 10 == 0);
+            }
+            assert!(page(8192).iter().all(|b| *b == 0xab), "attached page landed");
+            // One-sided read of rank 0's page at 64 KiB.
+            t.start_read(0, Span { offset: 65536, len: 4096 }, 42).unwrap();
+            let got = collect(&*t, 1);
+            assert_eq!(got[0].1, 42u64.to_le_bytes());
+            assert!(page(65536).iter().enumerate().all(|(i, b)| *b == i as u8));
+            t.send(0, b"done", None).unwrap();
+        }
+        Some(t)
+    });
+}
+
+#[test]
+fn inline_reader_takes_what_it_accepts_and_leaves_the_rest_in_order() {
+    job(2, |rank, t, _v| {
+        if rank == 0 {
+            for m in [&b"take1"[..], b"keep1", b"take2", b"keep2"] {
+                t.send(1, m, None).unwrap();
+            }
+            collect(&*t, 1);
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut taken = Vec::new();
+            let n = t.poll_inline(&mut |_, b, _| {
+                let ok = b.starts_with(b"take");
+                if ok {
+                    taken.push(b.to_vec());
+                }
+                ok
+            });
+            assert_eq!(n, 1, "stops at the first declined message");
+            assert_eq!(taken, vec![b"take1".to_vec()]);
+            let rest = collect(&*t, 3);
+            let rest: Vec<_> = rest.into_iter().map(|e| e.1).collect();
+            assert_eq!(rest, vec![b"keep1".to_vec(), b"take2".to_vec(), b"keep2".to_vec()]);
+            t.send(0, b"done", None).unwrap();
+        }
+        Some(t)
+    });
+}
+
+#[test]
+fn a_peer_that_vanishes_is_reported_by_rank() {
+    job(3, |rank, t, _v| {
+        if rank == 2 {
+            drop(t); // closes its connections without a goodbye
+            return None;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(std::time::Instant::now() < deadline);
+            match t.poll(Some(Duration::from_millis(10)), &mut |_| {}) {
+                Err(TransportError::PeerLost { rank: 2, .. }) => break,
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => {}
+            }
+        }
+        Some(t)
+    });
+}
+
+#[test]
+fn wrong_token_cannot_join_and_rank_zero_names_who_is_missing() {
+    let port = free_port();
+    let zero = std::thread::spawn(move || {
+        let mut cfg = config(0, 2, port, "secret");
+        cfg.setup_timeout = Duration::from_secs(2);
+        establish(&cfg, b"", &|_| Ok(())).err().expect("must fail").to_string()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut cfg = config(1, 2, port, "not-the-secret");
+    cfg.setup_timeout = Duration::from_secs(2);
+    let e = establish(&cfg, b"", &|_| Ok(())).err().expect("must fail");
+    assert!(e.to_string().contains("token") || e.to_string().contains("authentication"), "{e}");
+    let msg = zero.join().unwrap();
+    assert!(msg.contains("ranks 1 did not join"), "{msg}");
+}
+
+#[test]
+fn rank_zero_can_stop_the_job_with_a_message() {
+    let port = free_port();
+    let zero = std::thread::spawn(move || {
+        let cfg = config(0, 2, port, "s");
+        establish(&cfg, b"zero", &|hellos| Err(format!("rank 1 said {:?}", String::from_utf8_lossy(&hellos[1]))))
+            .err()
+            .expect("must fail")
+            .to_string()
+    });
+    let cfg = config(1, 2, port, "s");
+    let e = establish(&cfg, b"bad heap", &|_| Ok(())).err().expect("must fail").to_string();
+    assert_eq!(e, "rank 1 said \"bad heap\"");
+    assert_eq!(zero.join().unwrap(), "rank 1 said \"bad heap\"");
+}
