@@ -205,9 +205,15 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         }
         rt.wake_service();
     }
+    wait_for(rt, slot);
+}
+
+/// Waits for slot `slot`: spins reading incoming answers itself (so no hand-off to the service
+/// thread sits on the path), then sleeps. Async-signal-safe.
+pub fn wait_for(rt: &Runtime, slot: u32) -> u64 {
     let mut drive = || {
         if let Some(t) = rt.transport.as_deref() {
-            t.poll_inline(&mut |from, bytes, page| take_grant(rt, from, bytes, page));
+            t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page));
         }
     };
     // When we stop reading the sockets ourselves, make sure the service thread does.
@@ -218,15 +224,23 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
             }
         }
     };
-    rt.slots.wait_and_release(slot, rt.settings.spin, &mut drive, &mut after_spin);
+    rt.slots.wait_and_release(slot, rt.settings.spin, &mut drive, &mut after_spin)
 }
 
-/// Installs a grant read by a waiting thread itself (any local thread's grant). Declines what
-/// only the service thread may handle: every other message, grants that need a read from the
-/// owner, and forwarded grants whose home is this process. Async-signal-safe.
-fn take_grant(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<gallocy_transport::Span>) -> bool {
-    if bytes.first() != Some(&wire::GRANT_TAG) {
-        return false;
+/// Handles an answer read by a waiting thread itself (for any local thread): page grants and lock
+/// grants. Declines what only the service thread may handle: every other message, grants that
+/// need a read from the owner, and forwarded grants whose home is this process.
+/// Async-signal-safe.
+fn take_answer(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<gallocy_transport::Span>) -> bool {
+    match bytes.first() {
+        Some(&wire::GRANT_TAG) => {}
+        Some(&wire::LOCK_GRANTED_TAG) => {
+            return match wire::decode(bytes) {
+                Ok(Msg::LockGranted { slot, .. }) => rt.slots.complete(slot),
+                _ => false,
+            };
+        }
+        _ => return false,
     }
     let Ok(Msg::Grant { page, slot, write, source }) = wire::decode(bytes) else { return false };
     let notify_home = match source {

@@ -195,7 +195,7 @@ pub fn barrier() {
     }
     let _s = RuntimeScope::enter();
     let epoch = rt.barrier_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-    rt.post(0, Msg::BarrierArrive { epoch });
+    rt.send_from_app(0, Msg::BarrierArrive { epoch });
     rt.sync.wait_barrier(epoch);
 }
 
@@ -208,8 +208,8 @@ pub fn lock(id: u32) {
     let _s = RuntimeScope::enter();
     if rt.size > 1 {
         let slot = rt.slots.claim();
-        rt.post(id as usize % rt.size, Msg::LockAcquire { id, slot });
-        rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {}, &mut || {});
+        rt.send_from_app(id as usize % rt.size, Msg::LockAcquire { id, slot });
+        fault::wait_for(rt, slot);
     } else {
         while HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
             std::thread::yield_now();
@@ -232,7 +232,7 @@ pub fn unlock(id: u32) {
         }
     }
     if rt.size > 1 {
-        rt.post(id as usize % rt.size, Msg::LockRelease { id });
+        rt.send_from_app(id as usize % rt.size, Msg::LockRelease { id });
     }
 }
 
@@ -264,7 +264,7 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
             loop {
                 let end = (offset + wire::BROADCAST_CHUNK).min(buf.len());
                 let data = buf[offset..end].to_vec();
-                rt.post(to, Msg::Broadcast { seq, total, offset: offset as u64, data });
+                rt.send_from_app(to, Msg::Broadcast { seq, total, offset: offset as u64, data });
                 offset = end;
                 if offset >= buf.len() {
                     break;
@@ -414,7 +414,7 @@ pub unsafe fn free(p: *mut u8) {
             misuse(rt, &e);
         }
     } else {
-        rt.post(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
+        rt.send_from_app(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
     }
 }
 
@@ -433,10 +433,11 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
         return rt.alloc.usable_size(addr).unwrap_or_else(|e| misuse(rt, &e));
     }
     let slot = rt.slots.claim();
-    rt.post(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::SizeQuery { addr: addr as u64, slot });
-    let s = rt.slots.get(slot).expect("claimed");
-    rt.slots.wait_and_release(slot, rt.settings.spin, &mut || {}, &mut || {});
-    match s.result.load(Ordering::Acquire) {
+    rt.send_from_app(
+        rt.arena_rank((addr - rt.region.base) / rt.region.page),
+        Msg::SizeQuery { addr: addr as u64, slot },
+    );
+    match fault::wait_for(rt, slot) {
         0 => misuse(rt, &AllocError::InvalidPointer(addr)),
         n => n as usize,
     }

@@ -102,6 +102,29 @@ impl Runtime {
         self.wake_service();
     }
 
+    /// Sends a message from an application thread: straight to a peer, or through the local
+    /// engine when `to` is this process. A peer that cannot be reached is fatal.
+    pub fn send_from_app(&self, to: usize, msg: Msg) {
+        if to == self.rank {
+            return self.post(to, msg);
+        }
+        let transport = self.transport.as_deref().expect("a peer implies a transport");
+        let mut small = [0u8; 256];
+        let sent = match crate::wire::encode(&msg, &mut small) {
+            Ok(bytes) => transport.send(to, bytes, None),
+            Err(_) => {
+                let mut big = vec![0u8; crate::wire::LIMIT];
+                match crate::wire::encode(&msg, &mut big) {
+                    Ok(bytes) => transport.send(to, bytes, None),
+                    Err(e) => fatal(self, &format!("cannot encode a message: {e}")),
+                }
+            }
+        };
+        if let Err(e) = sent {
+            fatal(self, &format!("lost contact with rank {to}: {e}"));
+        }
+    }
+
     pub fn has_api_messages(&self) -> bool {
         self.api_pending.load(Ordering::Acquire)
     }

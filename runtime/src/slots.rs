@@ -124,7 +124,14 @@ impl Slots {
 
     /// Waits until slot `i` is done (spinning for `spin` first, calling `drive` meanwhile so the
     /// waiter can make progress itself; `after_spin` runs when it stops spinning), then frees it.
-    pub fn wait_and_release(&self, i: u32, spin: Duration, drive: &mut dyn FnMut(), after_spin: &mut dyn FnMut()) {
+    /// Returns the slot's `result`.
+    pub fn wait_and_release(
+        &self,
+        i: u32,
+        spin: Duration,
+        drive: &mut dyn FnMut(),
+        after_spin: &mut dyn FnMut(),
+    ) -> u64 {
         let s = &self.slots[i as usize];
         self.spinners.fetch_add(1, Ordering::AcqRel);
         let done = futex::spin_until(spin, || {
@@ -144,8 +151,10 @@ impl Slots {
                 }
             }
         }
+        let result = s.result.swap(0, Ordering::AcqRel);
         s.state.store(0, Ordering::Release);
         s.claimed.store(false, Ordering::Release);
+        result
     }
 }
 

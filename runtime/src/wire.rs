@@ -61,6 +61,8 @@ pub const BROADCAST_CHUNK: usize = 64 * 1024;
 /// First byte of every encoded `Msg::Grant` (its variant index): lets a waiting thread skip
 /// other messages without decoding them.
 pub const GRANT_TAG: u8 = 2;
+/// First byte of every encoded `Msg::LockGranted`.
+pub const LOCK_GRANTED_TAG: u8 = 10;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<LIMIT>()
@@ -98,6 +100,8 @@ mod tests {
         }
         let g = encode(&Msg::Grant { page: 1, slot: 1, write: true, source: Source::Valid }, &mut buf).unwrap();
         assert_eq!(g[0], GRANT_TAG);
+        let l = encode(&Msg::LockGranted { id: 1, slot: 1 }, &mut buf).unwrap();
+        assert_eq!(l[0], LOCK_GRANTED_TAG);
         assert!(decode(&[0xff, 0xff, 0xff]).is_err());
         let mut b = encode(&Msg::Ping, &mut buf).unwrap().to_vec();
         b.push(0);
