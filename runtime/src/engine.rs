@@ -80,6 +80,12 @@ struct LockHome {
     queue: VecDeque<(usize, u32)>,
 }
 
+/// How long after a local thread's last self-served wait the service thread keeps ignoring
+/// socket readiness (so it does not wake on, and race for, the answers of the next fault).
+const DEAF_LINGER_NS: u64 = 2_000_000;
+/// How often a deaf service thread still looks at the sockets.
+const DEAF_POLL: Duration = Duration::from_micros(500);
+
 /// Longest a page waits for the thread it was installed for to resume.
 const MAX_HOLD_NS: u64 = 5_000_000;
 
@@ -159,13 +165,13 @@ impl<'a> Engine<'a> {
     /// waking on every frame and competing with them for the two CPUs.
     fn idle(&mut self) {
         let transport = self.rt.transport.as_deref().expect("a job of several processes has a transport");
-        if self.rt.slots.spinners.load(Ordering::Acquire) > 0 {
+        let recent_waits = now_ns().saturating_sub(self.rt.last_wait_end.load(Ordering::Acquire)) < DEAF_LINGER_NS;
+        if self.rt.slots.spinners.load(Ordering::Acquire) > 0 || recent_waits {
+            // Waiting threads take their answers and signal us for anything else; between
+            // their waits we still look every DEAF_POLL.
             self.rt.service_deaf.store(true, Ordering::SeqCst);
-            if self.rt.slots.spinners.load(Ordering::SeqCst) > 0
-                && !self.rt.slots_posted()
-                && !self.rt.has_api_messages()
-            {
-                transport.wait_for_wake(Duration::from_millis(1));
+            if !self.rt.slots_posted() && !self.rt.has_api_messages() {
+                transport.wait_for_wake(DEAF_POLL);
             }
             self.rt.service_deaf.store(false, Ordering::SeqCst);
             return;

@@ -203,7 +203,7 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         if sent != Some(true) {
             fatal_raw(rt, "cannot send a page request to rank ", home);
         }
-        rt.wake_service();
+        // No need to wake the service thread: we read the answer ourselves.
     }
     wait_for(rt, slot);
 }
@@ -216,9 +216,12 @@ pub fn wait_for(rt: &Runtime, slot: u32) -> u64 {
             t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page));
         }
     };
-    // When we stop reading the sockets ourselves, make sure the service thread does.
-    let mut after_spin = || {
-        if rt.service_deaf.load(Ordering::SeqCst) {
+    // When we stop reading the sockets ourselves without an answer, make sure the service
+    // thread does.
+    let mut after_spin = |done: bool| {
+        if done {
+            rt.last_wait_end.store(now_ns(), Ordering::Release);
+        } else if rt.service_deaf.load(Ordering::SeqCst) {
             if let Some(t) = rt.transport.as_deref() {
                 t.wake();
             }

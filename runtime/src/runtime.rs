@@ -39,6 +39,8 @@ pub struct Runtime {
     pub service_sleeping: AtomicBool,
     /// The service thread waits only for a wake call (local threads are reading the sockets).
     pub service_deaf: AtomicBool,
+    /// When a local thread last got its answer by reading the sockets itself.
+    pub last_wait_end: AtomicU64,
     /// `finalize` started: peers' departures are expected.
     pub leaving: AtomicBool,
     pub all_departed: AtomicBool,
@@ -75,6 +77,7 @@ impl Runtime {
             api_pending: AtomicBool::new(false),
             service_sleeping: AtomicBool::new(false),
             service_deaf: AtomicBool::new(false),
+            last_wait_end: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             all_departed: AtomicBool::new(false),
             finalized: AtomicBool::new(false),

@@ -123,14 +123,14 @@ impl Slots {
     }
 
     /// Waits until slot `i` is done (spinning for `spin` first, calling `drive` meanwhile so the
-    /// waiter can make progress itself; `after_spin` runs when it stops spinning), then frees it.
+    /// waiter can make progress itself; `after_spin(done)` runs when it stops spinning), then frees it.
     /// Returns the slot's `result`.
     pub fn wait_and_release(
         &self,
         i: u32,
         spin: Duration,
         drive: &mut dyn FnMut(),
-        after_spin: &mut dyn FnMut(),
+        after_spin: &mut dyn FnMut(bool),
     ) -> u64 {
         let s = &self.slots[i as usize];
         self.spinners.fetch_add(1, Ordering::AcqRel);
@@ -139,7 +139,7 @@ impl Slots {
             s.state.load(Ordering::Acquire) == DONE
         });
         self.spinners.fetch_sub(1, Ordering::AcqRel);
-        after_spin();
+        after_spin(done);
         if !done {
             loop {
                 match s.state.compare_exchange(WAITING, SLEEPING, Ordering::AcqRel, Ordering::Acquire) {
@@ -172,7 +172,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             assert!(s2.complete(i));
         });
-        slots.wait_and_release(i, Duration::from_micros(10), &mut || {}, &mut || {});
+        slots.wait_and_release(i, Duration::from_micros(10), &mut || {}, &mut |_| {});
         t.join().unwrap();
         assert!(!slots.complete(i), "a released slot is not waiting");
     }

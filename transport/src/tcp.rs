@@ -743,9 +743,12 @@ impl Transport for TcpTransport {
 
     fn wait_for_wake(&self, timeout: Duration) {
         let mut p = libc::pollfd { fd: self.waker.0, events: libc::POLLIN, revents: 0 };
-        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, ms) } > 0 {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one valid pollfd and a valid timespec.
+        if unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) } > 0 {
             self.waker.drain();
         }
     }
