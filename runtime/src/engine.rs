@@ -27,7 +27,7 @@ use gallocy_transport::{Event, Span};
 
 use crate::clock::now_ns;
 use crate::region::Access;
-use crate::runtime::{fatal, Runtime};
+use crate::runtime::{fatal, fatal_with, Runtime, EXIT_PEER_LOST};
 use crate::wire::{self, Msg, Source};
 
 /// A request waiting at (or being served by) a home.
@@ -223,7 +223,7 @@ impl<'a> Engine<'a> {
             if self.rt.leaving.load(Ordering::Acquire) && self.all_departed_or(&e) {
                 return handled + 1;
             }
-            fatal(self.rt, &self.describe_transport_error(&e));
+            self.transport_failed(&e);
         }
         handled
     }
@@ -239,6 +239,27 @@ impl<'a> Engine<'a> {
             }
             other => other.to_string(),
         }
+    }
+
+    /// Ends the process after a transport failure, telling the other survivors first which rank
+    /// was lost (so that they name it, not us, when we disappear in turn).
+    fn transport_failed(&mut self, e: &gallocy_transport::TransportError) -> ! {
+        if let gallocy_transport::TransportError::PeerLost { rank, .. } = e {
+            self.lost(*rank, &self.describe_transport_error(e));
+        }
+        fatal_with(self.rt, EXIT_PEER_LOST, &self.describe_transport_error(e))
+    }
+
+    /// Tells every other live peer that `rank` is lost, then ends the process with `why`.
+    fn lost(&mut self, rank: usize, why: &str) -> ! {
+        let transport = self.rt.transport.as_deref().expect("transport");
+        let mut buf = [0u8; 32];
+        if let Ok(bytes) = wire::encode(&Msg::Lost { rank: rank as u32 }, &mut buf) {
+            for r in (0..self.rt.size).filter(|r| *r != self.me && *r != rank && !self.departed[*r]) {
+                let _ = transport.send(r, bytes, None);
+            }
+        }
+        fatal_with(self.rt, EXIT_PEER_LOST, why)
     }
 
     /// While leaving, a peer that closes without a goodbye after the final barrier is fine.
@@ -298,10 +319,9 @@ impl<'a> Engine<'a> {
         let limit = self.rt.settings.peer_timeout.as_nanos() as u64;
         for r in (0..self.rt.size).filter(|r| *r != self.me && !self.departed[*r]) {
             if now.saturating_sub(self.last_heard[r]) > limit {
-                fatal(
-                    self.rt,
-                    &format!("lost contact with rank {r}: no word from it for {:?}", self.rt.settings.peer_timeout),
-                );
+                let why =
+                    format!("lost contact with rank {r}: no word from it for {:?}", self.rt.settings.peer_timeout);
+                self.lost(r, &why);
             }
         }
     }
@@ -322,7 +342,7 @@ impl<'a> Engine<'a> {
         };
         let transport = self.rt.transport.as_deref().expect("transport");
         if let Err(e) = transport.send(to, bytes, span) {
-            fatal(self.rt, &self.describe_transport_error(&e));
+            self.transport_failed(&e);
         }
     }
 
@@ -400,6 +420,10 @@ impl<'a> Engine<'a> {
                 None => fatal(self.rt, &format!("rank {from} answered slot {slot}, which does not exist")),
             },
             Msg::Ping => {}
+            Msg::Lost { rank } => {
+                let why = format!("lost contact with rank {rank} (rank {from} lost it and stopped)");
+                fatal_with(self.rt, EXIT_PEER_LOST, &why);
+            }
         }
     }
 
@@ -629,7 +653,7 @@ impl<'a> Engine<'a> {
                 let span = Span { offset: page * self.rt.region.page as u64, len: self.rt.region.page as u32 };
                 let transport = self.rt.transport.as_deref().expect("transport");
                 if let Err(e) = transport.start_read(owner, span, page) {
-                    fatal(self.rt, &self.describe_transport_error(&e));
+                    self.transport_failed(&e);
                 }
             }
         }

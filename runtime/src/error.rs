@@ -37,7 +37,7 @@ pub enum Error {
     #[error("{0}")]
     Transport(#[from] TransportError),
     /// The job was stopped during start-up; the message names the rank at fault.
-    #[error("job stopped: {0}")]
+    #[error("job stopped by rank 0: {0}")]
     JobStopped(String),
     /// An error on this rank, with the rank named.
     #[error("gallocy: rank {rank}: {source}")]

@@ -279,5 +279,5 @@ fn fatal_raw(rt: &Runtime, what: &str, n: usize) -> ! {
     w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: ").str(what).num(n as u64).str("\n");
     write_stderr(w.as_bytes());
     // SAFETY: ends the process.
-    unsafe { libc::_exit(1) }
+    unsafe { libc::_exit(crate::runtime::EXIT_PEER_LOST) }
 }

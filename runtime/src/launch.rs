@@ -363,15 +363,26 @@ impl Job {
         let mut first_failure = None;
         let mut deadline: Option<Instant> = None;
         loop {
+            // Of the ranks found failed in one round, report the likeliest cause first: a rank
+            // killed by a signal, then one that failed by itself, then those that only stopped
+            // because they lost a peer (exit status EXIT_PEER_LOST).
+            let mut failed_now = Vec::new();
             for idx in 0..self.ranks.len() {
-                let Some(outcome) = self.poll(idx)? else {
-                    continue;
-                };
-                if outcome.failed() && first_failure.is_none() {
-                    first_failure = Some(idx);
-                    say(&outcome.describe(self.ranks[idx].rank));
-                    deadline = Some(Instant::now() + grace);
+                if let Some(outcome) = self.poll(idx)? {
+                    if outcome.failed() {
+                        failed_now.push((idx, outcome));
+                    }
                 }
+            }
+            failed_now.sort_by_key(|(_, o)| match o {
+                RankOutcome::Signaled { .. } => 0,
+                RankOutcome::Exited(code) if *code != crate::runtime::EXIT_PEER_LOST => 1,
+                _ => 2,
+            });
+            if let (Some(&(idx, outcome)), None) = (failed_now.first(), first_failure) {
+                first_failure = Some(idx);
+                say(&outcome.describe(self.ranks[idx].rank));
+                deadline = Some(Instant::now() + grace);
             }
             if self.ranks.iter().all(|r| r.outcome.is_some()) {
                 break;

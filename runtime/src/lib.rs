@@ -44,6 +44,7 @@ pub use alloc::AllocError;
 pub use config::{DEFAULT_HEAP_BASE, DEFAULT_HEAP_SIZE, DEFAULT_SPIN_US, MAX_PROCESSES};
 pub use error::Error;
 pub use fault::prepare_thread;
+pub use runtime::EXIT_PEER_LOST;
 pub use stats::StatsSnapshot;
 
 use gallocy_transport::MemoryView;

@@ -124,7 +124,7 @@ impl Runtime {
             }
         };
         if let Err(e) = sent {
-            fatal(self, &format!("lost contact with rank {to}: {e}"));
+            fatal_with(self, EXIT_PEER_LOST, &format!("lost contact with rank {to}: {e}"));
         }
     }
 
@@ -157,10 +157,19 @@ impl Runtime {
 /// Formats and writes a fatal error, then ends the process with status 1. Used by the service
 /// thread (may allocate).
 pub fn fatal(rt: &Runtime, what: &str) -> ! {
+    fatal_with(rt, 1, what)
+}
+
+/// Exit status of a process that stops because it lost contact with a peer (the peer, not this
+/// process, is the likely cause; `gallocy run` reports other failures first).
+pub const EXIT_PEER_LOST: i32 = 75;
+
+/// Like [`fatal`], with a chosen exit status.
+pub fn fatal_with(rt: &Runtime, status: i32, what: &str) -> ! {
     let msg = format!("gallocy: rank {}: fatal: {what}\n", rt.rank);
     write_stderr(msg.as_bytes());
     // SAFETY: _exit ends the process at once; nothing of ours needs flushing.
-    unsafe { libc::_exit(1) }
+    unsafe { libc::_exit(status) }
 }
 
 /// Writes bytes to stderr with one raw write (async-signal-safe).

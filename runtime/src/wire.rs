@@ -51,6 +51,8 @@ pub enum Msg {
     SizeReply { slot: u32, size: u64 },
     /// Liveness.
     Ping,
+    /// The sender lost contact with `rank` and stops; so does the job.
+    Lost { rank: u32 },
 }
 
 /// Largest encoded message we accept.

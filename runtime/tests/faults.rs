@@ -103,3 +103,17 @@ fn kill9_of_one_rank_under_launcher() {
     );
     assert!(!p.stragglers, "{label}: the launcher left processes behind\n{}", p.report());
 }
+
+#[test]
+fn reaching_vm_max_map_count_is_a_clear_error() {
+    let _g = serial();
+    let label = "gallocy run -n 2 -- gallocy-scenario map-count";
+    let p = run(label, &mut launcher_cmd(2, &["map-count"]), Duration::from_secs(120));
+    assert!(!p.status().unwrap().success(), "{label}: must fail\n{}", p.report());
+    let err = p.stderr();
+    assert!(
+        err.contains("[rank 1] gallocy: rank 1: fatal: mprotect failed") && err.contains("vm.max_map_count"),
+        "{label}: rank 1 must stop with a message naming vm.max_map_count\n{}",
+        p.report()
+    );
+}

@@ -255,7 +255,8 @@ fn coordinate(
                 let missing: Vec<String> =
                     (0..cfg.size).filter(|r| hellos[*r].is_none()).map(|r| r.to_string()).collect();
                 let msg = format!(
-                    "rank 0: ranks {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
+                    "{} {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
+                    if missing.len() == 1 { "rank" } else { "ranks" },
                     missing.join(", "),
                     cfg.setup_timeout
                 );
@@ -268,13 +269,13 @@ fn coordinate(
             continue;
         };
         if rank == 0 || rank >= cfg.size {
-            let msg = format!("rank 0: a process claims rank {rank}, but the job has ranks 0..{}", cfg.size - 1);
+            let msg = format!("a process claims rank {rank}, but the job has ranks 0..{}", cfg.size - 1);
             let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
             problem.get_or_insert(msg);
             continue;
         }
         if hellos[rank].is_some() {
-            let msg = format!("rank 0: two processes claim rank {rank}");
+            let msg = format!("two processes claim rank {rank}");
             let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
             problem.get_or_insert(msg);
             continue;

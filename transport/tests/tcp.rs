@@ -175,7 +175,7 @@ fn wrong_token_cannot_join_and_rank_zero_names_who_is_missing() {
     let e = establish(&cfg, b"", &|_| Ok(())).err().expect("must fail");
     assert!(e.to_string().contains("token") || e.to_string().contains("authentication"), "{e}");
     let msg = zero.join().unwrap();
-    assert!(msg.contains("ranks 1 did not join"), "{msg}");
+    assert!(msg.contains("rank 1 did not join"), "{msg}");
 }
 
 #[test]

@@ -74,3 +74,62 @@ pub fn occupy(_args: &Args) -> ! {
         }
     }
 }
+
+/// `map-count`: rank 1 uses up its process's mapping budget (`vm.max_map_count`) with small
+/// mappings of its own, then reads scattered pages that rank 0 wrote. Every page it receives
+/// needs its own protection, i.e. a mapping split: the runtime must stop with a message that
+/// names `vm.max_map_count`, not crash or hang.
+pub fn map_count(_args: &Args) -> ! {
+    crate::util::init_or_exit();
+    let rank = gallocy::rank();
+    let pages = 4096usize;
+    let page = gallocy::page_size();
+    let buf = gallocy::alloc_collective(pages * 2 * page);
+    if rank == 0 {
+        for i in 0..pages {
+            // SAFETY: inside the collective block, which rank 0 allocated and holds.
+            unsafe { std::ptr::write_volatile(buf.add(2 * i * page) as *mut u64, i as u64 + 1) };
+        }
+    }
+    gallocy::barrier();
+    if rank == 1 {
+        let eaten = eat_mappings(page);
+        println!("rank 1: holding {eaten} extra mappings");
+        let mut sum = 0u64;
+        for i in 0..pages {
+            // SAFETY: inside the collective block; a read fault fetches the page.
+            sum += unsafe { std::ptr::read_volatile(buf.add(2 * i * page) as *const u64) };
+        }
+        eprintln!("error: rank 1: map-count: read {pages} scattered pages (sum {sum}) without reaching the limit");
+        std::process::exit(1);
+    }
+    // The other ranks wait for rank 1, which never arrives: it must end the job.
+    gallocy::barrier();
+    eprintln!("error: rank {rank}: map-count: the barrier completed");
+    std::process::exit(1);
+}
+
+/// Maps single pages with alternating protections (so they cannot merge) until the kernel
+/// refuses, then gives back a few so that the runtime has a little room. Returns how many it kept.
+fn eat_mappings(page: usize) -> usize {
+    let mut maps = Vec::new();
+    loop {
+        let prot = if maps.len() % 2 == 0 { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+        // SAFETY: a fresh private anonymous mapping; never touched.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), page, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            break;
+        }
+        maps.push(p);
+        if maps.len() > 10_000_000 {
+            break;
+        }
+    }
+    for p in maps.drain(maps.len().saturating_sub(64)..) {
+        // SAFETY: unmapping a mapping made above.
+        unsafe { libc::munmap(p, page) };
+    }
+    let kept = maps.len();
+    std::mem::forget(maps);
+    kept
+}

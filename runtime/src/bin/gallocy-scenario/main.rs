@@ -34,6 +34,7 @@ scenarios (all ranks run the same NAME):
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
   jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M]
   nullderef   [--rank R]                     rank R (default: last) reads address 0
+  map-count                                  rank 1 exhausts vm.max_map_count: clear error
   alloc                                      allocator checks (local, threaded, remote free)
   double-free [--remote]                     frees a pointer twice: must be reported
   occupy                                     maps a page inside the heap before init on rank
@@ -55,6 +56,7 @@ fn main() {
     match name.as_str() {
         "occupy" => faults::occupy(&args),
         "nullderef" => faults::nullderef(&args),
+        "map-count" => faults::map_count(&args),
         "double-free" => alloc::double_free(&args),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
