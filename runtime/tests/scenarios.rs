@@ -33,6 +33,12 @@ fn disjoint_words_four_ranks() {
 }
 
 #[test]
+fn contended_page_four_ranks_two_threads_each() {
+    let _g = serial();
+    launch_ok(4, &["contend", "--ms", "500", "--threads", "2"], 3 * MIN);
+}
+
+#[test]
 fn litmus_message_passing() {
     let _g = serial();
     launch_ok(4, &["litmus-mp", "--rounds", "10000"], 4 * MIN);

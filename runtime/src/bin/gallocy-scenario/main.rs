@@ -29,6 +29,7 @@ scenarios (all ranks run the same NAME):
   counter     [--total N] [--threads T]      shared counter under gallocy::lock(1)
   pingpong    [--rounds N]                   two ranks write one page alternately
   disjoint    [--rounds N] [--words W]       ranks write disjoint words of one page
+  contend     [--ms M] [--threads T]         all threads of all ranks fight over one page
   litmus-mp   [--rounds N]                   message passing litmus test
   litmus-sb   [--rounds N]                   store buffering litmus test
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
@@ -70,6 +71,7 @@ fn main() {
         "counter" => sync::counter,
         "pingpong" => sync::pingpong,
         "disjoint" => sync::disjoint,
+        "contend" => sync::contend,
         "litmus-mp" => litmus::mp,
         "litmus-sb" => litmus::sb,
         "litmus-iriw" => litmus::iriw,

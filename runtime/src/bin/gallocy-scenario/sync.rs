@@ -161,3 +161,63 @@ pub fn disjoint(args: &Args) -> Outcome {
     let elapsed = t0.elapsed();
     Ok(format!("{rounds} rounds x {size} ranks x {words} words; {:.0} ms", elapsed.as_secs_f64() * 1e3))
 }
+
+/// `contend`: for `--ms` milliseconds, every thread of every rank increments its own word of ONE
+/// shared page with plain (non-atomic) reads and writes, no lock and no barrier, so all writers
+/// fight over the page at once. Each thread counts its increments privately; afterwards its word
+/// must equal that count (no update lost), and the job must get there (no deadlock or livelock).
+pub fn contend(args: &Args) -> Outcome {
+    let run_for = Duration::from_millis(args.usize_or("--ms", 300) as u64);
+    let threads = args.usize_or("--threads", 2).max(1);
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    if size * threads > gallocy::page_size() / 8 {
+        return Err(format!("{size} ranks x {threads} threads do not fit one page of words"));
+    }
+    let page = collective(gallocy::page_size())?;
+    gallocy::barrier();
+    let before = gallocy::stats();
+    let counts: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let word = page.word(rank * threads + t) as usize;
+                s.spawn(move || {
+                    let t0 = Instant::now();
+                    let mut n = 0u64;
+                    while t0.elapsed() < run_for {
+                        // SAFETY: the word lies in the live collective page; only this thread
+                        // writes it.
+                        unsafe {
+                            let v = vread(word as *const u64);
+                            vwrite(word as *mut u64, v + 1);
+                        }
+                        n += 1;
+                        for _ in 0..64 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("writer thread")).collect()
+    });
+    let after = gallocy::stats();
+    gallocy::barrier();
+    for (t, n) in counts.iter().enumerate() {
+        // SAFETY: as above; every writer finished before the barrier.
+        let got = unsafe { vread(page.word(rank * threads + t)) };
+        if got != *n {
+            return Err(format!("thread {t} made {n} increments but its word is {got}: updates were lost"));
+        }
+    }
+    let faults = (after.read_faults + after.write_faults) - (before.read_faults + before.write_faults);
+    if size > 1 && faults < 10 {
+        return Err(format!("only {faults} faults here: the writers did not contend"));
+    }
+    Ok(format!(
+        "{} writers on one page for {} ms, {} increments here, {faults} faults here, none lost",
+        size * threads,
+        run_for.as_millis(),
+        counts.iter().sum::<u64>()
+    ))
+}
