@@ -44,7 +44,7 @@ const CACHE: usize = 32;
 fn class_of(size: usize) -> usize {
     let s = size.max(1);
     if s <= 128 {
-        return (s + 15) / 16 - 1;
+        return s.div_ceil(16) - 1;
     }
     CLASS_SIZES.iter().position(|c| *c >= s).expect("size is small")
 }
@@ -284,7 +284,7 @@ impl Allocator {
         let size = size.max(1);
         if align <= self.page && size <= MAX_SMALL {
             let first = class_of(size);
-            if let Some(class) = (first..CLASS_SIZES.len()).find(|c| CLASS_SIZES[*c] % align == 0) {
+            if let Some(class) = (first..CLASS_SIZES.len()).find(|c| CLASS_SIZES[*c].is_multiple_of(align)) {
                 return self.small(class);
             }
         }
@@ -305,7 +305,7 @@ impl Allocator {
                 None => Err(AllocError::InvalidPointer(addr)),
             };
         }
-        if (addr - self.heap_base) % self.page != 0 {
+        if !(addr - self.heap_base).is_multiple_of(self.page) {
             return Err(AllocError::InvalidPointer(addr));
         }
         match self.large.get((addr - self.heap_base) / self.page).load(Ordering::Acquire) {
@@ -341,7 +341,7 @@ impl Allocator {
             }
             return Ok(());
         }
-        if (addr - self.heap_base) % self.page != 0 {
+        if !(addr - self.heap_base).is_multiple_of(self.page) {
             return Err(AllocError::InvalidPointer(addr));
         }
         let first = (addr - self.heap_base) / self.page;

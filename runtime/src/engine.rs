@@ -150,7 +150,7 @@ impl<'a> Engine<'a> {
             }
             if now.saturating_sub(last_activity) < spin_ns {
                 idle_spins = idle_spins.wrapping_add(1);
-                if idle_spins % 64 == 0 {
+                if idle_spins.is_multiple_of(64) {
                     // SAFETY: sched_yield has no preconditions.
                     unsafe { libc::sched_yield() };
                 }

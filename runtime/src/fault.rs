@@ -8,7 +8,7 @@
 //! handed to the handler that was installed before ours, or to the default action, so a real bug
 //! still kills the program with SIGSEGV.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -20,8 +20,12 @@ use crate::fmt::RawWriter;
 use crate::runtime::{write_stderr, Runtime, RUNTIME};
 use crate::wire::{self, Msg, Source};
 
-/// The action that was installed before ours.
-static mut PREVIOUS: MaybeUninit<libc::sigaction> = MaybeUninit::uninit();
+/// The action that was installed before ours: written once by `install` (under its lock, before
+/// our handler can run), then only read.
+struct PreviousAction(UnsafeCell<MaybeUninit<libc::sigaction>>);
+// SAFETY: see the type's comment: one write strictly before all reads.
+unsafe impl Sync for PreviousAction {}
+static PREVIOUS: PreviousAction = PreviousAction(UnsafeCell::new(MaybeUninit::uninit()));
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static INSTALL_LOCK: Mutex<()> = Mutex::new(());
 
@@ -42,8 +46,7 @@ pub fn install() -> Result<(), Error> {
         sa.sa_sigaction = on_segv as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigfillset(&mut sa.sa_mask);
-        let prev = &raw mut PREVIOUS;
-        if libc::sigaction(libc::SIGSEGV, &sa, (*prev).as_mut_ptr()) != 0 {
+        if libc::sigaction(libc::SIGSEGV, &sa, (*PREVIOUS.0.get()).as_mut_ptr()) != 0 {
             return Err(Error::os("installing the SIGSEGV handler"));
         }
     }
@@ -114,7 +117,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 /// so that the faulting instruction runs again and the default action ends the process.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: PREVIOUS was written by `install` before our handler was installed.
-    let prev = unsafe { (*(&raw const PREVIOUS)).assume_init_ref() };
+    let prev = unsafe { (*PREVIOUS.0.get()).assume_init_ref() };
     let action = prev.sa_sigaction;
     if action == libc::SIG_DFL || action == libc::SIG_IGN {
         // SAFETY: resetting SIGSEGV to its default disposition.

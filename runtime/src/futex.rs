@@ -39,7 +39,7 @@ pub fn spin_until(spin: Duration, mut done: impl FnMut() -> bool) -> bool {
             return true;
         }
         i = i.wrapping_add(1);
-        if i % 16 == 0 {
+        if i.is_multiple_of(16) {
             if crate::clock::now_ns().saturating_sub(start) >= limit {
                 return false;
             }

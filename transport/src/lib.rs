@@ -173,7 +173,7 @@ pub trait Transport: Send + Sync {
     /// connection is read before), and the poller is woken. Returns how many messages were
     /// taken. Never blocks; returns 0 at once if another thread is receiving. Async-signal-safe
     /// (allocation-free), provided `accept` is.
-    fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize;
+    fn poll_inline(&self, accept: &mut Accept<'_>) -> usize;
     /// Blocks until `wake` is called or `timeout` passes, ignoring the peers' connections.
     fn wait_for_wake(&self, timeout: Duration);
     /// Makes the current or next `poll` (or `wait_for_wake`) return promptly. Async-signal-safe.
@@ -181,6 +181,10 @@ pub trait Transport: Send + Sync {
     /// Says goodbye to every peer: after this, their closing connections are expected.
     fn say_goodbye(&self) -> Result<(), TransportError>;
 }
+
+/// What a waiting thread does with an incoming message in [`Transport::poll_inline`]:
+/// `(sender, message, attached page) -> taken?`.
+pub type Accept<'a> = dyn FnMut(usize, &[u8], Option<Span>) -> bool + 'a;
 
 /// Largest control message a transport must carry.
 pub const MAX_MESSAGE: usize = 256 * 1024;

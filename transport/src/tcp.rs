@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{Header, Kind, HEADER_LEN};
 use crate::sys::{self, Epoll, EventFd};
-use crate::{auth, Event, LostReason, MemoryView, Span, Transport, TransportError};
+use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
+
+/// Rank 0's judgement of every rank's hello (indexed by rank): `Err` stops the job with that text.
+pub type Judge = dyn Fn(&[Vec<u8>]) -> Result<(), String>;
 
 /// Start-up parameters.
 #[derive(Clone, Debug)]
@@ -96,7 +99,7 @@ enum Sink<'a> {
     /// The service thread: every frame becomes an event.
     Service(&'a mut dyn for<'e> FnMut(Event<'e>)),
     /// A waiting thread: takes the messages it can handle, leaves the rest.
-    Inline(&'a mut dyn FnMut(usize, &[u8], Option<Span>) -> bool),
+    Inline(&'a mut Accept<'a>),
 }
 
 struct Receiver {
@@ -211,11 +214,7 @@ fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) 
 
 /// Sets up the job's connections. `hello` is this rank's report; on rank 0, `check` judges all
 /// reports (indexed by rank) and may stop the job with a message.
-pub fn establish(
-    cfg: &TcpConfig,
-    hello: &[u8],
-    check: &dyn Fn(&[Vec<u8>]) -> Result<(), String>,
-) -> Result<TcpTransport, TransportError> {
+pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTransport, TransportError> {
     if cfg.size == 0 || cfg.rank >= cfg.size {
         return Err(TransportError::Invalid(format!("rank {} of {}", cfg.rank, cfg.size)));
     }
@@ -239,7 +238,7 @@ fn coordinate(
     cfg: &TcpConfig,
     listener: &TcpListener,
     hello: &[u8],
-    check: &dyn Fn(&[Vec<u8>]) -> Result<(), String>,
+    check: &Judge,
     deadline: Instant,
     peers: &mut [Option<TcpStream>],
 ) -> Result<(), TransportError> {
@@ -718,7 +717,7 @@ impl Transport for TcpTransport {
         Ok(handled)
     }
 
-    fn poll_inline(&self, accept: &mut dyn FnMut(usize, &[u8], Option<Span>) -> bool) -> usize {
+    fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {
         let mut keys = [0u64; 32];
         let Ok(n) = self.epoll.wait(&mut keys, 0) else { return 0 };
         if !keys[..n].iter().any(|k| (*k as usize) < self.size) {
