@@ -3,19 +3,23 @@
 //! ```text
 //! gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
 //! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
+//! gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--workloads a,b] [--glibc-only]
 //! ```
 //!
 //! `fault` first measures the floor (two helper processes: a TCP server and a client that also
 //! does the SIGSEGV measurements), then starts `--procs` ranks of a gallocy job and has rank 0
 //! time remote read and write faults. It prints a table and, as the last line of stdout, one
-//! JSON object. `floor` runs only the first part (it does not need the runtime).
+//! JSON object. `floor` runs only the first part (it does not need the runtime). `malloc` compares
+//! the malloc fast path of glibc and of `libgallocy.so` (LD_PRELOAD) in child processes (see
+//! [`malloc`]).
 //!
 //! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
-//! `__fault-rank`.
+//! `__fault-rank`, `__malloc-child`.
 
 mod cases;
 mod floor;
 mod launch;
+mod malloc;
 mod net;
 mod report;
 
@@ -29,6 +33,8 @@ use report::{JsonObject, Summary};
 const USAGE: &str = "usage:
   gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
   gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
+  gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
+                       [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
 GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
 
@@ -103,18 +109,27 @@ fn main() {
         eprintln!("{USAGE}");
         std::process::exit(2);
     };
-    let result = parse_opts(&args[1..]).and_then(|o| match cmd.as_str() {
+    let result = match cmd.as_str() {
+        // Own option sets (fractional seconds, a path).
+        "malloc" => malloc::cmd_malloc(&args[1..]),
+        "__malloc-child" => malloc::child_main(&args[1..]),
+        _ => run_latency_cmd(cmd, &args[1..]),
+    };
+    if let Err(e) = result {
+        eprintln!("gallocy-bench {cmd}: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_latency_cmd(cmd: &str, args: &[String]) -> Result<()> {
+    parse_opts(args).and_then(|o| match cmd {
         "fault" => cmd_fault(&o),
         "floor" => cmd_floor(&o),
         "__floor-server" => pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)),
         "__floor-client" => pin_from_env().and_then(|()| child_floor_client(&o)),
         "__fault-rank" => cases::run_rank(o.iters, o.warmup()),
         other => bail!("unknown subcommand {other}\n{USAGE}"),
-    });
-    if let Err(e) = result {
-        eprintln!("gallocy-bench {cmd}: error: {e:#}");
-        std::process::exit(1);
-    }
+    })
 }
 
 fn addr_arg(o: &Opts) -> Result<SocketAddr> {

@@ -355,6 +355,22 @@ impl Allocator {
     }
 }
 
+/// The allocator's locks, held across `fork` (see `preload::before_fork`).
+pub struct ForkGuards<'a> {
+    _runs: std::sync::MutexGuard<'a, PageRuns>,
+    _central: Vec<std::sync::MutexGuard<'a, Vec<usize>>>,
+}
+
+impl Allocator {
+    /// Takes every lock of the allocator, in the order `refill` nests them: the size classes,
+    /// then the page runs.
+    pub fn lock_all(&self) -> ForkGuards<'_> {
+        let central = self.central.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner())).collect();
+        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        ForkGuards { _runs: runs, _central: central }
+    }
+}
+
 /// Frees a block of this rank's arena on behalf of a peer (called by the service thread).
 pub fn free_local(rt: &crate::runtime::Runtime, addr: usize) -> Result<(), AllocError> {
     rt.alloc.free(addr)

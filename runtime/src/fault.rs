@@ -151,6 +151,13 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
     if rt.finalized.load(Ordering::Acquire) || rt.size == 1 {
         return false;
     }
+    if rt.forked.load(Ordering::Acquire) {
+        fatal_raw(
+            rt,
+            "a forked child touched a shared page its parent did not hold: page ",
+            (addr - rt.region.base) / rt.region.page,
+        );
+    }
     let page = (addr - rt.region.base) / rt.region.page;
     if rt.pt.permits(page, write) {
         // Another thread installed it meanwhile (or a protection change is in progress).

@@ -34,6 +34,7 @@ pub mod jacobi;
 pub mod launch;
 mod lazy;
 mod pagetable;
+pub mod preload;
 mod region;
 mod runtime;
 mod slots;
@@ -89,11 +90,19 @@ pub fn init() -> Result<(), Error> {
         return Ok(());
     }
     let _scope = RuntimeScope::enter();
+    init_as(config::identity()?)
+}
+
+/// Joins as `id` (the shim uses this to run a process as a one-process job).
+pub(crate) fn init_as(id: config::Identity) -> Result<(), Error> {
+    if RUNTIME.get().is_some() {
+        return Ok(());
+    }
+    let _scope = RuntimeScope::enter();
     let _g = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     if RUNTIME.get().is_some() {
         return Ok(());
     }
-    let id = config::identity()?;
     let rank = id.rank;
     start(id).map_err(|e| e.on_rank(rank))?;
     if size() > 1 {
@@ -104,34 +113,33 @@ pub fn init() -> Result<(), Error> {
 
 fn start(id: config::Identity) -> Result<(), Error> {
     let settings = config::settings();
-    let region = settings
-        .as_ref()
-        .map_err(|e| e.to_string())
-        .and_then(|s| region::Region::reserve(s.heap_base, s.heap_size).map_err(|e| e.to_string()));
-    let settings_ok = settings.as_ref().ok().cloned();
-    let (transport, region) = if id.size > 1 {
-        let problem = region.as_ref().err().cloned();
-        let view = match &region {
-            Ok(r) => MemoryView { base: r.runtime_base as *mut u8, len: r.size },
-            Err(_) => MemoryView { base: std::ptr::null_mut(), len: 0 },
-        };
-        let transport = bootstrap::connect(&id, settings_ok.as_ref(), view, problem);
-        // Our own problem is the clearest message for this rank.
-        let settings = settings?;
-        let region = region.map_err(|_| match region::Region::reserve(settings.heap_base, settings.heap_size) {
-            Err(e) => e,
-            Ok(_) => Error::JobStopped("heap reservation failed".into()),
-        })?;
-        (Some(transport?), region)
-    } else {
-        let settings = settings?;
-        let region = match region {
-            Ok(r) => r,
-            Err(_) => region::Region::reserve(settings.heap_base, settings.heap_size)?,
-        };
-        (None, region)
+    // A one-process job needs no runtime view: a private anonymous heap also gives a forked
+    // child a proper copy-on-write snapshot.
+    let region = settings.as_ref().ok().map(|s| {
+        if id.size == 1 {
+            region::Region::reserve_private(s.heap_base, s.heap_size)
+        } else {
+            region::Region::reserve(s.heap_base, s.heap_size)
+        }
+    });
+    let problem = match (&settings, &region) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Some(Err(e))) => Some(e.to_string()),
+        _ => None,
     };
-    let settings = settings_ok.expect("settings were valid");
+    // Every rank joins, even with a problem of its own, so that rank 0 stops the whole job
+    // with one message that names this rank.
+    let transport = (id.size > 1).then(|| {
+        let view = match &region {
+            Some(Ok(r)) => MemoryView { base: r.runtime_base as *mut u8, len: r.size },
+            _ => MemoryView { base: std::ptr::null_mut(), len: 0 },
+        };
+        bootstrap::connect(&id, settings.as_ref().ok(), view, problem)
+    });
+    // Our own problem is the clearest message for this rank.
+    let settings = settings?;
+    let region = region.expect("valid settings give a region")?;
+    let transport = transport.transpose()?;
     if id.rank == 0 && id.token_derived {
         eprintln!(
             "gallocy: warning: GALLOCY_TOKEN is not set; using a token derived from the job's identity, \
@@ -414,9 +422,11 @@ pub unsafe fn free(p: *mut u8) {
         if let Err(e) = rt.alloc.free(addr) {
             misuse(rt, &e);
         }
-    } else {
+    } else if !rt.forked.load(Ordering::Acquire) {
         rt.send_from_app(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
     }
+    // A forked child of a multi-process job is not a member of the job: it cannot give another
+    // rank's block back, so the block is simply not reused.
 }
 
 /// Usable size of a block of the shared heap (asks the owning rank for another rank's block).

@@ -71,6 +71,78 @@ fn conflicting_mapping(start: usize, end: usize) -> String {
 }
 
 impl Region {
+    /// Maps a private anonymous heap for a one-process job (no runtime view, nothing to share);
+    /// it starts with no access.
+    pub fn reserve_private(base: usize, size: usize) -> Result<Region, Error> {
+        // SAFETY: a fresh anonymous mapping at an address that must be free (NOREPLACE).
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED || p as usize != base {
+            let errno = std::io::Error::last_os_error();
+            if p != libc::MAP_FAILED {
+                // SAFETY: undoing a misplaced mapping (old kernels treat NOREPLACE as a hint).
+                unsafe { libc::munmap(p, size) };
+            }
+            if p != libc::MAP_FAILED || errno.raw_os_error() == Some(libc::EEXIST) {
+                return Err(Error::Occupied {
+                    start: base,
+                    end: base + size,
+                    mapping: conflicting_mapping(base, base + size),
+                });
+            }
+            return Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno });
+        }
+        Ok(Region { base, size, page: page_size(), runtime_base: base, memfd: -1 })
+    }
+
+    /// In a forked child of a multi-process job: turns the shared mappings of the heap into
+    /// private copy-on-write ones with the same protections, so the child's writes never reach
+    /// the parent's memory. Pages the child does not write may still show the parent's later
+    /// writes. Returns false if /proc/self/maps could not be read.
+    pub fn privatize(&self) -> bool {
+        if self.memfd < 0 {
+            return true;
+        }
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+            let Some((a, b)) = range.split_once('-') else { continue };
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+            if a < self.base || b > self.base + self.size {
+                continue;
+            }
+            let mut prot = 0;
+            if perms.starts_with('r') {
+                prot |= libc::PROT_READ;
+            }
+            if perms.as_bytes().get(1) == Some(&b'w') {
+                prot |= libc::PROT_WRITE;
+            }
+            // SAFETY: replacing part of our own application view with a private mapping of the
+            // same file range.
+            unsafe {
+                libc::mmap(
+                    a as *mut libc::c_void,
+                    b - a,
+                    prot,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    self.memfd,
+                    (a - self.base) as libc::off_t,
+                );
+            }
+        }
+        true
+    }
+
     /// Creates the memfd and maps both views; the application view starts with no access.
     pub fn reserve(base: usize, size: usize) -> Result<Region, Error> {
         let page = page_size();
@@ -175,8 +247,10 @@ impl Drop for Region {
         // SAFETY: unmapping our own views and closing our fd.
         unsafe {
             libc::munmap(self.base as *mut libc::c_void, self.size);
-            libc::munmap(self.runtime_base as *mut libc::c_void, self.size);
-            libc::close(self.memfd);
+            if self.memfd >= 0 {
+                libc::munmap(self.runtime_base as *mut libc::c_void, self.size);
+                libc::close(self.memfd);
+            }
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Runtime {
     pub leaving: AtomicBool,
     pub all_departed: AtomicBool,
     pub finalized: AtomicBool,
+    /// This process is a forked child of a job member (see `preload::after_fork_child`).
+    pub forked: AtomicBool,
     pub barrier_epoch: AtomicU64,
     pub broadcast_seq: AtomicU64,
 }
@@ -81,6 +83,7 @@ impl Runtime {
             leaving: AtomicBool::new(false),
             all_departed: AtomicBool::new(false),
             finalized: AtomicBool::new(false),
+            forked: AtomicBool::new(false),
             barrier_epoch: AtomicU64::new(0),
             broadcast_seq: AtomicU64::new(0),
         }

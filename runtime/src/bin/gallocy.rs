@@ -1,7 +1,7 @@
 //! `gallocy`: launcher and demo of the gallocy distributed shared memory runtime.
 //!
 //! ```text
-//! gallocy run -n N [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
+//! gallocy run -n N [--preload] [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
 //! gallocy demo [-n N] [--size S] [--iters K] [--threads T]
 //! ```
 
@@ -16,7 +16,7 @@ use gallocy::launch::{self, LaunchSpec, MAX_RANKS};
 
 const SYNOPSIS: &str = "\
 usage:
-  gallocy run -n N [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
+  gallocy run -n N [--preload] [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
   gallocy demo [-n N] [--size S] [--iters K] [--threads T]
   gallocy --help | --version
 ";
@@ -34,6 +34,8 @@ commands:
 
 options:
   -n, --nprocs N      number of ranks, 1..=64 (demo default: 4)
+  --preload           run PROGRAM with LD_PRELOAD=libgallocy.so (every malloc in
+                      the shared heap; GALLOCY_PRELOAD_LIB overrides the path)
   --transport NAME    tcp (the only transport in this build)
   --grace SECONDS     time the other ranks get after one failed (default 5)
   --size S            demo grid is S x S (default 512)
@@ -119,10 +121,29 @@ fn parse(args: &[OsString]) -> Result<Cmd, Usage> {
     }
 }
 
+/// The `libgallocy.so` that `--preload` puts in `LD_PRELOAD`: `$GALLOCY_PRELOAD_LIB`, else the
+/// one next to this executable (where cargo builds both), else `../lib/libgallocy.so` (an
+/// installed prefix).
+fn preload_library() -> Result<std::path::PathBuf, Usage> {
+    if let Some(p) = std::env::var_os("GALLOCY_PRELOAD_LIB") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().map_err(|e| Usage(format!("run --preload: cannot find this executable: {e}")))?;
+    let dir = exe.parent().unwrap_or(std::path::Path::new("."));
+    let candidates = [dir.join("libgallocy.so"), dir.join("../lib/libgallocy.so")];
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        Usage(format!(
+            "run --preload: libgallocy.so not found next to {} (build it with `cargo build --release -p gallocy-shim`, or set GALLOCY_PRELOAD_LIB)",
+            exe.display()
+        ))
+    })
+}
+
 fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
     let mut nprocs = None;
     let mut transport = "tcp".to_string();
     let mut grace = launch::DEFAULT_GRACE;
+    let mut preload = false;
     let mut i = 0;
     while i < args.len() {
         let arg = utf8_or_program(&args[i]);
@@ -134,6 +155,7 @@ fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
             }
             "-h" | "--help" => return Ok(Cmd::Help),
             "-n" | "--nprocs" | "-np" => nprocs = Some(parse_num(flag, value(args, &mut i, inline)?)?),
+            "--preload" => preload = true,
             "--transport" => transport = value(args, &mut i, inline)?.to_string(),
             "--grace" => grace = parse_seconds(flag, value(args, &mut i, inline)?)?,
             f if f.starts_with('-') && f.len() > 1 => return Err(Usage(format!("unknown option \"{f}\""))),
@@ -146,6 +168,9 @@ fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
     let mut spec = LaunchSpec::new(nprocs, program.clone(), program_args.to_vec());
     spec.transport = transport;
     spec.grace = grace;
+    if preload {
+        spec.env.push(("LD_PRELOAD".into(), preload_library()?.into()));
+    }
     spec.validate().map_err(|e| Usage(format!("run: {e}")))?;
     Ok(Cmd::Run(spec))
 }
