@@ -311,8 +311,13 @@ pub fn child_main(args: &[String]) -> Result<()> {
     match c.inject.as_deref() {
         None => {}
         Some("crash") => {
-            // SAFETY: raising a signal in our own process (test hook for the parent's error path).
-            unsafe { libc::raise(libc::SIGSEGV) };
+            // SAFETY: test hook for the parent's error path: die of SIGSEGV like a crashing
+            // allocator would (std's SIGSEGV handler would just return from a raise()).
+            unsafe {
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                libc::raise(libc::SIGSEGV);
+            }
+            bail!("raise(SIGSEGV) returned");
         }
         Some("hang") => loop {
             std::thread::sleep(Duration::from_secs(3600));

@@ -148,8 +148,15 @@ thread_local! {
 
 /// Resolves a fault at `addr` in the heap. Returns false if it is not ours to resolve.
 fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
-    if rt.finalized.load(Ordering::Acquire) || rt.size == 1 {
+    if rt.size == 1 {
         return false;
+    }
+    if rt.leaving.load(Ordering::Acquire) && !rt.pt.permits((addr - rt.region.base) / rt.region.page, write) {
+        fatal_raw(
+            rt,
+            "touched a shared page it does not hold after leaving the job (gallocy_finalize): page ",
+            (addr - rt.region.base) / rt.region.page,
+        );
     }
     if rt.forked.load(Ordering::Acquire) {
         fatal_raw(

@@ -160,9 +160,10 @@ fn start(id: config::Identity) -> Result<(), Error> {
         unreachable!("init holds the init lock");
     }
     let rt = RUNTIME.get().expect("just set");
-    fault::install()?;
-    fault::prepare_thread();
     if rt.size > 1 {
+        // A one-process job never faults on purpose: it leaves SIGSEGV alone.
+        fault::install()?;
+        fault::prepare_thread();
         std::thread::Builder::new()
             .name("gallocy-service".into())
             .spawn(move || {
@@ -422,11 +423,11 @@ pub unsafe fn free(p: *mut u8) {
         if let Err(e) = rt.alloc.free(addr) {
             misuse(rt, &e);
         }
-    } else if !rt.forked.load(Ordering::Acquire) {
+    } else if !rt.forked.load(Ordering::Acquire) && !rt.leaving.load(Ordering::Acquire) {
         rt.send_from_app(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
     }
-    // A forked child of a multi-process job is not a member of the job: it cannot give another
-    // rank's block back, so the block is simply not reused.
+    // A forked child of a multi-process job is not a member of the job, and a process that left
+    // the job has nobody to tell: another rank's block is then simply not reused.
 }
 
 /// Usable size of a block of the shared heap (asks the owning rank for another rank's block).
