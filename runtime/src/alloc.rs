@@ -4,12 +4,13 @@
 //! the network. All metadata lives in private runtime memory: slab descriptors and free lists
 //! on the runtime's own allocator, span and block tables in lazily touched anonymous mappings;
 //! nothing is ever stored in the shared heap. Small sizes (up to 16 KiB) come from 64 KiB slabs
-//! of one size class, through per-thread caches; larger blocks are page-aligned page runs.
-//! A live bit per small object and a length per large block catch double and invalid frees.
+//! of one size class, through per-thread caches that refill in batches taken from one slab (so
+//! two threads rarely share a cache line of metadata); larger blocks are page-aligned page runs.
+//! A state byte per small object and a length per large block catch double and invalid frees.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use crate::lazy::LazyArray;
@@ -39,41 +40,125 @@ const CLASS_SIZES: [usize; 36] = [
     16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
     2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384,
 ];
-const CACHE: usize = 32;
+/// Objects a thread keeps per class.
+const CACHE: usize = 64;
+/// Objects moved between a thread and the central lists at a time.
+const BATCH: usize = 32;
+/// Size class of every size up to MAX_SMALL, by (size + 15) / 16.
+static CLASS_BY_16: [u8; MAX_SMALL / 16 + 1] = class_table();
 
-fn class_of(size: usize) -> usize {
-    let s = size.max(1);
-    if s <= 128 {
-        return s.div_ceil(16) - 1;
+const fn class_table() -> [u8; MAX_SMALL / 16 + 1] {
+    let mut t = [0u8; MAX_SMALL / 16 + 1];
+    let mut i = 0;
+    let mut c = 0;
+    while i < t.len() {
+        while CLASS_SIZES[c] < i * 16 {
+            c += 1;
+        }
+        t[i] = c as u8;
+        i += 1;
     }
-    CLASS_SIZES.iter().position(|c| *c >= s).expect("size is small")
+    t
 }
+
+#[inline]
+fn class_of(size: usize) -> usize {
+    CLASS_BY_16[size.max(1).div_ceil(16)] as usize
+}
+
+/// Object states.
+const FREE: u8 = 0;
+const LIVE: u8 = 1;
 
 /// One slab: a 64 KiB span cut into objects of one class.
 struct Slab {
     base: usize,
     obj_size: usize,
+    /// ceil(2^32 / obj_size): offset * recip >> 32 equals offset / obj_size for every offset in
+    /// a span (the error stays below 2^-16 while a quotient's fraction is at least 2^-14).
+    recip: u64,
     nobj: usize,
     class: usize,
-    live: [AtomicU64; SPAN / 16 / 64],
+    /// FREE or LIVE per object. Plain loads and stores: a double free by one thread is always
+    /// caught; two threads freeing the same block at the same time is a race in the program.
+    state: Box<[AtomicU8]>,
 }
 
 impl Slab {
+    #[inline]
     fn index(&self, addr: usize) -> Option<usize> {
-        let off = addr.checked_sub(self.base)?;
-        (off % self.obj_size == 0 && off / self.obj_size < self.nobj).then_some(off / self.obj_size)
+        let off = addr.wrapping_sub(self.base);
+        let i = ((off as u64 * self.recip) >> 32) as usize;
+        (off < SPAN && i * self.obj_size == off && i < self.nobj).then_some(i)
     }
 
-    /// Sets the live bit; returns false if it was already set.
+    /// Marks object `i` live; false if it already was.
+    #[inline]
     fn mark_live(&self, i: usize) -> bool {
-        let bit = 1u64 << (i % 64);
-        self.live[i / 64].fetch_or(bit, Ordering::AcqRel) & bit == 0
+        let s = &self.state[i];
+        let was = s.load(Ordering::Relaxed);
+        s.store(LIVE, Ordering::Relaxed);
+        was == FREE
     }
 
-    /// Clears the live bit; returns false if it was not set.
+    /// Marks object `i` free; false if it was not live.
+    #[inline]
     fn mark_free(&self, i: usize) -> bool {
-        let bit = 1u64 << (i % 64);
-        self.live[i / 64].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        let s = &self.state[i];
+        if s.load(Ordering::Relaxed) != LIVE {
+            return false;
+        }
+        s.store(FREE, Ordering::Relaxed);
+        true
+    }
+}
+
+/// A class's free objects outside thread caches, grouped by slab.
+#[derive(Default)]
+pub struct Central {
+    /// Per slab of the class: its free objects.
+    slabs: Vec<(&'static Slab, Vec<u16>)>,
+    /// Positions (in `slabs`) of slabs with free objects; the last is used first.
+    partial: Vec<u32>,
+    /// Position of each slab in `slabs`, by slab base.
+    position: std::collections::HashMap<usize, u32>,
+}
+
+impl Central {
+    /// Takes up to BATCH objects, all from one slab. False if there are none.
+    fn take(&mut self, out: &mut ([usize; CACHE], usize)) -> bool {
+        while let Some(&pos) = self.partial.last() {
+            let (slab, free) = &mut self.slabs[pos as usize];
+            while out.1 < BATCH {
+                let Some(i) = free.pop() else { break };
+                out.0[out.1] = slab.base + i as usize * slab.obj_size;
+                out.1 += 1;
+            }
+            if free.is_empty() {
+                self.partial.pop();
+            }
+            if out.1 > 0 {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Gives one free object back.
+    fn give(&mut self, slab: &'static Slab, addr: usize) {
+        let pos = *self.position.get(&slab.base).expect("every slab of the class is registered");
+        let (_, free) = &mut self.slabs[pos as usize];
+        if free.is_empty() {
+            self.partial.push(pos);
+        }
+        free.push(((addr - slab.base) / slab.obj_size) as u16);
+    }
+
+    fn add_slab(&mut self, slab: &'static Slab) {
+        let pos = self.slabs.len() as u32;
+        self.slabs.push((slab, (0..slab.nobj as u16).rev().collect()));
+        self.position.insert(slab.base, pos);
+        self.partial.push(pos);
     }
 }
 
@@ -150,11 +235,32 @@ pub struct Allocator {
     slabs: LazyArray<AtomicPtr<Slab>>,
     large: LazyArray<AtomicU32>,
     runs: Mutex<PageRuns>,
-    central: Vec<Mutex<Vec<usize>>>,
+    central: Vec<Mutex<Central>>,
 }
 
 thread_local! {
     static THREAD_CACHE: RefCell<ThreadCache> = const { RefCell::new(ThreadCache::new()) };
+    /// Whether THREAD_CACHE's destructor is registered for this thread.
+    static CACHE_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on this thread's cache; Err once the thread is tearing its caches down.
+#[inline]
+fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> Result<R, std::thread::AccessError> {
+    if !CACHE_REGISTERED.get() {
+        register_cache();
+    }
+    THREAD_CACHE.try_with(|c| f(&mut c.borrow_mut()))
+}
+
+/// The first use of the cache registers its thread-exit destructor, which allocates (glibc's
+/// `__cxa_thread_atexit_impl` calls `calloc`): do it as runtime code, so that allocation never
+/// re-enters the shared-heap allocator.
+#[cold]
+fn register_cache() {
+    let _g = crate::RuntimeScope::enter();
+    let _ = THREAD_CACHE.try_with(|_| ());
+    CACHE_REGISTERED.set(true);
 }
 
 /// Per-thread stacks of free small objects, one per class.
@@ -172,9 +278,9 @@ impl Drop for ThreadCache {
     fn drop(&mut self) {
         if let Some(rt) = crate::runtime::RUNTIME.get() {
             let _g = crate::RuntimeScope::enter();
-            for (class, (items, n)) in self.bins.iter_mut().enumerate() {
-                rt.alloc.central[class].lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&items[..*n]);
-                *n = 0;
+            for (class, bin) in self.bins.iter_mut().enumerate() {
+                rt.alloc.give_back(class, &bin.0[..bin.1]);
+                bin.1 = 0;
             }
         }
     }
@@ -202,7 +308,7 @@ impl Allocator {
             slabs: LazyArray::new(heap_size / SPAN).expect("mapping the slab table"),
             large: LazyArray::new(heap_size / page).expect("mapping the block table"),
             runs: Mutex::new(runs),
-            central: (0..CLASS_SIZES.len()).map(|_| Mutex::new(Vec::new())).collect(),
+            central: (0..CLASS_SIZES.len()).map(|_| Mutex::new(Central::default())).collect(),
         }
     }
 
@@ -211,47 +317,70 @@ impl Allocator {
         (self.arena_start..self.arena_end).contains(&addr)
     }
 
-    fn slab_at(&self, addr: usize) -> Option<&Slab> {
+    fn slab_at(&self, addr: usize) -> Option<&'static Slab> {
         let p = self.slabs.get((addr - self.heap_base) >> SPAN_SHIFT).load(Ordering::Acquire);
-        // SAFETY: slabs are created once and never freed while the runtime lives.
+        // SAFETY: slabs are leaked when created and never freed.
         (!p.is_null()).then(|| unsafe { &*p })
     }
 
     fn take_pages(&self, n: usize, align: usize) -> Result<usize, AllocError> {
+        // The run index allocates: from the system allocator, never the shared heap.
+        let _g = crate::RuntimeScope::enter();
         let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
         runs.take(n, align).ok_or(AllocError::OutOfMemory(n * self.page))
     }
 
-    /// Carves a new slab for `class` and returns its objects.
-    fn new_slab(&self, class: usize) -> Result<Vec<usize>, AllocError> {
+    /// Carves a new slab for `class` and registers it with the class's central list.
+    fn new_slab(&self, class: usize, central: &mut Central) -> Result<(), AllocError> {
         let pages = SPAN / self.page;
         let first = self.take_pages(pages, pages)?;
         let base = self.heap_base + first * self.page;
         let obj_size = CLASS_SIZES[class];
         let nobj = SPAN / obj_size;
-        let slab = Box::new(Slab { base, obj_size, nobj, class, live: std::array::from_fn(|_| AtomicU64::new(0)) });
-        self.slabs.get((base - self.heap_base) >> SPAN_SHIFT).store(Box::into_raw(slab), Ordering::Release);
-        Ok((0..nobj).rev().map(|i| base + i * obj_size).collect())
+        let slab: &'static Slab = Box::leak(Box::new(Slab {
+            base,
+            obj_size,
+            recip: (1u64 << 32).div_ceil(obj_size as u64),
+            nobj,
+            class,
+            state: (0..nobj).map(|_| AtomicU8::new(FREE)).collect(),
+        }));
+        let entry = self.slabs.get((base - self.heap_base) >> SPAN_SHIFT);
+        entry.store(slab as *const Slab as *mut Slab, Ordering::Release);
+        central.add_slab(slab);
+        Ok(())
     }
 
-    /// Refills `out` with up to CACHE/2 free objects of `class`.
+    /// Refills `out` with a batch of free objects of `class` (slow path).
+    #[cold]
     fn refill(&self, class: usize, out: &mut ([usize; CACHE], usize)) -> Result<(), AllocError> {
+        // Our own bookkeeping allocates: from the system allocator, never the shared heap.
+        let _g = crate::RuntimeScope::enter();
         let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
-        if central.is_empty() {
-            let fresh = self.new_slab(class)?;
-            central.extend(fresh);
-        }
-        while out.1 < CACHE / 2 {
-            let Some(a) = central.pop() else { break };
-            out.0[out.1] = a;
-            out.1 += 1;
+        if !central.take(out) {
+            self.new_slab(class, &mut central)?;
+            central.take(out);
         }
         Ok(())
     }
 
+    /// Returns free objects of `class` to the central list (slow path).
+    #[cold]
+    fn give_back(&self, class: usize, objects: &[usize]) {
+        if objects.is_empty() {
+            return;
+        }
+        let _g = crate::RuntimeScope::enter();
+        let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
+        for &a in objects {
+            let slab = self.slab_at(a).expect("cached objects belong to slabs");
+            central.give(slab, a);
+        }
+    }
+
+    #[inline]
     fn small(&self, class: usize) -> Result<usize, AllocError> {
-        let from_cache = THREAD_CACHE.try_with(|c| -> Result<usize, AllocError> {
-            let mut c = c.borrow_mut();
+        let from_cache = with_cache(|c| -> Result<usize, AllocError> {
             let bin = &mut c.bins[class];
             if bin.1 == 0 {
                 self.refill(class, bin)?;
@@ -263,10 +392,10 @@ impl Allocator {
             Ok(r) => r?,
             // The thread is exiting: go to the central list directly.
             Err(_) => {
-                let mut one = ([0usize; CACHE], 0usize);
-                self.refill(class, &mut one)?;
-                let a = one.0[one.1 - 1];
-                self.central[class].lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&one.0[..one.1 - 1]);
+                let mut batch = ([0usize; CACHE], 0usize);
+                self.refill(class, &mut batch)?;
+                let a = batch.0[batch.1 - 1];
+                self.give_back(class, &batch.0[..batch.1 - 1]);
                 a
             }
         };
@@ -282,10 +411,15 @@ impl Allocator {
             return Err(AllocError::BadAlignment(align));
         }
         let size = size.max(1);
-        if align <= self.page && size <= MAX_SMALL {
+        if size <= MAX_SMALL {
             let first = class_of(size);
-            if let Some(class) = (first..CLASS_SIZES.len()).find(|c| CLASS_SIZES[*c].is_multiple_of(align)) {
-                return self.small(class);
+            if align <= 16 {
+                return self.small(first);
+            }
+            if align <= self.page {
+                if let Some(class) = (first..CLASS_SIZES.len()).find(|c| CLASS_SIZES[*c].is_multiple_of(align)) {
+                    return self.small(class);
+                }
             }
         }
         let n = size.div_ceil(self.page);
@@ -325,19 +459,17 @@ impl Allocator {
                 return Err(AllocError::DoubleFree(addr));
             }
             let class = slab.class;
-            let cached = THREAD_CACHE.try_with(|c| {
-                let mut c = c.borrow_mut();
+            let cached = with_cache(|c| {
                 let bin = &mut c.bins[class];
                 if bin.1 == CACHE {
-                    let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
-                    central.extend_from_slice(&bin.0[CACHE / 2..]);
-                    bin.1 = CACHE / 2;
+                    self.give_back(class, &bin.0[CACHE - BATCH..]);
+                    bin.1 = CACHE - BATCH;
                 }
                 bin.0[bin.1] = addr;
                 bin.1 += 1;
             });
             if cached.is_err() {
-                self.central[class].lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+                self.give_back(class, &[addr]);
             }
             return Ok(());
         }
@@ -348,6 +480,7 @@ impl Allocator {
         match self.large.get(first).swap(0, Ordering::AcqRel) {
             0 => Err(AllocError::DoubleFree(addr)),
             n => {
+                let _g = crate::RuntimeScope::enter();
                 self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(first, n as usize);
                 Ok(())
             }
@@ -358,7 +491,7 @@ impl Allocator {
 /// The allocator's locks, held across `fork` (see `preload::before_fork`).
 pub struct ForkGuards<'a> {
     _runs: std::sync::MutexGuard<'a, PageRuns>,
-    _central: Vec<std::sync::MutexGuard<'a, Vec<usize>>>,
+    _central: Vec<std::sync::MutexGuard<'a, Central>>,
 }
 
 impl Allocator {

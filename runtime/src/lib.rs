@@ -371,9 +371,9 @@ fn misuse(rt: &Runtime, e: &AllocError) -> ! {
 }
 
 /// Allocates `size` bytes aligned to `align` from the shared heap; null when out of memory.
+#[inline]
 fn allocate(size: usize, align: usize) -> *mut u8 {
     let rt = rt();
-    let _s = RuntimeScope::enter();
     match rt.alloc.alloc(size, align) {
         Ok(a) => a as *mut u8,
         Err(AllocError::OutOfMemory(_)) => std::ptr::null_mut(),
@@ -414,7 +414,6 @@ pub unsafe fn free(p: *mut u8) {
         return;
     }
     let rt = rt();
-    let _s = RuntimeScope::enter();
     let addr = p as usize;
     if !rt.region.contains(addr) {
         misuse(rt, &AllocError::InvalidPointer(addr));
@@ -424,6 +423,7 @@ pub unsafe fn free(p: *mut u8) {
             misuse(rt, &e);
         }
     } else if !rt.forked.load(Ordering::Acquire) && !rt.leaving.load(Ordering::Acquire) {
+        let _s = RuntimeScope::enter();
         rt.send_from_app(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
     }
     // A forked child of a multi-process job is not a member of the job, and a process that left

@@ -64,6 +64,10 @@ thread_local! {
 /// never inherits one held by a thread that does not exist there.
 pub fn before_fork() {
     if let Some(rt) = RUNTIME.get() {
+        // The slot's first use registers a destructor, which allocates: do that as runtime code
+        // and before taking the locks that allocation could need.
+        let _s = scope();
+        FORK_GUARDS.with(|_| ());
         let guards = rt.alloc.lock_all();
         FORK_GUARDS.with(|g| *g.borrow_mut() = Some(guards));
     }
