@@ -15,7 +15,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -97,36 +96,22 @@ static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 /// glibc's own `malloc_usable_size` (ours shadows it), resolved when gallocy starts.
 static GLIBC_USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
 
-thread_local! {
-    /// Non-zero while this thread is inside one of this library's entry points' slow paths.
-    static DEPTH: Cell<u32> = const { Cell::new(0) };
-}
-
-/// Marks the thread as inside the library (nested allocations go to glibc).
-struct Nested;
+/// Marks the thread as running gallocy's own code while this library works in a slow path:
+/// allocations nested in it go to glibc.
+struct Nested(#[allow(dead_code)] g::preload::Scope);
 
 impl Nested {
     fn enter() -> Nested {
-        DEPTH.with(|d| d.set(d.get() + 1));
-        Nested
-    }
-}
-
-impl Drop for Nested {
-    fn drop(&mut self) {
-        DEPTH.with(|d| d.set(d.get() - 1));
+        Nested(g::preload::scope())
     }
 }
 
 /// Whether this call should be served by gallocy (starting gallocy on the first call).
 #[inline]
 fn use_gallocy() -> bool {
-    if DEPTH.with(|d| d.get()) > 0 || g::preload::in_runtime() {
-        return false;
-    }
     match STATE.load(Ordering::Acquire) {
-        READY => true,
-        UNINIT => start(),
+        READY => !g::preload::in_runtime(),
+        UNINIT => !g::preload::in_runtime() && start(),
         _ => false,
     }
 }

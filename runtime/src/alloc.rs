@@ -35,11 +35,22 @@ pub enum AllocError {
 const SPAN: usize = 64 * 1024;
 const SPAN_SHIFT: u32 = 16;
 /// Largest small size.
-pub const MAX_SMALL: usize = 16 * 1024;
-const CLASS_SIZES: [usize; 36] = [
+pub const MAX_SMALL: usize = 64 * 1024;
+const CLASS_SIZES: [usize; 44] = [
     16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
-    2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384,
+    2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672, 32768,
+    40960, 49152, 57344, 65536,
 ];
+/// A slab holds at least this many objects (larger classes get slabs of several spans).
+const MIN_OBJECTS: usize = 8;
+/// Index arithmetic: offset * recip >> RECIP_SHIFT == offset / obj_size for offsets below 2^20.
+const RECIP_SHIFT: u32 = 48;
+
+/// Bytes of a slab of objects of `obj_size`: whole spans, at least MIN_OBJECTS objects.
+const fn slab_bytes(obj_size: usize) -> usize {
+    let want = obj_size * MIN_OBJECTS;
+    if want <= SPAN { SPAN } else { want.div_ceil(SPAN) * SPAN }
+}
 /// Objects a thread keeps per class.
 const CACHE: usize = 64;
 /// Objects moved between a thread and the central lists at a time.
@@ -74,9 +85,12 @@ const LIVE: u8 = 1;
 struct Slab {
     base: usize,
     obj_size: usize,
-    /// ceil(2^32 / obj_size): offset * recip >> 32 equals offset / obj_size for every offset in
-    /// a span (the error stays below 2^-16 while a quotient's fraction is at least 2^-14).
+    /// ceil(2^48 / obj_size): offset * recip >> 48 equals offset / obj_size for every offset
+    /// in a slab (below 2^20: the error stays below 2^-28, a quotient's fraction is at least
+    /// 1 / obj_size >= 2^-16).
     recip: u64,
+    /// Bytes of the slab.
+    bytes: usize,
     nobj: usize,
     class: usize,
     /// FREE or LIVE per object. Plain loads and stores: a double free by one thread is always
@@ -88,8 +102,8 @@ impl Slab {
     #[inline]
     fn index(&self, addr: usize) -> Option<usize> {
         let off = addr.wrapping_sub(self.base);
-        let i = ((off as u64 * self.recip) >> 32) as usize;
-        (off < SPAN && i * self.obj_size == off && i < self.nobj).then_some(i)
+        let i = ((off as u64 * self.recip) >> RECIP_SHIFT) as usize;
+        (off < self.bytes && i * self.obj_size == off && i < self.nobj).then_some(i)
     }
 
     /// Marks object `i` live; false if it already was.
@@ -239,50 +253,66 @@ pub struct Allocator {
 }
 
 thread_local! {
+    /// This thread's cache: const-initialized and without a destructor, so the fast path is one
+    /// plain thread-local access.
     static THREAD_CACHE: RefCell<ThreadCache> = const { RefCell::new(ThreadCache::new()) };
-    /// Whether THREAD_CACHE's destructor is registered for this thread.
-    static CACHE_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` on this thread's cache; Err once the thread is tearing its caches down.
-#[inline]
-fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> Result<R, std::thread::AccessError> {
-    if !CACHE_REGISTERED.get() {
-        register_cache();
-    }
-    THREAD_CACHE.try_with(|c| f(&mut c.borrow_mut()))
-}
-
-/// The first use of the cache registers its thread-exit destructor, which allocates (glibc's
-/// `__cxa_thread_atexit_impl` calls `calloc`): do it as runtime code, so that allocation never
-/// re-enters the shared-heap allocator.
-#[cold]
-fn register_cache() {
-    let _g = crate::RuntimeScope::enter();
-    let _ = THREAD_CACHE.try_with(|_| ());
-    CACHE_REGISTERED.set(true);
+    /// Gives the cache back when the thread exits (registered on the cache's first use).
+    static FLUSHER: Flusher = const { Flusher };
 }
 
 /// Per-thread stacks of free small objects, one per class.
 struct ThreadCache {
+    /// FLUSHER is registered for this thread.
+    registered: bool,
+    /// FLUSHER ran (the thread is exiting): keep nothing cached.
+    exited: bool,
     bins: [([usize; CACHE], usize); CLASS_SIZES.len()],
 }
 
 impl ThreadCache {
     const fn new() -> ThreadCache {
-        ThreadCache { bins: [([0; CACHE], 0); CLASS_SIZES.len()] }
+        ThreadCache { registered: false, exited: false, bins: [([0; CACHE], 0); CLASS_SIZES.len()] }
     }
 }
 
-impl Drop for ThreadCache {
-    fn drop(&mut self) {
-        if let Some(rt) = crate::runtime::RUNTIME.get() {
-            let _g = crate::RuntimeScope::enter();
-            for (class, bin) in self.bins.iter_mut().enumerate() {
-                rt.alloc.give_back(class, &bin.0[..bin.1]);
-                bin.1 = 0;
-            }
+/// Runs `f` on this thread's cache (None if the cache is busy: a signal handler allocating
+/// inside an allocation; the caller then uses the central lists).
+#[inline]
+fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+    THREAD_CACHE.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if !c.registered {
+            c.registered = true;
+            register_flusher();
         }
+        Some(f(&mut c))
+    })
+}
+
+/// The flusher's registration allocates (glibc's `__cxa_thread_atexit_impl` calls `calloc`):
+/// do it as runtime code, so that allocation never re-enters the shared-heap allocator.
+#[cold]
+fn register_flusher() {
+    let _g = crate::RuntimeScope::enter();
+    FLUSHER.with(|_| ());
+}
+
+struct Flusher;
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        let Some(rt) = crate::runtime::RUNTIME.get() else { return };
+        let _g = crate::RuntimeScope::enter();
+        THREAD_CACHE.with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                for (class, bin) in c.bins.iter_mut().enumerate() {
+                    rt.alloc.give_back(class, &bin.0[..bin.1]);
+                    bin.1 = 0;
+                }
+                // Later frees on this thread go straight back to the central lists.
+                c.exited = true;
+            }
+        });
     }
 }
 
@@ -332,21 +362,24 @@ impl Allocator {
 
     /// Carves a new slab for `class` and registers it with the class's central list.
     fn new_slab(&self, class: usize, central: &mut Central) -> Result<(), AllocError> {
-        let pages = SPAN / self.page;
-        let first = self.take_pages(pages, pages)?;
-        let base = self.heap_base + first * self.page;
         let obj_size = CLASS_SIZES[class];
-        let nobj = SPAN / obj_size;
+        let bytes = slab_bytes(obj_size);
+        let first = self.take_pages(bytes / self.page, SPAN / self.page)?;
+        let base = self.heap_base + first * self.page;
+        let nobj = bytes / obj_size;
         let slab: &'static Slab = Box::leak(Box::new(Slab {
             base,
             obj_size,
-            recip: (1u64 << 32).div_ceil(obj_size as u64),
+            recip: (1u64 << RECIP_SHIFT).div_ceil(obj_size as u64),
+            bytes,
             nobj,
             class,
             state: (0..nobj).map(|_| AtomicU8::new(FREE)).collect(),
         }));
-        let entry = self.slabs.get((base - self.heap_base) >> SPAN_SHIFT);
-        entry.store(slab as *const Slab as *mut Slab, Ordering::Release);
+        for span in 0..bytes / SPAN {
+            let entry = self.slabs.get(((base - self.heap_base) >> SPAN_SHIFT) + span);
+            entry.store(slab as *const Slab as *mut Slab, Ordering::Release);
+        }
         central.add_slab(slab);
         Ok(())
     }
@@ -389,9 +422,9 @@ impl Allocator {
             Ok(bin.0[bin.1])
         });
         let addr = match from_cache {
-            Ok(r) => r?,
-            // The thread is exiting: go to the central list directly.
-            Err(_) => {
+            Some(r) => r?,
+            // The cache is busy: go to the central list directly.
+            None => {
                 let mut batch = ([0usize; CACHE], 0usize);
                 self.refill(class, &mut batch)?;
                 let a = batch.0[batch.1 - 1];
@@ -467,8 +500,12 @@ impl Allocator {
                 }
                 bin.0[bin.1] = addr;
                 bin.1 += 1;
+                if c.exited {
+                    self.give_back(class, &bin.0[..bin.1]);
+                    bin.1 = 0;
+                }
             });
-            if cached.is_err() {
+            if cached.is_none() {
                 self.give_back(class, &[addr]);
             }
             return Ok(());
