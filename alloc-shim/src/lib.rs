@@ -212,7 +212,11 @@ fn page_size() -> usize {
 
 #[no_mangle]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
-    if use_gallocy() {
+    if STATE.load(Ordering::Acquire) == READY {
+        if let Some(p) = g::preload::malloc(size) {
+            return out_of_memory(p);
+        }
+    } else if use_gallocy() {
         return out_of_memory(g::malloc(size));
     }
     // SAFETY: plain call into glibc.
@@ -226,7 +230,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     }
     if owned(p) {
         // SAFETY: a live block of the shared heap, per the C contract of free.
-        unsafe { g::free(p.cast()) }
+        unsafe { g::preload::free(p.cast()) }
     } else {
         // SAFETY: a glibc block.
         unsafe { __libc_free(p) }

@@ -1,15 +1,16 @@
 //! The shared-heap allocator of one rank.
 //!
 //! Every rank allocates from its own arena (heap_size / size bytes), so allocation never waits on
-//! the network. All metadata lives in private runtime memory: slab descriptors and free lists
-//! on the runtime's own allocator, span and block tables in lazily touched anonymous mappings;
-//! nothing is ever stored in the shared heap. Small sizes (up to 16 KiB) come from 64 KiB slabs
-//! of one size class, through per-thread caches that refill in batches taken from one slab (so
-//! two threads rarely share a cache line of metadata); larger blocks are page-aligned page runs.
-//! A state byte per small object and a length per large block catch double and invalid frees.
+//! the network. All metadata lives in private runtime memory: object states, span classes and
+//! block lengths in lazily touched anonymous tables indexed by heap address, free lists on the
+//! runtime's own allocator; nothing is ever stored in the shared heap. Small sizes (up to 64 KiB,
+//! 44 classes) come from slabs of one class (64 KiB or more, aligned to their size) through
+//! per-thread caches that refill in batches taken from one slab; larger blocks are page-aligned
+//! page runs. A state byte per small object and a length per large block catch double and
+//! invalid frees. The fast paths touch only the thread's cache and two address-indexed tables.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -34,31 +35,54 @@ pub enum AllocError {
 
 const SPAN: usize = 64 * 1024;
 const SPAN_SHIFT: u32 = 16;
+/// Object states are kept per 16-byte granule.
+const GRANULE_SHIFT: u32 = 4;
 /// Largest small size.
 pub const MAX_SMALL: usize = 64 * 1024;
-const CLASS_SIZES: [usize; 44] = [
+const CLASSES: usize = 44;
+const CLASS_SIZES: [usize; CLASSES] = [
     16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
     2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384, 20480, 24576, 28672, 32768,
     40960, 49152, 57344, 65536,
 ];
-/// A slab holds at least this many objects (larger classes get slabs of several spans).
+/// A slab holds at least this many objects.
 const MIN_OBJECTS: usize = 8;
-/// Index arithmetic: offset * recip >> RECIP_SHIFT == offset / obj_size for offsets below 2^20.
+/// Index arithmetic: offset * recip >> RECIP_SHIFT == offset / obj_size for every offset in a
+/// slab (below 2^20: the error stays below 2^-28, a quotient's fraction is at least 2^-16).
 const RECIP_SHIFT: u32 = 48;
-
-/// Bytes of a slab of objects of `obj_size`: whole spans, at least MIN_OBJECTS objects.
-const fn slab_bytes(obj_size: usize) -> usize {
-    let want = obj_size * MIN_OBJECTS;
-    if want <= SPAN { SPAN } else { want.div_ceil(SPAN) * SPAN }
-}
 /// Objects a thread keeps per class.
 const CACHE: usize = 64;
 /// Objects moved between a thread and the central lists at a time.
 const BATCH: usize = 32;
-/// Size class of every size up to MAX_SMALL, by (size + 15) / 16.
-static CLASS_BY_16: [u8; MAX_SMALL / 16 + 1] = class_table();
 
-const fn class_table() -> [u8; MAX_SMALL / 16 + 1] {
+/// Bytes of a slab of `class`: a power of two, at least a span and MIN_OBJECTS objects; slabs
+/// are aligned to their size, so a slab's base follows from any address inside it.
+const fn slab_bytes(class: usize) -> usize {
+    let want = CLASS_SIZES[class] * MIN_OBJECTS;
+    if want <= SPAN {
+        SPAN
+    } else {
+        want.next_power_of_two()
+    }
+}
+
+/// Per-class constants: slab bytes, objects per slab, reciprocal of the object size.
+const fn class_table() -> [(usize, usize, u64); CLASSES] {
+    let mut t = [(0, 0, 0); CLASSES];
+    let mut c = 0;
+    while c < CLASSES {
+        let bytes = slab_bytes(c);
+        t[c] = (bytes, bytes / CLASS_SIZES[c], (1u64 << RECIP_SHIFT).div_ceil(CLASS_SIZES[c] as u64));
+        c += 1;
+    }
+    t
+}
+static CLASS_INFO: [(usize, usize, u64); CLASSES] = class_table();
+
+/// Size class of every size up to MAX_SMALL, by (size + 15) / 16.
+static CLASS_BY_16: [u8; MAX_SMALL / 16 + 1] = size_table();
+
+const fn size_table() -> [u8; MAX_SMALL / 16 + 1] {
     let mut t = [0u8; MAX_SMALL / 16 + 1];
     let mut i = 0;
     let mut c = 0;
@@ -81,77 +105,38 @@ fn class_of(size: usize) -> usize {
 const FREE: u8 = 0;
 const LIVE: u8 = 1;
 
-/// One slab: a 64 KiB span cut into objects of one class.
+/// A slab's free-list bookkeeping (slow paths only).
 struct Slab {
     base: usize,
-    obj_size: usize,
-    /// ceil(2^48 / obj_size): offset * recip >> 48 equals offset / obj_size for every offset
-    /// in a slab (below 2^20: the error stays below 2^-28, a quotient's fraction is at least
-    /// 1 / obj_size >= 2^-16).
-    recip: u64,
-    /// Bytes of the slab.
-    bytes: usize,
-    nobj: usize,
     class: usize,
-    /// FREE or LIVE per object. Plain loads and stores: a double free by one thread is always
-    /// caught; two threads freeing the same block at the same time is a race in the program.
-    state: Box<[AtomicU8]>,
-}
-
-impl Slab {
-    #[inline]
-    fn index(&self, addr: usize) -> Option<usize> {
-        let off = addr.wrapping_sub(self.base);
-        let i = ((off as u64 * self.recip) >> RECIP_SHIFT) as usize;
-        (off < self.bytes && i * self.obj_size == off && i < self.nobj).then_some(i)
-    }
-
-    /// Marks object `i` live; false if it already was.
-    #[inline]
-    fn mark_live(&self, i: usize) -> bool {
-        let s = &self.state[i];
-        let was = s.load(Ordering::Relaxed);
-        s.store(LIVE, Ordering::Relaxed);
-        was == FREE
-    }
-
-    /// Marks object `i` free; false if it was not live.
-    #[inline]
-    fn mark_free(&self, i: usize) -> bool {
-        let s = &self.state[i];
-        if s.load(Ordering::Relaxed) != LIVE {
-            return false;
-        }
-        s.store(FREE, Ordering::Relaxed);
-        true
-    }
 }
 
 /// A class's free objects outside thread caches, grouped by slab.
 #[derive(Default)]
 pub struct Central {
-    /// Per slab of the class: its free objects.
+    /// Per slab of the class: its free objects (indices).
     slabs: Vec<(&'static Slab, Vec<u16>)>,
     /// Positions (in `slabs`) of slabs with free objects; the last is used first.
     partial: Vec<u32>,
     /// Position of each slab in `slabs`, by slab base.
-    position: std::collections::HashMap<usize, u32>,
+    position: HashMap<usize, u32>,
 }
 
 impl Central {
     /// Takes up to BATCH objects, all from one slab. False if there are none.
-    fn take(&mut self, out: &mut ([usize; CACHE], usize)) -> bool {
+    fn take(&mut self, out: &mut Bin) -> bool {
         while let Some(&pos) = self.partial.last() {
             let (slab, free) = &mut self.slabs[pos as usize];
-            while out.1 < BATCH {
+            let size = CLASS_SIZES[slab.class];
+            while out.len < BATCH {
                 let Some(i) = free.pop() else { break };
-                out.0[out.1] = slab.base + i as usize * slab.obj_size;
-                out.1 += 1;
+                out.items[out.len] = slab.base + i as usize * size;
+                out.len += 1;
             }
             if free.is_empty() {
                 self.partial.pop();
             }
-            if out.1 > 0 {
+            if out.len > 0 {
                 return true;
             }
         }
@@ -165,12 +150,13 @@ impl Central {
         if free.is_empty() {
             self.partial.push(pos);
         }
-        free.push(((addr - slab.base) / slab.obj_size) as u16);
+        free.push(((addr - slab.base) / CLASS_SIZES[slab.class]) as u16);
     }
 
     fn add_slab(&mut self, slab: &'static Slab) {
         let pos = self.slabs.len() as u32;
-        self.slabs.push((slab, (0..slab.nobj as u16).rev().collect()));
+        let n = CLASS_INFO[slab.class].1;
+        self.slabs.push((slab, (0..n as u16).rev().collect()));
         self.position.insert(slab.base, pos);
         self.partial.push(pos);
     }
@@ -240,61 +226,81 @@ impl PageRuns {
     }
 }
 
-/// The allocator of this rank's arena.
-pub struct Allocator {
-    heap_base: usize,
-    page: usize,
-    pub arena_start: usize,
-    pub arena_end: usize,
-    slabs: LazyArray<AtomicPtr<Slab>>,
-    large: LazyArray<AtomicU32>,
-    runs: Mutex<PageRuns>,
-    central: Vec<Mutex<Central>>,
+/// One class's stack of cached free objects.
+#[derive(Clone, Copy)]
+struct Bin {
+    items: [usize; CACHE],
+    len: usize,
 }
 
-thread_local! {
-    /// This thread's cache: const-initialized and without a destructor, so the fast path is one
-    /// plain thread-local access.
-    static THREAD_CACHE: RefCell<ThreadCache> = const { RefCell::new(ThreadCache::new()) };
-    /// Gives the cache back when the thread exits (registered on the cache's first use).
-    static FLUSHER: Flusher = const { Flusher };
+/// Per-thread state: the runtime-code depth (see `RuntimeScope`) and the object cache. One
+/// const-initialized thread-local without a destructor, so each fast path is one plain
+/// thread-local access.
+pub(crate) struct ThreadState {
+    depth: Cell<u32>,
+    cache: RefCell<ThreadCache>,
 }
 
-/// Per-thread stacks of free small objects, one per class.
 struct ThreadCache {
     /// FLUSHER is registered for this thread.
     registered: bool,
     /// FLUSHER ran (the thread is exiting): keep nothing cached.
     exited: bool,
-    bins: [([usize; CACHE], usize); CLASS_SIZES.len()],
+    bins: [Bin; CLASSES],
 }
 
-impl ThreadCache {
-    const fn new() -> ThreadCache {
-        ThreadCache { registered: false, exited: false, bins: [([0; CACHE], 0); CLASS_SIZES.len()] }
+thread_local! {
+    pub(crate) static THREAD: ThreadState = const {
+        ThreadState {
+            depth: Cell::new(0),
+            cache: RefCell::new(ThreadCache {
+                registered: false,
+                exited: false,
+                bins: [Bin { items: [0; CACHE], len: 0 }; CLASSES],
+            }),
+        }
+    };
+    /// Gives the cache back when the thread exits (registered on the cache's first use).
+    static FLUSHER: Flusher = const { Flusher };
+}
+
+impl ThreadState {
+    /// Whether the thread runs gallocy's own code.
+    #[inline]
+    pub(crate) fn in_runtime(&self) -> bool {
+        self.depth.get() > 0
     }
-}
 
-/// Runs `f` on this thread's cache (None if the cache is busy: a signal handler allocating
-/// inside an allocation; the caller then uses the central lists).
-#[inline]
-fn with_cache<R>(f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
-    THREAD_CACHE.with(|c| {
-        let mut c = c.try_borrow_mut().ok()?;
+    #[inline]
+    pub(crate) fn enter(&self) {
+        self.depth.set(self.depth.get() + 1);
+    }
+
+    #[inline]
+    pub(crate) fn leave(&self) {
+        self.depth.set(self.depth.get() - 1);
+    }
+
+    /// Runs `f` on the cache (None if the cache is busy: a signal handler allocating inside an
+    /// allocation; the caller then uses the central lists).
+    #[inline]
+    fn with_cache<R>(&self, f: impl FnOnce(&mut ThreadCache) -> R) -> Option<R> {
+        let mut c = self.cache.try_borrow_mut().ok()?;
         if !c.registered {
             c.registered = true;
-            register_flusher();
+            register_flusher(self);
         }
         Some(f(&mut c))
-    })
+    }
 }
 
 /// The flusher's registration allocates (glibc's `__cxa_thread_atexit_impl` calls `calloc`):
 /// do it as runtime code, so that allocation never re-enters the shared-heap allocator.
 #[cold]
-fn register_flusher() {
-    let _g = crate::RuntimeScope::enter();
+fn register_flusher(t: &ThreadState) {
+    t.enter();
     FLUSHER.with(|_| ());
+    t.leave();
 }
 
 struct Flusher;
@@ -302,28 +308,43 @@ struct Flusher;
 impl Drop for Flusher {
     fn drop(&mut self) {
         let Some(rt) = crate::runtime::RUNTIME.get() else { return };
-        let _g = crate::RuntimeScope::enter();
-        THREAD_CACHE.with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
+        THREAD.with(|t| {
+            t.enter();
+            if let Ok(mut c) = t.cache.try_borrow_mut() {
                 for (class, bin) in c.bins.iter_mut().enumerate() {
-                    rt.alloc.give_back(class, &bin.0[..bin.1]);
-                    bin.1 = 0;
+                    rt.alloc.give_back(class, &bin.items[..bin.len]);
+                    bin.len = 0;
                 }
-                // Later frees on this thread go straight back to the central lists.
                 c.exited = true;
             }
+            t.leave();
         });
     }
+}
+
+/// The allocator of this rank's arena.
+pub struct Allocator {
+    heap_base: usize,
+    page: usize,
+    pub arena_start: usize,
+    pub arena_end: usize,
+    /// Per span: the slab's class + 1, or 0.
+    span_class: LazyArray<AtomicU8>,
+    /// Per span: the slab's bookkeeping (slow paths).
+    slabs: LazyArray<AtomicPtr<Slab>>,
+    /// Per granule: the state of the small object starting there.
+    state: LazyArray<AtomicU8>,
+    /// Per page: length in pages of the large block starting there, or 0.
+    large: LazyArray<AtomicU32>,
+    runs: Mutex<PageRuns>,
+    central: Vec<Mutex<Central>>,
 }
 
 impl Allocator {
     pub fn new(heap_base: usize, heap_size: usize, page: usize, rank: usize, arena_size: usize) -> Allocator {
         let arena_start = heap_base + rank * arena_size;
-        let arena_end = if (heap_size / arena_size).saturating_sub(1) <= rank {
-            heap_base + heap_size
-        } else {
-            arena_start + arena_size
-        };
+        let last = (heap_size / arena_size).saturating_sub(1) <= rank;
+        let arena_end = if last { heap_base + heap_size } else { arena_start + arena_size };
         let runs = PageRuns {
             by_start: BTreeMap::new(),
             by_len: BTreeSet::new(),
@@ -335,22 +356,45 @@ impl Allocator {
             page,
             arena_start,
             arena_end,
+            span_class: LazyArray::new(heap_size / SPAN).expect("mapping the span table"),
             slabs: LazyArray::new(heap_size / SPAN).expect("mapping the slab table"),
+            state: LazyArray::new(heap_size >> GRANULE_SHIFT).expect("mapping the object states"),
             large: LazyArray::new(heap_size / page).expect("mapping the block table"),
             runs: Mutex::new(runs),
-            central: (0..CLASS_SIZES.len()).map(|_| Mutex::new(Central::default())).collect(),
+            central: (0..CLASSES).map(|_| Mutex::new(Central::default())).collect(),
         }
     }
 
     /// Whether `addr` lies in this rank's arena.
+    #[inline]
     pub fn is_local(&self, addr: usize) -> bool {
         (self.arena_start..self.arena_end).contains(&addr)
     }
 
-    fn slab_at(&self, addr: usize) -> Option<&'static Slab> {
-        let p = self.slabs.get((addr - self.heap_base) >> SPAN_SHIFT).load(Ordering::Acquire);
-        // SAFETY: slabs are leaked when created and never freed.
-        (!p.is_null()).then(|| unsafe { &*p })
+    #[inline]
+    fn state_of(&self, addr: usize) -> &AtomicU8 {
+        self.state.get((addr - self.heap_base) >> GRANULE_SHIFT)
+    }
+
+    /// The class of the small object at `addr`, if `addr` starts one of this arena's slab
+    /// objects: Some(Ok(class)); Some(Err) for an address inside a slab that is no object start;
+    /// None outside slabs.
+    #[inline]
+    fn small_class(&self, addr: usize) -> Option<Result<usize, AllocError>> {
+        let off = addr - self.heap_base;
+        let c = self.span_class.get(off >> SPAN_SHIFT).load(Ordering::Acquire);
+        if c == 0 {
+            return None;
+        }
+        let class = c as usize - 1;
+        let (bytes, nobj, recip) = CLASS_INFO[class];
+        let within = off & (bytes - 1);
+        let i = ((within as u64 * recip) >> RECIP_SHIFT) as usize;
+        Some(if i * CLASS_SIZES[class] == within && i < nobj {
+            Ok(class)
+        } else {
+            Err(AllocError::InvalidPointer(addr))
+        })
     }
 
     fn take_pages(&self, n: usize, align: usize) -> Result<usize, AllocError> {
@@ -362,37 +406,28 @@ impl Allocator {
 
     /// Carves a new slab for `class` and registers it with the class's central list.
     fn new_slab(&self, class: usize, central: &mut Central) -> Result<(), AllocError> {
-        let obj_size = CLASS_SIZES[class];
-        let bytes = slab_bytes(obj_size);
-        let first = self.take_pages(bytes / self.page, SPAN / self.page)?;
+        let bytes = CLASS_INFO[class].0;
+        let first = self.take_pages(bytes / self.page, bytes / self.page)?;
         let base = self.heap_base + first * self.page;
-        let nobj = bytes / obj_size;
-        let slab: &'static Slab = Box::leak(Box::new(Slab {
-            base,
-            obj_size,
-            recip: (1u64 << RECIP_SHIFT).div_ceil(obj_size as u64),
-            bytes,
-            nobj,
-            class,
-            state: (0..nobj).map(|_| AtomicU8::new(FREE)).collect(),
-        }));
+        let slab: &'static Slab = Box::leak(Box::new(Slab { base, class }));
         for span in 0..bytes / SPAN {
-            let entry = self.slabs.get(((base - self.heap_base) >> SPAN_SHIFT) + span);
-            entry.store(slab as *const Slab as *mut Slab, Ordering::Release);
+            let s = ((base - self.heap_base) >> SPAN_SHIFT) + span;
+            self.slabs.get(s).store(slab as *const Slab as *mut Slab, Ordering::Release);
+            self.span_class.get(s).store(class as u8 + 1, Ordering::Release);
         }
         central.add_slab(slab);
         Ok(())
     }
 
-    /// Refills `out` with a batch of free objects of `class` (slow path).
+    /// Refills `bin` with a batch of free objects of `class` (slow path).
     #[cold]
-    fn refill(&self, class: usize, out: &mut ([usize; CACHE], usize)) -> Result<(), AllocError> {
+    fn refill(&self, class: usize, bin: &mut Bin) -> Result<(), AllocError> {
         // Our own bookkeeping allocates: from the system allocator, never the shared heap.
         let _g = crate::RuntimeScope::enter();
         let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
-        if !central.take(out) {
+        if !central.take(bin) {
             self.new_slab(class, &mut central)?;
-            central.take(out);
+            central.take(bin);
         }
         Ok(())
     }
@@ -406,53 +441,69 @@ impl Allocator {
         let _g = crate::RuntimeScope::enter();
         let mut central = self.central[class].lock().unwrap_or_else(|p| p.into_inner());
         for &a in objects {
-            let slab = self.slab_at(a).expect("cached objects belong to slabs");
-            central.give(slab, a);
+            let p = self.slabs.get((a - self.heap_base) >> SPAN_SHIFT).load(Ordering::Acquire);
+            // SAFETY: slabs are leaked when created and never freed; cached objects belong to one.
+            central.give(unsafe { &*p }, a);
         }
     }
 
     #[inline]
-    fn small(&self, class: usize) -> Result<usize, AllocError> {
-        let from_cache = with_cache(|c| -> Result<usize, AllocError> {
+    fn small(&self, t: &ThreadState, class: usize) -> Result<usize, AllocError> {
+        let from_cache = t.with_cache(|c| -> Result<usize, AllocError> {
             let bin = &mut c.bins[class];
-            if bin.1 == 0 {
+            if bin.len == 0 {
                 self.refill(class, bin)?;
             }
-            bin.1 -= 1;
-            Ok(bin.0[bin.1])
+            bin.len -= 1;
+            Ok(bin.items[bin.len])
         });
         let addr = match from_cache {
             Some(r) => r?,
             // The cache is busy: go to the central list directly.
             None => {
-                let mut batch = ([0usize; CACHE], 0usize);
+                let mut batch = Bin { items: [0; CACHE], len: 0 };
                 self.refill(class, &mut batch)?;
-                let a = batch.0[batch.1 - 1];
-                self.give_back(class, &batch.0[..batch.1 - 1]);
+                let a = batch.items[batch.len - 1];
+                self.give_back(class, &batch.items[..batch.len - 1]);
                 a
             }
         };
-        let slab = self.slab_at(addr).expect("cached objects belong to slabs");
-        let i = slab.index(addr).expect("cached objects are slab objects");
-        assert!(slab.mark_live(i), "gallocy: allocator corruption: a free object at {addr:#x} was live");
+        let s = self.state_of(addr);
+        assert!(
+            s.load(Ordering::Relaxed) == FREE,
+            "gallocy: allocator corruption: a free object at {addr:#x} was live"
+        );
+        s.store(LIVE, Ordering::Relaxed);
         Ok(addr)
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two) from this rank's arena.
+    #[inline]
     pub fn alloc(&self, size: usize, align: usize) -> Result<usize, AllocError> {
+        THREAD.with(|t| self.alloc_in(t, size, align))
+    }
+
+    /// `alloc` with the caller's thread state at hand.
+    #[inline]
+    pub(crate) fn alloc_in(&self, t: &ThreadState, size: usize, align: usize) -> Result<usize, AllocError> {
+        if size <= MAX_SMALL && align <= 16 {
+            return self.small(t, class_of(size));
+        }
+        self.alloc_slow(t, size, align)
+    }
+
+    #[cold]
+    fn alloc_slow(&self, t: &ThreadState, size: usize, align: usize) -> Result<usize, AllocError> {
         if !align.is_power_of_two() {
             return Err(AllocError::BadAlignment(align));
         }
         let size = size.max(1);
-        if size <= MAX_SMALL {
+        if size <= MAX_SMALL && align <= self.page {
+            // Slabs are aligned to at least a span; a class whose size is a multiple of `align`
+            // gives aligned objects.
             let first = class_of(size);
-            if align <= 16 {
-                return self.small(first);
-            }
-            if align <= self.page {
-                if let Some(class) = (first..CLASS_SIZES.len()).find(|c| CLASS_SIZES[*c].is_multiple_of(align)) {
-                    return self.small(class);
-                }
+            if let Some(class) = (first..CLASSES).find(|c| CLASS_SIZES[*c].is_multiple_of(align)) {
+                return self.small(t, class);
             }
         }
         let n = size.div_ceil(self.page);
@@ -466,10 +517,12 @@ impl Allocator {
         if !self.is_local(addr) {
             return Err(AllocError::InvalidPointer(addr));
         }
-        if let Some(slab) = self.slab_at(addr) {
-            return match slab.index(addr) {
-                Some(_) => Ok(slab.obj_size),
-                None => Err(AllocError::InvalidPointer(addr)),
+        if let Some(class) = self.small_class(addr) {
+            let class = class?;
+            return if self.state_of(addr).load(Ordering::Relaxed) == LIVE {
+                Ok(CLASS_SIZES[class])
+            } else {
+                Err(AllocError::InvalidPointer(addr))
             };
         }
         if !(addr - self.heap_base).is_multiple_of(self.page) {
@@ -482,34 +535,46 @@ impl Allocator {
     }
 
     /// Frees a block of this arena.
+    #[inline]
     pub fn free(&self, addr: usize) -> Result<(), AllocError> {
+        THREAD.with(|t| self.free_in(t, addr))
+    }
+
+    /// `free` with the caller's thread state at hand.
+    #[inline]
+    pub(crate) fn free_in(&self, t: &ThreadState, addr: usize) -> Result<(), AllocError> {
         if !self.is_local(addr) {
             return Err(AllocError::InvalidPointer(addr));
         }
-        if let Some(slab) = self.slab_at(addr) {
-            let i = slab.index(addr).ok_or(AllocError::InvalidPointer(addr))?;
-            if !slab.mark_free(i) {
-                return Err(AllocError::DoubleFree(addr));
-            }
-            let class = slab.class;
-            let cached = with_cache(|c| {
-                let bin = &mut c.bins[class];
-                if bin.1 == CACHE {
-                    self.give_back(class, &bin.0[CACHE - BATCH..]);
-                    bin.1 = CACHE - BATCH;
-                }
-                bin.0[bin.1] = addr;
-                bin.1 += 1;
-                if c.exited {
-                    self.give_back(class, &bin.0[..bin.1]);
-                    bin.1 = 0;
-                }
-            });
-            if cached.is_none() {
-                self.give_back(class, &[addr]);
-            }
-            return Ok(());
+        let Some(class) = self.small_class(addr) else { return self.free_large(addr) };
+        let class = class?;
+        let s = self.state_of(addr);
+        if s.load(Ordering::Relaxed) != LIVE {
+            return Err(AllocError::DoubleFree(addr));
         }
+        s.store(FREE, Ordering::Relaxed);
+        let cached = t.with_cache(|c| {
+            let exited = c.exited;
+            let bin = &mut c.bins[class];
+            if bin.len == CACHE {
+                self.give_back(class, &bin.items[CACHE - BATCH..]);
+                bin.len = CACHE - BATCH;
+            }
+            bin.items[bin.len] = addr;
+            bin.len += 1;
+            if exited {
+                self.give_back(class, &bin.items[..bin.len]);
+                bin.len = 0;
+            }
+        });
+        if cached.is_none() {
+            self.give_back(class, &[addr]);
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn free_large(&self, addr: usize) -> Result<(), AllocError> {
         if !(addr - self.heap_base).is_multiple_of(self.page) {
             return Err(AllocError::InvalidPointer(addr));
         }

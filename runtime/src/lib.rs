@@ -17,7 +17,6 @@
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
@@ -52,30 +51,26 @@ use gallocy_transport::MemoryView;
 use runtime::{Runtime, RUNTIME};
 use wire::Msg;
 
-thread_local! {
-    /// Non-zero while this thread runs gallocy's own code: its allocations then go to the
-    /// system allocator, never to the shared heap.
-    static IN_RUNTIME: Cell<u32> = const { Cell::new(0) };
-}
-
-/// Marks the current thread as running runtime code for the scope's lifetime.
+/// Marks the current thread as running gallocy's own code for the scope's lifetime: its
+/// allocations then go to the system allocator, never to the shared heap.
 pub(crate) struct RuntimeScope(());
 
 impl RuntimeScope {
     pub(crate) fn enter() -> RuntimeScope {
-        let _ = IN_RUNTIME.try_with(|c| c.set(c.get() + 1));
+        alloc::THREAD.with(|t| t.enter());
         RuntimeScope(())
     }
 }
 
 impl Drop for RuntimeScope {
     fn drop(&mut self) {
-        let _ = IN_RUNTIME.try_with(|c| c.set(c.get() - 1));
+        alloc::THREAD.with(|t| t.leave());
     }
 }
 
+#[inline]
 fn in_runtime() -> bool {
-    IN_RUNTIME.try_with(|c| c.get() > 0).unwrap_or(true)
+    alloc::THREAD.with(|t| t.in_runtime())
 }
 
 static INIT_LOCK: Mutex<()> = Mutex::new(());
@@ -365,7 +360,7 @@ pub fn arena_rank_of(addr: usize) -> usize {
 }
 
 /// Reports an allocator misuse and ends the process like glibc does (SIGABRT).
-fn misuse(rt: &Runtime, e: &AllocError) -> ! {
+pub(crate) fn misuse(rt: &Runtime, e: &AllocError) -> ! {
     runtime::write_stderr(format!("gallocy: rank {}: error: {e}\n", rt.rank).as_bytes());
     std::process::abort()
 }

@@ -31,6 +31,40 @@ pub fn owns(addr: usize) -> bool {
     RUNTIME.get().is_some_and(|rt| rt.region.contains(addr))
 }
 
+/// `malloc` fast path for the shim: `None` when the calling thread runs gallocy's own code
+/// (the shim then uses glibc), else the block (null when out of memory). One thread-local access.
+#[inline]
+pub fn malloc(size: usize) -> Option<*mut u8> {
+    let rt = RUNTIME.get()?;
+    crate::alloc::THREAD.with(|t| {
+        if t.in_runtime() {
+            return None;
+        }
+        Some(match rt.alloc.alloc_in(t, size, 16) {
+            Ok(a) => a as *mut u8,
+            Err(crate::AllocError::OutOfMemory(_)) => std::ptr::null_mut(),
+            Err(e) => crate::misuse(rt, &e),
+        })
+    })
+}
+
+/// `free` fast path for a block of the shared heap (`owns(p)`).
+///
+/// # Safety
+/// `p` must be a live block of the shared heap.
+#[inline]
+pub unsafe fn free(p: *mut u8) {
+    let Some(rt) = RUNTIME.get() else { return };
+    if rt.alloc.is_local(p as usize) {
+        if let Err(e) = crate::alloc::THREAD.with(|t| rt.alloc.free_in(t, p as usize)) {
+            crate::misuse(rt, &e);
+        }
+    } else {
+        // SAFETY: forwarded caller contract.
+        unsafe { crate::free(p) }
+    }
+}
+
 /// Whether `init` has completed in this process.
 #[inline]
 pub fn initialized() -> bool {
