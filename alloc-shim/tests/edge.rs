@@ -31,9 +31,10 @@ fn run(cmd: &mut Command, timeout: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
-fn build_edge() -> PathBuf {
+/// Compiles tests/c/edge.c to a file of its own per test (`tag`): tests run in parallel.
+fn build_edge(tag: &str) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/edge.c");
-    let out = std::env::temp_dir().join(format!("gallocy-edge-{}", std::process::id()));
+    let out = std::env::temp_dir().join(format!("gallocy-edge-{}-{tag}", std::process::id()));
     let st = Command::new("cc")
         .args(["-O2", "-pthread", "-w"])
         .arg(&src)
@@ -63,7 +64,7 @@ fn clean(cmd: &mut Command) -> &mut Command {
 
 #[test]
 fn edge_cases_in_a_one_process_job() {
-    let edge = build_edge();
+    let edge = build_edge("solo");
     let out = run(
         clean(&mut Command::new(&edge)).env("LD_PRELOAD", lib()).env("GALLOCY_STATS", "1"),
         Duration::from_secs(60),
@@ -80,7 +81,7 @@ fn edge_cases_in_a_one_process_job() {
 
 #[test]
 fn edge_cases_in_every_member_of_a_two_process_job() {
-    let edge = build_edge();
+    let edge = build_edge("job");
     let gallocy = target_dir().join("gallocy");
     let out = run(
         clean(&mut Command::new(&gallocy))

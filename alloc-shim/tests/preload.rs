@@ -6,6 +6,9 @@
 //! Both runs must exit 0 and print exactly the same stdout; every run has a hard timeout after
 //! which its process group is killed and the test fails.
 //!
+//! Also: `fork()` with threads allocating (examples/fork_malloc.c, and Python's os.fork and
+//! multiprocessing), where a child must get a private copy of the heap and a working allocator.
+//!
 //! Needs python3, git, sqlite3 and cc (Debian packages python3, git, sqlite3, gcc), and the
 //! artifacts of `cargo build --release -p gallocy-shim -p gallocy`.
 
@@ -389,4 +392,84 @@ fn multithreaded_malloc_free_stress() {
         pair.preloaded.report()
     );
     assert!(!heap.contains(&plain), "without the shim a block is at {plain:#x}, inside gallocy's heap range?");
+}
+
+// ------------------------------------------------------------------------------------------ fork
+
+#[test]
+fn fork_while_other_threads_allocate() {
+    // examples/fork_malloc.c: 40 children (some with a grandchild) forked while 2 threads
+    // allocate; each child checks and scribbles over its copy of the parent's blocks, the parent
+    // checks that its blocks are untouched afterwards.
+    let cc = require_tool("cc", "gcc");
+    let scratch = TempDir::new("fork");
+    let bin = scratch.join("fork_malloc");
+    let mut build = Command::new(&cc);
+    clean_env(&mut build)
+        .args(["-O2", "-pthread", "-Wall", "-o"])
+        .arg(&bin)
+        .arg(workspace().join("examples/fork_malloc.c"));
+    run("cc -O2 -pthread fork_malloc.c", &mut build, None, Duration::from_secs(60)).assert_success();
+    let make = |_: &str| {
+        let mut c = Command::new(&bin);
+        c.arg("40");
+        c
+    };
+    let pair = compare("fork_malloc (40 forks, 2 threads allocating)", &make, None, Duration::from_secs(90));
+    assert!(pair.plain.stdout.starts_with("fork_malloc: 40 children ok"), "{}", pair.plain.stdout);
+}
+
+const PYTHON_FORK_SCRIPT: &str = r#"
+import hashlib, multiprocessing as mp, os, threading
+N = 200_000
+data = {i: ("x%d" % i) * 3 for i in range(N)}
+
+def work(k):
+    local = [str(j) * 2 for j in range(5000)]
+    return sum(len(data[i]) for i in range(k, N, 97)) + len(local)
+
+def churn(stop):
+    while not stop.is_set():
+        junk = [{"a": [j] * 10} for j in range(1000)]
+        del junk
+
+if __name__ == "__main__":
+    stop = threading.Event()
+    threads = [threading.Thread(target=churn, args=(stop,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for round in range(5):
+        pid = os.fork()
+        if pid == 0:
+            ok = all(data[i] == ("x%d" % i) * 3 for i in range(0, N, 101))
+            for i in range(0, N, 2):
+                data[i] = "changed"
+            extra = [bytearray(1000) for _ in range(10000)]
+            os._exit(0 if ok and data[0] == "changed" and len(extra) == 10000 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "child %d failed: %r" % (round, status)
+        assert data[0] == "x0x0x0" and data[N - 2] == ("x%d" % (N - 2)) * 3, "the child's writes reached the parent"
+    with mp.get_context("fork").Pool(4) as pool:
+        results = pool.map(work, range(97))
+    stop.set()
+    for t in threads:
+        t.join()
+    digest = hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()
+    print(len(results), sum(results), digest)
+"#;
+
+#[test]
+fn python_fork_and_multiprocessing_pool() {
+    // os.fork() while two threads allocate (the child's writes must stay in the child), then a
+    // multiprocessing pool of 4 forked workers.
+    let python = python_executable();
+    let scratch = TempDir::new("pyfork");
+    std::fs::write(scratch.join("forks.py"), PYTHON_FORK_SCRIPT).unwrap();
+    let make = |_: &str| {
+        let mut c = Command::new(&python);
+        c.env("PYTHONMALLOC", "malloc").env("PYTHONHASHSEED", "0").arg(scratch.join("forks.py"));
+        c
+    };
+    let pair = compare("python3 fork + multiprocessing", &make, None, Duration::from_secs(90));
+    assert!(pair.plain.stdout.starts_with("97 "), "unexpected python output {:?}", pair.plain.stdout);
 }
