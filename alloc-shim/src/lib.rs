@@ -165,6 +165,7 @@ fn resolve_glibc_usable_size() {
 
 extern "C" fn at_exit() {
     let _n = Nested::enter();
+    // finalize is a no-op in a forked child of a member (it never joined).
     if g::size() > 1 {
         if let Err(e) = g::finalize() {
             eprintln!("{e}");

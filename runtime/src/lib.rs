@@ -171,6 +171,15 @@ fn start(id: config::Identity) -> Result<(), Error> {
     Ok(())
 }
 
+/// The runtime, for a call only members of the job may make (not a forked child of one).
+fn member(call: &str) -> &'static Runtime {
+    let rt = rt();
+    if rt.forked.load(Ordering::Acquire) {
+        panic!("gallocy: {call} in a forked child of rank {}: the child is not a member of the job", rt.rank);
+    }
+    rt
+}
+
 fn rt() -> &'static Runtime {
     if let Some(rt) = RUNTIME.get() {
         return rt;
@@ -194,7 +203,7 @@ pub fn size() -> usize {
 
 /// Waits until every process of the job has called `barrier` (one thread per process calls it).
 pub fn barrier() {
-    let rt = rt();
+    let rt = member("gallocy::barrier");
     if rt.size == 1 {
         return;
     }
@@ -209,7 +218,7 @@ static HELD_LOCKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Acquires global lock `id`: at most one thread in the whole job holds it; waiters are served
 /// in arrival order at the lock's home.
 pub fn lock(id: u32) {
-    let rt = rt();
+    let rt = member("gallocy::lock");
     let _s = RuntimeScope::enter();
     if rt.size > 1 {
         let slot = rt.slots.claim();
@@ -225,7 +234,7 @@ pub fn lock(id: u32) {
 
 /// Releases global lock `id`. Panics if this process does not hold it.
 pub fn unlock(id: u32) {
-    let rt = rt();
+    let rt = member("gallocy::unlock");
     let _s = RuntimeScope::enter();
     {
         let mut held = HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
@@ -244,7 +253,7 @@ pub fn unlock(id: u32) {
 /// Every rank calls this with the same `size`; every rank gets the same pointer to `size`
 /// zero-filled bytes of the shared heap (allocated in rank 0's arena).
 pub fn alloc_collective(size: usize) -> *mut u8 {
-    let rt = rt();
+    let rt = member("gallocy::alloc_collective");
     let mut p = if rt.rank == 0 { calloc(1, size) as u64 } else { 0 };
     let mut bytes = p.to_le_bytes();
     broadcast(&mut bytes, 0);
@@ -255,7 +264,7 @@ pub fn alloc_collective(size: usize) -> *mut u8 {
 /// Copies `buf` of rank `root` into `buf` of every other rank. Every rank calls it, in the same
 /// order, with buffers of the same length.
 pub fn broadcast(buf: &mut [u8], root: usize) {
-    let rt = rt();
+    let rt = member("gallocy::broadcast");
     assert!(root < rt.size, "gallocy: broadcast root {root} is not a rank of a {}-process job", rt.size);
     if rt.size == 1 {
         return;
@@ -311,7 +320,8 @@ pub fn finalize() -> Result<(), Error> {
     let Some(rt) = RUNTIME.get() else {
         return Ok(());
     };
-    if rt.finalized.load(Ordering::Acquire) || rt.leaving.load(Ordering::Acquire) {
+    if rt.finalized.load(Ordering::Acquire) || rt.leaving.load(Ordering::Acquire) || rt.forked.load(Ordering::Acquire) {
+        // A forked child of a member never joined: there is nothing to leave.
         return Ok(());
     }
     barrier();
