@@ -118,3 +118,43 @@ fn histogram_taking_a_lock_for_every_item() {
     let bin = build_example("histogram", &dir);
     launch_ok(4, true, &bin, &["8000", "1"], &|r| format!("rank {r}: histogram ok: 8000 items in 64 bins"));
 }
+
+// ------------------------------------------------------------ unmodified programs as job ranks
+
+/// Compile `examples/<name>.c` without gallocy (`cc -O2 -pthread`) and run it once with glibc's
+/// malloc; returns the binary and its stdout (one line).
+fn build_plain(name: &str, dir: &TempDir, args: &[&str]) -> (PathBuf, String) {
+    let cc = require_tool("cc", "gcc");
+    let bin = dir.join(name);
+    let mut cmd = Command::new(&cc);
+    clean_env(&mut cmd)
+        .args(["-O2", "-pthread", "-Wall", "-o"])
+        .arg(&bin)
+        .arg(workspace().join(format!("examples/{name}.c")));
+    run(&format!("cc -O2 -pthread {name}.c"), &mut cmd, None, Duration::from_secs(60)).assert_success();
+    let mut plain = Command::new(&bin);
+    clean_env(&mut plain).args(args);
+    let f = run(&format!("{name} (glibc malloc)"), &mut plain, None, Duration::from_secs(60));
+    f.assert_success();
+    let line = f.stdout.lines().next().unwrap_or_default().to_string();
+    assert!(!line.is_empty(), "{name} printed nothing\n{}", f.report());
+    (bin, line)
+}
+
+#[test]
+fn multithreaded_program_as_2_ranks() {
+    // Each rank is an unmodified 4-thread malloc/free stress program whose every block comes
+    // from its own arena of the job's shared heap; each must print what it prints with glibc.
+    let dir = TempDir::new("mt-ranks");
+    let (bin, line) = build_plain("mt_malloc", &dir, &["2000000", "4"]);
+    launch_ok(2, true, &bin, &["2000000", "4"], &|_| line.clone());
+}
+
+#[test]
+fn forking_program_as_2_ranks() {
+    // Each rank forks 20 children (some with grandchildren) while 2 threads allocate; the
+    // children are not members of the job, and must not disturb it.
+    let dir = TempDir::new("fork-ranks");
+    let (bin, line) = build_plain("fork_malloc", &dir, &["20"]);
+    launch_ok(2, true, &bin, &["20"], &|_| line.clone());
+}
