@@ -70,6 +70,23 @@ fn conflicting_mapping(start: usize, end: usize) -> String {
     "unknown".into()
 }
 
+/// Checks that an `mmap(base, size, MAP_FIXED_NOREPLACE)` landed at `base`; on failure undoes a
+/// misplaced mapping (old kernels treat NOREPLACE as a hint) and names what is in the way.
+fn check_placement(p: *mut libc::c_void, base: usize, size: usize) -> Result<(), Error> {
+    if p != libc::MAP_FAILED && p as usize == base {
+        return Ok(());
+    }
+    let errno = std::io::Error::last_os_error();
+    if p != libc::MAP_FAILED {
+        // SAFETY: unmapping the misplaced mapping we just made.
+        unsafe { libc::munmap(p, size) };
+    }
+    if p != libc::MAP_FAILED || errno.raw_os_error() == Some(libc::EEXIST) {
+        return Err(Error::Occupied { start: base, end: base + size, mapping: conflicting_mapping(base, base + size) });
+    }
+    Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno })
+}
+
 impl Region {
     /// Maps a private anonymous heap for a one-process job (no runtime view, nothing to share);
     /// it starts with no access.
@@ -85,21 +102,7 @@ impl Region {
                 0,
             )
         };
-        if p == libc::MAP_FAILED || p as usize != base {
-            let errno = std::io::Error::last_os_error();
-            if p != libc::MAP_FAILED {
-                // SAFETY: undoing a misplaced mapping (old kernels treat NOREPLACE as a hint).
-                unsafe { libc::munmap(p, size) };
-            }
-            if p != libc::MAP_FAILED || errno.raw_os_error() == Some(libc::EEXIST) {
-                return Err(Error::Occupied {
-                    start: base,
-                    end: base + size,
-                    mapping: conflicting_mapping(base, base + size),
-                });
-            }
-            return Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno });
-        }
+        check_placement(p, base, size)?;
         Ok(Region { base, size, page: page_size(), runtime_base: base, memfd: -1 })
     }
 
@@ -169,23 +172,10 @@ impl Region {
                 0,
             )
         };
-        if app == libc::MAP_FAILED || app as usize != base {
-            let errno = std::io::Error::last_os_error();
-            if app != libc::MAP_FAILED {
-                // Old kernels treat NOREPLACE as a hint: undo the misplaced mapping.
-                // SAFETY: unmapping what we just mapped.
-                unsafe { libc::munmap(app, size) };
-            }
+        if let Err(e) = check_placement(app, base, size) {
             // SAFETY: closing our fd.
             unsafe { libc::close(memfd) };
-            if app != libc::MAP_FAILED || errno.raw_os_error() == Some(libc::EEXIST) {
-                return Err(Error::Occupied {
-                    start: base,
-                    end: base + size,
-                    mapping: conflicting_mapping(base, base + size),
-                });
-            }
-            return Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno });
+            return Err(e);
         }
         // SAFETY: mapping our memfd anywhere, shared, read-write.
         let rt = unsafe {
