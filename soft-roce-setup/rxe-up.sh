@@ -35,6 +35,13 @@ ls /usr/lib/*/libibverbs/librxe-* >/dev/null 2>&1 || ls /usr/lib/libibverbs/libr
 
 # --- 1. modules -------------------------------------------------------------
 have_module() { [[ -d /sys/module/$1 ]]; }
+
+# Fail early, with the way out, when this kernel has no rdma_rxe at all.
+if ! have_module rdma_rxe &&
+   ! find "/lib/modules/$(uname -r)" -name 'rdma_rxe.ko*' 2>/dev/null | grep -q .; then
+    die "kernel $(uname -r) has no rdma_rxe module (CONFIG_RDMA_RXE unset or modules not installed).
+       Run the tests in a QEMU guest instead: soft-roce-setup/in-guest.sh -- COMMAND"
+fi
 crc32_loaded() { grep -Eq '^name *: crc32$' /proc/crypto 2>/dev/null; }
 
 if ! crc32_loaded; then
