@@ -72,10 +72,6 @@ mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/
 # Defines GUEST_CWD, GUEST_RUN (path of guest-run.sh), GUEST_MTU.
 . "/mnt/lower$RUN_DIR/guest.conf"
 
-mkdir -p "/newroot$GUEST_CWD"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap hostcwd "/newroot$GUEST_CWD" \
-    || die "cannot mount host working directory $GUEST_CWD over 9p"
-
 # The guest's own /proc, /sys, /dev, /tmp, /run instead of the host's.
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
@@ -86,6 +82,12 @@ mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
 mount -t tmpfs tmpfs /newroot/var/tmp 2>/dev/null || true
+
+# The host working directory, read-write, at the same path (mounted after
+# the tmpfs mounts above so a directory under /tmp works too).
+mkdir -p "/newroot$GUEST_CWD"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap hostcwd "/newroot$GUEST_CWD" \
+    || die "cannot mount host working directory $GUEST_CWD over 9p"
 
 # The run directory usually lives in the host's /tmp, now hidden by the
 # guest's tmpfs: copy its input files to /run/gallocy.

@@ -225,6 +225,8 @@ need ibv_devinfo ibverbs-utils
 [[ -e /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ]] || ls /usr/lib/*/libibverbs/librxe-* >/dev/null 2>&1 \
     || die "rxe verbs provider missing; install the Debian package 'ibverbs-providers'"
 
+[[ $PWD != / ]] || die "run from a project directory, not / (it is shared read-write with the guest)"
+
 # ---------------------------------------------------------------------------
 # One run: a run directory on the host (seen read-only by the guest).
 # ---------------------------------------------------------------------------

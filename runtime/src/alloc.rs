@@ -660,6 +660,29 @@ mod tests {
     }
 
     #[test]
+    fn every_class_hands_out_distinct_objects_and_catches_bad_frees() {
+        let a = arena();
+        for (class, &size) in CLASS_SIZES.iter().enumerate() {
+            let n = CLASS_INFO[class].1 * 2 + 3; // more than a slab, so a second slab is carved
+            let mut got: Vec<usize> = (0..n).map(|_| a.alloc(size, 16).unwrap()).collect();
+            for &p in &got {
+                assert_eq!(a.usable_size(p).unwrap(), size, "class {class}");
+                assert!(a.is_local(p));
+            }
+            got.sort_unstable();
+            assert!(got.windows(2).all(|w| w[1] - w[0] >= size), "class {class}: overlapping objects");
+            if size > 16 {
+                assert_eq!(a.free(got[0] + 16), Err(AllocError::InvalidPointer(got[0] + 16)), "class {class}");
+            }
+            for &p in &got {
+                a.free(p).unwrap();
+            }
+            assert_eq!(a.free(got[1]), Err(AllocError::DoubleFree(got[1])));
+            assert!(a.usable_size(got[1]).is_err(), "a freed block has no usable size");
+        }
+    }
+
+    #[test]
     fn freed_pages_are_reused_and_exhaustion_is_reported() {
         let a = arena();
         let p = a.alloc(1 << 20, 4096).unwrap();
