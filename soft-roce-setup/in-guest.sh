@@ -216,6 +216,12 @@ QROOT=$CACHE/root
 QEMU=$QROOT/usr/bin/qemu-system-x86_64
 export LD_LIBRARY_PATH=$QROOT/usr/lib/x86_64-linux-gnu:$QROOT/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export QEMU_MODULE_DIR=$QROOT/usr/lib/x86_64-linux-gnu/qemu
+# The unpacked qemu relies on the host for common libraries (glib, pixman,
+# ... which qemu-utils pulls in); name any that are missing.
+MISSING_LIBS=$(ldd "$QEMU" 2>/dev/null | awk '/not found/ { print $1 }' | tr '\n' ' ')
+[[ -z $MISSING_LIBS ]] || die "qemu-system-x86_64 needs libraries missing on this host: $MISSING_LIBS
+       install the Debian packages that ship them (see: apt-cache depends qemu-system-x86),
+       or add them to QEMU_PKGS in $0 and delete $CACHE"
 
 # Tools the guest uses come from the HOST root (shared over 9p).
 need bash bash
@@ -241,7 +247,8 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # single-quote for sh
 {
@@ -261,6 +268,9 @@ sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # single-quote for sh
 : > "$RUN_DIR/out"
 : > "$RUN_DIR/rc"
 
+# mitigations=off: a throw-away test guest; PTI etc. are costly under TCG.
+KERNEL_ARGS="console=ttyS0 panic=-1 rdinit=/init loglevel=6 mitigations=off"
+
 # -nodefaults/-nic none: no NIC to the outside, no VGA; rxe uses dummy0.
 # romfile= on virtio devices: no iPXE option ROMs needed (or wanted).
 "$QEMU" \
@@ -268,7 +278,7 @@ sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # single-quote for sh
     -nodefaults -no-user-config -display none -nic none -no-reboot \
     -L "$QROOT/usr/share/qemu" -L "$QROOT/usr/share/seabios" \
     -kernel "$KERNEL" -initrd "$CACHE/initramfs.cpio" \
-    -append "console=ttyS0 panic=-1 rdinit=/init loglevel=6 gallocy.run=$RUN_DIR" \
+    -append "$KERNEL_ARGS gallocy.run=$RUN_DIR ${GALLOCY_QEMU_APPEND:-}" \
     -serial "file:$RUN_DIR/kernel.log" \
     -fsdev "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap" \
     -device "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot,romfile=" \

@@ -63,11 +63,19 @@ have_module ib_uverbs || modprobe ib_uverbs 2>/dev/null || say "warning: could n
 have_module rdma_ucm || modprobe rdma_ucm 2>/dev/null || say "warning: could not load rdma_ucm (only rdma_cm users need it)"
 
 # --- 2. netdev + rxe device -------------------------------------------------
-if [[ -z $NETDEV ]]; then
+if rdma link show "$RXE_NAME/1" >/dev/null 2>&1; then
+    # Already there (e.g. in-guest.sh's rxe0): keep it, report its netdev.
+    NETDEV=$(rdma link show "$RXE_NAME/1" | awk '{ for (i = 1; i < NF; i++) if ($i == "netdev") print $(i + 1) }')
+    say "$RXE_NAME already exists (netdev ${NETDEV:-?}); leaving it as it is"
+    EXISTS=1
+else
+    EXISTS=0
+fi
+if (( ! EXISTS )) && [[ -z $NETDEV ]]; then
     NETDEV=$(ip -o route show default 2>/dev/null \
              | awk '{ for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit } }')
 fi
-if [[ -z $NETDEV ]]; then
+if (( ! EXISTS )) && [[ -z $NETDEV ]]; then
     NETDEV=$RXE_DUMMY
     if ! ip link show "$NETDEV" >/dev/null 2>&1; then
         say "no default route; creating dummy netdev $NETDEV (10.9.0.1/24)"
@@ -78,11 +86,9 @@ if [[ -z $NETDEV ]]; then
     fi
     ip link set "$NETDEV" up
 fi
-ip link show "$NETDEV" >/dev/null 2>&1 || die "netdev '$NETDEV' does not exist"
+(( EXISTS )) || ip link show "$NETDEV" >/dev/null 2>&1 || die "netdev '$NETDEV' does not exist"
 
-if rdma link show "$RXE_NAME/1" >/dev/null 2>&1; then
-    say "$RXE_NAME already exists; leaving it as it is"
-else
+if (( ! EXISTS )); then
     rdma link add "$RXE_NAME" type rxe netdev "$NETDEV" \
         || die "rdma link add $RXE_NAME type rxe netdev $NETDEV failed (dmesg may say why; 'failed to init crc32 algorithm' means the crc32 module is missing)"
 fi
