@@ -69,7 +69,7 @@ mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/
     || die "cannot mount overlayfs over the host root"
 
 [ -n "$RUN_DIR" ] && [ -r "/mnt/lower$RUN_DIR/guest.conf" ] || die "no run directory ($RUN_DIR)"
-# Defines GUEST_CWD, GUEST_RUN (path of guest-run.sh), GUEST_MTU.
+# Defines GUEST_CWD, GUEST_RUN (/run/gallocy/guest-run.sh), GUEST_MTU.
 . "/mnt/lower$RUN_DIR/guest.conf"
 
 # The guest's own /proc, /sys, /dev, /tmp, /run instead of the host's.
@@ -92,7 +92,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap hostcwd "/n
 # The run directory usually lives in the host's /tmp, now hidden by the
 # guest's tmpfs: copy its input files to /run/gallocy.
 mkdir -p /newroot/run/gallocy
-cp "/mnt/lower$RUN_DIR/guest.conf" "/mnt/lower$RUN_DIR/cmd.sh" /newroot/run/gallocy/ \
+cp "/mnt/lower$RUN_DIR/guest.conf" "/mnt/lower$RUN_DIR/cmd.sh" "/mnt/lower$RUN_DIR/guest-run.sh" \
+    /newroot/run/gallocy/ \
     || die "cannot copy the run files from $RUN_DIR"
 
 OUT=$(find_port out)

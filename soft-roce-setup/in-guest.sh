@@ -253,9 +253,10 @@ trap 'exit 143' TERM
 sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # single-quote for sh
 {
     echo "GUEST_CWD=$(sq "$PWD")"
-    echo "GUEST_RUN=$(sq "$SCRIPT_DIR/guest-run.sh")"
+    echo "GUEST_RUN=/run/gallocy/guest-run.sh"   # copied there by guest-init.sh
     echo "GUEST_MTU=$(sq "$MTU")"
 } > "$RUN_DIR/guest.conf"
+cp "$SCRIPT_DIR/guest-run.sh" "$RUN_DIR/guest-run.sh"
 {
     echo "cd -- $(sq "$PWD") || exit 125"
     while IFS= read -r var; do

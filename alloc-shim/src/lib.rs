@@ -229,10 +229,8 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    if owned(p) {
-        // SAFETY: a live block of the shared heap, per the C contract of free.
-        unsafe { g::preload::free(p.cast()) }
-    } else {
+    // SAFETY: per the C contract of free, `p` is a live block: ours or glibc's.
+    if !unsafe { g::preload::free_if_owned(p.cast()) } {
         // SAFETY: a glibc block.
         unsafe { __libc_free(p) }
     }

@@ -48,21 +48,27 @@ pub fn malloc(size: usize) -> Option<*mut u8> {
     })
 }
 
-/// `free` fast path for a block of the shared heap (`owns(p)`).
+/// `free` fast path: frees `p` if it lies in the shared heap and returns true; returns false
+/// for any other pointer (the shim hands those to glibc).
 ///
 /// # Safety
-/// `p` must be a live block of the shared heap.
+/// If `p` lies in the shared heap it must be a live block of it.
 #[inline]
-pub unsafe fn free(p: *mut u8) {
-    let Some(rt) = RUNTIME.get() else { return };
-    if rt.alloc.is_local(p as usize) {
-        if let Err(e) = crate::alloc::THREAD.with(|t| rt.alloc.free_in(t, p as usize)) {
+pub unsafe fn free_if_owned(p: *mut u8) -> bool {
+    let Some(rt) = RUNTIME.get() else { return false };
+    let addr = p as usize;
+    if !rt.region.contains(addr) {
+        return false;
+    }
+    if rt.alloc.is_local(addr) {
+        if let Err(e) = crate::alloc::THREAD.with(|t| rt.alloc.free_in(t, addr)) {
             crate::misuse(rt, &e);
         }
     } else {
         // SAFETY: forwarded caller contract.
         unsafe { crate::free(p) }
     }
+    true
 }
 
 /// Whether `init` has completed in this process.
