@@ -51,9 +51,9 @@ const MIN_OBJECTS: usize = 8;
 /// slab (below 2^20: the error stays below 2^-28, a quotient's fraction is at least 2^-16).
 const RECIP_SHIFT: u32 = 48;
 /// Objects a thread keeps per class.
-const CACHE: usize = 64;
+const CACHE: usize = 128;
 /// Objects moved between a thread and the central lists at a time.
-const BATCH: usize = 32;
+const BATCH: usize = 64;
 
 /// Bytes of a slab of `class`: a power of two, at least a span and MIN_OBJECTS objects; slabs
 /// are aligned to their size, so a slab's base follows from any address inside it.
