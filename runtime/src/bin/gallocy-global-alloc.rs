@@ -20,16 +20,13 @@ fn main() {
     // Rank 0 builds a vector; everybody gets its pointer and length.
     let n = 100_000usize;
     let mut shared = [0u8; 16];
-    let keep;
-    if rank == 0 {
+    let keep = (rank == 0).then(|| {
         let v: Vec<u64> = (1..=n as u64).collect();
         assert!(heap.contains(&(v.as_ptr() as usize)), "a Vec made after init must live in the shared heap");
         shared[..8].copy_from_slice(&(v.as_ptr() as u64).to_le_bytes());
         shared[8..].copy_from_slice(&(v.len() as u64).to_le_bytes());
-        keep = Some(v);
-    } else {
-        keep = None;
-    }
+        v
+    });
     gallocy::broadcast(&mut shared, 0);
     let ptr = u64::from_le_bytes(shared[..8].try_into().expect("8 bytes")) as *const u64;
     let len = u64::from_le_bytes(shared[8..].try_into().expect("8 bytes")) as usize;
