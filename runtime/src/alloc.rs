@@ -540,19 +540,44 @@ impl Allocator {
         THREAD.with(|t| self.free_in(t, addr))
     }
 
+    /// Marks the small object at `addr` free and returns its class; `None` if `addr` is not a
+    /// small object (then it may be a large block).
+    #[inline]
+    fn release_small(&self, addr: usize) -> Option<Result<usize, AllocError>> {
+        if !self.is_local(addr) {
+            return Some(Err(AllocError::InvalidPointer(addr)));
+        }
+        let class = match self.small_class(addr)? {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let s = self.state_of(addr);
+        if s.load(Ordering::Relaxed) != LIVE {
+            return Some(Err(AllocError::DoubleFree(addr)));
+        }
+        s.store(FREE, Ordering::Relaxed);
+        Some(Ok(class))
+    }
+
+    /// Frees a block of this arena on behalf of another rank: straight to the central lists, so
+    /// that the block does not sit in the service thread's cache, out of the application's reach.
+    pub fn free_remote(&self, addr: usize) -> Result<(), AllocError> {
+        match self.release_small(addr) {
+            None => self.free_large(addr),
+            Some(class) => {
+                self.give_back(class?, &[addr]);
+                Ok(())
+            }
+        }
+    }
+
     /// `free` with the caller's thread state at hand.
     #[inline]
     pub(crate) fn free_in(&self, t: &ThreadState, addr: usize) -> Result<(), AllocError> {
-        if !self.is_local(addr) {
-            return Err(AllocError::InvalidPointer(addr));
-        }
-        let Some(class) = self.small_class(addr) else { return self.free_large(addr) };
-        let class = class?;
-        let s = self.state_of(addr);
-        if s.load(Ordering::Relaxed) != LIVE {
-            return Err(AllocError::DoubleFree(addr));
-        }
-        s.store(FREE, Ordering::Relaxed);
+        let class = match self.release_small(addr) {
+            None => return self.free_large(addr),
+            Some(class) => class?,
+        };
         let cached = t.with_cache(|c| {
             let exited = c.exited;
             let bin = &mut c.bins[class];
@@ -608,7 +633,7 @@ impl Allocator {
 
 /// Frees a block of this rank's arena on behalf of a peer (called by the service thread).
 pub fn free_local(rt: &crate::runtime::Runtime, addr: usize) -> Result<(), AllocError> {
-    rt.alloc.free(addr)
+    rt.alloc.free_remote(addr)
 }
 
 #[cfg(test)]
