@@ -107,8 +107,9 @@ impl<H: Fn(usize) -> usize, A: Fn(usize) -> usize> Picker<H, A> {
     }
 }
 
-/// Body of one rank of `gallocy-bench fault`. Rank 0 prints one record per case.
-pub fn run_rank(iters: usize, warmup: usize) -> Result<()> {
+/// Body of one rank of `gallocy-bench fault`: runs `selected` (in [`CASES`] order; every rank
+/// must get the same list). Rank 0 prints one record per case.
+pub fn run_rank(selected: &[&Case], iters: usize, warmup: usize) -> Result<()> {
     gallocy::init().map_err(|e| anyhow::anyhow!("gallocy::init: {e}"))?;
     let rank = gallocy::rank();
     let heap = Heap {
@@ -120,6 +121,9 @@ pub fn run_rank(iters: usize, warmup: usize) -> Result<()> {
     let mut picker = Picker::new(heap, gallocy::home_of, gallocy::arena_rank_of);
     let mut errors = 0usize;
     for (c, case) in CASES.iter().enumerate() {
+        if !selected.iter().any(|s| s.name == case.name) {
+            continue;
+        }
         if case.min_procs() > heap.procs {
             if rank == 0 {
                 println!("{SKIP_PREFIX}{} needs {} processes", case.name, case.min_procs());

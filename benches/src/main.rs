@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
+//!                    [--cases read_home_owner,read_third_owner,...]
 //! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
 //! gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--workloads a,b] [--glibc-only]
 //! ```
@@ -32,10 +33,12 @@ use report::{JsonObject, Summary};
 
 const USAGE: &str = "usage:
   gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
+                      [--cases read_home_owner,read_third_owner,write_0,write_1,write_3]
   gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
   gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
                        [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
+--cases: run only these fault cases (default: all); JSON keys of cases not run are null.
 GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
 
 /// Options common to all subcommands.
@@ -49,6 +52,8 @@ struct Opts {
     timeout_s: u64,
     /// Pin the floor server and client to different CPUs (default on).
     pin: bool,
+    /// Fault cases to run (`--cases`); None = all of [`cases::CASES`].
+    cases: Option<Vec<String>>,
     /// Positional arguments (hidden subcommands take an address).
     positional: Vec<String>,
 }
@@ -57,6 +62,26 @@ impl Opts {
     fn warmup(&self) -> usize {
         self.warmup.unwrap_or((self.iters / 10).min(200))
     }
+
+    /// The fault cases selected by `--cases` (all when not given), in [`cases::CASES`] order.
+    fn selected_cases(&self) -> Vec<&'static cases::Case> {
+        cases::CASES.iter().filter(|c| self.cases.as_ref().is_none_or(|sel| sel.iter().any(|n| n == c.name))).collect()
+    }
+}
+
+/// `--cases a,b`: known case names, at least one.
+fn parse_cases(v: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = v.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect();
+    if names.is_empty() {
+        bail!("--cases needs at least one case name");
+    }
+    for n in &names {
+        if !cases::CASES.iter().any(|c| c.name == n) {
+            let known: Vec<&str> = cases::CASES.iter().map(|c| c.name).collect();
+            bail!("--cases: unknown case {n} (known: {})", known.join(","));
+        }
+    }
+    Ok(names)
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts> {
@@ -67,6 +92,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         spin_us: net::spin_us_from_env(),
         timeout_s: 600,
         pin: true,
+        cases: None,
         positional: Vec::new(),
     };
     let mut it = args.iter();
@@ -75,11 +101,18 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
             Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
             _ => (a.as_str(), None),
         };
+        let mut text = |name: &str| -> Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => Ok(it.next().with_context(|| format!("{name} needs a value"))?.clone()),
+            }
+        };
+        if key == "--cases" {
+            o.cases = Some(parse_cases(&text(key)?)?);
+            continue;
+        }
         let mut value = |name: &str| -> Result<u64> {
-            let v = match &inline {
-                Some(v) => v.clone(),
-                None => it.next().with_context(|| format!("{name} needs a value"))?.clone(),
-            };
+            let v = text(name)?;
             v.parse().with_context(|| format!("{name}: not a number: {v}"))
         };
         match key {
@@ -127,7 +160,7 @@ fn run_latency_cmd(cmd: &str, args: &[String]) -> Result<()> {
         "floor" => cmd_floor(&o),
         "__floor-server" => pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)),
         "__floor-client" => pin_from_env().and_then(|()| child_floor_client(&o)),
-        "__fault-rank" => cases::run_rank(o.iters, o.warmup()),
+        "__fault-rank" => cases::run_rank(&o.selected_cases(), o.iters, o.warmup()),
         other => bail!("unknown subcommand {other}\n{USAGE}"),
     })
 }
@@ -140,6 +173,10 @@ fn addr_arg(o: &Opts) -> Result<SocketAddr> {
 /// Arguments passed down to children so they use the same iteration counts.
 fn child_args(sub: &str, o: &Opts, extra: &[String]) -> Vec<String> {
     let mut v = vec![sub.to_string(), "--iters".into(), o.iters.to_string(), "--warmup".into(), o.warmup().to_string()];
+    if let Some(sel) = &o.cases {
+        v.push("--cases".into());
+        v.push(sel.join(","));
+    }
     v.extend_from_slice(extra);
     v
 }
@@ -274,6 +311,14 @@ fn add_floor_json(j: &mut JsonObject, rows: &[Summary]) {
     }
 }
 
+/// The transport the ranks are asked for (they inherit `GALLOCY_TRANSPORT`); `auto` if unset.
+fn transport_from_env() -> String {
+    match std::env::var("GALLOCY_TRANSPORT") {
+        Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+        _ => "auto".to_string(),
+    }
+}
+
 fn cmd_fault(o: &Opts) -> Result<()> {
     if o.procs < 2 {
         bail!("--procs must be at least 2 (rank 0 times faults on pages another rank owns)");
@@ -328,22 +373,31 @@ fn cmd_fault(o: &Opts) -> Result<()> {
     }
 
     let floor = find(&floor_rows, "floor").context("no floor result")?;
-    let read = find(&case_rows, "read_home_owner").context("no read_home_owner result")?;
-    let write = find(&case_rows, "write_0").context("no write_0 result")?;
+    // Every selected case the job is big enough for must have reported.
+    for c in o.selected_cases() {
+        if c.min_procs() <= o.procs && find(&case_rows, c.name).is_none() {
+            bail!("no {} result", c.name);
+        }
+    }
+    // Cases not selected with --cases: their keys are null.
+    let p50_p99 = |name: &str| find(&case_rows, name).map_or((f64::NAN, f64::NAN), |r| (r.p50_us(), r.p99_us()));
+    let (read_p50, read_p99) = p50_p99("read_home_owner");
+    let (write_p50, write_p99) = p50_p99("write_0");
     let mut j = JsonObject::new();
     j.str("bench", "fault")
         .int("procs", o.procs as u64)
         .int("iters", o.iters as u64)
         .int("spin_us", o.spin_us)
+        .str("transport", &transport_from_env())
         .num("load_avg_1m", load_avg_1m())
         .num("idle_before_pct", idle)
         .raw("floor_pinned", o.pin.to_string())
-        .num("read_fault_p50_us", read.p50_us())
-        .num("read_fault_p99_us", read.p99_us())
-        .num("write_fault_p50_us", write.p50_us())
-        .num("write_fault_p99_us", write.p99_us());
+        .num("read_fault_p50_us", read_p50)
+        .num("read_fault_p99_us", read_p99)
+        .num("write_fault_p50_us", write_p50)
+        .num("write_fault_p99_us", write_p99);
     add_floor_json(&mut j, &floor_rows);
-    j.num("ratio", read.p50_us() / floor.p50_us()).num("write_ratio", write.p50_us() / floor.p50_us());
+    j.num("ratio", read_p50 / floor.p50_us()).num("write_ratio", write_p50 / floor.p50_us());
     for r in &case_rows {
         j.num(&format!("{}_p50_us", r.name), r.p50_us()).num(&format!("{}_p99_us", r.name), r.p99_us());
     }
@@ -372,5 +426,22 @@ mod tests {
         assert_eq!(parse_opts(&s(&[])).unwrap().warmup(), 200);
         assert!(parse_opts(&s(&["--bogus"])).is_err());
         assert!(parse_opts(&s(&["--iters"])).is_err());
+    }
+
+    #[test]
+    fn parses_cases() {
+        let all = parse_opts(&s(&[])).unwrap();
+        assert_eq!(all.selected_cases().len(), cases::CASES.len());
+        assert!(!child_args("__fault-rank", &all, &[]).contains(&"--cases".to_string()));
+        let o = parse_opts(&s(&["--cases", "read_third_owner,read_home_owner", "--iters", "10"])).unwrap();
+        let names: Vec<&str> = o.selected_cases().iter().map(|c| c.name).collect();
+        assert_eq!(names, ["read_home_owner", "read_third_owner"]);
+        let args = child_args("__fault-rank", &o, &[]);
+        let back = parse_opts(&args[1..]).unwrap();
+        assert_eq!(back.cases, o.cases);
+        assert_eq!(parse_opts(&s(&["--cases=write_0"])).unwrap().selected_cases().len(), 1);
+        assert!(parse_opts(&s(&["--cases", "nope"])).is_err());
+        assert!(parse_opts(&s(&["--cases", ","])).is_err());
+        assert!(parse_opts(&s(&["--cases"])).is_err());
     }
 }

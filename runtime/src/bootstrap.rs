@@ -7,6 +7,8 @@ use bincode::{Decode, Encode};
 use gallocy_transport::tcp::{self, TcpConfig};
 use gallocy_transport::{MemoryView, Transport};
 
+#[cfg(feature = "rdma")]
+use crate::config::TransportKind;
 use crate::config::{Identity, Settings};
 use crate::error::Error;
 use crate::runtime::PROTOCOL_VERSION;
@@ -104,6 +106,8 @@ pub fn connect(
     view: MemoryView,
     problem: Option<String>,
 ) -> Result<Box<dyn Transport>, Error> {
+    #[cfg(feature = "rdma")]
+    let (port, problem) = rdma_port(settings, problem);
     let hello = Hello::new(settings, problem);
     let cfg = TcpConfig {
         rank: id.rank,
@@ -114,10 +118,62 @@ pub fn connect(
         view,
         setup_timeout: settings.map_or(Duration::from_secs(30), |s| s.setup_timeout),
     };
-    match tcp::establish(&cfg, &hello.encode(), &judge) {
-        Ok(t) => Ok(Box::new(t)),
-        Err(gallocy_transport::TransportError::JobAborted(msg)) => Err(Error::JobStopped(msg)),
-        Err(e) => Err(e.into()),
+    let tcp = match tcp::establish(&cfg, &hello.encode(), &judge) {
+        Ok(t) => t,
+        Err(gallocy_transport::TransportError::JobAborted(msg)) => return Err(Error::JobStopped(msg)),
+        Err(e) => return Err(e.into()),
+    };
+    #[cfg(feature = "rdma")]
+    if let Some(port) = port {
+        let required = settings.is_some_and(|s| s.transport == TransportKind::Rdma);
+        return upgrade_to_rdma(id.rank, tcp, view, port, required, cfg.setup_timeout);
+    }
+    Ok(Box::new(tcp))
+}
+
+/// Opens this rank's RDMA port when the transport may be RDMA. With `--transport rdma`, having
+/// none is this rank's problem: rank 0 then stops the whole job with the reason.
+#[cfg(feature = "rdma")]
+fn rdma_port(
+    settings: Option<&Settings>,
+    problem: Option<String>,
+) -> (Option<Result<gallocy_transport::rdma::Port, gallocy_transport::rdma::RdmaError>>, Option<String>) {
+    use gallocy_transport::rdma;
+    let Some(s) = settings.filter(|s| s.transport != TransportKind::Tcp) else { return (None, problem) };
+    let cfg = rdma::RdmaConfig { device: s.rdma.device.clone(), port: s.rdma.port, gid_index: s.rdma.gid_index };
+    let port = rdma::open(&cfg);
+    let problem = match (&port, problem) {
+        (_, Some(p)) => Some(p),
+        (Err(e), None) if s.transport == TransportKind::Rdma => Some(format!("--transport rdma: {e}")),
+        _ => None,
+    };
+    (Some(port), problem)
+}
+
+/// Brings the job up on RDMA if every rank can (or must), and says on rank 0 which transport runs.
+#[cfg(feature = "rdma")]
+fn upgrade_to_rdma(
+    rank: usize,
+    tcp: gallocy_transport::tcp::TcpTransport,
+    view: MemoryView,
+    port: Result<gallocy_transport::rdma::Port, gallocy_transport::rdma::RdmaError>,
+    required: bool,
+    timeout: Duration,
+) -> Result<Box<dyn Transport>, Error> {
+    use gallocy_transport::rdma::{self, Connected};
+    match rdma::connect(tcp, view, port, required, timeout)? {
+        Connected::Rdma(t) => {
+            if rank == 0 {
+                eprintln!("gallocy: transport: rdma ({})", t.describe());
+            }
+            Ok(t)
+        }
+        Connected::Tcp(t, why) => {
+            if rank == 0 {
+                eprintln!("gallocy: transport: tcp (auto: {why})");
+            }
+            Ok(Box::new(t))
+        }
     }
 }
 

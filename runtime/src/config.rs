@@ -28,6 +28,10 @@ pub const MAX_PROCESSES: usize = 64;
 pub enum TransportKind {
     /// TCP sockets on loopback or a cluster network.
     Tcp,
+    /// RDMA (ibverbs): page copies by one-sided READ. Fails at start-up without a usable device.
+    Rdma,
+    /// RDMA when every process has a usable device, TCP otherwise (the default).
+    Auto,
 }
 
 impl TransportKind {
@@ -35,8 +39,19 @@ impl TransportKind {
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
+            TransportKind::Auto => "auto",
         }
     }
+}
+
+/// Where RDMA runs: `GALLOCY_RDMA_DEVICE`, `GALLOCY_RDMA_PORT`, `GALLOCY_RDMA_GID_INDEX`.
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub struct RdmaSettings {
+    pub device: Option<String>,
+    pub port: Option<u8>,
+    pub gid_index: Option<u32>,
 }
 
 /// Who this process is in which job, and how to reach rank 0.
@@ -63,6 +78,8 @@ pub struct Settings {
     pub hold: Duration,
     pub stats: bool,
     pub transport: TransportKind,
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub rdma: RdmaSettings,
     pub setup_timeout: Duration,
     pub peer_timeout: Duration,
 }
@@ -214,16 +231,40 @@ pub fn settings() -> Result<Settings, Error> {
     }
     debug_assert!(page <= 64 << 10);
     let transport = match var("GALLOCY_TRANSPORT")?.as_deref().map(str::trim) {
-        None | Some("tcp") | Some("auto") | Some("") => TransportKind::Tcp,
+        Some("tcp") => TransportKind::Tcp,
+        // Without the RDMA transport built in, auto can only mean TCP.
+        None | Some("auto") | Some("") if cfg!(feature = "rdma") => TransportKind::Auto,
+        None | Some("auto") | Some("") => TransportKind::Tcp,
+        Some("rdma") if cfg!(feature = "rdma") => TransportKind::Rdma,
         Some("rdma") => {
             return Err(Error::config(
                 "GALLOCY_TRANSPORT",
                 "rdma",
-                "this build has no RDMA transport (cargo feature `rdma`)",
+                "this build has no RDMA transport (rebuild with the cargo feature `rdma`)",
             ))
         }
         Some(other) => return Err(Error::config("GALLOCY_TRANSPORT", other, "must be tcp, rdma or auto")),
     };
+    let rdma =
+        RdmaSettings {
+            device: var("GALLOCY_RDMA_DEVICE")?.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()),
+            port: match var("GALLOCY_RDMA_PORT")? {
+                None => None,
+                Some(v) => {
+                    Some(
+                        v.trim().parse::<u8>().ok().filter(|p| *p >= 1).ok_or_else(|| {
+                            Error::config("GALLOCY_RDMA_PORT", &v, "must be a port number from 1 to 255")
+                        })?,
+                    )
+                }
+            },
+            gid_index: match var("GALLOCY_RDMA_GID_INDEX")? {
+                None => None,
+                Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
+                    Error::config("GALLOCY_RDMA_GID_INDEX", &v, "must be a GID table index (0, 1, ...)")
+                })?),
+            },
+        };
     let stats = match var("GALLOCY_STATS")?.as_deref().map(str::trim) {
         None | Some("") | Some("0") => false,
         Some("1") => true,
@@ -236,6 +277,7 @@ pub fn settings() -> Result<Settings, Error> {
         hold: Duration::from_micros(parse_number("GALLOCY_HOLD_US", 0u64)?),
         stats,
         transport,
+        rdma,
         setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30u64)?),
         peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10u64)?.max(1)),
     })

@@ -493,6 +493,12 @@ impl<'a> Engine<'a> {
                 return self.finish(page);
             }
             if holders & bit(me) != 0 && !writable {
+                if self.one_sided() {
+                    // The requester reads our copy; it stays put until the requester's Done.
+                    self.entry(page).txn = Some(Txn::AwaitDone { req, on_done: OnDone::AddReader });
+                    let grant = Msg::Grant { page, slot: req.slot, write: false, source: Source::ReadFrom(me as u32) };
+                    return self.send(r, grant, None);
+                }
                 self.entry(page).copyset |= bit(r);
                 self.send(r, Msg::Grant { page, slot: req.slot, write: false, source: Source::Inline }, Some(page));
                 return self.finish(page);
@@ -551,6 +557,14 @@ impl<'a> Engine<'a> {
             fatal(self.rt, "acknowledgements complete without a transaction");
         };
         match then {
+            AfterAcks::GrantInline if self.one_sided() => {
+                // Our copy (now read-only or invalid for us) is what the requester reads; the
+                // directory changes when it says Done.
+                let on_done = if req.write { OnDone::NewOwner } else { OnDone::AddReader };
+                self.entry(page).txn = Some(Txn::AwaitDone { req, on_done });
+                let source = Source::ReadFrom(self.me as u32);
+                self.send(req.from, Msg::Grant { page, slot: req.slot, write: req.write, source }, None);
+            }
             AfterAcks::GrantValid | AfterAcks::GrantInline => {
                 let (source, attach) = match then {
                     AfterAcks::GrantValid => (Source::Valid, None),
@@ -637,7 +651,18 @@ impl<'a> Engine<'a> {
         } else if self.rt.pt.access(page as usize) == Access::Write {
             self.set_access(page, Access::Read);
         }
-        self.send(requester, Msg::Grant { page, slot, write, source: Source::Forwarded }, Some(page));
+        if self.one_sided() {
+            // The requester reads the page from our runtime view, which keeps it until the home
+            // has the requester's Done.
+            self.send(requester, Msg::Grant { page, slot, write, source: Source::ReadFrom(self.me as u32) }, None);
+        } else {
+            self.send(requester, Msg::Grant { page, slot, write, source: Source::Forwarded }, Some(page));
+        }
+    }
+
+    /// Pages travel by one-sided reads (RDMA) instead of being pushed with the grant.
+    fn one_sided(&self) -> bool {
+        self.rt.transport.as_deref().is_some_and(|t| t.one_sided_reads())
     }
 
     fn grant(&mut self, from: usize, page: u64, slot: u32, write: bool, source: Source) {

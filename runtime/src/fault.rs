@@ -265,12 +265,21 @@ fn take_answer(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<galloc
     let Ok(Msg::Grant { page, slot, write, source }) = wire::decode(bytes) else { return false };
     let notify_home = match source {
         Source::Inline | Source::Valid => false,
-        Source::Forwarded => true,
-        Source::ReadFrom(_) => return false,
+        Source::Forwarded | Source::ReadFrom(_) => true,
     };
     let home = rt.home(page as usize);
     if (notify_home && home == rt.rank) || !engine::grant_matches(rt, page, slot) {
         return false;
+    }
+    if let Source::ReadFrom(owner) = source {
+        // One-sided read by this thread when the transport can do it without allocating (the
+        // service thread does the first read of each chunk, which registers memory).
+        let span = gallocy_transport::Span { offset: page * rt.region.page as u64, len: rt.region.page as u32 };
+        let transport = rt.transport.as_deref().expect("transport");
+        if owner as usize == rt.rank || owner as usize >= rt.size || !transport.read_inline(owner as usize, span) {
+            return false;
+        }
+        rt.stats.count(&rt.stats.bytes_in, u64::from(span.len));
     }
     if let Some(span) = attached {
         rt.stats.count(&rt.stats.bytes_in, u64::from(span.len));

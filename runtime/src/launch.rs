@@ -22,8 +22,12 @@ use std::time::{Duration, Instant};
 
 /// Largest number of ranks the launcher starts.
 pub const MAX_RANKS: usize = 64;
-/// Transports built into this build.
-pub const TRANSPORTS: &[&str] = &["tcp"];
+/// Transports built into this build (`auto`: RDMA when every rank has a usable device, else TCP).
+#[cfg(feature = "rdma")]
+pub const TRANSPORTS: &[&str] = &["auto", "tcp", "rdma"];
+/// Transports built into this build (`auto` means TCP here: the RDMA transport is not built).
+#[cfg(not(feature = "rdma"))]
+pub const TRANSPORTS: &[&str] = &["auto", "tcp"];
 /// Default time the other ranks get to exit after one rank failed.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait for a rank's pipes to close after all ranks exited
@@ -52,13 +56,14 @@ pub struct LaunchSpec {
 }
 
 impl LaunchSpec {
-    /// `nprocs` ranks of `program args` over tcp, no extra env, default grace.
+    /// `nprocs` ranks of `program args` over the default transport (`GALLOCY_TRANSPORT`, else
+    /// auto), no extra env, default grace.
     pub fn new(nprocs: usize, program: impl Into<OsString>, args: Vec<OsString>) -> Self {
         LaunchSpec {
             nprocs,
             program: program.into(),
             args,
-            transport: "tcp".to_string(),
+            transport: default_transport(),
             env: Vec::new(),
             grace: DEFAULT_GRACE,
         }
@@ -83,9 +88,9 @@ pub enum LaunchError {
     RankCount { nprocs: usize, max: usize },
     #[error("no program to run")]
     NoProgram,
-    #[error("transport \"{0}\" is not built in this build (available: tcp)")]
+    #[error("transport \"{0}\" is not built in this build (available: {list}; rebuild with the cargo feature `rdma`)", list = TRANSPORTS.join(", "))]
     TransportNotBuilt(String),
-    #[error("unknown transport \"{0}\" (available: tcp)")]
+    #[error("unknown transport \"{0}\" (available: {list})", list = TRANSPORTS.join(", "))]
     UnknownTransport(String),
     #[error("cannot reserve a loopback port for the coordinator: {0}")]
     Port(#[source] io::Error),
@@ -134,6 +139,15 @@ impl LaunchError {
             _ => 1,
         }
     }
+}
+
+/// The transport when none is asked for: `GALLOCY_TRANSPORT` if set, else `auto`.
+pub fn default_transport() -> String {
+    std::env::var("GALLOCY_TRANSPORT")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "auto".into())
 }
 
 /// Checks that `transport` is built into this build.
@@ -638,9 +652,14 @@ mod tests {
         assert!(matches!(bad(&|s| s.nprocs = 0), LaunchError::RankCount { .. }));
         assert!(matches!(bad(&|s| s.nprocs = MAX_RANKS + 1), LaunchError::RankCount { .. }));
         assert!(matches!(bad(&|s| s.program = OsString::new()), LaunchError::NoProgram));
-        let rdma = bad(&|s| s.transport = "rdma".into());
-        assert!(rdma.to_string().contains("not built"), "{rdma}");
-        assert_eq!(rdma.exit_code(), 2);
+        if cfg!(feature = "rdma") {
+            assert!(check_transport("rdma").is_ok());
+        } else {
+            let rdma = bad(&|s| s.transport = "rdma".into());
+            assert!(rdma.to_string().contains("not built"), "{rdma}");
+            assert_eq!(rdma.exit_code(), 2);
+        }
+        assert!(check_transport("auto").is_ok() && check_transport("tcp").is_ok());
         assert!(matches!(bad(&|s| s.transport = "udp".into()), LaunchError::UnknownTransport(_)));
     }
 

@@ -15,6 +15,8 @@
 
 mod auth;
 pub mod frame;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod sys;
 pub mod tcp;
 
@@ -62,6 +64,10 @@ pub enum TransportError {
     /// Rank 0 stopped the job during start-up.
     #[error("{0}")]
     JobAborted(String),
+    /// RDMA cannot be used, or a verbs call failed: the text says what is missing.
+    #[cfg(feature = "rdma")]
+    #[error(transparent)]
+    Rdma(#[from] rdma::RdmaError),
     /// A caller passed an argument outside what the transport supports.
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -77,6 +83,10 @@ pub enum LostReason {
     Io(std::io::Error),
     /// The peer sent a frame that breaks the protocol.
     Protocol(frame::FrameError),
+    /// An RDMA verbs call failed, or the peer sent something the RDMA transport cannot take.
+    Verbs(&'static str),
+    /// An RDMA work completion to or from this peer failed with this `ibv_wc_status`.
+    Completion(u32),
 }
 
 impl std::fmt::Display for LostReason {
@@ -85,8 +95,40 @@ impl std::fmt::Display for LostReason {
             LostReason::Closed => write!(f, "connection closed"),
             LostReason::Io(e) => write!(f, "{e}"),
             LostReason::Protocol(e) => write!(f, "protocol error: {e}"),
+            LostReason::Verbs(what) => write!(f, "RDMA: {what}"),
+            LostReason::Completion(status) => write!(f, "RDMA work completion failed: {}", wc_status_name(*status)),
         }
     }
+}
+
+/// The name of an `ibv_wc_status` value (from `<infiniband/verbs.h>`).
+fn wc_status_name(status: u32) -> &'static str {
+    const NAMES: [&str; 23] = [
+        "success",
+        "local length error",
+        "local QP operation error",
+        "local EE context operation error",
+        "local protection error",
+        "work request flushed",
+        "memory window bind error",
+        "bad response",
+        "local access error",
+        "remote invalid request",
+        "remote access error",
+        "remote operation error",
+        "transport retry counter exceeded (the peer is gone or unreachable)",
+        "RNR retry counter exceeded",
+        "local RDD violation",
+        "remote invalid RD request",
+        "remote aborted",
+        "invalid EE context number",
+        "invalid EE context state",
+        "fatal error",
+        "response timeout",
+        "general error",
+        "tag matching error",
+    ];
+    NAMES.get(status as usize).copied().unwrap_or("unknown status")
 }
 
 impl TransportError {
@@ -162,7 +204,8 @@ pub trait Transport: Send + Sync {
     /// peer is told about the message.
     fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError>;
     /// Starts copying `span` of `peer`'s runtime view into the same place of ours. Completion is
-    /// reported by `poll` as [`Event::ReadDone`] with `token`.
+    /// reported by `poll` as [`Event::ReadDone`] with `token`. Called by the polling (service)
+    /// thread only: an RDMA transport may register memory here, which allocates.
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError>;
     /// Waits up to `timeout` (`None`: forever, `Some(ZERO)`: do not wait) for events and hands
     /// each to `handler`. Returns how many events were handled.
@@ -180,6 +223,19 @@ pub trait Transport: Send + Sync {
     fn wake(&self);
     /// Says goodbye to every peer: after this, their closing connections are expected.
     fn say_goodbye(&self) -> Result<(), TransportError>;
+    /// Copies `span` of `peer`'s runtime view into ours right now, if that needs no allocation
+    /// (RDMA: the memory is registered and the peer's key is known), and returns true once the
+    /// bytes are in. Returns false, having done nothing, when it cannot: then use `start_read`.
+    /// Async-signal-safe: a faulting thread reads its page itself.
+    fn read_inline(&self, peer: usize, span: Span) -> bool {
+        let _ = (peer, span);
+        false
+    }
+    /// True when [`Transport::start_read`] is one-sided (RDMA READ: the peer's CPU does nothing),
+    /// so that the engine should let requesters read pages rather than push them with `send`.
+    fn one_sided_reads(&self) -> bool {
+        false
+    }
 }
 
 /// What a waiting thread does with an incoming message in [`Transport::poll_inline`]:

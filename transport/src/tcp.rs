@@ -43,6 +43,8 @@ pub struct TcpConfig {
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 const KEY_WAKE: u64 = u64::MAX;
 const KEY_LISTENER: u64 = u64::MAX - 1;
+/// An fd another transport layered on this one waits on (see [`TcpTransport::watch_fd`]).
+const KEY_EXTERNAL: u64 = u64::MAX - 2;
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// Receive staging buffer per connection.
 const STAGE: usize = 64 * 1024;
@@ -641,6 +643,13 @@ impl TcpTransport {
         }
     }
 
+    /// Makes [`Transport::poll`] also return when `fd` becomes readable (it reports no event
+    /// for it; the caller drains `fd` itself). Used by the RDMA transport, which keeps these
+    /// connections to learn of peers that die and waits on its completion channel here.
+    pub fn watch_fd(&self, fd: RawFd) -> Result<(), TransportError> {
+        self.epoll.add(fd, KEY_EXTERNAL).map_err(|e| TransportError::io("epoll_ctl", e))
+    }
+
     /// After start-up nobody may connect: accept and close at once.
     fn refuse_latecomers(&self) {
         while let Ok((s, _)) = self.listener.accept() {
@@ -708,6 +717,7 @@ impl Transport for TcpTransport {
             match key {
                 KEY_WAKE => self.waker.drain(),
                 KEY_LISTENER => self.refuse_latecomers(),
+                KEY_EXTERNAL => {}
                 rank if !rx.inboxes[rank as usize].closed => {
                     handled += self.drain(rank as usize, &mut rx.inboxes[rank as usize], &mut sink)?
                 }
@@ -729,7 +739,7 @@ impl Transport for TcpTransport {
         for &key in &keys[..n] {
             match key {
                 // Level-triggered: the service thread still sees these.
-                KEY_WAKE | KEY_LISTENER => {}
+                KEY_WAKE | KEY_LISTENER | KEY_EXTERNAL => {}
                 rank => {
                     let inbox = &mut rx.inboxes[rank as usize];
                     if !inbox.closed && !inbox.pending {

@@ -1,7 +1,7 @@
 //! `gallocy`: launcher and demo of the gallocy distributed shared memory runtime.
 //!
 //! ```text
-//! gallocy run -n N [--preload] [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
+//! gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
 //! gallocy demo [-n N] [--size S] [--iters K] [--threads T]
 //! ```
 
@@ -16,7 +16,7 @@ use gallocy::launch::{self, LaunchSpec, MAX_RANKS};
 
 const SYNOPSIS: &str = "\
 usage:
-  gallocy run -n N [--preload] [--transport tcp] [--grace SECONDS] [--] PROGRAM [ARGS...]
+  gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
   gallocy demo [-n N] [--size S] [--iters K] [--threads T]
   gallocy --help | --version
 ";
@@ -36,7 +36,10 @@ options:
   -n, --nprocs N      number of ranks, 1..=64 (demo default: 4)
   --preload           run PROGRAM with LD_PRELOAD=libgallocy.so (every malloc in
                       the shared heap; GALLOCY_PRELOAD_LIB overrides the path)
-  --transport NAME    tcp (the only transport in this build)
+  --transport NAME    auto (default: RDMA if every rank has a usable device, else
+                      TCP; says which at start-up), tcp, or rdma (needs the
+                      cargo feature `rdma`; fails at start without a device).
+                      Default: GALLOCY_TRANSPORT, else auto
   --grace SECONDS     time the other ranks get after one failed (default 5)
   --size S            demo grid is S x S (default 512)
   --iters K           demo Jacobi iterations (default 200)
@@ -141,7 +144,7 @@ fn preload_library() -> Result<std::path::PathBuf, Usage> {
 
 fn parse_run(args: &[OsString]) -> Result<Cmd, Usage> {
     let mut nprocs = None;
-    let mut transport = "tcp".to_string();
+    let mut transport = launch::default_transport();
     let mut grace = launch::DEFAULT_GRACE;
     let mut preload = false;
     let mut i = 0;
@@ -431,7 +434,9 @@ mod tests {
             &["run", "-n", "65", "prog"],
             &["run", "-n", "x", "prog"],
             &["run", "-n"],
+            #[cfg(not(feature = "rdma"))]
             &["run", "-n", "2", "--transport", "rdma", "prog"],
+            &["run", "-n", "2", "--transport", "udp", "prog"],
             &["run", "-n", "2", "--grace", "-1", "prog"],
             &["run", "-n", "2", "--frobnicate", "prog"],
             &["demo", "--size", "2"],

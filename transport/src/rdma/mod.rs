@@ -1,0 +1,847 @@
+//! RDMA transport: reliable-connected queue pairs between every pair of processes.
+//!
+//! - **Page data** moves by one-sided RDMA READ from the owner's registered runtime view straight
+//!   into ours ([`Transport::start_read`]); the owner's CPU does nothing.
+//! - **Control messages** go by RDMA SEND into receive buffers pre-posted per peer (a message longer
+//!   than one buffer is split into fragments; RC keeps them in order). SEND/RECV rather than WRITE
+//!   into mailboxes: the receiver learns of a message from its completion queue, which a waiting
+//!   thread polls anyway, instead of scanning one mailbox per peer; and an RC queue pair with
+//!   infinite RNR retry gives flow control for free (a sender whose receiver has no buffer posted
+//!   waits in the hardware, nothing is lost).
+//! - **Registration** pins memory, so the runtime view is registered in [`CHUNK`]-sized pieces when
+//!   a chunk is first read into or read from. A reader learns the owner's key for a chunk once, by
+//!   asking the owner's transport (`RkeyQuery`), and caches it.
+//! - **Completions** are polled by whoever waits: the faulting thread spins on the completion
+//!   queues through [`Transport::poll_inline`]; the service thread blocks on the completion channel.
+//! - The TCP connections of start-up stay open, unused for data: their closing tells us that a peer
+//!   died, exactly as with the TCP transport.
+
+mod device;
+mod setup;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use std::time::{Duration, Instant};
+
+use rdma_mummy_sys::{
+    ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_post_recv, ibv_post_send, ibv_qp, ibv_recv_wr,
+    ibv_req_notify_cq, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_status, ibv_wr_opcode,
+};
+use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair};
+use sideway::ibverbs::AccessFlags;
+
+pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
+pub use setup::{connect, Connected};
+
+use crate::tcp::TcpTransport;
+use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
+
+/// Bytes of one send or receive buffer (one fragment).
+const BUF: usize = 4096;
+/// Fragment header: kind, flags, 2 spare, payload length (u32), argument (u64).
+const HDR: usize = 16;
+/// Payload bytes per fragment.
+const PAYLOAD: usize = BUF - HDR;
+/// Receive buffers posted per peer.
+const RECV_DEPTH: usize = 64;
+/// Send-queue entries per peer (SENDs and READs).
+const SEND_DEPTH: usize = 64;
+/// The runtime view is registered in pieces of this size.
+pub const CHUNK: usize = 2 << 20;
+/// How long a sender waits for a free send-queue entry before it calls the peer lost.
+const SEND_STALL: Duration = Duration::from_secs(60);
+const NO_TOKEN: u64 = u64::MAX;
+
+/// Fragment kinds.
+const K_MSG: u8 = 1;
+const K_PAGE: u8 = 2;
+const K_RKEY_QUERY: u8 = 3;
+const K_RKEY_REPLY: u8 = 4;
+const K_GOODBYE: u8 = 5;
+/// Flag: last fragment of a message.
+const F_LAST: u8 = 1;
+
+/// A remote key is known (the low 32 bits are the key).
+const RKEY_VALID: u64 = 1 << 32;
+
+/// Registered send and receive buffers: `[recv: size × RECV_DEPTH][send: size × SEND_DEPTH]`.
+struct Buffers {
+    base: *mut u8,
+    len: usize,
+    lkey: u32,
+    _mr: Arc<MemoryRegion>,
+}
+
+impl Buffers {
+    fn recv(&self, peer: usize, i: usize) -> *mut u8 {
+        // SAFETY: peer < size and i < RECV_DEPTH keep the result inside the mapping.
+        unsafe { self.base.add((peer * RECV_DEPTH + i) * BUF) }
+    }
+
+    fn send(&self, size: usize, peer: usize, i: usize) -> *mut u8 {
+        // SAFETY: as for `recv`, in the send area after all receive buffers.
+        unsafe { self.base.add((size * RECV_DEPTH + peer * SEND_DEPTH + i) * BUF) }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: we own this anonymous mapping; the MR is dropped right after (field order is
+        // irrelevant: deregistration only unpins).
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Send side of one peer's queue pair.
+struct SendRing {
+    /// Entries posted so far.
+    posted: u64,
+}
+
+/// One peer's queue pair and what goes with it.
+struct Link {
+    qp: BasicQueuePair,
+    send: Mutex<SendRing>,
+    /// Entries completed so far (completions of one RC send queue arrive in order).
+    completed: AtomicU64,
+    /// The token of the READ in each send slot, or NO_TOKEN.
+    tokens: Box<[AtomicU64]>,
+    /// Where the peer's runtime view starts in its address space.
+    remote_base: u64,
+    /// The peer said goodbye: errors on its queue pair are expected.
+    left: AtomicBool,
+    /// A failed work completion on this queue pair (status + 1), 0 if none.
+    lost: AtomicU32,
+}
+
+impl Link {
+    fn raw_qp(&self) -> *mut ibv_qp {
+        // SAFETY: the pointer lives as long as `self.qp`, which outlives every use here.
+        unsafe { self.qp.qp().as_ptr() }
+    }
+}
+
+/// Receive-side state of one peer.
+struct RecvPeer {
+    /// Completed receive buffers not consumed yet: (buffer index, bytes).
+    queue: VecDeque<(u32, u32)>,
+    /// The message being assembled (capacity MAX_MESSAGE, never reallocated).
+    msg: Vec<u8>,
+    /// The page that came with it.
+    page: Option<Span>,
+    /// `msg` holds a whole message a waiting thread declined: the service thread delivers it.
+    complete: bool,
+}
+
+impl RecvPeer {
+    fn reset(&mut self) {
+        self.msg.clear();
+        self.page = None;
+        self.complete = false;
+    }
+}
+
+/// Who takes complete messages.
+enum Sink<'a, 'b> {
+    Service(&'a mut dyn FnMut(Event<'_>)),
+    Inline(&'a mut Accept<'b>),
+}
+
+/// What happened to one fragment.
+enum Step {
+    /// Consumed; go on.
+    Next,
+    /// Consumed, but stop reading this peer (a declined message waits).
+    StopAfter,
+    /// Not consumed: it waits for the service thread.
+    StopBefore,
+}
+
+struct Completions {
+    /// READs that completed: (peer, token), for the service thread.
+    reads_done: VecDeque<(usize, u64)>,
+}
+
+/// Registration of the runtime view, chunk by chunk.
+struct Chunks {
+    /// Per chunk: `lkey << 32 | rkey` once registered, else 0 (keys are never both 0).
+    local: Box<[AtomicU64]>,
+    /// Per (peer, chunk): the peer's rkey | RKEY_VALID, else 0.
+    remote: Box<[AtomicU64]>,
+    count: usize,
+    regions: Mutex<Vec<Arc<MemoryRegion>>>,
+    /// Reads waiting for a peer's key: (peer, span, token).
+    waiting: Mutex<Vec<(usize, Span, u64)>>,
+    /// (peer, chunk) whose key we asked for.
+    asked: Mutex<HashSet<(usize, u64)>>,
+}
+
+/// The RDMA implementation of [`Transport`].
+pub struct RdmaTransport {
+    rank: usize,
+    size: usize,
+    view: MemoryView,
+    tcp: TcpTransport,
+    port: Port,
+    pd: Arc<ProtectionDomain>,
+    channel: Arc<CompletionChannel>,
+    send_cq: Arc<BasicCompletionQueue>,
+    recv_cq: Arc<BasicCompletionQueue>,
+    links: Vec<Option<Link>>,
+    bufs: Buffers,
+    recv: Mutex<Vec<RecvPeer>>,
+    completions: Mutex<Completions>,
+    chunks: Chunks,
+}
+
+// SAFETY: the raw pointers (buffers, view) refer to mappings that live as long as the transport;
+// all shared mutable state is behind atomics and mutexes, and verbs objects are thread-safe.
+unsafe impl Send for RdmaTransport {}
+// SAFETY: as above.
+unsafe impl Sync for RdmaTransport {}
+
+/// Posts receive buffer `i` of `peer` on `qp`; returns the verbs error code on failure.
+/// Async-signal-safe.
+fn post_recv_raw(qp: *mut ibv_qp, bufs: &Buffers, peer: usize, i: usize) -> Result<(), i32> {
+    let mut sge = ibv_sge { addr: bufs.recv(peer, i) as u64, length: BUF as u32, lkey: bufs.lkey };
+    let mut wr = ibv_recv_wr {
+        wr_id: ((peer as u64) << 32) | i as u64,
+        next: std::ptr::null_mut(),
+        sg_list: &mut sge,
+        num_sge: 1,
+    };
+    let mut bad = std::ptr::null_mut();
+    // SAFETY: the QP is live, the work request and its SGE are valid for the call, and the buffer
+    // is registered and used by nobody else until its completion.
+    match unsafe { ibv_post_recv(qp, &mut wr, &mut bad) } {
+        0 => Ok(()),
+        rc => Err(rc),
+    }
+}
+
+fn lost(rank: usize, reason: LostReason) -> TransportError {
+    TransportError::PeerLost { rank, reason }
+}
+
+fn status_reason(status: u32) -> LostReason {
+    LostReason::Completion(status)
+}
+
+impl RdmaTransport {
+    fn link(&self, peer: usize) -> Result<&Link, TransportError> {
+        match self.links.get(peer) {
+            Some(Some(l)) => Ok(l),
+            _ => Err(TransportError::NoSuchPeer(peer)),
+        }
+    }
+
+    fn check_span(&self, span: Span) -> Result<(), TransportError> {
+        let end = span.offset.checked_add(u64::from(span.len));
+        if span.len == 0 || end.is_none_or(|e| e > self.view.len as u64) {
+            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
+        }
+        Ok(())
+    }
+
+    fn check_link(&self, peer: usize, link: &Link) -> Result<(), TransportError> {
+        match link.lost.load(Ordering::Acquire) {
+            0 => Ok(()),
+            s => Err(lost(peer, status_reason(s - 1))),
+        }
+    }
+
+    /// Posts one receive buffer for `peer`. Async-signal-safe.
+    fn post_recv(&self, peer: usize, link: &Link, i: usize) -> Result<(), TransportError> {
+        post_recv_raw(link.raw_qp(), &self.bufs, peer, i)
+            .map_err(|_| lost(peer, LostReason::Verbs("ibv_post_recv failed")))
+    }
+
+    /// Waits for a free send slot of `link`; returns its index. Async-signal-safe.
+    fn slot(&self, peer: usize, link: &Link, ring: &SendRing) -> Result<usize, TransportError> {
+        let mut since: Option<Instant> = None;
+        while ring.posted - link.completed.load(Ordering::Acquire) >= SEND_DEPTH as u64 {
+            self.reap_sends();
+            self.check_link(peer, link)?;
+            if ring.posted - link.completed.load(Ordering::Acquire) < SEND_DEPTH as u64 {
+                break;
+            }
+            // Instant::now is a vDSO clock read: fine in a signal handler.
+            let start = *since.get_or_insert_with(Instant::now);
+            if start.elapsed() > SEND_STALL {
+                return Err(lost(peer, LostReason::Verbs("send queue stalled (the peer takes no messages)")));
+            }
+            std::hint::spin_loop();
+        }
+        Ok((ring.posted % SEND_DEPTH as u64) as usize)
+    }
+
+    /// Posts one work request on `link` (the caller holds its send lock). Async-signal-safe.
+    fn post(&self, peer: usize, link: &Link, ring: &mut SendRing, wr: &mut ibv_send_wr) -> Result<(), TransportError> {
+        wr.wr_id = ((peer as u64) << 48) | (ring.posted & ((1 << 48) - 1));
+        wr.send_flags = rdma_mummy_sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is live; `wr` and its SGE list are valid for the call; the buffers it
+        // names are registered and stay untouched until the completion.
+        let rc = unsafe { ibv_post_send(link.raw_qp(), wr, &mut bad) };
+        if rc != 0 {
+            return Err(lost(peer, LostReason::Verbs("ibv_post_send failed")));
+        }
+        ring.posted += 1;
+        Ok(())
+    }
+
+    /// Sends one fragment: header plus `payload` (from any memory; it is copied). Async-signal-safe.
+    fn send_fragment(
+        &self,
+        peer: usize,
+        link: &Link,
+        ring: &mut SendRing,
+        kind: u8,
+        flags: u8,
+        arg: u64,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
+        debug_assert!(payload.len() <= PAYLOAD);
+        let i = self.slot(peer, link, ring)?;
+        link.tokens[i].store(NO_TOKEN, Ordering::Relaxed);
+        let buf = self.bufs.send(self.size, peer, i);
+        let mut head = [0u8; HDR];
+        head[0] = kind;
+        head[1] = flags;
+        head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        head[8..16].copy_from_slice(&arg.to_le_bytes());
+        // SAFETY: the slot's buffer has BUF bytes and is ours until its completion (slot() saw
+        // it completed); the payload fits after the header.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), buf, HDR);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.add(HDR), payload.len());
+        }
+        let mut sge = ibv_sge { addr: buf as u64, length: (HDR + payload.len()) as u32, lkey: self.bufs.lkey };
+        // SAFETY: an all-zero ibv_send_wr is a valid "nothing set" request.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        self.post(peer, link, ring, &mut wr)
+    }
+
+    /// Sends a transport-level fragment on its own.
+    fn send_control(&self, peer: usize, kind: u8, arg: u64, payload: &[u8]) -> Result<(), TransportError> {
+        let link = self.link(peer)?;
+        self.check_link(peer, link)?;
+        let mut ring = link.send.lock().unwrap_or_else(|p| p.into_inner());
+        self.send_fragment(peer, link, &mut ring, kind, F_LAST, arg, payload)
+    }
+
+    /// Takes send-queue completions: frees slots, records finished READs and failures.
+    /// Async-signal-safe; does nothing if another thread is at it.
+    fn reap_sends(&self) -> usize {
+        let Ok(mut c) = self.completions.try_lock() else { return 0 };
+        let mut n = 0;
+        loop {
+            // SAFETY: an all-zero ibv_wc is a valid value to be overwritten.
+            let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
+            // SAFETY: the CQ is live and `wcs` has room for 16 entries.
+            let got = unsafe { ibv_poll_cq(self.send_cq_raw(), 16, wcs.as_mut_ptr()) };
+            if got <= 0 {
+                return n;
+            }
+            for wc in &wcs[..got as usize] {
+                let peer = (wc.wr_id >> 48) as usize;
+                let seq = wc.wr_id & ((1 << 48) - 1);
+                let Some(Some(link)) = self.links.get(peer) else { continue };
+                let token = link.tokens[(seq % SEND_DEPTH as u64) as usize].load(Ordering::Relaxed);
+                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    if !link.left.load(Ordering::Acquire) {
+                        let _ = link.lost.compare_exchange(0, wc.status + 1, Ordering::AcqRel, Ordering::Acquire);
+                    }
+                } else if token != NO_TOKEN && c.reads_done.len() < c.reads_done.capacity() {
+                    c.reads_done.push_back((peer, token));
+                }
+                link.completed.fetch_max(seq + 1, Ordering::AcqRel);
+                n += 1;
+            }
+        }
+    }
+
+    fn send_cq_raw(&self) -> *mut ibv_cq {
+        // SAFETY: the CQ lives as long as the transport.
+        unsafe { self.send_cq.cq().as_ptr() }
+    }
+
+    fn recv_cq_raw(&self) -> *mut ibv_cq {
+        // SAFETY: the CQ lives as long as the transport.
+        unsafe { self.recv_cq.cq().as_ptr() }
+    }
+
+    /// Moves receive completions into the per-peer queues. Async-signal-safe.
+    fn take_receives(&self, rx: &mut [RecvPeer]) {
+        loop {
+            // SAFETY: an all-zero ibv_wc is a valid value to be overwritten.
+            let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
+            // SAFETY: the CQ is live and `wcs` has room for 16 entries.
+            let got = unsafe { ibv_poll_cq(self.recv_cq_raw(), 16, wcs.as_mut_ptr()) };
+            if got <= 0 {
+                return;
+            }
+            for wc in &wcs[..got as usize] {
+                let peer = (wc.wr_id >> 32) as usize;
+                let i = (wc.wr_id & 0xffff_ffff) as u32;
+                let Some(Some(link)) = self.links.get(peer) else { continue };
+                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                    if !link.left.load(Ordering::Acquire) {
+                        let _ = link.lost.compare_exchange(0, wc.status + 1, Ordering::AcqRel, Ordering::Acquire);
+                    }
+                    continue;
+                }
+                // At most RECV_DEPTH buffers are posted per peer: this never reallocates.
+                rx[peer].queue.push_back((i, wc.byte_len));
+            }
+        }
+    }
+
+    /// Consumes the queued fragments of `peer` in order.
+    fn drain_peer(&self, peer: usize, rp: &mut RecvPeer, sink: &mut Sink<'_, '_>) -> Result<usize, TransportError> {
+        let link = self.link(peer)?;
+        let mut delivered = 0;
+        if rp.complete {
+            match sink {
+                Sink::Inline(_) => return Ok(0),
+                Sink::Service(handler) => {
+                    handler(Event::Message { from: peer, bytes: &rp.msg, page: rp.page });
+                    rp.reset();
+                    delivered += 1;
+                }
+            }
+        }
+        while let Some(&(i, len)) = rp.queue.front() {
+            let buf = self.bufs.recv(peer, i as usize);
+            // SAFETY: the buffer was filled by a completed receive of `len` ≤ BUF bytes and is not
+            // reposted before we are done with it.
+            let frag = unsafe { std::slice::from_raw_parts(buf, (len as usize).min(BUF)) };
+            let step = self.consume(peer, link, rp, frag, sink, &mut delivered)?;
+            if matches!(step, Step::StopBefore) {
+                return Ok(delivered);
+            }
+            rp.queue.pop_front();
+            self.post_recv(peer, link, i as usize)?;
+            if matches!(step, Step::StopAfter) {
+                return Ok(delivered);
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Handles one fragment.
+    fn consume(
+        &self,
+        peer: usize,
+        link: &Link,
+        rp: &mut RecvPeer,
+        frag: &[u8],
+        sink: &mut Sink<'_, '_>,
+        delivered: &mut usize,
+    ) -> Result<Step, TransportError> {
+        let bad = |what: &'static str| lost(peer, LostReason::Verbs(what));
+        if frag.len() < HDR {
+            return Err(bad("fragment shorter than its header"));
+        }
+        let kind = frag[0];
+        let flags = frag[1];
+        let len = u32::from_le_bytes(frag[4..8].try_into().expect("4 bytes")) as usize;
+        let arg = u64::from_le_bytes(frag[8..16].try_into().expect("8 bytes"));
+        if HDR + len != frag.len() {
+            return Err(bad("fragment length disagrees with its header"));
+        }
+        let payload = &frag[HDR..];
+        match kind {
+            K_PAGE => {
+                let span = Span { offset: arg, len: len as u32 };
+                if self.check_span(span).is_err() {
+                    return Err(bad("page fragment outside the heap"));
+                }
+                match &mut rp.page {
+                    None => rp.page = Some(span),
+                    Some(p)
+                        if p.offset + u64::from(p.len) == arg
+                            && p.len as usize + len <= crate::frame::MAX_SPAN as usize =>
+                    {
+                        p.len += len as u32
+                    }
+                    Some(_) => return Err(bad("page fragments out of order")),
+                }
+                // SAFETY: the span lies inside the view (checked); the coherence protocol gives
+                // this page to nobody else while it is in flight to us.
+                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.view.base.add(arg as usize), len) };
+                Ok(Step::Next)
+            }
+            K_MSG => {
+                if rp.msg.len() + len > crate::MAX_MESSAGE {
+                    return Err(bad("message longer than the limit"));
+                }
+                rp.msg.extend_from_slice(payload);
+                if flags & F_LAST == 0 {
+                    return Ok(Step::Next);
+                }
+                match sink {
+                    Sink::Service(handler) => {
+                        handler(Event::Message { from: peer, bytes: &rp.msg, page: rp.page });
+                        rp.reset();
+                        *delivered += 1;
+                        Ok(Step::Next)
+                    }
+                    Sink::Inline(accept) => {
+                        if accept(peer, &rp.msg, rp.page) {
+                            rp.reset();
+                            *delivered += 1;
+                            Ok(Step::Next)
+                        } else {
+                            rp.complete = true;
+                            self.tcp.wake();
+                            Ok(Step::StopAfter)
+                        }
+                    }
+                }
+            }
+            K_RKEY_QUERY | K_RKEY_REPLY | K_GOODBYE => {
+                let Sink::Service(handler) = sink else {
+                    // Registration allocates: only the service thread does it.
+                    self.tcp.wake();
+                    return Ok(Step::StopBefore);
+                };
+                match kind {
+                    K_RKEY_QUERY => {
+                        let keys = self.local_keys(arg).map_err(|_| bad("cannot register memory a peer reads"))?;
+                        self.send_control(peer, K_RKEY_REPLY, arg, &((keys & 0xffff_ffff) as u32).to_le_bytes())?;
+                    }
+                    K_RKEY_REPLY => {
+                        if arg as usize >= self.chunks.count || payload.len() != 4 {
+                            return Err(bad("malformed key reply"));
+                        }
+                        let rkey = u32::from_le_bytes(payload.try_into().expect("4 bytes"));
+                        self.chunks.remote[peer * self.chunks.count + arg as usize]
+                            .store(u64::from(rkey) | RKEY_VALID, Ordering::Release);
+                        self.chunks.asked.lock().unwrap_or_else(|p| p.into_inner()).remove(&(peer, arg));
+                        self.post_waiting_reads(peer, arg)?;
+                    }
+                    _ => {
+                        link.left.store(true, Ordering::Release);
+                        handler(Event::PeerLeft { rank: peer });
+                        *delivered += 1;
+                    }
+                }
+                Ok(Step::Next)
+            }
+            _ => Err(bad("unknown fragment kind")),
+        }
+    }
+
+    /// The local keys (`lkey << 32 | rkey`) of `chunk`, registering it first if needed.
+    /// Allocates: never from a signal handler.
+    fn local_keys(&self, chunk: u64) -> Result<u64, TransportError> {
+        let c = chunk as usize;
+        if c >= self.chunks.count {
+            return Err(TransportError::BadSpan { offset: chunk * CHUNK as u64, len: 0 });
+        }
+        let keys = self.chunks.local[c].load(Ordering::Acquire);
+        if keys != 0 {
+            return Ok(keys);
+        }
+        let mut regions = self.chunks.regions.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.chunks.local[c].load(Ordering::Acquire);
+        if keys != 0 {
+            return Ok(keys);
+        }
+        let start = c * CHUNK;
+        let len = CHUNK.min(self.view.len - start);
+        let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite;
+        // SAFETY: the range lies inside the runtime view, which stays mapped as long as the
+        // transport (and so the region) lives.
+        let mr = unsafe { self.pd.reg_mr(self.view.base as usize + start, len, access) }.map_err(|e| {
+            let io = match e.0 {
+                sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
+                other => std::io::Error::other(other.to_string()),
+            };
+            TransportError::Rdma(RdmaError::registration("registering the heap's runtime view", io, len))
+        })?;
+        let keys = (u64::from(mr.lkey()) << 32) | u64::from(mr.rkey());
+        regions.push(mr);
+        self.chunks.local[c].store(keys.max(1), Ordering::Release);
+        Ok(keys)
+    }
+
+    /// Posts the READ of `span` from `peer` whose key for the chunk is known.
+    fn post_read(&self, peer: usize, span: Span, token: u64, rkey: u32) -> Result<(), TransportError> {
+        let chunk = span.offset / CHUNK as u64;
+        let lkey = (self.local_keys(chunk)? >> 32) as u32;
+        self.post_read_keys(peer, span, token, lkey, rkey).map(drop)
+    }
+
+    /// Posts the READ of `span` from `peer` with known keys; returns its send sequence number.
+    /// Async-signal-safe.
+    fn post_read_keys(&self, peer: usize, span: Span, token: u64, lkey: u32, rkey: u32) -> Result<u64, TransportError> {
+        let link = self.link(peer)?;
+        self.check_link(peer, link)?;
+        let mut ring = link.send.lock().unwrap_or_else(|p| p.into_inner());
+        let i = self.slot(peer, link, &ring)?;
+        link.tokens[i].store(token, Ordering::Relaxed);
+        // SAFETY: the span lies inside the view (checked by the caller).
+        let local = unsafe { self.view.base.add(span.offset as usize) } as u64;
+        let mut sge = ibv_sge { addr: local, length: span.len, lkey };
+        // SAFETY: an all-zero ibv_send_wr is a valid "nothing set" request.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+        wr.wr.rdma.remote_addr = link.remote_base + span.offset;
+        wr.wr.rdma.rkey = rkey;
+        self.post(peer, link, &mut ring, &mut wr)?;
+        Ok(ring.posted - 1)
+    }
+
+    /// The chunk of a span that lies within one chunk.
+    fn chunk_of(&self, span: Span) -> Result<u64, TransportError> {
+        self.check_span(span)?;
+        let chunk = span.offset / CHUNK as u64;
+        if (span.offset + u64::from(span.len) - 1) / CHUNK as u64 != chunk {
+            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
+        }
+        Ok(chunk)
+    }
+
+    fn post_waiting_reads(&self, peer: usize, chunk: u64) -> Result<(), TransportError> {
+        let ready: Vec<(usize, Span, u64)> = {
+            let mut w = self.chunks.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            let (ready, rest): (Vec<_>, Vec<_>) =
+                w.drain(..).partition(|(p, s, _)| *p == peer && s.offset / CHUNK as u64 == chunk);
+            *w = rest;
+            ready
+        };
+        let rkey = (self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire) & 0xffff_ffff)
+            as u32;
+        for (p, span, token) in ready {
+            self.post_read(p, span, token, rkey)?;
+        }
+        Ok(())
+    }
+
+    /// Hands finished READs to `handler`.
+    fn report_reads(&self, handler: &mut dyn FnMut(Event<'_>)) -> usize {
+        let mut batch = [(0usize, 0u64); 32];
+        let mut total = 0;
+        loop {
+            let n = {
+                let mut c = self.completions.lock().unwrap_or_else(|p| p.into_inner());
+                let n = c.reads_done.len().min(batch.len());
+                for slot in batch.iter_mut().take(n) {
+                    *slot = c.reads_done.pop_front().expect("counted");
+                }
+                n
+            };
+            if n == 0 {
+                return total;
+            }
+            for &(from, token) in &batch[..n] {
+                handler(Event::ReadDone { from, token });
+            }
+            total += n;
+        }
+    }
+
+    fn first_loss(&self) -> Result<(), TransportError> {
+        for (peer, link) in self.links.iter().enumerate() {
+            if let Some(link) = link {
+                if !link.left.load(Ordering::Acquire) {
+                    self.check_link(peer, link)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything that can be done without waiting.
+    fn progress(&self, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
+        self.first_loss()?;
+        self.reap_sends();
+        let mut n = self.report_reads(handler);
+        let mut rx = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+        self.take_receives(&mut rx);
+        let mut sink = Sink::Service(handler);
+        for (peer, rp) in rx.iter_mut().enumerate() {
+            if peer != self.rank && (rp.complete || !rp.queue.is_empty()) {
+                n += self.drain_peer(peer, rp, &mut sink)?;
+            }
+        }
+        drop(rx);
+        self.first_loss()?;
+        Ok(n)
+    }
+
+    /// Asks for a completion event on both queues.
+    fn arm(&self) {
+        // SAFETY: live CQs; a failure only costs a wake-up, which the poll timeout bounds.
+        unsafe {
+            ibv_req_notify_cq(self.send_cq_raw(), 0);
+            ibv_req_notify_cq(self.recv_cq_raw(), 0);
+        }
+    }
+
+    /// Consumes pending completion events (the channel is non-blocking).
+    fn drain_channel(&self) {
+        loop {
+            let mut cq: *mut ibv_cq = std::ptr::null_mut();
+            let mut ctx: *mut libc::c_void = std::ptr::null_mut();
+            // SAFETY: a live, non-blocking channel; out-pointers are valid.
+            let rc = unsafe { ibv_get_cq_event(self.channel.comp_channel().as_ptr(), &mut cq, &mut ctx) };
+            if rc != 0 {
+                return;
+            }
+            // SAFETY: `cq` is the CQ the event was for; one event taken, one acknowledged.
+            unsafe { ibv_ack_cq_events(cq, 1) };
+        }
+    }
+
+    /// Device, port and GID in use, for the start-up message.
+    pub fn describe(&self) -> String {
+        self.port.describe()
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
+        if msg.len() > crate::MAX_MESSAGE {
+            return Err(TransportError::MessageTooLong(msg.len()));
+        }
+        if let Some(span) = page {
+            self.check_span(span)?;
+            if span.len > crate::frame::MAX_SPAN {
+                return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
+            }
+        }
+        let link = self.link(peer)?;
+        self.check_link(peer, link)?;
+        let mut ring = link.send.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(span) = page {
+            let mut done = 0usize;
+            while done < span.len as usize {
+                let n = PAYLOAD.min(span.len as usize - done);
+                let off = span.offset + done as u64;
+                // SAFETY: the span lies inside the view (checked above).
+                let bytes = unsafe { std::slice::from_raw_parts(self.view.base.add(off as usize), n) };
+                self.send_fragment(peer, link, &mut ring, K_PAGE, 0, off, bytes)?;
+                done += n;
+            }
+        }
+        let mut chunks = msg.chunks(PAYLOAD).peekable();
+        if chunks.peek().is_none() {
+            return self.send_fragment(peer, link, &mut ring, K_MSG, F_LAST, 0, &[]);
+        }
+        while let Some(part) = chunks.next() {
+            let flags = if chunks.peek().is_none() { F_LAST } else { 0 };
+            self.send_fragment(peer, link, &mut ring, K_MSG, flags, 0, part)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the chunk on first use and may ask the peer for its key: service thread only.
+    fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
+        let chunk = self.chunk_of(span)?;
+        self.link(peer)?;
+        self.local_keys(chunk)?;
+        let remote = self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire);
+        if remote & RKEY_VALID != 0 {
+            return self.post_read(peer, span, token, (remote & 0xffff_ffff) as u32);
+        }
+        self.chunks.waiting.lock().unwrap_or_else(|p| p.into_inner()).push((peer, span, token));
+        if self.chunks.asked.lock().unwrap_or_else(|p| p.into_inner()).insert((peer, chunk)) {
+            self.send_control(peer, K_RKEY_QUERY, chunk, &[])?;
+        }
+        Ok(())
+    }
+
+    fn read_inline(&self, peer: usize, span: Span) -> bool {
+        let Ok(chunk) = self.chunk_of(span) else { return false };
+        let Ok(link) = self.link(peer) else { return false };
+        let local = self.chunks.local[chunk as usize].load(Ordering::Acquire);
+        let remote = self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire);
+        if local == 0 || remote & RKEY_VALID == 0 {
+            return false;
+        }
+        let Ok(seq) = self.post_read_keys(peer, span, NO_TOKEN, (local >> 32) as u32, remote as u32) else {
+            return false;
+        };
+        // Completions of one queue pair arrive in order: ours is in once the count passes it.
+        while link.completed.load(Ordering::Acquire) <= seq {
+            self.reap_sends();
+            std::hint::spin_loop();
+        }
+        // A failed READ marks the link lost (and counts as completed): the service thread reports it.
+        link.lost.load(Ordering::Acquire) == 0
+    }
+
+    fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
+        let n = self.progress(handler)?;
+        if n > 0 || timeout == Some(Duration::ZERO) {
+            return Ok(n);
+        }
+        self.arm();
+        let n = self.progress(handler)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        // Sleep until a completion event, a wake-up, or a TCP connection closing (a dead peer).
+        self.tcp.poll(timeout, &mut |_| {})?;
+        self.drain_channel();
+        self.progress(handler)
+    }
+
+    fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {
+        if self.reap_sends() > 0 && !self.completions.try_lock().is_ok_and(|c| c.reads_done.is_empty()) {
+            self.tcp.wake();
+        }
+        let Ok(mut rx) = self.recv.try_lock() else { return 0 };
+        self.take_receives(&mut rx);
+        let mut sink = Sink::Inline(accept);
+        let mut taken = 0;
+        for peer in 0..self.size {
+            let rp = &mut rx[peer];
+            if peer != self.rank && !rp.complete && !rp.queue.is_empty() {
+                // Errors surface in the service thread's next poll.
+                taken += self.drain_peer(peer, rp, &mut sink).unwrap_or(0);
+            }
+        }
+        taken
+    }
+
+    fn wait_for_wake(&self, timeout: Duration) {
+        self.tcp.wait_for_wake(timeout);
+    }
+
+    fn wake(&self) {
+        self.tcp.wake();
+    }
+
+    fn say_goodbye(&self) -> Result<(), TransportError> {
+        for peer in (0..self.size).filter(|r| *r != self.rank) {
+            self.send_control(peer, K_GOODBYE, 0, &[])?;
+        }
+        self.tcp.say_goodbye()
+    }
+
+    fn one_sided_reads(&self) -> bool {
+        true
+    }
+}

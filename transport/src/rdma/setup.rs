@@ -1,0 +1,396 @@
+//! Bringing up the RDMA transport over the start-up TCP connections: create the queue pairs,
+//! exchange their addresses, connect them, and agree that every process is ready. With
+//! `--transport auto` every process learns whether all others have RDMA, so all pick the same.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use std::os::fd::AsRawFd;
+
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel};
+use sideway::ibverbs::device_context::Mtu;
+use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{QueuePair, QueuePairAttribute, QueuePairState, QueuePairType};
+use sideway::ibverbs::AccessFlags;
+
+use super::device::{check_memlock, Port, RdmaError};
+use super::{
+    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, BUF, CHUNK, RECV_DEPTH, SEND_DEPTH,
+};
+use crate::tcp::TcpTransport;
+use crate::{Event, MemoryView, Transport, TransportError};
+
+const TAG_ENDPOINT: &[u8; 4] = b"GR1E";
+const TAG_NONE: &[u8; 4] = b"GR1N";
+const TAG_READY: &[u8; 4] = b"GR1R";
+
+/// The outcome of [`connect`].
+pub enum Connected {
+    /// Every process has RDMA: the connections are up.
+    Rdma(Box<RdmaTransport>),
+    /// Some process has no RDMA (only with `required == false`): stay on TCP. The text names the
+    /// rank and the reason.
+    Tcp(TcpTransport, String),
+}
+
+/// What one process tells another about its end of their queue pair.
+#[derive(Clone, Copy, Debug)]
+struct Endpoint {
+    gid: [u8; 16],
+    lid: u16,
+    qpn: u32,
+    psn: u32,
+    mtu: u32,
+    view_base: u64,
+    view_len: u64,
+}
+
+impl Endpoint {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = TAG_ENDPOINT.to_vec();
+        v.extend_from_slice(&self.gid);
+        v.extend_from_slice(&self.lid.to_le_bytes());
+        v.extend_from_slice(&self.qpn.to_le_bytes());
+        v.extend_from_slice(&self.psn.to_le_bytes());
+        v.extend_from_slice(&self.mtu.to_le_bytes());
+        v.extend_from_slice(&self.view_base.to_le_bytes());
+        v.extend_from_slice(&self.view_len.to_le_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Endpoint> {
+        let b = b.strip_prefix(TAG_ENDPOINT)?;
+        if b.len() != 16 + 2 + 4 + 4 + 4 + 8 + 8 {
+            return None;
+        }
+        Some(Endpoint {
+            gid: b[0..16].try_into().ok()?,
+            lid: u16::from_le_bytes(b[16..18].try_into().ok()?),
+            qpn: u32::from_le_bytes(b[18..22].try_into().ok()?),
+            psn: u32::from_le_bytes(b[22..26].try_into().ok()?),
+            mtu: u32::from_le_bytes(b[26..30].try_into().ok()?),
+            view_base: u64::from_le_bytes(b[30..38].try_into().ok()?),
+            view_len: u64::from_le_bytes(b[38..46].try_into().ok()?),
+        })
+    }
+}
+
+/// What a peer said in one round of the exchange.
+enum Said {
+    Endpoint(Endpoint),
+    NoRdma(String),
+    Ready,
+}
+
+fn setup_err(rank: usize, what: impl std::fmt::Display) -> TransportError {
+    TransportError::Bootstrap(format!("rank {rank}: RDMA set-up: {what}"))
+}
+
+/// Set-up messages received so far, per peer, in order (a fast peer's next-round message may
+/// arrive while we still wait for a slow peer's message of this round).
+struct Inbox {
+    queues: Vec<VecDeque<Said>>,
+}
+
+impl Inbox {
+    /// Takes the next message of every peer, waiting until `deadline`.
+    fn round(&mut self, tcp: &TcpTransport, deadline: Instant) -> Result<Vec<Option<Said>>, TransportError> {
+        let (me, size) = (tcp.rank(), tcp.size());
+        let mut bad: Option<TransportError> = None;
+        while (0..size).any(|r| r != me && self.queues[r].is_empty()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing: Vec<String> =
+                    (0..size).filter(|r| *r != me && self.queues[*r].is_empty()).map(|r| r.to_string()).collect();
+                return Err(setup_err(me, format!("no answer from rank(s) {} in time", missing.join(", "))));
+            }
+            let queues = &mut self.queues;
+            tcp.poll(Some(left.min(Duration::from_millis(200))), &mut |ev| {
+                if let Event::Message { from, bytes, .. } = ev {
+                    let said = if let Some(e) = Endpoint::decode(bytes) {
+                        Said::Endpoint(e)
+                    } else if let Some(reason) = bytes.strip_prefix(TAG_NONE) {
+                        Said::NoRdma(String::from_utf8_lossy(reason).into_owned())
+                    } else if bytes == TAG_READY {
+                        Said::Ready
+                    } else {
+                        bad.get_or_insert(setup_err(me, format!("rank {from} sent an unreadable RDMA set-up message")));
+                        return;
+                    };
+                    queues[from].push_back(said);
+                }
+            })?;
+            if let Some(e) = bad.take() {
+                return Err(e);
+            }
+        }
+        Ok((0..size).map(|r| self.queues[r].pop_front()).collect())
+    }
+}
+
+/// Everything of the transport but the TCP connections, created before we know whether the
+/// peers have RDMA.
+struct Parts {
+    port: Port,
+    pd: Arc<ProtectionDomain>,
+    channel: Arc<CompletionChannel>,
+    send_cq: Arc<BasicCompletionQueue>,
+    recv_cq: Arc<BasicCompletionQueue>,
+    links: Vec<Option<Link>>,
+    bufs: Buffers,
+}
+
+/// Brings up RDMA on top of the start-up connections. `port` is this process's opened port, or
+/// why it has none. With `required`, any process without RDMA fails the job with that process's
+/// reason; otherwise the job stays on TCP.
+pub fn connect(
+    tcp: TcpTransport,
+    view: MemoryView,
+    port: Result<Port, RdmaError>,
+    required: bool,
+    timeout: Duration,
+) -> Result<Connected, TransportError> {
+    let (me, size) = (tcp.rank(), tcp.size());
+    let deadline = Instant::now() + timeout;
+    // Resources first: a failure here is this rank's reason for having no RDMA.
+    let parts: Result<Parts, String> = match port {
+        Ok(p) => prepare(p, size, me).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match &parts {
+        Ok(p) => {
+            for peer in (0..size).filter(|r| *r != me) {
+                let link = p.links[peer].as_ref().expect("a link per peer");
+                let ep = Endpoint {
+                    gid: p.port.gid.raw,
+                    lid: p.port.lid,
+                    qpn: link.qp.qp_number(),
+                    psn: psn(me, peer),
+                    mtu: p.port.mtu as u32,
+                    view_base: view.base as u64,
+                    view_len: view.len as u64,
+                };
+                tcp.send(peer, &ep.encode(), None)?;
+            }
+        }
+        Err(reason) => {
+            let msg = [&TAG_NONE[..], reason.as_bytes()].concat();
+            for peer in (0..size).filter(|r| *r != me) {
+                tcp.send(peer, &msg, None)?;
+            }
+        }
+    }
+    let mut inbox = Inbox { queues: (0..size).map(|_| VecDeque::new()).collect() };
+    let answers = inbox.round(&tcp, deadline)?;
+    // Every process sees every other's answer, so all reach the same decision.
+    let mut missing: Vec<(usize, String)> = Vec::new();
+    if let Err(reason) = &parts {
+        missing.push((me, reason.clone()));
+    }
+    for (r, a) in answers.iter().enumerate() {
+        if let Some(Said::NoRdma(reason)) = a {
+            missing.push((r, reason.clone()));
+        }
+    }
+    missing.sort_by_key(|m| m.0);
+    if let Some((rank, reason)) = missing.first() {
+        let text = format!("rank {rank}: {reason}");
+        if required {
+            return Err(TransportError::Bootstrap(format!("--transport rdma: {text}")));
+        }
+        return Ok(Connected::Tcp(tcp, text));
+    }
+    let mut parts = parts.expect("no rank is missing RDMA, us included");
+    for (peer, a) in answers.iter().enumerate() {
+        if peer == me {
+            continue;
+        }
+        let Some(Said::Endpoint(ep)) = a else {
+            return Err(setup_err(me, format!("rank {peer} sent no queue-pair address")));
+        };
+        if ep.view_len != view.len as u64 {
+            return Err(setup_err(
+                me,
+                format!("rank {peer} has a heap view of {} bytes, we {}", ep.view_len, view.len),
+            ));
+        }
+        connect_qp(&mut parts, me, peer, ep).map_err(|e| setup_err(me, format!("connecting to rank {peer}: {e}")))?;
+    }
+    // Receives are posted and every queue pair is ready to send: say so, and wait for everyone.
+    for peer in (0..size).filter(|r| *r != me) {
+        tcp.send(peer, TAG_READY, None)?;
+    }
+    for (peer, a) in inbox.round(&tcp, deadline)?.iter().enumerate() {
+        if peer != me && !matches!(a, Some(Said::Ready)) {
+            return Err(setup_err(me, format!("rank {peer} did not confirm its RDMA connections")));
+        }
+    }
+    tcp.watch_fd(parts.channel.as_raw_fd())?;
+    let count = view.len.div_ceil(CHUNK);
+    let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
+    let recv = (0..size)
+        .map(|_| RecvPeer {
+            queue: VecDeque::with_capacity(RECV_DEPTH),
+            msg: Vec::with_capacity(crate::MAX_MESSAGE),
+            page: None,
+            complete: false,
+        })
+        .collect();
+    Ok(Connected::Rdma(Box::new(RdmaTransport {
+        rank: me,
+        size,
+        view,
+        tcp,
+        port: parts.port,
+        pd: parts.pd,
+        channel: parts.channel,
+        send_cq: parts.send_cq,
+        recv_cq: parts.recv_cq,
+        links: parts.links,
+        bufs: parts.bufs,
+        recv: Mutex::new(recv),
+        completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(size * SEND_DEPTH) }),
+        chunks: Chunks {
+            local: zeroes(count),
+            remote: zeroes(count * size),
+            count,
+            regions: Mutex::new(Vec::new()),
+            waiting: Mutex::new(Vec::new()),
+            asked: Mutex::new(HashSet::new()),
+        },
+    })))
+}
+
+/// A start packet sequence number for the queue pair from `from` to `to` (any 24-bit value works).
+fn psn(from: usize, to: usize) -> u32 {
+    ((from as u32).wrapping_mul(2_654_435_761) ^ (to as u32).wrapping_mul(40_503)) & 0x00ff_ffff
+}
+
+fn verbs<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RdmaError {
+    move |e| RdmaError::verbs(what, std::io::Error::other(e.to_string()))
+}
+
+/// Creates the protection domain, completion queues, buffers and one queue pair per peer (in
+/// INIT, receives posted).
+fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
+    let buf_len = size * (RECV_DEPTH + SEND_DEPTH) * BUF;
+    check_memlock(buf_len + CHUNK)?;
+    let pd = port.ctx.alloc_pd().map_err(verbs("ibv_alloc_pd"))?;
+    let channel = port.ctx.create_comp_channel().map_err(verbs("ibv_create_comp_channel"))?;
+    let fd = channel.as_raw_fd();
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+    let cq = |n: usize| {
+        port.ctx
+            .create_cq_builder()
+            .setup_cqe(n as u32)
+            .setup_comp_channel(&channel, 0)
+            .build()
+            .map_err(verbs("ibv_create_cq"))
+    };
+    let send_cq = cq(size * SEND_DEPTH)?;
+    let recv_cq = cq(size * RECV_DEPTH)?;
+    // SAFETY: a fresh private anonymous mapping; checked for failure below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            buf_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(RdmaError::verbs("mapping RDMA buffers", std::io::Error::last_os_error()));
+    }
+    let base = base.cast::<u8>();
+    let access = AccessFlags::LocalWrite;
+    // SAFETY: the mapping lives until Buffers is dropped, after the region (see Buffers::drop).
+    let mr = unsafe { pd.reg_mr(base as usize, buf_len, access) }.map_err(|e| {
+        // SAFETY: unmapping the mapping made above, which nothing else uses yet.
+        unsafe { libc::munmap(base.cast(), buf_len) };
+        let io = match e.0 {
+            RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        };
+        RdmaError::registration("registering message buffers", io, buf_len)
+    })?;
+    let bufs = Buffers { base, len: buf_len, lkey: mr.lkey(), _mr: mr };
+    let mut links = Vec::with_capacity(size);
+    for peer in 0..size {
+        if peer == me {
+            links.push(None);
+            continue;
+        }
+        let mut qp = pd
+            .create_qp_builder()
+            .setup_qp_type(QueuePairType::ReliableConnection)
+            .setup_max_send_wr(SEND_DEPTH as u32)
+            .setup_max_recv_wr(RECV_DEPTH as u32)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_send_cq(send_cq.clone())
+            .setup_recv_cq(recv_cq.clone())
+            .build()
+            .map_err(verbs("ibv_create_qp"))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(port.port)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite);
+        qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
+        let link = Link {
+            qp,
+            send: Mutex::new(SendRing { posted: 0 }),
+            completed: AtomicU64::new(0),
+            tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
+            remote_base: 0,
+            left: AtomicBool::new(false),
+            lost: AtomicU32::new(0),
+        };
+        for i in 0..RECV_DEPTH {
+            super::post_recv_raw(link.raw_qp(), &bufs, peer, i)
+                .map_err(|rc| RdmaError::verbs("ibv_post_recv", std::io::Error::from_raw_os_error(rc)))?;
+        }
+        links.push(Some(link));
+    }
+    Ok(Parts { port, pd, channel, send_cq, recv_cq, links, bufs })
+}
+
+/// Moves the queue pair to `peer` through RTR to RTS.
+fn connect_qp(parts: &mut Parts, me: usize, peer: usize, ep: &Endpoint) -> Result<(), RdmaError> {
+    let port = &parts.port;
+    let link = parts.links[peer].as_mut().expect("a link per peer");
+    link.remote_base = ep.view_base;
+    let mtu = Mtu::from(ep.mtu.min(port.mtu as u32));
+    let mut av = AddressHandleAttribute::new();
+    av.setup_port(port.port).setup_service_level(0);
+    if port.ethernet {
+        av.setup_grh(&Gid { raw: ep.gid }, 0, port.gid_index as u8, 1, 0);
+    } else {
+        av.setup_dest_lid(ep.lid);
+    }
+    let mut attr = QueuePairAttribute::new();
+    attr.setup_state(QueuePairState::ReadyToReceive)
+        .setup_path_mtu(mtu)
+        .setup_dest_qp_num(ep.qpn)
+        .setup_rq_psn(ep.psn)
+        .setup_max_dest_read_atomic(port.max_rd_atomic)
+        .setup_min_rnr_timer(1)
+        .setup_address_vector(&av);
+    link.qp.modify(&attr).map_err(verbs("moving a queue pair to RTR"))?;
+    let mut attr = QueuePairAttribute::new();
+    attr.setup_state(QueuePairState::ReadyToSend)
+        .setup_sq_psn(psn(me, peer))
+        .setup_timeout(14)
+        .setup_retry_cnt(7)
+        .setup_rnr_retry(7)
+        .setup_max_read_atomic(port.max_rd_atomic);
+    link.qp.modify(&attr).map_err(verbs("moving a queue pair to RTS"))?;
+    Ok(())
+}
