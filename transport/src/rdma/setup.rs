@@ -22,7 +22,7 @@ use super::{
     Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, BUF, CHUNK, RECV_DEPTH, SEND_DEPTH,
 };
 use crate::tcp::TcpTransport;
-use crate::{Event, MemoryView, Transport, TransportError};
+use crate::{MemoryView, Transport, TransportError};
 
 const TAG_ENDPOINT: &[u8; 4] = b"GR1E";
 const TAG_NONE: &[u8; 4] = b"GR1N";
@@ -100,7 +100,6 @@ impl Inbox {
     /// Takes the next message of every peer, waiting until `deadline`.
     fn round(&mut self, tcp: &TcpTransport, deadline: Instant) -> Result<Vec<Option<Said>>, TransportError> {
         let (me, size) = (tcp.rank(), tcp.size());
-        let mut bad: Option<TransportError> = None;
         while (0..size).any(|r| r != me && self.queues[r].is_empty()) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -108,24 +107,25 @@ impl Inbox {
                     (0..size).filter(|r| *r != me && self.queues[*r].is_empty()).map(|r| r.to_string()).collect();
                 return Err(setup_err(me, format!("no answer from rank(s) {} in time", missing.join(", "))));
             }
+            // Take only set-up messages: a peer that has already decided may be sending the
+            // engine's first messages, which must stay queued for the service thread.
             let queues = &mut self.queues;
-            tcp.poll(Some(left.min(Duration::from_millis(200))), &mut |ev| {
-                if let Event::Message { from, bytes, .. } = ev {
-                    let said = if let Some(e) = Endpoint::decode(bytes) {
-                        Said::Endpoint(e)
-                    } else if let Some(reason) = bytes.strip_prefix(TAG_NONE) {
-                        Said::NoRdma(String::from_utf8_lossy(reason).into_owned())
-                    } else if bytes == TAG_READY {
-                        Said::Ready
-                    } else {
-                        bad.get_or_insert(setup_err(me, format!("rank {from} sent an unreadable RDMA set-up message")));
-                        return;
-                    };
-                    queues[from].push_back(said);
-                }
-            })?;
-            if let Some(e) = bad.take() {
-                return Err(e);
+            let taken = tcp.poll_inline(&mut |from, bytes, _| {
+                let said = if let Some(e) = Endpoint::decode(bytes) {
+                    Said::Endpoint(e)
+                } else if let Some(reason) = bytes.strip_prefix(TAG_NONE) {
+                    Said::NoRdma(String::from_utf8_lossy(reason).into_owned())
+                } else if bytes == TAG_READY {
+                    Said::Ready
+                } else {
+                    return false;
+                };
+                queues[from].push_back(said);
+                true
+            });
+            if taken == 0 {
+                // (A peer that dies here shows as missing at the deadline.)
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         Ok((0..size).map(|r| self.queues[r].pop_front()).collect())
