@@ -106,6 +106,10 @@ fn ranks_get_the_environment_contract() {
         r#"echo "env $GALLOCY_RANK $GALLOCY_SIZE $GALLOCY_COORDINATOR $GALLOCY_TOKEN $GALLOCY_TRANSPORT""#,
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // No --transport: the launcher passes on its own GALLOCY_TRANSPORT (inherited from this
+    // test), else `auto`.
+    let inherited = std::env::var("GALLOCY_TRANSPORT").map(|t| t.trim().to_owned()).unwrap_or_default();
+    let default_transport = if inherited.is_empty() { "auto" } else { inherited.as_str() };
     let mut ranks = HashSet::new();
     let mut shared = HashSet::new();
     for line in r.stdout.lines() {
@@ -117,7 +121,7 @@ fn ranks_get_the_environment_contract() {
         let port: u16 = f[5].strip_prefix("127.0.0.1:").expect("loopback coordinator").parse().unwrap();
         assert_ne!(port, 0);
         assert!(f[6].len() == 32 && f[6].bytes().all(|b| b.is_ascii_hexdigit()), "token {}", f[6]);
-        assert_eq!(f[7], "tcp");
+        assert_eq!(f[7], default_transport, "GALLOCY_TRANSPORT is the launcher's default transport: {line}");
         shared.insert((f[5].to_string(), f[6].to_string()));
     }
     assert_eq!(ranks, ["0", "1", "2"].iter().map(|s| s.to_string()).collect());
@@ -300,6 +304,7 @@ fn usage_errors_exit_2() {
         (&["run", "-n", "0", "--", "true"], "between 1 and 64"),
         (&["run", "-n", "65", "--", "true"], "between 1 and 64"),
         (&["run", "-n", "two", "--", "true"], "not a valid number"),
+        #[cfg(not(feature = "rdma"))]
         (&["run", "-n", "2", "--transport", "rdma", "--", "true"], "not built in this build"),
         (&["run", "-n", "2", "--transport", "carrier-pigeon", "--", "true"], "unknown transport"),
         (&["run", "-n", "2", "--grace", "soon", "--", "true"], "not a valid number"),

@@ -34,7 +34,11 @@ fn jacobi_under_mpirun() {
     if unsafe { libc::geteuid() } == 0 {
         cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
-    cmd.args(["-n", "4", "--oversubscribe", "--bind-to", "none", "-x", "GALLOCY_COORDINATOR"]).arg(SCENARIO).args([
+    cmd.args(["-n", "4", "--oversubscribe", "--bind-to", "none", "-x", "GALLOCY_COORDINATOR"]);
+    if let Some(t) = transport() {
+        cmd.env("GALLOCY_TRANSPORT", t).args(["-x", "GALLOCY_TRANSPORT"]);
+    }
+    cmd.arg(SCENARIO).args([
         "jacobi",
         "--n",
         "128",

@@ -102,8 +102,7 @@ fn remote_double_free_is_reported() {
 fn rust_collections_in_the_shared_heap_with_gallocy_as_global_allocator() {
     let _g = serial();
     let label = "gallocy run -n 4 -- gallocy-global-alloc";
-    let mut cmd = std::process::Command::new(LAUNCHER);
-    clean_env(&mut cmd).args(["run", "-n", "4", "--", env!("CARGO_BIN_EXE_gallocy-global-alloc")]);
+    let mut cmd = launcher_for(4, env!("CARGO_BIN_EXE_gallocy-global-alloc"));
     let p = run(label, &mut cmd, 3 * MIN);
     assert!(p.status().unwrap().success(), "{label}: must succeed\n{}", p.report());
     for r in 0..4 {

@@ -22,6 +22,15 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The transport the tests' jobs use: the test process's own `GALLOCY_TRANSPORT` (CI's second
+/// run in the Soft-RoCE guest, `.ci/guest-suite.sh`, sets `rdma`), else none, i.e. the runtime's
+/// default. `clean_env` removes it from the children like every other GALLOCY_* variable; the
+/// helpers that start jobs (`launcher_for`, `JobBuilder`) put it back explicitly, so every job of
+/// the suite runs over it.
+pub fn transport() -> Option<String> {
+    std::env::var("GALLOCY_TRANSPORT").ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -232,11 +241,23 @@ pub fn run(label: &str, cmd: &mut Command, timeout: Duration) -> Proc {
     p
 }
 
-/// `gallocy run -n N -- gallocy-scenario ARGS...` with a clean environment.
-pub fn launcher_cmd(n: usize, scenario_args: &[&str]) -> Command {
+/// `gallocy run -n N [--transport T] -- PROGRAM` with a clean environment (T: [`transport`]);
+/// append PROGRAM's arguments.
+pub fn launcher_for(n: usize, program: &str) -> Command {
     let mut cmd = Command::new(LAUNCHER);
     clean_env(&mut cmd);
-    cmd.arg("run").arg("-n").arg(n.to_string()).arg("--").arg(SCENARIO).args(scenario_args);
+    cmd.arg("run").arg("-n").arg(n.to_string());
+    if let Some(t) = transport() {
+        cmd.arg("--transport").arg(t);
+    }
+    cmd.arg("--").arg(program);
+    cmd
+}
+
+/// `gallocy run -n N -- gallocy-scenario ARGS...` with a clean environment.
+pub fn launcher_cmd(n: usize, scenario_args: &[&str]) -> Command {
+    let mut cmd = launcher_for(n, SCENARIO);
+    cmd.args(scenario_args);
     cmd
 }
 
@@ -340,7 +361,8 @@ impl JobBuilder {
         self
     }
 
-    /// The command for rank `r` (GALLOCY_RANK/SIZE/COORDINATOR/TOKEN plus the extras).
+    /// The command for rank `r` (GALLOCY_RANK/SIZE/COORDINATOR/TOKEN, GALLOCY_TRANSPORT if the
+    /// suite runs over a chosen [`transport`], plus the extras).
     pub fn command(&self, r: usize, args: &[&str]) -> Command {
         let mut cmd = Command::new(SCENARIO);
         clean_env(&mut cmd);
@@ -349,6 +371,9 @@ impl JobBuilder {
             .env("GALLOCY_SIZE", self.n.to_string())
             .env("GALLOCY_COORDINATOR", &self.coordinator)
             .env("GALLOCY_TOKEN", &self.token);
+        if let Some(t) = transport() {
+            cmd.env("GALLOCY_TRANSPORT", t);
+        }
         for (k, v) in &self.extra[r] {
             cmd.env(k, v);
         }

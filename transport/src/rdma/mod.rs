@@ -784,9 +784,17 @@ impl Transport for RdmaTransport {
             return false;
         };
         // Completions of one queue pair arrive in order: ours is in once the count passes it.
+        let mut spins = 0u32;
         while link.completed.load(Ordering::Acquire) <= seq {
             self.reap_sends();
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                // Soft-RoCE does its work in kernel threads of this machine: let them run.
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
+            } else {
+                std::hint::spin_loop();
+            }
         }
         // A failed READ marks the link lost (and counts as completed): the service thread reports it.
         link.lost.load(Ordering::Acquire) == 0
