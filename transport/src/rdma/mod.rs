@@ -41,16 +41,18 @@ pub use setup::{connect, Connected};
 use crate::tcp::TcpTransport;
 use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
-/// Bytes of one send or receive buffer (one fragment).
-const BUF: usize = 4096;
+/// Bytes of one send or receive buffer (one fragment). Control messages are small (pages travel by
+/// READ), so small buffers let many be posted: a peer can run far ahead before it has to wait.
+const BUF: usize = 1024;
 /// Fragment header: kind, flags, 2 spare, payload length (u32), argument (u64).
 const HDR: usize = 16;
 /// Payload bytes per fragment.
 const PAYLOAD: usize = BUF - HDR;
-/// Receive buffers posted per peer.
-const RECV_DEPTH: usize = 64;
+/// Receive buffers posted per peer. Twice the send depth: the send queue of a peer whose receiver
+/// is busy fills (and its sender waits) long before the receiver runs out of buffers.
+const RECV_DEPTH: usize = 256;
 /// Send-queue entries per peer (SENDs and READs).
-const SEND_DEPTH: usize = 64;
+const SEND_DEPTH: usize = 128;
 /// The runtime view is registered in pieces of this size.
 pub const CHUNK: usize = 2 << 20;
 /// How long a sender waits for a free send-queue entry before it calls the peer lost.
