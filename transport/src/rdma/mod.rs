@@ -813,7 +813,14 @@ impl Transport for RdmaTransport {
             return Ok(n);
         }
         // Sleep until a completion event, a wake-up, or a TCP connection closing (a dead peer).
-        self.tcp.poll(timeout, &mut |_| {})?;
+        // A goodbye on TCP also marks the peer as gone here: its queue pair may fail from now on.
+        self.tcp.poll(timeout, &mut |ev| {
+            if let Event::PeerLeft { rank } = ev {
+                if let Some(Some(link)) = self.links.get(rank) {
+                    link.left.store(true, Ordering::Release);
+                }
+            }
+        })?;
         self.drain_channel();
         self.progress(handler)
     }
@@ -847,6 +854,18 @@ impl Transport for RdmaTransport {
     fn say_goodbye(&self) -> Result<(), TransportError> {
         for peer in (0..self.size).filter(|r| *r != self.rank) {
             self.send_control(peer, K_GOODBYE, 0, &[])?;
+        }
+        // A SEND completes when the peer's NIC has it: wait, so that exiting right after this
+        // cannot drop the goodbye (or anything before it) from our send queues.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (peer, link) in self.links.iter().enumerate() {
+            let Some(link) = link else { continue };
+            let posted = link.send.lock().unwrap_or_else(|p| p.into_inner()).posted;
+            while link.completed.load(Ordering::Acquire) < posted && Instant::now() < deadline {
+                self.reap_sends();
+                std::thread::yield_now();
+            }
+            self.check_link(peer, link)?;
         }
         self.tcp.say_goodbye()
     }
