@@ -244,3 +244,16 @@ pub type Accept<'a> = dyn FnMut(usize, &[u8], Option<Span>) -> bool + 'a;
 
 /// Largest control message a transport must carry.
 pub const MAX_MESSAGE: usize = 256 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_reasons_name_rdma_failures() {
+        assert_eq!(LostReason::Verbs("ibv_post_send failed").to_string(), "RDMA: ibv_post_send failed");
+        let retry = LostReason::Completion(12).to_string();
+        assert!(retry.contains("retry counter exceeded"), "{retry}");
+        assert!(LostReason::Completion(999).to_string().contains("unknown status"));
+    }
+}

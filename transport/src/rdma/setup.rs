@@ -394,3 +394,41 @@ fn connect_qp(parts: &mut Parts, me: usize, peer: usize, ep: &Endpoint) -> Resul
     link.qp.modify(&attr).map_err(verbs("moving a queue pair to RTS"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_round_trips_and_rejects_garbage() {
+        let ep = Endpoint {
+            gid: [7; 16],
+            lid: 3,
+            qpn: 0x12_3456,
+            psn: 0xab_cdef,
+            mtu: 3,
+            view_base: 0x7f00_0000_0000,
+            view_len: 16 << 30,
+        };
+        let bytes = ep.encode();
+        let back = Endpoint::decode(&bytes).expect("decodes");
+        assert_eq!((back.gid, back.lid, back.qpn, back.psn), (ep.gid, ep.lid, ep.qpn, ep.psn));
+        assert_eq!((back.mtu, back.view_base, back.view_len), (ep.mtu, ep.view_base, ep.view_len));
+        assert!(Endpoint::decode(&bytes[..bytes.len() - 1]).is_none(), "short");
+        assert!(Endpoint::decode(&[bytes.as_slice(), &[0]].concat()).is_none(), "long");
+        assert!(Endpoint::decode(TAG_READY).is_none());
+        let mut wrong_tag = bytes.clone();
+        wrong_tag[0] = b'X';
+        assert!(Endpoint::decode(&wrong_tag).is_none());
+    }
+
+    #[test]
+    fn packet_sequence_numbers_are_24_bits_and_differ_by_direction() {
+        for from in 0..64 {
+            for to in 0..64 {
+                assert!(psn(from, to) <= 0x00ff_ffff);
+            }
+        }
+        assert_ne!(psn(0, 1), psn(1, 0));
+    }
+}
