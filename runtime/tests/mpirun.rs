@@ -38,15 +38,7 @@ fn jacobi_under_mpirun() {
     if let Some(t) = transport() {
         cmd.env("GALLOCY_TRANSPORT", t).args(["-x", "GALLOCY_TRANSPORT"]);
     }
-    cmd.arg(SCENARIO).args([
-        "jacobi",
-        "--n",
-        "128",
-        "--iters",
-        "100",
-        "--threads",
-        "2",
-    ]);
+    cmd.arg(SCENARIO).args(["jacobi", "--n", "128", "--iters", "100", "--threads", "2"]);
     let label = format!("mpirun -n 4 --oversubscribe (GALLOCY_COORDINATOR={coordinator})");
     let p = run(&label, &mut cmd, Duration::from_secs(180));
     let status = p.status().unwrap();

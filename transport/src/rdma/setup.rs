@@ -387,7 +387,9 @@ fn connect_qp(parts: &mut Parts, me: usize, peer: usize, ep: &Endpoint) -> Resul
     let mut attr = QueuePairAttribute::new();
     attr.setup_state(QueuePairState::ReadyToSend)
         .setup_sq_psn(psn(me, peer))
-        .setup_timeout(14)
+        // ~0.5 s per try (4.096 us << 17), 7 retries: a busy (or emulated) peer is not declared dead;
+        // a dead one is noticed sooner anyway, by its TCP connection closing.
+        .setup_timeout(17)
         .setup_retry_cnt(7)
         .setup_rnr_retry(7)
         .setup_max_read_atomic(port.max_rd_atomic);
