@@ -22,6 +22,34 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `GALLOCY_TEST_SLOW=1`: the suite runs on a machine many times slower than the 2-core host it
+/// is sized for. CI sets it for its second run of this suite inside a QEMU TCG guest
+/// (`.ci/guest-suite.sh`), where every instruction is emulated and a job's page transfers, locks
+/// and barriers are 5-20x slower. Then the tests whose work would not fit their time limits do
+/// less of it ([`count`]: fewer increments, rounds) and get more time ([`limit`]); what they check
+/// stays the same (every increment counted, every round's outcome checked, every rank's exit),
+/// and each count keeps enough iterations to contend. Unset (the host run), nothing changes.
+pub fn slow() -> bool {
+    std::env::var("GALLOCY_TEST_SLOW").is_ok_and(|v| v.trim() == "1")
+}
+
+/// How much longer a time limit is under [`slow`].
+pub const SLOW_TIME_FACTOR: u32 = 3;
+
+/// A time limit: `d`, or [`SLOW_TIME_FACTOR`] times `d` under [`slow`].
+pub fn limit(d: Duration) -> Duration {
+    if slow() {
+        d * SLOW_TIME_FACTOR
+    } else {
+        d
+    }
+}
+
+/// An iteration count as a scenario argument: `normal`, or `slow` under [`slow`].
+pub fn count(normal: usize, slow_count: usize) -> String {
+    if slow() { slow_count } else { normal }.to_string()
+}
+
 /// The transport the tests' jobs use: the test process's own `GALLOCY_TRANSPORT` (CI's second
 /// run in the Soft-RoCE guest, `.ci/guest-suite.sh`, sets `rdma`), else none, i.e. the runtime's
 /// default. `clean_env` removes it from the children like every other GALLOCY_* variable; the

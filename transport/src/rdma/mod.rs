@@ -99,6 +99,14 @@ impl Drop for Buffers {
     }
 }
 
+/// A fragment's header fields.
+#[derive(Clone, Copy)]
+struct Head {
+    kind: u8,
+    flags: u8,
+    arg: u64,
+}
+
 /// Send side of one peer's queue pair.
 struct SendRing {
     /// Entries posted so far.
@@ -303,11 +311,10 @@ impl RdmaTransport {
         peer: usize,
         link: &Link,
         ring: &mut SendRing,
-        kind: u8,
-        flags: u8,
-        arg: u64,
+        head: Head,
         payload: &[u8],
     ) -> Result<(), TransportError> {
+        let Head { kind, flags, arg } = head;
         debug_assert!(payload.len() <= PAYLOAD);
         let i = self.slot(peer, link, ring)?;
         link.tokens[i].store(NO_TOKEN, Ordering::Relaxed);
@@ -337,7 +344,7 @@ impl RdmaTransport {
         let link = self.link(peer)?;
         self.check_link(peer, link)?;
         let mut ring = link.send.lock().unwrap_or_else(|p| p.into_inner());
-        self.send_fragment(peer, link, &mut ring, kind, F_LAST, arg, payload)
+        self.send_fragment(peer, link, &mut ring, Head { kind, flags: F_LAST, arg }, payload)
     }
 
     /// Takes send-queue completions: frees slots, records finished READs and failures.
@@ -743,17 +750,17 @@ impl Transport for RdmaTransport {
                 let off = span.offset + done as u64;
                 // SAFETY: the span lies inside the view (checked above).
                 let bytes = unsafe { std::slice::from_raw_parts(self.view.base.add(off as usize), n) };
-                self.send_fragment(peer, link, &mut ring, K_PAGE, 0, off, bytes)?;
+                self.send_fragment(peer, link, &mut ring, Head { kind: K_PAGE, flags: 0, arg: off }, bytes)?;
                 done += n;
             }
         }
         let mut chunks = msg.chunks(PAYLOAD).peekable();
         if chunks.peek().is_none() {
-            return self.send_fragment(peer, link, &mut ring, K_MSG, F_LAST, 0, &[]);
+            return self.send_fragment(peer, link, &mut ring, Head { kind: K_MSG, flags: F_LAST, arg: 0 }, &[]);
         }
         while let Some(part) = chunks.next() {
             let flags = if chunks.peek().is_none() { F_LAST } else { 0 };
-            self.send_fragment(peer, link, &mut ring, K_MSG, flags, 0, part)?;
+            self.send_fragment(peer, link, &mut ring, Head { kind: K_MSG, flags, arg: 0 }, part)?;
         }
         Ok(())
     }
