@@ -58,6 +58,10 @@ pub const CHUNK: usize = 2 << 20;
 /// How long a sender waits for a free send-queue entry before it calls the peer lost.
 const SEND_STALL: Duration = Duration::from_secs(60);
 const NO_TOKEN: u64 = u64::MAX;
+/// `Link::lost` markers (stored + 1) besides work-completion statuses: the peer's TCP connection
+/// closed without a goodbye; reposting a receive buffer failed.
+const LOST_CLOSED: u32 = u32::MAX - 2;
+const LOST_POST: u32 = u32::MAX - 3;
 
 /// Fragment kinds.
 const K_MSG: u8 = 1;
@@ -140,7 +144,15 @@ impl Link {
 struct RecvPeer {
     /// Completed receive buffers not consumed yet: (buffer index, bytes).
     queue: VecDeque<(u32, u32)>,
-    /// The message being assembled (capacity MAX_MESSAGE, never reallocated).
+    /// Fragments moved out of receive buffers (older than everything in `queue`).
+    spill: Spill,
+    /// The message being put together.
+    asm: Assembly,
+}
+
+/// The message being put together from fragments.
+struct Assembly {
+    /// The message so far (capacity MAX_MESSAGE, never reallocated).
     msg: Vec<u8>,
     /// The page that came with it.
     page: Option<Span>,
@@ -148,7 +160,68 @@ struct RecvPeer {
     complete: bool,
 }
 
+/// Where a sender that waits for room moves the fragments its peer sent it, so that their receive
+/// buffers can be posted again: two processes that send each other more than their queues hold
+/// without polling in between (TCP's socket buffers absorb that) would otherwise wait for each
+/// other for ever. Fixed slots, allocated up front (lazily backed by the kernel), used in order.
+struct Spill {
+    data: Box<[u8]>,
+    lens: Box<[u32]>,
+    head: usize,
+    count: usize,
+}
+
+/// Fragments one peer's spill area holds (1 KiB each).
+const SPILL_SLOTS: usize = 4096;
+
+impl Spill {
+    fn new() -> Spill {
+        Spill {
+            data: vec![0u8; SPILL_SLOTS * BUF].into_boxed_slice(),
+            lens: vec![0; SPILL_SLOTS].into(),
+            head: 0,
+            count: 0,
+        }
+    }
+
+    fn front(&self) -> Option<&[u8]> {
+        (self.count > 0).then(|| &self.data[self.head * BUF..self.head * BUF + self.lens[self.head] as usize])
+    }
+
+    fn pop(&mut self) {
+        self.head = (self.head + 1) % SPILL_SLOTS;
+        self.count -= 1;
+    }
+
+    /// Appends a fragment; false when full.
+    fn push(&mut self, frag: &[u8]) -> bool {
+        if self.count == SPILL_SLOTS {
+            return false;
+        }
+        let i = (self.head + self.count) % SPILL_SLOTS;
+        self.data[i * BUF..i * BUF + frag.len()].copy_from_slice(frag);
+        self.lens[i] = frag.len() as u32;
+        self.count += 1;
+        true
+    }
+}
+
 impl RecvPeer {
+    fn new() -> RecvPeer {
+        RecvPeer {
+            queue: VecDeque::with_capacity(RECV_DEPTH),
+            spill: Spill::new(),
+            asm: Assembly { msg: Vec::with_capacity(crate::MAX_MESSAGE), page: None, complete: false },
+        }
+    }
+
+    /// Something waits to be consumed or delivered.
+    fn has_work(&self) -> bool {
+        self.asm.complete || self.spill.count > 0 || !self.queue.is_empty()
+    }
+}
+
+impl Assembly {
     fn reset(&mut self) {
         self.msg.clear();
         self.page = None;
@@ -261,6 +334,8 @@ impl RdmaTransport {
     fn check_link(&self, peer: usize, link: &Link) -> Result<(), TransportError> {
         match link.lost.load(Ordering::Acquire) {
             0 => Ok(()),
+            s if s - 1 == LOST_CLOSED => Err(lost(peer, LostReason::Closed)),
+            s if s - 1 == LOST_POST => Err(lost(peer, LostReason::Verbs("ibv_post_recv failed"))),
             s => Err(lost(peer, status_reason(s - 1))),
         }
     }
@@ -277,6 +352,9 @@ impl RdmaTransport {
         while ring.posted - link.completed.load(Ordering::Acquire) >= SEND_DEPTH as u64 {
             self.reap_sends();
             self.check_link(peer, link)?;
+            // The peer may be waiting to send to us just as we wait for it: free our receive
+            // buffers so that it can go on (and then take ours).
+            self.spill_receives();
             if ring.posted - link.completed.load(Ordering::Acquire) < SEND_DEPTH as u64 {
                 break;
             }
@@ -369,7 +447,9 @@ impl RdmaTransport {
                     if !link.left.load(Ordering::Acquire) {
                         let _ = link.lost.compare_exchange(0, wc.status + 1, Ordering::AcqRel, Ordering::Acquire);
                     }
-                } else if token != NO_TOKEN && c.reads_done.len() < c.reads_done.capacity() {
+                } else if token != NO_TOKEN {
+                    // post_read made room for every READ in flight: this never reallocates.
+                    debug_assert!(c.reads_done.len() < c.reads_done.capacity());
                     c.reads_done.push_back((peer, token));
                 }
                 link.completed.fetch_max(seq + 1, Ordering::AcqRel);
@@ -414,18 +494,51 @@ impl RdmaTransport {
         }
     }
 
+    /// Moves every received fragment into its peer's spill area and posts the buffers again.
+    /// Async-signal-safe; does nothing if another thread is receiving.
+    fn spill_receives(&self) {
+        let Ok(mut rx) = self.recv.try_lock() else { return };
+        self.take_receives(&mut rx);
+        for (peer, rp) in rx.iter_mut().enumerate() {
+            let Some(Some(link)) = self.links.get(peer) else { continue };
+            while let Some(&(i, len)) = rp.queue.front() {
+                // SAFETY: as in drain_peer: a completed receive's bytes, not yet reposted.
+                let frag =
+                    unsafe { std::slice::from_raw_parts(self.bufs.recv(peer, i as usize), (len as usize).min(BUF)) };
+                if !rp.spill.push(frag) {
+                    break;
+                }
+                rp.queue.pop_front();
+                if post_recv_raw(link.raw_qp(), &self.bufs, peer, i as usize).is_err() {
+                    let _ = link.lost.compare_exchange(0, LOST_POST + 1, Ordering::AcqRel, Ordering::Acquire);
+                    break;
+                }
+            }
+        }
+    }
+
     /// Consumes the queued fragments of `peer` in order.
     fn drain_peer(&self, peer: usize, rp: &mut RecvPeer, sink: &mut Sink<'_, '_>) -> Result<usize, TransportError> {
         let link = self.link(peer)?;
         let mut delivered = 0;
-        if rp.complete {
+        if rp.asm.complete {
             match sink {
                 Sink::Inline(_) => return Ok(0),
                 Sink::Service(handler) => {
-                    handler(Event::Message { from: peer, bytes: &rp.msg, page: rp.page });
-                    rp.reset();
+                    handler(Event::Message { from: peer, bytes: &rp.asm.msg, page: rp.asm.page });
+                    rp.asm.reset();
                     delivered += 1;
                 }
+            }
+        }
+        while let Some(frag) = rp.spill.front() {
+            let step = self.consume(peer, link, &mut rp.asm, frag, sink, &mut delivered)?;
+            if matches!(step, Step::StopBefore) {
+                return Ok(delivered);
+            }
+            rp.spill.pop();
+            if matches!(step, Step::StopAfter) {
+                return Ok(delivered);
             }
         }
         while let Some(&(i, len)) = rp.queue.front() {
@@ -433,7 +546,7 @@ impl RdmaTransport {
             // SAFETY: the buffer was filled by a completed receive of `len` ≤ BUF bytes and is not
             // reposted before we are done with it.
             let frag = unsafe { std::slice::from_raw_parts(buf, (len as usize).min(BUF)) };
-            let step = self.consume(peer, link, rp, frag, sink, &mut delivered)?;
+            let step = self.consume(peer, link, &mut rp.asm, frag, sink, &mut delivered)?;
             if matches!(step, Step::StopBefore) {
                 return Ok(delivered);
             }
@@ -451,7 +564,7 @@ impl RdmaTransport {
         &self,
         peer: usize,
         link: &Link,
-        rp: &mut RecvPeer,
+        rp: &mut Assembly,
         frag: &[u8],
         sink: &mut Sink<'_, '_>,
         delivered: &mut usize,
@@ -588,6 +701,15 @@ impl RdmaTransport {
     fn post_read(&self, peer: usize, span: Span, token: u64, rkey: u32) -> Result<(), TransportError> {
         let chunk = span.offset / CHUNK as u64;
         let lkey = (self.local_keys(chunk)? >> 32) as u32;
+        {
+            // Room for every READ that can be in flight, so that no completion is ever dropped
+            // (reap_sends, which may run in a signal handler, cannot grow the queue).
+            let mut c = self.completions.lock().unwrap_or_else(|p| p.into_inner());
+            let room = self.size * SEND_DEPTH;
+            if c.reads_done.capacity() - c.reads_done.len() < room {
+                c.reads_done.reserve(room);
+            }
+        }
         self.post_read_keys(peer, span, token, lkey, rkey).map(drop)
     }
 
@@ -682,7 +804,7 @@ impl RdmaTransport {
         self.take_receives(&mut rx);
         let mut sink = Sink::Service(handler);
         for (peer, rp) in rx.iter_mut().enumerate() {
-            if peer != self.rank && (rp.complete || !rp.queue.is_empty()) {
+            if peer != self.rank && rp.has_work() {
                 n += self.drain_peer(peer, rp, &mut sink)?;
             }
         }
@@ -795,6 +917,9 @@ impl Transport for RdmaTransport {
         // Completions of one queue pair arrive in order: ours is in once the count passes it.
         let mut spins = 0u32;
         while link.completed.load(Ordering::Acquire) <= seq {
+            if link.lost.load(Ordering::Acquire) != 0 {
+                return false;
+            }
             self.reap_sends();
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(64) {
@@ -821,13 +946,20 @@ impl Transport for RdmaTransport {
         }
         // Sleep until a completion event, a wake-up, or a TCP connection closing (a dead peer).
         // A goodbye on TCP also marks the peer as gone here: its queue pair may fail from now on.
-        self.tcp.poll(timeout, &mut |ev| {
+        let waited = self.tcp.poll(timeout, &mut |ev| {
             if let Event::PeerLeft { rank } = ev {
                 if let Some(Some(link)) = self.links.get(rank) {
                     link.left.store(true, Ordering::Release);
                 }
             }
-        })?;
+        });
+        if let Err(TransportError::PeerLost { rank, .. }) = &waited {
+            // Threads waiting on this peer's queue pair (for room to send, for a READ) stop now.
+            if let Some(Some(link)) = self.links.get(*rank) {
+                let _ = link.lost.compare_exchange(0, LOST_CLOSED + 1, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+        waited?;
         self.drain_channel();
         self.progress(handler)
     }
@@ -842,7 +974,7 @@ impl Transport for RdmaTransport {
         let mut taken = 0;
         for peer in 0..self.size {
             let rp = &mut rx[peer];
-            if peer != self.rank && !rp.complete && !rp.queue.is_empty() {
+            if peer != self.rank && !rp.asm.complete && (rp.spill.count > 0 || !rp.queue.is_empty()) {
                 // Errors surface in the service thread's next poll.
                 taken += self.drain_peer(peer, rp, &mut sink).unwrap_or(0);
             }

@@ -232,14 +232,7 @@ pub fn connect(
     tcp.watch_fd(parts.channel.as_raw_fd())?;
     let count = view.len.div_ceil(CHUNK);
     let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
-    let recv = (0..size)
-        .map(|_| RecvPeer {
-            queue: VecDeque::with_capacity(RECV_DEPTH),
-            msg: Vec::with_capacity(crate::MAX_MESSAGE),
-            page: None,
-            complete: false,
-        })
-        .collect();
+    let recv = (0..size).map(|_| RecvPeer::new()).collect();
     Ok(Connected::Rdma(Box::new(RdmaTransport {
         rank: me,
         size,
@@ -387,10 +380,12 @@ fn connect_qp(parts: &mut Parts, me: usize, peer: usize, ep: &Endpoint) -> Resul
     let mut attr = QueuePairAttribute::new();
     attr.setup_state(QueuePairState::ReadyToSend)
         .setup_sq_psn(psn(me, peer))
-        // ~0.5 s per try (4.096 us << 17), 7 retries: a busy (or emulated) peer is not declared dead;
+        // ~0.5 s per try (4.096 us << 17), 6 retries: a busy (or emulated) peer is not declared dead;
         // a dead one is noticed sooner anyway, by its TCP connection closing.
         .setup_timeout(17)
-        .setup_retry_cnt(7)
+        // Not 7: Soft-RoCE (rxe_comp.c) takes 7 as "retry for ever", and a dead peer would
+        // never fail a SEND or READ.
+        .setup_retry_cnt(6)
         .setup_rnr_retry(7)
         .setup_max_read_atomic(port.max_rd_atomic);
     link.qp.modify(&attr).map_err(verbs("moving a queue pair to RTS"))?;
