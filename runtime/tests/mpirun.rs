@@ -40,7 +40,7 @@ fn jacobi_under_mpirun() {
     }
     cmd.arg(SCENARIO).args(["jacobi", "--n", "128", "--iters", "100", "--threads", "2"]);
     let label = format!("mpirun -n 4 --oversubscribe (GALLOCY_COORDINATOR={coordinator})");
-    let p = run(&label, &mut cmd, Duration::from_secs(180));
+    let p = run(&label, &mut cmd, limit(Duration::from_secs(180)));
     let status = p.status().unwrap();
     assert!(status.success(), "{label}: {}\n{}", describe(Some(status)), p.report());
     for r in 0..4 {

@@ -50,14 +50,36 @@ fn garbage_probe(addr: &str) -> Option<Vec<u8>> {
     Some(got)
 }
 
+/// True once a socket listens on TCP `port` (IPv4), read from /proc/net/tcp: connecting to find out
+/// would itself be a stranger's connection.
+fn listening(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // f[1]: local address (hex ip:port), f[3]: state (0A = LISTEN).
+            f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A"
+        })
+    })
+}
+
 #[test]
 fn garbage_connection_is_closed_and_job_survives() {
     let _g = serial();
     let args = &["jacobi", "--n", "64", "--iters", "80", "--progress", "--slow-ms", "30"];
     let b = Job::builder(4);
-    // Ranks 0..=2 first: the coordinator is certainly accepting while it waits for rank 3.
+    // Ranks 0..=2 first: the coordinator is certainly accepting while it waits for rank 3, once it
+    // listens (a fixed pause was too short where start-up is slow: an emulated guest, RDMA set-up).
     let mut ranks: Vec<Proc> = (0..3).map(|r| b.spawn_rank(r, args)).collect();
-    std::thread::sleep(Duration::from_millis(500));
+    let port: u16 = b.coordinator.rsplit(':').next().unwrap().parse().unwrap();
+    let t0 = Instant::now();
+    while !listening(port) {
+        if t0.elapsed() > Duration::from_secs(60) || ranks[0].poll().is_some() {
+            let job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+            panic!("rank 0 never listened on {} (waited {:?})\n{}", b.coordinator, t0.elapsed(), job.report());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let during_startup = garbage_probe(&b.coordinator);
     ranks.push(b.spawn_rank(3, args));
     let mut job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };

@@ -25,7 +25,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// `GALLOCY_TEST_SLOW=1`: the suite runs on a machine many times slower than the 2-core host it
 /// is sized for. CI sets it for its second run of this suite inside a QEMU TCG guest
 /// (`.ci/guest-suite.sh`), where every instruction is emulated and a job's page transfers, locks
-/// and barriers are 5-20x slower. Then the tests whose work would not fit their time limits do
+/// and barriers are several times slower. Then the tests whose work would not fit their limits do
 /// less of it ([`count`]: fewer increments, rounds) and get more time ([`limit`]); what they check
 /// stays the same (every increment counted, every round's outcome checked, every rank's exit),
 /// and each count keeps enough iterations to contend. Unset (the host run), nothing changes.
@@ -45,7 +45,8 @@ pub fn limit(d: Duration) -> Duration {
     }
 }
 
-/// An iteration count as a scenario argument: `normal`, or `slow` under [`slow`].
+/// An iteration count (or a duration) as a scenario argument: `normal`, or `slow_count` under
+/// [`slow`].
 pub fn count(normal: usize, slow_count: usize) -> String {
     if slow() { slow_count } else { normal }.to_string()
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# CI, second part: the runtime crate's whole test suite (its unit tests, every runtime/tests/*.rs,
+# its doc tests) once more, plus the transport crate's tests (transport/tests/rdma.rs drives the
+# RDMA transport itself), built with the cargo feature `rdma` and run inside a throw-away QEMU
+# guest that has a Soft-RoCE device (soft-roce-setup/in-guest.sh), every job of the runtime suite
+# over GALLOCY_TRANSPORT=$GUEST_TRANSPORT.
+#
+# usage: .ci/guest-suite.sh     (.ci/run calls it after the host tests; needs root and what
+#                                soft-roce-setup/README.md lists, which .ci/run installs)
+#
+# Environment (all optional):
+#   GUEST_TRANSPORT     transport of every job in the guest: rdma (default) or tcp
+#   GUEST_TIMEOUT       seconds the guest may run before it is killed (default 2400; it needs 7-15 min)
+#   GUEST_TEST_THREADS  libtest --test-threads in the guest (default 1: 2 emulated vCPUs, and every
+#                       job is already 2-4 processes with several threads each)
+#   GUEST_TARGET_DIR    cargo target directory (default target/rdma, apart from the host run's)
+#
+# The host builds everything (the guest only runs it: cargo test --frozen finds nothing to
+# rebuild, and the guest has no network). In the guest the tests get GALLOCY_TEST_SLOW=1, which
+# scales the few tests that are too slow under emulation (see runtime/tests/common/mod.rs).
+#
+# Prints per test binary its counts and time, the guest's wall time and, last,
+# `guest summary: N passed, N failed`. Exits non-zero if the build or any test failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+transport=${GUEST_TRANSPORT:-rdma}
+timeout=${GUEST_TIMEOUT:-2400}
+threads=${GUEST_TEST_THREADS:-1}
+target_dir=${GUEST_TARGET_DIR:-target/rdma}
+case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
+export CARGO_TARGET_DIR=$target_dir
+
+echo "guest suite: building with the feature rdma into $target_dir"
+t_build=$SECONDS
+if ! { cargo build --workspace --release --features gallocy/rdma &&
+       cargo test --release -p gallocy -p gallocy-transport --features rdma --no-run; }; then
+    echo "guest suite: the build failed"
+    echo "guest summary: 0 passed, 1 failed"
+    exit 1
+fi
+echo "guest suite: build took $((SECONDS - t_build)) s"
+
+# The guest's hostname is "(none)" otherwise, which Open MPI's mpirun refuses as a node name.
+guest_cmd=(sh -c 'echo gallocy-guest > /proc/sys/kernel/hostname && exec "$@"' sh
+           env GALLOCY_TRANSPORT="$transport" GALLOCY_TEST_SLOW=1 CARGO_TARGET_DIR="$target_dir"
+           cargo test --release -p gallocy -p gallocy-transport --features rdma --frozen --no-fail-fast
+           -- --test-threads="$threads" --nocapture)
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+echo "guest suite: running the runtime tests in the guest (GALLOCY_TRANSPORT=$transport, timeout ${timeout} s)"
+t_guest=$SECONDS
+set +e
+soft-roce-setup/in-guest.sh --timeout "$timeout" -- "${guest_cmd[@]}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+guest_time=$((SECONDS - t_guest))
+
+if grep -qE '^ *Compiling ' "$log"; then
+    echo "guest suite: warning: cargo rebuilt something in the guest (slow under emulation; the host build should have left nothing to do)"
+fi
+
+# Per test binary: `Running tests/x.rs (...)` / `Doc-tests gallocy`, then its `test result:` line.
+echo "guest suite: per test binary (GALLOCY_TRANSPORT=$transport):"
+awk '/^ *Running / { name = ($2 == "unittests") ? $3 : $2 }
+     /^ *Doc-tests / { name = "doc-tests " $2 }
+     /^test result:/ {
+         p = f = 0; t = "?"
+         for (i = 1; i <= NF; i++) {
+             if ($(i+1) ~ /^passed/) p = $i
+             if ($(i+1) ~ /^failed/) f = $i
+             if ($i == "in") t = $(i+1)
+         }
+         printf "  %-36s %4d passed %3d failed  %8s\n", name, p, f, t
+     }' "$log"
+read -r passed failed < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+                                END { printf "%d %d\n", p, f }' "$log")
+case $status in
+    0) ;;
+    124) echo "guest suite: the guest was killed after ${timeout} s (timeout); tests after the last result above did not run" ;;
+    125) echo "guest suite: the guest or its Soft-RoCE setup failed (see the in-guest messages above)" ;;
+    *) echo "guest suite: cargo test in the guest exited with $status" ;;
+esac
+# A run that died without a failed test result still counts as a failure.
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    failed=1
+fi
+echo "guest time: ${guest_time} s ($((guest_time / 60)) min $((guest_time % 60)) s, boot included)"
+echo "guest summary: $passed passed, $failed failed"
+exit "$status"
