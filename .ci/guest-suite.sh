@@ -33,7 +33,7 @@ export CARGO_TARGET_DIR=$target_dir
 
 echo "guest suite: building with the feature rdma into $target_dir"
 t_build=$SECONDS
-if ! { cargo build --workspace --release --features gallocy/rdma &&
+if ! { cargo build --release -p gallocy -p gallocy-bench --features gallocy/rdma &&
        cargo test --release -p gallocy -p gallocy-transport --features rdma --no-run; }; then
     echo "guest suite: the build failed"
     echo "guest summary: 0 passed, 1 failed"

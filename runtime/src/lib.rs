@@ -45,6 +45,9 @@ pub use config::{DEFAULT_HEAP_BASE, DEFAULT_HEAP_SIZE, DEFAULT_SPIN_US, MAX_PROC
 pub use error::Error;
 pub use fault::prepare_thread;
 pub use runtime::EXIT_PEER_LOST;
+
+/// This build has the RDMA transport (cargo feature `rdma`).
+pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
 pub use stats::StatsSnapshot;
 
 use gallocy_transport::MemoryView;

@@ -22,8 +22,10 @@ pub struct RdmaConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RdmaError {
     /// libibverbs.so.1 could not be loaded.
-    #[error("no RDMA: libibverbs.so.1 cannot be loaded (install libibverbs1 and ibverbs-providers, or rdma-core)")]
-    NoLibrary,
+    #[error(
+        "no RDMA: libibverbs.so.1 cannot be loaded ({0}; install libibverbs1 and ibverbs-providers, or rdma-core)"
+    )]
+    NoLibrary(String),
     /// No RDMA device exists.
     #[error("no RDMA: no RDMA device found (ibv_devices lists none; for Soft-RoCE see soft-roce-setup/)")]
     NoDevice,
@@ -99,6 +101,16 @@ impl RdmaError {
     }
 }
 
+/// True once libibverbs' entry points are loaded into the verbs shim (rdma-mummy-sys loads them
+/// one by one from a constructor; `ibv_get_sysfs_path` is among the last, and nothing after it
+/// can fail or allocate). An `LD_PRELOAD` malloc calls this before it starts gallocy; it does not
+/// allocate unless `SYSFS_PATH` is set (the caller guards against re-entry).
+pub fn entry_points_loaded() -> bool {
+    // SAFETY: the shim's wrapper returns NULL without calling anything when the function is not
+    // loaded; libibverbs' returns its sysfs path (a static string).
+    unsafe { !rdma_mummy_sys::ibv_get_sysfs_path().is_null() }
+}
+
 /// The soft RLIMIT_MEMLOCK in bytes (`u64::MAX`: unlimited).
 pub fn memlock_limit() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -154,21 +166,23 @@ impl Port {
     }
 }
 
-fn library_loaded() -> bool {
-    // SAFETY: dlopen with RTLD_NOLOAD only looks the library up; the handle is closed at once.
+/// Checks that libibverbs can be loaded; the error is dlerror's text.
+fn load_library() -> Result<(), String> {
+    // SAFETY: dlopen/dlerror with a valid C string; the handle is closed at once (the library stays
+    // loaded for rdma-mummy-sys, which opened it too).
     unsafe {
-        let h = libc::dlopen(c"libibverbs.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        let h = libc::dlopen(c"libibverbs.so.1".as_ptr(), libc::RTLD_LAZY);
         if h.is_null() {
-            let h = libc::dlopen(c"libibverbs.so.1".as_ptr(), libc::RTLD_LAZY);
-            if h.is_null() {
-                return false;
-            }
-            libc::dlclose(h);
-        } else {
-            libc::dlclose(h);
+            let e = libc::dlerror();
+            return Err(if e.is_null() {
+                "dlopen failed".into()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            });
         }
+        libc::dlclose(h);
     }
-    true
+    Ok(())
 }
 
 fn state_name(s: PortState) -> String {
@@ -183,18 +197,17 @@ fn state_name(s: PortState) -> String {
 
 /// Opens the configured device and port and picks the GID.
 pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
-    if !library_loaded() {
-        return Err(RdmaError::NoLibrary);
-    }
+    load_library().map_err(RdmaError::NoLibrary)?;
     let list = DeviceList::new().map_err(|e| match e.0 {
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
             RdmaError::NoDevice
         }
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io)
-            if io.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            if io.raw_os_error() == Some(libc::EOPNOTSUPP) && !entry_points_loaded() =>
         {
-            RdmaError::NoLibrary
+            RdmaError::NoLibrary("it loads, but the verbs loader found none of its entry points".into())
         }
+        sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) => RdmaError::verbs("ibv_get_device_list", io),
         other => RdmaError::verbs("ibv_get_device_list", std::io::Error::other(other.to_string())),
     })?;
     let names: Vec<String> = list.iter().map(|d| d.name()).collect();

@@ -35,7 +35,9 @@ use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair};
 use sideway::ibverbs::AccessFlags;
 
-pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
+pub use device::{
+    can_lock_unlimited, check_memlock, entry_points_loaded, memlock_limit, open, Port, RdmaConfig, RdmaError,
+};
 pub use setup::{connect, Connected};
 
 use crate::tcp::TcpTransport;
