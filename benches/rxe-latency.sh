@@ -221,7 +221,10 @@ if [[ -z $TARGET_DIR ]]; then
     if [[ $TRANSPORT == rdma ]]; then TARGET_DIR=target/rdma; else TARGET_DIR=target; fi
 fi
 TARGET_DIR=$(realpath -m -- "$TARGET_DIR")
+# The guest sees this checkout (in-guest.sh shares the working directory at the same path, even
+# under /tmp), but has its own /tmp, /run, /var/tmp and /dev/shm otherwise.
 case $TARGET_DIR/ in
+    "$ROOT"/*) ;;
     /tmp/* | /run/* | /var/tmp/* | /dev/shm/*)
         die "--target-dir $TARGET_DIR: the guest has its own /tmp, /run, /var/tmp and /dev/shm and would not see the binaries there; use another directory" ;;
 esac
