@@ -153,6 +153,17 @@ unsafe impl Send for MemoryView {}
 // SAFETY: as above.
 unsafe impl Sync for MemoryView {}
 
+impl MemoryView {
+    /// Checks that `span` is non-empty, at most `max_len` bytes and lies inside the view.
+    pub fn check(&self, span: Span, max_len: u32) -> Result<(), TransportError> {
+        let end = span.offset.checked_add(u64::from(span.len));
+        if span.len == 0 || span.len > max_len || end.is_none_or(|e| e > self.len as u64) {
+            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
+        }
+        Ok(())
+    }
+}
+
 /// A page (or byte range) of the heap, by offset from the heap base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {

@@ -419,11 +419,7 @@ impl TcpTransport {
     }
 
     fn check_span(&self, span: Span) -> Result<(), TransportError> {
-        let end = span.offset.checked_add(u64::from(span.len));
-        if span.len == 0 || span.len > crate::frame::MAX_SPAN || end.is_none_or(|e| e > self.view.len as u64) {
-            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
-        }
-        Ok(())
+        self.view.check(span, crate::frame::MAX_SPAN)
     }
 
     /// Writes one frame: header, message, then `page` bytes taken from the local view.
