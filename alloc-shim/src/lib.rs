@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use gallocy_rt as g;
 
+mod io;
+
 extern "C" {
     fn __libc_malloc(size: usize) -> *mut c_void;
     fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
@@ -100,7 +102,8 @@ const STARTING: u8 = 1;
 const READY: u8 = 2;
 const DISABLED: u8 = 3;
 
-/// Where new allocations go: gallocy once READY; glibc before, while starting, or if disabled.
+/// Where new allocations go: gallocy once READY; glibc before (allocations made before this
+/// library's constructor ran), while starting, or if disabled.
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 /// glibc's own `malloc_usable_size` (ours shadows it), resolved when gallocy starts.
 static GLIBC_USABLE_SIZE: AtomicUsize = AtomicUsize::new(0);
@@ -115,31 +118,39 @@ impl Nested {
     }
 }
 
-/// Whether this call should be served by gallocy (starting gallocy on the first call).
+/// Whether this call should be served by gallocy.
 #[inline]
 fn use_gallocy() -> bool {
-    match STATE.load(Ordering::Acquire) {
-        READY => !g::preload::in_runtime(),
-        UNINIT => !g::preload::in_runtime() && start(),
-        _ => false,
-    }
+    STATE.load(Ordering::Acquire) == READY && !g::preload::in_runtime()
 }
 
-/// Joins the job. Other threads use glibc meanwhile. Returns whether gallocy is ready.
+/// This library's ELF constructor. It runs when the process starts (before `main`, and before
+/// the program's own constructors), where the dynamic loader's lock is free; glibc passes it
+/// argc, argv and envp. It sets gallocy up ([`start`]) without joining the job: nothing that
+/// runs inside `malloc` (possibly under the loader's or libc's locks) ever starts anything.
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn(libc::c_int, *const *const libc::c_char, *const *const libc::c_char) = constructor;
+
+extern "C" fn constructor(_argc: libc::c_int, _argv: *const *const libc::c_char, _envp: *const *const libc::c_char) {
+    start();
+}
+
+/// Sets this process up: decides membership, maps the heap, opens this rank's arena, resolves
+/// the system calls it wraps and registers the fork and exit handlers. Talks to nobody and
+/// starts no thread. Other threads use glibc meanwhile. Returns whether gallocy is ready.
 #[cold]
 fn start() -> bool {
     if STATE.compare_exchange(UNINIT, STARTING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        while STATE.load(Ordering::Acquire) == STARTING {
+            std::thread::yield_now();
+        }
         return STATE.load(Ordering::Acquire) == READY;
     }
     let _n = Nested::enter();
-    // A process started by a job member (a shell, a subprocess) inherits the member's variables
-    // but is not a member: it runs as a one-process job.
-    let inherited = std::env::var_os("GALLOCY_JOINED").is_some();
-    match g::preload::init(inherited) {
-        Ok(()) => {
-            if g::size() > 1 {
-                std::env::set_var("GALLOCY_JOINED", std::process::id().to_string());
-            }
+    io::resolve();
+    match g::preload::prepare() {
+        Ok(_) => {
             resolve_glibc_usable_size();
             // SAFETY: registering plain extern "C" functions with libc.
             unsafe {
@@ -151,13 +162,11 @@ fn start() -> bool {
         }
         Err(e) => {
             eprintln!("{e}");
-            let in_a_job = std::env::var_os("GALLOCY_SIZE").is_some()
-                || std::env::var_os("GALLOCY_COORDINATOR").is_some()
-                || g::size() > 1;
-            if in_a_job && !inherited {
-                // A member that cannot join must not run on as if nothing happened.
-                // SAFETY: ends the process.
-                unsafe { libc::_exit(1) };
+            let in_a_job =
+                std::env::var_os("GALLOCY_SIZE").is_some() || std::env::var_os("GALLOCY_COORDINATOR").is_some();
+            if in_a_job {
+                // A member that cannot start must not run on as if nothing happened.
+                g::exit_now(1);
             }
             eprintln!("gallocy: continuing with the system allocator");
             STATE.store(DISABLED, Ordering::Release);
@@ -173,15 +182,26 @@ fn resolve_glibc_usable_size() {
 }
 
 extern "C" fn at_exit() {
-    let _n = Nested::enter();
-    // finalize is a no-op in a forked child of a member (it never joined).
-    if g::size() > 1 {
-        if let Err(e) = g::finalize() {
-            eprintln!("{e}");
-        }
-    } else if g::preload::stats_enabled() {
-        g::stats_print();
+    g::preload::at_exit();
+}
+
+/// `_exit` and `_Exit` skip `atexit` handlers: a member that joined leaves the job first, then
+/// ends with the status it was given.
+fn exit_immediately(status: libc::c_int) -> ! {
+    if STATE.load(Ordering::Acquire) == READY && !g::preload::in_runtime() {
+        g::preload::at_exit();
     }
+    g::exit_now(status)
+}
+
+#[no_mangle]
+pub extern "C" fn _exit(status: libc::c_int) -> ! {
+    exit_immediately(status)
+}
+
+#[no_mangle]
+pub extern "C" fn _Exit(status: libc::c_int) -> ! {
+    exit_immediately(status)
 }
 
 extern "C" fn before_fork() {
@@ -193,7 +213,6 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
-    let _n = Nested::enter();
     g::preload::after_fork_child();
 }
 
@@ -226,8 +245,6 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
         if let Some(p) = g::preload::malloc(size) {
             return out_of_memory(p);
         }
-    } else if use_gallocy() {
-        return out_of_memory(g::malloc(size));
     }
     // SAFETY: plain call into glibc.
     unsafe { __libc_malloc(size) }
@@ -342,7 +359,13 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
 #[no_mangle]
 pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
     let page = page_size();
-    aligned(page, size.max(1).div_ceil(page) * page)
+    match size.max(1).div_ceil(page).checked_mul(page) {
+        Some(rounded) => aligned(page, rounded),
+        None => {
+            set_errno(libc::ENOMEM);
+            std::ptr::null_mut()
+        }
+    }
 }
 
 #[no_mangle]
@@ -375,32 +398,39 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
 /// Joins the job (idempotent). 0, or -EINVAL if gallocy could not start.
 #[no_mangle]
 pub extern "C" fn gallocy_init() -> i32 {
-    match STATE.load(Ordering::Acquire) {
-        READY => 0,
-        UNINIT if start() => 0,
-        STARTING => {
-            while STATE.load(Ordering::Acquire) == STARTING {
-                std::thread::yield_now();
-            }
-            if STATE.load(Ordering::Acquire) == READY {
-                0
-            } else {
-                -libc::EINVAL
-            }
+    if STATE.load(Ordering::Acquire) != READY && !start() {
+        return -libc::EINVAL;
+    }
+    let _n = Nested::enter();
+    match g::preload::join() {
+        Ok(()) => 0,
+        Err(e @ g::Error::NotMember { .. }) => {
+            eprintln!("{e}");
+            -libc::EINVAL
         }
-        _ => -libc::EINVAL,
+        Err(e) => {
+            // A member that cannot join its job must not run on as if nothing happened.
+            eprintln!("{e}");
+            g::exit_now(1)
+        }
     }
 }
 
-/// This process's rank (0 before init).
+/// This process's rank (known from the start, before joining).
 #[no_mangle]
 pub extern "C" fn gallocy_rank() -> i32 {
+    if STATE.load(Ordering::Acquire) == UNINIT {
+        start();
+    }
     g::rank() as i32
 }
 
-/// Number of processes in the job (1 before init).
+/// Number of processes in the job (known from the start, before joining).
 #[no_mangle]
 pub extern "C" fn gallocy_size() -> i32 {
+    if STATE.load(Ordering::Acquire) == UNINIT {
+        start();
+    }
     g::size() as i32
 }
 
@@ -455,7 +485,7 @@ pub extern "C" fn gallocy_stats_print() {
 /// Barrier, then leave the job. 0, or -EIO if leaving failed.
 #[no_mangle]
 pub extern "C" fn gallocy_finalize() -> i32 {
-    if STATE.load(Ordering::Acquire) != READY {
+    if !ready() {
         return 0;
     }
     match g::finalize() {

@@ -242,9 +242,9 @@ pub(crate) struct ThreadState {
 }
 
 struct ThreadCache {
-    /// FLUSHER is registered for this thread.
+    /// The thread is registered for `flush_thread_cache`.
     registered: bool,
-    /// FLUSHER ran (the thread is exiting): keep nothing cached.
+    /// `flush_thread_cache` ran (the thread is exiting): keep nothing cached.
     exited: bool,
     bins: [Bin; CLASSES],
 }
@@ -260,8 +260,28 @@ thread_local! {
             }),
         }
     };
-    /// Gives the cache back when the thread exits (registered on the cache's first use).
-    static FLUSHER: Flusher = const { Flusher };
+}
+
+/// The pthread key whose destructor gives a thread's cache back when the thread exits. A
+/// pthread-key destructor, unlike a Rust `thread_local!` destructor (registered through
+/// `__cxa_thread_atexit_impl`), takes no dynamic-loader lock, neither when it is registered on
+/// a thread's first allocation nor when it runs at thread exit: a thread started inside
+/// `dlopen` (a library constructor) can allocate at once.
+static CACHE_KEY: AtomicU32 = AtomicU32::new(NO_KEY);
+const NO_KEY: u32 = u32::MAX;
+static CACHE_KEY_ONCE: std::sync::Once = std::sync::Once::new();
+
+/// Creates [`CACHE_KEY`] (once per process; called when an allocator is set up).
+fn create_cache_key() {
+    CACHE_KEY_ONCE.call_once(|| {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer; the destructor is a plain extern "C" function.
+        if unsafe { libc::pthread_key_create(&mut key, Some(flush_thread_cache)) } == 0 {
+            CACHE_KEY.store(key, Ordering::Release);
+        }
+        // Without a key (the process used up its keys) thread caches are not given back at
+        // exit: their objects stay unused, nothing breaks.
+    });
 }
 
 impl ThreadState {
@@ -294,32 +314,36 @@ impl ThreadState {
     }
 }
 
-/// The flusher's registration allocates (glibc's `__cxa_thread_atexit_impl` calls `calloc`):
-/// do it as runtime code, so that allocation never re-enters the shared-heap allocator.
+/// Registers the thread for [`flush_thread_cache`]. `pthread_setspecific` may allocate (keys
+/// past the first 32): do it as runtime code, so that allocation never re-enters the
+/// shared-heap allocator.
 #[cold]
 fn register_flusher(t: &ThreadState) {
+    let key = CACHE_KEY.load(Ordering::Acquire);
+    if key == NO_KEY {
+        return;
+    }
     t.enter();
-    FLUSHER.with(|_| ());
+    // SAFETY: a key we created; any non-null value makes the destructor run at thread exit.
+    unsafe { libc::pthread_setspecific(key, std::ptr::NonNull::<u8>::dangling().as_ptr().cast()) };
     t.leave();
 }
 
-struct Flusher;
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        let Some(rt) = crate::runtime::RUNTIME.get() else { return };
-        THREAD.with(|t| {
-            t.enter();
-            if let Ok(mut c) = t.cache.try_borrow_mut() {
-                for (class, bin) in c.bins.iter_mut().enumerate() {
-                    rt.alloc.give_back(class, &bin.items[..bin.len]);
-                    bin.len = 0;
-                }
-                c.exited = true;
+/// The cache key's destructor: gives the exiting thread's cached objects back to the central
+/// lists, and keeps nothing cached from then on.
+extern "C" fn flush_thread_cache(_value: *mut libc::c_void) {
+    let Some(rt) = crate::runtime::RUNTIME.get() else { return };
+    THREAD.with(|t| {
+        t.enter();
+        if let Ok(mut c) = t.cache.try_borrow_mut() {
+            for (class, bin) in c.bins.iter_mut().enumerate() {
+                rt.alloc.give_back(class, &bin.items[..bin.len]);
+                bin.len = 0;
             }
-            t.leave();
-        });
-    }
+            c.exited = true;
+        }
+        t.leave();
+    });
 }
 
 /// The allocator of this rank's arena.
@@ -345,6 +369,7 @@ impl Allocator {
         let arena_start = heap_base + rank * arena_size;
         let last = (heap_size / arena_size).saturating_sub(1) <= rank;
         let arena_end = if last { heap_base + heap_size } else { arena_start + arena_size };
+        create_cache_key();
         let runs = PageRuns {
             by_start: BTreeMap::new(),
             by_len: BTreeSet::new(),
@@ -363,6 +388,11 @@ impl Allocator {
             runs: Mutex::new(runs),
             central: (0..CLASSES).map(|_| Mutex::new(Central::default())).collect(),
         }
+    }
+
+    /// The page (from the heap base) below which every page run handed out so far lies.
+    pub fn high_water_page(&self) -> usize {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).bump
     }
 
     /// Whether `addr` lies in this rank's arena.

@@ -27,7 +27,7 @@ use gallocy_transport::{Event, Span};
 
 use crate::clock::now_ns;
 use crate::region::Access;
-use crate::runtime::{fatal, fatal_with, Runtime, EXIT_PEER_LOST};
+use crate::runtime::{fatal, fatal_with, Runtime, EXIT_PEER_LOST, PAUSE, PAUSED, RUN};
 use crate::wire::{self, Msg, Source};
 
 /// A request waiting at (or being served by) a home.
@@ -136,6 +136,9 @@ impl<'a> Engine<'a> {
         let mut last_activity = now_ns();
         let mut idle_spins = 0u32;
         loop {
+            if self.rt.service_pause.load(Ordering::Acquire) == PAUSE {
+                self.pause_for_fork();
+            }
             let mut handled = self.take_local_work();
             handled += self.pump(Duration::ZERO);
             if self.rt.leaving.load(Ordering::Acquire) && self.all_departed() {
@@ -160,11 +163,23 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Stays still while a local thread forks (see `preload::before_fork`): no page changes
+    /// hands here until the child has its snapshot.
+    fn pause_for_fork(&mut self) {
+        let w = &self.rt.service_pause;
+        if w.compare_exchange(PAUSE, PAUSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            crate::futex::wake(w, i32::MAX);
+        }
+        while w.load(Ordering::Acquire) == PAUSED {
+            crate::futex::wait(w, PAUSED, None);
+        }
+    }
+
     /// Blocks until there may be work. While local threads spin for answers they read the
     /// sockets themselves, so we then wait only for their call (or a short timeout) instead of
     /// waking on every frame and competing with them for the two CPUs.
     fn idle(&mut self) {
-        let transport = self.rt.transport.as_deref().expect("a job of several processes has a transport");
+        let transport = self.rt.transport().expect("a job of several processes has a transport");
         let recent_waits = now_ns().saturating_sub(self.rt.last_wait_end.load(Ordering::Acquire)) < DEAF_LINGER_NS;
         if self.rt.slots.spinners.load(Ordering::Acquire) > 0 || recent_waits {
             // Waiting threads take their answers and signal us for anything else; between
@@ -178,7 +193,8 @@ impl<'a> Engine<'a> {
         }
         self.rt.service_sleeping.store(true, Ordering::SeqCst);
         // Re-check for work posted just before we announced sleeping.
-        if !self.rt.slots_posted() && !self.rt.has_api_messages() {
+        if !self.rt.slots_posted() && !self.rt.has_api_messages() && self.rt.service_pause.load(Ordering::SeqCst) == RUN
+        {
             let budget = self.sleep_budget();
             self.pump(budget);
         }
@@ -187,7 +203,7 @@ impl<'a> Engine<'a> {
 
     /// Polls the transport (waiting at most `timeout`) and handles what arrived.
     fn pump(&mut self, timeout: Duration) -> usize {
-        let transport = self.rt.transport.as_deref().expect("a job of several processes has a transport");
+        let transport = self.rt.transport().expect("a job of several processes has a transport");
         let mut events: Vec<(usize, Result<Msg, String>, Option<Span>)> = Vec::new();
         let mut reads_done: Vec<(usize, u64)> = Vec::new();
         let mut left: Vec<usize> = Vec::new();
@@ -252,7 +268,7 @@ impl<'a> Engine<'a> {
 
     /// Tells every other live peer that `rank` is lost, then ends the process with `why`.
     fn lost(&mut self, rank: usize, why: &str) -> ! {
-        let transport = self.rt.transport.as_deref().expect("transport");
+        let transport = self.rt.transport().expect("transport");
         let mut buf = [0u8; 32];
         if let Ok(bytes) = wire::encode(&Msg::Lost { rank: rank as u32 }, &mut buf) {
             for r in (0..self.rt.size).filter(|r| *r != self.me && *r != rank && !self.departed[*r]) {
@@ -340,7 +356,7 @@ impl<'a> Engine<'a> {
             Ok(b) => b,
             Err(e) => fatal(self.rt, &format!("cannot encode a message: {e}")),
         };
-        let transport = self.rt.transport.as_deref().expect("transport");
+        let transport = self.rt.transport().expect("transport");
         if let Err(e) = transport.send(to, bytes, span) {
             self.transport_failed(&e);
         }
@@ -662,7 +678,7 @@ impl<'a> Engine<'a> {
 
     /// Pages travel by one-sided reads (RDMA) instead of being pushed with the grant.
     fn one_sided(&self) -> bool {
-        self.rt.transport.as_deref().is_some_and(|t| t.one_sided_reads())
+        self.rt.transport().is_some_and(|t| t.one_sided_reads())
     }
 
     fn grant(&mut self, from: usize, page: u64, slot: u32, write: bool, source: Source) {
@@ -676,7 +692,7 @@ impl<'a> Engine<'a> {
                 }
                 self.reads.insert(page, (slot, write));
                 let span = Span { offset: page * self.rt.region.page as u64, len: self.rt.region.page as u32 };
-                let transport = self.rt.transport.as_deref().expect("transport");
+                let transport = self.rt.transport().expect("transport");
                 if let Err(e) = transport.start_read(owner, span, page) {
                     self.transport_failed(&e);
                 }

@@ -39,6 +39,12 @@ pub enum Error {
     /// The job was stopped during start-up; the message names the rank at fault.
     #[error("job stopped by rank 0: {0}")]
     JobStopped(String),
+    /// A job-wide call in a process that a member started by `fork`: it is not a member.
+    #[error("gallocy: this process is a forked child of rank {rank}; it is not a member of the job and cannot make job-wide calls")]
+    NotMember {
+        /// The parent's rank.
+        rank: usize,
+    },
     /// An error on this rank, with the rank named.
     #[error("gallocy: rank {rank}: {source}")]
     OnRank {

@@ -151,21 +151,34 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
     if rt.size == 1 {
         return false;
     }
-    if rt.leaving.load(Ordering::Acquire) && !rt.pt.permits((addr - rt.region.base) / rt.region.page, write) {
-        fatal_raw(
-            rt,
-            "touched a shared page it does not hold after leaving the job (gallocy_finalize): page ",
-            (addr - rt.region.base) / rt.region.page,
-        );
+    let page = (addr - rt.region.base) / rt.region.page;
+    match rt.phase.load(Ordering::Acquire) {
+        // Not joined: the heap is private memory and the arena is open; any other page is not
+        // the program's to touch (a foreign fault).
+        crate::runtime::LOCAL => return false,
+        // The heap is becoming shared: wait, then the access runs again.
+        crate::runtime::JOINING => {
+            rt.wait_at_gate();
+            return true;
+        }
+        _ => {}
     }
     if rt.forked.load(Ordering::Acquire) {
-        fatal_raw(
-            rt,
-            "a forked child touched a shared page its parent did not hold: page ",
-            (addr - rt.region.base) / rt.region.page,
-        );
+        fatal_raw(rt, "a forked child touched a shared page its parent did not hold: page ", page);
     }
-    let page = (addr - rt.region.base) / rt.region.page;
+    if rt.leaving.load(Ordering::Acquire) && !rt.pt.permits(page, write) {
+        if rt.exiting.load(Ordering::Acquire) {
+            // The process is ending (another thread called exit): this thread waits for that
+            // end instead of turning the program's exit status into a failure.
+            wait_for_exit(rt);
+        }
+        fatal_raw(rt, "touched a shared page it does not hold after leaving the job (gallocy_finalize): page ", page);
+    }
+    if rt.gate.load(Ordering::SeqCst) != 0 {
+        // A fork is taking its snapshot: the page may be write-protected for that moment.
+        rt.wait_at_gate();
+        return true;
+    }
     if rt.pt.permits(page, write) {
         // Another thread installed it meanwhile (or a protection change is in progress).
         let n = SPURIOUS.with(|c| {
@@ -175,10 +188,26 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
         return n < 100_000;
     }
     SPURIOUS.with(|c| c.set(0));
+    acquire(rt, page, write);
+    true
+}
+
+/// Makes `page` accessible (for writing if `write`) to this process: fetches it from its home
+/// unless it already is. Called by the fault handler and before system calls on heap buffers.
+/// The process must have joined. Async-signal-safe.
+pub fn acquire(rt: &Runtime, page: usize, write: bool) {
+    // Announce the fetch before looking at the gate: a fork closes the gate, then waits for
+    // every announced fetch to end (see `preload::before_fork`).
+    rt.fetching.fetch_add(1, Ordering::SeqCst);
+    while rt.gate.load(Ordering::SeqCst) != 0 {
+        rt.fetching.fetch_sub(1, Ordering::SeqCst);
+        rt.wait_at_gate();
+        rt.fetching.fetch_add(1, Ordering::SeqCst);
+    }
     let start = now_ns();
     loop {
         if rt.pt.permits(page, write) {
-            return true;
+            break;
         }
         if !rt.pt.try_claim(page) {
             rt.pt.wait_unclaimed(page, rt.settings.spin);
@@ -186,14 +215,53 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
         }
         if rt.pt.permits(page, write) {
             rt.pt.release(page);
-            return true;
+            break;
         }
         fetch(rt, page, write);
         // We are about to resume: the service thread may now let the page go again.
         rt.pt.clear_fresh(page);
         rt.pt.release(page);
         rt.stats.record_fault(now_ns() - start);
-        return true;
+        break;
+    }
+    rt.fetching.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Makes `[addr, addr + len)` accessible to the kernel on this process's behalf (for writing
+/// into it if `write`): a system call that copies into or out of heap pages this process does
+/// not hold (or holds read-only) would otherwise fail with EFAULT, since the kernel's own
+/// accesses do not fault into gallocy. A no-op outside the heap, before joining, in a forked
+/// child and after leaving the job. Async-signal-safe.
+pub fn prepare_kernel_access(rt: &Runtime, addr: usize, len: usize, write: bool) {
+    if len == 0 || !rt.joined() || rt.forked.load(Ordering::Acquire) || rt.leaving.load(Ordering::Acquire) {
+        return;
+    }
+    let heap_end = rt.region.base + rt.region.size;
+    let start = addr.max(rt.region.base);
+    let end = addr.saturating_add(len).min(heap_end);
+    if start >= end {
+        return;
+    }
+    let first = (start - rt.region.base) / rt.region.page;
+    let last = (end - 1 - rt.region.base) / rt.region.page;
+    for page in first..=last {
+        if !rt.pt.permits(page, write) {
+            acquire(rt, page, write);
+        }
+    }
+}
+
+/// Parks a thread that touched a page it no longer holds while the process exits; ends the
+/// process if the exit does not come within the peer timeout. Async-signal-safe.
+fn wait_for_exit(rt: &Runtime) {
+    let never = std::sync::atomic::AtomicU32::new(0);
+    let deadline = now_ns().saturating_add(rt.settings.peer_timeout.as_nanos() as u64);
+    loop {
+        let now = now_ns();
+        if now >= deadline {
+            return;
+        }
+        crate::futex::wait(&never, 0, Some(std::time::Duration::from_nanos(deadline - now)));
     }
 }
 
@@ -208,7 +276,7 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
     let home = rt.home(page);
     if home == rt.rank {
         rt.slots.post_local(slot);
-        if let Some(t) = rt.transport.as_deref() {
+        if let Some(t) = rt.transport() {
             t.wake();
         }
     } else {
@@ -216,7 +284,7 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         let msg = Msg::Request { page: page as u64, write, slot };
         let sent = wire::encode(&msg, &mut buf)
             .ok()
-            .map(|bytes| rt.transport.as_deref().expect("transport").send(home, bytes, None).is_ok());
+            .map(|bytes| rt.transport().expect("transport").send(home, bytes, None).is_ok());
         if sent != Some(true) {
             fatal_raw(rt, "cannot send a page request to rank ", home);
         }
@@ -229,7 +297,7 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
 /// thread sits on the path), then sleeps. Async-signal-safe.
 pub fn wait_for(rt: &Runtime, slot: u32) -> u64 {
     let mut drive = || {
-        if let Some(t) = rt.transport.as_deref() {
+        if let Some(t) = rt.transport() {
             t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page));
         }
     };
@@ -239,7 +307,7 @@ pub fn wait_for(rt: &Runtime, slot: u32) -> u64 {
         if done {
             rt.last_wait_end.store(now_ns(), Ordering::Release);
         } else if rt.service_deaf.load(Ordering::SeqCst) {
-            if let Some(t) = rt.transport.as_deref() {
+            if let Some(t) = rt.transport() {
                 t.wake();
             }
         }
@@ -275,7 +343,7 @@ fn take_answer(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<galloc
         // One-sided read by this thread when the transport can do it without allocating (the
         // service thread does the first read of each chunk, which registers memory).
         let span = gallocy_transport::Span { offset: page * rt.region.page as u64, len: rt.region.page as u32 };
-        let transport = rt.transport.as_deref().expect("transport");
+        let transport = rt.transport().expect("transport");
         if owner as usize == rt.rank || owner as usize >= rt.size || !transport.read_inline(owner as usize, span) {
             return false;
         }
@@ -289,7 +357,7 @@ fn take_answer(rt: &Runtime, _from: usize, bytes: &[u8], attached: Option<galloc
         let mut buf = [0u8; 32];
         let sent = wire::encode(&Msg::Done { page }, &mut buf)
             .ok()
-            .map(|b| rt.transport.as_deref().expect("transport").send(home, b, None).is_ok());
+            .map(|b| rt.transport().expect("transport").send(home, b, None).is_ok());
         if sent != Some(true) {
             fatal_raw(rt, "cannot send a completion to rank ", home);
         }
@@ -304,6 +372,5 @@ fn fatal_raw(rt: &Runtime, what: &str, n: usize) -> ! {
     let mut w = RawWriter::new(&mut buf);
     w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: ").str(what).num(n as u64).str("\n");
     write_stderr(w.as_bytes());
-    // SAFETY: ends the process.
-    unsafe { libc::_exit(crate::runtime::EXIT_PEER_LOST) }
+    crate::runtime::exit_now(crate::runtime::EXIT_PEER_LOST)
 }

@@ -44,7 +44,7 @@ pub use alloc::AllocError;
 pub use config::{DEFAULT_HEAP_BASE, DEFAULT_HEAP_SIZE, DEFAULT_SPIN_US, MAX_PROCESSES};
 pub use error::Error;
 pub use fault::prepare_thread;
-pub use runtime::EXIT_PEER_LOST;
+pub use runtime::{exit_now, EXIT_PEER_LOST};
 
 /// This build has the RDMA transport (cargo feature `rdma`).
 pub const RDMA_BUILT: bool = cfg!(feature = "rdma");
@@ -84,93 +84,148 @@ const ARENA_ALIGN: usize = 64 * 1024;
 /// or the variables `mpirun`, PMI and Slurm set). Without any of them this is a one-process job.
 /// Idempotent. Returns once every process of the job has joined.
 pub fn init() -> Result<(), Error> {
-    if RUNTIME.get().is_some() {
-        return Ok(());
+    if let Some(rt) = RUNTIME.get() {
+        return join(rt);
     }
     let _scope = RuntimeScope::enter();
     init_as(config::identity()?)
 }
 
-/// Joins as `id` (the shim uses this to run a process as a one-process job).
+/// Sets up as `id` and joins the job.
 pub(crate) fn init_as(id: config::Identity) -> Result<(), Error> {
-    if RUNTIME.get().is_some() {
-        return Ok(());
+    let rt = prepare(id, true)?;
+    join(rt)
+}
+
+/// Sets up this process's rank without talking to anybody: the heap (private memory until the
+/// process joins), this rank's arena and the allocator. Idempotent. With `report_to_job`, a
+/// member whose own configuration is bad still contacts rank 0, so that the whole job stops
+/// with one message naming this rank.
+pub(crate) fn prepare(id: config::Identity, report_to_job: bool) -> Result<&'static Runtime, Error> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
     }
     let _scope = RuntimeScope::enter();
     let _g = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if RUNTIME.get().is_some() {
-        return Ok(());
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
     }
     let rank = id.rank;
-    start(id).map_err(|e| e.on_rank(rank))?;
-    if size() > 1 {
-        barrier();
-    }
-    Ok(())
-}
-
-fn start(id: config::Identity) -> Result<(), Error> {
     let settings = config::settings();
-    // A one-process job needs no runtime view: a private anonymous heap also gives a forked
-    // child a proper copy-on-write snapshot.
-    let region = settings.as_ref().ok().map(|s| {
-        if id.size == 1 {
-            region::Region::reserve_private(s.heap_base, s.heap_size)
-        } else {
-            region::Region::reserve(s.heap_base, s.heap_size)
-        }
-    });
+    let region = settings.as_ref().ok().map(|s| region::Region::reserve_private(s.heap_base, s.heap_size));
     let problem = match (&settings, &region) {
         (Err(e), _) => Some(e.to_string()),
         (_, Some(Err(e))) => Some(e.to_string()),
         _ => None,
     };
-    // Every rank joins, even with a problem of its own, so that rank 0 stops the whole job
-    // with one message that names this rank.
-    let transport = (id.size > 1).then(|| {
-        let view = match &region {
-            Some(Ok(r)) => MemoryView { base: r.runtime_base as *mut u8, len: r.size },
-            _ => MemoryView { base: std::ptr::null_mut(), len: 0 },
-        };
-        bootstrap::connect(&id, settings.as_ref().ok(), view, problem)
-    });
-    // Our own problem is the clearest message for this rank.
-    let settings = settings?;
-    let region = region.expect("valid settings give a region")?;
-    let transport = transport.transpose()?;
-    if id.rank == 0 && id.token_derived {
+    if problem.is_some() && report_to_job && id.size > 1 {
+        let nowhere = MemoryView { base: std::ptr::null_mut(), len: 0 };
+        // This always fails; our own problem (below) is the clearest message for this rank.
+        let _ = bootstrap::connect(&id, settings.as_ref().ok(), nowhere, problem);
+    }
+    let settings = settings.map_err(|e| e.on_rank(rank))?;
+    let region = region.expect("valid settings give a region").map_err(|e| e.on_rank(rank))?;
+    let layout = ArenaLayout::new(region.size, region.page, id.size);
+    let (first, end) = layout.pages(id.rank);
+    region.protect(first, end - first, region::Access::Write).map_err(|e| {
+        Error::Os { what: "opening this rank's arena".into(), source: std::io::Error::from_raw_os_error(e) }
+            .on_rank(rank)
+    })?;
+    let pt = pagetable::PageTable::new(region.pages(), first, end).map_err(|e| e.on_rank(rank))?;
+    let rt = Runtime::new(id, settings, region, pt, layout.arena_size);
+    if RUNTIME.set(rt).is_err() {
+        unreachable!("prepare holds the init lock");
+    }
+    Ok(RUNTIME.get().expect("just set"))
+}
+
+/// How the heap is split into one arena per rank.
+struct ArenaLayout {
+    arena_size: usize,
+    page: usize,
+    pages: usize,
+    ranks: usize,
+}
+
+impl ArenaLayout {
+    fn new(heap_size: usize, page: usize, ranks: usize) -> ArenaLayout {
+        ArenaLayout {
+            arena_size: (heap_size / ranks) / ARENA_ALIGN * ARENA_ALIGN,
+            page,
+            pages: heap_size / page,
+            ranks,
+        }
+    }
+
+    /// Pages `[first, end)` of `rank`'s arena (the last rank's runs to the end of the heap).
+    fn pages(&self, rank: usize) -> (usize, usize) {
+        let first = rank * self.arena_size / self.page;
+        let end = if rank == self.ranks - 1 { self.pages } else { first + self.arena_size / self.page };
+        (first, end)
+    }
+}
+
+static JOIN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Joins the job (idempotent; a no-op in a one-process job): makes the heap shared, connects
+/// to every peer, starts the service thread, then waits for every rank (barrier).
+pub(crate) fn join(rt: &'static Runtime) -> Result<(), Error> {
+    if rt.size == 1 || rt.joined() {
+        return Ok(());
+    }
+    let _scope = RuntimeScope::enter();
+    {
+        let _g = JOIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if rt.joined() {
+            return Ok(());
+        }
+        if let Err(e) = connect(rt) {
+            // Back to a working local process: the arena stays open, the gate opens.
+            let (first, end) = rt.arena_pages();
+            let _ = rt.region.protect(first, end - first, region::Access::Write);
+            rt.phase.store(runtime::LOCAL, Ordering::SeqCst);
+            rt.open_gate();
+            return Err(e.on_rank(rt.rank));
+        }
+    }
+    barrier();
+    Ok(())
+}
+
+/// The joining steps of [`join`].
+fn connect(rt: &'static Runtime) -> Result<(), Error> {
+    let os = |what: &str, e: i32| Error::Os { what: what.into(), source: std::io::Error::from_raw_os_error(e) };
+    fault::install()?;
+    fault::prepare_thread();
+    // Other threads keep running: while the arena's contents move into the memfd, their writes
+    // to it fault, and wait at the gate (see `fault::handle_heap_fault`).
+    rt.close_gate();
+    rt.phase.store(runtime::JOINING, Ordering::SeqCst);
+    let (first, end) = rt.arena_pages();
+    rt.region.protect(first, end - first, region::Access::Read).map_err(|e| os("freezing this rank's arena", e))?;
+    // Every page handed out so far lies below the allocator's high-water mark.
+    let used = rt.alloc.high_water_page().clamp(first, end);
+    let view = rt.region.share(first, used)?;
+    rt.region.protect(first, end - first, region::Access::Write).map_err(|e| os("opening this rank's arena", e))?;
+    let transport = bootstrap::connect(rt.identity(), Some(&rt.settings), view, None)?;
+    rt.set_transport(transport);
+    if rt.rank == 0 && rt.identity().token_derived {
         eprintln!(
             "gallocy: warning: GALLOCY_TOKEN is not set; using a token derived from the job's identity, \
              which keeps other jobs out but is not a secret"
         );
     }
-    let arena_size = (region.size / id.size) / ARENA_ALIGN * ARENA_ALIGN;
-    let page = region.page;
-    let first = id.rank * arena_size / page;
-    let end = if id.rank == id.size - 1 { region.pages() } else { first + arena_size / page };
-    region.protect(first, end - first, region::Access::Write).map_err(|e| Error::Os {
-        what: "opening this rank's arena".into(),
-        source: std::io::Error::from_raw_os_error(e),
-    })?;
-    let pt = pagetable::PageTable::new(region.pages(), first, end)?;
-    let rt = Runtime::new(id.rank, id.size, settings, region, pt, transport, arena_size);
-    if RUNTIME.set(rt).is_err() {
-        unreachable!("init holds the init lock");
-    }
-    let rt = RUNTIME.get().expect("just set");
-    if rt.size > 1 {
-        // A one-process job never faults on purpose: it leaves SIGSEGV alone.
-        fault::install()?;
-        fault::prepare_thread();
-        std::thread::Builder::new()
-            .name("gallocy-service".into())
-            .spawn(move || {
-                std::mem::forget(RuntimeScope::enter());
-                fault::prepare_thread();
-                engine::Engine::new(rt).run();
-            })
-            .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
-    }
+    std::thread::Builder::new()
+        .name("gallocy-service".into())
+        .spawn(move || {
+            std::mem::forget(RuntimeScope::enter());
+            fault::prepare_thread();
+            engine::Engine::new(rt).run();
+        })
+        .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
+    rt.record_member_pid();
+    rt.phase.store(runtime::JOINED, Ordering::SeqCst);
+    rt.open_gate();
     Ok(())
 }
 
@@ -179,6 +234,10 @@ fn member(call: &str) -> &'static Runtime {
     let rt = rt();
     if rt.forked.load(Ordering::Acquire) {
         panic!("gallocy: {call} in a forked child of rank {}: the child is not a member of the job", rt.rank);
+    }
+    if let Err(e) = join(rt) {
+        eprintln!("{e}");
+        std::process::exit(1);
     }
     rt
 }
@@ -332,7 +391,7 @@ pub fn finalize() -> Result<(), Error> {
     if rt.settings.stats {
         eprintln!("{}", rt.stats.report(rt.rank));
     }
-    if let Some(t) = rt.transport.as_deref() {
+    if let Some(t) = rt.transport() {
         rt.leaving.store(true, Ordering::Release);
         t.say_goodbye().map_err(|e| Error::from(e).on_rank(rt.rank))?;
         t.wake();
@@ -430,6 +489,9 @@ pub unsafe fn free(p: *mut u8) {
         if let Err(e) = rt.alloc.free(addr) {
             misuse(rt, &e);
         }
+    } else if !rt.joined() && !rt.forked.load(Ordering::Acquire) {
+        // Before joining, no block of another rank's arena can have reached this process.
+        misuse(rt, &AllocError::InvalidPointer(addr));
     } else if !rt.forked.load(Ordering::Acquire) && !rt.leaving.load(Ordering::Acquire) {
         let _s = RuntimeScope::enter();
         rt.send_from_app(rt.arena_rank((addr - rt.region.base) / rt.region.page), Msg::Free { addr: addr as u64 });
@@ -451,6 +513,10 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
     }
     if rt.alloc.is_local(addr) {
         return rt.alloc.usable_size(addr).unwrap_or_else(|e| misuse(rt, &e));
+    }
+    if !rt.joined() || rt.forked.load(Ordering::Acquire) {
+        // Only a member of the job can ask the owning rank.
+        misuse(rt, &AllocError::InvalidPointer(addr));
     }
     let slot = rt.slots.claim();
     rt.send_from_app(

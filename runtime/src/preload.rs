@@ -2,12 +2,22 @@
 //!
 //! The shim exports the malloc family; these functions tell it which calls are gallocy's own
 //! (to be served by glibc, so the runtime never re-enters itself), which pointers belong to the
-//! shared heap, and keep the allocator consistent across `fork`.
+//! shared heap, decide which process is a member of the job, keep the heap a true snapshot
+//! across `fork`, make heap buffers usable by system calls, and leave the job at exit.
+//!
+//! How a process starts (see the README, "How the shim starts"):
+//! - [`prepare`] runs in the shim's ELF constructor, where the dynamic loader's lock is free, and
+//!   talks to nobody: it decides membership, maps the heap as private memory and opens this
+//!   rank's arena, so `malloc` serves blocks from then on without ever joining anything.
+//! - The process joins the job (shares the heap, connects to its peers, starts the service
+//!   thread) at its first call of a job-wide function (`gallocy_init`, `gallocy_barrier`, ...),
+//!   in the application's own context, never inside an allocation.
 
-use std::cell::RefCell;
-use std::sync::atomic::Ordering;
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::runtime::RUNTIME;
+use crate::region::{Access, Readable};
+use crate::runtime::{Runtime, PAUSE, PAUSED, RUN, RUNTIME};
 
 /// True while the calling thread runs gallocy's own code (its allocations must not come from
 /// the shared heap).
@@ -25,7 +35,7 @@ pub fn scope() -> Scope {
     Scope(crate::RuntimeScope::enter())
 }
 
-/// Whether `addr` lies in the shared heap (false before `init`).
+/// Whether `addr` lies in the shared heap (false before `prepare`).
 #[inline]
 pub fn owns(addr: usize) -> bool {
     RUNTIME.get().is_some_and(|rt| rt.region.contains(addr))
@@ -71,24 +81,77 @@ pub unsafe fn free_if_owned(p: *mut u8) -> bool {
     true
 }
 
-/// Whether `init` has completed in this process.
+/// Whether `prepare` has completed in this process.
 #[inline]
 pub fn initialized() -> bool {
     RUNTIME.get().is_some()
 }
 
-/// Joins the job described by the environment, or, when `single` is true, runs this process as
-/// a one-process job whatever the environment says (a process started by a job member inherits
-/// the member's variables but is not a member itself).
-pub fn init(single: bool) -> Result<(), crate::Error> {
-    if !single {
-        return crate::init();
+/// The environment variable that marks the process that is the job's member: its value is
+/// that process's pid. A process that finds another pid there was started by a member (a
+/// shell's command, a subprocess) and is not a member; one that finds its own pid is what the
+/// member `exec`ed (a wrapper ending in `exec`), and takes the member's place. After the
+/// member joined, `:joined` follows the pid: a program it then `exec`s cannot take a rank the
+/// job already has.
+const MEMBER_MARK: &str = "GALLOCY_JOINED";
+
+/// What [`prepare`] made of this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A member of a job of several processes (joins at its first job-wide call).
+    Member,
+    /// A one-process job: no job variables, or a process started by a member.
+    Single,
+}
+
+/// Sets up this process from its environment without talking to anybody: decides whether it
+/// is a member of a job (see [`MEMBER_MARK`]), maps the heap as private memory and opens its
+/// arena. Called by the shim's ELF constructor (or its first C API call, if that comes
+/// earlier). On error the process has no heap; a member must not run on.
+pub fn prepare() -> Result<Start, crate::Error> {
+    let _s = scope();
+    let id = crate::config::identity()?;
+    let id = if id.size > 1 && !claim_membership() { crate::config::single_identity() } else { id };
+    let start = if id.size > 1 { Start::Member } else { Start::Single };
+    crate::prepare(id, false)?;
+    Ok(start)
+}
+
+/// Decides whether this process is the member its job variables describe, marking it so for
+/// the processes it starts. Runs before `main`, so that shells, which copy the environment
+/// when they start, pass the mark on.
+fn claim_membership() -> bool {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    match std::env::var(MEMBER_MARK) {
+        Ok(v) => {
+            let (pid, joined) = match v.split_once(':') {
+                Some((pid, _)) => (pid, true),
+                None => (v.as_str(), false),
+            };
+            pid.trim().parse::<i32>() == Ok(me) && !joined
+        }
+        Err(_) => {
+            std::env::set_var(MEMBER_MARK, me.to_string());
+            true
+        }
     }
-    let mut id = crate::config::identity().unwrap_or_else(|_| crate::config::single_identity());
-    if id.size > 1 {
-        id = crate::config::single_identity();
+}
+
+/// Joins the job (idempotent): the shim's C API calls this before any job-wide call.
+pub fn join() -> Result<(), crate::Error> {
+    let rt = RUNTIME.get().expect("prepare ran");
+    if rt.size == 1 || rt.joined() {
+        return Ok(());
     }
-    crate::init_as(id)
+    if rt.forked.load(Ordering::Acquire) {
+        return Err(crate::Error::NotMember { rank: rt.rank });
+    }
+    crate::join(rt)?;
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    std::env::set_var(MEMBER_MARK, format!("{me}:joined"));
+    Ok(())
 }
 
 /// Whether `GALLOCY_STATS=1` is in force.
@@ -96,40 +159,224 @@ pub fn stats_enabled() -> bool {
     RUNTIME.get().is_some_and(|rt| rt.settings.stats)
 }
 
-thread_local! {
-    static FORK_GUARDS: RefCell<Option<crate::alloc::ForkGuards<'static>>> = const { RefCell::new(None) };
-}
-
-/// `pthread_atfork` prepare handler: holds the allocator's locks across `fork`, so the child
-/// never inherits one held by a thread that does not exist there.
-pub fn before_fork() {
-    if let Some(rt) = RUNTIME.get() {
-        // The slot's first use registers a destructor, which allocates: do that as runtime code
-        // and before taking the locks that allocation could need.
-        let _s = scope();
-        FORK_GUARDS.with(|_| ());
-        let guards = rt.alloc.lock_all();
-        FORK_GUARDS.with(|g| *g.borrow_mut() = Some(guards));
+/// At process exit (`exit` from any thread, `main` returning, `_exit`, `_Exit`): a member that
+/// joined leaves the job (barrier, statistics, goodbye); other threads that touch a page they
+/// no longer hold then wait for the end rather than fail the process. Anything else prints its
+/// statistics if asked to.
+pub fn at_exit() {
+    let Some(rt) = RUNTIME.get() else { return };
+    let _s = scope();
+    if rt.is_joined_member() && !rt.forked.load(Ordering::Acquire) {
+        rt.exiting.store(true, std::sync::atomic::Ordering::Release);
+        if let Err(e) = crate::finalize() {
+            eprintln!("{e}");
+        }
+    } else if rt.settings.stats && !FORK_CHILD.load(Ordering::Acquire) && !rt.finalized.load(Ordering::Acquire) {
+        crate::stats_print();
     }
 }
 
-/// `pthread_atfork` parent handler.
-pub fn after_fork_parent() {
-    FORK_GUARDS.with(|g| g.borrow_mut().take());
+/// This process is a forked child (of a member, or of a one-process job): it prints no
+/// statistics of its own at exit (the process it was forked from does).
+static FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `[addr, addr + len)` overlaps the heap of a process that joined its job (where the
+/// kernel may find pages it cannot touch). A few loads. Async-signal-safe.
+#[inline]
+pub fn shared_range(addr: usize, len: usize) -> bool {
+    RUNTIME.get().is_some_and(|rt| {
+        len != 0
+            && rt.size > 1
+            && rt.joined()
+            && addr < rt.region.base + rt.region.size
+            && addr.saturating_add(len) > rt.region.base
+    })
 }
 
-/// `pthread_atfork` child handler. A one-process job's heap is private memory, so the child
-/// simply goes on with a copy-on-write snapshot. In a multi-process job the child is not a
-/// member of the job: its heap mappings become private copies (its writes never reach the
-/// parent), its allocations still work (from the parent's arena, now private), frees of other
-/// ranks' blocks are ignored, and touching a page the parent did not hold is a clear error.
-pub fn after_fork_child() {
-    FORK_GUARDS.with(|g| g.borrow_mut().take());
+/// Before a system call copies into (`write`) or out of `[addr, addr + len)`: makes the heap
+/// pages in that range present with that access, as a user-space access would (the kernel's
+/// own accesses do not fault into gallocy). Cheap when nothing needs doing. Async-signal-safe.
+#[inline]
+pub fn before_kernel_access(addr: usize, len: usize, write: bool) {
     if let Some(rt) = RUNTIME.get() {
-        if rt.size > 1 {
-            rt.forked.store(true, Ordering::Release);
-            let _s = scope();
-            rt.region.privatize();
+        if rt.size > 1 && rt.joined() {
+            crate::fault::prepare_kernel_access(rt, addr, len, write);
         }
     }
+}
+
+/// What a fork in progress needs across its three handlers.
+struct ForkState {
+    guards: Option<crate::alloc::ForkGuards<'static>>,
+    /// The parent's readable heap runs at the fork (copied by the child).
+    runs: Vec<Readable>,
+    /// The child writes one byte here once it holds its copy; the parent waits for it (or for
+    /// the end of file, if the child died first).
+    pipe: [libc::c_int; 2],
+    snapshot: bool,
+}
+
+/// The fork in progress; [`FORK_LOCK`] serializes forks, so one thread at a time uses it.
+struct ForkCell(UnsafeCell<ForkState>);
+// SAFETY: only the thread holding FORK_LOCK (or the single thread of a just-forked child)
+// touches the state.
+unsafe impl Sync for ForkCell {}
+static FORK: ForkCell =
+    ForkCell(UnsafeCell::new(ForkState { guards: None, runs: Vec::new(), pipe: [-1, -1], snapshot: false }));
+/// 0 free, 1 held, 2 held with waiters (futex word).
+static FORK_LOCK: AtomicU32 = AtomicU32::new(0);
+
+fn fork_lock() {
+    while FORK_LOCK.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if FORK_LOCK.swap(2, Ordering::Acquire) == 0 {
+            return;
+        }
+        crate::futex::wait(&FORK_LOCK, 2, None);
+    }
+}
+
+fn fork_unlock() {
+    if FORK_LOCK.swap(0, Ordering::Release) == 2 {
+        crate::futex::wake(&FORK_LOCK, 1);
+    }
+}
+
+/// The fork state, for the thread that holds [`FORK_LOCK`].
+#[allow(clippy::mut_from_ref)]
+fn fork_state() -> &'static mut ForkState {
+    // SAFETY: see ForkCell: the caller holds FORK_LOCK (or is a just-forked child's only thread).
+    unsafe { &mut *FORK.0.get() }
+}
+
+/// `pthread_atfork` prepare handler. Holds the allocator's locks across `fork`, so the child
+/// never inherits one held by a thread that does not exist there. In a member that joined the
+/// job, also freezes the heap until the child has its snapshot (see [`after_fork_child`]):
+/// new heap faults wait at the gate, fetches under way finish, the service thread pauses (no
+/// page changes hands), and the writable pages become read-only for that moment.
+pub fn before_fork() {
+    let Some(rt) = RUNTIME.get() else { return };
+    let _s = scope();
+    fork_lock();
+    let st = fork_state();
+    st.snapshot = rt.is_joined_member() && !rt.forked.load(Ordering::Acquire);
+    if st.snapshot {
+        freeze_heap(rt, st);
+    }
+    st.guards = Some(rt.alloc.lock_all());
+}
+
+fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
+    rt.close_gate();
+    let deadline = crate::clock::now_ns().saturating_add(rt.settings.peer_timeout.as_nanos() as u64);
+    let stuck = |what: &str| -> ! {
+        crate::runtime::fatal(rt, &format!("fork: {what} for longer than the peer timeout"));
+    };
+    while rt.fetching.load(Ordering::SeqCst) != 0 {
+        if crate::clock::now_ns() > deadline {
+            stuck("page fetches of other threads did not finish");
+        }
+        std::thread::yield_now();
+    }
+    rt.service_pause.store(PAUSE, Ordering::SeqCst);
+    if let Some(t) = rt.transport() {
+        t.wake();
+    }
+    while rt.service_pause.load(Ordering::SeqCst) != PAUSED && !rt.all_departed.load(Ordering::Acquire) {
+        if crate::clock::now_ns() > deadline {
+            stuck("the service thread did not pause");
+        }
+        crate::futex::wait(&rt.service_pause, PAUSE, Some(std::time::Duration::from_millis(10)));
+    }
+    st.runs = match rt.region.readable_runs() {
+        Ok(r) => r,
+        Err(e) => crate::runtime::fatal(rt, &format!("fork: {e}")),
+    };
+    for r in st.runs.iter().filter(|r| r.writable) {
+        if let Err(e) = rt.region.protect_range(r.start, r.end, Access::Read) {
+            crate::runtime::protect_failed(rt, e);
+        }
+    }
+    st.pipe = [-1, -1];
+    // SAFETY: `pipe` is a valid array of two descriptors.
+    if unsafe { libc::pipe2(st.pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        crate::runtime::fatal(rt, "fork: cannot create a pipe to wait for the child's heap snapshot");
+    }
+}
+
+/// `pthread_atfork` parent handler: waits until the child holds its snapshot, then lets the
+/// heap go on.
+pub fn after_fork_parent() {
+    let Some(rt) = RUNTIME.get() else { return };
+    let _s = scope();
+    let st = fork_state();
+    st.guards = None;
+    if st.snapshot {
+        // SAFETY: our own pipe's descriptors; a one-byte buffer on the stack.
+        unsafe {
+            libc::close(st.pipe[1]);
+            let mut b = 0u8;
+            while libc::read(st.pipe[0], (&mut b as *mut u8).cast(), 1) < 0 && *libc::__errno_location() == libc::EINTR
+            {
+            }
+            libc::close(st.pipe[0]);
+        }
+        thaw_heap(rt, st);
+    }
+    fork_unlock();
+}
+
+fn thaw_heap(rt: &Runtime, st: &mut ForkState) {
+    for r in st.runs.iter().filter(|r| r.writable) {
+        if let Err(e) = rt.region.protect_range(r.start, r.end, Access::Write) {
+            crate::runtime::protect_failed(rt, e);
+        }
+    }
+    st.runs.clear();
+    rt.service_pause.store(RUN, Ordering::SeqCst);
+    crate::futex::wake(&rt.service_pause, i32::MAX);
+    rt.open_gate();
+}
+
+/// `pthread_atfork` child handler. A process that has not joined (a one-process job, or a
+/// member before its first job-wide call) has private memory: the kernel already gave the
+/// child a copy-on-write snapshot. The child of a member that joined copies the pages its
+/// parent holds into private memory while the parent waits (see [`before_fork`]), so it sees
+/// the heap exactly as it was at the fork; then it lets the parent go on. Either way the child
+/// is not a member of the job: it can keep allocating (from the parent's arena, now its own),
+/// frees of other ranks' blocks are ignored, and touching a page the parent did not hold is a
+/// clear error. Runs in the child's only thread: no locks are needed, and nothing here
+/// allocates.
+pub fn after_fork_child() {
+    let Some(rt) = RUNTIME.get() else { return };
+    let st = fork_state();
+    st.guards = None;
+    FORK_CHILD.store(true, Ordering::Release);
+    if rt.size > 1 {
+        rt.forked.store(true, Ordering::Release);
+    }
+    if st.snapshot {
+        if let Err(errno) = rt.region.snapshot_in_child(&st.runs) {
+            let mut buf = [0u8; 160];
+            let mut w = crate::fmt::RawWriter::new(&mut buf);
+            w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: fork: the child could not copy the heap (errno ");
+            w.num(errno as u64).str(")\n");
+            crate::runtime::write_stderr(w.as_bytes());
+            crate::runtime::exit_now(1);
+        }
+        if let Some(t) = rt.transport() {
+            t.close_in_forked_child();
+        }
+        // SAFETY: our own pipe's descriptors; a one-byte buffer.
+        unsafe {
+            libc::write(st.pipe[1], b"1".as_ptr().cast(), 1);
+            libc::close(st.pipe[0]);
+            libc::close(st.pipe[1]);
+        }
+        // Forget the parent's fork in progress: it is not ours.
+        st.runs.clear();
+        st.snapshot = false;
+        rt.service_pause.store(RUN, Ordering::SeqCst);
+        rt.gate.store(0, Ordering::SeqCst);
+    }
+    FORK_LOCK.store(0, Ordering::SeqCst);
 }

@@ -6,6 +6,9 @@
 //! peers read from (and what an RDMA NIC registers).
 
 use std::io::BufRead;
+use std::sync::OnceLock;
+
+use gallocy_transport::MemoryView;
 
 use crate::error::Error;
 
@@ -39,13 +42,29 @@ impl Access {
 }
 
 /// The mapped heap.
+///
+/// A heap starts as private anonymous memory (a one-process job, or a job member that has not
+/// joined yet: `fork` then gives a plain copy-on-write snapshot). [`Region::share`] turns it into
+/// the memfd with its two views when the process joins the job.
 pub struct Region {
     pub base: usize,
     pub size: usize,
     pub page: usize,
-    /// Start of the runtime view.
-    pub runtime_base: usize,
+    shared: OnceLock<Shared>,
+}
+
+/// The memfd behind a shared heap and its runtime view.
+struct Shared {
     memfd: libc::c_int,
+    runtime_base: usize,
+}
+
+/// A readable run of the application view: `[start, end)` with its protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readable {
+    pub start: usize,
+    pub end: usize,
+    pub writable: bool,
 }
 
 /// Finds the /proc/self/maps line overlapping [start, end).
@@ -103,85 +122,41 @@ impl Region {
             )
         };
         check_placement(p, base, size)?;
-        Ok(Region { base, size, page: page_size(), runtime_base: base, memfd: -1 })
+        Ok(Region { base, size, page: page_size(), shared: OnceLock::new() })
     }
 
-    /// In a forked child of a multi-process job: turns the shared mappings of the heap into
-    /// private copy-on-write ones with the same protections, so the child's writes never reach
-    /// the parent's memory. Pages the child does not write may still show the parent's later
-    /// writes. Returns false if /proc/self/maps could not be read.
-    pub fn privatize(&self) -> bool {
-        if self.memfd < 0 {
-            return true;
+    /// Turns the private heap into a shared one when the process joins the job: creates the memfd,
+    /// maps the runtime view, copies the pages `[first, end)` that hold data into it, and maps the
+    /// memfd over the whole application view with no access (the caller opens what it holds).
+    /// The caller keeps every thread from writing those pages meanwhile (it write-protects them).
+    pub fn share(&self, first: usize, end: usize) -> Result<MemoryView, Error> {
+        if let Some(s) = self.shared.get() {
+            return Ok(MemoryView { base: s.runtime_base as *mut u8, len: self.size });
         }
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
-        for line in maps.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
-            let Some((a, b)) = range.split_once('-') else { continue };
-            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
-            if a < self.base || b > self.base + self.size {
-                continue;
-            }
-            let mut prot = 0;
-            if perms.starts_with('r') {
-                prot |= libc::PROT_READ;
-            }
-            if perms.as_bytes().get(1) == Some(&b'w') {
-                prot |= libc::PROT_WRITE;
-            }
-            // SAFETY: replacing part of our own application view with a private mapping of the
-            // same file range.
-            unsafe {
-                libc::mmap(
-                    a as *mut libc::c_void,
-                    b - a,
-                    prot,
-                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    self.memfd,
-                    (a - self.base) as libc::off_t,
-                );
-            }
-        }
-        true
-    }
-
-    /// Creates the memfd and maps both views; the application view starts with no access.
-    pub fn reserve(base: usize, size: usize) -> Result<Region, Error> {
-        let page = page_size();
         // SAFETY: the name is a valid C string; flags are valid.
         let memfd = unsafe { libc::memfd_create(c"gallocy-heap".as_ptr(), libc::MFD_CLOEXEC) };
         if memfd < 0 {
             return Err(Error::os("memfd_create"));
         }
-        // SAFETY: memfd is ours.
-        if unsafe { libc::ftruncate(memfd, size as libc::off_t) } != 0 {
-            let e = Error::os(format!("sizing the heap memfd to {size} bytes"));
-            // SAFETY: closing our fd.
-            unsafe { libc::close(memfd) };
-            return Err(e);
-        }
-        // SAFETY: mapping our memfd at a fixed address that must be free (NOREPLACE).
-        let app = unsafe {
-            libc::mmap(
-                base as *mut libc::c_void,
-                size,
-                libc::PROT_NONE,
-                libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
-                memfd,
-                0,
-            )
+        let fail = |e: Error, rt: *mut libc::c_void| {
+            // SAFETY: undoing our own mapping and fd.
+            unsafe {
+                if !rt.is_null() && rt != libc::MAP_FAILED {
+                    libc::munmap(rt, self.size);
+                }
+                libc::close(memfd);
+            }
+            Err(e)
         };
-        if let Err(e) = check_placement(app, base, size) {
-            // SAFETY: closing our fd.
-            unsafe { libc::close(memfd) };
-            return Err(e);
+        // SAFETY: memfd is ours.
+        if unsafe { libc::ftruncate(memfd, self.size as libc::off_t) } != 0 {
+            return fail(Error::os(format!("sizing the heap memfd to {} bytes", self.size)), std::ptr::null_mut());
         }
         // SAFETY: mapping our memfd anywhere, shared, read-write.
         let rt = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size,
+                self.size,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
                 memfd,
@@ -189,15 +164,125 @@ impl Region {
             )
         };
         if rt == libc::MAP_FAILED {
-            let e = Error::os("mapping the heap's runtime view");
-            // SAFETY: undoing our own mapping and fd.
-            unsafe {
-                libc::munmap(app, size);
-                libc::close(memfd);
-            }
-            return Err(e);
+            return fail(Error::os("mapping the heap's runtime view"), rt);
         }
-        Ok(Region { base, size, page, runtime_base: rt as usize, memfd })
+        for page in first..end {
+            let off = page * self.page;
+            // SAFETY: pages [first, end) of the application view are readable (the caller's
+            // arena), the runtime view is a fresh read-write mapping of the same size.
+            unsafe {
+                let src = std::slice::from_raw_parts((self.base + off) as *const u8, self.page);
+                if src.iter().any(|b| *b != 0) {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), (rt as *mut u8).add(off), self.page);
+                }
+            }
+        }
+        // SAFETY: replaces our own private application view, in place, by the memfd.
+        let app = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                memfd,
+                0,
+            )
+        };
+        if app == libc::MAP_FAILED {
+            return fail(Error::os("mapping the shared heap"), rt);
+        }
+        let _ = self.shared.set(Shared { memfd, runtime_base: rt as usize });
+        Ok(MemoryView { base: rt as *mut u8, len: self.size })
+    }
+
+    /// The readable runs of the application view, from /proc/self/maps (allocates).
+    pub fn readable_runs(&self) -> Result<Vec<Readable>, Error> {
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| Error::Os { what: "reading /proc/self/maps".into(), source: e })?;
+        let mut runs = Vec::new();
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+            let Some((a, b)) = range.split_once('-') else { continue };
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+            if a < self.base || b > self.base + self.size || !perms.starts_with('r') {
+                continue;
+            }
+            runs.push(Readable { start: a, end: b, writable: perms.as_bytes().get(1) == Some(&b'w') });
+        }
+        Ok(runs)
+    }
+
+    /// In a forked child of a job member: replaces the shared application view by private
+    /// memory holding a copy of `runs` (the parent's readable pages, frozen by the parent until
+    /// this returns), with the same protections; everything else has no access. The child's
+    /// heap is then exactly the parent's at `fork`, and nothing either side writes reaches the
+    /// other. Async-signal-safe (no allocation). On failure returns the errno.
+    pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        let errno = || {
+            // SAFETY: reading errno right after a failing call.
+            unsafe { *libc::__errno_location() }
+        };
+        // SAFETY: a fresh private mapping; copies from readable runs of our application view into
+        // it; then moves it over the application view (one mapping, so mremap can move it whole),
+        // and sets the protections of our own heap range.
+        unsafe {
+            let copy = libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if copy == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            for r in runs {
+                std::ptr::copy_nonoverlapping(
+                    r.start as *const u8,
+                    (copy as *mut u8).add(r.start - self.base),
+                    r.end - r.start,
+                );
+            }
+            let moved = libc::mremap(
+                copy,
+                self.size,
+                self.size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.base as *mut libc::c_void,
+            );
+            if moved == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
+                return Err(errno());
+            }
+            for r in runs {
+                let prot = if r.writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+                if libc::mprotect(r.start as *mut libc::c_void, r.end - r.start, prot) != 0 {
+                    return Err(errno());
+                }
+            }
+            libc::munmap(shared.runtime_base as *mut libc::c_void, self.size);
+            libc::close(shared.memfd);
+        }
+        Ok(())
+    }
+
+    /// Sets the protection of `[start, end)` of the application view (inside the heap).
+    /// Async-signal-safe. On failure returns the errno.
+    pub fn protect_range(&self, start: usize, end: usize, access: Access) -> Result<(), i32> {
+        debug_assert!(start >= self.base && end <= self.base + self.size);
+        // SAFETY: the range lies inside our application view.
+        let r = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, access.prot()) };
+        if r == 0 {
+            Ok(())
+        } else {
+            // SAFETY: reading errno right after the failing call.
+            Err(unsafe { *libc::__errno_location() })
+        }
     }
 
     /// Number of pages.
@@ -215,20 +300,13 @@ impl Region {
     /// Async-signal-safe. On failure returns the errno.
     pub fn protect(&self, page: usize, count: usize, access: Access) -> Result<(), i32> {
         let addr = self.base + page * self.page;
-        // SAFETY: the range lies inside our application view.
-        let r = unsafe { libc::mprotect(addr as *mut libc::c_void, count * self.page, access.prot()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            // SAFETY: reading errno right after the failing call.
-            Err(unsafe { *libc::__errno_location() })
-        }
+        self.protect_range(addr, addr + count * self.page, access)
     }
 
     /// Pointer to a page in the runtime view.
     #[cfg(test)]
     pub fn runtime_page(&self, page: usize) -> *mut u8 {
-        (self.runtime_base + page * self.page) as *mut u8
+        (self.shared.get().expect("shared").runtime_base + page * self.page) as *mut u8
     }
 }
 
@@ -237,9 +315,9 @@ impl Drop for Region {
         // SAFETY: unmapping our own views and closing our fd.
         unsafe {
             libc::munmap(self.base as *mut libc::c_void, self.size);
-            if self.memfd >= 0 {
-                libc::munmap(self.runtime_base as *mut libc::c_void, self.size);
-                libc::close(self.memfd);
+            if let Some(s) = self.shared.get() {
+                libc::munmap(s.runtime_base as *mut libc::c_void, self.size);
+                libc::close(s.memfd);
             }
         }
     }
@@ -257,8 +335,14 @@ mod tests {
     #[test]
     fn views_share_memory_and_occupied_range_is_reported() {
         let base = 0x3100_0000_0000;
-        let r = Region::reserve(base, 16 << 20).unwrap();
+        let r = Region::reserve_private(base, 16 << 20).unwrap();
+        r.protect(0, 2, Access::Write).unwrap();
+        // SAFETY: page 0 is writable private memory.
+        unsafe { *((base + 8) as *mut u64) = 9 };
+        r.share(0, 2).unwrap();
         r.protect(0, 1, Access::Write).unwrap();
+        // SAFETY: the private page's contents moved into the shared heap.
+        assert_eq!(unsafe { *((base + 8) as *const u64) }, 9);
         // SAFETY: page 0 of both views is mapped; the app view is writable now.
         unsafe {
             *(base as *mut u64) = 42;
@@ -268,7 +352,7 @@ mod tests {
         r.protect(1, 1, Access::Read).unwrap();
         // SAFETY: page 1 is readable now.
         assert_eq!(unsafe { *((base + r.page) as *const u64) }, 7);
-        match Region::reserve(base + (1 << 20), 16 << 20) {
+        match Region::reserve_private(base + (1 << 20), 16 << 20) {
             Err(Error::Occupied { mapping, .. }) => {
                 assert!(mapping.contains("gallocy-heap"), "{mapping}")
             }

@@ -1,13 +1,13 @@
 //! The process-wide runtime: configuration, heap, page table, transport, service thread.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use gallocy_transport::Transport;
 
 use crate::alloc::Allocator;
-use crate::config::Settings;
+use crate::config::{Identity, Settings};
 use crate::pagetable::PageTable;
 use crate::region::Region;
 use crate::slots::Slots;
@@ -24,11 +24,27 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub struct Runtime {
     pub rank: usize,
     pub size: usize,
+    identity: Identity,
+    /// The process that joined the job (a forked child, even a `vfork` one, has another pid).
+    member_pid: std::sync::atomic::AtomicI32,
     pub settings: Settings,
     pub region: Region,
     pub pt: PageTable,
     pub slots: Slots,
-    pub transport: Option<Box<dyn Transport>>,
+    /// Set when the process joins the job.
+    transport: OnceLock<Box<dyn Transport>>,
+    /// [`LOCAL`], [`JOINING`] or [`JOINED`].
+    pub phase: AtomicU32,
+    /// Closed (non-zero) while the heap's mappings change under the application (joining, a
+    /// fork snapshot): heap faults wait on this futex word until it opens.
+    pub gate: AtomicU32,
+    /// Threads inside the fault path's fetch (a fork waits for them to finish).
+    pub fetching: AtomicU32,
+    /// Service thread pause for a fork snapshot: [`RUN`], [`PAUSE`], [`PAUSED`] (futex word).
+    pub service_pause: AtomicU32,
+    /// The process is ending (`exit`, `_exit`): a thread that touches a page it does not hold
+    /// after the job was left waits for the end instead of failing the process.
+    pub exiting: AtomicBool,
     pub stats: Stats,
     pub alloc: Allocator,
     /// Bytes of heap each rank allocates from.
@@ -53,24 +69,24 @@ pub struct Runtime {
 
 impl Runtime {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        rank: usize,
-        size: usize,
-        settings: Settings,
-        region: Region,
-        pt: PageTable,
-        transport: Option<Box<dyn Transport>>,
-        arena_size: usize,
-    ) -> Runtime {
+    pub fn new(identity: Identity, settings: Settings, region: Region, pt: PageTable, arena_size: usize) -> Runtime {
+        let (rank, size) = (identity.rank, identity.size);
         let alloc = Allocator::new(region.base, region.size, region.page, rank, arena_size);
         Runtime {
             rank,
             size,
+            identity,
+            member_pid: std::sync::atomic::AtomicI32::new(0),
             settings,
             region,
             pt,
             slots: Slots::default(),
-            transport,
+            transport: OnceLock::new(),
+            phase: AtomicU32::new(LOCAL),
+            gate: AtomicU32::new(0),
+            fetching: AtomicU32::new(0),
+            service_pause: AtomicU32::new(RUN),
+            exiting: AtomicBool::new(false),
             stats: Stats::default(),
             alloc,
             arena_size,
@@ -86,6 +102,68 @@ impl Runtime {
             forked: AtomicBool::new(false),
             barrier_epoch: AtomicU64::new(0),
             broadcast_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// The transport, once the process joined the job.
+    #[inline]
+    pub fn transport(&self) -> Option<&dyn Transport> {
+        self.transport.get().map(|t| &**t)
+    }
+
+    /// Installs the transport (once, when joining).
+    pub fn set_transport(&self, t: Box<dyn Transport>) {
+        if self.transport.set(t).is_err() {
+            unreachable!("the job is joined once");
+        }
+    }
+
+    /// Who this process is in the job.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Pages `[first, end)` of this rank's arena.
+    pub fn arena_pages(&self) -> (usize, usize) {
+        let first = (self.alloc.arena_start - self.region.base) / self.region.page;
+        let end = (self.alloc.arena_end - self.region.base) / self.region.page;
+        (first, end)
+    }
+
+    /// Records the calling process as the one that joined.
+    pub fn record_member_pid(&self) {
+        // SAFETY: getpid has no preconditions.
+        self.member_pid.store(unsafe { libc::getpid() }, Ordering::Release);
+    }
+
+    /// Whether the calling process is the one that joined the job (not a child of it, not a
+    /// process that never joined). Async-signal-safe.
+    pub fn is_joined_member(&self) -> bool {
+        // SAFETY: getpid has no preconditions (a raw system call, correct in a vfork child).
+        self.joined() && self.member_pid.load(Ordering::Acquire) == unsafe { libc::syscall(libc::SYS_getpid) } as i32
+    }
+
+    /// Whether this process has joined the job (and so may fault on, and serve, shared pages).
+    #[inline]
+    pub fn joined(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == JOINED
+    }
+
+    /// Closes the heap gate: heap faults wait until [`Runtime::open_gate`].
+    pub fn close_gate(&self) {
+        self.gate.store(1, Ordering::SeqCst);
+    }
+
+    /// Opens the heap gate and wakes the threads waiting at it.
+    pub fn open_gate(&self) {
+        self.gate.store(0, Ordering::SeqCst);
+        crate::futex::wake(&self.gate, i32::MAX);
+    }
+
+    /// Waits while the heap gate is closed. Async-signal-safe.
+    pub fn wait_at_gate(&self) {
+        while self.gate.load(Ordering::SeqCst) != 0 {
+            crate::futex::wait(&self.gate, 1, None);
         }
     }
 
@@ -114,7 +192,7 @@ impl Runtime {
         if to == self.rank {
             return self.post(to, msg);
         }
-        let transport = self.transport.as_deref().expect("a peer implies a transport");
+        let transport = self.transport().expect("a peer implies a transport");
         let mut small = [0u8; 256];
         let sent = match crate::wire::encode(&msg, &mut small) {
             Ok(bytes) => transport.send(to, bytes, None),
@@ -150,10 +228,31 @@ impl Runtime {
     #[inline]
     pub fn wake_service(&self) {
         if self.service_sleeping.load(Ordering::Acquire) {
-            if let Some(t) = self.transport.as_deref() {
+            if let Some(t) = self.transport() {
                 t.wake();
             }
         }
+    }
+}
+
+/// Phases of a process in its job: not joined yet (the heap is private memory) ...
+pub const LOCAL: u32 = 0;
+/// ... joining (the heap becomes shared, the transport connects) ...
+pub const JOINING: u32 = 1;
+/// ... joined.
+pub const JOINED: u32 = 2;
+
+/// Service thread pause states.
+pub const RUN: u32 = 0;
+pub const PAUSE: u32 = 1;
+pub const PAUSED: u32 = 2;
+
+/// Ends the process at once with `status`, like `_exit`, without going through the exported
+/// `_exit` symbol (the shim interposes that one to leave the job). Async-signal-safe.
+pub fn exit_now(status: i32) -> ! {
+    loop {
+        // SAFETY: exit_group ends every thread of the process; it does not return.
+        unsafe { libc::syscall(libc::SYS_exit_group, status as libc::c_long) };
     }
 }
 
@@ -171,8 +270,7 @@ pub const EXIT_PEER_LOST: i32 = 75;
 pub fn fatal_with(rt: &Runtime, status: i32, what: &str) -> ! {
     let msg = format!("gallocy: rank {}: fatal: {what}\n", rt.rank);
     write_stderr(msg.as_bytes());
-    // SAFETY: _exit ends the process at once; nothing of ours needs flushing.
-    unsafe { libc::_exit(status) }
+    exit_now(status)
 }
 
 /// Writes bytes to stderr with one raw write (async-signal-safe).
@@ -193,8 +291,7 @@ pub fn protect_failed(rt: &Runtime, errno: i32) -> ! {
     }
     w.str("\n");
     write_stderr(w.as_bytes());
-    // SAFETY: ends the process.
-    unsafe { libc::_exit(1) }
+    exit_now(1)
 }
 
 /// State shared between application threads waiting in collective calls and the service thread.

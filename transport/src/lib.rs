@@ -242,6 +242,12 @@ pub trait Transport: Send + Sync {
         let _ = (peer, span);
         false
     }
+    /// In a child that a member forked (which is not a member of the job): closes this
+    /// transport's descriptors without a word to anybody, so that the child holds no
+    /// connection of its parent open (a parent that dies is then noticed as before). The child
+    /// never uses the transport afterwards. Called from the child's only thread right after
+    /// `fork`: async-signal-safe.
+    fn close_in_forked_child(&self) {}
     /// True when [`Transport::start_read`] is one-sided (RDMA READ: the peer's CPU does nothing),
     /// so that the engine should let requesters read pages rather than push them with `send`.
     fn one_sided_reads(&self) -> bool {

@@ -655,6 +655,15 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    fn close_in_forked_child(&self) {
+        let fds = self.peers.iter().flatten().map(|p| p.stream.as_raw_fd());
+        for fd in fds.chain([self.listener.as_raw_fd(), self.epoll.0, self.waker.0]) {
+            // SAFETY: closing descriptors this (forked) process inherited and never uses again;
+            // the transport lives in a static that is never dropped, so nothing closes them twice.
+            unsafe { libc::close(fd) };
+        }
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
