@@ -21,15 +21,19 @@
 extern "C" {
 #endif
 
-/* Joins the job described by the environment. Returns 0, or a negative errno value if gallocy
- * could not start (the reason is printed on stderr). Idempotent. Called implicitly by the first
- * malloc when the library is preloaded. */
+/* Joins the job described by the environment: makes the heap shared and connects to the other
+ * processes. Returns 0, or a negative errno value if this process cannot join (it is a forked
+ * child of a member: the reason is printed on stderr). A member that fails to join prints why
+ * and exits with status 1. Idempotent. Every job-wide call below (barrier, lock, unlock,
+ * alloc_collective, broadcast, finalize) joins first; malloc never does: until its first
+ * job-wide call a process allocates from its own arena of the heap without contacting anybody. */
 int gallocy_init(void);
 
-/* This process's rank, 0..gallocy_size()-1 (0 before gallocy_init). */
+/* This process's rank, 0..gallocy_size()-1, known from the start (before joining). A process
+ * started by a member (fork, a shell's command) is a one-process job: rank 0. */
 int gallocy_rank(void);
 
-/* Number of processes in the job (1 before gallocy_init). */
+/* Number of processes in the job, known from the start (1 in a one-process job). */
 int gallocy_size(void);
 
 /* Waits until every process of the job has called gallocy_barrier. One thread per process
@@ -55,9 +59,10 @@ void gallocy_broadcast(void *buf, size_t len, int root);
 void gallocy_stats_print(void);
 
 /* Barrier, then leave the job. Returns 0, or a negative errno value. Every process of a
- * multi-process job must leave before it exits normally; when the library is loaded, exit()
- * does this automatically. After it, touching a shared page this process did not hold is an
- * error. */
+ * multi-process job that joined must leave before it exits; when the library is loaded, exit()
+ * from any thread, main returning, _exit() and _Exit() do this automatically. After it,
+ * touching a shared page this process did not hold is an error (while the process is exiting,
+ * such a thread waits for the end instead). */
 int gallocy_finalize(void);
 
 #ifdef __cplusplus

@@ -176,7 +176,9 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
     }
     if rt.gate.load(Ordering::SeqCst) != 0 {
         // A fork is taking its snapshot: the page may be write-protected for that moment.
-        rt.wait_at_gate();
+        if !crate::preload::fault_while_frozen(rt, page) {
+            rt.wait_at_gate();
+        }
         return true;
     }
     if rt.pt.permits(page, write) {

@@ -14,7 +14,7 @@
 //!   in the application's own context, never inside an allocation.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use crate::region::{Access, Readable};
 use crate::runtime::{Runtime, PAUSE, PAUSED, RUN, RUNTIME};
@@ -225,6 +225,43 @@ static FORK: ForkCell =
     ForkCell(UnsafeCell::new(ForkState { guards: None, runs: Vec::new(), pipe: [-1, -1], snapshot: false }));
 /// 0 free, 1 held, 2 held with waiters (futex word).
 static FORK_LOCK: AtomicU32 = AtomicU32::new(0);
+/// The thread that froze the heap for a fork (its tid), or 0.
+static FORK_OWNER: AtomicI32 = AtomicI32::new(0);
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// A heap fault while the heap is frozen for a fork, in the thread that froze it: another
+/// library's fork handler, running after our prepare handler (in the parent) or before our
+/// child handler (in the child), touched a frozen page. Waiting at the gate would wait for
+/// ourselves. In the child (the only thread, before its snapshot) the snapshot is taken now;
+/// in the parent the page is opened again with the access the page table gives it (a frozen
+/// page is one this process holds). Returns whether the fault was handled so.
+/// Async-signal-safe.
+pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize) -> bool {
+    let owner = FORK_OWNER.load(Ordering::Acquire);
+    if owner == 0 {
+        return false;
+    }
+    if !rt.is_joined_member() {
+        // A forked child whose own child handler has not run yet.
+        after_fork_child();
+        return true;
+    }
+    if owner != gettid() {
+        return false;
+    }
+    let access = rt.pt.access(page);
+    if access == Access::None {
+        return false;
+    }
+    if let Err(e) = rt.region.protect(page, 1, access) {
+        crate::runtime::protect_failed(rt, e);
+    }
+    true
+}
 
 fn fork_lock() {
     while FORK_LOCK.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
@@ -266,6 +303,7 @@ pub fn before_fork() {
 }
 
 fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
+    FORK_OWNER.store(gettid(), Ordering::Release);
     rt.close_gate();
     let deadline = crate::clock::now_ns().saturating_add(rt.settings.peer_timeout.as_nanos() as u64);
     let stuck = |what: &str| -> ! {
@@ -334,6 +372,7 @@ fn thaw_heap(rt: &Runtime, st: &mut ForkState) {
     st.runs.clear();
     rt.service_pause.store(RUN, Ordering::SeqCst);
     crate::futex::wake(&rt.service_pause, i32::MAX);
+    FORK_OWNER.store(0, Ordering::Release);
     rt.open_gate();
 }
 
@@ -353,6 +392,11 @@ pub fn after_fork_child() {
     FORK_CHILD.store(true, Ordering::Release);
     if rt.size > 1 {
         rt.forked.store(true, Ordering::Release);
+    }
+    if rt.phase.load(Ordering::Acquire) == crate::runtime::JOINING {
+        // Forked while another thread was joining: the child is no member; let it run.
+        rt.phase.store(crate::runtime::LOCAL, Ordering::Release);
+        rt.gate.store(0, Ordering::SeqCst);
     }
     if st.snapshot {
         if let Err(errno) = rt.region.snapshot_in_child(&st.runs) {
@@ -376,6 +420,7 @@ pub fn after_fork_child() {
         st.runs.clear();
         st.snapshot = false;
         rt.service_pause.store(RUN, Ordering::SeqCst);
+        FORK_OWNER.store(0, Ordering::Release);
         rt.gate.store(0, Ordering::SeqCst);
     }
     FORK_LOCK.store(0, Ordering::SeqCst);
