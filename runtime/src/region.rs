@@ -239,12 +239,25 @@ impl Region {
             if copy == libc::MAP_FAILED {
                 return Err(errno());
             }
+            // Only the parts of the memfd that hold data: holes read as zeros, as the fresh copy
+            // does (a rank's arena is one large writable run, mostly never touched).
             for r in runs {
-                std::ptr::copy_nonoverlapping(
-                    r.start as *const u8,
-                    (copy as *mut u8).add(r.start - self.base),
-                    r.end - r.start,
-                );
+                let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
+                let mut at = start;
+                while at < end {
+                    let data = libc::lseek(shared.memfd, at, libc::SEEK_DATA);
+                    if data < 0 || data >= end {
+                        break;
+                    }
+                    let hole = libc::lseek(shared.memfd, data, libc::SEEK_HOLE);
+                    let hole = if hole <= data { end } else { hole.min(end) };
+                    std::ptr::copy_nonoverlapping(
+                        (self.base + data as usize) as *const u8,
+                        (copy as *mut u8).add(data as usize),
+                        (hole - data) as usize,
+                    );
+                    at = hole;
+                }
             }
             let moved = libc::mremap(
                 copy,

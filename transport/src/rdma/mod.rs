@@ -842,6 +842,12 @@ impl RdmaTransport {
 }
 
 impl Transport for RdmaTransport {
+    fn close_in_forked_child(&self) {
+        // The queue pairs and registrations stay as the child inherited them, untouched: the
+        // child never uses them.
+        self.tcp.close_in_forked_child();
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
