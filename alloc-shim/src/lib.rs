@@ -187,8 +187,10 @@ extern "C" fn at_exit() {
 
 /// `_exit` and `_Exit` skip `atexit` handlers: a member that joined leaves the job first, then
 /// ends with the status it was given.
+/// Anything else (a one-process job, a child, even a `vfork` child that shares its parent's
+/// memory) ends at once, as with glibc's `_exit`.
 fn exit_immediately(status: libc::c_int) -> ! {
-    if STATE.load(Ordering::Acquire) == READY && !g::preload::in_runtime() {
+    if STATE.load(Ordering::Acquire) == READY && !g::preload::in_runtime() && g::preload::is_joined_member() {
         g::preload::at_exit();
     }
     g::exit_now(status)

@@ -81,12 +81,6 @@ pub unsafe fn free_if_owned(p: *mut u8) -> bool {
     true
 }
 
-/// Whether `prepare` has completed in this process.
-#[inline]
-pub fn initialized() -> bool {
-    RUNTIME.get().is_some()
-}
-
 /// The environment variable that marks the process that is the job's member: its value is
 /// that process's pid. A process that finds another pid there was started by a member (a
 /// shell's command, a subprocess) and is not a member; one that finds its own pid is what the
@@ -152,6 +146,12 @@ pub fn join() -> Result<(), crate::Error> {
     let me = unsafe { libc::getpid() };
     std::env::set_var(MEMBER_MARK, format!("{me}:joined"));
     Ok(())
+}
+
+/// Whether this process is the member that joined its job (not a child of it, not a member
+/// that has not joined). Async-signal-safe.
+pub fn is_joined_member() -> bool {
+    RUNTIME.get().is_some_and(|rt| rt.is_joined_member() && !rt.forked.load(Ordering::Acquire))
 }
 
 /// Whether `GALLOCY_STATS=1` is in force.
