@@ -449,17 +449,22 @@ impl Job {
                 pending -= 1;
             }
         }
-        let (finished, open): (Vec<_>, Vec<_>) =
+        if pending == 0 {
+            // Every reader saw its end of file and is returning: joining waits for nothing.
+            for handle in std::mem::take(&mut self.readers) {
+                let _ = handle.join();
+            }
+            return;
+        }
+        // Join those that are done; the `pending` others are held open by some other process.
+        let (finished, _open): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.readers).into_iter().partition(|h| h.is_finished());
         for handle in finished {
             let _ = handle.join();
         }
-        if !open.is_empty() {
-            say(&format!(
-                "{} output stream(s) still open after all ranks exited (held by a process a rank started); not waiting for them",
-                open.len()
-            ));
-        }
+        say(&format!(
+            "{pending} output stream(s) still open after all ranks exited (held by a process a rank started); not waiting for them"
+        ));
     }
 }
 

@@ -215,7 +215,8 @@ impl Region {
 
     /// In a forked child of a job member: replaces the shared application view by private
     /// memory holding a copy of `runs` (the parent's readable pages, frozen by the parent until
-    /// this returns), with the same protections; everything else has no access. The child's
+    /// this returns), readable and writable (the copy is the child's own); everything else has
+    /// no access. The child's
     /// heap is then exactly the parent's at `fork`, and nothing either side writes reaches the
     /// other. Async-signal-safe (no allocation). On failure returns the errno.
     pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
@@ -272,8 +273,9 @@ impl Region {
             if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
                 return Err(errno());
             }
+            // Every page the child has a copy of is its own now, to read and to write.
             for r in runs {
-                let prot = if r.writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+                let prot = libc::PROT_READ | libc::PROT_WRITE;
                 if libc::mprotect(r.start as *mut libc::c_void, r.end - r.start, prot) != 0 {
                     return Err(errno());
                 }
