@@ -5,6 +5,8 @@
 //!                    [--cases read_home_owner,read_third_owner,...]
 //! gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
 //! gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--workloads a,b] [--glibc-only]
+//! gallocy-bench syscalls [--iters 200000] [--batch 50] [--reps 3] [--lib PATH] [--workloads a,b] [--sides a,b]
+//! gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3] [--sides a,b]
 //! ```
 //!
 //! `fault` first measures the floor (two helper processes: a TCP server and a client that also
@@ -12,17 +14,22 @@
 //! time remote read and write faults. It prints a table and, as the last line of stdout, one
 //! JSON object. `floor` runs only the first part (it does not need the runtime). `malloc` compares
 //! the malloc fast path of glibc and of `libgallocy.so` (LD_PRELOAD) in child processes (see
-//! [`malloc`]).
+//! [`malloc`]). `syscalls` measures the shim's system-call wrappers next to glibc (see
+//! [`syscalls`]), `fork` the cost of fork against the heap pages a joined process holds (see
+//! [`fork`]).
 //!
 //! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
-//! `__fault-rank`, `__malloc-child`.
+//! `__fault-rank`, `__malloc-child`, `__syscalls-child`, `__fork-child`.
 
 mod cases;
+mod child;
 mod floor;
+mod fork;
 mod launch;
 mod malloc;
 mod net;
 mod report;
+mod syscalls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,6 +44,10 @@ const USAGE: &str = "usage:
   gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
   gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
                        [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
+  gallocy-bench syscalls [--iters 200000] [--batch 50] [--warmup 20000] [--reps 3] [--lib PATH]
+                         [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
+  gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
+                     [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
 --cases: run only these fault cases (default: all); JSON keys of cases not run are null.
 GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
@@ -146,6 +157,10 @@ fn main() {
         // Own option sets (fractional seconds, a path).
         "malloc" => malloc::cmd_malloc(&args[1..]),
         "__malloc-child" => malloc::child_main(&args[1..]),
+        "syscalls" => syscalls::cmd_syscalls(&args[1..]),
+        "__syscalls-child" => syscalls::child_main(&args[1..]),
+        "fork" => fork::cmd_fork(&args[1..]),
+        "__fork-child" => fork::child_main(&args[1..]),
         _ => run_latency_cmd(cmd, &args[1..]),
     };
     if let Err(e) = result {

@@ -1,6 +1,7 @@
 //! Joining a job: every rank reserves its heap, reports what it has to rank 0, and rank 0 stops
 //! the whole job with one message if anything disagrees or failed.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use bincode::{Decode, Encode};
@@ -109,11 +110,13 @@ pub fn connect(
     #[cfg(feature = "rdma")]
     let (port, problem) = rdma_port(settings, problem);
     let hello = Hello::new(settings, problem);
+    let coordinator = id.coordinator.clone().expect("a multi-process job has a coordinator");
+    let bind = if id.rank == 0 { LOOPBACK } else { listen_address(id.bind, &coordinator)? };
     let cfg = TcpConfig {
         rank: id.rank,
         size: id.size,
-        coordinator: id.coordinator.clone().expect("a multi-process job has a coordinator"),
-        bind: id.bind,
+        coordinator,
+        bind,
         token: id.token.clone(),
         view,
         setup_timeout: settings.map_or(Duration::from_secs(30), |s| s.setup_timeout),
@@ -129,6 +132,58 @@ pub fn connect(
         return upgrade_to_rdma(id.rank, tcp, view, port, required, cfg.setup_timeout);
     }
     Ok(Box::new(tcp))
+}
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Where a rank other than 0 listens for its peers; the roster gives them this address (rank 0
+/// listens on the coordinator address).
+///
+/// - `GALLOCY_BIND`, when set, exactly as given (`0.0.0.0`/`::`: every interface, advertising
+///   this host's address on its connection to rank 0).
+/// - A loopback coordinator (127.x, `::1`, or the unspecified address, which also means this
+///   host): every rank runs on this host, so 127.0.0.1, as always.
+/// - Otherwise this host's address on its route to the coordinator (the source address the
+///   kernel picks for it; no packet is sent). That is the address this host has on the network
+///   where every rank reaches rank 0, so on a cluster network the other ranks reach it too, and
+///   a job started by `mpirun`/`srun` across hosts needs nothing but the coordinator. (Where the
+///   peers must use another address, e.g. behind NAT, `GALLOCY_BIND` sets it.)
+///
+/// Why listen on that one address rather than on the wildcard with that address advertised:
+/// peers only ever connect to the advertised address, so the wildcard would add nothing but an
+/// open port on every other interface of the host (a public one, a container bridge), and a
+/// listener that cannot be made fails here, naming the address, instead of as a peer's
+/// connection timing out. `GALLOCY_BIND=0.0.0.0` still chooses the wildcard.
+fn listen_address(bind: Option<IpAddr>, coordinator: &str) -> Result<IpAddr, Error> {
+    if let Some(ip) = bind {
+        return Ok(ip);
+    }
+    let bad = |why: String| Error::config("GALLOCY_COORDINATOR", coordinator, &why);
+    let to = tcp::resolve(coordinator).map_err(|e| bad(format!("is not usable on this host ({e})")))?;
+    let ip = to.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Ok(LOOPBACK);
+    }
+    let here = tcp::route_source(&to).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => {
+            bad(format!("cannot be reached from this host: there is no route to {} ({e})", to.ip()))
+        }
+        _ => bad(format!(
+            "cannot be reached from this host: finding this host's address on the route to {} failed ({e}); \
+             set GALLOCY_BIND to the address other ranks reach this host at",
+            to.ip()
+        )),
+    })?;
+    if let IpAddr::V6(v6) = here {
+        if v6.is_unicast_link_local() {
+            // Peers could not use it: a link-local address means nothing without its interface.
+            return Err(bad(format!(
+                "leaves this host only through the link-local address {v6}, which other hosts cannot \
+                 be given; use a global or unique-local address for rank 0, or set GALLOCY_BIND"
+            )));
+        }
+    }
+    Ok(here)
 }
 
 /// Opens this rank's RDMA port when the transport may be RDMA. With `--transport rdma`, having

@@ -65,8 +65,9 @@ pub struct Identity {
     pub token: Vec<u8>,
     /// True when no GALLOCY_TOKEN was given and the token was derived from the job's identity.
     pub token_derived: bool,
-    /// Where this process listens for its peers.
-    pub bind: IpAddr,
+    /// `GALLOCY_BIND`: where this process (if not rank 0) listens for its peers. `None` (unset):
+    /// chosen when joining from the route to the coordinator (see `bootstrap::listen_address`).
+    pub bind: Option<IpAddr>,
 }
 
 /// Everything else, checked against rank 0's copy at start-up.
@@ -164,21 +165,16 @@ fn derived_token(coordinator: &str) -> Vec<u8> {
 
 /// The identity of a one-process job.
 pub fn single_identity() -> Identity {
-    Identity {
-        rank: 0,
-        size: 1,
-        coordinator: None,
-        token: Vec::new(),
-        token_derived: false,
-        bind: IpAddr::from([127, 0, 0, 1]),
-    }
+    Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind: None }
 }
 
 /// Reads this process's identity in the job.
 pub fn identity() -> Result<Identity, Error> {
+    // Only parsed here: the default depends on the route to the coordinator, which is looked up
+    // when the process joins (this runs in the shim's ELF constructor, which talks to nobody).
     let bind = match var("GALLOCY_BIND")? {
-        None => IpAddr::from([127, 0, 0, 1]),
-        Some(v) => v.trim().parse().map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?,
+        None => None,
+        Some(v) => Some(v.trim().parse().map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?),
     };
     let Some((rank, size, _)) = rank_and_size()? else {
         return Ok(Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind });

@@ -180,6 +180,13 @@ pub fn at_exit() {
 /// statistics of its own at exit (the process it was forked from does).
 static FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether this process has joined a job of several processes (one load after the first).
+/// Async-signal-safe.
+#[inline]
+pub fn joined_job() -> bool {
+    RUNTIME.get().is_some_and(|rt| rt.size > 1 && rt.joined())
+}
+
 /// Whether `[addr, addr + len)` overlaps the heap of a process that joined its job (where the
 /// kernel may find pages it cannot touch). A few loads. Async-signal-safe.
 #[inline]

@@ -30,7 +30,9 @@ pub struct TcpConfig {
     pub size: usize,
     /// `host:port` where rank 0 listens.
     pub coordinator: String,
-    /// Address other ranks bind their listeners to.
+    /// Address ranks other than 0 bind their listeners to, and are reached at. The unspecified
+    /// address (`0.0.0.0`, `::`) listens on every interface and advertises this host's address on
+    /// its connection to rank 0. Rank 0 listens on `coordinator` and ignores it.
     pub bind: IpAddr,
     /// The job's secret.
     pub token: Vec<u8>,
@@ -166,11 +168,26 @@ fn encode_roster(addrs: &[String]) -> Vec<u8> {
     v
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// The address `addr` (`host:port`) stands for: the first the resolver gives, as everywhere in
+/// start-up (so every caller means the same one).
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
     addr.to_socket_addrs()
         .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// This host's address on its route to `to`: the source address the kernel would give a packet
+/// sent there. Found by `connect`ing a UDP socket (which only looks the route up; no packet is
+/// sent) and reading its local address. Fails (e.g. `ENETUNREACH`) when there is no route.
+pub fn route_source(to: &SocketAddr) -> std::io::Result<IpAddr> {
+    let any: IpAddr = match to {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
+    probe.connect(to)?;
+    Ok(probe.local_addr()?.ip())
 }
 
 /// Accepts one authenticated connection before `deadline`, skipping connections that fail the
