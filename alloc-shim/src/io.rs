@@ -22,6 +22,7 @@
 //! a call made before that uses the raw system call.
 
 use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gallocy_rt as g;
@@ -47,20 +48,25 @@ struct Bounce<'a> {
     ptr: *mut u8,
     len: usize,
     mapped: bool,
-    _stack: std::marker::PhantomData<&'a mut [u8]>,
+    _stack: std::marker::PhantomData<&'a mut [MaybeUninit<u8>]>,
 }
 
 impl<'a> Bounce<'a> {
     /// `len` bytes, from `stack` if they fit. None if the mapping fails (the caller reports
     /// ENOMEM, as the kernel would for a buffer it cannot allocate).
-    fn new(len: usize, stack: &'a mut [u8; STACK_BOUNCE]) -> Option<Bounce<'a>> {
+    fn new(len: usize, stack: &'a mut [MaybeUninit<u8>; STACK_BOUNCE]) -> Option<Bounce<'a>> {
         Bounce::new_in(len, stack)
     }
 
     /// `len` bytes, from `stack` if they fit, else a fresh mapping.
-    fn new_in(len: usize, stack: &'a mut [u8]) -> Option<Bounce<'a>> {
+    fn new_in(len: usize, stack: &'a mut [MaybeUninit<u8>]) -> Option<Bounce<'a>> {
         if len <= stack.len() {
-            return Some(Bounce { ptr: stack.as_mut_ptr(), len, mapped: false, _stack: std::marker::PhantomData });
+            return Some(Bounce {
+                ptr: stack.as_mut_ptr().cast(),
+                len,
+                mapped: false,
+                _stack: std::marker::PhantomData,
+            });
         }
         // SAFETY: a fresh private anonymous mapping.
         let p = unsafe {
@@ -119,7 +125,7 @@ fn set_errno(e: c_int) {
 #[inline(never)]
 #[cold]
 unsafe fn into_buffer_slow(buf: *mut c_void, n: size_t, call: impl FnOnce(*mut c_void) -> ssize_t) -> ssize_t {
-    let mut stack = [0u8; STACK_BOUNCE];
+    let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BOUNCE];
     let Some(b) = Bounce::new(n, &mut stack) else {
         set_errno(libc::ENOMEM);
         return -1;
@@ -140,7 +146,7 @@ unsafe fn into_buffer_slow(buf: *mut c_void, n: size_t, call: impl FnOnce(*mut c
 #[inline(never)]
 #[cold]
 unsafe fn out_of_buffer_slow(buf: *const c_void, n: size_t, call: impl FnOnce(*const c_void) -> ssize_t) -> ssize_t {
-    let mut stack = [0u8; STACK_BOUNCE];
+    let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BOUNCE];
     let Some(b) = Bounce::new(n, &mut stack) else {
         set_errno(libc::ENOMEM);
         return -1;
@@ -230,7 +236,7 @@ impl<'a> Iov<'a> {
         user: *const iovec,
         n: c_int,
         stack_iov: &'a mut [iovec; STACK_IOV],
-        stack: &'a mut [u8; STACK_BOUNCE],
+        stack: &'a mut [MaybeUninit<u8>; STACK_BOUNCE],
     ) -> Option<Result<Iov<'a>, ()>> {
         if user.is_null() || n <= 0 {
             return None;
@@ -433,7 +439,12 @@ struct Side<'a> {
 impl<'a> Side<'a> {
     /// The pointer to give the kernel: `user` itself outside the heap, else a private copy
     /// (filled from the heap when `fill`). Err: out of memory.
-    fn new(user: *mut u8, len: usize, fill: bool, stack: &'a mut [u8; STACK_SIDE]) -> Result<Side<'a>, ()> {
+    fn new(
+        user: *mut u8,
+        len: usize,
+        fill: bool,
+        stack: &'a mut [MaybeUninit<u8>; STACK_SIDE],
+    ) -> Result<Side<'a>, ()> {
         if user.is_null() || !in_heap(user.cast(), len) {
             return Ok(Side { user, len, bounce: None });
         }
@@ -479,7 +490,7 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bufl
 #[inline(never)]
 #[cold]
 unsafe fn readv_slow(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
-    let (mut si, mut sb) = (empty_iovs(), [0u8; STACK_BOUNCE]);
+    let (mut si, mut sb) = (empty_iovs(), [MaybeUninit::<u8>::uninit(); STACK_BOUNCE]);
     // SAFETY: the caller passes `n` valid iovecs.
     let prepared = unsafe { Iov::new(iov, n, &mut si, &mut sb) };
     match prepared {
@@ -573,7 +584,7 @@ unsafe fn recvfrom_slow(
             copy_from_heap((&mut addr_len as *mut socklen_t).cast(), len.cast(), std::mem::size_of::<socklen_t>())
         };
     }
-    let mut sa = [0u8; STACK_SIDE];
+    let mut sa = [MaybeUninit::<u8>::uninit(); STACK_SIDE];
     let Ok(side) = Side::new(addr.cast(), if addr.is_null() { 0 } else { addr_len as usize }, false, &mut sa) else {
         set_errno(libc::ENOMEM);
         return -1;
@@ -623,15 +634,20 @@ struct Msg<'a> {
 
 /// Buffers a [`Msg`] may use on the stack.
 struct MsgStack {
-    name: [u8; STACK_SIDE],
-    control: [u8; STACK_SIDE],
+    name: [MaybeUninit<u8>; STACK_SIDE],
+    control: [MaybeUninit<u8>; STACK_SIDE],
     iov: [iovec; STACK_IOV],
-    data: [u8; STACK_BOUNCE],
+    data: [MaybeUninit<u8>; STACK_BOUNCE],
 }
 
 impl MsgStack {
     fn new() -> MsgStack {
-        MsgStack { name: [0; STACK_SIDE], control: [0; STACK_SIDE], iov: empty_iovs(), data: [0; STACK_BOUNCE] }
+        MsgStack {
+            name: [MaybeUninit::uninit(); STACK_SIDE],
+            control: [MaybeUninit::uninit(); STACK_SIDE],
+            iov: empty_iovs(),
+            data: [MaybeUninit::uninit(); STACK_BOUNCE],
+        }
     }
 }
 
@@ -737,7 +753,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 #[inline(never)]
 #[cold]
 unsafe fn writev_slow(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
-    let (mut si, mut sb) = (empty_iovs(), [0u8; STACK_BOUNCE]);
+    let (mut si, mut sb) = (empty_iovs(), [MaybeUninit::<u8>::uninit(); STACK_BOUNCE]);
     // SAFETY: the caller passes `n` valid iovecs.
     let prepared = unsafe { Iov::new(iov, n, &mut si, &mut sb) };
     match prepared {
@@ -784,7 +800,7 @@ unsafe fn sendto_slow(
     addr: *const sockaddr,
     len: socklen_t,
 ) -> ssize_t {
-    let mut sa = [0u8; STACK_SIDE];
+    let mut sa = [MaybeUninit::<u8>::uninit(); STACK_SIDE];
     let Ok(side) = Side::new(addr as *mut u8, if addr.is_null() { 0 } else { len as usize }, true, &mut sa) else {
         set_errno(libc::ENOMEM);
         return -1;

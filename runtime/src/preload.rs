@@ -336,8 +336,9 @@ fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
         Ok(r) => r,
         Err(e) => crate::runtime::fatal(rt, &format!("fork: {e}")),
     };
-    for r in st.runs.iter().filter(|r| r.writable) {
-        if let Err(e) = rt.region.protect_range(r.start, r.end, Access::Read) {
+    // Read-only runs stay so: one mprotect per span of adjacent runs.
+    for (start, end) in crate::region::spans(&st.runs) {
+        if let Err(e) = rt.region.protect_range(start, end, Access::Read) {
             crate::runtime::protect_failed(rt, e);
         }
     }

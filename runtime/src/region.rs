@@ -252,11 +252,25 @@ impl Region {
                     }
                     let hole = libc::lseek(shared.memfd, data, libc::SEEK_HOLE);
                     let hole = if hole <= data { end } else { hole.min(end) };
-                    std::ptr::copy_nonoverlapping(
-                        (self.base + data as usize) as *const u8,
-                        (copy as *mut u8).add(data as usize),
-                        (hole - data) as usize,
-                    );
+                    // Read straight from the memfd: the child's shared mapping has no page table
+                    // entries yet, and faulting each page in through it costs more than the copy.
+                    let mut off = data;
+                    while off < hole {
+                        let n = libc::syscall(
+                            libc::SYS_pread64,
+                            shared.memfd,
+                            (copy as *mut u8).add(off as usize),
+                            (hole - off) as usize,
+                            off,
+                        );
+                        if n < 0 && *libc::__errno_location() == libc::EINTR {
+                            continue;
+                        }
+                        if n <= 0 {
+                            return Err(if n < 0 { errno() } else { libc::EIO });
+                        }
+                        off += n as libc::off_t;
+                    }
                     at = hole;
                 }
             }
@@ -274,9 +288,8 @@ impl Region {
                 return Err(errno());
             }
             // Every page the child has a copy of is its own now, to read and to write.
-            for r in runs {
-                let prot = libc::PROT_READ | libc::PROT_WRITE;
-                if libc::mprotect(r.start as *mut libc::c_void, r.end - r.start, prot) != 0 {
+            for (start, end) in spans(runs) {
+                if libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ | libc::PROT_WRITE) != 0 {
                     return Err(errno());
                 }
             }
@@ -336,6 +349,22 @@ impl Drop for Region {
             }
         }
     }
+}
+
+/// The maximal spans `[start, end)` of adjacent runs (one `mprotect` each instead of one per
+/// run). Allocation-free.
+pub fn spans(runs: &[Readable]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = runs.get(i)?;
+        let mut end = first.end;
+        i += 1;
+        while let Some(next) = runs.get(i).filter(|r| r.start == end) {
+            end = next.end;
+            i += 1;
+        }
+        Some((first.start, end))
+    })
 }
 
 /// The kernel's limit on mappings per process (each protection change can split one).
