@@ -69,6 +69,11 @@ static void family(void) {
     CHECK(reallocarray(NULL, SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
     errno = 0;
     CHECK(calloc(SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
+    /* Rounding up to whole pages must not wrap around to a one-page block. */
+    errno = 0;
+    CHECK(pvalloc(SIZE_MAX) == NULL && errno == ENOMEM);
+    errno = 0;
+    CHECK(pvalloc(SIZE_MAX - 10) == NULL && errno == ENOMEM);
     char *s = malloc(10);
     strcpy(s, "abc");
     s = realloc(s, 100000);

@@ -223,6 +223,18 @@ fn wait_deadline(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
 /// its process group and failing the test if it takes longer than `timeout`. The exit status is
 /// not checked here.
 pub fn run(label: &str, cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Finished {
+    run_in_group(label, cmd, stdin, timeout, false)
+}
+
+/// [`run`]; with `kill_leftovers`, also kills whatever of the process group is still alive once
+/// `cmd` ended.
+fn run_in_group(
+    label: &str,
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    kill_leftovers: bool,
+) -> Finished {
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -251,7 +263,7 @@ pub fn run(label: &str, cmd: &mut Command, stdin: Option<&[u8]>, timeout: Durati
         while !(out.is_finished() && err.is_finished()) && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if !(out.is_finished() && err.is_finished()) {
+        if kill_leftovers || !(out.is_finished() && err.is_finished()) {
             kill_group(pid);
         }
     }
@@ -304,46 +316,5 @@ pub fn sh_quote(s: &str) -> String {
 /// forked children of a rank that died, which no longer hold the pipes `run` waits for), so that
 /// nothing a test started outlives it.
 pub fn run_and_kill_group(label: &str, cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Finished {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{label}: cannot start {cmd:?}: {e}"));
-    let pid = child.id();
-    let feeder = stdin.map(|data| {
-        let mut w = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = w.write_all(&data);
-        })
-    });
-    let out = pump(child.stdout.take().unwrap());
-    let err = pump(child.stderr.take().unwrap());
-    let status = wait_deadline(&mut child, t0 + timeout);
-    let elapsed = t0.elapsed();
-    if status.is_none() {
-        kill_group(pid);
-        let _ = child.kill();
-        let _ = child.wait();
-    } else {
-        let grace = Instant::now() + Duration::from_secs(5);
-        while !(out.is_finished() && err.is_finished()) && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    kill_group(pid);
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
-    let fin = Finished {
-        label: label.to_string(),
-        status,
-        stdout: String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
-        elapsed,
-    };
-    assert!(status.is_some(), "{label}: did not finish within {timeout:?}; killed its process group\n{}", fin.report());
-    eprintln!("{label}: {} after {:.2} s", describe(status), elapsed.as_secs_f64());
-    fin
+    run_in_group(label, cmd, stdin, timeout, true)
 }
