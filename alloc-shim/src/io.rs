@@ -124,16 +124,29 @@ fn set_errno(e: c_int) {
 /// `buf` is valid for `n` bytes; `call` is the real function applied to its argument buffer.
 #[inline(never)]
 #[cold]
-unsafe fn into_buffer_slow(buf: *mut c_void, n: size_t, call: impl FnOnce(*mut c_void) -> ssize_t) -> ssize_t {
+unsafe fn into_buffer_slow(
+    buf: *mut c_void,
+    n: size_t,
+    prefill: bool,
+    call: impl FnOnce(*mut c_void) -> ssize_t,
+) -> ssize_t {
     let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BOUNCE];
     let Some(b) = Bounce::new(n, &mut stack) else {
         set_errno(libc::ENOMEM);
         return -1;
     };
+    if prefill {
+        // The call may report bytes it did not store (MSG_TRUNC on a stream discards them):
+        // what is copied back must then be the buffer's own bytes.
+        // SAFETY: `buf` holds `n` bytes, the bounce buffer too.
+        unsafe { copy_from_heap(b.ptr, buf.cast(), n) };
+    }
     let r = call(b.ptr.cast());
     if r > 0 {
-        // SAFETY: the call stored `r` <= `n` bytes in the bounce buffer; `buf` holds `n`.
-        unsafe { copy_to_heap(buf.cast(), b.ptr, r as usize) };
+        // A datagram received with MSG_TRUNC returns its whole length, which may exceed `n`.
+        let stored = (r as usize).min(n);
+        // SAFETY: the call stored `stored` <= `n` bytes in the bounce buffer; `buf` holds `n`.
+        unsafe { copy_to_heap(buf.cast(), b.ptr, stored) };
     }
     r
 }
@@ -161,12 +174,17 @@ unsafe fn out_of_buffer_slow(buf: *const c_void, n: size_t, call: impl FnOnce(*c
 /// # Safety
 /// As for [`into_buffer_slow`].
 #[inline(always)]
-unsafe fn into_buffer(buf: *mut c_void, n: size_t, call: impl FnOnce(*mut c_void) -> ssize_t) -> ssize_t {
+unsafe fn into_buffer(
+    buf: *mut c_void,
+    n: size_t,
+    prefill: bool,
+    call: impl FnOnce(*mut c_void) -> ssize_t,
+) -> ssize_t {
     if !in_heap(buf, n) {
         return call(buf);
     }
     // SAFETY: forwarded contract.
-    unsafe { into_buffer_slow(buf, n, call) }
+    unsafe { into_buffer_slow(buf, n, prefill, call) }
 }
 
 /// [`out_of_buffer_slow`] when the buffer lies in the heap, else the call as it is.
@@ -189,7 +207,7 @@ unsafe fn out_of_buffer(buf: *const c_void, n: size_t, call: impl FnOnce(*const 
 /// `iov` points at `n` valid iovecs.
 #[inline]
 unsafe fn iov_in_heap(iov: *const iovec, n: c_int) -> bool {
-    if iov.is_null() || n <= 0 || !g::preload::joined_job() {
+    if iov.is_null() || n <= 0 || n as usize > IOV_MAX || !g::preload::joined_job() {
         return false;
     }
     in_heap(iov.cast(), n as usize * std::mem::size_of::<iovec>())
@@ -217,18 +235,23 @@ unsafe fn msg_in_heap(msg: *const msghdr) -> bool {
         || unsafe { iov_in_heap(m.msg_iov, m.msg_iovlen as c_int) }
 }
 
-/// An `iovec` array made safe for the kernel: a private copy of the array whose heap buffers
-/// point into one bounce buffer.
+/// An `iovec` array made safe for the kernel. The caller's array is read once, into `copy`;
+/// `kernel` is what the call gets: the same entries, with the heap buffers pointing into one
+/// bounce buffer. Both arrays live on the stack up to [`STACK_IOV`] entries, else in a mapping.
 struct Iov<'a> {
-    user: *const iovec,
     n: usize,
-    local: *mut iovec,
-    local_mapped: bool,
+    copy: *mut iovec,
+    kernel: *mut iovec,
+    mapped: bool,
     bounce: Option<Bounce<'a>>,
 }
 
+/// The kernel's limit on iovecs per call: a longer array is the kernel's to refuse (EINVAL).
+const IOV_MAX: usize = 1024;
+
 impl<'a> Iov<'a> {
-    /// None: nothing of the array lies in the heap (use it as it is). Err: out of memory.
+    /// None: nothing of the array lies in the heap, or the kernel will refuse it (use it as it
+    /// is). Err: out of memory, or lengths that overflow.
     ///
     /// # Safety
     /// `user` points at `n` valid iovecs (the kernel would read them anyway).
@@ -238,30 +261,22 @@ impl<'a> Iov<'a> {
         stack_iov: &'a mut [iovec; STACK_IOV],
         stack: &'a mut [MaybeUninit<u8>; STACK_BOUNCE],
     ) -> Option<Result<Iov<'a>, ()>> {
-        if user.is_null() || n <= 0 {
+        if user.is_null() || n <= 0 || n as usize > IOV_MAX {
             return None;
         }
         let n = n as usize;
-        let array_in_heap = in_heap(user.cast(), n * std::mem::size_of::<iovec>());
-        // SAFETY (reads of the user's array): caller contract.
-        let entry = |i: usize| unsafe {
-            let mut v = std::mem::MaybeUninit::<iovec>::uninit();
-            copy_from_heap(v.as_mut_ptr().cast(), user.add(i).cast(), std::mem::size_of::<iovec>());
-            v.assume_init()
-        };
-        let total: usize = (0..n).map(entry).filter(|v| in_heap(v.iov_base, v.iov_len)).map(|v| v.iov_len).sum();
-        if !array_in_heap && total == 0 {
-            return None;
-        }
-        let (local, local_mapped) = if n <= STACK_IOV {
-            (stack_iov.as_mut_ptr(), false)
+        let bytes = n * std::mem::size_of::<iovec>();
+        let array_in_heap = in_heap(user.cast(), bytes);
+        let (copy, kernel, mapped) = if 2 * n <= STACK_IOV {
+            let base = stack_iov.as_mut_ptr();
+            // SAFETY: the stack array holds STACK_IOV >= 2n iovecs.
+            (base, unsafe { base.add(n) }, false)
         } else {
-            let bytes = n * std::mem::size_of::<iovec>();
-            // SAFETY: a fresh private anonymous mapping.
+            // SAFETY: a fresh private anonymous mapping for both arrays.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    bytes,
+                    2 * bytes,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                     -1,
@@ -271,9 +286,23 @@ impl<'a> Iov<'a> {
             if p == libc::MAP_FAILED {
                 return Some(Err(()));
             }
-            (p.cast(), true)
+            let base: *mut iovec = p.cast();
+            // SAFETY: the mapping holds 2n iovecs.
+            (base, unsafe { base.add(n) }, true)
         };
-        let mut iov = Iov { user, n, local, local_mapped, bounce: None };
+        let mut iov = Iov { n, copy, kernel, mapped, bounce: None };
+        // SAFETY: the caller's array holds `n` iovecs; `copy` has room for them.
+        unsafe { copy_from_heap(copy.cast(), user.cast(), bytes) };
+        let mut total = 0usize;
+        for v in iov.entries() {
+            if in_heap(v.iov_base, v.iov_len) {
+                let Some(t) = total.checked_add(v.iov_len) else { return Some(Err(())) };
+                total = t;
+            }
+        }
+        if !array_in_heap && total == 0 {
+            return None;
+        }
         if total > 0 {
             match Bounce::new(total, stack) {
                 Some(b) => iov.bounce = Some(b),
@@ -282,35 +311,42 @@ impl<'a> Iov<'a> {
         }
         let mut at = 0;
         for i in 0..n {
-            let mut v = entry(i);
-            if in_heap(v.iov_base, v.iov_len) {
+            // SAFETY: `copy` holds `n` iovecs.
+            let mut v = unsafe { *copy.add(i) };
+            if let Some(b) = iov.bounce.as_ref().filter(|_| in_heap(v.iov_base, v.iov_len)) {
                 // SAFETY: the bounce buffer holds `total` bytes, the sum of these lengths.
-                v.iov_base = unsafe { iov.bounce.as_ref().expect("sized above").ptr.add(at) }.cast();
+                v.iov_base = unsafe { b.ptr.add(at) }.cast();
                 at += v.iov_len;
             }
-            // SAFETY: `local` holds `n` iovecs.
-            unsafe { iov.local.add(i).write(v) };
+            // SAFETY: `kernel` holds `n` iovecs.
+            unsafe { kernel.add(i).write(v) };
         }
         Some(Ok(iov))
     }
 
+    /// The caller's entries, as read once.
+    fn entries(&self) -> impl Iterator<Item = iovec> + '_ {
+        // SAFETY: `copy` holds `n` iovecs.
+        (0..self.n).map(move |i| unsafe { *self.copy.add(i) })
+    }
+
     fn as_ptr(&self) -> *const iovec {
-        self.local
+        self.kernel
     }
 
     /// Fills the bounce buffer from the heap buffers (before a call that sends).
     fn gather(&self) {
-        self.each_heap_part(usize::MAX, |user, local, len| {
-            // SAFETY: `user` is a heap buffer of at least `len` bytes, `local` its bounce slice.
-            unsafe { copy_from_heap(local as *mut u8, user, len) }
+        self.each_heap_part(usize::MAX, |user, bounce, len| {
+            // SAFETY: `user` is a heap buffer of at least `len` bytes, `bounce` its slice.
+            unsafe { copy_from_heap(bounce as *mut u8, user, len) }
         });
     }
 
     /// Copies the first `got` bytes the call stored back into the heap buffers.
     fn scatter(&self, got: usize) {
-        self.each_heap_part(got, |user, local, len| {
-            // SAFETY: `local` holds what the call stored; `user` is the heap buffer it stands for.
-            unsafe { copy_to_heap(user as *mut u8, local, len) }
+        self.each_heap_part(got, |user, bounce, len| {
+            // SAFETY: `bounce` holds what the call stored; `user` is the heap buffer it stands for.
+            unsafe { copy_to_heap(user as *mut u8, bounce, len) }
         });
     }
 
@@ -322,15 +358,11 @@ impl<'a> Iov<'a> {
             if left == 0 {
                 break;
             }
-            // SAFETY: both arrays hold `n` iovecs; the user's is read as the call did.
-            let (local, user) = unsafe {
-                let mut u = std::mem::MaybeUninit::<iovec>::uninit();
-                copy_from_heap(u.as_mut_ptr().cast(), self.user.add(i).cast(), std::mem::size_of::<iovec>());
-                (*self.local.add(i), u.assume_init())
-            };
-            let len = local.iov_len.min(left);
-            if local.iov_base != user.iov_base && len > 0 {
-                f(user.iov_base as *const u8, local.iov_base as *const u8, len);
+            // SAFETY: both arrays hold `n` iovecs.
+            let (user, kernel) = unsafe { (*self.copy.add(i), *self.kernel.add(i)) };
+            let len = user.iov_len.min(left);
+            if kernel.iov_base != user.iov_base && len > 0 {
+                f(user.iov_base as *const u8, kernel.iov_base as *const u8, len);
             }
             left -= len;
         }
@@ -339,9 +371,9 @@ impl<'a> Iov<'a> {
 
 impl Drop for Iov<'_> {
     fn drop(&mut self) {
-        if self.local_mapped {
-            // SAFETY: our own mapping of `n` iovecs.
-            unsafe { libc::munmap(self.local.cast(), self.n * std::mem::size_of::<iovec>()) };
+        if self.mapped {
+            // SAFETY: our own mapping of 2n iovecs.
+            unsafe { libc::munmap(self.copy.cast(), 2 * self.n * std::mem::size_of::<iovec>()) };
         }
     }
 }
@@ -474,7 +506,7 @@ impl<'a> Side<'a> {
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: the caller's arguments; the buffer given to the call holds `n` bytes.
-    unsafe { into_buffer(buf, n, |b| call::READ(fd, b, n)) }
+    unsafe { into_buffer(buf, n, false, |b| call::READ(fd, b, n)) }
 }
 
 #[no_mangle]
@@ -514,7 +546,7 @@ unsafe fn readv_slow(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
 #[no_mangle]
 pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, off: libc::off_t) -> ssize_t {
     // SAFETY: the caller's arguments; the buffer given to the call holds `n` bytes.
-    unsafe { into_buffer(buf, n, |b| call::PREAD(fd, b, n, off)) }
+    unsafe { into_buffer(buf, n, false, |b| call::PREAD(fd, b, n, off)) }
 }
 
 #[no_mangle]
@@ -553,7 +585,7 @@ pub unsafe extern "C" fn __pread_chk(
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: the caller's arguments; the buffer given to the call holds `n` bytes.
-    unsafe { into_buffer(buf, n, |b| call::RECV(fd, b, n, flags)) }
+    unsafe { into_buffer(buf, n, flags & libc::MSG_TRUNC != 0, |b| call::RECV(fd, b, n, flags)) }
 }
 
 #[no_mangle]
@@ -591,7 +623,11 @@ unsafe fn recvfrom_slow(
     };
     let len_arg = if in_len { &mut addr_len as *mut socklen_t } else { len };
     // SAFETY: the caller's arguments, with private copies of whatever of them lies in the heap.
-    let r = unsafe { into_buffer(buf, n, |b| call::RECVFROM(fd, b, n, flags, side.ptr().cast(), len_arg)) };
+    let r = unsafe {
+        into_buffer(buf, n, flags & libc::MSG_TRUNC != 0, |b| {
+            call::RECVFROM(fd, b, n, flags, side.ptr().cast(), len_arg)
+        })
+    };
     if r >= 0 && !addr.is_null() && !len.is_null() {
         // SAFETY: `len_arg` is the length the kernel wrote back.
         side.store(unsafe { *len_arg } as usize);
@@ -731,6 +767,12 @@ unsafe fn recvmsg_slow(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
             -1
         }
         Some(Ok(mut m)) => {
+            if flags & libc::MSG_TRUNC != 0 {
+                // The call may report bytes it did not store: copy back the buffers' own.
+                if let Some(v) = &m.iov {
+                    v.gather();
+                }
+            }
             // SAFETY: a private copy of the caller's msghdr with private buffers.
             let r = unsafe { call::RECVMSG(fd, &mut m.local, flags) };
             if r >= 0 {

@@ -103,14 +103,19 @@ fn is_write(_ctx: *mut libc::c_void) -> bool {
 }
 
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The interrupted code may be between a failing call and its read of errno; our futex and
+    // socket calls must not change what it reads.
+    // SAFETY: errno is thread-local and always readable.
+    let saved_errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo_t.
     let addr = unsafe { (*info).si_addr() } as usize;
-    if let Some(rt) = RUNTIME.get() {
-        if rt.region.contains(addr) && handle_heap_fault(rt, addr, is_write(ctx)) {
-            return;
-        }
+    let handled =
+        RUNTIME.get().is_some_and(|rt| rt.region.contains(addr) && handle_heap_fault(rt, addr, is_write(ctx)));
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+    if !handled {
+        chain(sig, info, ctx);
     }
-    chain(sig, info, ctx);
 }
 
 /// Passes a foreign fault to the previous handler, or restores the default action and returns
@@ -158,7 +163,14 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
         crate::runtime::LOCAL => return false,
         // The heap is becoming shared: wait, then the access runs again.
         crate::runtime::JOINING => {
-            rt.wait_at_gate();
+            if rt.gate.load(Ordering::SeqCst) != 0 {
+                // The arena's contents are moving into the shared heap: a write waits for that
+                // short moment, then runs again.
+                rt.wait_at_gate();
+            } else {
+                // Another page, while the process connects to its peers: wait until it joined.
+                crate::futex::wait(&rt.phase, crate::runtime::JOINING, None);
+            }
             return true;
         }
         _ => {}
@@ -176,7 +188,7 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
     }
     if rt.gate.load(Ordering::SeqCst) != 0 {
         // A fork is taking its snapshot: the page may be write-protected for that moment.
-        if !crate::preload::fault_while_frozen(rt, page) {
+        if !crate::preload::fault_while_frozen(rt, page, write) {
             rt.wait_at_gate();
         }
         return true;

@@ -179,14 +179,20 @@ pub(crate) fn join(rt: &'static Runtime) -> Result<(), Error> {
         if rt.joined() {
             return Ok(());
         }
-        if let Err(e) = connect(rt) {
+        // No fork while the heap changes hands: a child would get neither a private heap nor
+        // a snapshot of the shared one (`preload::before_fork` takes the same lock).
+        preload::fork_lock();
+        let joined = connect(rt);
+        if joined.is_err() {
             // Back to a working local process: the arena stays open, the gate opens.
             let (first, end) = rt.arena_pages();
             let _ = rt.region.protect(first, end - first, region::Access::Write);
             rt.phase.store(runtime::LOCAL, Ordering::SeqCst);
+            futex::wake(&rt.phase, i32::MAX);
             rt.open_gate();
-            return Err(e.on_rank(rt.rank));
         }
+        preload::fork_unlock();
+        joined.map_err(|e| e.on_rank(rt.rank))?;
     }
     barrier();
     Ok(())
@@ -207,6 +213,8 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     let used = rt.alloc.high_water_page().clamp(first, end);
     let view = rt.region.share(first, used)?;
     rt.region.protect(first, end - first, region::Access::Write).map_err(|e| os("opening this rank's arena", e))?;
+    // Writers to the arena go on now; faults on other pages wait for the end of the join.
+    rt.open_gate();
     let transport = bootstrap::connect(rt.identity(), Some(&rt.settings), view, None)?;
     rt.set_transport(transport);
     if rt.rank == 0 && rt.identity().token_derived {
@@ -225,7 +233,7 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
         .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
     rt.record_member_pid();
     rt.phase.store(runtime::JOINED, Ordering::SeqCst);
-    rt.open_gate();
+    futex::wake(&rt.phase, i32::MAX);
     Ok(())
 }
 

@@ -247,13 +247,14 @@ fn gettid() -> i32 {
 /// in the parent the page is opened again with the access the page table gives it (a frozen
 /// page is one this process holds). Returns whether the fault was handled so.
 /// Async-signal-safe.
-pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize) -> bool {
+pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool {
     let owner = FORK_OWNER.load(Ordering::Acquire);
     if owner == 0 {
         return false;
     }
     if !rt.is_joined_member() {
-        // A forked child whose own child handler has not run yet.
+        // A forked child whose own child handler has not run yet (another library's child
+        // handler ran first): take the snapshot now.
         after_fork_child();
         return true;
     }
@@ -261,8 +262,17 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize) -> bool {
         return false;
     }
     let access = rt.pt.access(page);
-    if access == Access::None {
-        return false;
+    if access == Access::None || (write && access == Access::Read) {
+        // The page cannot be fetched while the service thread is paused for the fork, and the
+        // thread that froze the heap cannot wait for itself.
+        let mut buf = [0u8; 200];
+        let mut w = crate::fmt::RawWriter::new(&mut buf);
+        w.str("gallocy: rank ")
+            .num(rt.rank as u64)
+            .str(": fatal: a fork handler touched a shared page this process does not hold");
+        w.str(if write { " for writing" } else { "" }).str(": page ").num(page as u64).str("\n");
+        crate::runtime::write_stderr(w.as_bytes());
+        crate::runtime::exit_now(1);
     }
     if let Err(e) = rt.region.protect(page, 1, access) {
         crate::runtime::protect_failed(rt, e);
@@ -270,7 +280,8 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize) -> bool {
     true
 }
 
-fn fork_lock() {
+/// Serializes forks, and forks with joining (see `crate::join`).
+pub(crate) fn fork_lock() {
     while FORK_LOCK.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
         if FORK_LOCK.swap(2, Ordering::Acquire) == 0 {
             return;
@@ -279,7 +290,8 @@ fn fork_lock() {
     }
 }
 
-fn fork_unlock() {
+/// Releases [`fork_lock`].
+pub(crate) fn fork_unlock() {
     if FORK_LOCK.swap(0, Ordering::Release) == 2 {
         crate::futex::wake(&FORK_LOCK, 1);
     }
