@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI, second part: the runtime crate's whole test suite (its unit tests, every runtime/tests/*.rs,
 # its doc tests) once more, plus the transport crate's tests (transport/tests/rdma.rs drives the
-# RDMA transport itself), built with the cargo feature `rdma` and run inside a throw-away QEMU
+# RDMA transport itself) and the shim's (alloc-shim/tests/*.rs: preloaded programs, with
+# libgallocy.so built with RDMA), built with the cargo feature `rdma` and run inside a throw-away QEMU
 # guest that has a Soft-RoCE device (soft-roce-setup/in-guest.sh), every job of the runtime suite
 # over GALLOCY_TRANSPORT=$GUEST_TRANSPORT.
 #
@@ -30,11 +31,17 @@ threads=${GUEST_TEST_THREADS:-1}
 target_dir=${GUEST_TARGET_DIR:-target/rdma}
 case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
 export CARGO_TARGET_DIR=$target_dir
+# The runtime's and the transport's whole suites; then the shim's tests whose processes join a job
+# (libgallocy.so built with RDMA): every test binary but preload.rs, whose unmodified programs run
+# as one-process jobs that use no transport (the host run has them). Same features, one build.
+runtime_tests=(--release -p gallocy -p gallocy-transport --features gallocy/rdma,gallocy-transport/rdma)
+shim_tests=(--release -p gallocy-shim --features gallocy-rt/rdma
+            --test shapes --test syscalls --test examples --test edge --test init_array --test slurm)
 
 echo "guest suite: building with the feature rdma into $target_dir"
 t_build=$SECONDS
-if ! { cargo build --release -p gallocy -p gallocy-bench --features gallocy/rdma &&
-       cargo test --release -p gallocy -p gallocy-transport --features rdma --no-run; }; then
+if ! { cargo build --workspace --release --features gallocy/rdma &&
+       cargo test "${runtime_tests[@]}" --no-run && cargo test "${shim_tests[@]}" --no-run; }; then
     echo "guest suite: the build failed"
     echo "guest summary: 0 passed, 1 failed"
     exit 1
@@ -42,10 +49,16 @@ fi
 echo "guest suite: build took $((SECONDS - t_build)) s"
 
 # The guest's hostname is "(none)" otherwise, which Open MPI's mpirun refuses as a node name.
-guest_cmd=(sh -c 'echo gallocy-guest > /proc/sys/kernel/hostname && exec "$@"' sh
-           env GALLOCY_TRANSPORT="$transport" GALLOCY_TEST_SLOW=1 CARGO_TARGET_DIR="$target_dir"
-           cargo test --release -p gallocy -p gallocy-transport --features rdma --frozen --no-fail-fast
-           -- --test-threads="$threads" --nocapture)
+# Both runs go on whatever the first gives; the exit code is the first failure's.
+in_guest_script='echo gallocy-guest > /proc/sys/kernel/hostname
+n=$1; shift
+rc=0
+cargo test "${@:1:n}" --frozen --no-fail-fast -- --test-threads="$THREADS" --nocapture || rc=$?
+shift "$n"
+cargo test "$@" --frozen --no-fail-fast -- --test-threads="$THREADS" --nocapture || { r=$?; [ "$rc" -ne 0 ] || rc=$r; }
+exit "$rc"'
+guest_cmd=(env GALLOCY_TRANSPORT="$transport" GALLOCY_TEST_SLOW=1 CARGO_TARGET_DIR="$target_dir" THREADS="$threads"
+           bash -c "$in_guest_script" bash "${#runtime_tests[@]}" "${runtime_tests[@]}" "${shim_tests[@]}")
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

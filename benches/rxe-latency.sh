@@ -10,9 +10,11 @@
 #   1. ib_read_lat -d rxe0 -x 1 -s 4096 -n IB_ITERS, server and client on rxe0 (10.9.0.1);
 #   2. GALLOCY_TRANSPORT=T gallocy-bench fault --procs P --iters N
 #        --cases read_home_owner,read_third_owner
-# Back on the host it parses both outputs and prints a table (ib_read_lat t_typical, which is
-# perftest's median, and its 99th percentile; gallocy's read-fault p50/p99; the ratio
-# fault_read_p50 / ib_read_lat_typical) and, as the last line of stdout, one JSON object.
+#   3. GALLOCY_TRANSPORT=T gallocy-bench preload-fault --iters N: the same read fault taken by a
+#      program under LD_PRELOAD=libgallocy.so (DIR/release/libgallocy.so) that uses the C API
+# Back on the host it parses the outputs and prints a table (ib_read_lat t_typical, which is
+# perftest's median, and its 99th percentile; gallocy's read-fault p50/p99, linked and preloaded;
+# the ratios fault_read_p50 / ib_read_lat_typical) and, as the last line of stdout, one JSON object.
 # The guest is TCG-emulated: absolute numbers are meaningless, only the ratio means anything.
 #
 # Defaults: --transport rdma, --iters 1000, --procs 3 (the third-owner case needs 3),
@@ -20,7 +22,7 @@
 # --target-dir: target/rdma for rdma, target for tcp (relative to the repository root).
 # GALLOCY_* variables of the caller (e.g. GALLOCY_SPIN_US) reach the benchmark in the guest.
 # Raw outputs are kept in target/rxe-latency/<date-time>/ (ib_read_lat.{client,server}.txt,
-# gallocy-bench.txt, guest.txt).
+# gallocy-bench.txt, preload-fault.txt, guest.txt).
 #
 # Exit status: 0 on success; 2 for bad usage; 1 when any step fails (the message says which).
 #
@@ -70,9 +72,9 @@ in_guest() {
     [[ -d $logdir ]] || die "in the guest: log directory $logdir is missing"
     command -v ib_read_lat >/dev/null || die "in the guest: ib_read_lat not found (apt-get install perftest on the host)"
 
-    local t0 t1 t2
+    local t0 t1 t2 t3
     t0=$(date +%s)
-    say "step 1/2: ib_read_lat -d rxe0 -x 1 -s 4096 -n $ib_iters (server and client on rxe0, 10.9.0.1)"
+    say "step 1/3: ib_read_lat -d rxe0 -x 1 -s 4096 -n $ib_iters (server and client on rxe0, 10.9.0.1)"
     ib_read_lat -d rxe0 -x 1 -s 4096 -n "$ib_iters" -p "$IB_PORT" >"$logdir/ib_read_lat.server.txt" 2>&1 &
     local server=$! waited=0
     until listening "$IB_PORT"; do
@@ -104,14 +106,22 @@ in_guest() {
     ((src == 0)) || say "warning: ib_read_lat server exited with $src (the client's results are used)"
 
     t1=$(date +%s)
-    say "step 2/2: GALLOCY_TRANSPORT=$transport gallocy-bench fault --procs $procs --iters $iters --cases $CASES"
+    say "step 2/3: GALLOCY_TRANSPORT=$transport gallocy-bench fault --procs $procs --iters $iters --cases $CASES"
     rc=0
     env GALLOCY_TRANSPORT="$transport" "$bin" fault --procs "$procs" --iters "$iters" --cases "$CASES" \
         --timeout-s "$bench_timeout" 2>&1 | tee "$logdir/gallocy-bench.txt" || rc=$?
     ((rc == 0)) || die "gallocy-bench fault over $transport failed (exit $rc)"
     t2=$(date +%s)
-    echo "ib_read_lat_seconds=$((t1 - t0)) fault_seconds=$((t2 - t1))" >"$logdir/steps.txt"
-    say "in-guest steps done: ib_read_lat $((t1 - t0)) s, gallocy-bench fault $((t2 - t1)) s"
+    local lib
+    lib=$(dirname "$bin")/libgallocy.so
+    say "step 3/3: GALLOCY_TRANSPORT=$transport gallocy-bench preload-fault --iters $iters --lib $lib"
+    rc=0
+    env GALLOCY_TRANSPORT="$transport" "$bin" preload-fault --iters "$iters" --lib "$lib" \
+        --timeout-s "$bench_timeout" 2>&1 | tee "$logdir/preload-fault.txt" || rc=$?
+    ((rc == 0)) || die "gallocy-bench preload-fault over $transport failed (exit $rc)"
+    t3=$(date +%s)
+    echo "ib_read_lat_seconds=$((t1 - t0)) fault_seconds=$((t2 - t1)) preload_fault_seconds=$((t3 - t2))" >"$logdir/steps.txt"
+    say "in-guest steps done: ib_read_lat $((t1 - t0)) s, gallocy-bench fault $((t2 - t1)) s, preload-fault $((t3 - t2)) s"
 }
 
 if [[ ${1:-} == --in-guest ]]; then
@@ -235,12 +245,13 @@ command -v ib_read_lat >/dev/null || die "ib_read_lat not found: apt-get install
 
 FEATURES=()
 [[ $TRANSPORT == rdma ]] && FEATURES=(--features gallocy/rdma)
-if ((BUILD)) || [[ ! -x $BIN ]]; then
-    if ((BUILD)); then say "building gallocy-bench into $TARGET_DIR"; else say "$BIN is missing: building it"; fi
+LIB=$TARGET_DIR/release/libgallocy.so
+if ((BUILD)) || [[ ! -x $BIN || ! -f $LIB ]]; then
+    if ((BUILD)); then say "building gallocy-bench and libgallocy.so into $TARGET_DIR"; else say "$BIN or $LIB is missing: building them"; fi
     command -v cargo >/dev/null || die "cargo not found"
-    CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p gallocy-bench "${FEATURES[@]}" \
-        || die "cargo build --release -p gallocy-bench ${FEATURES[*]} (CARGO_TARGET_DIR=$TARGET_DIR) failed"
-    [[ -x $BIN ]] || die "the build did not produce $BIN"
+    CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --workspace "${FEATURES[@]}" \
+        || die "cargo build --release --workspace ${FEATURES[*]} (CARGO_TARGET_DIR=$TARGET_DIR) failed"
+    [[ -x $BIN && -f $LIB ]] || die "the build did not produce $BIN and $LIB"
 else
     say "using $BIN (built $(date -r "$BIN" '+%F %T'); --build rebuilds it)"
 fi
@@ -253,7 +264,7 @@ BENCH_TIMEOUT=$((TIMEOUT - 60))
 
 GUEST_ARGS=(--timeout "$TIMEOUT")
 [[ -n $MTU ]] && GUEST_ARGS+=(--mtu "$MTU")
-say "one guest run ($IN_GUEST ${GUEST_ARGS[*]}): ib_read_lat, then gallocy-bench fault over $TRANSPORT; logs in ${LOGDIR#"$ROOT"/}"
+say "one guest run ($IN_GUEST ${GUEST_ARGS[*]}): ib_read_lat, then gallocy-bench fault and preload-fault over $TRANSPORT; logs in ${LOGDIR#"$ROOT"/}"
 START=$(date +%s)
 rc=0
 "$IN_GUEST" "${GUEST_ARGS[@]}" -- bash "$SELF" --in-guest \
@@ -282,11 +293,17 @@ R_P50=$(json_num read_home_owner_p50_us "$FJ") R_P99=$(json_num read_home_owner_
 T_P50=$(json_num read_third_owner_p50_us "$FJ") T_P99=$(json_num read_third_owner_p99_us "$FJ")
 FLOOR_P50=$(json_num floor_p50_us "$FJ")
 [[ -n $R_P50 ]] || die "gallocy-bench reported no read_home_owner result ($LOGDIR/gallocy-bench.txt)"
+PJ=$(grep '^{"bench":"preload-fault"' "$LOGDIR/preload-fault.txt" | tail -n1 || true)
+[[ -n $PJ ]] || die "no JSON result line from gallocy-bench preload-fault in $LOGDIR/preload-fault.txt"
+P_P50=$(json_num read_p50_us "$PJ") P_P99=$(json_num read_p99_us "$PJ")
+[[ -n $P_P50 ]] || die "gallocy-bench preload-fault reported no read result ($LOGDIR/preload-fault.txt)"
 RATIO=$(ratio "$R_P50" "$IB_TYP")
+RATIO_P=$(ratio "$P_P50" "$IB_TYP")
 RATIO_T=$(ratio "$T_P50" "$IB_TYP")
 [[ -n $RATIO ]] || die "cannot form the ratio ($R_P50 / $IB_TYP)"
 STEPS=$(cat "$LOGDIR/steps.txt" 2>/dev/null || true)
 IB_S=$(kv ib_read_lat_seconds "$(tr ' ' '\n' <<<"$STEPS")") F_S=$(kv fault_seconds "$(tr ' ' '\n' <<<"$STEPS")")
+PF_S=$(kv preload_fault_seconds "$(tr ' ' '\n' <<<"$STEPS")")
 
 # A table row; numbers with 2 decimals, n/a when missing.
 row() {
@@ -302,12 +319,15 @@ row "measurement (µs)" "p50/typical" "p99"
 row "ib_read_lat -s 4096 (t_typical = median)" "$IB_TYP" "$IB_P99"
 row "gallocy read fault, home is the owner" "$R_P50" "$R_P99"
 row "gallocy read fault, third owner" "$T_P50" "$T_P99"
-echo "ratio fault_read_p50 / ib_read_lat_typical: $RATIO (third owner: ${RATIO_T:-n/a})"
+row "gallocy read fault, preloaded program" "$P_P50" "$P_P99"
+echo "ratio fault_read_p50 / ib_read_lat_typical: $RATIO (third owner: ${RATIO_T:-n/a}; preloaded program: $RATIO_P)"
 printf '{"bench":"rxe-latency","transport":"%s","procs":%s,"iters":%s,"ib_iters":%s,"mtu":%s,' \
     "$TRANSPORT" "$PROCS" "$ITERS" "$(jn "$IB_N")" "${MTU:-1500}"
 printf '"ib_read_lat_typical_us":%s,"ib_read_lat_p99_us":%s,"ib_read_lat_avg_us":%s,' \
     "$(jn "$IB_TYP")" "$(jn "$IB_P99")" "$(jn "$IB_AVG")"
 printf '"fault_read_p50_us":%s,"fault_read_p99_us":%s,"fault_read_third_p50_us":%s,"fault_read_third_p99_us":%s,' \
     "$(jn "$R_P50")" "$(jn "$R_P99")" "$(jn "$T_P50")" "$(jn "$T_P99")"
-printf '"tcp_floor_p50_us":%s,"ratio":%s,"ratio_third":%s,"guest_seconds":%s,"ib_read_lat_seconds":%s,"fault_seconds":%s}\n' \
-    "$(jn "$FLOOR_P50")" "$RATIO" "$(jn "$RATIO_T")" "$GUEST_S" "$(jn "$IB_S")" "$(jn "$F_S")"
+printf '"preload_fault_read_p50_us":%s,"preload_fault_read_p99_us":%s,"ratio_preload":%s,' \
+    "$(jn "$P_P50")" "$(jn "$P_P99")" "$(jn "$RATIO_P")"
+printf '"tcp_floor_p50_us":%s,"ratio":%s,"ratio_third":%s,"guest_seconds":%s,"ib_read_lat_seconds":%s,"fault_seconds":%s,"preload_fault_seconds":%s}\n' \
+    "$(jn "$FLOOR_P50")" "$RATIO" "$(jn "$RATIO_T")" "$GUEST_S" "$(jn "$IB_S")" "$(jn "$F_S")" "$(jn "$PF_S")"

@@ -85,15 +85,6 @@ unsafe impl GlobalAlloc for GlibcInternal {
     }
 }
 
-// The RDMA build links libibverbs' loader shim (rdma-mummy-sys), whose constructor loads libibverbs
-// from inside this library's initialisation: in a preloaded program that hangs. Until that is
-// solved, libgallocy.so is built without RDMA (preloaded programs use TCP); build the RDMA
-// transport with `-p gallocy -p gallocy-bench`, not `--workspace`.
-const _: () = assert!(
-    !g::RDMA_BUILT,
-    "libgallocy.so cannot be built with the `rdma` feature yet: build RDMA with -p gallocy -p gallocy-bench"
-);
-
 #[global_allocator]
 static INTERNAL: GlibcInternal = GlibcInternal;
 

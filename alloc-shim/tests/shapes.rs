@@ -573,6 +573,87 @@ fn forking_server_children_see_the_heap_as_it_was_at_fork() {
     );
 }
 
+/// A Python member that joins the job through the C API (ctypes), moves pages between the ranks,
+/// forks and execs (a shell pipeline through `subprocess`, `git` and `cc`, a `multiprocessing`
+/// pool of forked workers that read the shared data), and moves pages again afterwards: the
+/// children must see the heap as it was, and the parent's transport (its queue pairs and
+/// registered memory, over RDMA) must keep working after they exit.
+const JOINED_PYTHON: &str = r#"
+import ctypes, multiprocessing, os, subprocess, sys
+g = ctypes.CDLL(None)
+g.gallocy_alloc_collective.restype = ctypes.c_void_p
+g.gallocy_alloc_collective.argtypes = [ctypes.c_size_t]
+r, n = g.gallocy_rank(), g.gallocy_size()
+N = 64 * 4096
+
+def pattern(i, round_):
+    return (i * 7 + round_ * 13 + i // 4096) % 251
+
+def exchange(round_):
+    # Rank round_ % n writes a block every rank then reads (pages move between the ranks).
+    p = g.gallocy_alloc_collective(N)
+    buf = (ctypes.c_ubyte * N).from_address(p)
+    writer = round_ % n
+    if r == writer:
+        buf[:] = bytes(pattern(i, round_) for i in range(N))
+    g.gallocy_barrier()
+    want = bytes(pattern(i, round_) for i in range(N))
+    if bytes(buf) != want:
+        sys.exit(f"round {round_}: the block rank {writer} wrote reads differently")
+    g.gallocy_barrier()
+    return buf, want
+
+def worker(k):
+    # A forked child: reads the parent's copy of the shared block, writes its own copy of it.
+    # (A worker runs several tasks: bytes 0..15 are the tasks' own.)
+    buf, want = SHARED
+    ok = bytes(buf)[16:] == want[16:]
+    buf[k] = (want[k] + 1) % 251
+    return ok and buf[k] != want[k]
+
+if g.gallocy_init() != 0:
+    sys.exit("gallocy_init failed")
+SHARED = exchange(0)
+out = subprocess.run("printf 'b\\na\\nc\\n' | sort | tr a-z A-Z | head -2 | wc -l", shell=True,
+                     capture_output=True, text=True, check=True).stdout.strip()
+git = subprocess.run(["git", "--version"], capture_output=True, text=True, check=True).stdout.split()[0]
+cc = subprocess.run(["cc", "-dumpmachine"], capture_output=True, text=True, check=True).stdout.strip() != ""
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    workers = all(pool.map(worker, range(16)))
+if bytes(SHARED[0]) != SHARED[1]:
+    sys.exit("a child's write reached the parent's heap")
+for round_ in range(1, 5):
+    exchange(round_)
+print(f"rank {r} of {n}: pipeline={out} {git} cc={cc} pool={workers} after=ok")
+"#;
+
+fn joined_python_case(env: &[(&str, OsString)]) {
+    let python = require_tool("python3", "python3");
+    require_tool("git", "git");
+    require_tool("cc", "gcc");
+    let argv = [os(&python), os("-c"), os(JOINED_PYTHON)];
+    let ran = job(2, env, &argv);
+    check_job(
+        &ran,
+        2,
+        &|r| vec![format!("rank {r} of 2: pipeline=2 git cc=True pool=True after=ok")],
+        &none,
+        Stats::Absent,
+    );
+}
+
+#[test]
+fn joined_python_forks_and_execs_and_its_transport_works_after() {
+    joined_python_case(&[]);
+}
+
+/// The same with libibverbs' fork protection asked for (it changes how registrations are made on
+/// kernels without copy-on-fork for pinned pages; gallocy's must work either way).
+#[test]
+fn joined_python_forks_and_execs_with_rdmav_fork_safe() {
+    joined_python_case(&[("RDMAV_FORK_SAFE", os("1"))]);
+}
+
 // ------------------------------------------------------------------- g. leaving from a thread
 
 /// `exitprog MODE` as a 2-rank job and as one process; every process must exit 0 and print
@@ -709,6 +790,38 @@ fn program_started_by_a_shell_member_is_a_one_process_job() {
     check_job(&ran, 2, &|_| expected.clone(), &none, Stats::Absent);
     let ran = solo(Preload::Shim, &[], &argv);
     check_solo(&ran, &expected, &[], Stats::Absent);
+}
+
+/// A preloaded member that joins runs on the transport the suite asks for, and rank 0 says which
+/// at start-up. With `GALLOCY_TRANSPORT=rdma` (the Soft-RoCE guest, libgallocy.so built with RDMA):
+/// the job runs on RDMA, and a device that does not exist stops every rank at start with the
+/// transport's clear error, as it does a linked program.
+#[test]
+fn preloaded_member_says_which_transport_runs() {
+    let dir = TempDir::new("shapes-transport");
+    let prog = build_prog(&dir, "rankprog");
+    let argv = [os(&prog), os("transport")];
+    let ran = job(2, &[], &argv);
+    check_job(&ran, 2, &|r| vec![format!("rank {r} of 2: transport ok")], &none, Stats::Absent);
+    let wanted = std::env::var("GALLOCY_TRANSPORT").unwrap_or_default();
+    if wanted != "rdma" {
+        eprintln!(
+            "(GALLOCY_TRANSPORT is not rdma: the job ran on the default transport; the RDMA cases run in the guest)"
+        );
+        return;
+    }
+    if !ran.f.stderr.contains("[rank 0] gallocy: transport: rdma (") {
+        ran.fail("GALLOCY_TRANSPORT=rdma: rank 0 must say `gallocy: transport: rdma (...)`");
+    }
+    let ran = job(2, &[("GALLOCY_RDMA_DEVICE", os("gallocy_no_such_device"))], &argv);
+    if ran.f.success() {
+        ran.fail("GALLOCY_TRANSPORT=rdma with a device that does not exist must fail");
+    }
+    for needle in ["--transport rdma", "no device named \"gallocy_no_such_device\""] {
+        if !ran.f.stderr.contains(needle) {
+            ran.fail(&format!("the error must say {needle:?}"));
+        }
+    }
 }
 
 fn find_in_path(prog: &str) -> Option<PathBuf> {

@@ -7,6 +7,7 @@
 //! gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--workloads a,b] [--glibc-only]
 //! gallocy-bench syscalls [--iters 200000] [--batch 50] [--reps 3] [--lib PATH] [--workloads a,b] [--sides a,b]
 //! gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3] [--sides a,b]
+//! gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH]
 //! ```
 //!
 //! `fault` first measures the floor (two helper processes: a TCP server and a client that also
@@ -16,10 +17,11 @@
 //! the malloc fast path of glibc and of `libgallocy.so` (LD_PRELOAD) in child processes (see
 //! [`malloc`]). `syscalls` measures the shim's system-call wrappers next to glibc (see
 //! [`syscalls`]), `fork` the cost of fork against the heap pages a joined process holds (see
-//! [`fork`]).
+//! [`fork`]), `preload-fault` the remote read fault of a preloaded program (see [`preload_fault`]).
 //!
 //! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
-//! `__fault-rank`, `__malloc-child`, `__syscalls-child`, `__fork-child`.
+//! `__fault-rank`, `__malloc-child`, `__syscalls-child`, `__fork-child`,
+//! `__preload-fault-child`.
 
 mod cases;
 mod child;
@@ -28,6 +30,7 @@ mod fork;
 mod launch;
 mod malloc;
 mod net;
+mod preload_fault;
 mod report;
 mod syscalls;
 
@@ -48,6 +51,7 @@ const USAGE: &str = "usage:
                          [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
   gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
                      [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
+  gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
 --cases: run only these fault cases (default: all); JSON keys of cases not run are null.
 GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
@@ -161,6 +165,8 @@ fn main() {
         "__syscalls-child" => syscalls::child_main(&args[1..]),
         "fork" => fork::cmd_fork(&args[1..]),
         "__fork-child" => fork::child_main(&args[1..]),
+        "preload-fault" => preload_fault::cmd(&args[1..]),
+        "__preload-fault-child" => preload_fault::child_main(&args[1..]),
         _ => run_latency_cmd(cmd, &args[1..]),
     };
     if let Err(e) = result {

@@ -373,8 +373,16 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
 pub fn stats_print() {
     if let Some(rt) = RUNTIME.get() {
         let _s = RuntimeScope::enter();
-        eprintln!("{}", rt.stats.report(rt.rank));
+        print_stats(rt);
     }
+}
+
+/// The statistics report as one `write` (a launcher that merges the ranks' stderr, like
+/// `mpirun`, then never splits the line; `eprintln!` writes the text and its newline apart).
+fn print_stats(rt: &Runtime) {
+    use std::io::Write;
+    let line = format!("{}\n", rt.stats.report(rt.rank));
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// A copy of this process's counters.
@@ -397,7 +405,7 @@ pub fn finalize() -> Result<(), Error> {
     barrier();
     let _s = RuntimeScope::enter();
     if rt.settings.stats {
-        eprintln!("{}", rt.stats.report(rt.rank));
+        print_stats(rt);
     }
     if let Some(t) = rt.transport() {
         rt.leaving.store(true, Ordering::Release);

@@ -166,6 +166,13 @@ impl Region {
         if rt == libc::MAP_FAILED {
             return fail(Error::os("mapping the heap's runtime view"), rt);
         }
+        // A child never uses the runtime view (it copies its snapshot through the memfd, see
+        // `snapshot_in_child`): keep it out of children, so that `fork` leaves the parent's
+        // registered RDMA memory alone on every kernel, and a child cannot write to it.
+        // SAFETY: advice on the mapping made above.
+        if unsafe { libc::madvise(rt, self.size, libc::MADV_DONTFORK) } != 0 {
+            return fail(Error::os("madvise(MADV_DONTFORK) on the heap's runtime view"), rt);
+        }
         for page in first..end {
             let off = page * self.page;
             // SAFETY: pages [first, end) of the application view are readable (the caller's

@@ -118,25 +118,21 @@ fn bad_rdma_port_is_a_configuration_error() {
     expect_job_fails("GALLOCY_RDMA_PORT=0", &env, &["GALLOCY_RDMA_PORT"]);
 }
 
-#[test]
-fn memlock_limit_too_low_says_raise_ulimit() {
-    if !has_device() {
-        return skip("memlock_limit_too_low_says_raise_ulimit");
-    }
-    let _g = serial();
+/// Starts a 2-rank job over RDMA whose ranks run `args` with RLIMIT_MEMLOCK at `kib` KiB and
+/// without CAP_IPC_LOCK (root would lock memory regardless of the limit).
+fn job_with_memlock_limit(kib: u64, args: &[&str]) -> Job {
     let b = Job::builder(2).env_all("GALLOCY_TRANSPORT", "rdma");
     let mut ranks = Vec::new();
     for r in 0..2 {
-        let mut cmd = b.command(r, &["fill64", "--mib", "1"]);
+        let mut cmd = b.command(r, args);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
-                // Root would lock memory regardless of the limit: give up CAP_IPC_LOCK for good
-                // (bounding and inheritable sets), then set a 64 KiB limit.
+            cmd.pre_exec(move || {
+                // Give up CAP_IPC_LOCK for good (bounding and inheritable sets), then set the limit.
                 const CAP_IPC_LOCK: libc::c_ulong = 14;
                 libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0);
                 drop_inheritable_caps();
-                let lim = libc::rlimit { rlim_cur: 64 << 10, rlim_max: 64 << 10 };
+                let lim = libc::rlimit { rlim_cur: kib << 10, rlim_max: kib << 10 };
                 if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -145,17 +141,48 @@ fn memlock_limit_too_low_says_raise_ulimit() {
         };
         ranks.push(Proc::spawn(format!("rank {r}"), &mut cmd));
     }
-    let mut job = Job { ranks, coordinator: String::new(), token: String::new() };
+    Job { ranks, coordinator: String::new(), token: String::new() }
+}
+
+fn says_raise_ulimit(err: &str) -> bool {
+    err.contains("RLIMIT_MEMLOCK") && err.contains("raise `ulimit -l`")
+}
+
+#[test]
+fn memlock_limit_too_low_says_raise_ulimit() {
+    if !has_device() {
+        return skip("memlock_limit_too_low_says_raise_ulimit");
+    }
+    let _g = serial();
+    let mut job = job_with_memlock_limit(64, &["fill64", "--mib", "1"]);
     job.wait_or_fail("RLIMIT_MEMLOCK of 64 KiB", T);
     for r in 0..2 {
         assert!(job.ranks[r].status().is_some_and(|s| !s.success()), "rank {r} must fail\n{}", job.report());
-        let err = job.ranks[r].stderr();
-        assert!(
-            err.contains("RLIMIT_MEMLOCK") && err.contains("raise `ulimit -l`"),
-            "rank {r} must say to raise ulimit -l\n{}",
-            job.report()
-        );
+        assert!(says_raise_ulimit(&job.ranks[r].stderr()), "rank {r} must say to raise ulimit -l\n{}", job.report());
     }
+}
+
+/// The limit admits the start (message buffers and one heap chunk) but not the heap a 16 MiB
+/// fill pins as it is read: the rank whose registration is refused names the limit, the other
+/// learns that it left, and neither hangs.
+#[test]
+fn memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit() {
+    if !has_device() {
+        return skip("memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit");
+    }
+    let _g = serial();
+    let mut job = job_with_memlock_limit(4096, &["fill64", "--mib", "16"]);
+    job.wait_or_fail("RLIMIT_MEMLOCK of 4 MiB, 16 MiB read", T);
+    let report = job.report();
+    assert!(report.contains("gallocy: transport: rdma ("), "the job must start on RDMA\n{report}");
+    for r in 0..2 {
+        assert!(job.ranks[r].status().is_some_and(|s| !s.success()), "rank {r} must fail\n{report}");
+        assert!(job.ranks[r].stderr().contains("fatal"), "rank {r} must end with a fatal line\n{report}");
+    }
+    assert!(
+        (0..2).any(|r| says_raise_ulimit(&job.ranks[r].stderr())),
+        "a rank must name RLIMIT_MEMLOCK and say to raise ulimit -l\n{report}"
+    );
 }
 
 /// Clears the inheritable capability set (capset(2), version 3). Async-signal-safe.

@@ -80,10 +80,15 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Remove every variable gallocy (or a launcher it recognizes) would read, and any preload.
+/// Remove every variable gallocy (or a launcher it recognizes) would read, and any preload; but
+/// keep `GALLOCY_TRANSPORT`, with which the suite runs every job over one transport (the
+/// Soft-RoCE guest sets `rdma`, .ci/guest-suite.sh).
 pub fn clean_env(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
+        if k == "GALLOCY_TRANSPORT" {
+            continue;
+        }
         if k == "LD_PRELOAD" || ["GALLOCY_", "OMPI_", "PMI_", "PMIX_", "SLURM_"].iter().any(|p| k.starts_with(p)) {
             cmd.env_remove(&k);
         }

@@ -64,9 +64,9 @@ pub enum RdmaError {
         /// The indices that hold a GID.
         valid: String,
     },
-    /// The locked-memory limit is too small to register the transport's buffers.
+    /// The locked-memory limit is too small to register the transport's buffers or a piece of the heap.
     #[error(
-        "no RDMA: the locked-memory limit (RLIMIT_MEMLOCK) is {have_kib} KiB but RDMA needs at least {need_kib} KiB \
+        "RDMA: the locked-memory limit (RLIMIT_MEMLOCK) is {have_kib} KiB but RDMA needs at least {need_kib} KiB \
          to register memory: raise `ulimit -l` (e.g. `ulimit -l unlimited`, or memlock in /etc/security/limits.conf)"
     )]
     Memlock {
@@ -99,16 +99,6 @@ impl RdmaError {
             _ => RdmaError::verbs(what, e),
         }
     }
-}
-
-/// True once libibverbs' entry points are loaded into the verbs shim (rdma-mummy-sys loads them
-/// one by one from a constructor; `ibv_get_sysfs_path` is among the last, and nothing after it
-/// can fail or allocate). An `LD_PRELOAD` malloc calls this before it starts gallocy; it does not
-/// allocate unless `SYSFS_PATH` is set (the caller guards against re-entry).
-pub fn entry_points_loaded() -> bool {
-    // SAFETY: the shim's wrapper returns NULL without calling anything when the function is not
-    // loaded; libibverbs' returns its sysfs path (a static string).
-    unsafe { !rdma_mummy_sys::ibv_get_sysfs_path().is_null() }
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes (`u64::MAX`: unlimited).
@@ -166,10 +156,11 @@ impl Port {
     }
 }
 
-/// Checks that libibverbs can be loaded; the error is dlerror's text.
+/// Checks that libibverbs can be loaded; the error is dlerror's text (the verbs shim's own loader
+/// reports only success or failure).
 fn load_library() -> Result<(), String> {
-    // SAFETY: dlopen/dlerror with a valid C string; the handle is closed at once (the library stays
-    // loaded for rdma-mummy-sys, which opened it too).
+    // SAFETY: dlopen/dlerror with a valid C string; the handle is closed at once (the verbs shim
+    // opens the library again and keeps it).
     unsafe {
         let h = libc::dlopen(c"libibverbs.so.1".as_ptr(), libc::RTLD_LAZY);
         if h.is_null() {
@@ -198,14 +189,21 @@ fn state_name(s: PortState) -> String {
 /// Opens the configured device and port and picks the GID.
 pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
     load_library().map_err(RdmaError::NoLibrary)?;
+    // The verbs shim resolves libibverbs' entry points here, once, on the thread that starts the
+    // transport (the patched rdma-mummy-sys has no load-time constructor: transport/vendor/).
+    if !rdma_mummy_sys::load_ibverbs() {
+        return Err(RdmaError::NoLibrary("it loads, but the verbs loader found none of its entry points".into()));
+    }
+    // Before any verbs object exists: on a kernel that does not copy pinned pages at fork time,
+    // this makes libibverbs keep its providers' queue memory out of children (MADV_DONTFORK);
+    // on one that does (Linux 5.13 and later) it does nothing. It fails only if verbs objects
+    // already exist in this process (a program that uses verbs itself): gallocy's own registered
+    // memory is fork-safe regardless, so that is not an error.
+    // SAFETY: no arguments; libibverbs is loaded.
+    let _ = unsafe { rdma_mummy_sys::ibv_fork_init() };
     let list = DeviceList::new().map_err(|e| match e.0 {
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
             RdmaError::NoDevice
-        }
-        sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io)
-            if io.raw_os_error() == Some(libc::EOPNOTSUPP) && !entry_points_loaded() =>
-        {
-            RdmaError::NoLibrary("it loads, but the verbs loader found none of its entry points".into())
         }
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) => RdmaError::verbs("ibv_get_device_list", io),
         other => RdmaError::verbs("ibv_get_device_list", std::io::Error::other(other.to_string())),

@@ -10,7 +10,17 @@
 //!   waits in the hardware, nothing is lost).
 //! - **Registration** pins memory, so the runtime view is registered in [`CHUNK`]-sized pieces when
 //!   a chunk is first read into or read from. A reader learns the owner's key for a chunk once, by
-//!   asking the owner's transport (`RkeyQuery`), and caches it.
+//!   asking the owner's transport (`RkeyQuery`), and caches it. Registration allocates and may
+//!   block in the kernel, so only the service thread registers (the message buffers are registered
+//!   on the joining thread): never a faulting thread, never `malloc`. A registration that the
+//!   locked-memory limit refuses ends the process with [`RdmaError::Memlock`], which names the
+//!   limit; its peers then see it leave.
+//! - **fork**: everything registered lives in shared mappings marked `MADV_DONTFORK` (the message
+//!   buffers here, the heap's runtime view in the runtime), so `fork` never turns a registered page
+//!   of the parent copy-on-write, with or without the kernel's copy-on-fork for pinned pages, and
+//!   a child sees none of it. `ibv_fork_init` runs before any verbs object exists (it protects the
+//!   providers' queue memory on kernels without copy-on-fork, and does nothing on others). A child
+//!   inherits the verbs file descriptor, but never uses or destroys a verbs object.
 //! - **Completions** are polled by whoever waits: the faulting thread spins on the completion
 //!   queues through [`Transport::poll_inline`]; the service thread blocks on the completion channel.
 //! - The TCP connections of start-up stay open, unused for data: their closing tells us that a peer
@@ -35,9 +45,7 @@ use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair};
 use sideway::ibverbs::AccessFlags;
 
-pub use device::{
-    can_lock_unlimited, check_memlock, entry_points_loaded, memlock_limit, open, Port, RdmaConfig, RdmaError,
-};
+pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
 
 use crate::tcp::TcpTransport;
@@ -636,7 +644,12 @@ impl RdmaTransport {
                 };
                 match kind {
                     K_RKEY_QUERY => {
-                        let keys = self.local_keys(arg).map_err(|_| bad("cannot register memory a peer reads"))?;
+                        if arg as usize >= self.chunks.count {
+                            return Err(bad("key query for a chunk outside the heap"));
+                        }
+                        // A refused registration is this process's failure (typically the
+                        // memlock limit), not the peer's: it ends with its own error.
+                        let keys = self.local_keys(arg)?;
                         self.send_control(peer, K_RKEY_REPLY, arg, &((keys & 0xffff_ffff) as u32).to_le_bytes())?;
                     }
                     K_RKEY_REPLY => {
@@ -687,7 +700,9 @@ impl RdmaTransport {
                 sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
                 other => std::io::Error::other(other.to_string()),
             };
-            TransportError::Rdma(RdmaError::registration("registering the heap's runtime view", io, len))
+            // What this process would have pinned: its buffers, the chunks so far, and this one.
+            let pinned = self.bufs.len + regions.len() * CHUNK + len;
+            TransportError::Rdma(RdmaError::registration("registering the heap's runtime view", io, pinned))
         })?;
         let keys = (u64::from(mr.lkey()) << 32) | u64::from(mr.rkey());
         regions.push(mr);

@@ -287,19 +287,29 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
     };
     let send_cq = cq(size * SEND_DEPTH)?;
     let recv_cq = cq(size * RECV_DEPTH)?;
-    // SAFETY: a fresh private anonymous mapping; checked for failure below.
+    // Shared, not private, and not inherited by children: `fork` then never makes the parent's
+    // registered pages copy-on-write, whether or not the kernel copies pinned pages at fork time
+    // (see the module documentation of `rdma`).
+    // SAFETY: a fresh shared anonymous mapping; checked for failure below.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             buf_len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
     if base == libc::MAP_FAILED {
         return Err(RdmaError::verbs("mapping RDMA buffers", std::io::Error::last_os_error()));
+    }
+    // SAFETY: advice on the mapping made above.
+    if unsafe { libc::madvise(base, buf_len, libc::MADV_DONTFORK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unmapping the mapping made above, which nothing else uses yet.
+        unsafe { libc::munmap(base, buf_len) };
+        return Err(RdmaError::verbs("madvise(MADV_DONTFORK) on the RDMA buffers", e));
     }
     let base = base.cast::<u8>();
     let access = AccessFlags::LocalWrite;

@@ -1,0 +1,135 @@
+//! `gallocy-bench preload-fault`: the remote read fault as a preloaded program pays it.
+//!
+//! Two children of this executable run as a 2-rank job under `LD_PRELOAD=libgallocy.so` (the
+//! program itself does not use the runtime it links: it finds gallocy's C API in the preloaded
+//! library with `dlsym`, as any C program would). They join with `gallocy_init`, take a
+//! collective block of `--iters` pages; rank 0 writes every page, then rank 1 times its first
+//! read of each (one sample per page: a fault, a request to the page's home, the contents from
+//! the owner, by RDMA READ on RDMA). Rounds repeat until `--iters` samples are in, rank 0
+//! writing the pages again each round so that rank 1's copies are invalidated. The transport is
+//! the job's: `GALLOCY_TRANSPORT` reaches the children.
+//!
+//! Prints a table and, as the last line of stdout, one JSON object (`{"bench":"preload-fault",
+//! ...}`). `benches/rxe-latency.sh` runs it next to `ib_read_lat` and the linked program's fault.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::child::{self, Api, Side};
+use crate::net::now_ns;
+use crate::report::{new_histogram, summary_json, table, JsonObject, Summary};
+
+const USAGE: &str = "usage:
+  gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]
+--iters: timed read faults in all; --pages: pages per round (rank 0 rewrites them each round).";
+
+struct Opts {
+    iters: usize,
+    pages: usize,
+    lib: Option<PathBuf>,
+    timeout_s: u64,
+    joined: bool,
+}
+
+fn parse(args: &[String], child: bool) -> Result<Opts> {
+    let mut o = Opts { iters: 1000, pages: 256, lib: None, timeout_s: 600, joined: false };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--iters" => o.iters = v()?.parse().context("--iters")?,
+            "--pages" => o.pages = v()?.parse().context("--pages")?,
+            "--lib" if !child => o.lib = Some(PathBuf::from(v()?)),
+            "--timeout-s" if !child => o.timeout_s = v()?.parse().context("--timeout-s")?,
+            "--joined" if child => o.joined = true,
+            "-h" | "--help" if !child => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            k => bail!("unknown argument {k}\n{USAGE}"),
+        }
+    }
+    if o.iters == 0 || o.pages == 0 {
+        bail!("--iters and --pages must be at least 1\n{USAGE}");
+    }
+    Ok(o)
+}
+
+/// `gallocy-bench preload-fault ...`.
+pub fn cmd(args: &[String]) -> Result<()> {
+    let o = parse(args, false)?;
+    let lib = child::check_lib(&o.lib.clone().map_or_else(child::default_lib, Ok)?)?;
+    let transport = std::env::var("GALLOCY_TRANSPORT").unwrap_or_else(|_| "default".into());
+    let child_args = vec![
+        "__preload-fault-child".to_string(),
+        "--iters".into(),
+        o.iters.to_string(),
+        "--pages".into(),
+        o.pages.to_string(),
+    ];
+    let what = "preloaded read fault (2 ranks)";
+    let recs = child::run_side(Side::Joined, &child_args, Some(&lib), what, Duration::from_secs(o.timeout_s))?;
+    let s = recs
+        .iter()
+        .find_map(|l| Summary::parse_record(l))
+        .with_context(|| format!("{what}: rank 1 reported no result"))?;
+    println!("{}", table(std::slice::from_ref(&s)));
+    let mut j = JsonObject::new();
+    j.str("bench", "preload-fault").str("transport", &transport).str("lib", &lib.display().to_string());
+    j.int("iters", o.iters as u64).int("pages", o.pages as u64);
+    j.num("read_p50_us", s.p50_us()).num("read_p99_us", s.p99_us());
+    j.raw("read", summary_json(&s));
+    println!("{}", j.render());
+    Ok(())
+}
+
+/// `__preload-fault-child --joined ...`: one rank of the job; rank 1 prints the record.
+pub fn child_main(args: &[String]) -> Result<()> {
+    let o = parse(args, true)?;
+    if !o.joined {
+        bail!("__preload-fault-child runs as a rank of a joined job");
+    }
+    let page = child::page_size();
+    let api = Api::load()?;
+    let rank = api.join(2)?;
+    // SAFETY: a plain call into the preloaded library; every rank asks for the same size.
+    let base = unsafe { (api.alloc_collective)((o.pages + 1) * page) } as usize;
+    if base == 0 {
+        bail!("gallocy_alloc_collective returned NULL");
+    }
+    let block = child::align_up(base, page) as *mut u8;
+    let mut h = new_histogram();
+    // Both ranks go through the same rounds (only rank 1 counts samples).
+    let rounds = o.iters.div_ceil(o.pages);
+    for r in 0..rounds {
+        let round = (r % 250 + 1) as u8;
+        if rank == 0 {
+            for i in 0..o.pages {
+                // SAFETY: the block has `pages` whole pages after `block`.
+                unsafe { block.add(i * page).write_volatile(round) };
+            }
+        }
+        api.barrier();
+        if rank == 1 {
+            let n = o.pages.min(o.iters - r * o.pages);
+            for i in 0..n {
+                let t0 = now_ns();
+                // SAFETY: as above; the read faults and fetches the page from rank 0.
+                let v = unsafe { block.add(i * page).read_volatile() };
+                let dt = now_ns() - t0;
+                if v != round {
+                    bail!("page {i} of round {round} reads {v}, rank 0 wrote {round}");
+                }
+                h.record(dt.max(1)).context("histogram")?;
+            }
+        }
+        api.barrier();
+    }
+    if rank == 1 {
+        let s = Summary::from_histogram("preload_read_fault", &h, &format!("pages/round={}", o.pages));
+        println!("{}", s.to_record());
+    }
+    api.finalize()
+}
