@@ -16,17 +16,6 @@ use common::*;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// `pkg-config --cflags --libs gallocy` against this build's .pc file.
-fn pkg_config_flags() -> Vec<String> {
-    require_tool("pkg-config", "pkg-config");
-    let dir = pkgconfig_dir();
-    let mut cmd = Command::new("pkg-config");
-    clean_env(&mut cmd).env("PKG_CONFIG_PATH", &dir).args(["--cflags", "--libs", "gallocy"]);
-    let f = run("pkg-config --cflags --libs gallocy", &mut cmd, None, Duration::from_secs(30));
-    assert!(f.success(), "pkg-config cannot find gallocy with PKG_CONFIG_PATH={}\n{}", dir.display(), f.report());
-    f.stdout.split_whitespace().map(str::to_string).collect()
-}
-
 /// Compile `examples/<name>.c` into `dir/<name>`.
 fn build_example(name: &str, dir: &TempDir) -> PathBuf {
     let cc = require_tool("cc", "gcc");

@@ -29,29 +29,6 @@ struct Pair {
     preloaded: Finished,
 }
 
-/// A command line that reproduces `cmd` from a shell, for failure messages.
-fn repro(cmd: &Command) -> String {
-    let mut s = String::new();
-    if let Some(d) = cmd.get_current_dir() {
-        s.push_str(&format!("cd {} && ", sh_quote(&d.to_string_lossy())));
-    }
-    s.push_str("env");
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => s.push_str(&format!(" {}={}", k.to_string_lossy(), sh_quote(&v.to_string_lossy()))),
-            None if std::env::var_os(k).is_some() => s.push_str(&format!(" -u {}", k.to_string_lossy())),
-            None => {}
-        }
-    }
-    s.push(' ');
-    s.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&sh_quote(&a.to_string_lossy()));
-    }
-    s
-}
-
 /// Run `make(variant)` without and with the preloaded shim (`variant` is "plain" or "preload",
 /// for commands that need a separate scratch area per run) and check both runs as described at
 /// the top of this file.

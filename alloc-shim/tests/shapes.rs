@@ -101,25 +101,6 @@ fn os(s: impl AsRef<OsStr>) -> OsString {
     s.as_ref().to_os_string()
 }
 
-/// A shell command line reproducing `cmd`.
-fn repro(cmd: &Command) -> String {
-    let mut s = String::from("env");
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => s.push_str(&format!(" {}={}", k.to_string_lossy(), sh_quote(&v.to_string_lossy()))),
-            None if std::env::var_os(k).is_some() => s.push_str(&format!(" -u {}", k.to_string_lossy())),
-            None => {}
-        }
-    }
-    s.push(' ');
-    s.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&sh_quote(&a.to_string_lossy()));
-    }
-    s
-}
-
 /// A finished run and how to reproduce it.
 struct Ran {
     f: Finished,

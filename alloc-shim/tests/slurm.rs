@@ -223,25 +223,6 @@ fn kill_descendants() {
     }
 }
 
-/// A shell command line reproducing `cmd` (with the cluster still up).
-fn repro(cmd: &Command) -> String {
-    let mut s = String::from("env");
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => s.push_str(&format!(" {}={}", k.to_string_lossy(), sh_quote(&v.to_string_lossy()))),
-            None if std::env::var_os(k).is_some() => s.push_str(&format!(" -u {}", k.to_string_lossy())),
-            None => {}
-        }
-    }
-    s.push(' ');
-    s.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&sh_quote(&a.to_string_lossy()));
-    }
-    s
-}
-
 // ------------------------------------------------------------------------------- the cluster
 
 /// munged, slurmctld and slurmd, running from a scratch directory until dropped; dropping kills
@@ -561,17 +542,6 @@ impl Ran {
 }
 
 // ---------------------------------------------------------------------------------- programs
-
-/// `pkg-config --cflags --libs gallocy` against this build's .pc file.
-fn pkg_config_flags() -> Vec<String> {
-    require_tool("pkg-config", "pkg-config");
-    let dir = pkgconfig_dir();
-    let mut cmd = Command::new("pkg-config");
-    clean_env(&mut cmd).env("PKG_CONFIG_PATH", &dir).args(["--cflags", "--libs", "gallocy"]);
-    let f = run("pkg-config --cflags --libs gallocy", &mut cmd, None, Duration::from_secs(30));
-    assert!(f.success(), "pkg-config cannot find gallocy with PKG_CONFIG_PATH={}\n{}", dir.display(), f.report());
-    f.stdout.split_whitespace().map(str::to_string).collect()
-}
 
 /// tests/c/slurm/linked.c linked with libgallocy the documented way, into `dir/linked`.
 fn build_linked(dir: &TempDir) -> PathBuf {

@@ -308,6 +308,41 @@ pub fn first_difference(a: &str, b: &str) -> String {
     }
 }
 
+/// A shell command line that reproduces `cmd` (its directory, its environment changes, its
+/// arguments), for failure messages.
+pub fn repro(cmd: &Command) -> String {
+    let mut s = String::new();
+    if let Some(d) = cmd.get_current_dir() {
+        s.push_str(&format!("cd {} && ", sh_quote(&d.to_string_lossy())));
+    }
+    s.push_str("env");
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => s.push_str(&format!(" {}={}", k.to_string_lossy(), sh_quote(&v.to_string_lossy()))),
+            None if std::env::var_os(k).is_some() => s.push_str(&format!(" -u {}", k.to_string_lossy())),
+            None => {}
+        }
+    }
+    s.push(' ');
+    s.push_str(&sh_quote(&cmd.get_program().to_string_lossy()));
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&sh_quote(&a.to_string_lossy()));
+    }
+    s
+}
+
+/// `pkg-config --cflags --libs gallocy` against this build's .pc file.
+pub fn pkg_config_flags() -> Vec<String> {
+    require_tool("pkg-config", "pkg-config");
+    let dir = pkgconfig_dir();
+    let mut cmd = Command::new("pkg-config");
+    clean_env(&mut cmd).env("PKG_CONFIG_PATH", &dir).args(["--cflags", "--libs", "gallocy"]);
+    let f = run("pkg-config --cflags --libs gallocy", &mut cmd, None, Duration::from_secs(30));
+    assert!(f.success(), "pkg-config cannot find gallocy with PKG_CONFIG_PATH={}\n{}", dir.display(), f.report());
+    f.stdout.split_whitespace().map(str::to_string).collect()
+}
+
 /// Shell-quote a path or argument for reproduction commands in messages.
 pub fn sh_quote(s: &str) -> String {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=:,+@%".contains(&b)) {
