@@ -33,11 +33,10 @@ case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
 export CARGO_TARGET_DIR=$target_dir
 # The runtime's and the transport's whole suites; then the shim's tests whose processes join a job
 # (libgallocy.so built with RDMA): every test binary but preload.rs, whose unmodified programs run
-# as one-process jobs that use no transport, and slurm.rs, whose slurmd cannot start in the guest
-# (no cgroup file system there); the host run has both. Same features, one build.
+# as one-process jobs that use no transport (the host run has them). Same features, one build.
 runtime_tests=(--release -p gallocy -p gallocy-transport --features gallocy/rdma,gallocy-transport/rdma)
 shim_tests=(--release -p gallocy-shim --features gallocy-rt/rdma
-            --test shapes --test syscalls --test examples --test edge --test init_array)
+            --test shapes --test syscalls --test examples --test edge --test init_array --test slurm)
 
 echo "guest suite: building with the feature rdma into $target_dir"
 t_build=$SECONDS

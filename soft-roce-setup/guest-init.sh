@@ -75,6 +75,18 @@ mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/
 # The guest's own /proc, /sys, /dev, /tmp, /run instead of the host's.
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
+# cgroup v1 hierarchies, as a Debian host has them: slurmd's cgroup plugin will not start without
+# (alloc-shim/tests/slurm.rs runs a one-node Slurm).
+if mount -t tmpfs -o mode=0755 cgroup /newroot/sys/fs/cgroup 2>/dev/null; then
+    for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+        mkdir -p "/newroot/sys/fs/cgroup/$c"
+        mount -t cgroup -o "$c" cgroup "/newroot/sys/fs/cgroup/$c" 2>/dev/null || rmdir "/newroot/sys/fs/cgroup/$c"
+    done
+    # The named hierarchy systemd keeps (slurmd's cgroup/v1 plugin looks for it).
+    mkdir -p /newroot/sys/fs/cgroup/systemd
+    mount -t cgroup -o none,name=systemd cgroup /newroot/sys/fs/cgroup/systemd 2>/dev/null \
+        || rmdir /newroot/sys/fs/cgroup/systemd
+fi
 mount -t devtmpfs devtmpfs /newroot/dev
 # What udev or systemd would add: bash's process substitution needs /dev/fd.
 ln -sf /proc/self/fd /newroot/dev/fd
