@@ -785,9 +785,19 @@ fn preloaded_member_says_which_transport_runs() {
     let ran = job(2, &[], &argv);
     check_job(&ran, 2, &|r| vec![format!("rank {r} of 2: transport ok")], &none, Stats::Absent);
     let wanted = std::env::var("GALLOCY_TRANSPORT").unwrap_or_default();
+    let has_device = std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some());
+    let note = ran.f.stderr.lines().find(|l| l.starts_with("[rank 0] gallocy: transport:"));
+    if wanted.is_empty() && !has_device {
+        // A TCP-only library says nothing; one built with RDMA, on `auto` without a device, says
+        // that it fell back to TCP and why (.ci/guest-suite.sh runs this on the host too).
+        if note.is_some_and(|n| !n.starts_with("[rank 0] gallocy: transport: tcp (auto: rank 0: no RDMA")) {
+            ran.fail("without an RDMA device, `auto` must say it runs on TCP and why");
+        }
+    }
     if wanted != "rdma" {
         eprintln!(
-            "(GALLOCY_TRANSPORT is not rdma: the job ran on the default transport; the RDMA cases run in the guest)"
+            "(GALLOCY_TRANSPORT is not rdma: the job ran on the default transport ({}); the RDMA cases run in the guest)",
+            note.unwrap_or("TCP-only build: no transport note")
         );
         return;
     }
