@@ -11,7 +11,7 @@
 #
 # Environment (all optional):
 #   GUEST_TRANSPORT     transport of every job in the guest: rdma (default) or tcp
-#   GUEST_TIMEOUT       seconds the guest may run before it is killed (default 2400; it needs 7-15 min)
+#   GUEST_TIMEOUT       seconds the guest may run before it is killed (default 2400; it needs 20-25 min)
 #   GUEST_TEST_THREADS  libtest --test-threads in the guest (default 1: 2 emulated vCPUs, and every
 #                       job is already 2-4 processes with several threads each)
 #   GUEST_TARGET_DIR    cargo target directory (default target/rdma, apart from the host run's)
@@ -71,9 +71,10 @@ trap 'rm -f "$log" "$hlog"' EXIT
 # cases of runtime/tests/rdma.rs and transport/tests/rdma.rs, and a preloaded member's note).
 echo "guest suite: the RDMA build on this host, without a device"
 host_status=0
-{ env -u GALLOCY_TRANSPORT cargo test "${runtime_tests[@]}" --test rdma -- --test-threads=1 &&
-  env -u GALLOCY_TRANSPORT cargo test --release -p gallocy-shim --features gallocy-rt/rdma --test shapes \
-      -- preloaded_member_says_which_transport_runs --nocapture; } 2>&1 | tee "$hlog" || host_status=1
+env -u GALLOCY_TRANSPORT cargo test "${runtime_tests[@]}" --test rdma -- --test-threads=1 2>&1 |
+    tee "$hlog" || host_status=1
+env -u GALLOCY_TRANSPORT cargo test --release -p gallocy-shim --features gallocy-rt/rdma --test shapes \
+    -- preloaded_member_says_which_transport_runs --nocapture 2>&1 | tee -a "$hlog" || host_status=1
 echo "guest suite: running the runtime tests in the guest (GALLOCY_TRANSPORT=$transport, timeout ${timeout} s)"
 t_guest=$SECONDS
 set +e

@@ -10,8 +10,9 @@
 #   1. ib_read_lat -d rxe0 -x 1 -s 4096 -n IB_ITERS, server and client on rxe0 (10.9.0.1);
 #   2. GALLOCY_TRANSPORT=T gallocy-bench fault --procs P --iters N
 #        --cases read_home_owner,read_third_owner
-#   3. GALLOCY_TRANSPORT=T gallocy-bench preload-fault --iters N: the same read fault taken by a
-#      program under LD_PRELOAD=libgallocy.so (DIR/release/libgallocy.so) that uses the C API
+#   3. GALLOCY_TRANSPORT=T gallocy-bench preload-fault --iters N: the same read fault (the page's
+#      home owns it) taken by a 2-rank program under LD_PRELOAD=libgallocy.so (DIR/release/) that
+#      uses the C API
 # Back on the host it parses the outputs and prints a table (ib_read_lat t_typical, which is
 # perftest's median, and its 99th percentile; gallocy's read-fault p50/p99, linked and preloaded;
 # the ratios fault_read_p50 / ib_read_lat_typical) and, as the last line of stdout, one JSON object.
@@ -257,6 +258,11 @@ else
 fi
 BIN_USAGE=$("$BIN" fault --help 2>&1 || true)
 [[ $BIN_USAGE == *--cases* ]] || die "$BIN has no 'fault --cases' option (too old?): rerun with --build"
+[[ $("$BIN" preload-fault --help 2>&1 || true) == *--pages* ]] \
+    || die "$BIN has no 'preload-fault' subcommand (too old?): rerun with --build"
+if [[ $TRANSPORT == rdma ]] && ! grep -q rdma_mummy_load_ibverbs "$LIB"; then
+    die "$LIB is built without RDMA: rerun with --build (or build with --features gallocy/rdma)"
+fi
 
 LOGDIR=$ROOT/target/rxe-latency/$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$LOGDIR"

@@ -75,7 +75,7 @@ mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/
 # The guest's own /proc, /sys, /dev, /tmp, /run instead of the host's.
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
-# cgroup v1 hierarchies, as a Debian host has them: slurmd's cgroup plugin will not start without
+# cgroup v1 hierarchies, as this project's machines have them: slurmd's cgroup plugin will not start without
 # (alloc-shim/tests/slurm.rs runs a one-node Slurm).
 if mount -t tmpfs -o mode=0755 cgroup /newroot/sys/fs/cgroup 2>/dev/null; then
     for c in cpu cpuacct cpuset memory devices freezer blkio pids; do

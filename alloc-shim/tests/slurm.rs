@@ -693,9 +693,11 @@ fn linked_program_runs_as_srun_n2_and_n4_jobs() {
     if skipped("linked_program_runs_as_srun_n2_and_n4_jobs") {
         return;
     }
+    // For the whole test: the cluster's clean-up kills every descendant of this process, so no
+    // other test of this file may have a process (a compiler, a glibc run) going meanwhile.
+    let _serial = serial();
     let dir = TempDir::new("slurm-linked");
     let prog = build_linked(&dir);
-    let _serial = serial();
     let slurm = Slurm::start();
     for n in [2, 4] {
         linked_job(&slurm, &prog, n, false);
@@ -707,6 +709,9 @@ fn unmodified_programs_run_preloaded_as_srun_n2_and_n4_jobs() {
     if skipped("unmodified_programs_run_preloaded_as_srun_n2_and_n4_jobs") {
         return;
     }
+    // For the whole test: the cluster's clean-up kills every descendant of this process, so no
+    // other test of this file may have a process (a compiler, a glibc run) going meanwhile.
+    let _serial = serial();
     let dir = TempDir::new("slurm-preload");
     let mt = build_mt_malloc(&dir);
     let mut mt_argv = vec![os(&mt)];
@@ -716,7 +721,6 @@ fn unmodified_programs_run_preloaded_as_srun_n2_and_n4_jobs() {
     let sqlite3 = find_tool("sqlite3").map(|p| [os(p), os(":memory:"), os(SQL)]);
     let sql_expected = sqlite3.as_ref().map(|argv| glibc_output(argv));
 
-    let _serial = serial();
     let slurm = Slurm::start();
     for n in [2, 4] {
         mt_malloc_job(&slurm, &mt, &mt_expected, n, false);
@@ -746,6 +750,9 @@ fn srun_mpi_pmi2_ranks_take_rank_and_size_from_pmi() {
     if skipped(TEST) {
         return;
     }
+    // For the whole test: the cluster's clean-up kills every descendant of this process, so no
+    // other test of this file may have a process (a compiler, a glibc run) going meanwhile.
+    let _serial = serial();
     let dir = TempDir::new("slurm-pmi2");
     let linked = build_linked(&dir);
     let mt = build_mt_malloc(&dir);
@@ -753,7 +760,6 @@ fn srun_mpi_pmi2_ranks_take_rank_and_size_from_pmi() {
     mt_argv.extend(MT_ARGS.iter().map(os));
     let mt_expected = glibc_output(&mt_argv);
 
-    let _serial = serial();
     let slurm = Slurm::start();
     let types = slurm.mpi_types();
     if !types.lines().any(|l| l.trim() == "pmi2") {

@@ -2,11 +2,11 @@
 //!
 //! Two children of this executable run as a 2-rank job under `LD_PRELOAD=libgallocy.so` (the
 //! program itself does not use the runtime it links: it finds gallocy's C API in the preloaded
-//! library with `dlsym`, as any C program would). They join with `gallocy_init`, take a
-//! collective block of `--iters` pages; rank 0 writes every page, then rank 1 times its first
-//! read of each (one sample per page: a fault, a request to the page's home, the contents from
-//! the owner, by RDMA READ on RDMA). Rounds repeat until `--iters` samples are in, rank 0
-//! writing the pages again each round so that rank 1's copies are invalidated. The transport is
+//! library with `dlsym`, as any C program would). They join with `gallocy_init` and take a
+//! collective block; of its pages, `--pages` whose home is rank 0 are used. Each round rank 0
+//! writes them (taking them back, which invalidates rank 1's copies), then rank 1 times its first
+//! read of each (one sample per page: a fault, a request to the page's home, which owns it, and
+//! the contents, by RDMA READ on RDMA), until `--iters` samples are in. The transport is
 //! the job's: `GALLOCY_TRANSPORT` reaches the children.
 //!
 //! Prints a table and, as the last line of stdout, one JSON object (`{"bench":"preload-fault",
@@ -95,29 +95,33 @@ pub fn child_main(args: &[String]) -> Result<()> {
     let api = Api::load()?;
     let rank = api.join(2)?;
     // SAFETY: a plain call into the preloaded library; every rank asks for the same size.
-    let base = unsafe { (api.alloc_collective)((o.pages + 1) * page) } as usize;
+    let base = unsafe { (api.alloc_collective)((2 * o.pages + 2) * page) } as usize;
     if base == 0 {
         bail!("gallocy_alloc_collective returned NULL");
     }
-    let block = child::align_up(base, page) as *mut u8;
+    // Only pages whose home is rank 0, the writer (the home of heap page p is p % size, and the
+    // heap starts at a multiple of 64 KiB: even absolute page numbers): the same fault as the
+    // linked `fault` benchmark's read_home_owner, where the owner is also the page's home.
+    let first = child::align_up(base, 2 * page);
+    let pages: Vec<*mut u8> = (0..o.pages).map(|i| (first + 2 * i * page) as *mut u8).collect();
     let mut h = new_histogram();
     // Both ranks go through the same rounds (only rank 1 counts samples).
     let rounds = o.iters.div_ceil(o.pages);
     for r in 0..rounds {
         let round = (r % 250 + 1) as u8;
         if rank == 0 {
-            for i in 0..o.pages {
-                // SAFETY: the block has `pages` whole pages after `block`.
-                unsafe { block.add(i * page).write_volatile(round) };
+            for &p in &pages {
+                // SAFETY: `p` is a whole page inside the collective block.
+                unsafe { p.write_volatile(round) };
             }
         }
         api.barrier();
         if rank == 1 {
             let n = o.pages.min(o.iters - r * o.pages);
-            for i in 0..n {
+            for (i, &p) in pages.iter().enumerate().take(n) {
                 let t0 = now_ns();
                 // SAFETY: as above; the read faults and fetches the page from rank 0.
-                let v = unsafe { block.add(i * page).read_volatile() };
+                let v = unsafe { p.read_volatile() };
                 let dt = now_ns() - t0;
                 if v != round {
                     bail!("page {i} of round {round} reads {v}, rank 0 wrote {round}");

@@ -300,7 +300,8 @@ impl Region {
                     return Err(errno());
                 }
             }
-            libc::munmap(shared.runtime_base as *mut libc::c_void, self.size);
+            // The runtime view is not in the child (MADV_DONTFORK, see `share`): its address range
+            // is free here, and may already hold a mapping of the child's; nothing to unmap.
             libc::close(shared.memfd);
         }
         Ok(())

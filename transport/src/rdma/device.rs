@@ -26,6 +26,9 @@ pub enum RdmaError {
         "no RDMA: libibverbs.so.1 cannot be loaded ({0}; install libibverbs1 and ibverbs-providers, or rdma-core)"
     )]
     NoLibrary(String),
+    /// libibverbs loads, but lacks what the transport calls (an rdma-core too old or broken).
+    #[error("no RDMA: libibverbs.so.1 loads, but {0} (install a current rdma-core: libibverbs1, ibverbs-providers)")]
+    IncompleteLibrary(String),
     /// No RDMA device exists.
     #[error("no RDMA: no RDMA device found (ibv_devices lists none; for Soft-RoCE see soft-roce-setup/)")]
     NoDevice,
@@ -192,7 +195,9 @@ pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
     // The verbs shim resolves libibverbs' entry points here, once, on the thread that starts the
     // transport (the patched rdma-mummy-sys has no load-time constructor: transport/vendor/).
     if !rdma_mummy_sys::load_ibverbs() {
-        return Err(RdmaError::NoLibrary("it loads, but the verbs loader found none of its entry points".into()));
+        return Err(RdmaError::IncompleteLibrary(
+            "the verbs shim could not open it and resolve its entry points".into(),
+        ));
     }
     // Before any verbs object exists: on a kernel that does not copy pinned pages at fork time,
     // this makes libibverbs keep its providers' queue memory out of children (MADV_DONTFORK);
@@ -204,6 +209,12 @@ pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
     let list = DeviceList::new().map_err(|e| match e.0 {
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) if io.raw_os_error() == Some(libc::ENOSYS) => {
             RdmaError::NoDevice
+        }
+        sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io)
+            if io.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+        {
+            // The shim's answer for an entry point the library does not have.
+            RdmaError::IncompleteLibrary("it has no ibv_get_device_list".into())
         }
         sideway::ibverbs::device::GetDeviceListErrorKind::Ibverbs(io) => RdmaError::verbs("ibv_get_device_list", io),
         other => RdmaError::verbs("ibv_get_device_list", std::io::Error::other(other.to_string())),

@@ -117,6 +117,14 @@ static inline void check_not_joined(const char *when) {
     if (threads != 1 || sockets != 0)
         fail("%s: %d threads and %d sockets; a process that has not joined has 1 thread and no socket", when,
              threads, sockets);
+    /* An RDMA build loads libibverbs when the transport starts, never before. */
+    FILE *maps = fopen("/proc/self/maps", "r");
+    CHECK(maps != NULL);
+    char line[512];
+    while (fgets(line, sizeof line, maps))
+        if (strstr(line, "libibverbs"))
+            fail("%s: libibverbs is loaded; gallocy loads it only when it joins the job: %s", when, line);
+    fclose(maps);
 }
 
 /* Rank and size as the process knows them before joining, checked against the allocator:
