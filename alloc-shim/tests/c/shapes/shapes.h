@@ -91,15 +91,26 @@ static inline void check_arena_at(uintptr_t p, int r, int n, const char *what) {
 
 /* Fails unless this process is single-threaded and has no socket: what a process that has not
  * joined (and so has no service thread and no connection) looks like. */
-static inline void check_not_joined(const char *when) {
-    int threads = 0, sockets = 0;
+static inline int count_threads(void) {
+    int threads = 0;
     DIR *d = opendir("/proc/self/task");
     CHECK(d != NULL);
     for (struct dirent *e; (e = readdir(d));)
         if (e->d_name[0] != '.')
             threads++;
     closedir(d);
-    d = opendir("/proc/self/fd");
+    return threads;
+}
+
+static inline void check_not_joined(const char *when) {
+    int threads = count_threads(), sockets = 0;
+    /* A thread that was just joined (pthread_join returns when the kernel clears its tid, a
+     * moment before the thread is gone) can still be listed: give it up to 2 s to go. */
+    for (int i = 0; i < 200 && threads > 1; i++) {
+        usleep(10000);
+        threads = count_threads();
+    }
+    DIR *d = opendir("/proc/self/fd");
     CHECK(d != NULL);
     for (struct dirent *e; (e = readdir(d));) {
         char path[300], target[64];
