@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# CI, second part: the runtime crate's whole test suite (its unit tests, every runtime/tests/*.rs,
-# its doc tests) once more, plus the transport crate's tests (transport/tests/rdma.rs drives the
-# RDMA transport itself) and the shim's (alloc-shim/tests/*.rs: preloaded programs, with
-# libgallocy.so built with RDMA), built with the cargo feature `rdma` and run inside a throw-away QEMU
-# guest that has a Soft-RoCE device (soft-roce-setup/in-guest.sh), every job of the runtime suite
-# over GALLOCY_TRANSPORT=$GUEST_TRANSPORT.
+# CI, second part: the runtime's whole test suite (gallocy's unit and doc tests, gallocy-cli's unit
+# tests, every runtime/testkit/tests/*.rs) once more, plus the transport crate's tests
+# (transport/tests/rdma.rs drives the RDMA transport itself) and the shim's (alloc-shim/tests/*.rs:
+# preloaded programs, with libgallocy.so built with RDMA), built with the cargo feature `rdma` and
+# run inside a throw-away QEMU guest that has a Soft-RoCE device (soft-roce-setup/in-guest.sh),
+# every job of the runtime suite over GALLOCY_TRANSPORT=$GUEST_TRANSPORT.
 #
 # usage: .ci/guest-suite.sh     (.ci/run calls it after the host tests; needs root and what
 #                                soft-roce-setup/README.md lists, which .ci/run installs)
@@ -18,7 +18,7 @@
 #
 # The host builds everything (the guest only runs it: cargo test --frozen finds nothing to
 # rebuild, and the guest has no network). In the guest the tests get GALLOCY_TEST_SLOW=1, which
-# scales the few tests that are too slow under emulation (see runtime/tests/common/mod.rs).
+# scales the few tests that are too slow under emulation (see runtime/testkit/src/lib.rs).
 #
 # Before the guest, the same RDMA build's device-less cases run on this host (no RDMA device).
 # Prints per test binary its counts and time, the guest's wall time and, last,
@@ -33,10 +33,13 @@ threads=${GUEST_TEST_THREADS:-1}
 target_dir=${GUEST_TARGET_DIR:-target/rdma}
 case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
 export CARGO_TARGET_DIR=$target_dir
-# The runtime's and the transport's whole suites; then the shim's tests whose processes join a job
-# (libgallocy.so built with RDMA): every test binary but preload.rs, whose unmodified programs run
-# as one-process jobs that use no transport (the host run has them). Same features, one build.
-runtime_tests=(--release -p gallocy -p gallocy-transport --features gallocy/rdma,gallocy-transport/rdma)
+# The runtime's (the library, the launcher, and the end-to-end tests of gallocy-testkit, which go
+# by gallocy::RDMA_BUILT) and the transport's whole suites; then the shim's tests whose processes
+# join a job (libgallocy.so built with RDMA): every test binary but preload.rs, whose unmodified
+# programs run as one-process jobs that use no transport (the host run has them). Same features,
+# one build.
+runtime_tests=(--release -p gallocy -p gallocy-cli -p gallocy-testkit -p gallocy-transport
+               --features gallocy/rdma,gallocy-transport/rdma)
 shim_tests=(--release -p gallocy-shim --features gallocy-rt/rdma
             --test shapes --test syscalls --test examples --test edge --test init_array --test slurm)
 
@@ -50,12 +53,14 @@ if ! { cargo build --workspace --release --features gallocy/rdma &&
 fi
 echo "guest suite: build took $((SECONDS - t_build)) s"
 
+# The protocol's model check is pure computation, the same on every transport: the host run has it
+# (--skip model_check keeps minutes of emulated CPU out of the guest).
 # The guest's hostname is "(none)" otherwise, which Open MPI's mpirun refuses as a node name.
 # Both runs go on whatever the first gives; the exit code is the first failure's.
 in_guest_script='echo gallocy-guest > /proc/sys/kernel/hostname
 n=$1; shift
 rc=0
-cargo test "${@:1:n}" --frozen --no-fail-fast -- --test-threads="$THREADS" --nocapture || rc=$?
+cargo test "${@:1:n}" --frozen --no-fail-fast -- --test-threads="$THREADS" --nocapture --skip model_check || rc=$?
 shift "$n"
 cargo test "$@" --frozen --no-fail-fast -- --test-threads="$THREADS" --nocapture || { r=$?; [ "$rc" -ne 0 ] || rc=$r; }
 exit "$rc"'
@@ -68,7 +73,7 @@ trap 'rm -f "$log" "$hlog"' EXIT
 
 # First, on this host, which has no RDMA device: the same RDMA build falls back to TCP on `auto`
 # and says why, and `--transport rdma` stops at start naming what is missing (the device-less
-# cases of runtime/tests/rdma.rs and transport/tests/rdma.rs, and a preloaded member's note).
+# cases of runtime/testkit/tests/rdma.rs and transport/tests/rdma.rs, and a preloaded member's note).
 echo "guest suite: the RDMA build on this host, without a device"
 host_status=0
 env -u GALLOCY_TRANSPORT cargo test "${runtime_tests[@]}" --test rdma -- --test-threads=1 2>&1 |

@@ -4,15 +4,13 @@
 //! multi-process jobs by the launcher with `--preload`. Every run has a hard timeout.
 //!
 //! Needs cc and pkg-config (Debian packages gcc, pkg-config) and the artifacts of
-//! `cargo build --release -p gallocy-shim -p gallocy`.
-
-mod common;
+//! `cargo build --release -p gallocy-shim -p gallocy-cli`.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use gallocy_testkit::*;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -28,7 +26,7 @@ fn build_example(name: &str, dir: &TempDir) -> PathBuf {
     let mut cmd = Command::new(&cc);
     clean_env(&mut cmd).args(["-O2", "-Wall", "-Wextra", "-o"]).arg(&bin).arg(&src).args(&flags);
     let label = format!("cc -O2 -o {name} examples/{name}.c {}", flags.join(" "));
-    let f = run(&label, &mut cmd, None, Duration::from_secs(60));
+    let f = run(&label, &mut cmd, Duration::from_secs(60));
     assert!(f.success(), "{label}: compilation failed\n{}", f.report());
     bin
 }
@@ -38,7 +36,7 @@ fn build_example(name: &str, dir: &TempDir) -> PathBuf {
 fn launch_ok(n: usize, preload: bool, bin: &PathBuf, args: &[&str], expect: &dyn Fn(usize) -> String) -> Finished {
     let launcher = launcher();
     let mut cmd = Command::new(&launcher);
-    clean_env(&mut cmd).arg("run").arg("-n").arg(n.to_string());
+    clean_env_with_transport(&mut cmd).arg("run").arg("-n").arg(n.to_string());
     if preload {
         cmd.arg("--preload");
     }
@@ -51,7 +49,7 @@ fn launch_ok(n: usize, preload: bool, bin: &PathBuf, args: &[&str], expect: &dyn
         args.join(" ")
     );
     let _serial = serial();
-    let f = run(&line, &mut cmd, None, JOB_TIMEOUT);
+    let f = run(&line, &mut cmd, JOB_TIMEOUT);
     assert!(f.success(), "expected exit 0 from\n  {line}\n{}", f.report());
     let all = format!("{}\n{}", f.stdout, f.stderr);
     for r in 0..n {
@@ -81,10 +79,10 @@ fn linked_list_as_a_one_process_job() {
     let dir = TempDir::new("linked-list-1");
     let bin = build_example("linked_list", &dir);
     let mut cmd = Command::new(&bin);
-    clean_env(&mut cmd).env("LD_PRELOAD", libgallocy()).env("GALLOCY_STATS", "1").arg("1000");
+    clean_env_with_transport(&mut cmd).env("LD_PRELOAD", libgallocy()).env("GALLOCY_STATS", "1").arg("1000");
     let f = {
         let _serial = serial();
-        run("LD_PRELOAD=libgallocy.so linked_list 1000", &mut cmd, None, Duration::from_secs(60))
+        run("LD_PRELOAD=libgallocy.so linked_list 1000", &mut cmd, Duration::from_secs(60))
     };
     f.assert_success();
     assert_eq!(f.stdout, "rank 0: sum 500500 ok\n", "{}", f.report());
@@ -120,10 +118,10 @@ fn build_plain(name: &str, dir: &TempDir, args: &[&str]) -> (PathBuf, String) {
         .args(["-O2", "-pthread", "-Wall", "-o"])
         .arg(&bin)
         .arg(workspace().join(format!("examples/{name}.c")));
-    run(&format!("cc -O2 -pthread {name}.c"), &mut cmd, None, Duration::from_secs(60)).assert_success();
+    run(&format!("cc -O2 -pthread {name}.c"), &mut cmd, Duration::from_secs(60)).assert_success();
     let mut plain = Command::new(&bin);
     clean_env(&mut plain).args(args);
-    let f = run(&format!("{name} (glibc malloc)"), &mut plain, None, Duration::from_secs(60));
+    let f = run(&format!("{name} (glibc malloc)"), &mut plain, Duration::from_secs(60));
     f.assert_success();
     let line = f.stdout.lines().next().unwrap_or_default().to_string();
     assert!(!line.is_empty(), "{name} printed nothing\n{}", f.report());

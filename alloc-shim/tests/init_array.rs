@@ -10,8 +10,6 @@
 //! Checks the library of the build that made this test: `target/release` on the host,
 //! `target/rdma/release` (built with `--features gallocy/rdma`) in the Soft-RoCE guest.
 
-mod common;
-
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
 
 /// The constructors a library may have, by (demangled) name.
@@ -79,7 +77,7 @@ fn constructors(data: &[u8]) -> Vec<String> {
 
 #[test]
 fn libgallocy_has_no_constructor_but_its_own() {
-    let lib = common::libgallocy();
+    let lib = gallocy_testkit::libgallocy();
     let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("reading {}: {e}", lib.display()));
     let file = object::File::parse(&*data).expect("ELF");
     let rdma = file.symbols().chain(file.dynamic_symbols()).any(|s| s.name() == Ok("rdma_mummy_load_ibverbs"));
@@ -99,7 +97,7 @@ fn libgallocy_has_no_constructor_but_its_own() {
 
 #[test]
 fn the_rdma_build_loads_verbs_only_when_asked() {
-    let lib = common::libgallocy();
+    let lib = gallocy_testkit::libgallocy();
     let data = std::fs::read(&lib).unwrap_or_else(|e| panic!("reading {}: {e}", lib.display()));
     let file = object::File::parse(&*data).expect("ELF");
     let names: Vec<String> = file.symbols().filter_map(|s| s.name().ok().map(str::to_string)).collect();

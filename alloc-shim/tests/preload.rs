@@ -10,14 +10,12 @@
 //! multiprocessing), where a child must get a private copy of the heap and a working allocator.
 //!
 //! Needs python3, git, sqlite3 and cc (Debian packages python3, git, sqlite3, gcc), and the
-//! artifacts of `cargo build --release -p gallocy-shim -p gallocy`.
-
-mod common;
+//! artifacts of `cargo build --release -p gallocy-shim -p gallocy-cli`.
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use gallocy_testkit::*;
 
 /// Heap range of a one-process job with the default configuration.
 const HEAP_BASE: u64 = 0x2000_0000_0000;
@@ -37,8 +35,8 @@ fn compare(name: &str, make: &dyn Fn(&str) -> Command, stdin: Option<&[u8]>, tim
     let _serial = serial();
 
     let mut plain_cmd = make("plain");
-    clean_env(&mut plain_cmd);
-    let plain = run(&format!("{name} (glibc malloc)"), &mut plain_cmd, stdin, timeout);
+    clean_env_with_transport(&mut plain_cmd);
+    let plain = run_with_stdin(&format!("{name} (glibc malloc)"), &mut plain_cmd, stdin, timeout);
     assert!(
         plain.success(),
         "{name} fails even without the shim (a problem of the test or of this machine, not of gallocy)\n\
@@ -48,9 +46,9 @@ fn compare(name: &str, make: &dyn Fn(&str) -> Command, stdin: Option<&[u8]>, tim
     );
 
     let mut pre_cmd = make("preload");
-    clean_env(&mut pre_cmd);
+    clean_env_with_transport(&mut pre_cmd);
     pre_cmd.env("LD_PRELOAD", &lib).env("GALLOCY_STATS", "1");
-    let preloaded = run(&format!("{name} (LD_PRELOAD=libgallocy.so)"), &mut pre_cmd, stdin, timeout);
+    let preloaded = run_with_stdin(&format!("{name} (LD_PRELOAD=libgallocy.so)"), &mut pre_cmd, stdin, timeout);
     let how = format!("reproduce: {}", repro(&pre_cmd));
     assert!(preloaded.success(), "{name} under the shim: expected exit 0\n{how}\n{}", preloaded.report());
     assert!(
@@ -80,6 +78,27 @@ fn compare(name: &str, make: &dyn Fn(&str) -> Command, stdin: Option<&[u8]>, tim
     Pair { plain, preloaded }
 }
 
+/// The first line where `a` and `b` differ, for failure messages.
+fn first_difference(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    for i in 0..la.len().max(lb.len()) {
+        let (x, y) = (la.get(i), lb.get(i));
+        if x != y {
+            return format!(
+                "first difference at line {}:\n  without preload: {:?}\n  with preload:    {:?}",
+                i + 1,
+                x,
+                y
+            );
+        }
+    }
+    if a != b {
+        "outputs differ only in line endings or a trailing newline".into()
+    } else {
+        "no difference".into()
+    }
+}
+
 // ------------------------------------------------------------------------------------------ python
 
 const PYTHON_SCRIPT: &str = r#"
@@ -100,7 +119,7 @@ fn python_executable() -> String {
     let py = require_tool("python3", "python3");
     let mut cmd = Command::new(&py);
     clean_env(&mut cmd).args(["-c", "import sys; print(sys.executable)"]);
-    let f = run("python3 -c 'print(sys.executable)'", &mut cmd, None, Duration::from_secs(30));
+    let f = run("python3 -c 'print(sys.executable)'", &mut cmd, Duration::from_secs(30));
     f.assert_success();
     let exe = f.stdout.trim().to_string();
     if exe.is_empty() {
@@ -315,7 +334,7 @@ fn cc_compiles_a_program() {
     for variant in ["plain", "preload"] {
         let mut c = Command::new(scratch.join(&format!("prog-{variant}")));
         clean_env(&mut c);
-        let f = run(&format!("prog-{variant}"), &mut c, None, Duration::from_secs(30));
+        let f = run(&format!("prog-{variant}"), &mut c, Duration::from_secs(30));
         f.assert_success();
         outputs.push(f.stdout);
     }
@@ -344,7 +363,7 @@ fn multithreaded_malloc_free_stress() {
     let bin = scratch.join("mt_malloc");
     let mut build = Command::new(&cc);
     clean_env(&mut build).args(["-O2", "-pthread", "-Wall", "-o"]).arg(&bin).arg(&src);
-    run("cc -O2 -pthread mt_malloc.c", &mut build, None, Duration::from_secs(60)).assert_success();
+    run("cc -O2 -pthread mt_malloc.c", &mut build, Duration::from_secs(60)).assert_success();
 
     let make = |_: &str| {
         let mut c = Command::new(&bin);
@@ -386,7 +405,7 @@ fn fork_while_other_threads_allocate() {
         .args(["-O2", "-pthread", "-Wall", "-o"])
         .arg(&bin)
         .arg(workspace().join("examples/fork_malloc.c"));
-    run("cc -O2 -pthread fork_malloc.c", &mut build, None, Duration::from_secs(60)).assert_success();
+    run("cc -O2 -pthread fork_malloc.c", &mut build, Duration::from_secs(60)).assert_success();
     let make = |_: &str| {
         let mut c = Command::new(&bin);
         c.arg("40");

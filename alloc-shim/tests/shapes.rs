@@ -45,14 +45,12 @@
 //! Needs cc, make, dash and bash (Debian: gcc, make, dash, bash), the artifacts of
 //! `cargo build --workspace --release`, and optionally Open MPI's `mpirun` (openmpi-bin).
 
-mod common;
-
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use gallocy_testkit::*;
 
 /// Limit for one multi-process job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(90);
@@ -92,7 +90,7 @@ fn compile(dir: &TempDir, name: &str, shared: bool) -> PathBuf {
         .arg(c_dir().join(format!("{name}.c")))
         .arg("-ldl");
     let label = format!("cc {}{name}.c", if shared { "-shared " } else { "" });
-    let f = run(&label, &mut cmd, None, Duration::from_secs(60));
+    let f = run(&label, &mut cmd, Duration::from_secs(60));
     assert!(f.success(), "{label}: compilation failed\n{}", f.report());
     out
 }
@@ -125,7 +123,7 @@ fn job(n: usize, env: &[(&str, OsString)], argv: &[OsString]) -> Ran {
     let launcher = launcher();
     libgallocy();
     let mut cmd = Command::new(&launcher);
-    clean_env(&mut cmd);
+    clean_env_with_transport(&mut cmd);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -136,7 +134,7 @@ fn job(n: usize, env: &[(&str, OsString)], argv: &[OsString]) -> Ran {
         argv.iter().map(|a| sh_quote(&a.to_string_lossy())).collect::<Vec<_>>().join(" ")
     );
     let _serial = serial();
-    Ran { f: run_and_kill_group(&label, &mut cmd, None, JOB_TIMEOUT), how }
+    Ran { f: run_and_kill_group(&label, &mut cmd, JOB_TIMEOUT), how }
 }
 
 /// What a single process gets in `LD_PRELOAD`.
@@ -154,7 +152,7 @@ enum Preload<'a> {
 fn solo(preload: Preload, env: &[(&str, OsString)], argv: &[OsString]) -> Ran {
     let lib = libgallocy();
     let mut cmd = Command::new(&argv[0]);
-    clean_env(&mut cmd).args(&argv[1..]);
+    clean_env_with_transport(&mut cmd).args(&argv[1..]);
     let what = match preload {
         Preload::Shim => {
             cmd.env("LD_PRELOAD", &lib);
@@ -172,7 +170,7 @@ fn solo(preload: Preload, env: &[(&str, OsString)], argv: &[OsString]) -> Ran {
     let how = repro(&cmd);
     let label = format!("{what}{}", argv.iter().map(|a| sh_quote(&a.to_string_lossy())).collect::<Vec<_>>().join(" "));
     let _serial = serial();
-    Ran { f: run_and_kill_group(&label, &mut cmd, None, SOLO_TIMEOUT), how }
+    Ran { f: run_and_kill_group(&label, &mut cmd, SOLO_TIMEOUT), how }
 }
 
 /// The lines of `text` split by the launcher's `[rank i] ` prefix: per rank (prefix removed), and
@@ -828,15 +826,6 @@ fn preloaded_member_says_which_transport_runs() {
     }
 }
 
-fn find_in_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(prog)).find(|p| p.is_file())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
 #[test]
 fn exec_wrapper_under_mpirun() {
     let Some(mpirun) = find_in_path("mpirun") else {
@@ -852,7 +841,7 @@ fn exec_wrapper_under_mpirun() {
     let lib = libgallocy();
     let coordinator = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(&mpirun);
-    clean_env(&mut cmd).env("GALLOCY_COORDINATOR", &coordinator).env("GALLOCY_STATS", "1");
+    clean_env_with_transport(&mut cmd).env("GALLOCY_COORDINATOR", &coordinator).env("GALLOCY_STATS", "1");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
@@ -868,7 +857,7 @@ fn exec_wrapper_under_mpirun() {
     let label = format!("mpirun -n 2 (GALLOCY_COORDINATOR={coordinator}) wrap rankprog");
     let ran = {
         let _serial = serial();
-        Ran { f: run_and_kill_group(&label, &mut cmd, None, JOB_TIMEOUT), how }
+        Ran { f: run_and_kill_group(&label, &mut cmd, JOB_TIMEOUT), how }
     };
     ran.assert_success();
     let mut lines: Vec<&str> = ran.f.stdout.lines().collect();

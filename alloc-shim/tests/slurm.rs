@@ -37,8 +37,6 @@
 //! failure (with the daemons' logs). Also needs cc and pkg-config (gcc, pkg-config) and the
 //! artifacts of `cargo build --workspace --release`.
 
-mod common;
-
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -46,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use gallocy_testkit::*;
 
 /// Limit for one srun job (they take well under a second here).
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -78,18 +76,7 @@ fn arena_of(addr: u64, n: usize) -> Option<usize> {
 
 /// `tool` on PATH, or in /usr/sbin or /sbin (daemons; a non-root PATH may not have them).
 fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(tool))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
-}
-
-/// Free TCP ports on 127.0.0.1 (all different: the listeners are held until all are found).
-fn free_ports(k: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..k).map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind a free port")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("local_addr").port()).collect()
+    find_in(path_dirs().into_iter().chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]), tool)
 }
 
 /// The host name as slurmctld compares it with SlurmctldHost (up to the first dot).
@@ -139,24 +126,12 @@ fn skipped(test: &str) -> bool {
 /// Runs `cmd` (stdout and stderr captured) for at most `timeout`; None when it had to be killed.
 /// For quick client commands whose failure is not yet an error (polling the controller).
 fn try_output(cmd: &mut Command, timeout: Duration) -> Option<(bool, String)> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().ok()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let mut text = String::new();
-                let _ = child.stdout.take().unwrap().read_to_string(&mut text);
-                let _ = child.stderr.take().unwrap().read_to_string(&mut text);
-                return Some((status.success(), text));
-            }
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
+    let label = cmd.get_program().to_string_lossy().into_owned();
+    let mut p = Proc::spawn(label, cmd);
+    if !p.wait_or_kill(timeout) {
+        return None;
     }
+    Some((p.status().is_some_and(|s| s.success()), p.stdout() + &p.stderr()))
 }
 
 /// Parent pid of `pid` from /proc/PID/stat (the field after the parenthesised name).
@@ -275,7 +250,7 @@ impl Slurm {
         let exe = find_tool(name).unwrap_or_else(|| panic!("{name} is not installed"));
         let out = std::fs::File::create(self.dir.join(&format!("log/{name}.out"))).unwrap();
         let mut cmd = Command::new(&exe);
-        clean_env(&mut cmd)
+        clean_env_with_transport(&mut cmd)
             .env("SLURM_CONF", &self.conf)
             .args(args)
             .current_dir(self.dir.path())
@@ -376,7 +351,7 @@ impl Slurm {
     /// A Slurm client command (sinfo, srun, ...) pointed at this cluster.
     fn client(&self, tool: &str) -> Command {
         let mut cmd = Command::new(find_tool(tool).unwrap_or_else(|| panic!("{tool} is not installed")));
-        clean_env(&mut cmd).env("SLURM_CONF", &self.conf);
+        clean_env_with_transport(&mut cmd).env("SLURM_CONF", &self.conf);
         cmd
     }
 
@@ -437,7 +412,7 @@ impl Slurm {
     /// `srun -n N` of `argv` (`what`, for messages) with `--mpi=MPI`, the ranks given a fresh
     /// coordinator and token (and LD_PRELOAD when `preload`), with a hard timeout.
     fn srun(&self, what: &str, n: usize, mpi: &str, preload: bool, argv: &[OsString]) -> Ran {
-        let coordinator = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let coordinator = format!("127.0.0.1:{}", free_port());
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let token = format!("slurm-test-{}-{nanos}", std::process::id());
         let mut cmd = self.client("srun");
@@ -455,7 +430,7 @@ impl Slurm {
             .args(argv);
         let how = repro(&cmd);
         let label = format!("srun -n {n} --mpi={mpi} {}{what}", if preload { "LD_PRELOAD=libgallocy.so " } else { "" });
-        Ran { f: run_and_kill_group(&label, &mut cmd, None, JOB_TIMEOUT), how, n }
+        Ran { f: run_and_kill_group(&label, &mut cmd, JOB_TIMEOUT), how, n }
     }
 }
 
@@ -559,7 +534,7 @@ fn build_linked(dir: &TempDir) -> PathBuf {
         .arg(tests.join("slurm/linked.c"))
         .args(&flags);
     let label = format!("cc -o linked tests/c/slurm/linked.c {}", flags.join(" "));
-    let f = run(&label, &mut cmd, None, Duration::from_secs(60));
+    let f = run(&label, &mut cmd, Duration::from_secs(60));
     assert!(f.success(), "{label}: compilation failed\n{}", f.report());
     bin
 }
@@ -573,7 +548,7 @@ fn build_mt_malloc(dir: &TempDir) -> PathBuf {
         .args(["-O2", "-pthread", "-Wall", "-o"])
         .arg(&bin)
         .arg(workspace().join("examples/mt_malloc.c"));
-    run("cc -O2 -pthread mt_malloc.c", &mut cmd, None, Duration::from_secs(60)).assert_success();
+    run("cc -O2 -pthread mt_malloc.c", &mut cmd, Duration::from_secs(60)).assert_success();
     bin
 }
 
@@ -586,7 +561,7 @@ fn glibc_output(argv: &[OsString]) -> String {
     let mut cmd = Command::new(&argv[0]);
     clean_env(&mut cmd).args(&argv[1..]);
     let label = format!("{} (glibc malloc)", Path::new(&argv[0]).display());
-    let f = run(&label, &mut cmd, None, Duration::from_secs(60));
+    let f = run(&label, &mut cmd, Duration::from_secs(60));
     assert!(f.success(), "{label} fails without gallocy (a problem of the test or of this machine)\n{}", f.report());
     assert!(!f.stdout.trim().is_empty(), "{label} printed nothing\n{}", f.report());
     f.stdout

@@ -20,13 +20,11 @@
 //! Needs cc and pkg-config (Debian packages gcc, pkg-config) and the artifacts of
 //! `cargo build --release --workspace`.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use gallocy_testkit::*;
 
 /// Per run: the 2-rank core mode takes a few seconds; leave room for a busy machine.
 const JOB_TIMEOUT: Duration = Duration::from_secs(100);
@@ -54,7 +52,7 @@ fn build(dir: &TempDir, linked: bool) -> PathBuf {
         cmd.arg("-I").arg(workspace().join("alloc-shim/include"));
         "cc -O2 -pthread -I alloc-shim/include -o syscalls syscalls.c".to_string()
     };
-    let f = run(&label, &mut cmd, None, Duration::from_secs(60));
+    let f = run(&label, &mut cmd, Duration::from_secs(60));
     assert!(f.success(), "{label}: compilation failed\n{}", f.report());
     bin
 }
@@ -92,7 +90,7 @@ fn run_ok(name: &str, bin: &PathBuf, how: How, args: &[&str]) -> Finished {
     let (mut cmd, ranks, line) = match how {
         How::Solo | How::SoloPreloaded => {
             let mut c = Command::new(bin);
-            clean_env(&mut c);
+            clean_env_with_transport(&mut c);
             let mut line = String::new();
             if let How::SoloPreloaded = how {
                 c.env("LD_PRELOAD", libgallocy());
@@ -105,7 +103,7 @@ fn run_ok(name: &str, bin: &PathBuf, how: How, args: &[&str]) -> Finished {
         How::Job { preload } => {
             let launcher = launcher();
             let mut c = Command::new(&launcher);
-            clean_env(&mut c).args(["run", "-n", "2"]);
+            clean_env_with_transport(&mut c).args(["run", "-n", "2"]);
             if preload {
                 c.arg("--preload");
             }
@@ -122,7 +120,7 @@ fn run_ok(name: &str, bin: &PathBuf, how: How, args: &[&str]) -> Finished {
     };
     let f = {
         let _serial = serial();
-        run(&line, &mut cmd, None, JOB_TIMEOUT)
+        run(&line, &mut cmd, JOB_TIMEOUT)
     };
     let all = format!("{}\n{}", f.stdout, f.stderr);
     let oks = (0..ranks).filter(|r| all.contains(&format!("rank {r}: syscalls ok ({mode})"))).count();

@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gallocy_cli::launch::{self, GroupOptions, Lines, Member, RankOutcome};
 
-use crate::launch;
 use crate::report::{RECORD_PREFIX, SKIP_PREFIX};
 
 /// Where a child runs.
@@ -250,6 +250,42 @@ fn run_solo(args: &[String], lib: Option<&Path>, what: &str, timeout: Duration) 
         .collect())
 }
 
+/// A copy of this executable named `label` (in messages and as the `[label] ` prefix of its
+/// lines), running `args`.
+pub fn copy_of_self(label: impl Into<String>, args: &[String]) -> Result<Member> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    Ok(Member::new(label, exe, args))
+}
+
+/// True for the lines a child hands to its parent ([`RECORD_PREFIX`], [`SKIP_PREFIX`]).
+fn is_record(line: &str) -> bool {
+    line.starts_with(RECORD_PREFIX) || line.starts_with(SKIP_PREFIX)
+}
+
+/// Runs `members` as one group (`gallocy_cli::launch::run_group`): their human stdout lines are
+/// relayed with a `[label] ` prefix as they arrive, their record lines are kept, their stderr is
+/// left alone. Fails, after killing the others at once, as soon as one member fails or when
+/// `timeout` passes. Returns the record lines in arrival order.
+pub fn run_copies(members: Vec<Member>, timeout: Duration) -> Result<Vec<String>> {
+    let labels: Vec<String> = members.iter().map(|m| m.label.clone()).collect();
+    let opts = GroupOptions {
+        stdout: Lines::Collect(is_record),
+        stderr: Lines::Inherit,
+        grace: Duration::ZERO,
+        timeout: Some(timeout),
+        ..GroupOptions::default()
+    };
+    let report = launch::run_group(members, &opts, &mut |_| {})?;
+    let stopped_by_timeout = |i: usize| report.outcomes[i] == RankOutcome::StoppedByLauncher;
+    if report.timed_out && report.first_failure.is_none_or(stopped_by_timeout) {
+        bail!("timed out after {} s", timeout.as_secs());
+    }
+    if let Some(i) = report.first_failure {
+        bail!("{}", report.outcomes[i].describe_as(&labels[i]));
+    }
+    Ok(report.collected.into_iter().map(|(_, line)| line).collect())
+}
+
 /// Run `args` (a hidden subcommand of this executable) on `side`. For [`Side::Joined`] two ranks
 /// are started, both with `args` plus `--joined`; the records of both are returned.
 pub fn run_side(side: Side, args: &[String], lib: Option<&Path>, what: &str, timeout: Duration) -> Result<Vec<String>> {
@@ -258,25 +294,15 @@ pub fn run_side(side: Side, args: &[String], lib: Option<&Path>, what: &str, tim
         Side::Solo => run_solo(args, Some(lib.context("the 1-process side needs the library")?), what, timeout),
         Side::Joined => {
             let lib = lib.context("the joined side needs the library")?;
-            let coordinator = format!("127.0.0.1:{}", launch::free_port()?);
-            let token = launch::token();
+            let job = launch::LocalJob::new()?;
             let mut a = args.to_vec();
             a.push("--joined".into());
-            let specs = (0..2)
-                .map(|r| launch::Spec {
-                    label: format!("{what} rank {r}"),
-                    args: a.clone(),
-                    env: vec![
-                        ("LD_PRELOAD".into(), lib.display().to_string()),
-                        ("GALLOCY_RANK".into(), r.to_string()),
-                        ("GALLOCY_SIZE".into(), "2".into()),
-                        ("GALLOCY_COORDINATOR".into(), coordinator.clone()),
-                        ("GALLOCY_TOKEN".into(), token.clone()),
-                    ],
+            let members = (0..2)
+                .map(|r| {
+                    Ok(copy_of_self(format!("{what} rank {r}"), &a)?.env("LD_PRELOAD", lib).envs(job.rank_env(r, 2)))
                 })
-                .collect();
-            let recs = launch::run_group(specs, timeout).with_context(|| what.to_string())?;
-            Ok(recs.into_iter().map(|(_, l)| l).collect())
+                .collect::<Result<Vec<_>>>()?;
+            run_copies(members, timeout).with_context(|| what.to_string())
         }
     }
 }

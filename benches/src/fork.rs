@@ -23,17 +23,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 
 use crate::child::{self, Api, Side};
 use crate::malloc::median;
 use crate::net::now_ns;
-use crate::report::{json_string, new_histogram, JsonObject, Summary};
+use crate::report::{new_histogram, Fields, ForkLine, Num, Summary};
 
-const USAGE: &str = "usage:
-  gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
-                     [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
+/// `gallocy-bench fork --help`, after the options.
+pub const HELP: &str = "\
 --pages: heap pages held when forking (ascending); --ro-div: 1 in N of them held read-only.
 --iters / --max-seconds: forks per P and run (at least 5).";
+
+/// Default of `--pages`.
+const DEFAULT_PAGES: &str = "0,256,4096,32768";
 
 const SIDES: [(&str, Side); 3] = [("glibc", Side::Glibc), ("solo", Side::Solo), ("joined", Side::Joined)];
 
@@ -62,24 +65,35 @@ struct ChildOpts {
     joined: bool,
 }
 
-fn parse_child(args: &[String]) -> Result<ChildOpts> {
-    let mut o = ChildOpts { pages: vec![0, 256, 4096, 32768], ro_div: 8, iters: 200, max_seconds: 2.0, joined: false };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--pages" => o.pages = parse_pages(v()?)?,
-            "--ro-div" => o.ro_div = v()?.parse().context("--ro-div")?,
-            "--iters" => o.iters = v()?.parse().context("--iters")?,
-            "--max-seconds" => o.max_seconds = v()?.parse().context("--max-seconds")?,
-            "--joined" => o.joined = true,
-            k => bail!("__fork-child: unknown argument {k}"),
+/// `__fork-child [--joined] [--pages P,Q] [--ro-div N] [--iters N] [--max-seconds S]`
+#[derive(Debug, Clone, Args)]
+pub struct ForkChildArgs {
+    #[arg(long, default_value = DEFAULT_PAGES)]
+    pages: String,
+    #[arg(long = "ro-div", default_value_t = 8)]
+    ro_div: usize,
+    #[arg(long, default_value_t = 200)]
+    iters: usize,
+    #[arg(long = "max-seconds", default_value_t = 2.0)]
+    max_seconds: f64,
+    #[arg(long)]
+    joined: bool,
+}
+
+impl ForkChildArgs {
+    fn into_opts(self) -> Result<ChildOpts> {
+        let o = ChildOpts {
+            pages: parse_pages(&self.pages)?,
+            ro_div: self.ro_div,
+            iters: self.iters,
+            max_seconds: self.max_seconds,
+            joined: self.joined,
+        };
+        if o.ro_div == 0 {
+            bail!("--ro-div must be at least 1");
         }
+        Ok(o)
     }
-    if o.ro_div == 0 {
-        bail!("--ro-div must be at least 1");
-    }
-    Ok(o)
 }
 
 /// `pages` fresh pages from malloc (page-aligned start), never freed.
@@ -133,8 +147,8 @@ fn one_fork() -> Result<u64> {
 }
 
 /// `__fork-child [--joined] ...`: print one record per P (rank 0 only when joined).
-pub fn child_main(args: &[String]) -> Result<()> {
-    let o = parse_child(args)?;
+pub fn child_main(args: ForkChildArgs) -> Result<()> {
+    let o = args.into_opts()?;
     let page = child::page_size();
     let api = if o.joined { Some(Api::load()?) } else { None };
     let rank = match &api {
@@ -217,53 +231,55 @@ struct Opts {
     timeout_s: u64,
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        pages: vec![0, 256, 4096, 32768],
-        ro_div: 8,
-        iters: 200,
-        max_seconds: 2.0,
-        reps: 3,
-        lib: None,
-        sides: Side::ALL.to_vec(),
-        timeout_s: 300,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
-            _ => (a.as_str(), None),
+/// `gallocy-bench fork` options.
+#[derive(Debug, Clone, Args)]
+pub struct ForkArgs {
+    /// Heap pages held when forking, ascending, comma-separated
+    #[arg(long, value_name = "P,Q", default_value = DEFAULT_PAGES)]
+    pages: String,
+    /// 1 in N of the held pages is held read-only
+    #[arg(long = "ro-div", value_name = "N", default_value_t = 8)]
+    ro_div: usize,
+    /// Forks per P and run (at least 5, unless --max-seconds ends it first)
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    iters: usize,
+    /// Longest time per P and run, in seconds
+    #[arg(long = "max-seconds", value_name = "S", default_value_t = 2.0)]
+    max_seconds: f64,
+    /// Runs of every side; the table shows the median
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    reps: usize,
+    /// The library to preload [default: libgallocy.so next to this executable]
+    #[arg(long, value_name = "PATH")]
+    lib: Option<PathBuf>,
+    /// Sides, comma-separated (glibc, solo, joined) [default: all]
+    #[arg(long, value_name = "A,B")]
+    sides: Option<String>,
+    /// Time limit per child (or pair of ranks), in seconds
+    #[arg(long = "timeout-s", value_name = "S", default_value_t = 300)]
+    timeout_s: u64,
+}
+
+impl ForkArgs {
+    fn into_opts(self) -> Result<Opts> {
+        let o = Opts {
+            pages: parse_pages(&self.pages)?,
+            ro_div: self.ro_div,
+            iters: self.iters,
+            max_seconds: self.max_seconds,
+            reps: self.reps,
+            lib: self.lib,
+            sides: match &self.sides {
+                Some(v) => child::parse_list(v, "--sides", &SIDES)?,
+                None => Side::ALL.to_vec(),
+            },
+            timeout_s: self.timeout_s,
         };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it.next().cloned().with_context(|| format!("{key} needs a value")),
-            }
-        };
-        let num = |v: String| -> Result<usize> { v.parse().with_context(|| format!("{key}: not a number: {v}")) };
-        match key {
-            "--pages" => o.pages = parse_pages(&value()?)?,
-            "--ro-div" => o.ro_div = num(value()?)?,
-            "--iters" => o.iters = num(value()?)?,
-            "--max-seconds" => {
-                let v = value()?;
-                o.max_seconds = v.parse().with_context(|| format!("--max-seconds: not a number: {v}"))?
-            }
-            "--reps" => o.reps = num(value()?)?,
-            "--timeout-s" => o.timeout_s = num(value()?)? as u64,
-            "--lib" => o.lib = Some(PathBuf::from(value()?)),
-            "--sides" => o.sides = child::parse_list(&value()?, "--sides", &SIDES)?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            k => bail!("unknown option {k}\n{USAGE}"),
+        if o.reps == 0 || o.ro_div == 0 || o.max_seconds.is_nan() || o.max_seconds <= 0.0 {
+            bail!("--reps and --ro-div must be at least 1, --max-seconds > 0");
         }
+        Ok(o)
     }
-    if o.reps == 0 || o.ro_div == 0 || o.max_seconds.is_nan() || o.max_seconds <= 0.0 {
-        bail!("--reps and --ro-div must be at least 1, --max-seconds > 0\n{USAGE}");
-    }
-    Ok(o)
 }
 
 #[derive(Default, Clone)]
@@ -274,8 +290,8 @@ struct Cell {
     error: Option<String>,
 }
 
-pub fn cmd_fork(args: &[String]) -> Result<()> {
-    let o = parse_opts(args)?;
+pub fn cmd_fork(args: ForkArgs) -> Result<()> {
+    let o = args.into_opts()?;
     let needs_lib = o.sides.iter().any(|s| *s != Side::Glibc);
     let lib =
         if needs_lib { Some(child::check_lib(&o.lib.clone().map_or_else(child::default_lib, Ok)?)?) } else { None };
@@ -371,17 +387,7 @@ pub fn cmd_fork(args: &[String]) -> Result<()> {
     }
     head += "   p99 µs (per side)";
     println!("{head}");
-    let mut j = JsonObject::new();
-    j.str("bench", "fork")
-        .raw("pages", format!("[{}]", pages_s.join(",")))
-        .int("ro_div", o.ro_div as u64)
-        .int("iters", o.iters as u64)
-        .num("max_seconds", o.max_seconds)
-        .int("reps", o.reps as u64)
-        .int("page_size", page as u64)
-        .raw("lib", lib.as_ref().map_or("null".into(), |l| json_string(&l.display().to_string())))
-        .num("load_avg_1m", load)
-        .num("idle_before_pct", idle);
+    let mut j = Fields::new();
     let mut errors = Vec::new();
     for (pi, p) in o.pages.iter().enumerate() {
         let mut line = format!("{:>6} {:>5}", p, p / o.ro_div);
@@ -389,9 +395,9 @@ pub fn cmd_fork(args: &[String]) -> Result<()> {
         for (si, s) in o.sides.iter().enumerate() {
             line += &format!(" {:>13} {:>9}", fmt(p50(pi, si), 1), fmt(per_page(pi, si), 3));
             tail.push(fmt(p99(pi, si), 1));
-            j.num(&format!("{}_p{p}_us", s.key()), p50(pi, si))
-                .num(&format!("{}_p{p}_p99_us", s.key()), p99(pi, si))
-                .num(&format!("{}_p{p}_us_per_page", s.key()), per_page(pi, si));
+            j.num(format!("{}_p{p}_us", s.key()), p50(pi, si))
+                .num(format!("{}_p{p}_p99_us", s.key()), p99(pi, si))
+                .num(format!("{}_p{p}_us_per_page", s.key()), per_page(pi, si));
             if let Some(e) = &cells[pi][si].error {
                 errors.push(format!("P={p} {}: {e}", s.key()));
             }
@@ -399,7 +405,7 @@ pub fn cmd_fork(args: &[String]) -> Result<()> {
         if let (Some(a), Some(b)) = (solo_i, joined_i) {
             let r = p50(pi, b) / p50(pi, a);
             line += &format!(" {:>14}", fmt(r, 2));
-            j.num(&format!("ratio_p{p}"), r);
+            j.num(format!("ratio_p{p}"), r);
         }
         line += &format!("   {}", tail.join(" / "));
         println!("{line}");
@@ -413,9 +419,21 @@ pub fn cmd_fork(args: &[String]) -> Result<()> {
     for e in &errors {
         println!("FAILED: {e}");
     }
-    let errs: Vec<String> = errors.iter().map(|e| json_string(e)).collect();
-    j.raw("errors", format!("[{}]", errs.join(",")));
-    println!("{}", j.render());
+    let line = ForkLine {
+        bench: "fork",
+        pages: o.pages.clone(),
+        ro_div: o.ro_div,
+        iters: o.iters,
+        max_seconds: Num(o.max_seconds),
+        reps: o.reps,
+        page_size: page,
+        lib: lib.as_ref().map(|l| l.display().to_string()),
+        load_avg_1m: Num(load),
+        idle_before_pct: Num(idle),
+        results: j,
+        errors: errors.clone(),
+    };
+    println!("{}", crate::report::to_line(&line));
     if !errors.is_empty() {
         bail!("{} cells failed (see above)", errors.len());
     }
@@ -426,17 +444,26 @@ pub fn cmd_fork(args: &[String]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn parse_opts(args: &[&str]) -> Result<Opts> {
+        crate::parse_args::<ForkArgs>(args)?.into_opts()
     }
 
     #[test]
     fn options() {
-        let o = parse_opts(&s(&["--pages", "0,16", "--reps=1", "--sides", "solo"])).unwrap();
+        let o = parse_opts(&["--pages", "0,16", "--reps=1", "--sides", "solo"]).unwrap();
         assert_eq!((o.pages.clone(), o.reps, o.sides.len()), (vec![0, 16], 1, 1));
-        assert!(parse_opts(&s(&["--pages", "16,0"])).is_err());
-        assert!(parse_opts(&s(&["--pages", ""])).is_err());
-        assert!(parse_opts(&s(&["--max-seconds", "0"])).is_err());
+        assert!(parse_opts(&["--pages", "16,0"]).is_err());
+        assert!(parse_opts(&["--pages", ""]).is_err());
+        assert!(parse_opts(&["--max-seconds", "0"]).is_err());
+        let o = parse_opts(&[]).unwrap();
+        assert_eq!(
+            (o.pages.clone(), o.ro_div, o.iters, o.reps, o.timeout_s),
+            (vec![0, 256, 4096, 32768], 8, 200, 3, 300)
+        );
+        assert_eq!(o.max_seconds, 2.0);
+        let c = crate::parse_args::<ForkChildArgs>(&["--joined", "--pages", "0,4", "--max-seconds", "0.5"]).unwrap();
+        let c = c.into_opts().unwrap();
+        assert!(c.joined && c.pages == [0, 4] && c.max_seconds == 0.5 && c.ro_div == 8);
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //! [`syscalls`]), `fork` the cost of fork against the heap pages a joined process holds (see
 //! [`fork`]), `preload-fault` the remote read fault of a preloaded program (see [`preload_fault`]).
 //!
+//! The command line is clap's ([`Cli`]); result lines are serde_json's ([`report`]); the
+//! children are started with `gallocy_cli::launch` ([`child::run_copies`]).
+//!
 //! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
 //! `__fault-rank`, `__malloc-child`, `__syscalls-child`, `__fork-child`,
 //! `__preload-fault-child`.
@@ -27,7 +30,6 @@ mod cases;
 mod child;
 mod floor;
 mod fork;
-mod launch;
 mod malloc;
 mod net;
 mod preload_fault;
@@ -38,25 +40,134 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use gallocy_cli::launch;
 
-use report::{JsonObject, Summary};
+use report::{FaultLine, Fields, FloorLine, Num, Summary, SummaryJson};
 
-const USAGE: &str = "usage:
-  gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
-                      [--cases read_home_owner,read_third_owner,write_0,write_1,write_3]
-  gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
-  gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
-                       [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
-  gallocy-bench syscalls [--iters 200000] [--batch 50] [--warmup 20000] [--reps 3] [--lib PATH]
-                         [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
-  gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
-                     [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
-  gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]
+const USAGE: &str = "\
+gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--timeout-s 600] [--no-pin]
+                           [--cases read_home_owner,read_third_owner,write_0,write_1,write_3]
+       gallocy-bench floor [--iters 5000] [--spin-us N] [--warmup N] [--no-pin]
+       gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
+                            [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
+       gallocy-bench syscalls [--iters 200000] [--batch 50] [--warmup 20000] [--reps 3] [--lib PATH]
+                              [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
+       gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
+                          [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
+       gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]";
+
+const NOTES: &str = "\
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
 --cases: run only these fault cases (default: all); JSON keys of cases not run are null.
-GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us\nis not given; the value is passed to every child.";
+GALLOCY_SPIN_US (default: the runtime's, gallocy::DEFAULT_SPIN_US) is used when --spin-us
+is not given; the value is passed to every child.
+Every subcommand prints a table and, as the last line of stdout, one JSON object.";
 
-/// Options common to all subcommands.
+/// `gallocy-bench`: the command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gallocy-bench",
+    about = "Latency and workload benchmarks for gallocy on local processes",
+    override_usage = USAGE,
+    after_help = NOTES,
+    subcommand_required = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The floor, then remote read and write faults timed by rank 0 of a job of --procs ranks
+    #[command(args_override_self = true, after_help = NOTES)]
+    Fault(LatencyArgs),
+    /// Only the floor (TCP round trip and SIGSEGV + mprotect, two processes; no runtime)
+    #[command(args_override_self = true, after_help = NOTES)]
+    Floor(LatencyArgs),
+    /// The malloc fast path of libgallocy.so (LD_PRELOAD) against glibc
+    #[command(args_override_self = true, after_help = malloc::HELP)]
+    Malloc(malloc::MallocArgs),
+    /// The shim's system-call wrappers next to glibc (glibc, 1-process and joined sides)
+    #[command(args_override_self = true, after_help = syscalls::HELP)]
+    Syscalls(syscalls::SyscallsArgs),
+    /// The cost of fork against the heap pages a process holds (glibc, 1-process and joined sides)
+    #[command(args_override_self = true, after_help = fork::HELP)]
+    Fork(fork::ForkArgs),
+    /// The remote read fault of a program under LD_PRELOAD=libgallocy.so (2 ranks)
+    #[command(args_override_self = true, after_help = preload_fault::HELP)]
+    PreloadFault(preload_fault::PreloadFaultArgs),
+    /// Floor phase: the TCP server (ADDR)
+    #[command(name = "__floor-server", hide = true)]
+    FloorServer(LatencyArgs),
+    /// Floor phase: the client, which also does the SIGSEGV measurements (ADDR)
+    #[command(name = "__floor-client", hide = true)]
+    FloorClient(LatencyArgs),
+    /// One rank of the fault job
+    #[command(name = "__fault-rank", hide = true)]
+    FaultRank(LatencyArgs),
+    #[command(name = "__malloc-child", hide = true)]
+    MallocChild(malloc::MallocChildArgs),
+    #[command(name = "__syscalls-child", hide = true)]
+    SyscallsChild(syscalls::SyscallsChildArgs),
+    #[command(name = "__fork-child", hide = true)]
+    ForkChild(fork::ForkChildArgs),
+    #[command(name = "__preload-fault-child", hide = true)]
+    PreloadFaultChild(preload_fault::PreloadFaultChildArgs),
+}
+
+/// Options of `fault` and `floor` (and of their hidden children).
+#[derive(Debug, Clone, Args)]
+struct LatencyArgs {
+    /// Ranks of the fault job (at least 2; `fault` only)
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    procs: usize,
+    /// Timed samples per case
+    #[arg(long, value_name = "N", default_value_t = 5000)]
+    iters: usize,
+    /// Untimed samples before them [default: min(iters / 10, 200)]
+    #[arg(long, value_name = "N")]
+    warmup: Option<usize>,
+    /// How long every process spins before it sleeps, in µs [default: GALLOCY_SPIN_US, else the
+    /// runtime's]
+    #[arg(long = "spin-us", value_name = "N")]
+    spin_us: Option<u64>,
+    /// Time limit of each group of processes, in seconds
+    #[arg(long = "timeout-s", value_name = "S", default_value_t = 600)]
+    timeout_s: u64,
+    /// Do not pin the two floor processes to different CPUs (the ranks are never pinned)
+    #[arg(long = "no-pin")]
+    no_pin: bool,
+    /// Run only these fault cases (comma-separated: read_home_owner, read_third_owner, write_0,
+    /// write_1, write_3) [default: all]
+    #[arg(long, value_name = "A,B")]
+    cases: Option<String>,
+    /// The address (hidden subcommands)
+    #[arg(hide = true)]
+    positional: Vec<String>,
+}
+
+impl LatencyArgs {
+    fn into_opts(self) -> Result<Opts> {
+        if self.iters == 0 {
+            bail!("--iters must be at least 1");
+        }
+        Ok(Opts {
+            procs: self.procs,
+            iters: self.iters,
+            warmup: self.warmup,
+            spin_us: self.spin_us.unwrap_or_else(net::spin_us_from_env),
+            timeout_s: self.timeout_s,
+            pin: !self.no_pin,
+            cases: self.cases.as_deref().map(parse_cases).transpose()?,
+            positional: self.positional,
+        })
+    }
+}
+
+/// Options common to `fault` and `floor`.
 #[derive(Debug, Clone)]
 struct Opts {
     procs: usize,
@@ -99,91 +210,56 @@ fn parse_cases(v: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        procs: 5,
-        iters: 5000,
-        warmup: None,
-        spin_us: net::spin_us_from_env(),
-        timeout_s: 600,
-        pin: true,
-        cases: None,
-        positional: Vec::new(),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
-            _ => (a.as_str(), None),
-        };
-        let mut text = |name: &str| -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => Ok(it.next().with_context(|| format!("{name} needs a value"))?.clone()),
-            }
-        };
-        if key == "--cases" {
-            o.cases = Some(parse_cases(&text(key)?)?);
-            continue;
-        }
-        let mut value = |name: &str| -> Result<u64> {
-            let v = text(name)?;
-            v.parse().with_context(|| format!("{name}: not a number: {v}"))
-        };
-        match key {
-            "--procs" => o.procs = value(key)? as usize,
-            "--iters" => o.iters = value(key)? as usize,
-            "--warmup" => o.warmup = Some(value(key)? as usize),
-            "--spin-us" => o.spin_us = value(key)?,
-            "--timeout-s" => o.timeout_s = value(key)?,
-            "--no-pin" => o.pin = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            k if k.starts_with('-') => bail!("unknown option {k}\n{USAGE}"),
-            _ => o.positional.push(a.clone()),
-        }
-    }
-    if o.iters == 0 {
-        bail!("--iters must be at least 1");
-    }
-    Ok(o)
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        eprintln!("{USAGE}");
-        std::process::exit(2);
-    };
-    let result = match cmd.as_str() {
-        // Own option sets (fractional seconds, a path).
-        "malloc" => malloc::cmd_malloc(&args[1..]),
-        "__malloc-child" => malloc::child_main(&args[1..]),
-        "syscalls" => syscalls::cmd_syscalls(&args[1..]),
-        "__syscalls-child" => syscalls::child_main(&args[1..]),
-        "fork" => fork::cmd_fork(&args[1..]),
-        "__fork-child" => fork::child_main(&args[1..]),
-        "preload-fault" => preload_fault::cmd(&args[1..]),
-        "__preload-fault-child" => preload_fault::child_main(&args[1..]),
-        _ => run_latency_cmd(cmd, &args[1..]),
+    // The subcommand as given, for messages.
+    let name = std::env::args().nth(1).unwrap_or_default();
+    let cli = Cli::try_parse().unwrap_or_else(|e| usage_error(&name, e));
+    let result = match cli.cmd {
+        Cmd::Fault(a) => a.into_opts().and_then(|o| cmd_fault(&o)),
+        Cmd::Floor(a) => a.into_opts().and_then(|o| cmd_floor(&o)),
+        Cmd::Malloc(a) => malloc::cmd_malloc(a),
+        Cmd::Syscalls(a) => syscalls::cmd_syscalls(a),
+        Cmd::Fork(a) => fork::cmd_fork(a),
+        Cmd::PreloadFault(a) => preload_fault::cmd(a),
+        Cmd::FloorServer(a) => {
+            a.into_opts().and_then(|o| pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)))
+        }
+        Cmd::FloorClient(a) => a.into_opts().and_then(|o| pin_from_env().and_then(|()| child_floor_client(&o))),
+        Cmd::FaultRank(a) => a.into_opts().and_then(|o| cases::run_rank(&o.selected_cases(), o.iters, o.warmup())),
+        Cmd::MallocChild(a) => malloc::child_main(a),
+        Cmd::SyscallsChild(a) => syscalls::child_main(a),
+        Cmd::ForkChild(a) => fork::child_main(a),
+        Cmd::PreloadFaultChild(a) => preload_fault::child_main(a),
     };
     if let Err(e) = result {
-        eprintln!("gallocy-bench {cmd}: error: {e:#}");
+        eprintln!("gallocy-bench {name}: error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run_latency_cmd(cmd: &str, args: &[String]) -> Result<()> {
-    parse_opts(args).and_then(|o| match cmd {
-        "fault" => cmd_fault(&o),
-        "floor" => cmd_floor(&o),
-        "__floor-server" => pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)),
-        "__floor-client" => pin_from_env().and_then(|()| child_floor_client(&o)),
-        "__fault-rank" => cases::run_rank(&o.selected_cases(), o.iters, o.warmup()),
-        other => bail!("unknown subcommand {other}\n{USAGE}"),
-    })
+/// A command line clap rejected: `--help` prints and exits 0; no subcommand prints the help to
+/// stderr and exits 2; any other mistake is an error of the subcommand (exit 1).
+fn usage_error(name: &str, e: clap::Error) -> ! {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{}", Cli::command().render_help());
+            std::process::exit(2);
+        }
+        _ => {
+            let text = e.render().to_string();
+            eprint!("gallocy-bench {name}: {text}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Parses `args` (no program name) into one of the [`Args`] structs (tests).
+#[cfg(test)]
+fn parse_args<A: Args>(args: &[&str]) -> Result<A> {
+    let cmd = A::augment_args(clap::Command::new("test").no_binary_name(true));
+    let matches = cmd.try_get_matches_from(args)?;
+    Ok(A::from_arg_matches(&matches)?)
 }
 
 fn addr_arg(o: &Opts) -> Result<SocketAddr> {
@@ -251,24 +327,21 @@ fn allowed_cpus() -> Vec<usize> {
 /// keeps the other off the CPU and a round trip costs about two spin periods, which is a
 /// scheduling accident, not a floor.
 fn run_floor_phase(o: &Opts) -> Result<Vec<Summary>> {
-    let addr = format!("127.0.0.1:{}", launch::free_port()?);
-    let env = vec![("GALLOCY_SPIN_US".to_string(), o.spin_us.to_string())];
+    let addr = format!("127.0.0.1:{}", launch::free_loopback_port().context("a free loopback port")?);
+    let spin = ("GALLOCY_SPIN_US".to_string(), o.spin_us.to_string());
     let cpus = allowed_cpus();
-    let (mut server_env, mut client_env) = (env.clone(), env);
+    let (mut server_env, mut client_env) = (vec![spin.clone()], vec![spin]);
     if o.pin && cpus.len() >= 2 {
         client_env.push((PIN_ENV.into(), cpus[0].to_string()));
         server_env.push((PIN_ENV.into(), cpus[1].to_string()));
     }
-    let specs = vec![
-        launch::Spec {
-            label: "floor-server".into(),
-            args: child_args("__floor-server", o, std::slice::from_ref(&addr)),
-            env: server_env,
-        },
-        launch::Spec { label: "floor-client".into(), args: child_args("__floor-client", o, &[addr]), env: client_env },
+    let members = vec![
+        child::copy_of_self("floor-server", &child_args("__floor-server", o, std::slice::from_ref(&addr)))?
+            .envs(server_env),
+        child::copy_of_self("floor-client", &child_args("__floor-client", o, &[addr]))?.envs(client_env),
     ];
-    let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
-    let rows: Vec<Summary> = recs.iter().filter_map(|(_, l)| Summary::parse_record(l)).collect();
+    let recs = child::run_copies(members, Duration::from_secs(o.timeout_s))?;
+    let rows: Vec<Summary> = recs.iter().filter_map(|l| Summary::parse_record(l)).collect();
     if rows.len() != 3 {
         bail!("floor phase reported {} results, expected 3", rows.len());
     }
@@ -313,23 +386,27 @@ fn find<'a>(rows: &'a [Summary], name: &str) -> Option<&'a Summary> {
 fn cmd_floor(o: &Opts) -> Result<()> {
     let rows = run_floor_phase(o)?;
     print!("{}", report::table(&rows));
-    let mut j = JsonObject::new();
-    j.str("bench", "floor")
-        .int("iters", o.iters as u64)
-        .int("spin_us", o.spin_us)
-        .num("load_avg_1m", load_avg_1m())
-        .raw("floor_pinned", o.pin.to_string());
-    add_floor_json(&mut j, &rows);
-    println!("{}", j.render());
+    let line = FloorLine {
+        bench: "floor",
+        iters: o.iters,
+        spin_us: o.spin_us,
+        load_avg_1m: Num(load_avg_1m()),
+        floor_pinned: o.pin,
+        floor: floor_fields(&rows),
+    };
+    println!("{}", report::to_line(&line));
     Ok(())
 }
 
-fn add_floor_json(j: &mut JsonObject, rows: &[Summary]) {
+/// `floor_p50_us`, `floor_p99_us`, `floor_tcp_rtt_p50_us`, ... of the floor rows present.
+fn floor_fields(rows: &[Summary]) -> Fields {
+    let mut j = Fields::new();
     for (key, name) in [("floor", "floor"), ("floor_tcp_rtt", "floor.tcp_rtt"), ("floor_segv", "floor.segv_mprotect")] {
         if let Some(r) = find(rows, name) {
-            j.num(&format!("{key}_p50_us"), r.p50_us()).num(&format!("{key}_p99_us"), r.p99_us());
+            j.num(format!("{key}_p50_us"), r.p50_us()).num(format!("{key}_p99_us"), r.p99_us());
         }
     }
+    j
 }
 
 /// The transport the ranks are asked for (they inherit `GALLOCY_TRANSPORT`); `auto` if unset.
@@ -359,25 +436,18 @@ fn cmd_fault(o: &Opts) -> Result<()> {
     }
     let floor_rows = run_floor_phase(o)?;
 
-    let coordinator = format!("127.0.0.1:{}", launch::free_port()?);
-    let token = launch::token();
-    let specs = (0..o.procs)
-        .map(|r| launch::Spec {
-            label: format!("rank {r}"),
-            args: child_args("__fault-rank", o, &[]),
-            env: vec![
-                ("GALLOCY_RANK".into(), r.to_string()),
-                ("GALLOCY_SIZE".into(), o.procs.to_string()),
-                ("GALLOCY_COORDINATOR".into(), coordinator.clone()),
-                ("GALLOCY_TOKEN".into(), token.clone()),
-                ("GALLOCY_SPIN_US".into(), o.spin_us.to_string()),
-            ],
+    let job = launch::LocalJob::new()?;
+    let members = (0..o.procs)
+        .map(|r| {
+            Ok(child::copy_of_self(format!("rank {r}"), &child_args("__fault-rank", o, &[]))?
+                .envs(job.rank_env(r, o.procs))
+                .env("GALLOCY_SPIN_US", o.spin_us.to_string()))
         })
-        .collect();
-    let recs = launch::run_group(specs, Duration::from_secs(o.timeout_s))?;
+        .collect::<Result<Vec<_>>>()?;
+    let recs = child::run_copies(members, Duration::from_secs(o.timeout_s))?;
     let mut case_rows = Vec::new();
     let mut skipped = Vec::new();
-    for (_, line) in &recs {
+    for line in &recs {
         if let Some(s) = Summary::parse_record(line) {
             case_rows.push(s);
         } else if let Some(rest) = line.strip_prefix(report::SKIP_PREFIX) {
@@ -404,30 +474,32 @@ fn cmd_fault(o: &Opts) -> Result<()> {
     let p50_p99 = |name: &str| find(&case_rows, name).map_or((f64::NAN, f64::NAN), |r| (r.p50_us(), r.p99_us()));
     let (read_p50, read_p99) = p50_p99("read_home_owner");
     let (write_p50, write_p99) = p50_p99("write_0");
-    let mut j = JsonObject::new();
-    j.str("bench", "fault")
-        .int("procs", o.procs as u64)
-        .int("iters", o.iters as u64)
-        .int("spin_us", o.spin_us)
-        .str("transport", &transport_from_env())
-        .num("load_avg_1m", load_avg_1m())
-        .num("idle_before_pct", idle)
-        .raw("floor_pinned", o.pin.to_string())
-        .num("read_fault_p50_us", read_p50)
-        .num("read_fault_p99_us", read_p99)
-        .num("write_fault_p50_us", write_p50)
-        .num("write_fault_p99_us", write_p99);
-    add_floor_json(&mut j, &floor_rows);
-    j.num("ratio", read_p50 / floor.p50_us()).num("write_ratio", write_p50 / floor.p50_us());
+    let mut results = floor_fields(&floor_rows);
+    results.num("ratio", read_p50 / floor.p50_us()).num("write_ratio", write_p50 / floor.p50_us());
     for r in &case_rows {
-        j.num(&format!("{}_p50_us", r.name), r.p50_us()).num(&format!("{}_p99_us", r.name), r.p99_us());
+        results.num(format!("{}_p50_us", r.name), r.p50_us()).num(format!("{}_p99_us", r.name), r.p99_us());
     }
-    let mut cases = JsonObject::new();
+    let mut cases = Fields::new();
     for r in all.iter() {
-        cases.raw(&r.name, report::summary_json(r));
+        cases.insert(r.name.clone(), SummaryJson::from(r));
     }
-    j.raw("cases", cases.render());
-    println!("{}", j.render());
+    let line = FaultLine {
+        bench: "fault",
+        procs: o.procs,
+        iters: o.iters,
+        spin_us: o.spin_us,
+        transport: transport_from_env(),
+        load_avg_1m: Num(load_avg_1m()),
+        idle_before_pct: Num(idle),
+        floor_pinned: o.pin,
+        read_fault_p50_us: Num(read_p50),
+        read_fault_p99_us: Num(read_p99),
+        write_fault_p50_us: Num(write_p50),
+        write_fault_p99_us: Num(write_p99),
+        results,
+        cases,
+    };
+    println!("{}", report::to_line(&line));
     Ok(())
 }
 
@@ -435,34 +507,50 @@ fn cmd_fault(o: &Opts) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn parse_opts(args: &[&str]) -> Result<Opts> {
+        parse_args::<LatencyArgs>(args)?.into_opts()
     }
 
     #[test]
     fn parses_options() {
-        let o = parse_opts(&s(&["--procs", "3", "--iters=100", "--spin-us", "7", "x"])).unwrap();
+        let o = parse_opts(&["--procs", "3", "--iters=100", "--spin-us", "7", "x"]).unwrap();
         assert_eq!((o.procs, o.iters, o.spin_us, o.warmup()), (3, 100, 7, 10));
         assert_eq!(o.positional, ["x"]);
-        assert_eq!(parse_opts(&s(&[])).unwrap().warmup(), 200);
-        assert!(parse_opts(&s(&["--bogus"])).is_err());
-        assert!(parse_opts(&s(&["--iters"])).is_err());
+        assert_eq!(parse_opts(&[]).unwrap().warmup(), 200);
+        assert!(parse_opts(&["--bogus"]).is_err());
+        assert!(parse_opts(&["--iters"]).is_err());
+        assert!(parse_opts(&["--iters", "0"]).is_err());
+        assert!(parse_opts(&["--iters", "x"]).is_err());
+        assert!(!parse_opts(&["--no-pin", "--timeout-s=9"]).unwrap().pin);
     }
 
     #[test]
     fn parses_cases() {
-        let all = parse_opts(&s(&[])).unwrap();
+        let all = parse_opts(&[]).unwrap();
         assert_eq!(all.selected_cases().len(), cases::CASES.len());
         assert!(!child_args("__fault-rank", &all, &[]).contains(&"--cases".to_string()));
-        let o = parse_opts(&s(&["--cases", "read_third_owner,read_home_owner", "--iters", "10"])).unwrap();
+        let o = parse_opts(&["--cases", "read_third_owner,read_home_owner", "--iters", "10"]).unwrap();
         let names: Vec<&str> = o.selected_cases().iter().map(|c| c.name).collect();
         assert_eq!(names, ["read_home_owner", "read_third_owner"]);
         let args = child_args("__fault-rank", &o, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let back = parse_opts(&args[1..]).unwrap();
         assert_eq!(back.cases, o.cases);
-        assert_eq!(parse_opts(&s(&["--cases=write_0"])).unwrap().selected_cases().len(), 1);
-        assert!(parse_opts(&s(&["--cases", "nope"])).is_err());
-        assert!(parse_opts(&s(&["--cases", ","])).is_err());
-        assert!(parse_opts(&s(&["--cases"])).is_err());
+        assert_eq!(parse_opts(&["--cases=write_0"]).unwrap().selected_cases().len(), 1);
+        assert!(parse_opts(&["--cases", "nope"]).is_err());
+        assert!(parse_opts(&["--cases", ","]).is_err());
+        assert!(parse_opts(&["--cases"]).is_err());
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["gallocy-bench", "floor", "--iters", "5", "--iters", "7"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Floor(LatencyArgs { iters: 7, .. })), "the last value wins");
+        let cli = Cli::try_parse_from(["gallocy-bench", "preload-fault", "--iters", "5"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::PreloadFault(_)));
+        for bad in [&["gallocy-bench", "nope"][..], &["gallocy-bench", "floor", "--iters", "x"]] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -27,8 +27,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 
-use crate::report::{json_string, JsonObject};
+use crate::report::{Fields, MallocLine, Num};
 
 /// Prefix of a child's result line.
 pub const CHILD_PREFIX: &str = "@@malloc ";
@@ -39,12 +40,11 @@ const BATCH: u64 = 256;
 /// Exit code of a child that found a corrupted block or got NULL from malloc.
 const EXIT_CHECK_FAILED: i32 = 3;
 
-const USAGE: &str = "usage:
-  gallocy-bench malloc [--seconds 1.0] [--lib PATH] [--reps 3] [--warmup-s 0.25]
-                       [--workloads small_1t,mixed_1t,small_2t,mixed_2t] [--timeout-s N] [--glibc-only]
---lib: the allocator to preload (default: libgallocy.so next to this executable).
---glibc-only: run the 'gallocy' column plain too (an A/A check of the noise; no library needed).
---timeout-s: per child (default: warmup + seconds + 30).";
+/// `gallocy-bench malloc --help`, after the options.
+pub const HELP: &str = "\
+Every workload runs in child processes, once with glibc and once with LD_PRELOAD=<--lib>
+(ABBA order per repetition); the table shows the median of the repetitions (Mops/s), and the
+last line of stdout is one JSON object.";
 
 /// The four workloads, in table order.
 pub const WORKLOADS: [Workload; 4] = [
@@ -280,34 +280,24 @@ fn max_rss_kb() -> u64 {
     }
 }
 
-/// Arguments of the hidden child subcommand.
-#[derive(Debug, Clone, PartialEq)]
-struct ChildArgs {
-    workload: Workload,
+/// `__malloc-child --workload W --seconds S --warmup-s S --seed N [--inject crash|hang|fail]`
+#[derive(Debug, Clone, Args)]
+pub struct MallocChildArgs {
+    #[arg(long)]
+    workload: String,
+    #[arg(long, default_value_t = 1.0, value_parser = secs)]
     seconds: f64,
+    #[arg(long = "warmup-s", default_value_t = 0.25, value_parser = secs)]
     warmup_s: f64,
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[arg(long)]
     inject: Option<String>,
 }
 
-/// `__malloc-child --workload W --seconds S --warmup-s S --seed N [--inject crash|hang]`
-pub fn child_main(args: &[String]) -> Result<()> {
-    let mut workload_name = None;
-    let (mut seconds, mut warmup_s, mut seed, mut inject) = (1.0, 0.25, 1u64, None);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--workload" => workload_name = Some(v()?.clone()),
-            "--seconds" => seconds = parse_secs(a, v()?)?,
-            "--warmup-s" => warmup_s = parse_secs(a, v()?)?,
-            "--seed" => seed = v()?.parse().context("--seed")?,
-            "--inject" => inject = Some(v()?.clone()),
-            k => bail!("__malloc-child: unknown argument {k}"),
-        }
-    }
-    let w = workload(&workload_name.context("--workload missing")?)?;
-    let c = ChildArgs { workload: w, seconds, warmup_s, seed, inject };
+/// One child: run the workload, print one [`CHILD_PREFIX`] record.
+pub fn child_main(c: MallocChildArgs) -> Result<()> {
+    let w = workload(&c.workload)?;
     match c.inject.as_deref() {
         None => {}
         Some("crash") => {
@@ -369,10 +359,11 @@ pub fn child_main(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn parse_secs(name: &str, v: &str) -> Result<f64> {
-    let s: f64 = v.parse().with_context(|| format!("{name}: not a number: {v}"))?;
+/// Seconds, 0 <= s < 1e6.
+fn secs(v: &str) -> Result<f64, String> {
+    let s: f64 = v.parse().map_err(|_| format!("not a number: {v}"))?;
     if !(0.0..1e6).contains(&s) {
-        bail!("{name}: out of range: {v}");
+        return Err(format!("out of range: {v}"));
     }
     Ok(s)
 }
@@ -435,60 +426,65 @@ struct Opts {
     inject: Option<String>,
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        seconds: 1.0,
-        warmup_s: 0.25,
-        reps: 3,
-        lib: None,
-        glibc_only: false,
-        workloads: WORKLOADS.to_vec(),
-        timeout_s: None,
-        inject: None,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
-            _ => (a.as_str(), None),
+/// `gallocy-bench malloc` options.
+#[derive(Debug, Clone, Args)]
+pub struct MallocArgs {
+    /// Measured seconds per child
+    #[arg(long, value_name = "S", default_value_t = 1.0, value_parser = secs)]
+    seconds: f64,
+    /// Unmeasured seconds before
+    #[arg(long = "warmup-s", value_name = "S", default_value_t = 0.25, value_parser = secs)]
+    warmup_s: f64,
+    /// Repetitions; the table shows their median
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    reps: usize,
+    /// The allocator to preload [default: libgallocy.so next to this executable]
+    #[arg(long, value_name = "PATH")]
+    lib: Option<PathBuf>,
+    /// Workloads to run, comma-separated (small_1t, mixed_1t, small_2t, mixed_2t) [default: all]
+    #[arg(long, value_name = "A,B")]
+    workloads: Option<String>,
+    /// Time limit per child, in seconds [default: warmup + seconds + 30]
+    #[arg(long = "timeout-s", value_name = "S", value_parser = secs)]
+    timeout_s: Option<f64>,
+    /// Run the 'gallocy' column plain too (an A/A check of the noise; no library needed)
+    #[arg(long = "glibc-only")]
+    glibc_only: bool,
+    /// Test hook: every child crashes, hangs or fails (crash|hang|fail)
+    #[arg(long, hide = true)]
+    inject: Option<String>,
+}
+
+impl MallocArgs {
+    fn into_opts(self) -> Result<Opts> {
+        let workloads = match &self.workloads {
+            Some(v) => v.split(',').filter(|s| !s.is_empty()).map(workload).collect::<Result<_>>()?,
+            None => WORKLOADS.to_vec(),
         };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it.next().cloned().with_context(|| format!("{key} needs a value")),
-            }
+        let o = Opts {
+            seconds: self.seconds,
+            warmup_s: self.warmup_s,
+            reps: self.reps,
+            lib: self.lib,
+            glibc_only: self.glibc_only,
+            workloads,
+            timeout_s: self.timeout_s,
+            inject: self.inject,
         };
-        match key {
-            "--seconds" => o.seconds = parse_secs(key, &value()?)?,
-            "--warmup-s" => o.warmup_s = parse_secs(key, &value()?)?,
-            "--timeout-s" => o.timeout_s = Some(parse_secs(key, &value()?)?),
-            "--reps" => o.reps = value()?.parse().context("--reps: not a number")?,
-            "--lib" => o.lib = Some(PathBuf::from(value()?)),
-            "--glibc-only" => o.glibc_only = true,
-            "--workloads" => {
-                o.workloads = value()?.split(',').filter(|s| !s.is_empty()).map(workload).collect::<Result<_>>()?
-            }
-            "--inject" => o.inject = Some(value()?),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            k => bail!("unknown option {k}\n{USAGE}"),
+        if o.seconds <= 0.0 {
+            bail!("--seconds must be > 0");
         }
+        if o.reps == 0 {
+            bail!("--reps must be at least 1");
+        }
+        if o.workloads.is_empty() {
+            bail!("--workloads: empty list");
+        }
+        if o.glibc_only && o.lib.is_some() {
+            bail!("--glibc-only and --lib exclude each other");
+        }
+        Ok(o)
     }
-    if o.seconds <= 0.0 {
-        bail!("--seconds must be > 0");
-    }
-    if o.reps == 0 {
-        bail!("--reps must be at least 1");
-    }
-    if o.workloads.is_empty() {
-        bail!("--workloads: empty list");
-    }
-    if o.glibc_only && o.lib.is_some() {
-        bail!("--glibc-only and --lib exclude each other");
-    }
-    Ok(o)
 }
 
 /// Which allocator a child runs with.
@@ -697,8 +693,8 @@ struct Cell {
     error: Option<String>,
 }
 
-pub fn cmd_malloc(args: &[String]) -> Result<()> {
-    let o = parse_opts(args)?;
+pub fn cmd_malloc(args: MallocArgs) -> Result<()> {
+    let o = args.into_opts()?;
     let lib = if o.glibc_only { None } else { Some(check_lib(&o.lib.clone().map_or_else(default_lib, Ok)?)?) };
     let timeout = Duration::from_secs_f64(o.timeout_s.unwrap_or(o.warmup_s + o.seconds + 30.0));
     let idle = crate::idle_pct(Duration::from_millis(300));
@@ -757,16 +753,7 @@ pub fn cmd_malloc(args: &[String]) -> Result<()> {
         "glibc RSS",
         "gallocy RSS"
     );
-    let mut j = JsonObject::new();
-    j.str("bench", "malloc")
-        .num("seconds", o.seconds)
-        .num("warmup_s", o.warmup_s)
-        .int("reps", o.reps as u64)
-        .int("slots", SLOTS as u64)
-        .raw("lib", lib.as_ref().map_or("null".into(), |l| json_string(&l.display().to_string())))
-        .raw("glibc_only", o.glibc_only.to_string())
-        .num("load_avg_1m", load)
-        .num("idle_before_pct", idle);
+    let mut j = Fields::new();
     let mut errors = Vec::new();
     let mut min_ratio = f64::INFINITY;
     for (w, [g, a]) in o.workloads.iter().zip(&cells) {
@@ -785,18 +772,13 @@ pub fn cmd_malloc(args: &[String]) -> Result<()> {
             rss(g),
             rss(a)
         );
-        let ops = |c: &Cell| if c.error.is_some() { "null".to_string() } else { format!("{:.0}", median(&c.rates)) };
-        j.raw(&format!("{}_glibc_ops", w.name), ops(g))
-            .raw(&format!("{}_gallocy_ops", w.name), ops(a))
-            .num(&format!("{}_ratio", w.name), ratio)
-            .raw(
-                &format!("{}_glibc_maxrss_kb", w.name),
-                if g.error.is_some() { "null".into() } else { format!("{:.0}", median(&g.rss_kb)) },
-            )
-            .raw(
-                &format!("{}_gallocy_maxrss_kb", w.name),
-                if a.error.is_some() { "null".into() } else { format!("{:.0}", median(&a.rss_kb)) },
-            );
+        // Whole numbers (ops per second, KiB), null for a failed side.
+        let whole = |c: &Cell, v: &[f64]| if c.error.is_some() { None } else { Some(median(v).round() as u64) };
+        j.int(format!("{}_glibc_ops", w.name), whole(g, &g.rates))
+            .int(format!("{}_gallocy_ops", w.name), whole(a, &a.rates))
+            .num(format!("{}_ratio", w.name), ratio)
+            .int(format!("{}_glibc_maxrss_kb", w.name), whole(g, &g.rss_kb))
+            .int(format!("{}_gallocy_maxrss_kb", w.name), whole(a, &a.rss_kb));
         for (side, c) in [(Side::Glibc, g), (Side::Gallocy, a)] {
             if let Some(e) = &c.error {
                 errors.push(format!("{} {}: {e}", w.name, side.name()));
@@ -810,10 +792,21 @@ pub fn cmd_malloc(args: &[String]) -> Result<()> {
     for e in &errors {
         println!("FAILED: {e}");
     }
-    j.num("min_ratio", if min_ratio.is_finite() { min_ratio } else { f64::NAN });
-    let errs: Vec<String> = errors.iter().map(|e| json_string(e)).collect();
-    j.raw("errors", format!("[{}]", errs.join(",")));
-    println!("{}", j.render());
+    let line = MallocLine {
+        bench: "malloc",
+        seconds: Num(o.seconds),
+        warmup_s: Num(o.warmup_s),
+        reps: o.reps,
+        slots: SLOTS,
+        lib: lib.as_ref().map(|l| l.display().to_string()),
+        glibc_only: o.glibc_only,
+        load_avg_1m: Num(load),
+        idle_before_pct: Num(idle),
+        workloads: j,
+        min_ratio: Num(if min_ratio.is_finite() { min_ratio } else { f64::NAN }),
+        errors: errors.clone(),
+    };
+    println!("{}", crate::report::to_line(&line));
     if !errors.is_empty() {
         bail!("{} of {} cells failed (see above)", errors.len(), 2 * o.workloads.len());
     }
@@ -824,8 +817,8 @@ pub fn cmd_malloc(args: &[String]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn parse_opts(args: &[&str]) -> Result<Opts> {
+        crate::parse_args::<MallocArgs>(args)?.into_opts()
     }
 
     #[test]
@@ -868,12 +861,17 @@ mod tests {
 
     #[test]
     fn options_and_median() {
-        let o = parse_opts(&s(&["--seconds", "0.5", "--reps=5", "--workloads", "mixed_2t,small_1t"])).unwrap();
+        let o = parse_opts(&["--seconds", "0.5", "--reps=5", "--workloads", "mixed_2t,small_1t"]).unwrap();
         assert_eq!((o.seconds, o.reps), (0.5, 5));
         assert_eq!(o.workloads.iter().map(|w| w.name).collect::<Vec<_>>(), ["mixed_2t", "small_1t"]);
-        assert!(parse_opts(&s(&["--workloads", "nope"])).is_err());
-        assert!(parse_opts(&s(&["--seconds", "0"])).is_err());
-        assert!(parse_opts(&s(&["--glibc-only", "--lib", "x"])).is_err());
+        assert!(parse_opts(&["--workloads", "nope"]).is_err());
+        assert!(parse_opts(&["--seconds", "0"]).is_err());
+        assert!(parse_opts(&["--seconds", "x"]).is_err());
+        assert!(parse_opts(&["--glibc-only", "--lib", "x"]).is_err());
+        let o = parse_opts(&[]).unwrap();
+        assert_eq!((o.seconds, o.warmup_s, o.reps, o.workloads.len(), o.timeout_s), (1.0, 0.25, 3, 4, None));
+        let c = crate::parse_args::<MallocChildArgs>(&["--workload", "small_1t", "--seed", "4"]).unwrap();
+        assert_eq!((c.workload.as_str(), c.seed, c.seconds), ("small_1t", 4, 1.0));
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     }

@@ -16,50 +16,54 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 
 use crate::child::{self, Api, Side};
 use crate::net::now_ns;
-use crate::report::{new_histogram, summary_json, table, JsonObject, Summary};
+use crate::report::{new_histogram, table, Num, PreloadFaultLine, Summary, SummaryJson};
 
-const USAGE: &str = "usage:
-  gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]
+/// `gallocy-bench preload-fault --help`, after the options.
+pub const HELP: &str = "\
 --iters: timed read faults in all; --pages: pages per round (rank 0 rewrites them each round).";
 
-struct Opts {
+/// `gallocy-bench preload-fault` options.
+#[derive(Debug, Clone, Args)]
+pub struct PreloadFaultArgs {
+    /// Timed read faults in all
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     iters: usize,
+    /// Pages per round (rank 0 rewrites them each round)
+    #[arg(long, value_name = "N", default_value_t = 256)]
     pages: usize,
+    /// The library to preload [default: libgallocy.so next to this executable]
+    #[arg(long, value_name = "PATH")]
     lib: Option<PathBuf>,
+    /// Time limit of the job, in seconds
+    #[arg(long = "timeout-s", value_name = "S", default_value_t = 600)]
     timeout_s: u64,
+}
+
+/// `__preload-fault-child --joined [--iters N] [--pages N]`
+#[derive(Debug, Clone, Args)]
+pub struct PreloadFaultChildArgs {
+    #[arg(long, default_value_t = 1000)]
+    iters: usize,
+    #[arg(long, default_value_t = 256)]
+    pages: usize,
+    #[arg(long)]
     joined: bool,
 }
 
-fn parse(args: &[String], child: bool) -> Result<Opts> {
-    let mut o = Opts { iters: 1000, pages: 256, lib: None, timeout_s: 600, joined: false };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--iters" => o.iters = v()?.parse().context("--iters")?,
-            "--pages" => o.pages = v()?.parse().context("--pages")?,
-            "--lib" if !child => o.lib = Some(PathBuf::from(v()?)),
-            "--timeout-s" if !child => o.timeout_s = v()?.parse().context("--timeout-s")?,
-            "--joined" if child => o.joined = true,
-            "-h" | "--help" if !child => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            k => bail!("unknown argument {k}\n{USAGE}"),
-        }
+fn check_counts(iters: usize, pages: usize) -> Result<()> {
+    if iters == 0 || pages == 0 {
+        bail!("--iters and --pages must be at least 1");
     }
-    if o.iters == 0 || o.pages == 0 {
-        bail!("--iters and --pages must be at least 1\n{USAGE}");
-    }
-    Ok(o)
+    Ok(())
 }
 
 /// `gallocy-bench preload-fault ...`.
-pub fn cmd(args: &[String]) -> Result<()> {
-    let o = parse(args, false)?;
+pub fn cmd(o: PreloadFaultArgs) -> Result<()> {
+    check_counts(o.iters, o.pages)?;
     let lib = child::check_lib(&o.lib.clone().map_or_else(child::default_lib, Ok)?)?;
     let transport = std::env::var("GALLOCY_TRANSPORT").unwrap_or_else(|_| "default".into());
     let child_args = vec![
@@ -76,18 +80,23 @@ pub fn cmd(args: &[String]) -> Result<()> {
         .find_map(|l| Summary::parse_record(l))
         .with_context(|| format!("{what}: rank 1 reported no result"))?;
     println!("{}", table(std::slice::from_ref(&s)));
-    let mut j = JsonObject::new();
-    j.str("bench", "preload-fault").str("transport", &transport).str("lib", &lib.display().to_string());
-    j.int("iters", o.iters as u64).int("pages", o.pages as u64);
-    j.num("read_p50_us", s.p50_us()).num("read_p99_us", s.p99_us());
-    j.raw("read", summary_json(&s));
-    println!("{}", j.render());
+    let line = PreloadFaultLine {
+        bench: "preload-fault",
+        transport,
+        lib: lib.display().to_string(),
+        iters: o.iters,
+        pages: o.pages,
+        read_p50_us: Num(s.p50_us()),
+        read_p99_us: Num(s.p99_us()),
+        read: SummaryJson::from(&s),
+    };
+    println!("{}", crate::report::to_line(&line));
     Ok(())
 }
 
 /// `__preload-fault-child --joined ...`: one rank of the job; rank 1 prints the record.
-pub fn child_main(args: &[String]) -> Result<()> {
-    let o = parse(args, true)?;
+pub fn child_main(o: PreloadFaultChildArgs) -> Result<()> {
+    check_counts(o.iters, o.pages)?;
     if !o.joined {
         bail!("__preload-fault-child runs as a rank of a joined job");
     }

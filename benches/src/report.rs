@@ -1,7 +1,10 @@
 //! Result summaries: histogram -> percentiles, the line format children use to hand results to
-//! the launcher, the human table and the hand-written JSON line.
+//! the launcher, the human table and the JSON result lines (serde_json).
 
 use hdrhistogram::Histogram;
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::{json, Value};
 
 /// Prefix of a result record on a child's stdout; the launcher collects these lines instead of
 /// relaying them.
@@ -98,67 +101,201 @@ pub fn table(rows: &[Summary]) -> String {
     s
 }
 
-/// A flat JSON object written by hand: keys in insertion order, values already encoded.
-#[derive(Default)]
-pub struct JsonObject {
-    fields: Vec<(String, String)>,
+// ---------------------------------------------------------------------------------------------
+// The JSON result lines (serde_json). Every benchmark prints one as the last line of its stdout;
+// the keys come in the order below.
+
+/// A float in a result line: rounded to 3 decimals, `null` when not finite (a case that did not
+/// run, a ratio with a failed side).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Num(pub f64);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let rounded = (self.0 * 1000.0).round() / 1000.0;
+        if rounded.is_finite() {
+            s.serialize_f64(rounded)
+        } else {
+            s.serialize_none()
+        }
+    }
 }
 
-impl JsonObject {
+/// The keys of a result line that depend on what ran (`<case>_p50_us`, `<workload>_<side>_ns`,
+/// ...), in the order they were added (serde_json's own map would sort them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fields<V = Value>(pub Vec<(String, V)>);
+
+impl<V> Default for Fields<V> {
+    fn default() -> Self {
+        Fields(Vec::new())
+    }
+}
+
+impl<V: Serialize> Serialize for Fields<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<V> Fields<V> {
     pub fn new() -> Self {
         Self::default()
     }
-    /// A finite float with 3 decimals (non-finite values become `null`).
-    pub fn num(&mut self, key: &str, v: f64) -> &mut Self {
-        let enc = if v.is_finite() { format!("{v:.3}") } else { "null".into() };
-        self.raw(key, enc)
-    }
-    pub fn int(&mut self, key: &str, v: u64) -> &mut Self {
-        self.raw(key, v.to_string())
-    }
-    pub fn str(&mut self, key: &str, v: &str) -> &mut Self {
-        self.raw(key, json_string(v))
-    }
-    /// `v` must already be valid JSON.
-    pub fn raw(&mut self, key: &str, v: String) -> &mut Self {
-        self.fields.push((key.to_string(), v));
+
+    pub fn insert(&mut self, key: impl Into<String>, v: V) -> &mut Self {
+        self.0.push((key.into(), v));
         self
-    }
-    pub fn render(&self) -> String {
-        let body: Vec<String> = self.fields.iter().map(|(k, v)| format!("{}:{}", json_string(k), v)).collect();
-        format!("{{{}}}", body.join(","))
     }
 }
 
-/// JSON string literal with the escapes RFC 8259 requires.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
+impl Fields {
+    /// A float ([`Num`]: 3 decimals, `null` if not finite).
+    pub fn num(&mut self, key: impl Into<String>, v: f64) -> &mut Self {
+        self.insert(key, json!(Num(v)))
     }
-    out.push('"');
-    out
+
+    /// A whole number, or `null`.
+    pub fn int(&mut self, key: impl Into<String>, v: Option<u64>) -> &mut Self {
+        self.insert(key, json!(v))
+    }
+}
+
+/// Renders a result line (one line of JSON).
+pub fn to_line(v: &impl Serialize) -> String {
+    serde_json::to_string(v).expect("result lines serialize")
 }
 
 /// `{"count":..,"p50_us":..,"p90_us":..,"p99_us":..,"max_us":..,"mean_us":..}`
-pub fn summary_json(s: &Summary) -> String {
-    let mut o = JsonObject::new();
-    o.int("count", s.count)
-        .num("p50_us", us(s.p50_ns))
-        .num("p90_us", us(s.p90_ns))
-        .num("p99_us", us(s.p99_ns))
-        .num("max_us", us(s.max_ns))
-        .num("mean_us", us(s.mean_ns));
-    o.render()
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SummaryJson {
+    pub count: u64,
+    pub p50_us: Num,
+    pub p90_us: Num,
+    pub p99_us: Num,
+    pub max_us: Num,
+    pub mean_us: Num,
+}
+
+impl From<&Summary> for SummaryJson {
+    fn from(s: &Summary) -> Self {
+        SummaryJson {
+            count: s.count,
+            p50_us: Num(us(s.p50_ns)),
+            p90_us: Num(us(s.p90_ns)),
+            p99_us: Num(us(s.p99_ns)),
+            max_us: Num(us(s.max_ns)),
+            mean_us: Num(us(s.mean_ns)),
+        }
+    }
+}
+
+/// `gallocy-bench floor`: `floor_p50_us`, `floor_p99_us`, `floor_tcp_rtt_*`, `floor_segv_*` in
+/// `floor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorLine {
+    pub bench: &'static str,
+    pub iters: usize,
+    pub spin_us: u64,
+    pub load_avg_1m: Num,
+    pub floor_pinned: bool,
+    #[serde(flatten)]
+    pub floor: Fields,
+}
+
+/// `gallocy-bench fault`: the header, the read/write fault of `read_home_owner`/`write_0`
+/// (`null` if not run), then in `results` the floor keys, `ratio`, `write_ratio` and
+/// `<case>_p50_us`/`<case>_p99_us` per case that ran, then every row of the table in `cases`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultLine {
+    pub bench: &'static str,
+    pub procs: usize,
+    pub iters: usize,
+    pub spin_us: u64,
+    pub transport: String,
+    pub load_avg_1m: Num,
+    pub idle_before_pct: Num,
+    pub floor_pinned: bool,
+    pub read_fault_p50_us: Num,
+    pub read_fault_p99_us: Num,
+    pub write_fault_p50_us: Num,
+    pub write_fault_p99_us: Num,
+    #[serde(flatten)]
+    pub results: Fields,
+    pub cases: Fields<SummaryJson>,
+}
+
+/// `gallocy-bench malloc`: per workload `<w>_glibc_ops`, `<w>_gallocy_ops`, `<w>_ratio`,
+/// `<w>_glibc_maxrss_kb`, `<w>_gallocy_maxrss_kb` in `workloads`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MallocLine {
+    pub bench: &'static str,
+    pub seconds: Num,
+    pub warmup_s: Num,
+    pub reps: usize,
+    pub slots: usize,
+    pub lib: Option<String>,
+    pub glibc_only: bool,
+    pub load_avg_1m: Num,
+    pub idle_before_pct: Num,
+    #[serde(flatten)]
+    pub workloads: Fields,
+    pub min_ratio: Num,
+    pub errors: Vec<String>,
+}
+
+/// `gallocy-bench syscalls`: per workload and side `<w>_<side>_ns`, `<w>_<side>_p99_ns` and (not
+/// for glibc) `<w>_<side>_ratio` in `results`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyscallsLine {
+    pub bench: &'static str,
+    pub iters: usize,
+    pub batch: usize,
+    pub warmup: usize,
+    pub reps: usize,
+    pub len: usize,
+    pub lib: Option<String>,
+    pub load_avg_1m: Num,
+    pub idle_before_pct: Num,
+    #[serde(flatten)]
+    pub results: Fields,
+    pub errors: Vec<String>,
+}
+
+/// `gallocy-bench fork`: per side and P `<side>_p<P>_us`, `<side>_p<P>_p99_us`,
+/// `<side>_p<P>_us_per_page`, and `ratio_p<P>` in `results`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForkLine {
+    pub bench: &'static str,
+    pub pages: Vec<usize>,
+    pub ro_div: usize,
+    pub iters: usize,
+    pub max_seconds: Num,
+    pub reps: usize,
+    pub page_size: usize,
+    pub lib: Option<String>,
+    pub load_avg_1m: Num,
+    pub idle_before_pct: Num,
+    #[serde(flatten)]
+    pub results: Fields,
+    pub errors: Vec<String>,
+}
+
+/// `gallocy-bench preload-fault`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreloadFaultLine {
+    pub bench: &'static str,
+    pub transport: String,
+    pub lib: String,
+    pub iters: usize,
+    pub pages: usize,
+    pub read_p50_us: Num,
+    pub read_p99_us: Num,
+    pub read: SummaryJson,
 }
 
 #[cfg(test)]
@@ -184,9 +321,61 @@ mod tests {
 
     #[test]
     fn json_is_escaped_and_ordered() {
-        let mut o = JsonObject::new();
-        o.str("a\"b", "x\ny").int("n", 3).num("f", 1.5).num("bad", f64::NAN);
-        assert_eq!(o.render(), r#"{"a\"b":"x\ny","n":3,"f":1.500,"bad":null}"#);
+        let mut o = Fields::new();
+        o.insert("a\"b", json!("x\ny")).int("n", Some(3)).num("f", 1.5).num("bad", f64::NAN).int("none", None);
+        o.num("r", 2.0 / 3.0).num("big", 12345.6789);
+        assert_eq!(to_line(&o), r#"{"a\"b":"x\ny","n":3,"f":1.5,"bad":null,"none":null,"r":0.667,"big":12345.679}"#);
+    }
+
+    #[test]
+    fn lines_keep_their_shape() {
+        let s = Summary {
+            name: "floor".into(),
+            count: 2,
+            p50_ns: 1500,
+            p90_ns: 2000,
+            p99_ns: 3000,
+            max_ns: 4000,
+            mean_ns: 1600,
+            note: String::new(),
+        };
+        let mut floor = Fields::new();
+        floor.num("floor_p50_us", s.p50_us()).num("floor_p99_us", s.p99_us());
+        let line =
+            FloorLine { bench: "floor", iters: 10, spin_us: 20, load_avg_1m: Num(f64::NAN), floor_pinned: true, floor };
+        assert_eq!(
+            to_line(&line),
+            r#"{"bench":"floor","iters":10,"spin_us":20,"load_avg_1m":null,"floor_pinned":true,"floor_p50_us":1.5,"floor_p99_us":3.0}"#
+        );
+        assert_eq!(
+            to_line(&SummaryJson::from(&s)),
+            r#"{"count":2,"p50_us":1.5,"p90_us":2.0,"p99_us":3.0,"max_us":4.0,"mean_us":1.6}"#
+        );
+        let mut cases = Fields::new();
+        cases.insert("floor", SummaryJson::from(&s));
+        let mut results = Fields::new();
+        results.num("ratio", 2.0);
+        let fault = FaultLine {
+            bench: "fault",
+            procs: 5,
+            iters: 10,
+            spin_us: 20,
+            transport: "tcp".into(),
+            load_avg_1m: Num(0.5),
+            idle_before_pct: Num(99.0),
+            floor_pinned: false,
+            read_fault_p50_us: Num(1.0),
+            read_fault_p99_us: Num(2.0),
+            write_fault_p50_us: Num(f64::NAN),
+            write_fault_p99_us: Num(f64::NAN),
+            results,
+            cases,
+        };
+        let text = to_line(&fault);
+        assert!(text.starts_with(r#"{"bench":"fault","procs":5,"iters":10,"spin_us":20,"transport":"tcp","#), "{text}");
+        assert!(text.contains(r#""write_fault_p99_us":null,"ratio":2.0,"cases":{"floor":{"count":2,"#), "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["cases"]["floor"]["p50_us"], json!(1.5));
     }
 
     #[test]

@@ -23,15 +23,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::Args;
 
 use crate::child::{self, Api, Side};
 use crate::malloc::median;
 use crate::net::now_ns;
-use crate::report::{json_string, new_histogram, JsonObject, Summary};
+use crate::report::{new_histogram, Fields, Num, Summary, SyscallsLine};
 
-const USAGE: &str = "usage:
-  gallocy-bench syscalls [--iters 200000] [--batch 50] [--warmup 20000] [--reps 3] [--lib PATH]
-                         [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
+/// `gallocy-bench syscalls --help`, after the options.
+pub const HELP: &str = "\
 --iters: calls per workload and run; --batch: calls timed together (one histogram sample, ns per call).
 --sides: glibc = no preload; solo = LD_PRELOAD, one-process job; joined = LD_PRELOAD, 2-rank job,
          buffer in a shared-heap page held writable.";
@@ -72,32 +72,43 @@ struct ChildOpts {
     file: PathBuf,
 }
 
-fn parse_child(args: &[String]) -> Result<ChildOpts> {
-    let mut o = ChildOpts {
-        workloads: WORKLOADS.iter().map(|(_, w)| *w).collect(),
-        iters: 200_000,
-        batch: 50,
-        warmup: 20_000,
-        joined: false,
-        file: std::env::temp_dir().join(format!("gallocy-bench-syscalls-{}", std::process::id())),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--workloads" => o.workloads = child::parse_list(v()?, "--workloads", &WORKLOADS)?,
-            "--iters" => o.iters = v()?.parse().context("--iters")?,
-            "--batch" => o.batch = v()?.parse().context("--batch")?,
-            "--warmup" => o.warmup = v()?.parse().context("--warmup")?,
-            "--file" => o.file = PathBuf::from(v()?),
-            "--joined" => o.joined = true,
-            k => bail!("__syscalls-child: unknown argument {k}"),
+/// `__syscalls-child [--joined] [--workloads a,b] [--iters N] [--batch N] [--warmup N] [--file PATH]`
+#[derive(Debug, Clone, Args)]
+pub struct SyscallsChildArgs {
+    #[arg(long)]
+    workloads: Option<String>,
+    #[arg(long, default_value_t = 200_000)]
+    iters: usize,
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    #[arg(long, default_value_t = 20_000)]
+    warmup: usize,
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[arg(long)]
+    joined: bool,
+}
+
+impl SyscallsChildArgs {
+    fn into_opts(self) -> Result<ChildOpts> {
+        let o = ChildOpts {
+            workloads: match &self.workloads {
+                Some(v) => child::parse_list(v, "--workloads", &WORKLOADS)?,
+                None => WORKLOADS.iter().map(|(_, w)| *w).collect(),
+            },
+            iters: self.iters,
+            batch: self.batch,
+            warmup: self.warmup,
+            joined: self.joined,
+            file: self
+                .file
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("gallocy-bench-syscalls-{}", std::process::id()))),
+        };
+        if o.batch == 0 || o.iters < o.batch {
+            bail!("--iters must be at least --batch, and --batch at least 1");
         }
+        Ok(o)
     }
-    if o.batch == 0 || o.iters < o.batch {
-        bail!("--iters must be at least --batch, and --batch at least 1");
-    }
-    Ok(o)
 }
 
 fn errno() -> i32 {
@@ -173,8 +184,8 @@ fn measure(w: Workload, buf: *mut u8, o: &ChildOpts) -> Result<Summary> {
 }
 
 /// `__syscalls-child [--joined] ...`: print one record per workload (rank 0 only when joined).
-pub fn child_main(args: &[String]) -> Result<()> {
-    let o = parse_child(args)?;
+pub fn child_main(args: SyscallsChildArgs) -> Result<()> {
+    let o = args.into_opts()?;
     let page = child::page_size();
     let api = if o.joined { Some(Api::load()?) } else { None };
     let rank = match &api {
@@ -231,50 +242,58 @@ struct Opts {
     timeout_s: u64,
 }
 
-fn parse_opts(args: &[String]) -> Result<Opts> {
-    let mut o = Opts {
-        iters: 200_000,
-        batch: 50,
-        warmup: 20_000,
-        reps: 3,
-        lib: None,
-        workloads: WORKLOADS.iter().map(|(_, w)| *w).collect(),
-        sides: Side::ALL.to_vec(),
-        timeout_s: 120,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (key, inline) = match a.split_once('=') {
-            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
-            _ => (a.as_str(), None),
+/// `gallocy-bench syscalls` options.
+#[derive(Debug, Clone, Args)]
+pub struct SyscallsArgs {
+    /// Calls per workload and run
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    iters: usize,
+    /// Calls timed together (one histogram sample, ns per call)
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    batch: usize,
+    /// Untimed calls before
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    warmup: usize,
+    /// Runs of every side; the table shows the median
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    reps: usize,
+    /// The library to preload [default: libgallocy.so next to this executable]
+    #[arg(long, value_name = "PATH")]
+    lib: Option<PathBuf>,
+    /// Workloads, comma-separated (read_zero, pread_file, write_null) [default: all]
+    #[arg(long, value_name = "A,B")]
+    workloads: Option<String>,
+    /// Sides, comma-separated (glibc, solo, joined) [default: all]
+    #[arg(long, value_name = "A,B")]
+    sides: Option<String>,
+    /// Time limit per child (or pair of ranks), in seconds
+    #[arg(long = "timeout-s", value_name = "S", default_value_t = 120)]
+    timeout_s: u64,
+}
+
+impl SyscallsArgs {
+    fn into_opts(self) -> Result<Opts> {
+        let o = Opts {
+            iters: self.iters,
+            batch: self.batch,
+            warmup: self.warmup,
+            reps: self.reps,
+            lib: self.lib,
+            workloads: match &self.workloads {
+                Some(v) => child::parse_list(v, "--workloads", &WORKLOADS)?,
+                None => WORKLOADS.iter().map(|(_, w)| *w).collect(),
+            },
+            sides: match &self.sides {
+                Some(v) => child::parse_list(v, "--sides", &SIDES)?,
+                None => Side::ALL.to_vec(),
+            },
+            timeout_s: self.timeout_s,
         };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it.next().cloned().with_context(|| format!("{key} needs a value")),
-            }
-        };
-        let num = |v: String| -> Result<usize> { v.parse().with_context(|| format!("{key}: not a number: {v}")) };
-        match key {
-            "--iters" => o.iters = num(value()?)?,
-            "--batch" => o.batch = num(value()?)?,
-            "--warmup" => o.warmup = num(value()?)?,
-            "--reps" => o.reps = num(value()?)?,
-            "--timeout-s" => o.timeout_s = num(value()?)? as u64,
-            "--lib" => o.lib = Some(PathBuf::from(value()?)),
-            "--workloads" => o.workloads = child::parse_list(&value()?, "--workloads", &WORKLOADS)?,
-            "--sides" => o.sides = child::parse_list(&value()?, "--sides", &SIDES)?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            k => bail!("unknown option {k}\n{USAGE}"),
+        if o.reps == 0 || o.batch == 0 || o.iters < o.batch {
+            bail!("--reps and --batch must be at least 1, --iters at least --batch");
         }
+        Ok(o)
     }
-    if o.reps == 0 || o.batch == 0 || o.iters < o.batch {
-        bail!("--reps and --batch must be at least 1, --iters at least --batch\n{USAGE}");
-    }
-    Ok(o)
 }
 
 #[derive(Default)]
@@ -286,8 +305,8 @@ struct Cell {
     error: Option<String>,
 }
 
-pub fn cmd_syscalls(args: &[String]) -> Result<()> {
-    let o = parse_opts(args)?;
+pub fn cmd_syscalls(args: SyscallsArgs) -> Result<()> {
+    let o = args.into_opts()?;
     let needs_lib = o.sides.iter().any(|s| *s != Side::Glibc);
     let lib =
         if needs_lib { Some(child::check_lib(&o.lib.clone().map_or_else(child::default_lib, Ok)?)?) } else { None };
@@ -381,16 +400,7 @@ pub fn cmd_syscalls(args: &[String]) -> Result<()> {
     }
     head += &format!("   {}", "p99 ns (per side)");
     println!("{head}");
-    let mut j = JsonObject::new();
-    j.str("bench", "syscalls")
-        .int("iters", o.iters as u64)
-        .int("batch", o.batch as u64)
-        .int("warmup", o.warmup as u64)
-        .int("reps", o.reps as u64)
-        .int("len", LEN as u64)
-        .raw("lib", lib.as_ref().map_or("null".into(), |l| json_string(&l.display().to_string())))
-        .num("load_avg_1m", load)
-        .num("idle_before_pct", idle);
+    let mut j = Fields::new();
     for (wi, w) in o.workloads.iter().enumerate() {
         let row = &cells[wi];
         let p50 = |si: usize| if row[si].error.is_some() { f64::NAN } else { median(&row[si].p50) };
@@ -400,11 +410,11 @@ pub fn cmd_syscalls(args: &[String]) -> Result<()> {
         let mut tail = Vec::new();
         for (si, s) in o.sides.iter().enumerate() {
             line += &format!(" {:>12}", fmt(p50(si), 0));
-            j.num(&format!("{}_{}_ns", w.name(), s.key()), p50(si))
-                .num(&format!("{}_{}_p99_ns", w.name(), s.key()), p99(si));
+            j.num(format!("{}_{}_ns", w.name(), s.key()), p50(si))
+                .num(format!("{}_{}_p99_ns", w.name(), s.key()), p99(si));
             if *s != Side::Glibc && glibc_i.is_some() {
                 line += &format!(" {:>6}", fmt(p50(si) / base, 2));
-                j.num(&format!("{}_{}_ratio", w.name(), s.key()), p50(si) / base);
+                j.num(format!("{}_{}_ratio", w.name(), s.key()), p50(si) / base);
             }
             tail.push(fmt(p99(si), 0));
         }
@@ -425,9 +435,20 @@ pub fn cmd_syscalls(args: &[String]) -> Result<()> {
     for e in &errors {
         println!("FAILED: {e}");
     }
-    let errs: Vec<String> = errors.iter().map(|e| json_string(e)).collect();
-    j.raw("errors", format!("[{}]", errs.join(",")));
-    println!("{}", j.render());
+    let line = SyscallsLine {
+        bench: "syscalls",
+        iters: o.iters,
+        batch: o.batch,
+        warmup: o.warmup,
+        reps: o.reps,
+        len: LEN,
+        lib: lib.as_ref().map(|l| l.display().to_string()),
+        load_avg_1m: Num(load),
+        idle_before_pct: Num(idle),
+        results: j,
+        errors: errors.clone(),
+    };
+    println!("{}", crate::report::to_line(&line));
     if !errors.is_empty() {
         bail!("{} cells failed (see above)", errors.len());
     }
@@ -438,25 +459,33 @@ pub fn cmd_syscalls(args: &[String]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn s(v: &[&str]) -> Vec<String> {
-        v.iter().map(|x| x.to_string()).collect()
+    fn parse_opts(args: &[&str]) -> Result<Opts> {
+        crate::parse_args::<SyscallsArgs>(args)?.into_opts()
+    }
+
+    fn parse_child(args: &[&str]) -> Result<ChildOpts> {
+        crate::parse_args::<SyscallsChildArgs>(args)?.into_opts()
     }
 
     #[test]
     fn options() {
-        let o =
-            parse_opts(&s(&["--iters", "1000", "--batch=10", "--sides", "glibc,joined", "--workloads", "write_null"]))
-                .unwrap();
+        let o = parse_opts(&["--iters", "1000", "--batch=10", "--sides", "glibc,joined", "--workloads", "write_null"])
+            .unwrap();
         assert_eq!((o.iters, o.batch, o.sides.len(), o.workloads.len()), (1000, 10, 2, 1));
-        assert!(parse_opts(&s(&["--iters", "5", "--batch", "10"])).is_err());
-        assert!(parse_opts(&s(&["--sides", "nope"])).is_err());
-        assert!(parse_opts(&s(&["--bogus"])).is_err());
+        assert!(parse_opts(&["--iters", "5", "--batch", "10"]).is_err());
+        assert!(parse_opts(&["--sides", "nope"]).is_err());
+        assert!(parse_opts(&["--bogus"]).is_err());
+        let o = parse_opts(&[]).unwrap();
+        assert_eq!((o.iters, o.batch, o.warmup, o.reps, o.timeout_s, o.sides.len()), (200_000, 50, 20_000, 3, 120, 3));
+        let c = parse_child(&["--joined", "--workloads", "read_zero", "--iters", "100", "--batch", "10"]).unwrap();
+        assert!(c.joined && c.workloads == [Workload::ReadZero] && c.iters == 100);
+        assert!(parse_child(&["--iters", "5", "--batch", "10"]).is_err());
     }
 
     #[test]
     fn child_measures_with_glibc() {
         // In the test process itself: glibc (no preload), tiny counts.
-        let o = parse_child(&s(&["--iters", "200", "--batch", "10", "--warmup", "10"])).unwrap();
+        let o = parse_child(&["--iters", "200", "--batch", "10", "--warmup", "10"]).unwrap();
         let mut buf = vec![0u8; LEN];
         for &w in &o.workloads {
             let r = measure(w, buf.as_mut_ptr(), &o).unwrap();

@@ -14,31 +14,32 @@
 //!   in the application's own context, never inside an allocation.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::region::{Access, Readable};
-use crate::runtime::{Runtime, PAUSE, PAUSED, RUN, RUNTIME};
+use crate::engine::link::PAUSED;
+use crate::heap::region::{Access, Readable};
+use crate::job::runtime::{Runtime, RUNTIME};
 
 /// True while the calling thread runs gallocy's own code (its allocations must not come from
 /// the shared heap).
 #[inline]
 pub fn in_runtime() -> bool {
-    crate::in_runtime()
+    crate::heap::alloc::in_runtime()
 }
 
 /// Marks the calling thread as running gallocy's own code while the value lives.
-pub struct Scope(#[allow(dead_code)] crate::RuntimeScope);
+pub struct Scope(#[allow(dead_code)] crate::heap::alloc::RuntimeScope);
 
 /// Enters a [`Scope`].
 #[inline]
 pub fn scope() -> Scope {
-    Scope(crate::RuntimeScope::enter())
+    Scope(crate::heap::alloc::RuntimeScope::enter())
 }
 
 /// Whether `addr` lies in the shared heap (false before `prepare`).
 #[inline]
 pub fn owns(addr: usize) -> bool {
-    RUNTIME.get().is_some_and(|rt| rt.region.contains(addr))
+    RUNTIME.get().is_some_and(|rt| rt.region().contains(addr))
 }
 
 /// `malloc` fast path for the shim: `None` when the calling thread runs gallocy's own code
@@ -46,14 +47,14 @@ pub fn owns(addr: usize) -> bool {
 #[inline]
 pub fn malloc(size: usize) -> Option<*mut u8> {
     let rt = RUNTIME.get()?;
-    crate::alloc::THREAD.with(|t| {
+    crate::heap::alloc::THREAD.with(|t| {
         if t.in_runtime() {
             return None;
         }
-        Some(match rt.alloc.alloc_in(t, size, 16) {
+        Some(match rt.alloc().alloc_in(t, size, 16) {
             Ok(a) => a as *mut u8,
-            Err(crate::AllocError::OutOfMemory(_)) => std::ptr::null_mut(),
-            Err(e) => crate::misuse(rt, &e),
+            Err(crate::heap::alloc::AllocError::OutOfMemory(_)) => std::ptr::null_mut(),
+            Err(e) => crate::api::memory::misuse(rt, &e),
         })
     })
 }
@@ -67,16 +68,16 @@ pub fn malloc(size: usize) -> Option<*mut u8> {
 pub unsafe fn free_if_owned(p: *mut u8) -> bool {
     let Some(rt) = RUNTIME.get() else { return false };
     let addr = p as usize;
-    if !rt.region.contains(addr) {
+    if !rt.region().contains(addr) {
         return false;
     }
-    if rt.alloc.is_local(addr) {
-        if let Err(e) = crate::alloc::THREAD.with(|t| rt.alloc.free_in(t, addr)) {
-            crate::misuse(rt, &e);
+    if rt.alloc().is_local(addr) {
+        if let Err(e) = crate::heap::alloc::THREAD.with(|t| rt.alloc().free_in(t, addr)) {
+            crate::api::memory::misuse(rt, &e);
         }
     } else {
         // SAFETY: forwarded caller contract.
-        unsafe { crate::free(p) }
+        unsafe { crate::api::memory::free(p) }
     }
     true
 }
@@ -102,12 +103,12 @@ pub enum Start {
 /// is a member of a job (see [`MEMBER_MARK`]), maps the heap as private memory and opens its
 /// arena. Called by the shim's ELF constructor (or its first C API call, if that comes
 /// earlier). On error the process has no heap; a member must not run on.
-pub fn prepare() -> Result<Start, crate::Error> {
+pub fn prepare() -> Result<Start, crate::error::Error> {
     let _s = scope();
-    let id = crate::config::identity()?;
-    let id = if id.size > 1 && !claim_membership() { crate::config::single_identity() } else { id };
+    let id = crate::job::config::identity()?;
+    let id = if id.size > 1 && !claim_membership() { crate::job::config::single_identity() } else { id };
     let start = if id.size > 1 { Start::Member } else { Start::Single };
-    crate::prepare(id, false)?;
+    crate::job::join::prepare(id, false)?;
     Ok(start)
 }
 
@@ -133,15 +134,15 @@ fn claim_membership() -> bool {
 }
 
 /// Joins the job (idempotent): the shim's C API calls this before any job-wide call.
-pub fn join() -> Result<(), crate::Error> {
+pub fn join() -> Result<(), crate::error::Error> {
     let rt = RUNTIME.get().expect("prepare ran");
-    if rt.size == 1 || rt.joined() {
+    if rt.size() == 1 || rt.joined() {
         return Ok(());
     }
-    if rt.forked.load(Ordering::Acquire) {
-        return Err(crate::Error::NotMember { rank: rt.rank });
+    if rt.membership().forked() {
+        return Err(crate::error::Error::NotMember { rank: rt.rank() });
     }
-    crate::join(rt)?;
+    crate::job::join::join(rt)?;
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     std::env::set_var(MEMBER_MARK, format!("{me}:joined"));
@@ -151,12 +152,12 @@ pub fn join() -> Result<(), crate::Error> {
 /// Whether this process is the member that joined its job (not a child of it, not a member
 /// that has not joined). Async-signal-safe.
 pub fn is_joined_member() -> bool {
-    RUNTIME.get().is_some_and(|rt| rt.is_joined_member() && !rt.forked.load(Ordering::Acquire))
+    RUNTIME.get().is_some_and(|rt| rt.membership().is_joined_member() && !rt.membership().forked())
 }
 
 /// Whether `GALLOCY_STATS=1` is in force.
 pub fn stats_enabled() -> bool {
-    RUNTIME.get().is_some_and(|rt| rt.settings.stats)
+    RUNTIME.get().is_some_and(|rt| rt.settings().stats)
 }
 
 /// At process exit (`exit` from any thread, `main` returning, `_exit`, `_Exit`): a member that
@@ -166,13 +167,13 @@ pub fn stats_enabled() -> bool {
 pub fn at_exit() {
     let Some(rt) = RUNTIME.get() else { return };
     let _s = scope();
-    if rt.is_joined_member() && !rt.forked.load(Ordering::Acquire) {
-        rt.exiting.store(true, std::sync::atomic::Ordering::Release);
-        if let Err(e) = crate::finalize() {
+    if rt.membership().is_joined_member() && !rt.membership().forked() {
+        rt.membership().set_exiting();
+        if let Err(e) = crate::api::finalize() {
             eprintln!("{e}");
         }
-    } else if rt.settings.stats && !FORK_CHILD.load(Ordering::Acquire) && !rt.finalized.load(Ordering::Acquire) {
-        crate::stats_print();
+    } else if rt.settings().stats && !FORK_CHILD.load(Ordering::Acquire) && !rt.membership().finalized() {
+        crate::api::stats_print();
     }
 }
 
@@ -184,7 +185,7 @@ static FORK_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// Async-signal-safe.
 #[inline]
 pub fn joined_job() -> bool {
-    RUNTIME.get().is_some_and(|rt| rt.size > 1 && rt.joined())
+    RUNTIME.get().is_some_and(|rt| rt.size() > 1 && rt.joined())
 }
 
 /// Whether `[addr, addr + len)` overlaps the heap of a process that joined its job (where the
@@ -193,10 +194,10 @@ pub fn joined_job() -> bool {
 pub fn shared_range(addr: usize, len: usize) -> bool {
     RUNTIME.get().is_some_and(|rt| {
         len != 0
-            && rt.size > 1
+            && rt.size() > 1
             && rt.joined()
-            && addr < rt.region.base + rt.region.size
-            && addr.saturating_add(len) > rt.region.base
+            && addr < rt.region().base + rt.region().size
+            && addr.saturating_add(len) > rt.region().base
     })
 }
 
@@ -206,15 +207,15 @@ pub fn shared_range(addr: usize, len: usize) -> bool {
 #[inline]
 pub fn before_kernel_access(addr: usize, len: usize, write: bool) {
     if let Some(rt) = RUNTIME.get() {
-        if rt.size > 1 && rt.joined() {
-            crate::fault::prepare_kernel_access(rt, addr, len, write);
+        if rt.size() > 1 && rt.joined() {
+            crate::fault::acquire::prepare_kernel_access(rt, addr, len, write);
         }
     }
 }
 
 /// What a fork in progress needs across its three handlers.
 struct ForkState {
-    guards: Option<crate::alloc::ForkGuards<'static>>,
+    guards: Option<crate::heap::alloc::ForkGuards<'static>>,
     /// The parent's readable heap runs at the fork (copied by the child).
     runs: Vec<Readable>,
     /// The child writes one byte here once it holds its copy; the parent waits for it (or for
@@ -223,15 +224,13 @@ struct ForkState {
     snapshot: bool,
 }
 
-/// The fork in progress; [`FORK_LOCK`] serializes forks, so one thread at a time uses it.
+/// The fork in progress; the fork lock (`job::forklock`) serializes forks, so one thread at a time uses it.
 struct ForkCell(UnsafeCell<ForkState>);
-// SAFETY: only the thread holding FORK_LOCK (or the single thread of a just-forked child)
+// SAFETY: only the thread holding the fork lock (or the single thread of a just-forked child)
 // touches the state.
 unsafe impl Sync for ForkCell {}
 static FORK: ForkCell =
     ForkCell(UnsafeCell::new(ForkState { guards: None, runs: Vec::new(), pipe: [-1, -1], snapshot: false }));
-/// 0 free, 1 held, 2 held with waiters (futex word).
-static FORK_LOCK: AtomicU32 = AtomicU32::new(0);
 /// The thread that froze the heap for a fork (its tid), or 0.
 static FORK_OWNER: AtomicI32 = AtomicI32::new(0);
 
@@ -252,7 +251,7 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool
     if owner == 0 {
         return false;
     }
-    if !rt.is_joined_member() {
+    if !rt.membership().is_joined_member() {
         // A forked child whose own child handler has not run yet (another library's child
         // handler ran first): take the snapshot now.
         after_fork_child();
@@ -261,46 +260,29 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool
     if owner != gettid() {
         return false;
     }
-    let access = rt.pt.access(page);
+    let access = rt.pt().access(page);
     if access == Access::None || (write && access == Access::Read) {
         // The page cannot be fetched while the service thread is paused for the fork, and the
         // thread that froze the heap cannot wait for itself.
         let mut buf = [0u8; 200];
-        let mut w = crate::fmt::RawWriter::new(&mut buf);
+        let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
         w.str("gallocy: rank ")
-            .num(rt.rank as u64)
+            .num(rt.rank() as u64)
             .str(": fatal: a fork handler touched a shared page this process does not hold");
         w.str(if write { " for writing" } else { "" }).str(": page ").num(page as u64).str("\n");
-        crate::runtime::write_stderr(w.as_bytes());
-        crate::runtime::exit_now(1);
+        crate::sys::rawio::write_stderr(w.as_bytes());
+        crate::sys::rawio::exit_now(1);
     }
-    if let Err(e) = rt.region.protect(page, 1, access) {
-        crate::runtime::protect_failed(rt, e);
+    if let Err(e) = rt.region().protect(page, 1, access) {
+        crate::job::runtime::protect_failed(rt, e);
     }
     true
 }
 
-/// Serializes forks, and forks with joining (see `crate::join`).
-pub(crate) fn fork_lock() {
-    while FORK_LOCK.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
-        if FORK_LOCK.swap(2, Ordering::Acquire) == 0 {
-            return;
-        }
-        crate::futex::wait(&FORK_LOCK, 2, None);
-    }
-}
-
-/// Releases [`fork_lock`].
-pub(crate) fn fork_unlock() {
-    if FORK_LOCK.swap(0, Ordering::Release) == 2 {
-        crate::futex::wake(&FORK_LOCK, 1);
-    }
-}
-
-/// The fork state, for the thread that holds [`FORK_LOCK`].
+/// The fork state, for the thread that holds the fork lock (`job::forklock`).
 #[allow(clippy::mut_from_ref)]
 fn fork_state() -> &'static mut ForkState {
-    // SAFETY: see ForkCell: the caller holds FORK_LOCK (or is a just-forked child's only thread).
+    // SAFETY: see ForkCell: the caller holds the fork lock (or is a just-forked child's only thread).
     unsafe { &mut *FORK.0.get() }
 }
 
@@ -312,52 +294,52 @@ fn fork_state() -> &'static mut ForkState {
 pub fn before_fork() {
     let Some(rt) = RUNTIME.get() else { return };
     let _s = scope();
-    fork_lock();
+    crate::job::forklock::fork_lock();
     let st = fork_state();
-    st.snapshot = rt.is_joined_member() && !rt.forked.load(Ordering::Acquire);
+    st.snapshot = rt.membership().is_joined_member() && !rt.membership().forked();
     if st.snapshot {
         freeze_heap(rt, st);
     }
-    st.guards = Some(rt.alloc.lock_all());
+    st.guards = Some(rt.alloc().lock_all());
 }
 
 fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
     FORK_OWNER.store(gettid(), Ordering::Release);
-    rt.close_gate();
-    let deadline = crate::clock::now_ns().saturating_add(rt.settings.peer_timeout.as_nanos() as u64);
+    rt.gate().close();
+    let deadline = crate::sys::clock::now_ns().saturating_add(rt.settings().peer_timeout.as_nanos() as u64);
     let stuck = |what: &str| -> ! {
-        crate::runtime::fatal(rt, &format!("fork: {what} for longer than the peer timeout"));
+        crate::job::runtime::fatal(rt, &format!("fork: {what} for longer than the peer timeout"));
     };
-    while rt.fetching.load(Ordering::SeqCst) != 0 {
-        if crate::clock::now_ns() > deadline {
+    while rt.gate().fetching() {
+        if crate::sys::clock::now_ns() > deadline {
             stuck("page fetches of other threads did not finish");
         }
         std::thread::yield_now();
     }
-    rt.service_pause.store(PAUSE, Ordering::SeqCst);
+    rt.service().request_pause();
     if let Some(t) = rt.transport() {
         t.wake();
     }
-    while rt.service_pause.load(Ordering::SeqCst) != PAUSED && !rt.all_departed.load(Ordering::Acquire) {
-        if crate::clock::now_ns() > deadline {
+    while rt.service().pause_state() != PAUSED && !rt.membership().all_departed() {
+        if crate::sys::clock::now_ns() > deadline {
             stuck("the service thread did not pause");
         }
-        crate::futex::wait(&rt.service_pause, PAUSE, Some(std::time::Duration::from_millis(10)));
+        rt.service().wait_paused(std::time::Duration::from_millis(10));
     }
-    st.runs = match rt.region.readable_runs() {
+    st.runs = match rt.region().readable_runs() {
         Ok(r) => r,
-        Err(e) => crate::runtime::fatal(rt, &format!("fork: {e}")),
+        Err(e) => crate::job::runtime::fatal(rt, &format!("fork: {e}")),
     };
     // Read-only runs stay so: one mprotect per span of adjacent runs.
-    for (start, end) in crate::region::spans(&st.runs) {
-        if let Err(e) = rt.region.protect_range(start, end, Access::Read) {
-            crate::runtime::protect_failed(rt, e);
+    for (start, end) in crate::heap::region::spans(&st.runs) {
+        if let Err(e) = rt.region().protect_range(start, end, Access::Read) {
+            crate::job::runtime::protect_failed(rt, e);
         }
     }
     st.pipe = [-1, -1];
     // SAFETY: `pipe` is a valid array of two descriptors.
     if unsafe { libc::pipe2(st.pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        crate::runtime::fatal(rt, "fork: cannot create a pipe to wait for the child's heap snapshot");
+        crate::job::runtime::fatal(rt, "fork: cannot create a pipe to wait for the child's heap snapshot");
     }
 }
 
@@ -380,20 +362,19 @@ pub fn after_fork_parent() {
         }
         thaw_heap(rt, st);
     }
-    fork_unlock();
+    crate::job::forklock::fork_unlock();
 }
 
 fn thaw_heap(rt: &Runtime, st: &mut ForkState) {
     for r in st.runs.iter().filter(|r| r.writable) {
-        if let Err(e) = rt.region.protect_range(r.start, r.end, Access::Write) {
-            crate::runtime::protect_failed(rt, e);
+        if let Err(e) = rt.region().protect_range(r.start, r.end, Access::Write) {
+            crate::job::runtime::protect_failed(rt, e);
         }
     }
     st.runs.clear();
-    rt.service_pause.store(RUN, Ordering::SeqCst);
-    crate::futex::wake(&rt.service_pause, i32::MAX);
+    rt.service().resume();
     FORK_OWNER.store(0, Ordering::Release);
-    rt.open_gate();
+    rt.gate().open();
 }
 
 /// `pthread_atfork` child handler. A process that has not joined (a one-process job, or a
@@ -410,22 +391,24 @@ pub fn after_fork_child() {
     let st = fork_state();
     st.guards = None;
     FORK_CHILD.store(true, Ordering::Release);
-    if rt.size > 1 {
-        rt.forked.store(true, Ordering::Release);
+    if rt.size() > 1 {
+        rt.membership().set_forked();
     }
-    if rt.phase.load(Ordering::Acquire) == crate::runtime::JOINING {
+    if rt.membership().phase() == crate::job::membership::JOINING {
         // Forked while another thread was joining: the child is no member; let it run.
-        rt.phase.store(crate::runtime::LOCAL, Ordering::Release);
-        rt.gate.store(0, Ordering::SeqCst);
+        rt.membership().set_phase(crate::job::membership::LOCAL);
+        rt.gate().open();
     }
     if st.snapshot {
-        if let Err(errno) = rt.region.snapshot_in_child(&st.runs) {
+        if let Err(errno) = rt.region().snapshot_in_child(&st.runs) {
             let mut buf = [0u8; 160];
-            let mut w = crate::fmt::RawWriter::new(&mut buf);
-            w.str("gallocy: rank ").num(rt.rank as u64).str(": fatal: fork: the child could not copy the heap (errno ");
+            let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
+            w.str("gallocy: rank ")
+                .num(rt.rank() as u64)
+                .str(": fatal: fork: the child could not copy the heap (errno ");
             w.num(errno as u64).str(")\n");
-            crate::runtime::write_stderr(w.as_bytes());
-            crate::runtime::exit_now(1);
+            crate::sys::rawio::write_stderr(w.as_bytes());
+            crate::sys::rawio::exit_now(1);
         }
         if let Some(t) = rt.transport() {
             t.close_in_forked_child();
@@ -439,9 +422,9 @@ pub fn after_fork_child() {
         // Forget the parent's fork in progress: it is not ours.
         st.runs.clear();
         st.snapshot = false;
-        rt.service_pause.store(RUN, Ordering::SeqCst);
+        rt.service().resume();
         FORK_OWNER.store(0, Ordering::Release);
-        rt.gate.store(0, Ordering::SeqCst);
+        rt.gate().open();
     }
-    FORK_LOCK.store(0, Ordering::SeqCst);
+    crate::job::forklock::reset_in_child();
 }

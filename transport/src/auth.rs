@@ -12,29 +12,65 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use zerocopy::little_endian::U32;
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::TransportError;
 
 const MAGIC: [u8; 4] = *b"GLC1";
 const NONCE: usize = 16;
 const MAC: usize = 32;
+
+type Nonce = [u8; NONCE];
+
+/// The acceptor's first message.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct ServerHello {
+    magic: [u8; 4],
+    nonce_s: Nonce,
+}
+
+/// The connector's answer to [`ServerHello`].
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct ClientProof {
+    nonce_c: Nonce,
+    rank: U32,
+    mac: [u8; MAC],
+}
+
+/// What a MAC covers: `role | first | second | rank`, the two nonces in the order the role
+/// gives them.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct MacInput {
+    role: u8,
+    first: Nonce,
+    second: Nonce,
+    rank: U32,
+}
+
 /// Bytes the acceptor sends before the connector has proven anything.
 pub const SERVER_HELLO_LEN: usize = MAGIC.len() + NONCE;
 
+const _: () = assert!(std::mem::size_of::<ServerHello>() == SERVER_HELLO_LEN);
+const _: () = assert!(std::mem::size_of::<ClientProof>() == NONCE + 4 + MAC);
+const _: () = assert!(std::mem::size_of::<MacInput>() == 1 + 2 * NONCE + 4);
+
 type HmacSha256 = Hmac<Sha256>;
 
-fn nonce() -> Result<[u8; NONCE], TransportError> {
+fn nonce() -> Result<Nonce, TransportError> {
     let mut n = [0u8; NONCE];
     getrandom::getrandom(&mut n).map_err(|e| TransportError::Auth(format!("no randomness for a nonce: {e}")))?;
     Ok(n)
 }
 
-fn mac(token: &[u8], role: u8, a: &[u8], b: &[u8], rank: u32) -> HmacSha256 {
+/// The MAC of role `role` (`b'c'`: the connector's proof, `first` = the acceptor's nonce;
+/// `b's'`: the acceptor's, `first` = the connector's nonce) for `rank`.
+fn mac(token: &[u8], role: u8, first: &Nonce, second: &Nonce, rank: U32) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(token).expect("HMAC accepts any key length");
-    m.update(&[role]);
-    m.update(a);
-    m.update(b);
-    m.update(&rank.to_le_bytes());
+    m.update(MacInput { role, first: *first, second: *second, rank }.as_bytes());
     m
 }
 
@@ -42,51 +78,43 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
     move |e| TransportError::Auth(format!("{what}: {e}"))
 }
 
+fn no_token() -> TransportError {
+    TransportError::Auth("peer does not know the job token".into())
+}
+
 /// Acceptor side. Returns the connector's (authenticated) rank.
 pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result<u32, TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let nonce_s = nonce()?;
-    let mut hello = [0u8; SERVER_HELLO_LEN];
-    hello[..4].copy_from_slice(&MAGIC);
-    hello[4..].copy_from_slice(&nonce_s);
-    stream.write_all(&hello).map_err(io("send hello"))?;
-    let mut reply = [0u8; NONCE + 4 + MAC];
-    stream.read_exact(&mut reply).map_err(io("read proof"))?;
-    let nonce_c = &reply[..NONCE];
-    let rank = u32::from_le_bytes(reply[NONCE..NONCE + 4].try_into().expect("4 bytes"));
-    mac(token, b'c', &nonce_s, nonce_c, rank)
-        .verify_slice(&reply[NONCE + 4..])
-        .map_err(|_| TransportError::Auth("peer does not know the job token".into()))?;
-    let answer = mac(token, b's', nonce_c, &nonce_s, rank).finalize().into_bytes();
+    stream.write_all(ServerHello { magic: MAGIC, nonce_s }.as_bytes()).map_err(io("send hello"))?;
+    let mut proof = ClientProof::new_zeroed();
+    stream.read_exact(proof.as_mut_bytes()).map_err(io("read proof"))?;
+    mac(token, b'c', &nonce_s, &proof.nonce_c, proof.rank).verify_slice(&proof.mac).map_err(|_| no_token())?;
+    let answer = mac(token, b's', &proof.nonce_c, &nonce_s, proof.rank).finalize().into_bytes();
     stream.write_all(&answer).map_err(io("send proof"))?;
-    Ok(rank)
+    Ok(proof.rank.get())
 }
 
 /// Connector side: proves `rank` and checks the acceptor knows the token too.
 pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duration) -> Result<(), TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
-    let mut hello = [0u8; SERVER_HELLO_LEN];
-    stream.read_exact(&mut hello).map_err(io("read hello"))?;
-    if hello[..4] != MAGIC {
+    let mut hello = ServerHello::new_zeroed();
+    stream.read_exact(hello.as_mut_bytes()).map_err(io("read hello"))?;
+    if hello.magic != MAGIC {
         return Err(TransportError::Auth("peer is not a gallocy process of this version".into()));
     }
-    let nonce_s = &hello[4..];
     let nonce_c = nonce()?;
-    let proof = mac(token, b'c', nonce_s, &nonce_c, rank).finalize().into_bytes();
-    let mut msg = [0u8; NONCE + 4 + MAC];
-    msg[..NONCE].copy_from_slice(&nonce_c);
-    msg[NONCE..NONCE + 4].copy_from_slice(&rank.to_le_bytes());
-    msg[NONCE + 4..].copy_from_slice(&proof);
-    stream.write_all(&msg).map_err(io("send proof"))?;
+    let rank = U32::new(rank);
+    let mut proof = ClientProof { nonce_c, rank, mac: [0; MAC] };
+    proof.mac = mac(token, b'c', &hello.nonce_s, &nonce_c, rank).finalize().into_bytes().into();
+    stream.write_all(proof.as_bytes()).map_err(io("send proof"))?;
     let mut answer = [0u8; MAC];
     stream
         .read_exact(&mut answer)
         .map_err(|_| TransportError::Auth("peer rejected our token (GALLOCY_TOKEN differs?)".into()))?;
-    mac(token, b's', &nonce_c, nonce_s, rank)
-        .verify_slice(&answer)
-        .map_err(|_| TransportError::Auth("peer does not know the job token".into()))
+    mac(token, b's', &nonce_c, &hello.nonce_s, rank).verify_slice(&answer).map_err(|_| no_token())
 }
 
 #[cfg(test)]
@@ -122,5 +150,101 @@ mod tests {
         let (a, c) = pair(b"secret", b"guess");
         assert!(a.is_err());
         assert!(c.is_err());
+    }
+
+    #[test]
+    fn layouts_round_trip_and_refuse_short_input() {
+        let hello = ServerHello { magic: MAGIC, nonce_s: [9; NONCE] };
+        let bytes = hello.as_bytes();
+        assert_eq!(bytes.len(), SERVER_HELLO_LEN);
+        assert_eq!((&bytes[..4], &bytes[4..]), (&MAGIC[..], &[9; NONCE][..]));
+        let back = ServerHello::read_from_bytes(bytes).unwrap();
+        assert_eq!((back.magic, back.nonce_s), (MAGIC, [9; NONCE]));
+        assert!(ServerHello::read_from_bytes(&bytes[..SERVER_HELLO_LEN - 1]).is_err());
+
+        let proof = ClientProof { nonce_c: [1; NONCE], rank: U32::new(0x0102_0304), mac: [2; MAC] };
+        let bytes = proof.as_bytes();
+        assert_eq!(bytes.len(), NONCE + 4 + MAC);
+        assert_eq!(&bytes[..NONCE], &[1; NONCE]);
+        assert_eq!(&bytes[NONCE..NONCE + 4], &[4, 3, 2, 1]);
+        assert_eq!(&bytes[NONCE + 4..], &[2; MAC]);
+        let back = ClientProof::read_from_bytes(bytes).unwrap();
+        assert_eq!((back.nonce_c, back.rank.get(), back.mac), ([1; NONCE], 0x0102_0304, [2; MAC]));
+        assert!(ClientProof::read_from_bytes(&bytes[1..]).is_err());
+        assert!(ClientProof::read_from_bytes(&[bytes, &[0]].concat()).is_err());
+    }
+
+    #[test]
+    fn mac_covers_role_nonces_and_rank_in_order() {
+        let (a, b) = ([1u8; NONCE], [2u8; NONCE]);
+        let mut expected = HmacSha256::new_from_slice(b"secret").unwrap();
+        expected.update(b"c");
+        expected.update(&a);
+        expected.update(&b);
+        expected.update(&7u32.to_le_bytes());
+        let expected = expected.finalize().into_bytes();
+        assert_eq!(mac(b"secret", b'c', &a, &b, U32::new(7)).finalize().into_bytes(), expected);
+        for other in [
+            mac(b"secret", b's', &a, &b, U32::new(7)),
+            mac(b"secret", b'c', &b, &a, U32::new(7)),
+            mac(b"secret", b'c', &a, &b, U32::new(8)),
+            mac(b"guess", b'c', &a, &b, U32::new(7)),
+        ] {
+            assert_ne!(other.finalize().into_bytes(), expected);
+        }
+    }
+
+    /// Runs `accept` against a raw client that reads the hello, then writes `reply` and closes.
+    fn accept_raw(reply: &'static [u8]) -> Result<u32, TransportError> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut hello = [0u8; SERVER_HELLO_LEN];
+            s.read_exact(&mut hello).unwrap();
+            s.write_all(reply).unwrap();
+        });
+        let (mut s, _) = l.accept().unwrap();
+        let r = accept(&mut s, b"secret", Duration::from_secs(2));
+        t.join().unwrap();
+        r
+    }
+
+    /// Runs `connect` against a raw acceptor that writes `hello` and nothing more.
+    fn connect_raw(hello: &'static [u8]) -> Result<(), TransportError> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(hello).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            // Let the connector send its proof before the socket closes.
+            let mut proof = [0u8; NONCE + 4 + MAC];
+            let _ = s.read_exact(&mut proof);
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let r = connect(&mut s, b"secret", 3, Duration::from_secs(2));
+        drop(s);
+        t.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn truncated_or_garbage_proof_is_refused() {
+        let short = accept_raw(&[0xa5; NONCE + 4]).unwrap_err().to_string();
+        assert!(short.contains("read proof"), "{short}");
+        let garbage = accept_raw(&[0xa5; NONCE + 4 + MAC]).unwrap_err().to_string();
+        assert!(garbage.contains("does not know the job token"), "{garbage}");
+    }
+
+    #[test]
+    fn truncated_or_garbage_hello_is_refused() {
+        let short = connect_raw(b"GLC1short").unwrap_err().to_string();
+        assert!(short.contains("read hello"), "{short}");
+        let garbage = connect_raw(&[0xa5; SERVER_HELLO_LEN]).unwrap_err().to_string();
+        assert!(garbage.contains("not a gallocy process"), "{garbage}");
+        // A well-formed hello from a party without the token: its answer never comes.
+        let silent = connect_raw(b"GLC1abcdefghijklmnop").unwrap_err().to_string();
+        assert!(silent.contains("rejected our token"), "{silent}");
     }
 }

@@ -1,9 +1,26 @@
-//! Wire frames on a TCP connection: a fixed 32-byte little-endian header, then `msg_len` bytes of
-//! control message (bincode, produced by the engine), then `page_len` bytes of page contents.
-//!
-//! Header: kind u8 | 3 zero bytes | msg_len u32 | page_len u32 | 4 zero bytes | offset u64 | token u64.
+//! Wire frames on a TCP connection: a fixed 32-byte little-endian header ([`WireHeader`]), then
+//! `msg_len` bytes of control message (produced by the engine), then `page_len` bytes of page
+//! contents.
+
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::MAX_MESSAGE;
+
+/// The header's layout on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct WireHeader {
+    kind: u8,
+    reserved1: [u8; 3],
+    msg_len: U32,
+    page_len: U32,
+    reserved2: [u8; 4],
+    offset: U64,
+    token: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<WireHeader>() == HEADER_LEN);
 
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 32;
@@ -64,30 +81,40 @@ pub struct Header {
 impl Header {
     /// The wire form.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let w = WireHeader {
+            kind: self.kind as u8,
+            reserved1: [0; 3],
+            msg_len: self.msg_len.into(),
+            page_len: self.page_len.into(),
+            reserved2: [0; 4],
+            offset: self.offset.into(),
+            token: self.token.into(),
+        };
         let mut b = [0u8; HEADER_LEN];
-        b[0] = self.kind as u8;
-        b[4..8].copy_from_slice(&self.msg_len.to_le_bytes());
-        b[8..12].copy_from_slice(&self.page_len.to_le_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
-        b[24..32].copy_from_slice(&self.token.to_le_bytes());
+        b.copy_from_slice(w.as_bytes());
         b
     }
 
     /// Decodes and checks a header against the size of the local heap view.
     pub fn decode(b: &[u8; HEADER_LEN], view_len: usize) -> Result<Header, FrameError> {
-        let kind = match b[0] {
+        let w = WireHeader::read_from_bytes(b).map_err(|_| FrameError::Reserved)?;
+        let kind = match w.kind {
             1 => Kind::Message,
             2 => Kind::ReadRequest,
             3 => Kind::ReadReply,
             4 => Kind::Goodbye,
             k => return Err(FrameError::UnknownKind(k)),
         };
-        if b[1..4] != [0; 3] || b[12..16] != [0; 4] {
+        if w.reserved1 != [0; 3] || w.reserved2 != [0; 4] {
             return Err(FrameError::Reserved);
         }
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let h = Header { kind, msg_len: u32_at(4), page_len: u32_at(8), offset: u64_at(16), token: u64_at(24) };
+        let h = Header {
+            kind,
+            msg_len: w.msg_len.get(),
+            page_len: w.page_len.get(),
+            offset: w.offset.get(),
+            token: w.token.get(),
+        };
         if h.msg_len as usize > MAX_MESSAGE {
             return Err(FrameError::MessageTooLong(h.msg_len));
         }

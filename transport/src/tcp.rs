@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use zerocopy::little_endian::U32;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
 use crate::frame::{Header, Kind, HEADER_LEN};
 use crate::sys::{self, Epoll, EventFd};
 use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
@@ -126,39 +129,67 @@ fn setup_err(cfg: &TcpConfig, what: impl std::fmt::Display) -> TransportError {
     TransportError::Bootstrap(format!("rank {}: {what}", cfg.rank))
 }
 
+fn invalid(what: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+/// A start-up record: a little-endian u32 length, then that many bytes.
 fn write_record(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    s.write_all(&(bytes.len() as u32).to_le_bytes())?;
+    let len = u32::try_from(bytes.len()).map_err(|_| invalid("record too long"))?;
+    s.write_all(U32::new(len).as_bytes())?;
     s.write_all(bytes)
 }
 
 fn read_record(s: &mut TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
+    let mut len = U32::ZERO;
+    s.read_exact(len.as_mut_bytes())?;
+    let len = usize::try_from(len.get()).map_err(|_| invalid("record too long"))?;
     if len > limit {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "record too long"));
+        return Err(invalid("record too long"));
     }
     let mut v = vec![0u8; len];
     s.read_exact(&mut v)?;
     Ok(v)
 }
 
+/// The fixed start of a join record; `addr_len` bytes of listening address (UTF-8 `host:port`)
+/// and the hello follow.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct JoinHead {
+    /// The job size the joining rank believes in.
+    size: U32,
+    addr_len: U32,
+}
+
+/// A decoded join record.
+#[derive(Debug, PartialEq, Eq)]
+struct Join {
+    size: usize,
+    addr: String,
+    hello: Vec<u8>,
+}
+
 /// Join record a rank sends rank 0: size it believes in, its listening address, its hello.
 fn encode_join(size: usize, listen: &SocketAddr, hello: &[u8]) -> Vec<u8> {
     let addr = listen.to_string();
-    let mut v = Vec::new();
-    v.extend_from_slice(&(size as u32).to_le_bytes());
-    v.extend_from_slice(&(addr.len() as u32).to_le_bytes());
-    v.extend_from_slice(addr.as_bytes());
-    v.extend_from_slice(hello);
-    v
+    // A job size beyond u32 cannot be real; saturating makes rank 0 report the mismatch.
+    let head = JoinHead {
+        size: U32::new(u32::try_from(size).unwrap_or(u32::MAX)),
+        // A socket address's text is a few dozen bytes.
+        addr_len: U32::new(addr.len() as u32),
+    };
+    [head.as_bytes(), addr.as_bytes(), hello].concat()
 }
 
-fn decode_join(v: &[u8]) -> Option<(usize, String, Vec<u8>)> {
-    let size = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?) as usize;
-    let alen = u32::from_le_bytes(v.get(4..8)?.try_into().ok()?) as usize;
-    let addr = String::from_utf8(v.get(8..8 + alen)?.to_vec()).ok()?;
-    Some((size, addr, v.get(8 + alen..)?.to_vec()))
+fn decode_join(v: &[u8]) -> Option<Join> {
+    let (head, rest) = JoinHead::ref_from_prefix(v).ok()?;
+    let (addr, hello) = rest.split_at_checked(usize::try_from(head.addr_len.get()).ok()?)?;
+    Some(Join {
+        size: usize::try_from(head.size.get()).ok()?,
+        addr: std::str::from_utf8(addr).ok()?.to_owned(),
+        hello: hello.to_vec(),
+    })
 }
 
 /// Rank 0's answer: b'O' + roster lines, or b'A' + reason.
@@ -283,7 +314,7 @@ fn coordinate(
             }
         };
         let join = s.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
-        let Some((size, addr, their_hello)) = join.ok().as_deref().and_then(decode_join) else {
+        let Some(Join { size, addr, hello: their_hello }) = join.ok().as_deref().and_then(decode_join) else {
             continue;
         };
         if rank == 0 || rank >= cfg.size {
@@ -795,5 +826,67 @@ impl Transport for TcpTransport {
             self.write_frame(rank, bye, &[])?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_record_round_trips() {
+        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let v = encode_join(5, &listen, b"hello bytes");
+        assert_eq!(&v[..8], &[5, 0, 0, 0, 13, 0, 0, 0]);
+        assert_eq!(&v[8..21], b"10.1.2.3:4567");
+        let j = decode_join(&v).unwrap();
+        assert_eq!(j, Join { size: 5, addr: "10.1.2.3:4567".into(), hello: b"hello bytes".to_vec() });
+        let empty = decode_join(&encode_join(2, &"[::1]:9".parse().unwrap(), &[])).unwrap();
+        assert_eq!((empty.size, empty.addr.as_str(), empty.hello.len()), (2, "[::1]:9", 0));
+    }
+
+    #[test]
+    fn join_record_refuses_truncated_and_garbage() {
+        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let v = encode_join(5, &listen, &[]);
+        for n in 0..v.len() {
+            assert!(decode_join(&v[..n]).is_none(), "truncated to {n}");
+        }
+        let mut long = v.clone();
+        long[4..8].copy_from_slice(&[0xff; 4]);
+        assert!(decode_join(&long).is_none(), "address length beyond the record");
+        let mut utf8 = v.clone();
+        utf8[8] = 0xff;
+        assert!(decode_join(&utf8).is_none(), "address not UTF-8");
+        for garbage in [&[0xa5u8; 64][..], &[0xff; 8], &[]] {
+            assert!(decode_join(garbage).is_none());
+        }
+    }
+
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn records_round_trip_and_refuse_bad_lengths() {
+        let (mut a, mut b) = socket_pair();
+        write_record(&mut a, b"abc").unwrap();
+        write_record(&mut a, &[]).unwrap();
+        assert_eq!(read_record(&mut b, 3).unwrap(), b"abc");
+        assert_eq!(read_record(&mut b, 3).unwrap(), b"");
+        write_record(&mut a, b"abcd").unwrap();
+        assert_eq!(read_record(&mut b, 3).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+
+        let (mut a, mut b) = socket_pair();
+        a.write_all(&[10, 0, 0, 0, 1, 2]).unwrap();
+        drop(a);
+        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        let (mut a, mut b) = socket_pair();
+        a.write_all(&[10, 0]).unwrap();
+        drop(a);
+        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }

@@ -44,6 +44,8 @@ use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair};
 use sideway::ibverbs::AccessFlags;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
@@ -54,7 +56,7 @@ use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportErr
 /// Bytes of one send or receive buffer (one fragment). Control messages are small (pages travel by
 /// READ), so small buffers let many be posted: a peer can run far ahead before it has to wait.
 const BUF: usize = 1024;
-/// Fragment header: kind, flags, 2 spare, payload length (u32), argument (u64).
+/// Fragment header ([`WireHead`]): kind, flags, 2 spare, payload length (u32), argument (u64).
 const HDR: usize = 16;
 /// Payload bytes per fragment.
 const PAYLOAD: usize = BUF - HDR;
@@ -114,11 +116,53 @@ impl Drop for Buffers {
 }
 
 /// A fragment's header fields.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Head {
     kind: u8,
     flags: u8,
     arg: u64,
+}
+
+/// A fragment header's layout in a send or receive buffer, the same for every kind.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct WireHead {
+    kind: u8,
+    flags: u8,
+    spare: [u8; 2],
+    /// Payload bytes after the header.
+    len: U32,
+    arg: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<WireHead>() == HDR);
+
+impl Head {
+    /// The header of a fragment carrying `len` payload bytes.
+    fn wire(self, len: usize) -> WireHead {
+        debug_assert!(len <= PAYLOAD);
+        WireHead {
+            kind: self.kind,
+            flags: self.flags,
+            spare: [0; 2],
+            len: U32::new(len as u32),
+            arg: U64::new(self.arg),
+        }
+    }
+
+    /// Splits a received fragment into its header and payload, checking that the header is
+    /// complete, its spare bytes are zero and its length is the payload's. The kind is not
+    /// checked here.
+    fn parse(frag: &[u8]) -> Result<(Head, &[u8]), &'static str> {
+        let (w, payload) = WireHead::ref_from_prefix(frag).map_err(|_| "fragment shorter than its header")?;
+        if w.spare != [0; 2] {
+            return Err("fragment header's spare bytes are not zero");
+        }
+        if usize::try_from(w.len.get()).ok() != Some(payload.len()) {
+            return Err("fragment length disagrees with its header");
+        }
+        Ok((Head { kind: w.kind, flags: w.flags, arg: w.arg.get() }, payload))
+    }
 }
 
 /// Send side of one peer's queue pair.
@@ -398,18 +442,14 @@ impl RdmaTransport {
         head: Head,
         payload: &[u8],
     ) -> Result<(), TransportError> {
-        let Head { kind, flags, arg } = head;
         debug_assert!(payload.len() <= PAYLOAD);
         let i = self.slot(peer, link, ring)?;
         link.tokens[i].store(NO_TOKEN, Ordering::Relaxed);
         let buf = self.bufs.send(self.size, peer, i);
-        let mut head = [0u8; HDR];
-        head[0] = kind;
-        head[1] = flags;
-        head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        head[8..16].copy_from_slice(&arg.to_le_bytes());
+        let wire = head.wire(payload.len());
+        let head = wire.as_bytes();
         // SAFETY: the slot's buffer has BUF bytes and is ours until its completion (slot() saw
-        // it completed); the payload fits after the header.
+        // it completed); the header has HDR bytes and the payload fits after it.
         unsafe {
             std::ptr::copy_nonoverlapping(head.as_ptr(), buf, HDR);
             std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.add(HDR), payload.len());
@@ -576,17 +616,8 @@ impl RdmaTransport {
         delivered: &mut usize,
     ) -> Result<Step, TransportError> {
         let bad = |what: &'static str| lost(peer, LostReason::Verbs(what));
-        if frag.len() < HDR {
-            return Err(bad("fragment shorter than its header"));
-        }
-        let kind = frag[0];
-        let flags = frag[1];
-        let len = u32::from_le_bytes(frag[4..8].try_into().expect("4 bytes")) as usize;
-        let arg = u64::from_le_bytes(frag[8..16].try_into().expect("8 bytes"));
-        if HDR + len != frag.len() {
-            return Err(bad("fragment length disagrees with its header"));
-        }
-        let payload = &frag[HDR..];
+        let (Head { kind, flags, arg }, payload) = Head::parse(frag).map_err(bad)?;
+        let len = payload.len();
         match kind {
             K_PAGE => {
                 let span = Span { offset: arg, len: len as u32 };
@@ -650,13 +681,14 @@ impl RdmaTransport {
                         // A refused registration is this process's failure (typically the
                         // memlock limit), not the peer's: it ends with its own error.
                         let keys = self.local_keys(arg)?;
-                        self.send_control(peer, K_RKEY_REPLY, arg, &((keys & 0xffff_ffff) as u32).to_le_bytes())?;
+                        let rkey = U32::new((keys & 0xffff_ffff) as u32);
+                        self.send_control(peer, K_RKEY_REPLY, arg, rkey.as_bytes())?;
                     }
                     K_RKEY_REPLY => {
-                        if arg as usize >= self.chunks.count || payload.len() != 4 {
-                            return Err(bad("malformed key reply"));
-                        }
-                        let rkey = u32::from_le_bytes(payload.try_into().expect("4 bytes"));
+                        let rkey = match U32::read_from_bytes(payload) {
+                            Ok(rkey) if (arg as usize) < self.chunks.count => rkey.get(),
+                            _ => return Err(bad("malformed key reply")),
+                        };
                         self.chunks.remote[peer * self.chunks.count + arg as usize]
                             .store(u64::from(rkey) | RKEY_VALID, Ordering::Release);
                         self.chunks.asked.lock().unwrap_or_else(|p| p.into_inner()).remove(&(peer, arg));
@@ -1029,5 +1061,47 @@ impl Transport for RdmaTransport {
 
     fn one_sided_reads(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fragment(head: Head, payload: &[u8]) -> Vec<u8> {
+        [head.wire(payload.len()).as_bytes(), payload].concat()
+    }
+
+    #[test]
+    fn fragment_header_round_trips() {
+        let head = Head { kind: K_PAGE, flags: F_LAST, arg: 0x1234_5678_9abc };
+        let frag = fragment(head, b"page bytes");
+        assert_eq!(frag.len(), HDR + 10);
+        assert_eq!(&frag[..8], &[K_PAGE, F_LAST, 0, 0, 10, 0, 0, 0]);
+        assert_eq!(Head::parse(&frag).unwrap(), (head, &b"page bytes"[..]));
+        let empty = Head { kind: K_GOODBYE, flags: F_LAST, arg: 0 };
+        assert_eq!(Head::parse(&fragment(empty, &[])).unwrap(), (empty, &[][..]));
+        let full = fragment(head, &[7u8; PAYLOAD]);
+        assert_eq!(full.len(), BUF);
+        assert_eq!(Head::parse(&full).unwrap(), (head, &[7u8; PAYLOAD][..]));
+    }
+
+    #[test]
+    fn fragment_header_refuses_truncated_and_garbage() {
+        let frag = fragment(Head { kind: K_MSG, flags: 0, arg: 0 }, b"hello");
+        for n in 0..HDR {
+            assert_eq!(Head::parse(&frag[..n]).unwrap_err(), "fragment shorter than its header");
+        }
+        for n in HDR..frag.len() {
+            assert!(Head::parse(&frag[..n]).unwrap_err().contains("length disagrees"), "{n}");
+        }
+        assert!(Head::parse(&[frag.as_slice(), &[0]].concat()).unwrap_err().contains("length disagrees"));
+        let mut spare = frag.clone();
+        spare[2] = 1;
+        assert!(Head::parse(&spare).unwrap_err().contains("spare"));
+        let mut huge = frag.clone();
+        huge[4..8].copy_from_slice(&[0xff; 4]);
+        assert!(Head::parse(&huge).unwrap_err().contains("length disagrees"));
+        assert!(Head::parse(&[0xa5; BUF]).is_err());
     }
 }

@@ -16,6 +16,8 @@ use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{QueuePair, QueuePairAttribute, QueuePairState, QueuePairType};
 use sideway::ibverbs::AccessFlags;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::device::{check_memlock, Port, RdmaError};
 use super::{
@@ -49,32 +51,51 @@ struct Endpoint {
     view_len: u64,
 }
 
+/// An [`Endpoint`] message's layout: the tag, then the fields.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct WireEndpoint {
+    tag: [u8; 4],
+    gid: [u8; 16],
+    lid: U16,
+    qpn: U32,
+    psn: U32,
+    mtu: U32,
+    view_base: U64,
+    view_len: U64,
+}
+
+const _: () = assert!(std::mem::size_of::<WireEndpoint>() == 4 + 16 + 2 + 4 + 4 + 4 + 8 + 8);
+
 impl Endpoint {
     fn encode(&self) -> Vec<u8> {
-        let mut v = TAG_ENDPOINT.to_vec();
-        v.extend_from_slice(&self.gid);
-        v.extend_from_slice(&self.lid.to_le_bytes());
-        v.extend_from_slice(&self.qpn.to_le_bytes());
-        v.extend_from_slice(&self.psn.to_le_bytes());
-        v.extend_from_slice(&self.mtu.to_le_bytes());
-        v.extend_from_slice(&self.view_base.to_le_bytes());
-        v.extend_from_slice(&self.view_len.to_le_bytes());
-        v
+        let w = WireEndpoint {
+            tag: *TAG_ENDPOINT,
+            gid: self.gid,
+            lid: self.lid.into(),
+            qpn: self.qpn.into(),
+            psn: self.psn.into(),
+            mtu: self.mtu.into(),
+            view_base: self.view_base.into(),
+            view_len: self.view_len.into(),
+        };
+        w.as_bytes().to_vec()
     }
 
+    /// The endpoint in `b`, or `None` if `b` is not exactly one endpoint message.
     fn decode(b: &[u8]) -> Option<Endpoint> {
-        let b = b.strip_prefix(TAG_ENDPOINT)?;
-        if b.len() != 16 + 2 + 4 + 4 + 4 + 8 + 8 {
+        let w = WireEndpoint::ref_from_bytes(b).ok()?;
+        if w.tag != *TAG_ENDPOINT {
             return None;
         }
         Some(Endpoint {
-            gid: b[0..16].try_into().ok()?,
-            lid: u16::from_le_bytes(b[16..18].try_into().ok()?),
-            qpn: u32::from_le_bytes(b[18..22].try_into().ok()?),
-            psn: u32::from_le_bytes(b[22..26].try_into().ok()?),
-            mtu: u32::from_le_bytes(b[26..30].try_into().ok()?),
-            view_base: u64::from_le_bytes(b[30..38].try_into().ok()?),
-            view_len: u64::from_le_bytes(b[38..46].try_into().ok()?),
+            gid: w.gid,
+            lid: w.lid.get(),
+            qpn: w.qpn.get(),
+            psn: w.psn.get(),
+            mtu: w.mtu.get(),
+            view_base: w.view_base.get(),
+            view_len: w.view_len.get(),
         })
     }
 }
@@ -427,6 +448,16 @@ mod tests {
         let mut wrong_tag = bytes.clone();
         wrong_tag[0] = b'X';
         assert!(Endpoint::decode(&wrong_tag).is_none());
+        for n in 0..bytes.len() {
+            assert!(Endpoint::decode(&bytes[..n]).is_none(), "truncated to {n}");
+        }
+        assert!(Endpoint::decode(&[0xa5; 50]).is_none(), "garbage");
+        // The layout: tag, gid, then little-endian fields, unpadded.
+        assert_eq!(bytes.len(), 50);
+        assert_eq!(&bytes[..4], TAG_ENDPOINT);
+        assert_eq!(&bytes[4..20], &[7; 16]);
+        assert_eq!(&bytes[20..26], &[3, 0, 0x56, 0x34, 0x12, 0]);
+        assert_eq!(&bytes[46..50], &[4, 0, 0, 0]);
     }
 
     #[test]

@@ -1,0 +1,109 @@
+//! What application threads and the service thread tell each other: messages posted for the
+//! engine, whether the service thread sleeps (and must be woken) or is deaf to the sockets
+//! (local threads read them), and the pause for a fork snapshot.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::protocol::{Msg, Rank};
+use crate::sys::futex;
+
+/// Service thread pause states (a futex word): running ...
+pub const RUN: u32 = 0;
+/// ... asked to pause ...
+pub const PAUSE: u32 = 1;
+/// ... paused.
+pub const PAUSED: u32 = 2;
+
+#[derive(Default)]
+pub struct ServiceLink {
+    posted: Mutex<VecDeque<(Rank, Msg)>>,
+    has_posted: AtomicBool,
+    sleeping: AtomicBool,
+    deaf: AtomicBool,
+    last_wait_end: AtomicU64,
+    pause: AtomicU32,
+}
+
+impl ServiceLink {
+    /// Queues a message for the service thread to handle (to this rank) or send.
+    pub fn post(&self, to: Rank, msg: Msg) {
+        self.posted.lock().unwrap_or_else(|p| p.into_inner()).push_back((to, msg));
+        self.has_posted.store(true, Ordering::Release);
+    }
+
+    pub fn has_posted(&self) -> bool {
+        self.has_posted.load(Ordering::Acquire)
+    }
+
+    pub fn take_posted(&self) -> Vec<(Rank, Msg)> {
+        if !self.has_posted.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        self.posted.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    /// Whether the service thread sleeps in the transport and needs a wake-up. Async-signal-safe.
+    pub fn sleeping(&self) -> bool {
+        self.sleeping.load(Ordering::SeqCst)
+    }
+
+    pub fn set_sleeping(&self, v: bool) {
+        self.sleeping.store(v, Ordering::SeqCst);
+    }
+
+    /// Whether the service thread ignores socket readiness (local threads read the sockets).
+    pub fn deaf(&self) -> bool {
+        self.deaf.load(Ordering::SeqCst)
+    }
+
+    pub fn set_deaf(&self, v: bool) {
+        self.deaf.store(v, Ordering::SeqCst);
+    }
+
+    /// When a local thread last got its answer by reading the sockets itself.
+    pub fn last_wait_end(&self) -> u64 {
+        self.last_wait_end.load(Ordering::Acquire)
+    }
+
+    pub fn set_last_wait_end(&self, now: u64) {
+        self.last_wait_end.store(now, Ordering::Release);
+    }
+
+    /// [`RUN`], [`PAUSE`] or [`PAUSED`].
+    pub fn pause_state(&self) -> u32 {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    /// Asks the service thread to pause (a fork takes its snapshot).
+    pub fn request_pause(&self) {
+        self.pause.store(PAUSE, Ordering::SeqCst);
+    }
+
+    /// Lets the service thread run again.
+    pub fn resume(&self) {
+        self.pause.store(RUN, Ordering::SeqCst);
+        futex::wake(&self.pause, i32::MAX);
+    }
+
+    /// Waits (at most `timeout`) while the pause was asked for and not yet taken.
+    pub fn wait_paused(&self, timeout: Duration) {
+        futex::wait(&self.pause, PAUSE, Some(timeout));
+    }
+
+    /// The service thread's side: if a pause was asked for, says so and stays paused until
+    /// [`ServiceLink::resume`].
+    pub fn pause_if_asked(&self) {
+        if self.pause.load(Ordering::Acquire) != PAUSE {
+            return;
+        }
+        if self.pause.compare_exchange(PAUSE, PAUSED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            futex::wake(&self.pause, i32::MAX);
+        }
+        while self.pause.load(Ordering::Acquire) == PAUSED {
+            futex::wait(&self.pause, PAUSED, None);
+        }
+    }
+}

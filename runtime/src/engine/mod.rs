@@ -1,0 +1,420 @@
+//! The engine: one service thread per process drives the protocol (`crate::protocol`). It feeds
+//! the state machines what arrives (from peers, from local threads, from itself) and carries out
+//! what they decide: sending messages, changing this process's page protections, starting
+//! one-sided reads, waking waiting threads.
+//!
+//! New contents land in the runtime view first; the application view opens only afterwards, in
+//! the service thread or in the waiting thread itself (`fault::acquire`). A page just installed
+//! is not taken away before the thread it was installed for has resumed (at most
+//! [`MAX_HOLD_NS`]), plus an optional fixed window (`GALLOCY_HOLD_US`), so that a thread
+//! contending for a page always gets to use it once: no livelock.
+
+pub mod link;
+mod liveness;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use gallocy_transport::{Event, Span};
+
+use crate::fault::acquire::{attached, open_page};
+use crate::heap::region::Access;
+use crate::job::runtime::{fatal, protect_failed, Runtime};
+use crate::protocol::barrier::Barriers;
+use crate::protocol::holder::{self, check_received};
+use crate::protocol::locks::Locks;
+use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
+use crate::sys::clock::now_ns;
+use liveness::Liveness;
+
+/// How long after a local thread's last self-served wait the service thread keeps ignoring
+/// socket readiness (so it does not wake on, and race for, the answers of the next fault).
+const DEAF_LINGER_NS: u64 = 2_000_000;
+/// How often a deaf service thread still looks at the sockets.
+const DEAF_POLL: Duration = Duration::from_micros(500);
+
+/// Longest a page waits for the thread it was installed for to resume.
+pub const MAX_HOLD_NS: u64 = 5_000_000;
+
+/// A message as it arrived: who sent it, what it says, a broadcast's payload, what came attached.
+struct Arrival {
+    from: Rank,
+    msg: Msg,
+    payload: Vec<u8>,
+    attached: Attached,
+}
+
+/// The service thread's state.
+pub struct Engine<'a> {
+    rt: &'a Runtime,
+    me: Rank,
+    one_sided: bool,
+    dir: Directory,
+    locks: Locks,
+    barriers: Barriers,
+    /// Messages to ourselves, handled right after the message that caused them.
+    self_queue: VecDeque<Msg>,
+    /// Revokes/forwards waiting for a hold to end: (from, message).
+    deferred: VecDeque<(Rank, Msg)>,
+    /// Pages being read from an owner: page -> (waiter, write).
+    reads: HashMap<Page, (Waiter, bool)>,
+    liveness: Liveness,
+    /// What the state machines want sent (reused).
+    out: Vec<Send>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(rt: &'a Runtime) -> Engine<'a> {
+        let one_sided = rt.transport().is_some_and(|t| t.one_sided_reads());
+        Engine {
+            rt,
+            me: rt.rank(),
+            one_sided,
+            dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
+            locks: Locks::default(),
+            barriers: Barriers::new(rt.size()),
+            self_queue: VecDeque::new(),
+            deferred: VecDeque::new(),
+            reads: HashMap::new(),
+            liveness: Liveness::new(rt.rank(), rt.size(), now_ns()),
+            out: Vec::new(),
+            buf: vec![0u8; wire::LIMIT],
+        }
+    }
+
+    /// The service loop. Never returns while the job runs; ends after every peer left.
+    pub fn run(mut self) {
+        let spin_ns = self.rt.settings().spin.as_nanos() as u64;
+        let mut last_activity = now_ns();
+        let mut idle_spins = 0u32;
+        loop {
+            self.rt.service().pause_if_asked();
+            let mut handled = self.take_local_work();
+            handled += self.pump(Duration::ZERO);
+            if self.rt.membership().leaving() && self.liveness.all_departed() {
+                self.rt.membership().set_all_departed();
+                return;
+            }
+            let now = now_ns();
+            if handled > 0 {
+                last_activity = now;
+                idle_spins = 0;
+                continue;
+            }
+            if now.saturating_sub(last_activity) < spin_ns {
+                idle_spins = idle_spins.wrapping_add(1);
+                if idle_spins.is_multiple_of(64) {
+                    // SAFETY: sched_yield has no preconditions.
+                    unsafe { libc::sched_yield() };
+                }
+                continue;
+            }
+            self.idle();
+        }
+    }
+
+    /// Blocks until there may be work. While local threads spin for answers they read the
+    /// sockets themselves, so we then wait only for their call (or a short timeout) instead of
+    /// waking on every frame and competing with them for the two CPUs.
+    fn idle(&mut self) {
+        let rt = self.rt;
+        let transport = rt.transport().expect("a job of several processes has a transport");
+        let recent_waits = now_ns().saturating_sub(rt.service().last_wait_end()) < DEAF_LINGER_NS;
+        if rt.slots().spinners() > 0 || recent_waits {
+            // Waiting threads take their answers and signal us for anything else; between
+            // their waits we still look every DEAF_POLL.
+            rt.service().set_deaf(true);
+            if !rt.slots().has_posted() && !rt.service().has_posted() {
+                transport.wait_for_wake(DEAF_POLL);
+            }
+            rt.service().set_deaf(false);
+            return;
+        }
+        rt.service().set_sleeping(true);
+        // Re-check for work posted just before we announced sleeping.
+        if !rt.slots().has_posted() && !rt.service().has_posted() && rt.service().pause_state() == link::RUN {
+            let budget = self.liveness.sleep_budget(now_ns(), !self.deferred.is_empty());
+            self.pump(budget);
+        }
+        rt.service().set_sleeping(false);
+    }
+
+    /// Polls the transport (waiting at most `timeout`) and handles what arrived.
+    fn pump(&mut self, timeout: Duration) -> usize {
+        let rt = self.rt;
+        let transport = rt.transport().expect("a job of several processes has a transport");
+        let mut arrivals: Vec<Arrival> = Vec::new();
+        let mut reads_done: Vec<(Rank, u64)> = Vec::new();
+        let mut left: Vec<Rank> = Vec::new();
+        let r = transport.poll(Some(timeout), &mut |ev| match ev {
+            Event::Message { from, bytes, page } => match wire::decode(bytes) {
+                Ok((msg, payload)) => {
+                    arrivals.push(Arrival { from, msg, payload: payload.to_vec(), attached: attached(rt, page) })
+                }
+                Err(e) => fatal(rt, &format!("rank {from} sent a malformed message: {e}")),
+            },
+            Event::ReadDone { from, token } => reads_done.push((from, token)),
+            Event::PeerLeft { rank } => left.push(rank),
+        });
+        let now = now_ns();
+        let mut handled = 0;
+        for a in arrivals {
+            self.liveness.heard(a.from, now);
+            if a.from != self.me {
+                if let Attached::Page(_) = a.attached {
+                    rt.stats().count(&rt.stats().bytes_in, rt.region().page as u64);
+                }
+            }
+            self.handle(a.from, a.msg, &a.payload, a.attached);
+            // What we told ourselves (e.g. a home revoking its own copy) follows at once.
+            self.drain_self_queue();
+            handled += 1;
+        }
+        for (from, token) in reads_done {
+            self.liveness.heard(from, now);
+            self.read_done(from, token);
+            handled += 1;
+        }
+        for rank in left {
+            self.liveness.departed(rank);
+            handled += 1;
+        }
+        handled += self.run_deferred();
+        if !rt.membership().leaving() {
+            self.liveness.keep_alive(rt, now);
+        }
+        if let Err(e) = r {
+            if rt.membership().leaving() && self.liveness.all_departed_or(&e) {
+                return handled + 1;
+            }
+            self.liveness.transport_failed(rt, &e);
+        }
+        handled
+    }
+
+    /// Local fault requests, messages from application threads, messages to ourselves.
+    fn take_local_work(&mut self) -> usize {
+        let mut posted = Vec::new();
+        let mut n = self.rt.slots().take_posted(|waiter, page, write| posted.push((waiter, page, write)));
+        for (waiter, page, write) in posted {
+            self.handle(self.me, Msg::Request { page, write, waiter }, &[], Attached::Nothing);
+        }
+        for (to, m) in self.rt.service().take_posted() {
+            if to == self.me {
+                self.handle(self.me, m, &[], Attached::Nothing);
+            } else {
+                self.send(to, m);
+            }
+            n += 1;
+        }
+        n + self.drain_self_queue()
+    }
+
+    fn drain_self_queue(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(m) = self.self_queue.pop_front() {
+            let attached = if m.attaches_page() { Attached::Page(m.page().unwrap_or(0)) } else { Attached::Nothing };
+            self.handle(self.me, m, &[], attached);
+            n += 1;
+        }
+        n
+    }
+
+    /// Sends a message (with its page attached when it carries one); to ourselves it goes
+    /// through the local queue.
+    fn send(&mut self, to: Rank, msg: Msg) {
+        if to == self.me {
+            self.self_queue.push_back(msg);
+            return;
+        }
+        let rt = self.rt;
+        let span = msg.attaches_page().then(|| {
+            rt.stats().count(&rt.stats().bytes_out, rt.region().page as u64);
+            let len = rt.region().page as u32;
+            Span { offset: msg.page().unwrap_or(0) * u64::from(len), len }
+        });
+        if matches!(msg, Msg::Revoke { to_read: false, .. } | Msg::Forward { write: true, .. }) {
+            rt.stats().count(&rt.stats().invalidations_sent, 1);
+        }
+        let bytes = match wire::encode(&msg, &[], &mut self.buf) {
+            Ok(b) => b,
+            Err(e) => fatal(rt, &format!("cannot encode a message: {e}")),
+        };
+        let transport = rt.transport().expect("a job of several processes has a transport");
+        if let Err(e) = transport.send(to, bytes, span) {
+            self.liveness.transport_failed(rt, &e);
+        }
+    }
+
+    /// Sends what the state machines decided.
+    fn flush(&mut self) {
+        let out = std::mem::take(&mut self.out);
+        for s in &out {
+            self.send(s.to, s.msg);
+        }
+        self.out = out;
+        self.out.clear();
+    }
+
+    /// Ends the process on a protocol violation.
+    fn violated(&self, v: Violation) -> ! {
+        fatal(self.rt, &format!("protocol violation: {v}"))
+    }
+
+    fn handle(&mut self, from: Rank, msg: Msg, payload: &[u8], attached: Attached) {
+        let rt = self.rt;
+        if let Err(v) = check_received(rt.placement(), self.me, from, &msg, attached) {
+            self.violated(v);
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let result = match msg {
+            Msg::Request { page, write, waiter } => self.dir.request(from, page, write, waiter, &mut out),
+            Msg::Done { page } => self.dir.done(from, page, &mut out),
+            Msg::RevokeAck { page } => self.dir.revoke_ack(from, page, &mut out),
+            Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
+                self.deferred.push_back((from, msg));
+                Ok(())
+            }
+            Msg::Forward { page, requester, waiter, write } => {
+                let current = rt.pt().access(page as usize);
+                let (keep, grant) =
+                    holder::forward(self.me, self.one_sided, current, page, requester as usize, waiter, write);
+                self.set_access(page, keep);
+                out.push(grant);
+                Ok(())
+            }
+            Msg::Revoke { page, to_read } => {
+                let keep = holder::after_revoke(rt.pt().access(page as usize), to_read);
+                if keep == Access::None {
+                    rt.stats().count(&rt.stats().invalidations_received, 1);
+                }
+                self.set_access(page, keep);
+                out.push(Send { to: from, msg: Msg::RevokeAck { page } });
+                Ok(())
+            }
+            Msg::Grant { page, waiter, write, source } => self.grant(from, page, waiter, write, source),
+            Msg::Free { addr } => {
+                if let Err(e) = rt.alloc().free_remote(addr as usize) {
+                    fatal(rt, &format!("rank {from} freed {addr:#x}: {e}"));
+                }
+                Ok(())
+            }
+            Msg::BarrierArrive { epoch } => self.barriers.arrive(from, epoch, &mut out),
+            Msg::BarrierRelease { epoch } => {
+                rt.collectives().sync().barrier_released(epoch);
+                Ok(())
+            }
+            Msg::LockAcquire { id, waiter } => {
+                self.locks.acquire(from, id, waiter, &mut out);
+                Ok(())
+            }
+            Msg::LockGranted { waiter, .. } => self.complete(from, waiter, 0),
+            Msg::LockRelease { id } => self.locks.release(from, id, &mut out),
+            Msg::Broadcast { seq, total, offset } => {
+                if let Err(e) = rt.collectives().sync().broadcast_chunk(seq, total, offset, payload) {
+                    fatal(rt, &format!("bad broadcast from rank {from}: {e}"));
+                }
+                Ok(())
+            }
+            Msg::SizeQuery { addr, waiter } => {
+                let size = rt.alloc().usable_size(addr as usize).unwrap_or(0) as u64;
+                out.push(Send { to: from, msg: Msg::SizeReply { waiter, size } });
+                Ok(())
+            }
+            Msg::SizeReply { waiter, size } => self.complete(from, waiter, size),
+            Msg::Ping => Ok(()),
+            Msg::Lost { rank } => self.liveness.told_lost(rt, from, rank),
+        };
+        // Actions of the holder side (`install`) went to `self.out` meanwhile; keep both.
+        let mut extra = std::mem::replace(&mut self.out, out);
+        self.out.append(&mut extra);
+        if let Err(v) = result {
+            self.violated(v);
+        }
+        self.flush();
+    }
+
+    fn complete(&self, from: Rank, waiter: Waiter, value: u64) -> Result<(), Violation> {
+        if self.rt.slots().complete_with(waiter, value) {
+            Ok(())
+        } else {
+            Err(Violation::StaleWaiter { from, waiter })
+        }
+    }
+
+    /// Whether `page` must stay with us a little longer (see the module comment).
+    fn held(&self, page: Page) -> bool {
+        let pt = self.rt.pt();
+        let age = now_ns().saturating_sub(pt.installed_at(page as usize));
+        let waiting_thread = pt.is_fresh(page as usize) && age < MAX_HOLD_NS;
+        waiting_thread || age < self.rt.settings().hold.as_nanos() as u64
+    }
+
+    fn run_deferred(&mut self) -> usize {
+        let mut n = 0;
+        for _ in 0..self.deferred.len() {
+            let Some((from, msg)) = self.deferred.pop_front() else { break };
+            if msg.page().is_some_and(|p| self.held(p)) {
+                self.deferred.push_back((from, msg));
+            } else {
+                self.handle(from, msg, &[], Attached::Nothing);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn set_access(&self, page: Page, access: Access) {
+        let rt = self.rt;
+        if rt.pt().access(page as usize) == access {
+            return;
+        }
+        if let Err(errno) = rt.region().protect(page as usize, 1, access) {
+            protect_failed(rt, errno);
+        }
+        rt.pt().set(page as usize, access);
+    }
+
+    fn grant(&mut self, from: Rank, page: Page, waiter: Waiter, write: bool, source: Source) -> Result<(), Violation> {
+        if !self.rt.slots().waits_for_page(waiter, page) || self.reads.contains_key(&page) {
+            return Err(Violation::StaleWaiter { from, waiter });
+        }
+        match source {
+            Source::Inline | Source::Valid | Source::Forwarded => {
+                self.install(page, waiter, write, source.needs_done());
+                Ok(())
+            }
+            Source::ReadFrom(owner) => {
+                self.reads.insert(page, (waiter, write));
+                let len = self.rt.region().page as u32;
+                let span = Span { offset: page * u64::from(len), len };
+                let transport = self.rt.transport().expect("a job of several processes has a transport");
+                if let Err(e) = transport.start_read(owner as usize, span, page) {
+                    self.liveness.transport_failed(self.rt, &e);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn read_done(&mut self, from: Rank, page: Page) {
+        let Some((waiter, write)) = self.reads.remove(&page) else {
+            self.violated(Violation::UnexpectedRead { from, page });
+        };
+        self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
+        // The home waits for our word that the owner's copy is no longer needed.
+        self.install(page, waiter, write, true);
+        self.flush();
+    }
+
+    /// New contents are in the runtime view: open the application view, tell the home when it
+    /// waits for us, wake the waiting thread.
+    fn install(&mut self, page: Page, waiter: Waiter, write: bool, notify_home: bool) {
+        open_page(self.rt, page, write);
+        if notify_home {
+            self.out.push(Send { to: self.rt.home(page as usize), msg: Msg::Done { page } });
+        }
+        self.rt.slots().complete(waiter);
+    }
+}

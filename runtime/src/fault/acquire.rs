@@ -1,0 +1,203 @@
+//! Getting a page: a thread that lacks access asks the page's home and waits until the page is
+//! installed. While it waits it reads the sockets itself and takes the answers it can complete
+//! (page grants, lock grants) without a hand-off to the service thread. Async-signal-safe.
+
+use gallocy_transport::Span;
+
+use crate::heap::region::Access;
+use crate::job::runtime::{protect_failed, Runtime, EXIT_PEER_LOST};
+use crate::protocol::holder::check_received;
+use crate::protocol::wire::{self, GRANT_TAG, LOCK_GRANTED_TAG};
+use crate::protocol::{Attached, Msg, Source, Waiter};
+use crate::sys::clock::now_ns;
+use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
+
+/// Makes `page` accessible (for writing if `write`) to this process: fetches it from its home
+/// unless it already is. Called by the fault handler and before system calls on heap buffers.
+/// The process must have joined.
+pub fn acquire(rt: &Runtime, page: usize, write: bool) {
+    rt.gate().begin_fetch();
+    let start = now_ns();
+    loop {
+        if rt.pt().permits(page, write) {
+            break;
+        }
+        if !rt.pt().try_claim(page) {
+            rt.pt().wait_unclaimed(page, rt.settings().spin);
+            continue;
+        }
+        if rt.pt().permits(page, write) {
+            rt.pt().release(page);
+            break;
+        }
+        fetch(rt, page, write);
+        // We are about to resume: the service thread may now let the page go again.
+        rt.pt().clear_fresh(page);
+        rt.pt().release(page);
+        rt.stats().record_fault(now_ns() - start);
+        break;
+    }
+    rt.gate().end_fetch();
+}
+
+/// Makes `[addr, addr + len)` accessible to the kernel on this process's behalf (for writing
+/// into it if `write`): a system call that copies into or out of heap pages this process does
+/// not hold (or holds read-only) would otherwise fail with EFAULT, since the kernel's own
+/// accesses do not fault into gallocy. A no-op outside the heap, before joining, in a forked
+/// child and after leaving the job.
+pub fn prepare_kernel_access(rt: &Runtime, addr: usize, len: usize, write: bool) {
+    let m = rt.membership();
+    if len == 0 || !m.joined() || m.forked() || m.leaving() {
+        return;
+    }
+    let heap_end = rt.region().base + rt.region().size;
+    let start = addr.max(rt.region().base);
+    let end = addr.saturating_add(len).min(heap_end);
+    if start >= end {
+        return;
+    }
+    for page in rt.page_of(start)..=rt.page_of(end - 1) {
+        if !rt.pt().permits(page, write) {
+            acquire(rt, page, write);
+        }
+    }
+}
+
+/// Parks a thread that touched a page it no longer holds while the process exits; returns (and
+/// the caller ends the process) if the exit does not come within the peer timeout.
+pub fn wait_for_exit(rt: &Runtime) {
+    let never = std::sync::atomic::AtomicU32::new(0);
+    let deadline = now_ns().saturating_add(rt.settings().peer_timeout.as_nanos() as u64);
+    loop {
+        let now = now_ns();
+        if now >= deadline {
+            return;
+        }
+        crate::sys::futex::wait(&never, 0, Some(std::time::Duration::from_nanos(deadline - now)));
+    }
+}
+
+/// Asks the home for `page` and waits until it is installed.
+fn fetch(rt: &Runtime, page: usize, write: bool) {
+    let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
+    rt.stats().count(counter, 1);
+    let waiter = rt.slots().claim_for(page as u64, write);
+    let home = rt.home(page);
+    if home == rt.rank() {
+        rt.slots().post_local(waiter);
+        if let Some(t) = rt.transport() {
+            t.wake();
+        }
+    } else {
+        // No need to wake the service thread: we read the answer ourselves.
+        send_raw(rt, home, &Msg::Request { page: page as u64, write, waiter }, "cannot send a page request to rank ");
+    }
+    wait_for(rt, waiter);
+}
+
+/// Sends a small message from the fault path; failure is fatal.
+fn send_raw(rt: &Runtime, to: usize, msg: &Msg, what: &str) {
+    let mut buf = [0u8; 64];
+    let sent =
+        wire::encode(msg, &[], &mut buf).ok().and_then(|bytes| rt.transport().map(|t| t.send(to, bytes, None).is_ok()));
+    if sent != Some(true) {
+        fatal_raw(rt, what, to);
+    }
+}
+
+/// Waits for `waiter`'s answer: spins reading incoming answers itself (so no hand-off to the
+/// service thread sits on the path), then sleeps. Returns the value the answer carried.
+pub fn wait_for(rt: &Runtime, waiter: Waiter) -> u64 {
+    let mut drive = || {
+        if let Some(t) = rt.transport() {
+            t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page));
+        }
+    };
+    // When we stop reading the sockets ourselves without an answer, make sure the service
+    // thread does.
+    let mut after_spin = |done: bool| {
+        if done {
+            rt.service().set_last_wait_end(now_ns());
+        } else if rt.service().deaf() {
+            if let Some(t) = rt.transport() {
+                t.wake();
+            }
+        }
+    };
+    rt.slots().wait_and_release(waiter, rt.settings().spin, &mut drive, &mut after_spin)
+}
+
+/// What came attached to a message, as the protocol names it.
+pub fn attached(rt: &Runtime, span: Option<Span>) -> Attached {
+    let page = rt.region().page as u64;
+    match span {
+        None => Attached::Nothing,
+        Some(s) if u64::from(s.len) == page && s.offset % page == 0 => Attached::Page(s.offset / page),
+        Some(_) => Attached::Other,
+    }
+}
+
+/// Handles an answer read by a waiting thread itself (for any local thread): page grants and lock
+/// grants it can complete on the spot. Declines (returns false) everything else, and anything
+/// that is not exactly as the protocol expects: the service thread then handles it, and stops
+/// the process with a clear message if it is wrong.
+fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> bool {
+    match bytes.first() {
+        Some(&GRANT_TAG) | Some(&LOCK_GRANTED_TAG) => {}
+        _ => return false,
+    }
+    let Ok((msg, _)) = wire::decode(bytes) else { return false };
+    if check_received(rt.placement(), rt.rank(), from, &msg, attached(rt, span)).is_err() {
+        return false;
+    }
+    let (page, waiter, write, source) = match msg {
+        Msg::LockGranted { waiter, .. } => return rt.slots().complete(waiter),
+        Msg::Grant { page, waiter, write, source } => (page, waiter, write, source),
+        _ => return false,
+    };
+    let home = rt.home(page as usize);
+    if (source.needs_done() && home == rt.rank()) || !rt.slots().waits_for_page(waiter, page) {
+        return false;
+    }
+    if let Source::ReadFrom(owner) = source {
+        // One-sided read by this thread when the transport can do it without allocating (the
+        // service thread does the first read of each chunk, which registers memory).
+        let len = rt.region().page as u32;
+        let span = Span { offset: page * u64::from(len), len };
+        if !rt.transport().is_some_and(|t| t.read_inline(owner as usize, span)) {
+            return false;
+        }
+        rt.stats().count(&rt.stats().bytes_in, u64::from(span.len));
+    }
+    if let Some(span) = span {
+        rt.stats().count(&rt.stats().bytes_in, u64::from(span.len));
+    }
+    open_page(rt, page, write);
+    if source.needs_done() {
+        send_raw(rt, home, &Msg::Done { page }, "cannot send a completion to rank ");
+    }
+    rt.slots().complete(waiter);
+    true
+}
+
+/// Opens the application view of `page`, whose new contents are complete in the runtime view,
+/// and marks it as just installed.
+pub fn open_page(rt: &Runtime, page: u64, write: bool) {
+    let access = Access::granted(write);
+    if rt.pt().access(page as usize) != access {
+        if let Err(errno) = rt.region().protect(page as usize, 1, access) {
+            protect_failed(rt, errno);
+        }
+        rt.pt().set(page as usize, access);
+    }
+    rt.pt().mark_installed(page as usize, now_ns());
+}
+
+/// Writes "gallocy: rank R: fatal: WHAT N" and ends the process.
+pub fn fatal_raw(rt: &Runtime, what: &str, n: usize) -> ! {
+    let mut buf = [0u8; 256];
+    let mut w = RawWriter::new(&mut buf);
+    w.str("gallocy: rank ").num(rt.rank() as u64).str(": fatal: ").str(what).num(n as u64).str("\n");
+    write_stderr(w.as_bytes());
+    exit_now(EXIT_PEER_LOST)
+}

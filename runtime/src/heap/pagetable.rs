@@ -1,0 +1,144 @@
+//! The local page table: this process's access to each heap page, in private runtime memory.
+//!
+//! Entries live in anonymous mappings that are touched lazily, so a large heap costs address
+//! space, not memory. The state byte is written by the service thread (which also changes the
+//! page protections); the in-flight word lets one local thread fetch a page while others wait.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use crate::error::Error;
+use crate::heap::lazy::LazyArray;
+use crate::heap::region::Access;
+
+const DEFAULT: u8 = 0;
+const INVALID: u8 = 1;
+const READ: u8 = 2;
+const WRITE: u8 = 3;
+
+/// Per-page local state.
+pub struct PageTable {
+    state: LazyArray<AtomicU8>,
+    inflight: LazyArray<AtomicU32>,
+    /// Installed for a local thread that has not resumed yet.
+    fresh: LazyArray<AtomicU8>,
+    /// When each page was last installed (CLOCK_MONOTONIC ns).
+    installed_at: LazyArray<AtomicU64>,
+    /// Pages [own_first, own_end) start out owned and writable here.
+    own_first: usize,
+    own_end: usize,
+}
+
+impl PageTable {
+    pub fn new(pages: usize, own_first: usize, own_end: usize) -> Result<PageTable, Error> {
+        Ok(PageTable {
+            state: LazyArray::new(pages)?,
+            inflight: LazyArray::new(pages)?,
+            fresh: LazyArray::new(pages)?,
+            installed_at: LazyArray::new(pages)?,
+            own_first,
+            own_end,
+        })
+    }
+
+    /// This process's current access to `page`.
+    #[inline]
+    pub fn access(&self, page: usize) -> Access {
+        match self.state.get(page).load(Ordering::Acquire) {
+            DEFAULT if (self.own_first..self.own_end).contains(&page) => Access::Write,
+            DEFAULT | INVALID => Access::None,
+            READ => Access::Read,
+            _ => Access::Write,
+        }
+    }
+
+    /// Records a new access (the caller changes the protection accordingly).
+    pub fn set(&self, page: usize, access: Access) {
+        let v = match access {
+            Access::None => INVALID,
+            Access::Read => READ,
+            Access::Write => WRITE,
+        };
+        self.state.get(page).store(v, Ordering::Release);
+    }
+
+    /// Whether the current access allows the faulting access.
+    #[inline]
+    pub fn permits(&self, page: usize, write: bool) -> bool {
+        match self.access(page) {
+            Access::Write => true,
+            Access::Read => !write,
+            Access::None => false,
+        }
+    }
+
+    /// Marks `page` as just installed (at `now`) for a waiting local thread.
+    pub fn mark_installed(&self, page: usize, now: u64) {
+        self.installed_at.get(page).store(now, Ordering::Release);
+        self.fresh.get(page).store(1, Ordering::Release);
+    }
+
+    /// When `page` was last installed.
+    pub fn installed_at(&self, page: usize) -> u64 {
+        self.installed_at.get(page).load(Ordering::Acquire)
+    }
+
+    /// The waiting thread is about to resume and use the page.
+    pub fn clear_fresh(&self, page: usize) {
+        self.fresh.get(page).store(0, Ordering::Release);
+    }
+
+    /// Whether the thread the page was installed for has not resumed yet.
+    pub fn is_fresh(&self, page: usize) -> bool {
+        self.fresh.get(page).load(Ordering::Acquire) != 0
+    }
+
+    /// Tries to become the one local thread fetching `page`.
+    #[inline]
+    pub fn try_claim(&self, page: usize) -> bool {
+        self.inflight.get(page).compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Waits (spin, then futex) until no local thread is fetching `page`.
+    pub fn wait_unclaimed(&self, page: usize, spin: std::time::Duration) {
+        let w = self.inflight.get(page);
+        if crate::sys::futex::spin_until(spin, || w.load(Ordering::Acquire) == 0) {
+            return;
+        }
+        loop {
+            match w.compare_exchange(1, 2, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) | Err(2) => crate::sys::futex::wait(w, 2, None),
+                Err(_) => {}
+            }
+            if w.load(Ordering::Acquire) == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Ends this thread's fetch of `page`, waking local waiters.
+    pub fn release(&self, page: usize) {
+        let w = self.inflight.get(page);
+        if w.swap(0, Ordering::AcqRel) == 2 {
+            crate::sys::futex::wake(w, i32::MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_arena() {
+        let pt = PageTable::new(100, 10, 20).unwrap();
+        assert_eq!(pt.access(5), Access::None);
+        assert_eq!(pt.access(15), Access::Write);
+        pt.set(15, Access::Read);
+        assert!(pt.permits(15, false) && !pt.permits(15, true));
+        pt.set(5, Access::Write);
+        assert!(pt.permits(5, true));
+        assert!(pt.try_claim(3) && !pt.try_claim(3));
+        pt.release(3);
+        assert!(pt.try_claim(3));
+    }
+}

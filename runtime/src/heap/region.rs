@@ -1,0 +1,407 @@
+//! The heap region: one memfd mapped twice.
+//!
+//! The *application view* sits at the fixed heap base in every process; its per-page protections
+//! follow the coherence state. The *runtime view* is mapped anywhere, always read-write: incoming
+//! page contents land there (so the application never sees a half-copied page), and it is what
+//! peers read from (and what an RDMA NIC registers).
+
+use std::io::BufRead;
+use std::sync::OnceLock;
+
+use gallocy_transport::MemoryView;
+
+use crate::error::Error;
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p <= 0 {
+        4096
+    } else {
+        p as usize
+    }
+}
+
+pub use crate::protocol::Access;
+
+/// The protection that gives the application view `access`.
+fn prot(access: Access) -> libc::c_int {
+    match access {
+        Access::None => libc::PROT_NONE,
+        Access::Read => libc::PROT_READ,
+        Access::Write => libc::PROT_READ | libc::PROT_WRITE,
+    }
+}
+
+/// The mapped heap.
+///
+/// A heap starts as private anonymous memory (a one-process job, or a job member that has not
+/// joined yet: `fork` then gives a plain copy-on-write snapshot). [`Region::share`] turns it into
+/// the memfd with its two views when the process joins the job.
+pub struct Region {
+    pub base: usize,
+    pub size: usize,
+    pub page: usize,
+    shared: OnceLock<Shared>,
+}
+
+/// The memfd behind a shared heap and its runtime view.
+struct Shared {
+    memfd: libc::c_int,
+    runtime_base: usize,
+}
+
+/// A readable run of the application view: `[start, end)` with its protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readable {
+    pub start: usize,
+    pub end: usize,
+    pub writable: bool,
+}
+
+/// Finds the /proc/self/maps line overlapping [start, end).
+fn conflicting_mapping(start: usize, end: usize) -> String {
+    let Ok(f) = std::fs::File::open("/proc/self/maps") else {
+        return "unknown".into();
+    };
+    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+        let Some((range, _)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if a < end && start < b {
+            return line.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+    }
+    "unknown".into()
+}
+
+/// Checks that an `mmap(base, size, MAP_FIXED_NOREPLACE)` landed at `base`; on failure undoes a
+/// misplaced mapping (old kernels treat NOREPLACE as a hint) and names what is in the way.
+fn check_placement(p: *mut libc::c_void, base: usize, size: usize) -> Result<(), Error> {
+    if p != libc::MAP_FAILED && p as usize == base {
+        return Ok(());
+    }
+    let errno = std::io::Error::last_os_error();
+    if p != libc::MAP_FAILED {
+        // SAFETY: unmapping the misplaced mapping we just made.
+        unsafe { libc::munmap(p, size) };
+    }
+    if p != libc::MAP_FAILED || errno.raw_os_error() == Some(libc::EEXIST) {
+        return Err(Error::Occupied { start: base, end: base + size, mapping: conflicting_mapping(base, base + size) });
+    }
+    Err(Error::Os { what: format!("mapping the heap at {base:#x}"), source: errno })
+}
+
+impl Region {
+    /// Maps a private anonymous heap for a one-process job (no runtime view, nothing to share);
+    /// it starts with no access.
+    pub fn reserve_private(base: usize, size: usize) -> Result<Region, Error> {
+        // SAFETY: a fresh anonymous mapping at an address that must be free (NOREPLACE).
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        check_placement(p, base, size)?;
+        Ok(Region { base, size, page: page_size(), shared: OnceLock::new() })
+    }
+
+    /// Turns the private heap into a shared one when the process joins the job: creates the memfd,
+    /// maps the runtime view, copies the pages `[first, end)` that hold data into it, and maps the
+    /// memfd over the whole application view with no access (the caller opens what it holds).
+    /// The caller keeps every thread from writing those pages meanwhile (it write-protects them).
+    pub fn share(&self, first: usize, end: usize) -> Result<MemoryView, Error> {
+        if let Some(s) = self.shared.get() {
+            return Ok(MemoryView { base: s.runtime_base as *mut u8, len: self.size });
+        }
+        // SAFETY: the name is a valid C string; flags are valid.
+        let memfd = unsafe { libc::memfd_create(c"gallocy-heap".as_ptr(), libc::MFD_CLOEXEC) };
+        if memfd < 0 {
+            return Err(Error::os("memfd_create"));
+        }
+        let fail = |e: Error, rt: *mut libc::c_void| {
+            // SAFETY: undoing our own mapping and fd.
+            unsafe {
+                if !rt.is_null() && rt != libc::MAP_FAILED {
+                    libc::munmap(rt, self.size);
+                }
+                libc::close(memfd);
+            }
+            Err(e)
+        };
+        // SAFETY: memfd is ours.
+        if unsafe { libc::ftruncate(memfd, self.size as libc::off_t) } != 0 {
+            return fail(Error::os(format!("sizing the heap memfd to {} bytes", self.size)), std::ptr::null_mut());
+        }
+        // SAFETY: mapping our memfd anywhere, shared, read-write.
+        let rt = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                memfd,
+                0,
+            )
+        };
+        if rt == libc::MAP_FAILED {
+            return fail(Error::os("mapping the heap's runtime view"), rt);
+        }
+        // A child never uses the runtime view (it copies its snapshot through the memfd, see
+        // `snapshot_in_child`): keep it out of children, so that `fork` leaves the parent's
+        // registered RDMA memory alone on every kernel, and a child cannot write to it.
+        // SAFETY: advice on the mapping made above.
+        if unsafe { libc::madvise(rt, self.size, libc::MADV_DONTFORK) } != 0 {
+            return fail(Error::os("madvise(MADV_DONTFORK) on the heap's runtime view"), rt);
+        }
+        for page in first..end {
+            let off = page * self.page;
+            // SAFETY: pages [first, end) of the application view are readable (the caller's
+            // arena), the runtime view is a fresh read-write mapping of the same size.
+            unsafe {
+                let src = std::slice::from_raw_parts((self.base + off) as *const u8, self.page);
+                if src.iter().any(|b| *b != 0) {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), (rt as *mut u8).add(off), self.page);
+                }
+            }
+        }
+        // SAFETY: replaces our own private application view, in place, by the memfd.
+        let app = unsafe {
+            libc::mmap(
+                self.base as *mut libc::c_void,
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                memfd,
+                0,
+            )
+        };
+        if app == libc::MAP_FAILED {
+            return fail(Error::os("mapping the shared heap"), rt);
+        }
+        let _ = self.shared.set(Shared { memfd, runtime_base: rt as usize });
+        Ok(MemoryView { base: rt as *mut u8, len: self.size })
+    }
+
+    /// The readable runs of the application view, from /proc/self/maps (allocates).
+    pub fn readable_runs(&self) -> Result<Vec<Readable>, Error> {
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| Error::Os { what: "reading /proc/self/maps".into(), source: e })?;
+        let mut runs = Vec::new();
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+            let Some((a, b)) = range.split_once('-') else { continue };
+            let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+            if a < self.base || b > self.base + self.size || !perms.starts_with('r') {
+                continue;
+            }
+            runs.push(Readable { start: a, end: b, writable: perms.as_bytes().get(1) == Some(&b'w') });
+        }
+        Ok(runs)
+    }
+
+    /// In a forked child of a job member: replaces the shared application view by private
+    /// memory holding a copy of `runs` (the parent's readable pages, frozen by the parent until
+    /// this returns), readable and writable (the copy is the child's own); everything else has
+    /// no access. The child's
+    /// heap is then exactly the parent's at `fork`, and nothing either side writes reaches the
+    /// other. Async-signal-safe (no allocation). On failure returns the errno.
+    pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        let errno = || {
+            // SAFETY: reading errno right after a failing call.
+            unsafe { *libc::__errno_location() }
+        };
+        // SAFETY: a fresh private mapping; copies from readable runs of our application view into
+        // it; then moves it over the application view (one mapping, so mremap can move it whole),
+        // and sets the protections of our own heap range.
+        unsafe {
+            let copy = libc::mmap(
+                std::ptr::null_mut(),
+                self.size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if copy == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            // Only the parts of the memfd that hold data: holes read as zeros, as the fresh copy
+            // does (a rank's arena is one large writable run, mostly never touched).
+            for r in runs {
+                let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
+                let mut at = start;
+                while at < end {
+                    let data = libc::lseek(shared.memfd, at, libc::SEEK_DATA);
+                    if data < 0 || data >= end {
+                        break;
+                    }
+                    let hole = libc::lseek(shared.memfd, data, libc::SEEK_HOLE);
+                    let hole = if hole <= data { end } else { hole.min(end) };
+                    // Read straight from the memfd: the child's shared mapping has no page table
+                    // entries yet, and faulting each page in through it costs more than the copy.
+                    let mut off = data;
+                    while off < hole {
+                        let n = libc::syscall(
+                            libc::SYS_pread64,
+                            shared.memfd,
+                            (copy as *mut u8).add(off as usize),
+                            (hole - off) as usize,
+                            off,
+                        );
+                        if n < 0 && *libc::__errno_location() == libc::EINTR {
+                            continue;
+                        }
+                        if n <= 0 {
+                            return Err(if n < 0 { errno() } else { libc::EIO });
+                        }
+                        off += n as libc::off_t;
+                    }
+                    at = hole;
+                }
+            }
+            let moved = libc::mremap(
+                copy,
+                self.size,
+                self.size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.base as *mut libc::c_void,
+            );
+            if moved == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
+                return Err(errno());
+            }
+            // Every page the child has a copy of is its own now, to read and to write.
+            for (start, end) in spans(runs) {
+                if libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                    return Err(errno());
+                }
+            }
+            // The runtime view is not in the child (MADV_DONTFORK, see `share`): its address range
+            // is free here, and may already hold a mapping of the child's; nothing to unmap.
+            libc::close(shared.memfd);
+        }
+        Ok(())
+    }
+
+    /// Sets the protection of `[start, end)` of the application view (inside the heap).
+    /// Async-signal-safe. On failure returns the errno.
+    pub fn protect_range(&self, start: usize, end: usize, access: Access) -> Result<(), i32> {
+        debug_assert!(start >= self.base && end <= self.base + self.size);
+        // SAFETY: the range lies inside our application view.
+        let r = unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot(access)) };
+        if r == 0 {
+            Ok(())
+        } else {
+            // SAFETY: reading errno right after the failing call.
+            Err(unsafe { *libc::__errno_location() })
+        }
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.size / self.page
+    }
+
+    /// Whether `addr` lies in the application view.
+    #[inline]
+    pub fn contains(&self, addr: usize) -> bool {
+        addr.wrapping_sub(self.base) < self.size
+    }
+
+    /// Sets the application view's access for `count` pages starting at `page`.
+    /// Async-signal-safe. On failure returns the errno.
+    pub fn protect(&self, page: usize, count: usize, access: Access) -> Result<(), i32> {
+        let addr = self.base + page * self.page;
+        self.protect_range(addr, addr + count * self.page, access)
+    }
+
+    /// Pointer to a page in the runtime view.
+    #[cfg(test)]
+    pub fn runtime_page(&self, page: usize) -> *mut u8 {
+        (self.shared.get().expect("shared").runtime_base + page * self.page) as *mut u8
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own views and closing our fd.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, self.size);
+            if let Some(s) = self.shared.get() {
+                libc::munmap(s.runtime_base as *mut libc::c_void, self.size);
+                libc::close(s.memfd);
+            }
+        }
+    }
+}
+
+/// The maximal spans `[start, end)` of adjacent runs (one `mprotect` each instead of one per
+/// run). Allocation-free.
+pub fn spans(runs: &[Readable]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = runs.get(i)?;
+        let mut end = first.end;
+        i += 1;
+        while let Some(next) = runs.get(i).filter(|r| r.start == end) {
+            end = next.end;
+            i += 1;
+        }
+        Some((first.start, end))
+    })
+}
+
+/// The kernel's limit on mappings per process (each protection change can split one).
+pub fn max_map_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_share_memory_and_occupied_range_is_reported() {
+        let base = 0x3100_0000_0000;
+        let r = Region::reserve_private(base, 16 << 20).unwrap();
+        r.protect(0, 2, Access::Write).unwrap();
+        // SAFETY: page 0 is writable private memory.
+        unsafe { *((base + 8) as *mut u64) = 9 };
+        r.share(0, 2).unwrap();
+        r.protect(0, 1, Access::Write).unwrap();
+        // SAFETY: the private page's contents moved into the shared heap.
+        assert_eq!(unsafe { *((base + 8) as *const u64) }, 9);
+        // SAFETY: page 0 of both views is mapped; the app view is writable now.
+        unsafe {
+            *(base as *mut u64) = 42;
+            assert_eq!(*(r.runtime_page(0) as *const u64), 42);
+            *(r.runtime_page(1) as *mut u64) = 7;
+        }
+        r.protect(1, 1, Access::Read).unwrap();
+        // SAFETY: page 1 is readable now.
+        assert_eq!(unsafe { *((base + r.page) as *const u64) }, 7);
+        match Region::reserve_private(base + (1 << 20), 16 << 20) {
+            Err(Error::Occupied { mapping, .. }) => {
+                assert!(mapping.contains("gallocy-heap"), "{mapping}")
+            }
+            other => panic!("expected Occupied, got {:?}", other.err()),
+        }
+    }
+}

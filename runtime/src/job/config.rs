@@ -1,0 +1,296 @@
+//! Job configuration from `GALLOCY_*` variables, with the launchers' rank variables as fallback.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// Default heap base: 0x2000_0000_0000 (32 TiB).
+///
+/// Why here: on x86-64 Linux (47-bit user space), PIE executables and their brk heap land at
+/// 0x55xx_xxxx_xxxx-0x56xx_xxxx_xxxx, shared libraries, `mmap` results and thread stacks grow
+/// down from just below 0x7fxx_xxxx_xxxx (ASLR moves them by at most a few TiB), non-PIE
+/// executables sit near 0x40_0000, and PMIx (used by `mpirun`/`srun`) places its shared segments
+/// in the 0x3xxx_xxxx_xxxx range. ASan's shadow ends at 0x1000_7fff_7fff. 0x2000_0000_0000 plus
+/// the default 16 GiB is far from all of them. On aarch64 with 48-bit addresses it is also valid.
+pub const DEFAULT_HEAP_BASE: usize = 0x2000_0000_0000;
+/// Default heap size: 16 GiB of address space; memory is only used for pages that are touched.
+pub const DEFAULT_HEAP_SIZE: usize = 16 << 30;
+/// Default time a waiter spins before it blocks.
+pub const DEFAULT_SPIN_US: u64 = 100;
+/// Highest user-space address we accept for the end of the heap (47-bit address space).
+const USER_SPACE_END: usize = 0x7fff_ffff_f000;
+/// Largest job the directory's copy-set bitmap supports.
+pub const MAX_PROCESSES: usize = 64;
+
+/// Which transport moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP sockets on loopback or a cluster network.
+    Tcp,
+    /// RDMA (ibverbs): page copies by one-sided READ. Fails at start-up without a usable device.
+    Rdma,
+    /// RDMA when every process has a usable device, TCP otherwise (the default).
+    Auto,
+}
+
+impl TransportKind {
+    /// The name users write in GALLOCY_TRANSPORT.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
+            TransportKind::Auto => "auto",
+        }
+    }
+}
+
+/// Where RDMA runs: `GALLOCY_RDMA_DEVICE`, `GALLOCY_RDMA_PORT`, `GALLOCY_RDMA_GID_INDEX`.
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub struct RdmaSettings {
+    pub device: Option<String>,
+    pub port: Option<u8>,
+    pub gid_index: Option<u32>,
+}
+
+/// Who this process is in which job, and how to reach rank 0.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub rank: usize,
+    pub size: usize,
+    /// `host:port` of rank 0's listener; `None` for a one-process job.
+    pub coordinator: Option<String>,
+    /// The job's secret.
+    pub token: Vec<u8>,
+    /// True when no GALLOCY_TOKEN was given and the token was derived from the job's identity.
+    pub token_derived: bool,
+    /// `GALLOCY_BIND`: where this process (if not rank 0) listens for its peers. `None` (unset):
+    /// chosen when joining from the route to the coordinator (see `bootstrap::listen_address`).
+    pub bind: Option<IpAddr>,
+}
+
+/// Everything else, checked against rank 0's copy at start-up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub heap_base: usize,
+    pub heap_size: usize,
+    pub spin: Duration,
+    pub hold: Duration,
+    pub stats: bool,
+    pub transport: TransportKind,
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub rdma: RdmaSettings,
+    pub setup_timeout: Duration,
+    pub peer_timeout: Duration,
+}
+
+/// Reads a variable: `Ok(None)` when unset.
+fn var(name: &str) -> Result<Option<String>, Error> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::config(name, "<not UTF-8>", "is not valid UTF-8")),
+    }
+}
+
+/// Parses a size: decimal or 0x-hex, with an optional K/M/G/T (binary) suffix.
+pub fn parse_size(s: &str) -> Option<usize> {
+    let t = s.trim();
+    let (digits, mult) = match t.chars().last()? {
+        'k' | 'K' => (&t[..t.len() - 1], 1usize << 10),
+        'm' | 'M' => (&t[..t.len() - 1], 1 << 20),
+        'g' | 'G' => (&t[..t.len() - 1], 1 << 30),
+        't' | 'T' => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let v = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(hex) => usize::from_str_radix(&hex.replace('_', ""), 16).ok()?,
+        None => digits.replace('_', "").parse::<usize>().ok()?,
+    };
+    v.checked_mul(mult)
+}
+
+fn parse_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Error> {
+    match var(name)? {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| Error::config(name, &v, "is not a whole number")),
+    }
+}
+
+/// Finds rank and size: GALLOCY_*, then mpirun (Open MPI), PMI, Slurm. `None`: a one-process job.
+fn rank_and_size() -> Result<Option<(usize, usize, &'static str)>, Error> {
+    const SOURCES: [(&str, &str); 4] = [
+        ("GALLOCY_RANK", "GALLOCY_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ];
+    for (rank_var, size_var) in SOURCES {
+        let (r, s) = (var(rank_var)?, var(size_var)?);
+        match (r, s) {
+            (None, None) => continue,
+            (Some(_), None) => return Err(Error::config(size_var, "", &format!("must be set when {rank_var} is"))),
+            (None, Some(_)) => return Err(Error::config(rank_var, "", &format!("must be set when {size_var} is"))),
+            (Some(r), Some(s)) => {
+                let rank: usize = r.trim().parse().map_err(|_| Error::config(rank_var, &r, "is not a whole number"))?;
+                let size: usize = s.trim().parse().map_err(|_| Error::config(size_var, &s, "is not a whole number"))?;
+                if size == 0 || size > MAX_PROCESSES {
+                    return Err(Error::config(size_var, &s, &format!("must be between 1 and {MAX_PROCESSES}")));
+                }
+                if rank >= size {
+                    return Err(Error::config(rank_var, &r, &format!("must be below {size_var}={size}")));
+                }
+                return Ok(Some((rank, size, rank_var)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A token for jobs started without GALLOCY_TOKEN (e.g. by `mpirun`): derived from what every
+/// process of the job shares. It keeps other jobs out but is not a secret.
+fn derived_token(coordinator: &str) -> Vec<u8> {
+    let mut t = format!("gallocy-derived|uid={}|coord={coordinator}", {
+        // SAFETY: getuid has no preconditions.
+        unsafe { libc::getuid() }
+    });
+    for v in ["PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID", "SLURM_STEP_ID"] {
+        if let Ok(x) = std::env::var(v) {
+            t.push_str(&format!("|{v}={x}"));
+        }
+    }
+    t.into_bytes()
+}
+
+/// The identity of a one-process job.
+pub fn single_identity() -> Identity {
+    Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind: None }
+}
+
+/// Reads this process's identity in the job.
+pub fn identity() -> Result<Identity, Error> {
+    // Only parsed here: the default depends on the route to the coordinator, which is looked up
+    // when the process joins (this runs in the shim's ELF constructor, which talks to nobody).
+    let bind = match var("GALLOCY_BIND")? {
+        None => None,
+        Some(v) => Some(v.trim().parse().map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?),
+    };
+    let Some((rank, size, _)) = rank_and_size()? else {
+        return Ok(Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind });
+    };
+    if size == 1 {
+        return Ok(Identity { rank, size, coordinator: None, token: Vec::new(), token_derived: false, bind });
+    }
+    let coordinator = var("GALLOCY_COORDINATOR")?.ok_or_else(|| {
+        Error::config("GALLOCY_COORDINATOR", "", "must be set (host:port of rank 0) for a job of more than one process")
+    })?;
+    if !coordinator.contains(':') || coordinator.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).is_none() {
+        return Err(Error::config("GALLOCY_COORDINATOR", &coordinator, "must look like host:port"));
+    }
+    let (token, token_derived) = match var("GALLOCY_TOKEN")? {
+        Some(t) if t.is_empty() => return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty")),
+        Some(t) => (t.into_bytes(), false),
+        None => (derived_token(&coordinator), true),
+    };
+    Ok(Identity { rank, size, coordinator: Some(coordinator), token, token_derived, bind })
+}
+
+/// Reads the settings every rank must agree on (and some local tuning).
+pub fn settings() -> Result<Settings, Error> {
+    let heap_base = match var("GALLOCY_HEAP_BASE")? {
+        None => DEFAULT_HEAP_BASE,
+        Some(v) => parse_size(&v).ok_or_else(|| Error::config("GALLOCY_HEAP_BASE", &v, "is not an address"))?,
+    };
+    let heap_size = match var("GALLOCY_HEAP_SIZE")? {
+        None => DEFAULT_HEAP_SIZE,
+        Some(v) => parse_size(&v)
+            .ok_or_else(|| Error::config("GALLOCY_HEAP_SIZE", &v, "is not a size (e.g. 4G, 512M, 0x40000000)"))?,
+    };
+    let page = crate::heap::region::page_size();
+    if heap_base == 0 || heap_base % (64 << 10) != 0 {
+        return Err(Error::config(
+            "GALLOCY_HEAP_BASE",
+            &format!("{heap_base:#x}"),
+            "must be a non-zero multiple of 64 KiB",
+        ));
+    }
+    if heap_size < (16 << 20) || heap_size % (64 << 10) != 0 {
+        return Err(Error::config(
+            "GALLOCY_HEAP_SIZE",
+            &heap_size.to_string(),
+            "must be at least 16M and a multiple of 64K",
+        ));
+    }
+    if heap_base.checked_add(heap_size).is_none_or(|end| end > USER_SPACE_END) {
+        return Err(Error::config("GALLOCY_HEAP_SIZE", &heap_size.to_string(), "puts the heap end beyond user space"));
+    }
+    debug_assert!(page <= 64 << 10);
+    let transport = match var("GALLOCY_TRANSPORT")?.as_deref().map(str::trim) {
+        Some("tcp") => TransportKind::Tcp,
+        // Without the RDMA transport built in, auto can only mean TCP.
+        None | Some("auto") | Some("") if cfg!(feature = "rdma") => TransportKind::Auto,
+        None | Some("auto") | Some("") => TransportKind::Tcp,
+        Some("rdma") if cfg!(feature = "rdma") => TransportKind::Rdma,
+        Some("rdma") => {
+            return Err(Error::config(
+                "GALLOCY_TRANSPORT",
+                "rdma",
+                "this build has no RDMA transport (rebuild with the cargo feature `rdma`)",
+            ))
+        }
+        Some(other) => return Err(Error::config("GALLOCY_TRANSPORT", other, "must be tcp, rdma or auto")),
+    };
+    let rdma =
+        RdmaSettings {
+            device: var("GALLOCY_RDMA_DEVICE")?.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()),
+            port: match var("GALLOCY_RDMA_PORT")? {
+                None => None,
+                Some(v) => {
+                    Some(
+                        v.trim().parse::<u8>().ok().filter(|p| *p >= 1).ok_or_else(|| {
+                            Error::config("GALLOCY_RDMA_PORT", &v, "must be a port number from 1 to 255")
+                        })?,
+                    )
+                }
+            },
+            gid_index: match var("GALLOCY_RDMA_GID_INDEX")? {
+                None => None,
+                Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
+                    Error::config("GALLOCY_RDMA_GID_INDEX", &v, "must be a GID table index (0, 1, ...)")
+                })?),
+            },
+        };
+    let stats = match var("GALLOCY_STATS")?.as_deref().map(str::trim) {
+        None | Some("") | Some("0") => false,
+        Some("1") => true,
+        Some(other) => return Err(Error::config("GALLOCY_STATS", other, "must be 0 or 1")),
+    };
+    Ok(Settings {
+        heap_base,
+        heap_size,
+        spin: Duration::from_micros(parse_number("GALLOCY_SPIN_US", DEFAULT_SPIN_US)?),
+        hold: Duration::from_micros(parse_number("GALLOCY_HOLD_US", 0u64)?),
+        stats,
+        transport,
+        rdma,
+        setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30u64)?),
+        peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10u64)?.max(1)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("16M"), Some(16 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("0x2000_0000_0000"), Some(0x2000_0000_0000));
+        assert_eq!(parse_size("banana"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! Setting up this process's rank and joining the job: the heap becomes shared, the transport
+//! connects to every peer, the service thread starts.
+
+use std::sync::Mutex;
+
+use gallocy_transport::MemoryView;
+
+use crate::error::Error;
+use crate::fault;
+use crate::heap::alloc::RuntimeScope;
+use crate::heap::layout::ArenaLayout;
+use crate::heap::pagetable::PageTable;
+use crate::heap::region::{self, Access};
+use crate::job::bootstrap;
+use crate::job::config::{self, Identity};
+use crate::job::membership::{JOINED, JOINING, LOCAL};
+use crate::job::runtime::{Runtime, RUNTIME};
+use crate::job::{barrier, forklock};
+
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+static JOIN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Sets up as `id` and joins the job.
+pub(crate) fn init_as(id: Identity) -> Result<(), Error> {
+    let rt = prepare(id, true)?;
+    join(rt)
+}
+
+/// Sets up this process's rank without talking to anybody: the heap (private memory until the
+/// process joins), this rank's arena and the allocator. Idempotent. With `report_to_job`, a
+/// member whose own configuration is bad still contacts rank 0, so that the whole job stops
+/// with one message naming this rank.
+pub(crate) fn prepare(id: Identity, report_to_job: bool) -> Result<&'static Runtime, Error> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let _scope = RuntimeScope::enter();
+    let _g = INIT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rank = id.rank;
+    let settings = config::settings();
+    let region = settings.as_ref().ok().map(|s| region::Region::reserve_private(s.heap_base, s.heap_size));
+    let problem = match (&settings, &region) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Some(Err(e))) => Some(e.to_string()),
+        _ => None,
+    };
+    if problem.is_some() && report_to_job && id.size > 1 {
+        let nowhere = MemoryView { base: std::ptr::null_mut(), len: 0 };
+        // This always fails; our own problem (below) is the clearest message for this rank.
+        let _ = bootstrap::connect(&id, settings.as_ref().ok(), nowhere, problem);
+    }
+    let settings = settings.map_err(|e| e.on_rank(rank))?;
+    let region = region.expect("valid settings give a region").map_err(|e| e.on_rank(rank))?;
+    let layout = ArenaLayout::new(region.size, region.page, id.size);
+    let (first, end) = layout.pages(id.rank);
+    region.protect(first, end - first, Access::Write).map_err(|e| {
+        Error::Os { what: "opening this rank's arena".into(), source: std::io::Error::from_raw_os_error(e) }
+            .on_rank(rank)
+    })?;
+    let pt = PageTable::new(region.pages(), first, end).map_err(|e| e.on_rank(rank))?;
+    let rt = Runtime::new(id, settings, region, pt, layout);
+    if RUNTIME.set(rt).is_err() {
+        unreachable!("prepare holds the init lock");
+    }
+    let rt = RUNTIME.get().expect("just set");
+    crate::heap::alloc::register_process_allocator(rt.alloc());
+    Ok(rt)
+}
+
+/// Joins the job (idempotent; a no-op in a one-process job): makes the heap shared, connects
+/// to every peer, starts the service thread, then waits for every rank (barrier).
+pub(crate) fn join(rt: &'static Runtime) -> Result<(), Error> {
+    if rt.size() == 1 || rt.joined() {
+        return Ok(());
+    }
+    let _scope = RuntimeScope::enter();
+    {
+        let _g = JOIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if rt.joined() {
+            return Ok(());
+        }
+        // No fork while the heap changes hands: a child would get neither a private heap nor
+        // a snapshot of the shared one (a fork takes the same lock).
+        forklock::fork_lock();
+        let joined = connect(rt);
+        if joined.is_err() {
+            // Back to a working local process: the arena stays open, the gate opens.
+            let (first, end) = rt.arena_pages();
+            let _ = rt.region().protect(first, end - first, Access::Write);
+            rt.membership().set_phase(LOCAL);
+            rt.gate().open();
+        }
+        forklock::fork_unlock();
+        joined.map_err(|e| e.on_rank(rt.rank()))?;
+    }
+    barrier::wait_for_all(rt);
+    Ok(())
+}
+
+/// The joining steps of [`join`].
+fn connect(rt: &'static Runtime) -> Result<(), Error> {
+    let os = |what: &str, e: i32| Error::Os { what: what.into(), source: std::io::Error::from_raw_os_error(e) };
+    fault::handler::install()?;
+    fault::handler::prepare_thread();
+    // Other threads keep running: while the arena's contents move into the memfd, their writes
+    // to it fault, and wait at the gate (see `fault::handler`).
+    rt.gate().close();
+    rt.membership().set_phase(JOINING);
+    let (first, end) = rt.arena_pages();
+    rt.region().protect(first, end - first, Access::Read).map_err(|e| os("freezing this rank's arena", e))?;
+    // Every page handed out so far lies below the allocator's high-water mark.
+    let used = rt.alloc().high_water_page().clamp(first, end);
+    let view = rt.region().share(first, used)?;
+    rt.region().protect(first, end - first, Access::Write).map_err(|e| os("opening this rank's arena", e))?;
+    // Writers to the arena go on now; faults on other pages wait for the end of the join.
+    rt.gate().open();
+    let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, None)?;
+    rt.set_transport(transport);
+    if rt.rank() == 0 && rt.identity().token_derived {
+        eprintln!(
+            "gallocy: warning: GALLOCY_TOKEN is not set; using a token derived from the job's identity, \
+             which keeps other jobs out but is not a secret"
+        );
+    }
+    std::thread::Builder::new()
+        .name("gallocy-service".into())
+        .spawn(move || {
+            std::mem::forget(RuntimeScope::enter());
+            fault::handler::prepare_thread();
+            crate::engine::Engine::new(rt).run();
+        })
+        .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
+    rt.membership().record_member_pid();
+    rt.membership().set_phase(JOINED);
+    Ok(())
+}

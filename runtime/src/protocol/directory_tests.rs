@@ -1,0 +1,187 @@
+//! One test per transition of the home's state machine.
+
+use super::directory::{Directory, PageRecord, Send};
+use super::msg::{Msg, Page, Source, Waiter};
+use super::placement::Placement;
+use super::ranks::RankSet;
+use super::violation::Violation;
+
+/// 3 ranks, 30 pages, arenas of 10: page 3's home is rank 0 and its first owner rank 0; page 12's
+/// home is rank 0 and its first owner rank 1; page 21's home is 0 and first owner 2.
+fn home0(one_sided: bool) -> Directory {
+    Directory::new(0, Placement::new(3, 30, 10), one_sided)
+}
+
+fn w(slot: u32) -> Waiter {
+    Waiter { slot, generation: 7 }
+}
+
+fn req(d: &mut Directory, from: usize, page: Page, write: bool, slot: u32) -> Vec<Send> {
+    let mut out = Vec::new();
+    d.request(from, page, write, w(slot), &mut out).unwrap();
+    out
+}
+
+fn ack(d: &mut Directory, from: usize, page: Page) -> Vec<Send> {
+    let mut out = Vec::new();
+    d.revoke_ack(from, page, &mut out).unwrap();
+    out
+}
+
+fn done(d: &mut Directory, from: usize, page: Page) -> Vec<Send> {
+    let mut out = Vec::new();
+    d.done(from, page, &mut out).unwrap();
+    out
+}
+
+fn grant(to: usize, page: Page, slot: u32, write: bool, source: Source) -> Send {
+    Send { to, msg: Msg::Grant { page, waiter: w(slot), write, source } }
+}
+
+fn revoke(to: usize, page: Page, to_read: bool) -> Send {
+    Send { to, msg: Msg::Revoke { page, to_read } }
+}
+
+fn rec(owner: usize, writable: bool, holders: &[usize], busy: bool) -> PageRecord {
+    PageRecord { owner, writable, holders: holders.iter().fold(RankSet::empty(), |s, r| s.with(*r)), busy }
+}
+
+#[test]
+fn a_holder_asking_again_gets_a_grant_at_once() {
+    let mut d = home0(false);
+    // The writable owner asking to read keeps its write access.
+    assert_eq!(req(&mut d, 1, 12, false, 1), vec![grant(1, 12, 1, true, Source::Valid)]);
+    assert_eq!(req(&mut d, 1, 12, true, 2), vec![grant(1, 12, 2, true, Source::Valid)], "the owner may write");
+    assert_eq!(d.record(12), rec(1, true, &[1], false));
+}
+
+#[test]
+fn a_read_of_a_page_the_home_owns_writable_downgrades_the_home_first() {
+    let mut d = home0(false);
+    assert_eq!(req(&mut d, 1, 3, false, 1), vec![revoke(0, 3, true)]);
+    assert!(d.record(3).busy);
+    assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::Inline)]);
+    assert_eq!(d.record(3), rec(0, false, &[0, 1], false));
+    // Now the home holds a read-only copy: the next reader gets it attached at once.
+    assert_eq!(req(&mut d, 2, 3, false, 2), vec![grant(2, 3, 2, false, Source::Inline)]);
+    assert_eq!(d.record(3), rec(0, false, &[0, 1, 2], false));
+}
+
+#[test]
+fn with_one_sided_reads_the_requester_reads_the_homes_copy_and_says_done() {
+    let mut d = home0(true);
+    assert_eq!(req(&mut d, 1, 3, false, 1), vec![revoke(0, 3, true)]);
+    assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::ReadFrom(0))]);
+    assert!(d.record(3).busy, "the home's copy stays put until Done");
+    let mut out = Vec::new();
+    assert_eq!(d.done(2, 3, &mut out), Err(Violation::UnexpectedDone { from: 2, page: 3 }), "only the requester");
+    assert!(done(&mut d, 1, 3).is_empty());
+    assert_eq!(d.record(3), rec(0, false, &[0, 1], false));
+    assert_eq!(req(&mut d, 2, 3, false, 2), vec![grant(2, 3, 2, false, Source::ReadFrom(0))]);
+    assert!(done(&mut d, 2, 3).is_empty());
+    assert_eq!(d.record(3), rec(0, false, &[0, 1, 2], false));
+}
+
+#[test]
+fn a_read_of_a_page_another_rank_owns_writable_is_forwarded() {
+    let mut d = home0(false);
+    let fwd = Send { to: 1, msg: Msg::Forward { page: 12, requester: 2, waiter: w(5), write: false } };
+    assert_eq!(req(&mut d, 2, 12, false, 5), vec![fwd]);
+    assert!(done(&mut d, 2, 12).is_empty());
+    assert_eq!(d.record(12), rec(1, false, &[1, 2], false));
+    // Read-only at its owner now, and the home holds no copy: read it from the owner.
+    assert_eq!(req(&mut d, 0, 12, false, 6), vec![grant(0, 12, 6, false, Source::ReadFrom(1))]);
+    assert!(done(&mut d, 0, 12).is_empty());
+    assert_eq!(d.record(12), rec(1, false, &[0, 1, 2], false));
+}
+
+#[test]
+fn a_write_by_a_reader_revokes_every_other_copy_and_grants_without_data() {
+    let mut d = home0(false);
+    req(&mut d, 2, 12, false, 1);
+    done(&mut d, 2, 12);
+    req(&mut d, 0, 12, false, 2);
+    done(&mut d, 0, 12);
+    let out = req(&mut d, 2, 12, true, 3);
+    assert_eq!(out, vec![revoke(0, 12, false), revoke(1, 12, false)]);
+    let mut none = Vec::new();
+    assert_eq!(
+        d.revoke_ack(2, 12, &mut none),
+        Err(Violation::UnexpectedAck { from: 2, page: 12 }),
+        "2 was not revoked"
+    );
+    assert!(ack(&mut d, 1, 12).is_empty());
+    assert_eq!(
+        d.revoke_ack(1, 12, &mut none),
+        Err(Violation::UnexpectedAck { from: 1, page: 12 }),
+        "1 acknowledged already"
+    );
+    assert_eq!(ack(&mut d, 0, 12), vec![grant(2, 12, 3, true, Source::Valid)]);
+    assert_eq!(d.record(12), rec(2, true, &[2], false));
+}
+
+#[test]
+fn a_write_when_the_home_holds_a_copy_invalidates_all_and_sends_the_homes() {
+    let mut d = home0(false);
+    req(&mut d, 1, 3, false, 1);
+    ack(&mut d, 0, 3); // 0 owns read-only, 1 reads
+    assert_eq!(req(&mut d, 2, 3, true, 2), vec![revoke(0, 3, false), revoke(1, 3, false)]);
+    ack(&mut d, 1, 3);
+    assert_eq!(ack(&mut d, 0, 3), vec![grant(2, 3, 2, true, Source::Inline)]);
+    assert_eq!(d.record(3), rec(2, true, &[2], false));
+}
+
+#[test]
+fn a_write_of_a_page_another_rank_owns_writable_is_forwarded_and_changes_owner_on_done() {
+    let mut d = home0(false);
+    let fwd = Send { to: 2, msg: Msg::Forward { page: 21, requester: 1, waiter: w(4), write: true } };
+    assert_eq!(req(&mut d, 1, 21, true, 4), vec![fwd]);
+    assert_eq!(d.record(21), rec(2, true, &[2], true));
+    assert!(done(&mut d, 1, 21).is_empty());
+    assert_eq!(d.record(21), rec(1, true, &[1], false));
+}
+
+#[test]
+fn a_write_of_a_read_only_page_revokes_the_readers_then_forwards_to_the_owner() {
+    let mut d = home0(false);
+    req(&mut d, 1, 21, false, 1); // forward to owner 2
+    done(&mut d, 1, 21); // 2 owns read-only, 1 reads
+    let out = req(&mut d, 0, 21, true, 2);
+    assert_eq!(out, vec![revoke(1, 21, false)], "the owner is not revoked: it hands the page over");
+    let fwd = Send { to: 2, msg: Msg::Forward { page: 21, requester: 0, waiter: w(2), write: true } };
+    assert_eq!(ack(&mut d, 1, 21), vec![fwd]);
+    done(&mut d, 0, 21);
+    assert_eq!(d.record(21), rec(0, true, &[0], false));
+}
+
+#[test]
+fn requests_for_a_busy_page_wait_their_turn() {
+    let mut d = home0(false);
+    let first = req(&mut d, 1, 21, true, 1);
+    assert_eq!(first.len(), 1, "forward to the owner");
+    assert!(req(&mut d, 2, 21, false, 2).is_empty(), "queued");
+    assert!(req(&mut d, 0, 21, true, 3).is_empty(), "queued");
+    // Done of the first starts the second: 1 now owns it writable, so forward to 1.
+    let fwd = Send { to: 1, msg: Msg::Forward { page: 21, requester: 2, waiter: w(2), write: false } };
+    assert_eq!(done(&mut d, 1, 21), vec![fwd]);
+    // Then the third: readers 1 and 2, the home holds nothing, owner 1 read-only.
+    assert_eq!(done(&mut d, 2, 21), vec![revoke(2, 21, false)]);
+    let fwd = Send { to: 1, msg: Msg::Forward { page: 21, requester: 0, waiter: w(3), write: true } };
+    assert_eq!(ack(&mut d, 2, 21), vec![fwd]);
+    assert!(done(&mut d, 0, 21).is_empty());
+    assert_eq!(d.record(21), rec(0, true, &[0], false));
+}
+
+#[test]
+fn misdirected_and_unexpected_messages_are_refused() {
+    let mut d = home0(false);
+    let mut out = Vec::new();
+    assert_eq!(d.request(1, 4, false, w(1), &mut out), Err(Violation::NotHome { from: 1, page: 4 }));
+    assert_eq!(d.request(1, 30, false, w(1), &mut out), Err(Violation::PageOutOfRange { from: 1, page: 30 }));
+    assert_eq!(d.revoke_ack(1, 3, &mut out), Err(Violation::UnexpectedAck { from: 1, page: 3 }));
+    assert_eq!(d.done(1, 3, &mut out), Err(Violation::UnexpectedDone { from: 1, page: 3 }));
+    // Done while acknowledgements are awaited is also refused.
+    req(&mut d, 1, 3, false, 1);
+    assert_eq!(d.done(1, 3, &mut out), Err(Violation::UnexpectedDone { from: 1, page: 3 }));
+    assert!(out.is_empty());
+}

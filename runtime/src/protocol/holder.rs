@@ -1,0 +1,197 @@
+//! The holder side: what a rank does with its own copy of a page when its home revokes it or
+//! forwards a request to it, and which grants it accepts.
+//!
+//! A rank's copy of a page is described by its [`Access`]. New contents always land in the
+//! runtime view before the access opens (the engine and the fault path do that); these
+//! functions only decide the transitions and check who may send what.
+
+use super::directory::Send;
+use super::msg::{Msg, Page, Rank, Source, Waiter};
+use super::placement::Placement;
+use super::violation::{Attached, Violation};
+
+/// A rank's access to one page of the heap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Access {
+    None,
+    Read,
+    Write,
+}
+
+impl Access {
+    /// Whether this access allows a read, or a write if `write`.
+    pub fn permits(self, write: bool) -> bool {
+        match self {
+            Access::Write => true,
+            Access::Read => !write,
+            Access::None => false,
+        }
+    }
+
+    /// The access a grant gives.
+    pub fn granted(write: bool) -> Access {
+        if write {
+            Access::Write
+        } else {
+            Access::Read
+        }
+    }
+}
+
+/// The access a holder keeps after its home revokes its copy (down to read-only if `to_read`);
+/// it then acknowledges with `RevokeAck`.
+pub fn after_revoke(current: Access, to_read: bool) -> Access {
+    match (to_read, current) {
+        (true, Access::Write) => Access::Read,
+        (true, other) => other,
+        (false, _) => Access::None,
+    }
+}
+
+/// The owner's move when its home forwards a request: the access it keeps, and its grant to the
+/// requester (the page attached, or, with one-sided reads, an invitation to read it from us; the
+/// copy then stays put until the home has the requester's `Done`).
+pub fn forward(
+    me: Rank,
+    one_sided: bool,
+    current: Access,
+    page: Page,
+    requester: Rank,
+    waiter: Waiter,
+    write: bool,
+) -> (Access, Send) {
+    let keep = if write { Access::None } else { after_revoke(current, true) };
+    let source = if one_sided { Source::ReadFrom(me as u32) } else { Source::Forwarded };
+    (keep, Send { to: requester, msg: Msg::Grant { page, waiter, write, source } })
+}
+
+/// Checks who sent a coherence message and what came attached to it: revokes and forwards come
+/// from the page's home; a grant comes from the home, or from the owner the home forwarded to;
+/// a grant that says it carries the page carries exactly that page, and nothing else carries one.
+pub fn check_received(
+    placement: &Placement,
+    me: Rank,
+    from: Rank,
+    msg: &Msg,
+    attached: Attached,
+) -> Result<(), Violation> {
+    if let Some(page) = msg.page() {
+        if !placement.contains(page) {
+            return Err(Violation::PageOutOfRange { from, page });
+        }
+        let expected = if msg.attaches_page() { Attached::Page(page) } else { Attached::Nothing };
+        if attached != expected {
+            return Err(Violation::WrongAttachment { from, page, attached, expected });
+        }
+    } else if attached != Attached::Nothing {
+        return Err(Violation::WrongAttachment { from, page: 0, attached, expected: Attached::Nothing });
+    }
+    let from_home = |page: Page, what: &'static str| {
+        let home = placement.home(page);
+        if from == home {
+            Ok(())
+        } else {
+            Err(Violation::NotFromHome { from, page, home, what })
+        }
+    };
+    match *msg {
+        Msg::Revoke { page, .. } => from_home(page, "a revoke"),
+        Msg::Forward { page, requester, .. } => {
+            from_home(page, "a forward")?;
+            if requester as usize >= placement.ranks() || requester as usize == me {
+                return Err(Violation::BadReadSource { from, page, owner: requester });
+            }
+            Ok(())
+        }
+        Msg::Grant { page, source, .. } => match source {
+            Source::Inline | Source::Valid => from_home(page, "this grant"),
+            // From the owner, which only the home knows.
+            Source::Forwarded => Ok(()),
+            Source::ReadFrom(owner) => {
+                let o = owner as usize;
+                if o >= placement.ranks() || o == me || (from != o && from != placement.home(page)) {
+                    return Err(Violation::BadReadSource { from, page, owner });
+                }
+                Ok(())
+            }
+        },
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Waiter = Waiter { slot: 3, generation: 9 };
+
+    #[test]
+    fn revokes_downgrade_or_invalidate() {
+        assert_eq!(after_revoke(Access::Write, true), Access::Read);
+        assert_eq!(after_revoke(Access::Read, true), Access::Read);
+        assert_eq!(after_revoke(Access::None, true), Access::None);
+        for a in [Access::None, Access::Read, Access::Write] {
+            assert_eq!(after_revoke(a, false), Access::None);
+        }
+    }
+
+    #[test]
+    fn forwards_hand_the_page_over() {
+        let (keep, send) = forward(2, false, Access::Write, 7, 1, W, false);
+        assert_eq!(keep, Access::Read);
+        assert_eq!(
+            send,
+            Send { to: 1, msg: Msg::Grant { page: 7, waiter: W, write: false, source: Source::Forwarded } }
+        );
+        let (keep, send) = forward(2, true, Access::Write, 7, 1, W, true);
+        assert_eq!(keep, Access::None);
+        assert_eq!(send.msg, Msg::Grant { page: 7, waiter: W, write: true, source: Source::ReadFrom(2) });
+    }
+
+    #[test]
+    fn receivers_check_senders_and_attachments() {
+        let p = Placement::new(3, 30, 10);
+        let grant = |source| Msg::Grant { page: 4, waiter: W, write: false, source };
+        // Page 4's home is rank 1.
+        assert!(check_received(&p, 0, 1, &grant(Source::Inline), Attached::Page(4)).is_ok());
+        assert_eq!(
+            check_received(&p, 0, 1, &grant(Source::Inline), Attached::Page(5)),
+            Err(Violation::WrongAttachment {
+                from: 1,
+                page: 4,
+                attached: Attached::Page(5),
+                expected: Attached::Page(4)
+            })
+        );
+        assert!(check_received(&p, 0, 1, &grant(Source::Inline), Attached::Nothing).is_err());
+        assert!(check_received(&p, 0, 1, &grant(Source::Valid), Attached::Page(4)).is_err());
+        assert!(matches!(
+            check_received(&p, 0, 2, &grant(Source::Inline), Attached::Page(4)),
+            Err(Violation::NotFromHome { from: 2, home: 1, .. })
+        ));
+        assert!(check_received(&p, 0, 2, &grant(Source::Forwarded), Attached::Page(4)).is_ok());
+        assert!(check_received(&p, 0, 2, &grant(Source::ReadFrom(2)), Attached::Nothing).is_ok());
+        assert!(check_received(&p, 0, 1, &grant(Source::ReadFrom(2)), Attached::Nothing).is_ok());
+        assert!(check_received(&p, 0, 2, &grant(Source::ReadFrom(1)), Attached::Nothing).is_err());
+        assert!(
+            check_received(&p, 0, 1, &grant(Source::ReadFrom(0)), Attached::Nothing).is_err(),
+            "not from ourselves"
+        );
+        assert!(check_received(&p, 0, 1, &grant(Source::ReadFrom(3)), Attached::Nothing).is_err(), "no rank 3");
+        let revoke = Msg::Revoke { page: 4, to_read: false };
+        assert!(check_received(&p, 0, 1, &revoke, Attached::Nothing).is_ok());
+        assert!(check_received(&p, 0, 2, &revoke, Attached::Nothing).is_err());
+        assert!(check_received(&p, 0, 1, &Msg::Revoke { page: 30, to_read: false }, Attached::Nothing).is_err());
+        let fwd = Msg::Forward { page: 4, requester: 2, waiter: W, write: true };
+        assert!(check_received(&p, 0, 1, &fwd, Attached::Nothing).is_ok());
+        assert!(check_received(
+            &p,
+            0,
+            1,
+            &Msg::Forward { page: 4, requester: 0, waiter: W, write: true },
+            Attached::Nothing
+        )
+        .is_err());
+        assert!(check_received(&p, 0, 2, &Msg::Ping, Attached::Page(1)).is_err());
+    }
+}

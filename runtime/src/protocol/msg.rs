@@ -1,0 +1,100 @@
+//! The messages engines exchange. Pages are named by index from the heap base; a thread that
+//! waits for an answer is named by a [`Waiter`] (its wait slot and the slot's generation).
+
+/// A rank of the job.
+pub type Rank = usize;
+/// A page of the heap, by index from the heap base.
+pub type Page = u64;
+
+/// A thread waiting for an answer: its wait slot, and which use of that slot (slots are reused,
+/// so an answer meant for an earlier wait must not complete a later one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Waiter {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// Where a granted page's contents come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Attached by the home, which is done with the request.
+    Inline,
+    /// Attached by the owner on the home's behalf: tell the home when installed.
+    Forwarded,
+    /// The requester still holds a valid copy.
+    Valid,
+    /// Read it from this rank's runtime view (one-sided read), then tell the home.
+    ReadFrom(u32),
+}
+
+impl Source {
+    /// Whether the message carries the page's contents.
+    pub fn attaches_page(self) -> bool {
+        matches!(self, Source::Inline | Source::Forwarded)
+    }
+
+    /// Whether the requester tells the home (`Done`) once the page is installed.
+    pub fn needs_done(self) -> bool {
+        matches!(self, Source::Forwarded | Source::ReadFrom(_))
+    }
+}
+
+/// A message between engines. `Copy`, and free of heap data: a broadcast's bytes travel as the
+/// frame's payload next to the message (see [`super::wire`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Msg {
+    /// Requester -> home: I need `page` (for writing if `write`).
+    Request { page: Page, write: bool, waiter: Waiter },
+    /// Home -> owner: give `page` to `requester` (downgrade to read, or invalidate if `write`).
+    Forward { page: Page, requester: u32, waiter: Waiter, write: bool },
+    /// -> requester: access granted.
+    Grant { page: Page, waiter: Waiter, write: bool, source: Source },
+    /// Requester -> home: a grant that needed it (see [`Source::needs_done`]) is installed.
+    Done { page: Page },
+    /// Home -> holder: downgrade to read-only (`to_read`) or drop your copy.
+    Revoke { page: Page, to_read: bool },
+    /// Holder -> home: done.
+    RevokeAck { page: Page },
+    /// Free this block of your arena (allocated by you, freed elsewhere).
+    Free { addr: u64 },
+    /// -> rank 0: I reached barrier `epoch`.
+    BarrierArrive { epoch: u64 },
+    /// Rank 0 -> all: barrier `epoch` is complete.
+    BarrierRelease { epoch: u64 },
+    /// -> lock home: queue me for lock `id`.
+    LockAcquire { id: u32, waiter: Waiter },
+    /// Lock home -> waiter: you hold lock `id`.
+    LockGranted { id: u32, waiter: Waiter },
+    /// -> lock home: I release lock `id`.
+    LockRelease { id: u32 },
+    /// Root -> all: the payload is bytes `offset..` of broadcast `seq` (of `total` bytes).
+    Broadcast { seq: u64, total: u64, offset: u64 },
+    /// -> owner of a block: how large is the block at `addr`?
+    SizeQuery { addr: u64, waiter: Waiter },
+    /// Owner -> asker: the usable size (0: not a live block).
+    SizeReply { waiter: Waiter, size: u64 },
+    /// Liveness.
+    Ping,
+    /// The sender lost contact with `rank` and stops; so does the job.
+    Lost { rank: u32 },
+}
+
+impl Msg {
+    /// The page a coherence message is about.
+    pub fn page(&self) -> Option<Page> {
+        match *self {
+            Msg::Request { page, .. }
+            | Msg::Forward { page, .. }
+            | Msg::Grant { page, .. }
+            | Msg::Done { page }
+            | Msg::Revoke { page, .. }
+            | Msg::RevokeAck { page } => Some(page),
+            _ => None,
+        }
+    }
+
+    /// Whether this message travels with the contents of [`Msg::page`] attached.
+    pub fn attaches_page(&self) -> bool {
+        matches!(self, Msg::Grant { source, .. } if source.attaches_page())
+    }
+}

@@ -1,0 +1,86 @@
+//! `gallocy-scenario NAME [ARGS]`: end-to-end scenarios for the gallocy runtime.
+//!
+//! Each scenario joins the job with `gallocy::init()`, does its work on the shared heap, verifies
+//! the result, prints a PASS line `rank R: NAME ok (...)` on stdout and leaves with
+//! `gallocy::finalize()`. On a verification failure it prints `error: rank R: NAME: ...` on stderr
+//! and exits 1 without finalizing (so its peers see it as lost and fail too). A configuration
+//! error from `init()` is printed as `error: {e}` and exits 1. Bad usage exits 2.
+//!
+//! The scenarios are run by the integration tests in `runtime/testkit/tests/`, either through the
+//! launcher (`gallocy run -n N -- gallocy-scenario NAME`) or with ranks started directly.
+
+// `x % n == 0` instead of `is_multiple_of`: the workspace supports Rust 1.80.
+#![allow(clippy::manual_is_multiple_of)]
+
+mod alloc;
+mod faults;
+mod fill;
+mod jacobi;
+mod litmus;
+mod sync;
+mod util;
+
+use util::{Args, Outcome};
+
+const USAGE: &str = "usage: gallocy-scenario NAME [ARGS]
+
+scenarios (all ranks run the same NAME):
+  fill64      [--mib M]                      rank 0 fills M MiB (default 64), every rank verifies
+  counter     [--total N] [--threads T]      shared counter under gallocy::lock(1)
+  pingpong    [--rounds N]                   two ranks write one page alternately
+  disjoint    [--rounds N] [--words W]       ranks write disjoint words of one page
+  contend     [--ms M] [--threads T]         all threads of all ranks fight over one page
+  litmus-mp   [--rounds N]                   message passing litmus test
+  litmus-sb   [--rounds N]                   store buffering litmus test
+  litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
+  jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M]
+  nullderef   [--rank R]                     rank R (default: last) reads address 0
+  map-count                                  rank 1 exhausts vm.max_map_count: clear error
+  alloc                                      allocator checks (local, threaded, remote free)
+  double-free [--remote]                     frees a pointer twice: must be reported
+  occupy                                     maps a page inside the heap before init on rank
+                                             $SCENARIO_OCCUPY_RANK: init must fail everywhere";
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(name) = argv.first().cloned() else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let args = match Args::parse(&argv[1..]) {
+        Ok(a) => a,
+        Err(e) => util::usage_error(&e),
+    };
+    println!("pid={}", std::process::id());
+
+    // Scenarios with their own flow around init().
+    match name.as_str() {
+        "occupy" => faults::occupy(&args),
+        "nullderef" => faults::nullderef(&args),
+        "map-count" => faults::map_count(&args),
+        "double-free" => alloc::double_free(&args),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return;
+        }
+        _ => {}
+    }
+
+    let run: fn(&Args) -> Outcome = match name.as_str() {
+        "fill64" => fill::fill64,
+        "counter" => sync::counter,
+        "pingpong" => sync::pingpong,
+        "disjoint" => sync::disjoint,
+        "contend" => sync::contend,
+        "litmus-mp" => litmus::mp,
+        "litmus-sb" => litmus::sb,
+        "litmus-iriw" => litmus::iriw,
+        "jacobi" => jacobi::jacobi,
+        "alloc" => alloc::alloc,
+        other => util::usage_error(&format!("unknown scenario {other:?}")),
+    };
+
+    util::init_or_exit();
+    let outcome = run(&args);
+    util::finish(&name, outcome);
+}

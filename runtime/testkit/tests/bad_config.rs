@@ -1,0 +1,123 @@
+//! Bad configuration: clear errors, every rank exits non-zero, nothing hangs.
+
+use gallocy_testkit::*;
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn exit_nonzero(job: &Job, r: usize) -> bool {
+    job.ranks[r].status().is_some_and(|s| !s.success())
+}
+
+#[test]
+fn heap_size_banana_is_a_clear_error() {
+    let _g = serial();
+    // One-process job.
+    let mut cmd = Command::new(scenario());
+    clean_env(&mut cmd).env("GALLOCY_HEAP_SIZE", "banana").args(["fill64", "--mib", "1"]);
+    let p = run("GALLOCY_HEAP_SIZE=banana gallocy-scenario fill64", &mut cmd, T);
+    assert!(!p.status.unwrap().success(), "must fail\n{}", p.report());
+    let err = &p.stderr;
+    assert!(
+        err.contains("GALLOCY_HEAP_SIZE") && err.contains("banana"),
+        "the error must name GALLOCY_HEAP_SIZE and its value\n{}",
+        p.report()
+    );
+
+    // Four ranks, all misconfigured.
+    let mut job = Job::builder(4).env_all("GALLOCY_HEAP_SIZE", "banana").spawn(&["fill64", "--mib", "1"]);
+    job.wait_or_fail("GALLOCY_HEAP_SIZE=banana on every rank", T);
+    for r in 0..4 {
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
+        assert!(
+            job.ranks[r].stderr().contains("GALLOCY_HEAP_SIZE"),
+            "rank {r}'s error must name GALLOCY_HEAP_SIZE\n{}",
+            job.report()
+        );
+    }
+}
+
+#[test]
+fn heap_size_banana_on_one_rank_stops_every_rank() {
+    let _g = serial();
+    // GALLOCY_SETUP_TIMEOUT bounds how long the others wait if rank 2 never shows up.
+    let mut job = Job::builder(4)
+        .env_all("GALLOCY_SETUP_TIMEOUT", "10")
+        .env(2, "GALLOCY_HEAP_SIZE", "banana")
+        .spawn(&["fill64", "--mib", "1"]);
+    job.wait_or_fail("GALLOCY_HEAP_SIZE=banana on rank 2 only", T);
+    for r in 0..4 {
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
+    }
+    assert!(
+        job.ranks[2].stderr().contains("GALLOCY_HEAP_SIZE"),
+        "rank 2's error must name GALLOCY_HEAP_SIZE\n{}",
+        job.report()
+    );
+    for r in [0, 1, 3] {
+        assert!(job.ranks[r].stderr().contains("rank 2"), "rank {r}'s error must name rank 2\n{}", job.report());
+    }
+}
+
+#[test]
+fn rank_out_of_range_is_a_clear_error() {
+    let _g = serial();
+    let mut cmd = Command::new(scenario());
+    clean_env(&mut cmd)
+        .env("GALLOCY_RANK", "7")
+        .env("GALLOCY_SIZE", "4")
+        .env("GALLOCY_COORDINATOR", format!("127.0.0.1:{}", free_port()))
+        .env("GALLOCY_TOKEN", token())
+        .args(["fill64", "--mib", "1"]);
+    let p = run("GALLOCY_RANK=7 GALLOCY_SIZE=4 gallocy-scenario fill64", &mut cmd, T);
+    assert!(!p.status.unwrap().success(), "must fail\n{}", p.report());
+    let err = &p.stderr;
+    assert!(
+        err.contains("error:")
+            && err.contains('7')
+            && err.contains('4')
+            && (err.contains("GALLOCY_RANK") || err.contains("GALLOCY_SIZE")),
+        "the error must name GALLOCY_RANK/GALLOCY_SIZE and the values 7 and 4\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn heap_size_mismatch_names_the_rank_everywhere() {
+    let _g = serial();
+    let mut job = Job::builder(4).env(2, "GALLOCY_HEAP_SIZE", "8G").spawn(&["fill64", "--mib", "1"]);
+    job.wait_or_fail("GALLOCY_HEAP_SIZE=8G on rank 2 only", T);
+    for r in 0..4 {
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
+        let err = job.ranks[r].stderr();
+        assert!(
+            err.to_lowercase().contains("heap"),
+            "rank {r}'s error must say what differs (heap size)\n{}",
+            job.report()
+        );
+        if r != 2 {
+            assert!(err.contains("rank 2"), "rank {r}'s error must name rank 2\n{}", job.report());
+        }
+    }
+}
+
+#[test]
+fn occupied_heap_range_names_the_rank_and_mapping() {
+    let _g = serial();
+    let mut job = Job::builder(4).env_all("SCENARIO_OCCUPY_RANK", "1").spawn(&["occupy"]);
+    job.wait_or_fail("heap range occupied on rank 1", T);
+    let addr = format!("{:x}-", gallocy::DEFAULT_HEAP_BASE + (1 << 20));
+    assert_ne!(job.ranks[1].status().and_then(|s| s.code()), Some(3), "scenario setup failed\n{}", job.report());
+    for r in 0..4 {
+        assert!(exit_nonzero(&job, r), "rank {r} must exit non-zero\n{}", job.report());
+        if r != 1 {
+            assert!(job.ranks[r].stderr().contains("rank 1"), "rank {r}'s error must name rank 1\n{}", job.report());
+        }
+    }
+    assert!(
+        job.ranks[0].stderr().contains(&addr),
+        "rank 0's error must quote the conflicting mapping (a /proc/<pid>/maps line starting {addr})\n{}",
+        job.report()
+    );
+}

@@ -1,0 +1,114 @@
+//! Crashes and kills: a null dereference stays a SIGSEGV, and a rank killed with SIGKILL
+//! takes the job down promptly with messages that name it.
+
+use gallocy_testkit::*;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn nullderef_through_launcher_is_sigsegv() {
+    let _g = serial();
+    let label = "gallocy run -n 4 -- gallocy-scenario nullderef";
+    let p = run(label, &mut launcher_cmd(4, &["nullderef"]), Duration::from_secs(60));
+    assert!(!p.status.unwrap().success(), "{label}: must fail\n{}", p.report());
+    let err = &p.stderr;
+    assert!(
+        err.contains("rank 3 was killed by signal 11") && err.contains("SIGSEGV"),
+        "{label}: stderr must say rank 3 was killed by signal 11 (SIGSEGV)\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn nullderef_one_process_dies_by_sigsegv() {
+    let _g = serial();
+    let mut cmd = Command::new(scenario());
+    clean_env(&mut cmd).arg("nullderef");
+    let p = run("gallocy-scenario nullderef (no GALLOCY_* variables)", &mut cmd, Duration::from_secs(30));
+    let st = p.status.unwrap();
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGSEGV),
+        "a null dereference must kill the process with SIGSEGV, got {}\n{}",
+        describe(Some(st)),
+        p.report()
+    );
+}
+
+const JACOBI_LONG: &[&str] = &["jacobi", "--n", "64", "--iters", "100000", "--progress", "--slow-ms", "20"];
+
+#[test]
+fn kill9_of_one_rank_stops_the_others() {
+    let _g = serial();
+    let mut job = Job::builder(4).spawn(JACOBI_LONG);
+    let started = job.ranks[2].wait_for_stdout(Duration::from_secs(60), |o| count_lines(o, "iteration ") >= 3);
+    if !started {
+        let msg = format!("rank 2 never printed 3 iteration lines\n{}", job.report());
+        drop(job);
+        panic!("{msg}");
+    }
+    job.ranks[2].kill();
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(10);
+    let _ = job.ranks[2].wait_until(Instant::now() + Duration::from_secs(5));
+    let mut failures = Vec::new();
+    for r in [0, 1, 3] {
+        match job.ranks[r].wait_until(deadline) {
+            None => failures.push(format!("rank {r} still running 10 s after rank 2 was killed")),
+            Some(s) if s.success() => failures.push(format!("rank {r} exited 0 after rank 2 was killed")),
+            Some(_) => {
+                let err = job.ranks[r].stderr();
+                if !err.contains("rank 2") {
+                    failures.push(format!("rank {r}'s stderr does not name rank 2"));
+                }
+            }
+        }
+    }
+    eprintln!("survivors finished {:.2} s after the kill", killed_at.elapsed().as_secs_f64());
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), job.report());
+}
+
+#[test]
+fn kill9_of_one_rank_under_launcher() {
+    let _g = serial();
+    let label = "gallocy run -n 4 -- gallocy-scenario jacobi --progress --slow-ms 20 (rank 2 gets SIGKILL)";
+    let mut p = Proc::spawn(label, &mut launcher_cmd(4, JACOBI_LONG));
+    let ready = p.wait_for_stdout(Duration::from_secs(60), |o| {
+        o.contains("[rank 2] pid=") && count_lines(o, "[rank 2] iteration ") >= 3
+    });
+    assert!(ready, "{label}: rank 2 never printed its pid and 3 iteration lines\n{}", p.report());
+    let out = p.stdout();
+    let pid: i32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("[rank 2] pid="))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{label}: cannot parse rank 2's pid\n{}", p.report()));
+    // SAFETY: kill(2) has no memory-safety preconditions; pid is rank 2's process.
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill({pid}, SIGKILL) failed: {}", std::io::Error::last_os_error());
+    if !p.wait_or_kill(Duration::from_secs(15)) {
+        panic!("{label}: the launcher did not exit within 15 s of the kill\n{}", p.report());
+    }
+    assert!(!p.status().unwrap().success(), "{label}: the launcher must exit non-zero\n{}", p.report());
+    assert!(
+        p.stderr().contains("rank 2 was killed by signal 9"),
+        "{label}: stderr must report rank 2 killed by signal 9\n{}",
+        p.report()
+    );
+    assert!(!p.stragglers, "{label}: the launcher left processes behind\n{}", p.report());
+}
+
+#[test]
+fn reaching_vm_max_map_count_is_a_clear_error() {
+    let _g = serial();
+    let label = "gallocy run -n 2 -- gallocy-scenario map-count";
+    let p = run(label, &mut launcher_cmd(2, &["map-count"]), Duration::from_secs(120));
+    assert!(!p.status.unwrap().success(), "{label}: must fail\n{}", p.report());
+    let err = &p.stderr;
+    assert!(
+        err.contains("[rank 1] gallocy: rank 1: fatal: mprotect failed") && err.contains("vm.max_map_count"),
+        "{label}: rank 1 must stop with a message naming vm.max_map_count\n{}",
+        p.report()
+    );
+}

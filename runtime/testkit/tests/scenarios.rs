@@ -1,0 +1,130 @@
+//! Every scenario of `gallocy-scenario` through the launcher: exit 0 and a PASS line per rank.
+//! Run in release mode (`cargo test --release`); the timeouts are hard limits, not targets.
+//! Under `GALLOCY_TEST_SLOW=1` (CI's run in an emulated guest) every limit is `limit()`ed, the
+//! counter and litmus tests, whose full counts take minutes there, do fewer iterations, and the
+//! contend test runs longer (`count()`).
+
+use gallocy_testkit::*;
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+#[test]
+fn fill64_four_ranks() {
+    let _g = serial();
+    launch_ok(4, &["fill64"], limit(3 * MIN));
+}
+
+#[test]
+fn counter_four_ranks_two_threads() {
+    let _g = serial();
+    // 8 workers (4 ranks x 2 threads) on one lock and one counter. Under emulation an increment
+    // takes 6-10 ms (50,000 took over 4 min); GALLOCY_TEST_SLOW does 10,000 (1,250 per worker),
+    // which still hand the lock and the page around thousands of times.
+    let total = count(50_000, 10_000);
+    launch_ok(4, &["counter", "--total", &total, "--threads", "2"], limit(4 * MIN));
+}
+
+#[test]
+fn pingpong_two_ranks() {
+    let _g = serial();
+    launch_ok(2, &["pingpong", "--rounds", "10000"], limit(3 * MIN));
+}
+
+#[test]
+fn disjoint_words_four_ranks() {
+    let _g = serial();
+    launch_ok(4, &["disjoint", "--rounds", "200", "--words", "100"], limit(3 * MIN));
+}
+
+#[test]
+fn contended_page_four_ranks_two_threads_each() {
+    let _g = serial();
+    // The scenario requires at least 10 faults per rank (proof that the writers contended). Under
+    // emulation 500 ms give only 12-30 page transfers per rank (seen: 6 once, over RDMA), so
+    // GALLOCY_TEST_SLOW runs it 2 s (90-130 per rank).
+    let ms = count(500, 2_000);
+    launch_ok(4, &["contend", "--ms", &ms, "--threads", "2"], limit(3 * MIN));
+}
+
+/// Rounds of a litmus test: 10,000, or 5,000 under GALLOCY_TEST_SLOW (a round is two barriers of
+/// the 4 ranks plus the racing page faults: 20-45 ms under emulation, where 10,000 took over 4 min).
+fn litmus_rounds() -> String {
+    count(10_000, 5_000)
+}
+
+#[test]
+fn litmus_message_passing() {
+    let _g = serial();
+    launch_ok(4, &["litmus-mp", "--rounds", &litmus_rounds()], limit(4 * MIN));
+}
+
+#[test]
+fn litmus_store_buffering() {
+    let _g = serial();
+    launch_ok(4, &["litmus-sb", "--rounds", &litmus_rounds()], limit(4 * MIN));
+}
+
+#[test]
+fn litmus_iriw() {
+    let _g = serial();
+    launch_ok(4, &["litmus-iriw", "--rounds", &litmus_rounds()], limit(4 * MIN));
+}
+
+#[test]
+fn jacobi_launcher_matches_reference() {
+    let _g = serial();
+    let p = launch_ok(4, &["jacobi", "--n", "128", "--iters", "100", "--threads", "2"], limit(3 * MIN));
+    assert!(
+        p.stdout.contains("identical to the sequential reference"),
+        "rank 0 did not confirm the comparison\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn alloc_four_ranks() {
+    let _g = serial();
+    launch_ok(4, &["alloc"], limit(3 * MIN));
+}
+
+fn assert_double_free_reported(args: &[&str]) {
+    let label = format!("gallocy run -n 2 -- gallocy-scenario {}", args.join(" "));
+    let p = run(&label, &mut launcher_cmd(2, args), limit(2 * MIN));
+    assert!(!p.status.unwrap().success(), "{label}: a double free must fail the job\n{}", p.report());
+    let all = format!("{}{}", p.stdout, p.stderr).to_lowercase();
+    assert!(!all.contains("returned normally"), "{label}: the second free() was not detected\n{}", p.report());
+    assert!(
+        all.contains("double free") || all.contains("invalid free"),
+        "{label}: no message containing \"double free\" or \"invalid free\"\n{}",
+        p.report()
+    );
+}
+
+#[test]
+fn double_free_is_reported() {
+    let _g = serial();
+    assert_double_free_reported(&["double-free"]);
+}
+
+#[test]
+fn remote_double_free_is_reported() {
+    let _g = serial();
+    assert_double_free_reported(&["double-free", "--remote"]);
+}
+
+#[test]
+fn rust_collections_in_the_shared_heap_with_gallocy_as_global_allocator() {
+    let _g = serial();
+    let label = "gallocy run -n 4 -- gallocy-global-alloc";
+    let mut cmd = launcher_for(4, env!("CARGO_BIN_EXE_gallocy-global-alloc"));
+    let p = run(label, &mut cmd, limit(3 * MIN));
+    assert!(p.status.unwrap().success(), "{label}: must succeed\n{}", p.report());
+    for r in 0..4 {
+        assert!(
+            p.stdout.contains(&format!("rank {r}: global-alloc ok")),
+            "{label}: rank {r} did not pass\n{}",
+            p.report()
+        );
+    }
+}
