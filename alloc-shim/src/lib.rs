@@ -340,8 +340,15 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
 
 #[no_mangle]
 pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
-    // Like glibc: an alignment that is not a power of two is rounded up to one.
-    aligned(align.max(1).next_power_of_two(), size)
+    // Like glibc: an alignment that is not a power of two is rounded up to one, and one too
+    // large for that is refused.
+    match align.max(1).checked_next_power_of_two() {
+        Some(a) => aligned(a, size),
+        None => {
+            set_errno(libc::EINVAL);
+            std::ptr::null_mut()
+        }
+    }
 }
 
 #[no_mangle]

@@ -46,13 +46,24 @@ pub enum Error {
         rank: usize,
     },
     /// An error on this rank, with the rank named.
-    #[error("gallocy: rank {rank}: {source}")]
+    #[error("gallocy: rank {rank}: {}", without_own_rank(*.rank, .source))]
     OnRank {
         /// This process's rank.
         rank: usize,
         /// The error.
         source: Box<Error>,
     },
+}
+
+/// The text of `source`, without a leading "rank R: " naming this rank again (the transport
+/// names its rank in its own errors; here the prefix already does).
+fn without_own_rank(rank: usize, source: &Error) -> String {
+    let text = source.to_string();
+    let own = format!("rank {rank}: ");
+    match text.strip_prefix(&own) {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    }
 }
 
 impl Error {
@@ -69,5 +80,18 @@ impl Error {
             e @ Error::OnRank { .. } => e,
             e => Error::OnRank { rank, source: Box::new(e) },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rank_is_named_once() {
+        let e = Error::Transport(TransportError::Bootstrap("rank 1: no connection to rank 0".into())).on_rank(1);
+        assert_eq!(e.to_string(), "gallocy: rank 1: no connection to rank 0");
+        let other = Error::Transport(TransportError::Bootstrap("rank 0: refused".into())).on_rank(1);
+        assert_eq!(other.to_string(), "gallocy: rank 1: rank 0: refused", "another rank stays named");
     }
 }

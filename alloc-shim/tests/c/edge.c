@@ -74,6 +74,9 @@ static void family(void) {
     CHECK(pvalloc(SIZE_MAX) == NULL && errno == ENOMEM);
     errno = 0;
     CHECK(pvalloc(SIZE_MAX - 10) == NULL && errno == ENOMEM);
+    /* An alignment that cannot be rounded up to a power of two is refused, as glibc does. */
+    errno = 0;
+    CHECK(memalign((SIZE_MAX >> 1) + 2, 64) == NULL && errno == EINVAL);
     char *s = malloc(10);
     strcpy(s, "abc");
     s = realloc(s, 100000);

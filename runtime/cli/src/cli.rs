@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-//! gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--grace SECONDS]
+//! gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
 //! gallocy --help | --version
 //! ```
 //!
@@ -24,13 +24,13 @@ use crate::launch::{self, LaunchSpec, MAX_RANKS};
 pub const SYNOPSIS: &str = "\
 usage:
   gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-  gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--grace SECONDS]
+  gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
   gallocy --help | --version
 ";
 
 const USAGE: &str = "\
 gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-       gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--grace SECONDS]
+       gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
        gallocy --help | --version";
 
 const DETAILS: &str = "\
@@ -51,7 +51,7 @@ Options in detail:
   --transport NAME    auto (default: RDMA if every rank has a usable device, else
                       TCP; says which at start-up), tcp, or rdma (needs the
                       cargo feature `rdma`; fails at start without a device).
-                      Default: GALLOCY_TRANSPORT, else auto
+                      Default: GALLOCY_TRANSPORT, else auto (run and demo)
   --grace SECONDS     time the other ranks get after one failed (default 5)
   --size S            demo grid is S x S (default 512)
   --iters K           demo Jacobi iterations (default 200)
@@ -109,7 +109,7 @@ pub enum Command {
     /// Run a distributed Jacobi solve on a grid in the shared heap and check it bit for bit
     /// against a single-process solve; prints runtime statistics (GALLOCY_STATS=1)
     #[command(
-        override_usage = "gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--grace SECONDS]",
+        override_usage = "gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]",
         after_help = DEMO_DETAILS,
         args_override_self = true
     )]
@@ -156,6 +156,9 @@ pub struct DemoArgs {
     /// Threads per rank, 1..=64
     #[arg(long, value_name = "T", default_value_t = 1, value_parser = number::<usize>)]
     pub threads: usize,
+    /// auto, tcp or rdma, as for `run` [default: GALLOCY_TRANSPORT, else auto]
+    #[arg(long, value_name = "NAME")]
+    pub transport: Option<String>,
     /// Time the other ranks get to exit after one failed, 0..=86400 [default: 5]
     #[arg(long, value_name = "SECONDS", value_parser = seconds, allow_negative_numbers = true)]
     pub grace: Option<Duration>,
@@ -183,7 +186,7 @@ pub struct Problem {
 #[derive(Debug)]
 pub enum Cmd {
     Run(LaunchSpec),
-    Demo { ranks: usize, problem: Problem, grace: Duration },
+    Demo { ranks: usize, problem: Problem, grace: Duration, transport: String },
     DemoRank(Problem),
 }
 
@@ -247,7 +250,11 @@ fn demo_cmd(a: DemoArgs) -> Result<Cmd, CliError> {
     }
     let problem = Problem { size: a.size, iters: a.iters, threads: a.threads };
     check_problem(problem)?;
-    Ok(Cmd::Demo { ranks, problem, grace: a.grace.unwrap_or(launch::DEFAULT_GRACE) })
+    let transport = a.transport.unwrap_or_else(launch::default_transport);
+    if let Err(e) = launch::check_transport(&transport) {
+        return usage(format!("demo: {e}"));
+    }
+    Ok(Cmd::Demo { ranks, problem, grace: a.grace.unwrap_or(launch::DEFAULT_GRACE), transport })
 }
 
 /// Checks the demo problem's bounds.
@@ -269,7 +276,13 @@ pub fn check_problem(p: Problem) -> Result<(), CliError> {
 /// installed prefix).
 fn preload_library() -> Result<PathBuf, CliError> {
     if let Some(p) = std::env::var_os("GALLOCY_PRELOAD_LIB") {
-        return Ok(p.into());
+        let p = PathBuf::from(p);
+        // ld.so would only warn about a library it cannot load and run the program without it:
+        // every rank would run as an independent process.
+        if !p.is_file() {
+            return usage(format!("run --preload: GALLOCY_PRELOAD_LIB={} is not a file", p.display()));
+        }
+        return Ok(p);
     }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -475,7 +488,7 @@ mod tests {
 
     #[test]
     fn demo_defaults() {
-        let Ok(Cmd::Demo { ranks, problem, grace }) = parse(&args(&["demo"])) else { panic!() };
+        let Ok(Cmd::Demo { ranks, problem, grace, .. }) = parse(&args(&["demo"])) else { panic!() };
         assert_eq!((ranks, problem.size, problem.iters, problem.threads), (4, 512, 200, 1));
         assert_eq!(grace, launch::DEFAULT_GRACE);
         let Ok(Cmd::Demo { ranks, problem, .. }) =

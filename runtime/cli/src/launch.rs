@@ -262,6 +262,7 @@ pub fn signal_name(signal: i32) -> String {
 /// first rank (in time) that failed (128 + signal if it was killed).
 pub fn run(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     spec.validate()?;
+    catch_stop_signals();
     let job = LocalJob::new()?;
     let members = (0..spec.nprocs)
         .map(|rank| {
@@ -272,9 +273,13 @@ pub fn run(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         })
         .collect();
     let opts = GroupOptions { grace: spec.grace, ..GroupOptions::default() };
+    let mut told = vec![false; spec.nprocs];
     let report = run_group(members, &opts, &mut |event| {
         match event {
-        GroupEvent::Failed { index, outcome, .. } => say(&outcome.describe(index)),
+        GroupEvent::Failed { index, outcome, .. } => {
+            told[index] = true;
+            say(&outcome.describe(index))
+        }
         GroupEvent::Stopping { index, .. } => say(&format!("stopping rank {index}")),
         GroupEvent::OutputStillOpen { streams } => say(&format!(
             "{streams} output stream(s) still open after all ranks exited (held by a process a rank started); not waiting for them"
@@ -282,9 +287,14 @@ pub fn run(spec: &LaunchSpec) -> Result<i32, LaunchError> {
         GroupEvent::TimedOut => {}
     }
     })?;
-    // One line per failed rank, then the exit code of the first failure.
+    if let Some(sig) = interrupted() {
+        say(&format!("stopped by signal {sig} ({}): every rank was stopped", signal_name(sig)));
+        return Ok(128 + sig);
+    }
+    // One line per failed rank (those not reported as they failed), then the exit code of the
+    // first failure.
     if report.first_failure.is_some() {
-        for (rank, outcome) in report.outcomes.iter().enumerate().filter(|(_, o)| o.failed()) {
+        for (rank, outcome) in report.outcomes.iter().enumerate().filter(|(r, o)| o.failed() && !told[*r]) {
             say(&outcome.describe(rank));
         }
     }
@@ -503,6 +513,35 @@ pub fn run_group(
     Ok(GroupReport { outcomes, first_failure, timed_out, collected })
 }
 
+/// Signals that stop a job: the launcher stops every rank and exits with 128 + the signal.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// The stop signal the launcher received, or 0.
+static INTERRUPTED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    INTERRUPTED.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether (and by which signal) the launcher was told to stop.
+fn interrupted() -> Option<i32> {
+    Some(INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)).filter(|s| *s != 0)
+}
+
+/// Catches [`STOP_SIGNALS`] (even if the launcher inherited them ignored): the job is stopped,
+/// not left running without its launcher.
+fn catch_stop_signals() {
+    for sig in STOP_SIGNALS {
+        // SAFETY: installing a handler that only stores to an atomic (async-signal-safe).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 /// Makes the child receive SIGKILL when the spawning thread dies.
 #[cfg(target_os = "linux")]
 fn die_with_launcher(cmd: &mut Command) {
@@ -515,6 +554,11 @@ fn die_with_launcher(cmd: &mut Command) {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // Default dispositions for the signals that stop a job, whatever the launcher
+            // inherited (a background job of a script starts with SIGINT ignored).
+            for sig in STOP_SIGNALS {
+                libc::signal(sig, libc::SIG_DFL);
             }
             // The launcher may have died before prctl took effect.
             if libc::getppid() != launcher {
@@ -664,12 +708,16 @@ impl Group {
             if self.procs.iter().all(|p| p.outcome.is_some()) {
                 break;
             }
-            if !timed_out && timeout.is_some_and(|t| started.elapsed() >= t) {
+            if interrupted().is_some() && deadline != Some(started) {
+                // The launcher was told to stop (SIGINT, SIGTERM, SIGHUP): so is every member.
+                self.stop_remaining(on_event);
+                deadline = Some(started);
+            } else if !timed_out && timeout.is_some_and(|t| started.elapsed() >= t) {
                 timed_out = true;
                 on_event(GroupEvent::TimedOut);
                 self.stop_remaining(on_event);
                 deadline = None;
-            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+            } else if deadline.is_some_and(|d| d != started && Instant::now() >= d) {
                 self.stop_remaining(on_event);
                 deadline = None;
             }

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 
 use crate::fault::acquire::wait_for;
 use crate::heap::alloc::RuntimeScope;
+use crate::job::runtime::fatal;
 use crate::protocol::{wire, Msg};
 
 use super::member;
@@ -18,36 +19,59 @@ pub fn barrier() {
     crate::job::barrier::wait_for_all(rt);
 }
 
-static HELD_LOCKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Global locks this process holds: (lock id, the thread that took it).
+static HELD_LOCKS: Mutex<Vec<(u32, libc::pid_t)>> = Mutex::new(Vec::new());
+
+fn this_thread() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
 
 /// Acquires global lock `id`: at most one thread in the whole job holds it; waiters are served
-/// in arrival order at the lock's home.
+/// in arrival order at the lock's home. A thread that asks again for a lock it holds would wait
+/// for itself forever: that ends the process with a clear message instead.
 pub fn lock(id: u32) {
     let rt = member("gallocy::lock");
     let _s = RuntimeScope::enter();
+    let me = this_thread();
+    if HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).contains(&(id, me)) {
+        fatal(rt, &format!("lock({id}) by a thread that already holds global lock {id} (it would wait for itself)"));
+    }
     if rt.size() > 1 {
         let waiter = rt.slots().claim();
         rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
         wait_for(rt, waiter);
-    } else {
-        while HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
-            std::thread::yield_now();
-        }
+        HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push((id, me));
+        return;
     }
-    HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+    // One process: the table is the lock (checked and taken under one acquisition).
+    loop {
+        {
+            let mut held = HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+            if !held.iter().any(|(h, _)| *h == id) {
+                held.push((id, me));
+                return;
+            }
+        }
+        std::thread::yield_now();
+    }
 }
 
-/// Releases global lock `id`. Panics if this process does not hold it.
+/// Releases global lock `id`. Releasing a lock this process does not hold ends the process with a
+/// clear message.
 pub fn unlock(id: u32) {
     let rt = member("gallocy::unlock");
     let _s = RuntimeScope::enter();
     {
+        let me = this_thread();
         let mut held = HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
-        match held.iter().position(|h| *h == id) {
+        // The thread's own hold first; another thread of the process may also release it.
+        let mine = held.iter().position(|h| *h == (id, me));
+        match mine.or_else(|| held.iter().position(|(h, _)| *h == id)) {
             Some(i) => {
                 held.swap_remove(i);
             }
-            None => panic!("gallocy: rank {}: unlock({id}) but this process does not hold global lock {id}", rt.rank()),
+            None => fatal(rt, &format!("unlock({id}), but this process does not hold global lock {id}")),
         }
     }
     if rt.size() > 1 {
@@ -57,20 +81,34 @@ pub fn unlock(id: u32) {
 
 /// Every rank calls this with the same `size`; every rank gets the same pointer to `size`
 /// zero-filled bytes of the shared heap (allocated in rank 0's arena).
+/// A rank that passes another size than rank 0 ends with a clear message.
 pub fn alloc_collective(size: usize) -> *mut u8 {
     let rt = member("gallocy::alloc_collective");
-    let mut p = if rt.rank() == 0 { super::memory::calloc(1, size) as u64 } else { 0 };
-    let mut bytes = p.to_le_bytes();
+    let p = if rt.rank() == 0 { super::memory::calloc(1, size) as u64 } else { 0 };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&p.to_le_bytes());
+    bytes[8..].copy_from_slice(&(size as u64).to_le_bytes());
     broadcast(&mut bytes, 0);
-    p = u64::from_le_bytes(bytes);
+    let (p, root_size) = (read_u64(&bytes[..8]), read_u64(&bytes[8..]));
+    if root_size != size as u64 {
+        fatal(rt, &format!("alloc_collective({size}) on this rank, but rank 0 called alloc_collective({root_size})"));
+    }
     p as *mut u8
+}
+
+fn read_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_le_bytes(a)
 }
 
 /// Copies `buf` of rank `root` into `buf` of every other rank. Every rank calls it, in the same
 /// order, with buffers of the same length.
 pub fn broadcast(buf: &mut [u8], root: usize) {
     let rt = member("gallocy::broadcast");
-    assert!(root < rt.size(), "gallocy: broadcast root {root} is not a rank of a {}-process job", rt.size());
+    if root >= rt.size() {
+        fatal(rt, &format!("broadcast root {root} is not a rank of a {}-process job", rt.size()));
+    }
     if rt.size() == 1 {
         return;
     }
@@ -91,14 +129,16 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
         }
     } else {
         let data = rt.collectives().sync().take_broadcast(seq);
-        assert_eq!(
-            data.len(),
-            buf.len(),
-            "gallocy: rank {}: broadcast length mismatch: root {root} sent {} bytes, this rank passed a buffer of {}",
-            rt.rank(),
-            data.len(),
-            buf.len()
-        );
+        if data.len() != buf.len() {
+            fatal(
+                rt,
+                &format!(
+                    "broadcast length mismatch: root {root} sent {} bytes, this rank passed a buffer of {}",
+                    data.len(),
+                    buf.len()
+                ),
+            );
+        }
         buf.copy_from_slice(&data);
     }
 }

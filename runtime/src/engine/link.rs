@@ -31,11 +31,13 @@ impl ServiceLink {
     /// Queues a message for the service thread to handle (to this rank) or send.
     pub fn post(&self, to: Rank, msg: Msg) {
         self.posted.lock().unwrap_or_else(|p| p.into_inner()).push_back((to, msg));
-        self.has_posted.store(true, Ordering::Release);
+        // SeqCst pairs with the service thread's store of `sleeping` and its load of
+        // `has_posted`: either it sees this message, or the poster sees it sleeping and wakes it.
+        self.has_posted.store(true, Ordering::SeqCst);
     }
 
     pub fn has_posted(&self) -> bool {
-        self.has_posted.load(Ordering::Acquire)
+        self.has_posted.load(Ordering::SeqCst)
     }
 
     pub fn take_posted(&self) -> Vec<(Rank, Msg)> {

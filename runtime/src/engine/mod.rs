@@ -234,9 +234,6 @@ impl<'a> Engine<'a> {
             let len = rt.region().page as u32;
             Span { offset: msg.page().unwrap_or(0) * u64::from(len), len }
         });
-        if matches!(msg, Msg::Revoke { to_read: false, .. } | Msg::Forward { write: true, .. }) {
-            rt.stats().count(&rt.stats().invalidations_sent, 1);
-        }
         let bytes = match wire::encode(&msg, &[], &mut self.buf) {
             Ok(b) => b,
             Err(e) => fatal(rt, &format!("cannot encode a message: {e}")),
@@ -251,6 +248,9 @@ impl<'a> Engine<'a> {
     fn flush(&mut self) {
         let out = std::mem::take(&mut self.out);
         for s in &out {
+            if matches!(s.msg, Msg::Revoke { to_read: false, .. } | Msg::Forward { write: true, .. }) {
+                self.rt.stats().count(&self.rt.stats().invalidations_sent, 1);
+            }
             self.send(s.to, s.msg);
         }
         self.out = out;
@@ -278,6 +278,9 @@ impl<'a> Engine<'a> {
             }
             Msg::Forward { page, requester, waiter, write } => {
                 let current = rt.pt().access(page as usize);
+                if write {
+                    rt.stats().count(&rt.stats().invalidations_received, 1);
+                }
                 let (keep, grant) =
                     holder::forward(self.me, self.one_sided, current, page, requester as usize, waiter, write);
                 self.set_access(page, keep);
@@ -286,7 +289,7 @@ impl<'a> Engine<'a> {
             }
             Msg::Revoke { page, to_read } => {
                 let keep = holder::after_revoke(rt.pt().access(page as usize), to_read);
-                if keep == Access::None {
+                if !to_read {
                     rt.stats().count(&rt.stats().invalidations_received, 1);
                 }
                 self.set_access(page, keep);

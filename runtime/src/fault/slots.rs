@@ -97,7 +97,12 @@ impl Slots {
     /// The slot of `w`, if `w` is a wait in progress.
     fn live(&self, w: Waiter) -> Option<&Slot> {
         let s = self.slots.get(w.slot as usize)?;
-        (s.claimed.load(Ordering::Acquire) && s.generation.load(Ordering::Acquire) == w.generation).then_some(s)
+        // A slot is live from the moment its claim published the new generation and the waiting
+        // state (`claim` stores the state last), until its waiter releases it.
+        let live = s.claimed.load(Ordering::Acquire)
+            && s.state.load(Ordering::Acquire) != 0
+            && s.generation.load(Ordering::Acquire) == w.generation;
+        live.then_some(s)
     }
 
     /// Whether `w` is a wait in progress for `page`.

@@ -38,7 +38,10 @@ pub struct SyncState {
 
 #[derive(Default)]
 struct SyncInner {
-    barrier_released: u64,
+    /// Every barrier epoch up to this one is released ...
+    released_below: u64,
+    /// ... and these above it (epochs can end out of order: see `protocol::barrier`).
+    released_above: std::collections::BTreeSet<u64>,
     broadcasts: HashMap<u64, Incoming>,
 }
 
@@ -50,13 +53,20 @@ struct Incoming {
 impl SyncState {
     pub fn barrier_released(&self, epoch: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.barrier_released = g.barrier_released.max(epoch);
+        g.released_above.insert(epoch);
+        loop {
+            let next = g.released_below + 1;
+            if !g.released_above.remove(&next) {
+                break;
+            }
+            g.released_below = next;
+        }
         self.cv.notify_all();
     }
 
     pub fn wait_barrier(&self, epoch: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while g.barrier_released < epoch {
+        while epoch > g.released_below && !g.released_above.contains(&epoch) {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -87,5 +97,33 @@ impl SyncState {
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_barrier_waits_for_its_own_epoch_even_when_a_later_one_ends_first() {
+        let sync = Arc::new(SyncState::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let (s2, d2) = (sync.clone(), done.clone());
+        let waiter = std::thread::spawn(move || {
+            s2.wait_barrier(1);
+            d2.store(true, Ordering::SeqCst);
+        });
+        sync.barrier_released(2);
+        sync.wait_barrier(2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!done.load(Ordering::SeqCst), "epoch 1 is not over because epoch 2 is");
+        sync.barrier_released(1);
+        waiter.join().unwrap();
+        sync.wait_barrier(1);
+        sync.barrier_released(3);
+        sync.wait_barrier(3);
     }
 }

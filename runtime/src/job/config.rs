@@ -111,12 +111,22 @@ pub fn parse_size(s: &str) -> Option<usize> {
     v.checked_mul(mult)
 }
 
-fn parse_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, Error> {
-    match var(name)? {
-        None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| Error::config(name, &v, "is not a whole number")),
+/// A whole number from `name`, `default` when unset, refused outside `min..=max` (`unit` names
+/// what it counts, for the message).
+fn parse_number(name: &str, default: u64, min: u64, max: u64, unit: &str) -> Result<u64, Error> {
+    let Some(v) = var(name)? else { return Ok(default) };
+    let why = || format!("must be a whole number of {unit} from {min} to {max}");
+    let n: u64 = v.trim().parse().map_err(|_| Error::config(name, &v, &why()))?;
+    if !(min..=max).contains(&n) {
+        return Err(Error::config(name, &v, &why()));
     }
+    Ok(n)
 }
+
+/// Largest `GALLOCY_SPIN_US` and `GALLOCY_HOLD_US`: one second.
+pub const MAX_SPIN_HOLD_US: u64 = 1_000_000;
+/// Largest `GALLOCY_SETUP_TIMEOUT` and `GALLOCY_PEER_TIMEOUT`: one day.
+pub const MAX_TIMEOUT_S: u64 = 86_400;
 
 /// Finds rank and size: GALLOCY_*, then mpirun (Open MPI), PMI, Slurm. `None`: a one-process job.
 fn rank_and_size() -> Result<Option<(usize, usize, &'static str)>, Error> {
@@ -185,8 +195,13 @@ pub fn identity() -> Result<Identity, Error> {
     let coordinator = var("GALLOCY_COORDINATOR")?.ok_or_else(|| {
         Error::config("GALLOCY_COORDINATOR", "", "must be set (host:port of rank 0) for a job of more than one process")
     })?;
-    if !coordinator.contains(':') || coordinator.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).is_none() {
-        return Err(Error::config("GALLOCY_COORDINATOR", &coordinator, "must look like host:port"));
+    let port = coordinator.rsplit_once(':').and_then(|(host, p)| p.parse::<u16>().ok().filter(|_| !host.is_empty()));
+    if port.is_none_or(|p| p == 0) {
+        return Err(Error::config(
+            "GALLOCY_COORDINATOR",
+            &coordinator,
+            "must look like host:port, with a port from 1 to 65535",
+        ));
     }
     let (token, token_derived) = match var("GALLOCY_TOKEN")? {
         Some(t) if t.is_empty() => return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty")),
@@ -223,7 +238,21 @@ pub fn settings() -> Result<Settings, Error> {
         ));
     }
     if heap_base.checked_add(heap_size).is_none_or(|end| end > USER_SPACE_END) {
-        return Err(Error::config("GALLOCY_HEAP_SIZE", &heap_size.to_string(), "puts the heap end beyond user space"));
+        // Blame the variable the user set (the base, when the size is the default or the base
+        // alone is already beyond user space).
+        let size_set = var("GALLOCY_HEAP_SIZE")?.is_some();
+        if !size_set || heap_base >= USER_SPACE_END {
+            return Err(Error::config(
+                "GALLOCY_HEAP_BASE",
+                &format!("{heap_base:#x}"),
+                &format!("puts the end of a heap of {heap_size:#x} bytes beyond user space ({USER_SPACE_END:#x})"),
+            ));
+        }
+        return Err(Error::config(
+            "GALLOCY_HEAP_SIZE",
+            &heap_size.to_string(),
+            &format!("puts the heap end beyond user space ({USER_SPACE_END:#x}) from GALLOCY_HEAP_BASE={heap_base:#x}"),
+        ));
     }
     debug_assert!(page <= 64 << 10);
     let transport = match var("GALLOCY_TRANSPORT")?.as_deref().map(str::trim) {
@@ -269,13 +298,19 @@ pub fn settings() -> Result<Settings, Error> {
     Ok(Settings {
         heap_base,
         heap_size,
-        spin: Duration::from_micros(parse_number("GALLOCY_SPIN_US", DEFAULT_SPIN_US)?),
-        hold: Duration::from_micros(parse_number("GALLOCY_HOLD_US", 0u64)?),
+        spin: Duration::from_micros(parse_number(
+            "GALLOCY_SPIN_US",
+            DEFAULT_SPIN_US,
+            0,
+            MAX_SPIN_HOLD_US,
+            "microseconds",
+        )?),
+        hold: Duration::from_micros(parse_number("GALLOCY_HOLD_US", 0, 0, MAX_SPIN_HOLD_US, "microseconds")?),
         stats,
         transport,
         rdma,
-        setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30u64)?),
-        peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10u64)?.max(1)),
+        setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30, 1, MAX_TIMEOUT_S, "seconds")?),
+        peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10, 1, MAX_TIMEOUT_S, "seconds")?),
     })
 }
 

@@ -1,7 +1,11 @@
 //! The barrier's coordinator (rank 0): counts each rank's arrival at an epoch once, then
 //! releases every rank.
+//!
+//! A rank numbers its barriers 1, 2, 3, ... Arrivals for a later epoch may come before an
+//! earlier epoch is complete (two threads of one process, or the join barrier and a barrier of a
+//! thread that found the process joined): each epoch is counted on its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::directory::Send;
 use super::msg::{Msg, Rank};
@@ -11,25 +15,31 @@ use super::violation::Violation;
 /// The rank that coordinates barriers.
 pub const COORDINATOR: Rank = 0;
 
-/// Arrivals at open barrier epochs.
+/// Arrivals at open barrier epochs, and which epochs are over.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Barriers {
     ranks: usize,
-    /// The last epoch released.
-    released: u64,
+    /// Every epoch up to this one is released.
+    released_below: u64,
+    /// Released epochs above `released_below`.
+    released_above: BTreeSet<u64>,
     arrived: BTreeMap<u64, RankSet>,
 }
 
 impl Barriers {
     pub fn new(ranks: usize) -> Barriers {
-        Barriers { ranks, released: 0, arrived: BTreeMap::new() }
+        Barriers { ranks, released_below: 0, released_above: BTreeSet::new(), arrived: BTreeMap::new() }
     }
 
-    /// Rank `from` reached barrier `epoch`. Epochs are released in order: every rank arrives at
-    /// epoch `e` only after it was released from `e - 1`.
+    fn released(&self, epoch: u64) -> bool {
+        epoch <= self.released_below || self.released_above.contains(&epoch)
+    }
+
+    /// Rank `from` reached barrier `epoch` (epochs start at 1). Arriving twice at one epoch, or
+    /// at an epoch already released, is a violation.
     pub fn arrive(&mut self, from: Rank, epoch: u64, out: &mut Vec<Send>) -> Result<(), Violation> {
         let bad = Violation::UnexpectedBarrier { from, epoch };
-        if epoch != self.released + 1 {
+        if epoch == 0 || self.released(epoch) {
             return Err(bad);
         }
         let set = self.arrived.entry(epoch).or_default();
@@ -39,7 +49,10 @@ impl Barriers {
         *set = set.with(from);
         if set.len() == self.ranks {
             self.arrived.remove(&epoch);
-            self.released = epoch;
+            self.released_above.insert(epoch);
+            while self.released_above.remove(&(self.released_below + 1)) {
+                self.released_below += 1;
+            }
             out.extend((0..self.ranks).map(|r| Send { to: r, msg: Msg::BarrierRelease { epoch } }));
         }
         Ok(())
@@ -58,12 +71,30 @@ mod tests {
         b.arrive(0, 1, &mut out).unwrap();
         assert!(out.is_empty());
         assert!(b.arrive(0, 1, &mut out).is_err(), "twice at one epoch");
-        assert!(b.arrive(1, 2, &mut out).is_err(), "ahead of the others");
+        assert!(b.arrive(0, 0, &mut out).is_err(), "epochs start at 1");
         b.arrive(1, 1, &mut out).unwrap();
         assert_eq!(out.len(), 3);
         assert!(out.iter().enumerate().all(|(r, s)| s.to == r && s.msg == Msg::BarrierRelease { epoch: 1 }));
         assert!(b.arrive(1, 1, &mut out).is_err(), "epoch 1 is over");
         out.clear();
         b.arrive(1, 2, &mut out).unwrap();
+    }
+
+    #[test]
+    fn a_later_epoch_may_start_before_an_earlier_one_ends() {
+        // Rank 1's second thread reaches barrier 2 while its join barrier (1) is still open.
+        let mut b = Barriers::new(2);
+        let mut out = Vec::new();
+        b.arrive(1, 1, &mut out).unwrap();
+        b.arrive(1, 2, &mut out).unwrap();
+        b.arrive(0, 2, &mut out).unwrap();
+        assert_eq!(out.iter().map(|s| s.msg).collect::<Vec<_>>(), vec![Msg::BarrierRelease { epoch: 2 }; 2]);
+        out.clear();
+        assert!(b.arrive(1, 2, &mut out).is_err(), "epoch 2 is over");
+        b.arrive(0, 1, &mut out).unwrap();
+        assert_eq!(out.iter().map(|s| s.msg).collect::<Vec<_>>(), vec![Msg::BarrierRelease { epoch: 1 }; 2]);
+        assert!(b.arrive(0, 1, &mut out).is_err() && b.arrive(0, 2, &mut out).is_err());
+        out.clear();
+        b.arrive(0, 3, &mut out).unwrap();
     }
 }

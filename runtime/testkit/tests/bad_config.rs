@@ -121,3 +121,42 @@ fn occupied_heap_range_names_the_rank_and_mapping() {
         job.report()
     );
 }
+
+#[test]
+fn absurd_values_are_refused_naming_the_variable() {
+    let _g = serial();
+    let max = "18446744073709551615";
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("GALLOCY_HOLD_US", max)], "GALLOCY_HOLD_US"),
+        (&[("GALLOCY_SPIN_US", "99999999999")], "GALLOCY_SPIN_US"),
+        (&[("GALLOCY_SETUP_TIMEOUT", max)], "GALLOCY_SETUP_TIMEOUT"),
+        (&[("GALLOCY_PEER_TIMEOUT", max)], "GALLOCY_PEER_TIMEOUT"),
+        (&[("GALLOCY_PEER_TIMEOUT", "0")], "GALLOCY_PEER_TIMEOUT"),
+        (&[("GALLOCY_HEAP_BASE", "0x7fff_0000_0000")], "GALLOCY_HEAP_BASE"),
+        (&[("GALLOCY_HEAP_BASE", "0x7000_0000_0000"), ("GALLOCY_HEAP_SIZE", "64T")], "GALLOCY_HEAP_SIZE"),
+        (
+            &[("GALLOCY_RANK", "0"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "127.0.0.1:0")],
+            "GALLOCY_COORDINATOR",
+        ),
+    ];
+    for (env, var) in cases {
+        let label = format!("{env:?} gallocy-scenario fill64");
+        let mut cmd = Command::new(scenario());
+        clean_env(&mut cmd).envs(env.iter().copied()).args(["fill64", "--mib", "1"]);
+        let p = run(&label, &mut cmd, T);
+        assert!(!p.status.unwrap().success(), "{label}: must fail\n{}", p.report());
+        let lines: Vec<&str> = p.stderr.lines().filter(|l| l.contains(var)).collect();
+        assert!(!lines.is_empty(), "{label}: the error must name {var}\n{}", p.report());
+        assert!(
+            !p.stderr.contains("panicked") && !p.stderr.contains("RUST_BACKTRACE"),
+            "{label}: no panic\n{}",
+            p.report()
+        );
+        assert!(p.elapsed < Duration::from_secs(10), "{label}: must fail at once\n{}", p.report());
+        assert!(
+            !lines.iter().any(|l| l.matches("rank 0:").count() > 1),
+            "{label}: the prefix must not repeat\n{}",
+            p.report()
+        );
+    }
+}

@@ -296,3 +296,88 @@ fn program_may_follow_options_without_double_dash() {
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
     assert_eq!(r.stdout, "[rank 0] named ok\n");
 }
+
+#[test]
+fn a_preload_library_that_does_not_exist_is_refused() {
+    // ld.so would warn and run every rank without gallocy, as independent processes.
+    let r = gallocy_env(&["run", "-n", "2", "--preload", "--", "true"], &[("GALLOCY_PRELOAD_LIB", "/nonexistent.so")]);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(2), "{}", r.report());
+    assert!(r.stderr.contains("GALLOCY_PRELOAD_LIB=/nonexistent.so is not a file"), "{}", r.report());
+}
+
+#[test]
+fn each_failed_rank_is_reported_once() {
+    let r = run_sh(2, &[], r#"if [ "$GALLOCY_RANK" = 1 ]; then kill -9 $$; fi; sleep 30"#);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(128 + 9), "{}", r.report());
+    let lines = launcher_lines(&r.stderr);
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("rank 1 was killed by signal 9")).count(),
+        1,
+        "one line for rank 1's death\n{}",
+        r.report()
+    );
+}
+
+#[test]
+fn sigint_to_the_launcher_alone_stops_the_job_even_when_inherited_ignored() {
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("gallocy-test-sigint-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let pids = dir.join("pids");
+    let script = format!("echo $$ >> {}; exec sleep 60", pids.display());
+    let mut cmd = Command::new(launcher());
+    cmd.args(["run", "-n", "2", "--", "sh", "-c", &script]).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: only signal() (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Like a background job of a shell script: SIGINT ignored.
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start gallocy");
+    let start = Instant::now();
+    while std::fs::read_to_string(&pids).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(start.elapsed() < WATCHDOG, "the ranks never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the launcher ignored SIGINT for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{err}");
+    assert!(err.contains("gallocy run: stopped by signal 2 (SIGINT): every rank was stopped"), "{err}");
+    let ranks: Vec<i32> = std::fs::read_to_string(&pids).unwrap().lines().map(|l| l.trim().parse().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in ranks {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "rank process {pid} still runs after the launcher stopped\n{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn demo_takes_a_transport_and_names_it() {
+    let r = gallocy(&["demo", "-n", "2", "--size", "32", "--iters", "5", "--transport", "tcp"]);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(0), "{}", r.report());
+    assert!(
+        r.stdout.contains("iterations, transport tcp on 127.0.0.1") && r.stdout.contains("gallocy demo: ok"),
+        "{}",
+        r.report()
+    );
+    let bad = gallocy(&["demo", "--transport", "udp"]);
+    assert_eq!(bad.status.and_then(|s| s.code()), Some(2), "{}", bad.report());
+    assert!(bad.stderr.contains("udp"), "{}", bad.report());
+}

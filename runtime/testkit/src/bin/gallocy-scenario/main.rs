@@ -17,6 +17,7 @@ mod faults;
 mod fill;
 mod jacobi;
 mod litmus;
+mod misuse;
 mod sync;
 mod util;
 
@@ -38,6 +39,7 @@ scenarios (all ranks run the same NAME):
   map-count                                  rank 1 exhausts vm.max_map_count: clear error
   alloc                                      allocator checks (local, threaded, remote free)
   double-free [--remote]                     frees a pointer twice: must be reported
+  misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   occupy                                     maps a page inside the heap before init on rank
                                              $SCENARIO_OCCUPY_RANK: init must fail everywhere";
 
@@ -77,6 +79,7 @@ fn main() {
         "litmus-iriw" => litmus::iriw,
         "jacobi" => jacobi::jacobi,
         "alloc" => alloc::alloc,
+        "misuse" => misuse::misuse,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 

@@ -45,6 +45,10 @@ impl Args {
         }
     }
 
+    pub fn str_or(&self, name: &str, default: &str) -> String {
+        self.values.get(name).cloned().unwrap_or_else(|| default.to_owned())
+    }
+
     pub fn opt_usize(&self, name: &str) -> Option<usize> {
         self.values.get(name).map(|_| self.usize_or(name, 0))
     }
