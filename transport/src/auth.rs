@@ -78,8 +78,18 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
     move |e| TransportError::Auth(format!("{what}: {e}"))
 }
 
+const NO_TOKEN: &str = "peer does not know the job token";
+const NOT_GALLOCY: &str = "peer is not a gallocy process of this version";
+const REJECTED: &str = "peer rejected our token (GALLOCY_TOKEN differs?)";
+
 fn no_token() -> TransportError {
-    TransportError::Auth("peer does not know the job token".into())
+    TransportError::Auth(NO_TOKEN.into())
+}
+
+/// Whether an error of [`connect`] means the peer refused us (another token, not gallocy), as
+/// opposed to a handshake that did not finish (which a new connection may complete).
+pub fn is_refusal(e: &TransportError) -> bool {
+    matches!(e, TransportError::Auth(m) if m == NO_TOKEN || m == NOT_GALLOCY || m == REJECTED)
 }
 
 /// Acceptor side. Returns the connector's (authenticated) rank.
@@ -103,7 +113,7 @@ pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duratio
     let mut hello = ServerHello::new_zeroed();
     stream.read_exact(hello.as_mut_bytes()).map_err(io("read hello"))?;
     if hello.magic != MAGIC {
-        return Err(TransportError::Auth("peer is not a gallocy process of this version".into()));
+        return Err(TransportError::Auth(NOT_GALLOCY.into()));
     }
     let nonce_c = nonce()?;
     let rank = U32::new(rank);
@@ -111,9 +121,7 @@ pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duratio
     proof.mac = mac(token, b'c', &hello.nonce_s, &nonce_c, rank).finalize().into_bytes().into();
     stream.write_all(proof.as_bytes()).map_err(io("send proof"))?;
     let mut answer = [0u8; MAC];
-    stream
-        .read_exact(&mut answer)
-        .map_err(|_| TransportError::Auth("peer rejected our token (GALLOCY_TOKEN differs?)".into()))?;
+    stream.read_exact(&mut answer).map_err(|_| TransportError::Auth(REJECTED.into()))?;
     mac(token, b's', &nonce_c, &hello.nonce_s, rank).verify_slice(&answer).map_err(|_| no_token())
 }
 

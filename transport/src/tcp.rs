@@ -10,8 +10,8 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zerocopy::little_endian::U32;
@@ -221,38 +221,78 @@ pub fn route_source(to: &SocketAddr) -> std::io::Result<IpAddr> {
     Ok(probe.local_addr()?.ip())
 }
 
-/// Accepts one authenticated connection before `deadline`, skipping connections that fail the
-/// handshake. Returns the stream and the rank it proved.
-fn accept_authenticated(listener: &TcpListener, token: &[u8], deadline: Instant) -> Result<(TcpStream, usize), String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    loop {
-        match listener.accept() {
-            Ok((mut s, _)) => {
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                if let Ok(rank) = auth::accept(&mut s, token, AUTH_TIMEOUT) {
-                    return Ok((s, rank as usize));
+/// Most handshakes served at once during start-up; more connections wait in the backlog.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Serves the start-up handshakes of whoever connects, each on its own short-lived thread, so
+/// that a stranger that connects and says nothing (or slowly) delays nobody: legitimate ranks
+/// are let in while it times out.
+struct Doorman {
+    listener: TcpListener,
+    token: Vec<u8>,
+    passed: mpsc::Receiver<(TcpStream, usize)>,
+    pass: mpsc::Sender<(TcpStream, usize)>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl Doorman {
+    fn new(listener: &TcpListener, token: &[u8]) -> Result<Doorman, String> {
+        let listener = listener.try_clone().map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (pass, passed) = mpsc::channel();
+        Ok(Doorman { listener, token: token.to_vec(), passed, pass, busy: Arc::new(AtomicUsize::new(0)) })
+    }
+
+    /// The next connection that proves the job's token, before `deadline`, with the rank it
+    /// proved. Connections that fail the handshake are closed without a byte of heap.
+    fn next(&self, deadline: Instant) -> Result<(TcpStream, usize), String> {
+        loop {
+            while self.busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
+                match self.listener.accept() {
+                    Ok((s, _)) => self.greet(s)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.to_string()),
                 }
-                // A stranger, or a process of another job: closed without a byte of heap.
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err("timed out".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            match self.passed.recv_timeout(Duration::from_millis(5)) {
+                Ok(p) => return Ok(p),
+                Err(_) if Instant::now() >= deadline => return Err("timed out".into()),
+                Err(_) => {}
             }
-            Err(e) => return Err(e.to_string()),
         }
+    }
+
+    fn greet(&self, mut s: TcpStream) -> Result<(), String> {
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let (token, pass, busy) = (self.token.clone(), self.pass.clone(), self.busy.clone());
+        busy.fetch_add(1, Ordering::AcqRel);
+        let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
+            if let Ok(rank) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
+                // The doorman may be gone (start-up ended): the stream then just closes.
+                let _ = pass.send((s, rank as usize));
+            }
+            busy.fetch_sub(1, Ordering::AcqRel);
+        });
+        started.map(|_| ()).map_err(|e| {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            format!("starting a handshake thread: {e}")
+        })
     }
 }
 
 fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<TcpStream, TransportError> {
     loop {
         match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
-            Ok(mut s) => {
-                auth::connect(&mut s, &cfg.token, cfg.rank as u32, AUTH_TIMEOUT)
-                    .map_err(|e| setup_err(cfg, format!("connecting to {addr}: {e}")))?;
-                return Ok(s);
-            }
+            Ok(mut s) => match auth::connect(&mut s, &cfg.token, cfg.rank as u32, AUTH_TIMEOUT) {
+                Ok(()) => return Ok(s),
+                // The peer said no to our token, or is not gallocy: trying again cannot help.
+                Err(e) if auth::is_refusal(&e) || Instant::now() >= deadline => {
+                    return Err(setup_err(cfg, format!("connecting to {addr}: {e}")))
+                }
+                // A handshake that did not finish (the peer was busy, the connection dropped):
+                // try again with a new connection.
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            },
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));
@@ -297,8 +337,9 @@ fn coordinate(
     hellos[0] = Some(hello.to_vec());
     addrs[0] = cfg.coordinator.clone();
     let mut problem: Option<String> = None;
+    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
     while hellos.iter().any(Option::is_none) {
-        let (mut s, rank) = match accept_authenticated(listener, &cfg.token, deadline) {
+        let (mut s, rank) = match doorman.next(deadline) {
             Ok(x) => x,
             Err(_) => {
                 let missing: Vec<String> =
@@ -391,9 +432,10 @@ fn join(
         let a = resolve(addr).map_err(|e| setup_err(cfg, e))?;
         peers[j] = Some(connect_authenticated(&a, cfg, deadline)?);
     }
+    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
     while peers.iter().skip(cfg.rank + 1).any(Option::is_none) {
-        let (s, rank) = accept_authenticated(listener, &cfg.token, deadline)
-            .map_err(|e| setup_err(cfg, format!("waiting for higher ranks to connect: {e}")))?;
+        let (s, rank) =
+            doorman.next(deadline).map_err(|e| setup_err(cfg, format!("waiting for higher ranks to connect: {e}")))?;
         if rank > cfg.rank && rank < cfg.size && peers[rank].is_none() {
             peers[rank] = Some(s);
         }

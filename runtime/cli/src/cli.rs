@@ -276,13 +276,18 @@ pub fn check_problem(p: Problem) -> Result<(), CliError> {
 /// installed prefix).
 fn preload_library() -> Result<PathBuf, CliError> {
     if let Some(p) = std::env::var_os("GALLOCY_PRELOAD_LIB") {
-        let p = PathBuf::from(p);
-        // ld.so would only warn about a library it cannot load and run the program without it:
-        // every rank would run as an independent process.
-        if !p.is_file() {
-            return usage(format!("run --preload: GALLOCY_PRELOAD_LIB={} is not a file", p.display()));
+        // A list like LD_PRELOAD's (colons or spaces between libraries). ld.so would only warn
+        // about a library it cannot load and run the program without it: every rank would run
+        // as an independent process.
+        let list = p.to_string_lossy().into_owned();
+        let missing = list.split([':', ' ']).filter(|l| !l.is_empty()).find(|l| !std::path::Path::new(l).is_file());
+        if let Some(lib) = missing {
+            return usage(format!("run --preload: GALLOCY_PRELOAD_LIB names {lib}, which is not a file"));
         }
-        return Ok(p);
+        if list.trim().is_empty() {
+            return usage("run --preload: GALLOCY_PRELOAD_LIB is empty");
+        }
+        return Ok(p.into());
     }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,

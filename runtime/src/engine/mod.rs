@@ -20,7 +20,7 @@ use gallocy_transport::{Event, Span};
 use crate::fault::acquire::{attached, open_page};
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, protect_failed, Runtime};
-use crate::protocol::barrier::Barriers;
+use crate::protocol::barrier::{Barriers, COORDINATOR};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
@@ -178,6 +178,14 @@ impl<'a> Engine<'a> {
         }
         for rank in left {
             self.liveness.departed(rank);
+            if let Err(v) = self.barriers.left(rank) {
+                fatal(self.rt, &v.to_string());
+            }
+            if rank == COORDINATOR && !rt.membership().leaving() {
+                // No barrier can complete any more; a thread waiting in one (or entering one
+                // later) ends the process with a clear message.
+                rt.collectives().sync().coordinator_left();
+            }
             handled += 1;
         }
         handled += self.run_deferred();

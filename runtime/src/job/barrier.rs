@@ -1,6 +1,6 @@
 //! The job-wide barrier, as one thread of a joined process waits in it.
 
-use crate::job::runtime::Runtime;
+use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::barrier::COORDINATOR;
 use crate::protocol::Msg;
 
@@ -8,5 +8,12 @@ use crate::protocol::Msg;
 pub fn wait_for_all(rt: &Runtime) {
     let epoch = rt.collectives().next_barrier_epoch();
     rt.send_from_app(COORDINATOR, Msg::BarrierArrive { epoch });
-    rt.collectives().sync().wait_barrier(epoch);
+    if rt.collectives().sync().wait_barrier(epoch).is_err() {
+        fatal(
+            rt,
+            &format!(
+                "rank {COORDINATOR}, the barrier's coordinator, left the job (gallocy_finalize) while this rank waits in barrier {epoch}: every rank must call gallocy_barrier equally often"
+            ),
+        );
+    }
 }

@@ -42,8 +42,14 @@ struct SyncInner {
     released_below: u64,
     /// ... and these above it (epochs can end out of order: see `protocol::barrier`).
     released_above: std::collections::BTreeSet<u64>,
+    /// The barrier's coordinator left the job: barriers not released yet never will be.
+    coordinator_left: bool,
     broadcasts: HashMap<u64, Incoming>,
 }
+
+/// The barrier's coordinator left the job before releasing a barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoordinatorLeft;
 
 struct Incoming {
     data: Vec<u8>,
@@ -64,11 +70,22 @@ impl SyncState {
         self.cv.notify_all();
     }
 
-    pub fn wait_barrier(&self, epoch: u64) {
+    /// The coordinator said goodbye (its releases came before, on the same link).
+    pub fn coordinator_left(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).coordinator_left = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until barrier `epoch` is released; `Err` if it never can be (the coordinator left).
+    pub fn wait_barrier(&self, epoch: u64) -> Result<(), CoordinatorLeft> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         while epoch > g.released_below && !g.released_above.contains(&epoch) {
+            if g.coordinator_left {
+                return Err(CoordinatorLeft);
+            }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+        Ok(())
     }
 
     pub fn broadcast_chunk(&self, seq: u64, total: u64, offset: u64, data: &[u8]) -> Result<(), String> {
@@ -113,17 +130,20 @@ mod tests {
         let done = Arc::new(AtomicBool::new(false));
         let (s2, d2) = (sync.clone(), done.clone());
         let waiter = std::thread::spawn(move || {
-            s2.wait_barrier(1);
+            s2.wait_barrier(1).unwrap();
             d2.store(true, Ordering::SeqCst);
         });
         sync.barrier_released(2);
-        sync.wait_barrier(2);
+        sync.wait_barrier(2).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(!done.load(Ordering::SeqCst), "epoch 1 is not over because epoch 2 is");
         sync.barrier_released(1);
         waiter.join().unwrap();
-        sync.wait_barrier(1);
+        sync.wait_barrier(1).unwrap();
         sync.barrier_released(3);
-        sync.wait_barrier(3);
+        sync.wait_barrier(3).unwrap();
+        sync.coordinator_left();
+        sync.wait_barrier(3).unwrap();
+        assert_eq!(sync.wait_barrier(4), Err(CoordinatorLeft), "epoch 4 can never be released");
     }
 }

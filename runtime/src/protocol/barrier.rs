@@ -24,11 +24,19 @@ pub struct Barriers {
     /// Released epochs above `released_below`.
     released_above: BTreeSet<u64>,
     arrived: BTreeMap<u64, RankSet>,
+    /// Ranks that left the job (`finalize`): they arrive at no barrier any more.
+    left: RankSet,
 }
 
 impl Barriers {
     pub fn new(ranks: usize) -> Barriers {
-        Barriers { ranks, released_below: 0, released_above: BTreeSet::new(), arrived: BTreeMap::new() }
+        Barriers {
+            ranks,
+            released_below: 0,
+            released_above: BTreeSet::new(),
+            arrived: BTreeMap::new(),
+            left: RankSet::empty(),
+        }
     }
 
     fn released(&self, epoch: u64) -> bool {
@@ -47,6 +55,10 @@ impl Barriers {
             return Err(bad);
         }
         *set = set.with(from);
+        let arrived = *set;
+        if let Some(gone) = self.left.iter().find(|r| !arrived.contains(*r)) {
+            return Err(Violation::LeftBeforeBarrier { rank: gone, epoch });
+        }
         if set.len() == self.ranks {
             self.arrived.remove(&epoch);
             self.released_above.insert(epoch);
@@ -56,6 +68,18 @@ impl Barriers {
             out.extend((0..self.ranks).map(|r| Send { to: r, msg: Msg::BarrierRelease { epoch } }));
         }
         Ok(())
+    }
+}
+
+impl Barriers {
+    /// Rank `rank` left the job. Its arrivals came before its goodbye (one FIFO link), so an
+    /// open barrier it has not reached can never complete: that is an error, not a wait.
+    pub fn left(&mut self, rank: Rank) -> Result<(), Violation> {
+        self.left = self.left.with(rank);
+        match self.arrived.iter().find(|(_, set)| !set.contains(rank)) {
+            Some((epoch, _)) => Err(Violation::LeftBeforeBarrier { rank, epoch: *epoch }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -96,5 +120,23 @@ mod tests {
         assert!(b.arrive(0, 1, &mut out).is_err() && b.arrive(0, 2, &mut out).is_err());
         out.clear();
         b.arrive(0, 3, &mut out).unwrap();
+    }
+
+    #[test]
+    fn a_barrier_a_departed_rank_cannot_reach_is_an_error() {
+        let mut out = Vec::new();
+        // Rank 1 called one barrier more than rank 2, which then left.
+        let mut b = Barriers::new(3);
+        b.arrive(1, 1, &mut out).unwrap();
+        assert_eq!(b.left(2), Err(Violation::LeftBeforeBarrier { rank: 2, epoch: 1 }));
+        // The other order: rank 2 left first, then rank 1 arrives.
+        let mut b = Barriers::new(3);
+        b.left(2).unwrap();
+        assert_eq!(b.arrive(1, 1, &mut out), Err(Violation::LeftBeforeBarrier { rank: 2, epoch: 1 }));
+        // Leaving after the last barrier is fine.
+        let mut b = Barriers::new(2);
+        b.arrive(0, 1, &mut out).unwrap();
+        b.arrive(1, 1, &mut out).unwrap();
+        b.left(1).unwrap();
     }
 }

@@ -302,7 +302,13 @@ fn a_preload_library_that_does_not_exist_is_refused() {
     // ld.so would warn and run every rank without gallocy, as independent processes.
     let r = gallocy_env(&["run", "-n", "2", "--preload", "--", "true"], &[("GALLOCY_PRELOAD_LIB", "/nonexistent.so")]);
     assert_eq!(r.status.and_then(|s| s.code()), Some(2), "{}", r.report());
-    assert!(r.stderr.contains("GALLOCY_PRELOAD_LIB=/nonexistent.so is not a file"), "{}", r.report());
+    assert!(r.stderr.contains("GALLOCY_PRELOAD_LIB names /nonexistent.so, which is not a file"), "{}", r.report());
+    // One missing library in a list is refused too.
+    let lib = std::env::current_exe().unwrap();
+    let list = format!("{}:/nonexistent.so", lib.display());
+    let r = gallocy_env(&["run", "-n", "2", "--preload", "--", "true"], &[("GALLOCY_PRELOAD_LIB", &list)]);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(2), "{}", r.report());
+    assert!(r.stderr.contains("names /nonexistent.so"), "{}", r.report());
 }
 
 #[test]

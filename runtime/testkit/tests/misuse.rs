@@ -51,3 +51,41 @@ fn collective_allocations_of_different_sizes_are_a_clear_error() {
         "alloc_collective(8192) on this rank, but rank 0 called alloc_collective(4096)",
     );
 }
+
+/// One rank calls one barrier more than the others, which leave the job: it must not wait
+/// forever. Returns the job after checking that it ended.
+fn extra_barrier(n: usize, culprit: usize) -> Job {
+    let _g = serial();
+    let culprit_s = culprit.to_string();
+    let mut job = Job::builder(n).spawn(&["misuse", "--what", "extra-barrier", "--rank", &culprit_s]);
+    job.wait_or_fail(&format!("{n} ranks, rank {culprit} calls one barrier more"), T);
+    let report = job.report();
+    assert!(job.ranks[culprit].status().is_some_and(|s| !s.success()), "the culprit must fail\n{report}");
+    job
+}
+
+#[test]
+fn an_extra_barrier_after_the_coordinator_left_is_a_clear_error() {
+    let job = extra_barrier(2, 1);
+    let report = job.report();
+    assert!(
+        job.ranks[1].stderr().contains(
+            "fatal: rank 0, the barrier's coordinator, left the job (gallocy_finalize) while this rank waits in barrier"
+        ),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_extra_barrier_after_another_rank_left_is_a_clear_error() {
+    let job = extra_barrier(3, 2);
+    let report = job.report();
+    // Rank 0 (the coordinator) sees rank 1 leave while barrier 4 waits for it, or, if rank 0
+    // left first, rank 2 sees the coordinator gone: either way a clear line, no wait.
+    let said = (0..3).any(|r| {
+        let e = job.ranks[r].stderr();
+        e.contains("fatal: rank 1 left the job (gallocy_finalize) while barrier")
+            || e.contains("fatal: rank 0, the barrier's coordinator, left the job (gallocy_finalize)")
+    });
+    assert!(said, "a rank must say which rank left while the barrier waits for it\n{report}");
+}

@@ -130,3 +130,35 @@ fn rank_with_wrong_token_cannot_join() {
     let e0 = job.ranks[0].stderr();
     assert!(e0.contains("rank 3") || e0.contains("ranks 3"), "rank 0's error must name rank 3\n{report}");
 }
+
+#[test]
+fn idle_strangers_at_start_up_delay_nobody() {
+    let _g = serial();
+    let args = &["fill64", "--mib", "1"];
+    let b = Job::builder(3);
+    let mut ranks: Vec<Proc> = vec![b.spawn_rank(0, args)];
+    let port: u16 = b.coordinator.rsplit(':').next().unwrap().parse().unwrap();
+    let t0 = Instant::now();
+    while !listening(port) {
+        if t0.elapsed() > Duration::from_secs(60) || ranks[0].poll().is_some() {
+            let job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+            panic!("rank 0 never listened on {}\n{}", b.coordinator, job.report());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Ten connections that never say a word, held open while the other ranks join.
+    let idle: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect_timeout(&b.coordinator.parse().unwrap(), Duration::from_secs(5)).unwrap())
+        .collect();
+    let joined_at = Instant::now();
+    ranks.push(b.spawn_rank(1, args));
+    ranks.push(b.spawn_rank(2, args));
+    let mut job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+    job.wait_or_fail("a job with 10 idle strangers connected to its coordinator", Duration::from_secs(120));
+    let took = joined_at.elapsed();
+    drop(idle);
+    job.assert_all_ok("a job with 10 idle strangers connected to its coordinator", "fill64");
+    // Before, each stranger held the door for its 5 s handshake timeout, one after the other.
+    assert!(took < limit(Duration::from_secs(8)), "the job took {took:?} with 10 idle strangers\n{}", job.report());
+    eprintln!("3 ranks joined and ran past 10 idle strangers in {took:?}");
+}

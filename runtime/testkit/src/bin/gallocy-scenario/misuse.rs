@@ -1,7 +1,8 @@
 //! misuse --what W: API misuse on rank `--rank R` (default 1), which must end that process with one
 //! clear line (no panic, no hang) and its peers with "lost contact".
 //!
-//! W: unlock-unheld, relock, bad-root, broadcast-length, collective-size.
+//! W: unlock-unheld, relock, bad-root, broadcast-length, collective-size, extra-barrier (rank R
+//! calls one barrier more than the others, which then leave the job).
 
 use crate::util::{Args, Outcome};
 
@@ -27,6 +28,14 @@ pub fn misuse(args: &Args) -> Outcome {
         }
         "collective-size" => {
             let _ = gallocy::alloc_collective(if me { 8192 } else { 4096 });
+        }
+        "extra-barrier" => {
+            if me {
+                gallocy::barrier();
+            }
+            // `finalize` starts with a barrier: the culprit's is one too many.
+            gallocy::finalize().map_err(|e| e.to_string())?;
+            return Ok(format!("misuse {what}: rank {rank} left"));
         }
         "unlock-unheld" | "relock" => {}
         other => return Err(format!("unknown misuse {other:?}")),
