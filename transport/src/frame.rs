@@ -147,6 +147,40 @@ mod tests {
         assert_eq!(Header::decode(&h.encode(), 1 << 20).unwrap(), h);
     }
 
+    /// A bounded in-suite fuzz run: a million random and mutated headers. Decoding never panics,
+    /// and an accepted header is the one encoding of what it decoded, inside the heap.
+    #[test]
+    fn fuzz_the_header() {
+        let mut x = 0xd1b5_4a32_d192_ed03u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let view = 1usize << 30;
+        let good = Header { kind: Kind::Message, msg_len: 12, page_len: 4096, offset: 8192, token: 7 }.encode();
+        let mut accepted = 0;
+        for i in 0..1_000_000u32 {
+            let mut b = [0u8; HEADER_LEN];
+            if i % 2 == 0 {
+                b.iter_mut().for_each(|v| *v = next() as u8);
+                b[0] %= 6;
+            } else {
+                b = good;
+                for _ in 0..=(next() % 3) {
+                    b[(next() % HEADER_LEN as u64) as usize] ^= 1 << (next() % 8);
+                }
+            }
+            if let Ok(h) = Header::decode(&b, view) {
+                accepted += 1;
+                assert_eq!(h.encode(), b);
+                assert!(h.offset + u64::from(h.page_len) <= view as u64 && h.msg_len as usize <= MAX_MESSAGE);
+            }
+        }
+        assert!(accepted > 0);
+    }
+
     #[test]
     fn rejects_bad_frames() {
         let good = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: 4096, offset: 0, token: 1 };

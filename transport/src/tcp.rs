@@ -905,6 +905,38 @@ mod tests {
         }
     }
 
+    /// A bounded in-suite fuzz run of the join record: a million random and mutated records,
+    /// no panic, and an accepted record never claims more bytes than it has.
+    #[test]
+    fn fuzz_the_join_record() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid = encode_join(7, &"127.0.0.1:40000".parse().unwrap(), b"hello");
+        for _ in 0..500_000 {
+            let len = (next() % 40) as usize;
+            let random: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(j) = decode_join(&random) {
+                assert!(j.addr.len() + j.hello.len() + 8 == random.len());
+            }
+            let mut m = valid.clone();
+            for _ in 0..=(next() % 3) {
+                let at = (next() % m.len() as u64) as usize;
+                m[at] ^= 1 << (next() % 8);
+            }
+            if next() % 4 == 0 {
+                m.truncate((next() % m.len() as u64) as usize);
+            }
+            if let Some(j) = decode_join(&m) {
+                assert!(j.addr.len() + j.hello.len() + 8 == m.len());
+            }
+        }
+    }
+
     fn socket_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();

@@ -97,7 +97,7 @@ pub unsafe fn usable_size(p: *mut u8) -> usize {
         // Only a member of the job can ask the owning rank.
         misuse(rt, &AllocError::InvalidPointer(addr));
     }
-    let waiter = rt.slots().claim();
+    let waiter = rt.slots().claim_dependent();
     rt.send_from_app(rt.arena_rank(rt.page_of(addr)), Msg::SizeQuery { addr: addr as u64, waiter });
     match wait_for(rt, waiter) {
         0 => misuse(rt, &AllocError::InvalidPointer(addr)),

@@ -38,7 +38,7 @@ pub fn lock(id: u32) {
         fatal(rt, &format!("lock({id}) by a thread that already holds global lock {id} (it would wait for itself)"));
     }
     if rt.size() > 1 {
-        let waiter = rt.slots().claim();
+        let waiter = rt.slots().claim_dependent();
         rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
         wait_for(rt, waiter);
         HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push((id, me));

@@ -19,7 +19,7 @@ use crate::job::membership::{JOINING, LOCAL};
 use crate::job::runtime::{Runtime, RUNTIME};
 
 /// The action that was installed before ours: written once by `install` (under its lock, before
-/// our handler can run), then only read.
+/// our handler is installed), then only read.
 struct PreviousAction(UnsafeCell<MaybeUninit<libc::sigaction>>);
 // SAFETY: see the type's comment: one write strictly before all reads.
 unsafe impl Sync for PreviousAction {}
@@ -36,15 +36,19 @@ pub fn install() -> Result<(), Error> {
     if INSTALLED.load(Ordering::Acquire) {
         return Ok(());
     }
-    // SAFETY: a zeroed sigaction is a valid value to fill in; PREVIOUS is written before the
-    // handler can run (INSTALLED is published after sigaction returns, and the handler only
-    // reads PREVIOUS when chaining).
+    // SAFETY: PREVIOUS is written by the first call, a query that installs nothing, so it holds
+    // the previous action before our handler (installed by the second call) can run and read it;
+    // nobody else writes PREVIOUS (install runs once, under INSTALL_LOCK). A zeroed sigaction is
+    // a valid value to fill in.
     unsafe {
+        if libc::sigaction(libc::SIGSEGV, std::ptr::null(), (*PREVIOUS.0.get()).as_mut_ptr()) != 0 {
+            return Err(Error::os("reading the SIGSEGV action"));
+        }
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_segv as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigfillset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSEGV, &sa, (*PREVIOUS.0.get()).as_mut_ptr()) != 0 {
+        if libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()) != 0 {
             return Err(Error::os("installing the SIGSEGV handler"));
         }
     }

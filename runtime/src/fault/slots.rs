@@ -11,6 +11,9 @@ use crate::sys::futex;
 
 /// Number of slots: the most concurrent waits one process can have.
 pub const SLOTS: usize = 512;
+/// Slots only page faults may use: waits that depend on other threads (a lock held by another
+/// thread) never take the last ones, so the thread holding the lock can always fetch a page.
+pub const FAULT_RESERVE: usize = 64;
 
 const WAITING: u32 = 1;
 const SLEEPING: u32 = 2;
@@ -24,6 +27,8 @@ pub struct Slot {
     state: AtomicU32,
     /// A fault request for the local home is posted in this slot.
     local: AtomicBool,
+    /// Claimed by [`Slots::claim_dependent`].
+    dependent: AtomicBool,
     page: AtomicU64,
     write: AtomicBool,
     /// A value the completer hands the waiter.
@@ -37,6 +42,7 @@ impl Slot {
             generation: AtomicU32::new(0),
             state: AtomicU32::new(0),
             local: AtomicBool::new(false),
+            dependent: AtomicBool::new(false),
             page: AtomicU64::new(0),
             write: AtomicBool::new(false),
             result: AtomicU64::new(0),
@@ -51,6 +57,8 @@ pub struct Slots {
     posted: AtomicU32,
     /// Number of threads currently spinning on a slot (the service thread spins too meanwhile).
     spinners: AtomicU32,
+    /// Slots held by waits that may depend on other threads (see [`Slots::claim_dependent`]).
+    dependent: AtomicU32,
 }
 
 impl Default for Slots {
@@ -59,6 +67,7 @@ impl Default for Slots {
             slots: (0..SLOTS).map(|_| Slot::new()).collect(),
             posted: AtomicU32::new(0),
             spinners: AtomicU32::new(0),
+            dependent: AtomicU32::new(0),
         }
     }
 }
@@ -67,15 +76,30 @@ impl Slots {
     /// Claims a free slot, marked waiting, for a wait for `page` (for writing if `write`; 0 and
     /// false for waits that are not for a page).
     pub fn claim_for(&self, page: u64, write: bool) -> Waiter {
-        let w = self.claim();
+        let w = self.claim_any(false);
         let s = &self.slots[w.slot as usize];
         s.page.store(page, Ordering::Release);
         s.write.store(write, Ordering::Release);
         w
     }
 
-    /// Claims a free slot, marked waiting.
-    pub fn claim(&self) -> Waiter {
+    /// Claims a free slot, marked waiting, for a wait that may depend on other threads of this
+    /// process (a global lock, whose holder may be a local thread that must fault a page before
+    /// it releases it). Such waits never hold more than `SLOTS - FAULT_RESERVE` slots: the
+    /// caller waits for one of them to end first.
+    pub fn claim_dependent(&self) -> Waiter {
+        let limit = (SLOTS - FAULT_RESERVE) as u32;
+        loop {
+            let n = self.dependent.load(Ordering::Acquire);
+            if n < limit && self.dependent.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                return self.claim_any(true);
+            }
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    fn claim_any(&self, dependent: bool) -> Waiter {
         let start = (crate::sys::clock::now_ns() as usize / 64) % SLOTS;
         loop {
             for k in 0..SLOTS {
@@ -85,6 +109,7 @@ impl Slots {
                     && s.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
                 {
                     let generation = s.generation.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+                    s.dependent.store(dependent, Ordering::Release);
                     s.state.store(WAITING, Ordering::Release);
                     return Waiter { slot: i as u32, generation };
                 }
@@ -190,8 +215,12 @@ impl Slots {
             }
         }
         let result = s.result.swap(0, Ordering::AcqRel);
+        let dependent = s.dependent.swap(false, Ordering::AcqRel);
         s.state.store(0, Ordering::Release);
         s.claimed.store(false, Ordering::Release);
+        if dependent {
+            self.dependent.fetch_sub(1, Ordering::AcqRel);
+        }
         result
     }
 }
@@ -204,7 +233,7 @@ mod tests {
     #[test]
     fn completion_wakes_a_sleeping_waiter() {
         let slots = Arc::new(Slots::default());
-        let i = slots.claim();
+        let i = slots.claim_dependent();
         let s2 = slots.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
@@ -220,6 +249,27 @@ mod tests {
         assert!(slots.waits_for_page(again, 5) && !slots.waits_for_page(again, 6));
         assert!(slots.complete_with(again, 42));
         assert_eq!(slots.wait_and_release(again, Duration::ZERO, &mut || {}, &mut |_| {}), 42);
+    }
+
+    #[test]
+    fn waits_that_depend_on_other_threads_leave_slots_for_faults() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<Waiter> = (0..SLOTS - FAULT_RESERVE).map(|_| slots.claim_dependent()).collect();
+        // One more dependent wait has to wait for one of these to end ...
+        let s2 = slots.clone();
+        let late = std::thread::spawn(move || s2.claim_dependent());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!late.is_finished(), "a dependent wait took a slot kept for faults");
+        // ... while every fault still gets a slot.
+        let faults: Vec<Waiter> = (0..FAULT_RESERVE).map(|p| slots.claim_for(p as u64, false)).collect();
+        for w in faults {
+            assert!(slots.complete(w));
+            slots.wait_and_release(w, Duration::ZERO, &mut || {}, &mut |_| {});
+        }
+        assert!(slots.complete(held[0]));
+        slots.wait_and_release(held[0], Duration::ZERO, &mut || {}, &mut |_| {});
+        let w = late.join().unwrap();
+        assert!(slots.complete(w));
     }
 
     #[test]

@@ -263,9 +263,19 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
         Tag::Request | Tag::Forward | Tag::Grant => {
             let (m, _) = body::<PageWaiter>(t, b, false)?;
             let (page, waiter, write) = (m.page.get(), waiter(m.waiter), flag(t, m.flags)?);
+            // Fields a message does not use must be zero: one message, one encoding.
+            let unused =
+                |v: U32| if v.get() == 0 { Ok(()) } else { Err(DecodeError::BadField { tag: t, field: "unused" }) };
             match tag {
-                Tag::Request => Msg::Request { page, write, waiter },
-                Tag::Forward => Msg::Forward { page, requester: m.a.get(), waiter, write },
+                Tag::Request => {
+                    unused(m.a)?;
+                    unused(m.b)?;
+                    Msg::Request { page, write, waiter }
+                }
+                Tag::Forward => {
+                    unused(m.b)?;
+                    Msg::Forward { page, requester: m.a.get(), waiter, write }
+                }
                 _ => {
                     let source = match (m.a.get(), m.b.get()) {
                         (SRC_INLINE, 0) => Source::Inline,
@@ -393,6 +403,62 @@ mod tests {
         assert!(matches!(encode(&m, b"abc", &mut small), Err(EncodeError::BufferTooSmall { .. })));
     }
 
+    /// A bounded in-suite fuzz run: millions of random and mutated byte strings. The decoder
+    /// never panics, and whatever it accepts is the one encoding of what it decoded.
+    #[test]
+    fn fuzz_the_decoder_with_millions_of_random_and_mutated_messages() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: Vec<Vec<u8>> = every_message()
+            .iter()
+            .map(|m| encode(m, &[], &mut [0u8; 64]).unwrap().to_vec())
+            .chain(std::iter::once({
+                let mut buf = vec![0u8; 128];
+                encode(&Msg::Broadcast { seq: 1, total: 9, offset: 2 }, b"payload", &mut buf).unwrap().to_vec()
+            }))
+            .collect();
+        let mut accepted = 0u64;
+        let mut reencoded = vec![0u8; LIMIT];
+        let mut check = |bytes: &[u8]| {
+            if let Ok((m, payload)) = decode(bytes) {
+                accepted += 1;
+                let again = encode(&m, payload, &mut reencoded).expect("what decodes, encodes");
+                assert_eq!(again, bytes, "{m:?} has another encoding");
+            }
+        };
+        let rounds = 1_000_000;
+        for i in 0..rounds {
+            // Random bytes, often with a valid tag in front.
+            let len = (next() % 48) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 2 == 0 {
+                if let Some(b) = bytes.first_mut() {
+                    *b %= 17;
+                }
+            }
+            check(&bytes);
+            // A valid message with one to three bytes changed, or cut, or extended.
+            let mut m = valid[(next() % valid.len() as u64) as usize].clone();
+            match next() % 4 {
+                0 => m.truncate((next() % m.len() as u64) as usize),
+                1 => m.push(next() as u8),
+                _ => {
+                    for _ in 0..=(next() % 3) {
+                        let at = (next() % m.len() as u64) as usize;
+                        m[at] ^= 1 << (next() % 8);
+                    }
+                }
+            }
+            check(&m);
+        }
+        assert!(accepted > 0, "some mutations are valid messages");
+    }
+
     #[test]
     fn garbage_is_refused_without_panic() {
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
@@ -405,6 +471,12 @@ mod tests {
         let mut ack = encode(&Msg::RevokeAck { page: 1 }, &[], &mut buf).unwrap().to_vec();
         *ack.last_mut().unwrap() = 1;
         assert!(decode(&ack).is_err());
+        let mut req =
+            encode(&Msg::Request { page: 1, write: false, waiter: Waiter { slot: 1, generation: 1 } }, &[], &mut buf)
+                .unwrap()
+                .to_vec();
+        *req.last_mut().unwrap() = 1;
+        assert!(matches!(decode(&req), Err(DecodeError::BadField { field: "unused", .. })));
         let lock = encode(&Msg::LockRelease { id: 1 }, &[], &mut buf).unwrap().to_vec();
         let mut big_id = lock.clone();
         big_id[5] = 1;

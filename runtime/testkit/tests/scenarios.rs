@@ -26,6 +26,16 @@ fn counter_four_ranks_two_threads() {
 }
 
 #[test]
+fn more_lock_waiters_than_wait_slots() {
+    let _g = serial();
+    // 600 threads per process queue for one lock, more than the 512 wait slots a process has,
+    // while the holder faults the counter's page in: the waits for the lock never take the slots
+    // kept for faults (before, this deadlocked once 512 threads waited).
+    let total = count(4_800, 1_200);
+    launch_ok(2, &["counter", "--total", &total, "--threads", "600"], limit(4 * MIN));
+}
+
+#[test]
 fn pingpong_two_ranks() {
     let _g = serial();
     launch_ok(2, &["pingpong", "--rounds", "10000"], limit(3 * MIN));
