@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use crate::protocol::barrier::Released;
+
 /// Barrier epochs and broadcast sequence numbers of this rank, and what arrived for them.
 #[derive(Default)]
 pub struct Collectives {
@@ -38,10 +40,8 @@ pub struct SyncState {
 
 #[derive(Default)]
 struct SyncInner {
-    /// Every barrier epoch up to this one is released ...
-    released_below: u64,
-    /// ... and these above it (epochs can end out of order: see `protocol::barrier`).
-    released_above: std::collections::BTreeSet<u64>,
+    /// Barrier epochs that are over.
+    released: Released,
     /// The barrier's coordinator left the job: barriers not released yet never will be.
     coordinator_left: bool,
     broadcasts: HashMap<u64, Incoming>,
@@ -59,14 +59,7 @@ struct Incoming {
 impl SyncState {
     pub fn barrier_released(&self, epoch: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.released_above.insert(epoch);
-        loop {
-            let next = g.released_below + 1;
-            if !g.released_above.remove(&next) {
-                break;
-            }
-            g.released_below = next;
-        }
+        g.released.insert(epoch);
         self.cv.notify_all();
     }
 
@@ -79,7 +72,7 @@ impl SyncState {
     /// Waits until barrier `epoch` is released; `Err` if it never can be (the coordinator left).
     pub fn wait_barrier(&self, epoch: u64) -> Result<(), CoordinatorLeft> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while epoch > g.released_below && !g.released_above.contains(&epoch) {
+        while !g.released.contains(epoch) {
             if g.coordinator_left {
                 return Err(CoordinatorLeft);
             }

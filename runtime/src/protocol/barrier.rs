@@ -15,14 +15,33 @@ use super::violation::Violation;
 /// The rank that coordinates barriers.
 pub const COORDINATOR: Rank = 0;
 
+/// The barrier epochs that are over. Epochs may end out of order (see the module comment).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Released {
+    /// Every epoch up to this one is released ...
+    below: u64,
+    /// ... and these above it.
+    above: BTreeSet<u64>,
+}
+
+impl Released {
+    pub fn contains(&self, epoch: u64) -> bool {
+        epoch <= self.below || self.above.contains(&epoch)
+    }
+
+    pub fn insert(&mut self, epoch: u64) {
+        self.above.insert(epoch);
+        while self.above.remove(&(self.below + 1)) {
+            self.below += 1;
+        }
+    }
+}
+
 /// Arrivals at open barrier epochs, and which epochs are over.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Barriers {
     ranks: usize,
-    /// Every epoch up to this one is released.
-    released_below: u64,
-    /// Released epochs above `released_below`.
-    released_above: BTreeSet<u64>,
+    released: Released,
     arrived: BTreeMap<u64, RankSet>,
     /// Ranks that left the job (`finalize`): they arrive at no barrier any more.
     left: RankSet,
@@ -30,24 +49,14 @@ pub struct Barriers {
 
 impl Barriers {
     pub fn new(ranks: usize) -> Barriers {
-        Barriers {
-            ranks,
-            released_below: 0,
-            released_above: BTreeSet::new(),
-            arrived: BTreeMap::new(),
-            left: RankSet::empty(),
-        }
-    }
-
-    fn released(&self, epoch: u64) -> bool {
-        epoch <= self.released_below || self.released_above.contains(&epoch)
+        Barriers { ranks, released: Released::default(), arrived: BTreeMap::new(), left: RankSet::empty() }
     }
 
     /// Rank `from` reached barrier `epoch` (epochs start at 1). Arriving twice at one epoch, or
     /// at an epoch already released, is a violation.
     pub fn arrive(&mut self, from: Rank, epoch: u64, out: &mut Vec<Send>) -> Result<(), Violation> {
         let bad = Violation::UnexpectedBarrier { from, epoch };
-        if epoch == 0 || self.released(epoch) {
+        if epoch == 0 || self.released.contains(epoch) {
             return Err(bad);
         }
         let set = self.arrived.entry(epoch).or_default();
@@ -61,10 +70,7 @@ impl Barriers {
         }
         if set.len() == self.ranks {
             self.arrived.remove(&epoch);
-            self.released_above.insert(epoch);
-            while self.released_above.remove(&(self.released_below + 1)) {
-                self.released_below += 1;
-            }
+            self.released.insert(epoch);
             out.extend((0..self.ranks).map(|r| Send { to: r, msg: Msg::BarrierRelease { epoch } }));
         }
         Ok(())
