@@ -133,6 +133,7 @@ pub fn run_rank(selected: &[&Case], iters: usize, warmup: usize) -> Result<()> {
         let pages = picker.take(case.owner, case.home, warmup + iters)?;
         errors += run_case(rank, c, case, &pages, warmup)?;
     }
+    errors += run_sync(rank, iters, warmup);
     gallocy::finalize().map_err(|e| anyhow::anyhow!("gallocy::finalize: {e}"))?;
     if errors > 0 {
         bail!("rank {rank}: {errors} coherence check failures");
@@ -250,6 +251,77 @@ fn run_case(rank: usize, c: usize, case: &Case, pages: &[usize], warmup: usize) 
     }
     gallocy::barrier();
     Ok(errors)
+}
+
+/// Lock ids of the synchronization cases: their home is rank 1 (`id % N`), not the timing rank.
+const CONTENDED_LOCK: u32 = 1;
+const UNCONTENDED_LOCK: u32 = 3;
+
+/// The synchronization cases, timed by rank 0 (every rank takes part): `barrier` (one barrier
+/// of all ranks), `lock_contended` (every rank takes one global lock in turn, adds 1 to a shared
+/// counter, releases; per lock + unlock) and `lock_uncontended` (rank 0 alone takes and releases
+/// a lock whose home is rank 1, again and again). Returns the number of check failures.
+fn run_sync(rank: usize, iters: usize, warmup: usize) -> usize {
+    let ranks = gallocy::size();
+    let counter = gallocy::alloc_collective(8) as *mut u64;
+    let mut errors = 0;
+    let timed = |name: &str, h: &hdrhistogram::Histogram<u64>, note: &str| {
+        if rank == 0 {
+            println!("{}", Summary::from_histogram(name, h, note).to_record());
+        }
+    };
+
+    gallocy::barrier();
+    let mut h = new_histogram();
+    for i in 0..warmup + iters {
+        let t0 = now_ns();
+        gallocy::barrier();
+        let t1 = now_ns();
+        if i >= warmup {
+            h.saturating_record((t1 - t0).max(1));
+        }
+    }
+    timed("barrier", &h, &format!("ranks={ranks} dissemination"));
+
+    gallocy::barrier();
+    let mut h = new_histogram();
+    for i in 0..warmup + iters {
+        let t0 = now_ns();
+        gallocy::lock(CONTENDED_LOCK);
+        // SAFETY: `counter` is a live 8-byte collective allocation; the global lock orders the
+        // ranks' increments (sequential consistency makes each see the last one).
+        unsafe { write_volatile(counter, read_volatile(counter) + 1) };
+        gallocy::unlock(CONTENDED_LOCK);
+        let t1 = now_ns();
+        if i >= warmup {
+            h.saturating_record((t1 - t0).max(1));
+        }
+    }
+    gallocy::barrier();
+    // SAFETY: as above; every increment is done.
+    let total = unsafe { read_volatile(counter) };
+    if total != ((warmup + iters) * ranks) as u64 {
+        eprintln!("rank {rank}: lock_contended: counter {total}, want {}", (warmup + iters) * ranks);
+        errors += 1;
+    }
+    timed("lock_contended", &h, &format!("ranks={ranks} home=1 lock+increment+unlock"));
+
+    gallocy::barrier();
+    if rank == 0 {
+        let mut h = new_histogram();
+        for i in 0..warmup + iters {
+            let t0 = now_ns();
+            gallocy::lock(UNCONTENDED_LOCK);
+            gallocy::unlock(UNCONTENDED_LOCK);
+            let t1 = now_ns();
+            if i >= warmup {
+                h.saturating_record((t1 - t0).max(1));
+            }
+        }
+        timed("lock_uncontended", &h, &format!("home={} lock+unlock", UNCONTENDED_LOCK as usize % ranks));
+    }
+    gallocy::barrier();
+    errors
 }
 
 #[cfg(test)]

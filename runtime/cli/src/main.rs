@@ -166,6 +166,11 @@ fn print_summary(p: Problem, r: &jacobi::DistResult, wall: Duration, v: &Verdict
     println!("Jacobi {n}x{n}, {} iterations, {} processes x {} thread(s)", r.iterations, agree.1, p.threads);
     println!("  distributed wall time:         {:.3} s", wall.as_secs_f64());
     println!("  single-process reference time: {:.3} s", v.reference_time.as_secs_f64());
+    let placement = std::env::var("GALLOCY_PLACEMENT").unwrap_or_else(|_| "block".into());
+    println!(
+        "  speedup against the single-process solve: {:.2}x (grids placed by GALLOCY_PLACEMENT={placement})",
+        v.reference_time.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+    );
     println!("  residual (max |u - sweep(u)|): {:.6e}", r.residual);
     match v.mismatch {
         None => println!("  matches single-process result: yes (bit for bit, {} values)", r.grid.len()),

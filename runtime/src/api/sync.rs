@@ -4,7 +4,9 @@ use std::sync::Mutex;
 
 use crate::fault::acquire::wait_for;
 use crate::heap::alloc::RuntimeScope;
-use crate::job::runtime::fatal;
+use crate::heap::region::Access;
+use crate::job::runtime::{fatal, protect_failed, Runtime};
+use crate::protocol::placement::Policy;
 use crate::protocol::{wire, Msg};
 
 use super::member;
@@ -82,18 +84,67 @@ pub fn unlock(id: u32) {
 /// Every rank calls this with the same `size`; every rank gets the same pointer to `size`
 /// zero-filled bytes of the shared heap (allocated in rank 0's arena).
 /// A rank that passes another size than rank 0 ends with a clear message.
+///
+/// Allocations of a page or more are placed by `GALLOCY_PLACEMENT` (see
+/// [`crate::protocol::placement`]): by default (`block`) the pages are split into one block per
+/// rank, in rank order, and each rank is home and owner of its block from the start.
 pub fn alloc_collective(size: usize) -> *mut u8 {
     let rt = member("gallocy::alloc_collective");
-    let p = if rt.rank() == 0 { super::memory::calloc(1, size) as u64 } else { 0 };
-    let mut bytes = [0u8; 16];
+    let policy = rt.placement().policy();
+    let wants_placing = rt.size() > 1 && policy != Policy::Cyclic && size >= rt.region().page;
+    let (p, placed) = if rt.rank() != 0 {
+        (0, false)
+    } else if wants_placing {
+        // Fresh pages: zero everywhere and never asked for, so their homes may still change.
+        match rt.alloc().alloc_fresh(size) {
+            Ok(a) => (a as u64, true),
+            Err(_) => (super::memory::calloc(1, size) as u64, false),
+        }
+    } else {
+        (super::memory::calloc(1, size) as u64, false)
+    };
+    let mut bytes = [0u8; 24];
     bytes[..8].copy_from_slice(&p.to_le_bytes());
-    bytes[8..].copy_from_slice(&(size as u64).to_le_bytes());
+    bytes[8..16].copy_from_slice(&(size as u64).to_le_bytes());
+    bytes[16..].copy_from_slice(&u64::from(placed).to_le_bytes());
     broadcast(&mut bytes, 0);
-    let (p, root_size) = (read_u64(&bytes[..8]), read_u64(&bytes[8..]));
+    let (p, root_size, placed) = (read_u64(&bytes[..8]), read_u64(&bytes[8..16]), read_u64(&bytes[16..]) == 1);
     if root_size != size as u64 {
         fatal(rt, &format!("alloc_collective({size}) on this rank, but rank 0 called alloc_collective({root_size})"));
     }
+    if placed {
+        place(rt, p as usize, size);
+    }
     p as *mut u8
+}
+
+/// Places the fresh pages of the collective allocation `[addr, addr + size)` by the job's policy
+/// on this rank: records the range, and opens the pages this rank now owns and closes the others
+/// (rank 0's arena held them all). Every rank does this before any leaves the closing barrier,
+/// so nobody asks a home about these pages before the home knows it is theirs.
+fn place(rt: &Runtime, addr: usize, size: usize) {
+    let first = rt.page_of(addr);
+    let pages = size.div_ceil(rt.region().page);
+    if rt.placement().place_collective(first as u64, pages as u64) {
+        let me = rt.rank();
+        let access_of = |p: usize| match rt.placement().first_owner(p as u64) {
+            Some(o) if o == me => Access::Write,
+            _ => Access::None,
+        };
+        let mut run = first;
+        while run < first + pages {
+            let access = access_of(run);
+            let end = (run..first + pages).find(|p| access_of(*p) != access).unwrap_or(first + pages);
+            if rt.pt().access(run) != access || (run..end).any(|p| rt.pt().access(p) != access) {
+                if let Err(errno) = rt.region().protect(run, end - run, access) {
+                    protect_failed(rt, errno);
+                }
+                (run..end).for_each(|p| rt.pt().set(p, access));
+            }
+            run = end;
+        }
+    }
+    barrier();
 }
 
 fn read_u64(b: &[u8]) -> u64 {

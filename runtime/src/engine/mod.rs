@@ -20,7 +20,6 @@ use gallocy_transport::{Event, Span};
 use crate::fault::acquire::{attached, open_page};
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, protect_failed, Runtime};
-use crate::protocol::barrier::{Barriers, COORDINATOR};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
@@ -51,7 +50,6 @@ pub struct Engine<'a> {
     one_sided: bool,
     dir: Directory,
     locks: Locks,
-    barriers: Barriers,
     /// Messages to ourselves, handled right after the message that caused them.
     self_queue: VecDeque<Msg>,
     /// Revokes/forwards waiting for a hold to end: (from, message).
@@ -73,7 +71,6 @@ impl<'a> Engine<'a> {
             one_sided,
             dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
             locks: Locks::default(),
-            barriers: Barriers::new(rt.size()),
             self_queue: VecDeque::new(),
             deferred: VecDeque::new(),
             reads: HashMap::new(),
@@ -178,14 +175,9 @@ impl<'a> Engine<'a> {
         }
         for rank in left {
             self.liveness.departed(rank);
-            if let Err(v) = self.barriers.left(rank) {
-                fatal(self.rt, &v.to_string());
-            }
-            if rank == COORDINATOR && !rt.membership().leaving() {
-                // No barrier can complete any more; a thread waiting in one (or entering one
-                // later) ends the process with a clear message.
-                rt.collectives().sync().coordinator_left();
-            }
+            // Its barrier notices came before its goodbye: a thread still waiting for one (or
+            // waiting for one later) ends the process with a clear message.
+            rt.collectives().board().departed(rt.slots(), rank);
             handled += 1;
         }
         handled += self.run_deferred();
@@ -311,11 +303,7 @@ impl<'a> Engine<'a> {
                 }
                 Ok(())
             }
-            Msg::BarrierArrive { epoch } => self.barriers.arrive(from, epoch, &mut out),
-            Msg::BarrierRelease { epoch } => {
-                rt.collectives().sync().barrier_released(epoch);
-                Ok(())
-            }
+            Msg::BarrierNotice { epoch, round } => rt.collectives().board().record(rt.slots(), from, epoch, round),
             Msg::LockAcquire { id, waiter } => {
                 self.locks.acquire(from, id, waiter, &mut out);
                 Ok(())

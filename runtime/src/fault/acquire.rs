@@ -7,7 +7,7 @@ use gallocy_transport::Span;
 use crate::heap::region::Access;
 use crate::job::runtime::{protect_failed, Runtime, EXIT_PEER_LOST};
 use crate::protocol::holder::check_received;
-use crate::protocol::wire::{self, GRANT_TAG, LOCK_GRANTED_TAG};
+use crate::protocol::wire::{self, BARRIER_NOTICE_TAG, GRANT_TAG, LOCK_GRANTED_TAG};
 use crate::protocol::{Attached, Msg, Source, Waiter};
 use crate::sys::clock::now_ns;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
@@ -137,16 +137,19 @@ pub fn attached(rt: &Runtime, span: Option<Span>) -> Attached {
     }
 }
 
-/// Handles an answer read by a waiting thread itself (for any local thread): page grants and lock
-/// grants it can complete on the spot. Declines (returns false) everything else, and anything
+/// Handles an answer read by a waiting thread itself (for any local thread): page grants, lock
+/// grants and barrier notices it can complete on the spot. Declines (returns false) everything else, and anything
 /// that is not exactly as the protocol expects: the service thread then handles it, and stops
 /// the process with a clear message if it is wrong.
 fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> bool {
     match bytes.first() {
-        Some(&GRANT_TAG) | Some(&LOCK_GRANTED_TAG) => {}
+        Some(&GRANT_TAG) | Some(&LOCK_GRANTED_TAG) | Some(&BARRIER_NOTICE_TAG) => {}
         _ => return false,
     }
     let Ok((msg, _)) = wire::decode(bytes) else { return false };
+    if let Msg::BarrierNotice { epoch, round } = msg {
+        return span.is_none() && rt.collectives().board().record(rt.slots(), from, epoch, round).is_ok();
+    }
     if check_received(rt.placement(), rt.rank(), from, &msg, attached(rt, span)).is_err() {
         return false;
     }

@@ -224,6 +224,15 @@ impl PageRuns {
         }
         Some(aligned)
     }
+
+    /// Takes `n` pages never handed out before (from the bump pointer).
+    fn take_fresh(&mut self, n: usize) -> Option<usize> {
+        if self.bump + n > self.end {
+            return None;
+        }
+        self.bump += n;
+        Some(self.bump - n)
+    }
 }
 
 /// One class's stack of cached free objects.
@@ -568,6 +577,21 @@ impl Allocator {
         }
         let n = size.div_ceil(self.page);
         let first = self.take_pages(n, (align / self.page).max(1))?;
+        self.large.get(first).store(n as u32, Ordering::Release);
+        Ok(self.heap_base + first * self.page)
+    }
+
+    /// Allocates `size` bytes on pages of this arena that were never handed out before: page
+    /// aligned, zero in every process's copy, and never requested by anybody (so their placement
+    /// may still be chosen). Freed like any large block.
+    pub fn alloc_fresh(&self, size: usize) -> Result<usize, AllocError> {
+        let n = size.max(1).div_ceil(self.page);
+        let first = {
+            // The run index allocates: from the system allocator, never the shared heap.
+            let _g = RuntimeScope::enter();
+            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            runs.take_fresh(n).ok_or(AllocError::OutOfMemory(n * self.page))?
+        };
         self.large.get(first).store(n as u32, Ordering::Release);
         Ok(self.heap_base + first * self.page)
     }

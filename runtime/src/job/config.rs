@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::protocol::placement::Policy;
 
 /// Default heap base: 0x2000_0000_0000 (32 TiB).
 ///
@@ -83,6 +84,8 @@ pub struct Settings {
     pub rdma: RdmaSettings,
     pub setup_timeout: Duration,
     pub peer_timeout: Duration,
+    /// How collective allocations are placed (`GALLOCY_PLACEMENT`).
+    pub placement: Policy,
 }
 
 /// Reads a variable: `Ok(None)` when unset.
@@ -290,6 +293,11 @@ pub fn settings() -> Result<Settings, Error> {
                 })?),
             },
         };
+    let placement = match var("GALLOCY_PLACEMENT")? {
+        None => Policy::Block,
+        Some(v) => Policy::parse(v.trim())
+            .ok_or_else(|| Error::config("GALLOCY_PLACEMENT", &v, &format!("must be {}", Policy::NAMES)))?,
+    };
     let stats = match var("GALLOCY_STATS")?.as_deref().map(str::trim) {
         None | Some("") | Some("0") => false,
         Some("1") => true,
@@ -311,6 +319,7 @@ pub fn settings() -> Result<Settings, Error> {
         rdma,
         setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30, 1, MAX_TIMEOUT_S, "seconds")?),
         peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10, 1, MAX_TIMEOUT_S, "seconds")?),
+        placement,
     })
 }
 

@@ -23,7 +23,7 @@ use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 pub static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
 /// Protocol version every rank must share.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Everything the runtime owns.
 pub struct Runtime {
@@ -47,6 +47,9 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(identity: Identity, settings: Settings, region: Region, pt: PageTable, layout: ArenaLayout) -> Runtime {
         let (start, end) = layout.bytes(identity.rank);
+        let collectives = Collectives::new(identity.rank, identity.size);
+        // One runtime per process: its table of placed ranges lives as long as the process.
+        let placement = layout.placement().with_ranges(settings.placement, Box::leak(Box::default()));
         let alloc = Allocator::new(region.base, region.size, region.page, region.base + start, region.base + end);
         Runtime {
             identity,
@@ -54,14 +57,14 @@ impl Runtime {
             region,
             pt,
             alloc,
-            placement: layout.placement(),
+            placement,
             layout,
             slots: Slots::default(),
             transport: OnceLock::new(),
             membership: Membership::default(),
             gate: Gate::default(),
             service: ServiceLink::default(),
-            collectives: Collectives::default(),
+            collectives,
             stats: Stats::default(),
         }
     }

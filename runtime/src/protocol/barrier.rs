@@ -1,91 +1,81 @@
-//! The barrier's coordinator (rank 0): counts each rank's arrival at an epoch once, then
-//! releases every rank.
+//! The barrier: a dissemination barrier, with no coordinator and nobody sleeping on a central
+//! counter. In round `k` of barrier `epoch` (rounds `0 .. ceil(log2 N)`), rank `r` tells rank
+//! `r + 2^k` (mod N) that it got there, and waits for the word of rank `r - 2^k`. After the last
+//! round every rank has heard, directly or through others, from every rank. A barrier on N ranks
+//! costs each rank `ceil(log2 N)` one-way messages and nothing on any other rank's CPU.
 //!
-//! A rank numbers its barriers 1, 2, 3, ... Arrivals for a later epoch may come before an
-//! earlier epoch is complete (two threads of one process, or the join barrier and a barrier of a
-//! thread that found the process joined): each epoch is counted on its own.
+//! A rank numbers its barriers 1, 2, 3, ... Notices for a later epoch may arrive before an
+//! earlier epoch is over on this rank (a faster partner already moved on, or two threads of one
+//! process are in two barriers), but never [`WINDOW`] epochs ahead: a rank in barrier `e` has
+//! finished `e - 1`, which needed every rank to start it. Each (round, epoch modulo `WINDOW`)
+//! therefore needs only the last epoch heard, and receivers check that every notice is the next
+//! one expected there from the one rank that may send it.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use super::directory::Send;
-use super::msg::{Msg, Rank};
-use super::ranks::RankSet;
+use super::msg::Rank;
 use super::violation::Violation;
 
-/// The rank that coordinates barriers.
-pub const COORDINATOR: Rank = 0;
+/// How many barrier epochs may be in progress at once, from this rank's view.
+pub const WINDOW: u64 = 64;
 
-/// The barrier epochs that are over. Epochs may end out of order (see the module comment).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Released {
-    /// Every epoch up to this one is released ...
-    below: u64,
-    /// ... and these above it.
-    above: BTreeSet<u64>,
-}
-
-impl Released {
-    pub fn contains(&self, epoch: u64) -> bool {
-        epoch <= self.below || self.above.contains(&epoch)
-    }
-
-    pub fn insert(&mut self, epoch: u64) {
-        self.above.insert(epoch);
-        while self.above.remove(&(self.below + 1)) {
-            self.below += 1;
-        }
-    }
-}
-
-/// Arrivals at open barrier epochs, and which epochs are over.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Barriers {
+/// Who tells whom in each round of the dissemination barrier, for one rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Dissemination {
+    me: Rank,
     ranks: usize,
-    released: Released,
-    arrived: BTreeMap<u64, RankSet>,
-    /// Ranks that left the job (`finalize`): they arrive at no barrier any more.
-    left: RankSet,
 }
 
-impl Barriers {
-    pub fn new(ranks: usize) -> Barriers {
-        Barriers { ranks, released: Released::default(), arrived: BTreeMap::new(), left: RankSet::empty() }
+impl Dissemination {
+    pub fn new(me: Rank, ranks: usize) -> Dissemination {
+        assert!(me < ranks, "rank {me} is not a rank of a {ranks}-rank job");
+        Dissemination { me, ranks }
     }
 
-    /// Rank `from` reached barrier `epoch` (epochs start at 1). Arriving twice at one epoch, or
-    /// at an epoch already released, is a violation.
-    pub fn arrive(&mut self, from: Rank, epoch: u64, out: &mut Vec<Send>) -> Result<(), Violation> {
-        let bad = Violation::UnexpectedBarrier { from, epoch };
-        if epoch == 0 || self.released.contains(epoch) {
+    /// Number of rounds: `ceil(log2 N)` (none in a one-rank job).
+    pub fn rounds(&self) -> u32 {
+        usize::BITS - (self.ranks - 1).leading_zeros()
+    }
+
+    fn distance(&self, round: u32) -> usize {
+        (1usize << round) % self.ranks
+    }
+
+    /// The rank this rank tells in `round`.
+    pub fn to(&self, round: u32) -> Rank {
+        (self.me + self.distance(round)) % self.ranks
+    }
+
+    /// The rank this rank waits for in `round`.
+    pub fn from(&self, round: u32) -> Rank {
+        (self.me + self.ranks - self.distance(round)) % self.ranks
+    }
+
+    /// The rounds in which this rank waits for `rank`.
+    pub fn rounds_waiting_for(&self, rank: Rank) -> impl Iterator<Item = u32> + '_ {
+        (0..self.rounds()).filter(move |k| self.from(*k) == rank)
+    }
+
+    /// Where notices of (`round`, `epoch`) are recorded: `round * WINDOW + epoch % WINDOW`.
+    pub fn cell(&self, round: u32, epoch: u64) -> usize {
+        round as usize * WINDOW as usize + (epoch % WINDOW) as usize
+    }
+
+    /// Number of cells ([`Dissemination::cell`]).
+    pub fn cells(&self) -> usize {
+        self.rounds() as usize * WINDOW as usize
+    }
+
+    /// Checks a notice from `from` for (`round`, `epoch`), where the last epoch heard in its cell
+    /// is `last` (0: none yet): it must come from this round's sender, and be the next epoch of
+    /// its cell (once per epoch, none skipped).
+    pub fn check(&self, from: Rank, round: u32, epoch: u64, last: u64) -> Result<(), Violation> {
+        let bad = Violation::UnexpectedBarrier { from, epoch, round };
+        if round >= self.rounds() || from != self.from(round) || epoch == 0 {
             return Err(bad);
         }
-        let set = self.arrived.entry(epoch).or_default();
-        if set.contains(from) {
+        if epoch <= last || epoch > last + WINDOW || epoch % WINDOW != last % WINDOW && last != 0 {
             return Err(bad);
-        }
-        *set = set.with(from);
-        let arrived = *set;
-        if let Some(gone) = self.left.iter().find(|r| !arrived.contains(*r)) {
-            return Err(Violation::LeftBeforeBarrier { rank: gone, epoch });
-        }
-        if set.len() == self.ranks {
-            self.arrived.remove(&epoch);
-            self.released.insert(epoch);
-            out.extend((0..self.ranks).map(|r| Send { to: r, msg: Msg::BarrierRelease { epoch } }));
         }
         Ok(())
-    }
-}
-
-impl Barriers {
-    /// Rank `rank` left the job. Its arrivals came before its goodbye (one FIFO link), so an
-    /// open barrier it has not reached can never complete: that is an error, not a wait.
-    pub fn left(&mut self, rank: Rank) -> Result<(), Violation> {
-        self.left = self.left.with(rank);
-        match self.arrived.iter().find(|(_, set)| !set.contains(rank)) {
-            Some((epoch, _)) => Err(Violation::LeftBeforeBarrier { rank, epoch: *epoch }),
-            None => Ok(()),
-        }
     }
 }
 
@@ -94,55 +84,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn releases_everybody_once_all_arrived() {
-        let mut b = Barriers::new(3);
-        let mut out = Vec::new();
-        b.arrive(2, 1, &mut out).unwrap();
-        b.arrive(0, 1, &mut out).unwrap();
-        assert!(out.is_empty());
-        assert!(b.arrive(0, 1, &mut out).is_err(), "twice at one epoch");
-        assert!(b.arrive(0, 0, &mut out).is_err(), "epochs start at 1");
-        b.arrive(1, 1, &mut out).unwrap();
-        assert_eq!(out.len(), 3);
-        assert!(out.iter().enumerate().all(|(r, s)| s.to == r && s.msg == Msg::BarrierRelease { epoch: 1 }));
-        assert!(b.arrive(1, 1, &mut out).is_err(), "epoch 1 is over");
-        out.clear();
-        b.arrive(1, 2, &mut out).unwrap();
+    fn every_rank_hears_from_every_rank() {
+        for n in 1..=40usize {
+            let rounds = Dissemination::new(0, n).rounds();
+            assert!(1usize << rounds >= n && (rounds == 0 || 1usize << (rounds - 1) < n), "{n} ranks: {rounds}");
+            // heard[r] = the ranks whose arrival r knows of, after each round.
+            let mut heard: Vec<Vec<bool>> = (0..n).map(|r| (0..n).map(|s| s == r).collect()).collect();
+            for k in 0..rounds {
+                let before = heard.clone();
+                for (r, knows) in heard.iter_mut().enumerate() {
+                    let d = Dissemination::new(r, n);
+                    assert_eq!(Dissemination::new(d.from(k), n).to(k), r, "{n} ranks, round {k}");
+                    assert_ne!(d.to(k), r, "nobody tells itself");
+                    for (s, k2) in knows.iter_mut().enumerate() {
+                        *k2 |= before[d.from(k)][s];
+                    }
+                }
+            }
+            assert!(heard.iter().all(|k| k.iter().all(|b| *b)), "{n} ranks: someone missed someone");
+        }
     }
 
     #[test]
-    fn a_later_epoch_may_start_before_an_earlier_one_ends() {
-        // Rank 1's second thread reaches barrier 2 while its join barrier (1) is still open.
-        let mut b = Barriers::new(2);
-        let mut out = Vec::new();
-        b.arrive(1, 1, &mut out).unwrap();
-        b.arrive(1, 2, &mut out).unwrap();
-        b.arrive(0, 2, &mut out).unwrap();
-        assert_eq!(out.iter().map(|s| s.msg).collect::<Vec<_>>(), vec![Msg::BarrierRelease { epoch: 2 }; 2]);
-        out.clear();
-        assert!(b.arrive(1, 2, &mut out).is_err(), "epoch 2 is over");
-        b.arrive(0, 1, &mut out).unwrap();
-        assert_eq!(out.iter().map(|s| s.msg).collect::<Vec<_>>(), vec![Msg::BarrierRelease { epoch: 1 }; 2]);
-        assert!(b.arrive(0, 1, &mut out).is_err() && b.arrive(0, 2, &mut out).is_err());
-        out.clear();
-        b.arrive(0, 3, &mut out).unwrap();
-    }
-
-    #[test]
-    fn a_barrier_a_departed_rank_cannot_reach_is_an_error() {
-        let mut out = Vec::new();
-        // Rank 1 called one barrier more than rank 2, which then left.
-        let mut b = Barriers::new(3);
-        b.arrive(1, 1, &mut out).unwrap();
-        assert_eq!(b.left(2), Err(Violation::LeftBeforeBarrier { rank: 2, epoch: 1 }));
-        // The other order: rank 2 left first, then rank 1 arrives.
-        let mut b = Barriers::new(3);
-        b.left(2).unwrap();
-        assert_eq!(b.arrive(1, 1, &mut out), Err(Violation::LeftBeforeBarrier { rank: 2, epoch: 1 }));
-        // Leaving after the last barrier is fine.
-        let mut b = Barriers::new(2);
-        b.arrive(0, 1, &mut out).unwrap();
-        b.arrive(1, 1, &mut out).unwrap();
-        b.left(1).unwrap();
+    fn notices_come_once_in_order_from_the_round_sender() {
+        let d = Dissemination::new(1, 5); // rounds 0, 1, 2 from ranks 0, 4, 2
+        assert_eq!((d.rounds(), d.from(0), d.from(1), d.from(2)), (3, 0, 4, 2));
+        assert_eq!(d.rounds_waiting_for(4).collect::<Vec<_>>(), vec![1]);
+        assert!(d.check(0, 0, 1, 0).is_ok());
+        assert!(d.check(0, 0, 2, 0).is_ok(), "a notice may be for a later epoch");
+        assert!(d.check(4, 0, 1, 0).is_err(), "rank 4 does not tell rank 1 in round 0");
+        assert!(d.check(0, 3, 1, 0).is_err(), "no round 3 in a 5-rank job");
+        assert!(d.check(0, 0, 0, 0).is_err(), "epochs start at 1");
+        assert!(d.check(0, 0, 5, 5).is_err(), "twice the same epoch");
+        assert!(d.check(0, 0, 5 + WINDOW, 5).is_ok());
+        assert!(d.check(0, 0, 5 + 2 * WINDOW, 5).is_err(), "too far ahead");
+        assert!(d.check(0, 0, WINDOW + 1, 0).is_err(), "too far ahead of the first");
+        assert_eq!(d.cell(2, 3), 2 * WINDOW as usize + 3);
+        assert_eq!(d.cells(), 3 * WINDOW as usize);
+        assert_eq!(Dissemination::new(0, 1).rounds(), 0);
     }
 }

@@ -4,6 +4,8 @@
 //! A home serves one request per page at a time; others queue in arrival order. For a request
 //! from rank `r` (the entry says who owns the page, whether the owner may write, and who else
 //! holds a read copy):
+//! - nobody holds the page yet (a first-touch page, see [`super::placement`]): `r` becomes its
+//!   writable owner, `Grant { Valid, write }` at once (its own copy of a fresh page is zero).
 //! - `r` already holds what it needs: `Grant { Valid }` at once.
 //! - read, the home holds a read-only copy: `Grant { Inline }` with the page attached, or, with
 //!   one-sided reads, `Grant { ReadFrom(home) }` and wait for `Done`.
@@ -69,6 +71,8 @@ enum Txn {
 /// The home's record of one page.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Entry {
+    /// Nobody holds the page yet (then `owner` means nothing).
+    unowned: bool,
     owner: Rank,
     /// The owner has (or may have) write access; then nobody else holds a copy.
     writable: bool,
@@ -81,6 +85,7 @@ struct Entry {
 /// What the directory says about a page (for checks and tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageRecord {
+    /// The owner (meaningless when `holders` is empty: nobody holds the page yet).
     pub owner: Rank,
     pub writable: bool,
     /// Every rank that holds a copy, the owner included.
@@ -130,17 +135,18 @@ impl Directory {
     /// What the directory records for `page` (its first owner if never requested).
     pub fn record(&self, page: Page) -> PageRecord {
         match self.entries.get(&page) {
+            Some(e) if e.unowned => {
+                PageRecord { owner: e.owner, writable: false, holders: RankSet::empty(), busy: e.txn.is_some() }
+            }
             Some(e) => PageRecord {
                 owner: e.owner,
                 writable: e.writable,
                 holders: e.copyset.with(e.owner),
                 busy: e.txn.is_some(),
             },
-            None => PageRecord {
-                owner: self.placement.first_owner(page),
-                writable: true,
-                holders: RankSet::only(self.placement.first_owner(page)),
-                busy: false,
+            None => match self.placement.first_owner(page) {
+                Some(owner) => PageRecord { owner, writable: true, holders: RankSet::only(owner), busy: false },
+                None => PageRecord { owner: self.me, writable: false, holders: RankSet::empty(), busy: false },
             },
         }
     }
@@ -217,10 +223,12 @@ impl Directory {
     }
 
     fn entry(&mut self, page: Page) -> &mut Entry {
-        let owner = self.placement.first_owner(page);
+        let first = self.placement.first_owner(page);
+        let me = self.me;
         self.entries.entry(page).or_insert_with(|| Entry {
-            owner,
-            writable: true,
+            unowned: first.is_none(),
+            owner: first.unwrap_or(me),
+            writable: first.is_some(),
             copyset: RankSet::empty(),
             txn: None,
             queue: VecDeque::new(),
@@ -235,9 +243,17 @@ impl Directory {
         let me = self.me;
         let one_sided = self.one_sided;
         let e = self.entry(page);
+        let r = req.from;
+        if e.unowned {
+            // First touch: the requester's own (zero) copy is the page.
+            e.unowned = false;
+            e.owner = r;
+            e.writable = true;
+            out.push(Self::grant(req, page, true, Source::Valid));
+            return self.finish(page, out);
+        }
         let holders = e.copyset.with(e.owner);
         let (owner, writable) = (e.owner, e.writable);
-        let r = req.from;
         let (victims, to_read, then) = if !req.write {
             if holders.contains(r) {
                 out.push(Self::grant(req, page, owner == r && writable, Source::Valid));

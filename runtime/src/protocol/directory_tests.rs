@@ -185,3 +185,32 @@ fn misdirected_and_unexpected_messages_are_refused() {
     assert_eq!(d.done(1, 3, &mut out), Err(Violation::UnexpectedDone { from: 1, page: 3 }));
     assert!(out.is_empty());
 }
+
+#[test]
+fn placed_collective_pages_follow_their_policy() {
+    use super::placement::{Policy, Ranges};
+    let ranges: &'static Ranges = Box::leak(Box::default());
+    // Pages 3..9: first touch (cyclic homes, no owner); pages 12..15: block (ranks 0, 0, 1, 2).
+    assert!(ranges.add(3, 6, Policy::FirstTouch));
+    assert!(ranges.add(12, 4, Policy::Block));
+    let mut d = Directory::new(0, Placement::new(3, 30, 10).with_ranges(Policy::Block, ranges), false);
+    assert_eq!(d.record(3).holders, RankSet::empty(), "nobody holds a first-touch page");
+    // The first to touch it, even by reading, owns it writable; nothing moves.
+    assert_eq!(req(&mut d, 2, 3, false, 1), vec![grant(2, 3, 1, true, Source::Valid)]);
+    assert_eq!(d.record(3), rec(2, true, &[2], false));
+    // From then on, the ordinary protocol.
+    assert_eq!(
+        req(&mut d, 1, 3, false, 2),
+        vec![Send { to: 2, msg: Msg::Forward { page: 3, requester: 1, waiter: w(2), write: false } }]
+    );
+    // A block page's home and first owner is its block's rank.
+    assert_eq!(d.record(12), rec(0, true, &[0], false));
+    assert_eq!(d.record(13), rec(0, true, &[0], false));
+    let mut out = Vec::new();
+    assert_eq!(
+        d.request(1, 14, false, w(3), &mut out),
+        Err(Violation::NotHome { from: 1, page: 14 }),
+        "page 14's home is rank 1"
+    );
+    assert_eq!(req(&mut d, 1, 13, false, 4), vec![revoke(0, 13, true)], "the home, its owner, downgrades itself");
+}

@@ -6,7 +6,7 @@
 //! - [`directory`]: the home side of every page (who owns it, who holds copies, the request
 //!   being served and the queue behind it).
 //! - [`holder`]: what a rank does with its own copy, and which messages it accepts from whom.
-//! - [`locks`], [`barrier`]: global locks at their homes, the barrier's coordinator.
+//! - [`locks`], [`barrier`]: global locks at their homes, the dissemination barrier.
 //! - [`placement`]: which rank is a page's home, and its first owner.
 //! - [`msg`], [`wire`]: the messages and their encoding.
 //!

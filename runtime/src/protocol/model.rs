@@ -387,7 +387,7 @@ impl Model for Dsm {
                 Node {
                     dir,
                     locks: Locks::default(),
-                    access: PAGES.map(|p| if pl.first_owner(p) == r { Access::Write } else { Access::None }),
+                    access: PAGES.map(|p| if pl.first_owner(p) == Some(r) { Access::Write } else { Access::None }),
                     copy: [0; PAGES.len()],
                     wait: None,
                     reading: None,

@@ -57,10 +57,9 @@ pub enum Msg {
     RevokeAck { page: Page },
     /// Free this block of your arena (allocated by you, freed elsewhere).
     Free { addr: u64 },
-    /// -> rank 0: I reached barrier `epoch`.
-    BarrierArrive { epoch: u64 },
-    /// Rank 0 -> all: barrier `epoch` is complete.
-    BarrierRelease { epoch: u64 },
+    /// -> the next rank of a dissemination barrier's round: I (and whoever I heard from) reached
+    /// round `round` of barrier `epoch` (see [`super::barrier`]).
+    BarrierNotice { epoch: u64, round: u32 },
     /// -> lock home: queue me for lock `id`.
     LockAcquire { id: u32, waiter: Waiter },
     /// Lock home -> waiter: you hold lock `id`.

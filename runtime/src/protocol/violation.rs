@@ -36,12 +36,9 @@ pub enum Violation {
     /// rank {from} released global lock {id}, which it does not hold
     #[error("rank {from} released global lock {id}, which it does not hold")]
     LockNotHeld { from: Rank, id: u32 },
-    /// rank {rank} left the job but barrier {epoch} waits for it
-    #[error("rank {rank} left the job (gallocy_finalize) while barrier {epoch} waits for it: every rank must call gallocy_barrier equally often")]
-    LeftBeforeBarrier { rank: Rank, epoch: u64 },
-    /// rank {from} sent a barrier message this rank does not coordinate or expect
-    #[error("rank {from} sent an unexpected barrier message for epoch {epoch}")]
-    UnexpectedBarrier { from: Rank, epoch: u64 },
+    /// rank {from} sent a barrier notice this rank does not expect from it
+    #[error("rank {from} sent an unexpected barrier notice (barrier {epoch}, round {round})")]
+    UnexpectedBarrier { from: Rank, epoch: u64, round: u32 },
 }
 
 /// What came attached to a message.

@@ -15,6 +15,8 @@ pub const BROADCAST_CHUNK: usize = 64 * 1024;
 /// First byte of every encoded [`Msg::Grant`]: lets a waiting thread skip other messages
 /// without decoding them.
 pub const GRANT_TAG: u8 = Tag::Grant as u8;
+/// First byte of every encoded [`Msg::BarrierNotice`].
+pub const BARRIER_NOTICE_TAG: u8 = Tag::BarrierNotice as u8;
 /// First byte of every encoded [`Msg::LockGranted`].
 pub const LOCK_GRANTED_TAG: u8 = Tag::LockGranted as u8;
 
@@ -56,22 +58,21 @@ enum Tag {
     Revoke = 4,
     RevokeAck = 5,
     Free = 6,
-    BarrierArrive = 7,
-    BarrierRelease = 8,
-    LockAcquire = 9,
-    LockGranted = 10,
-    LockRelease = 11,
-    Broadcast = 12,
-    SizeQuery = 13,
-    SizeReply = 14,
-    Ping = 15,
-    Lost = 16,
+    BarrierNotice = 7,
+    LockAcquire = 8,
+    LockGranted = 9,
+    LockRelease = 10,
+    Broadcast = 11,
+    SizeQuery = 12,
+    SizeReply = 13,
+    Ping = 14,
+    Lost = 15,
 }
 
 impl Tag {
     fn of(b: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 17] = [
+        const ALL: [Tag; 16] = [
             Request,
             Forward,
             Grant,
@@ -79,8 +80,7 @@ impl Tag {
             Revoke,
             RevokeAck,
             Free,
-            BarrierArrive,
-            BarrierRelease,
+            BarrierNotice,
             LockAcquire,
             LockGranted,
             LockRelease,
@@ -132,7 +132,15 @@ struct NumWaiter {
     waiter: WaiterW,
 }
 
-/// One number: frees, barriers, lost ranks.
+/// A barrier notice.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct BarrierW {
+    epoch: U64,
+    round: U32,
+}
+
+/// One number: frees, lock releases, lost ranks.
 #[repr(C)]
 #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 struct Num {
@@ -207,8 +215,9 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
         Msg::Revoke { page, to_read } => put(buf, Tag::Revoke, pf(page, to_read).as_bytes(), &[]),
         Msg::RevokeAck { page } => put(buf, Tag::RevokeAck, pf(page, false).as_bytes(), &[]),
         Msg::Free { addr } => put(buf, Tag::Free, n(addr).as_bytes(), &[]),
-        Msg::BarrierArrive { epoch } => put(buf, Tag::BarrierArrive, n(epoch).as_bytes(), &[]),
-        Msg::BarrierRelease { epoch } => put(buf, Tag::BarrierRelease, n(epoch).as_bytes(), &[]),
+        Msg::BarrierNotice { epoch, round } => {
+            put(buf, Tag::BarrierNotice, BarrierW { epoch: epoch.into(), round: round.into() }.as_bytes(), &[])
+        }
         Msg::LockAcquire { id, waiter } => put(buf, Tag::LockAcquire, nw(id.into(), waiter).as_bytes(), &[]),
         Msg::LockGranted { id, waiter } => put(buf, Tag::LockGranted, nw(id.into(), waiter).as_bytes(), &[]),
         Msg::LockRelease { id } => put(buf, Tag::LockRelease, n(id.into()).as_bytes(), &[]),
@@ -298,13 +307,15 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 _ => Msg::RevokeAck { page },
             }
         }
-        Tag::Free | Tag::BarrierArrive | Tag::BarrierRelease | Tag::LockRelease | Tag::Lost => {
+        Tag::BarrierNotice => {
+            let (m, _) = body::<BarrierW>(t, b, false)?;
+            Msg::BarrierNotice { epoch: m.epoch.get(), round: m.round.get() }
+        }
+        Tag::Free | Tag::LockRelease | Tag::Lost => {
             let (m, _) = body::<Num>(t, b, false)?;
             let v = m.num.get();
             match tag {
                 Tag::Free => Msg::Free { addr: v },
-                Tag::BarrierArrive => Msg::BarrierArrive { epoch: v },
-                Tag::BarrierRelease => Msg::BarrierRelease { epoch: v },
                 Tag::LockRelease => Msg::LockRelease { id: small(t, v, "id")? },
                 _ => Msg::Lost { rank: small(t, v, "rank")? },
             }
@@ -354,8 +365,7 @@ mod tests {
             Msg::Revoke { page: 9, to_read: false },
             Msg::RevokeAck { page: u64::MAX },
             Msg::Free { addr: 0xdead_beef },
-            Msg::BarrierArrive { epoch: 4 },
-            Msg::BarrierRelease { epoch: 4 },
+            Msg::BarrierNotice { epoch: 4, round: 9 },
             Msg::LockAcquire { id: 1, waiter: w },
             Msg::LockGranted { id: 1, waiter: w },
             Msg::LockRelease { id: u32::MAX },
@@ -438,7 +448,7 @@ mod tests {
             let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if i % 2 == 0 {
                 if let Some(b) = bytes.first_mut() {
-                    *b %= 17;
+                    *b %= 16;
                 }
             }
             check(&bytes);
@@ -492,7 +502,7 @@ mod tests {
             let _ = decode(&bytes);
             if let Some(first) = bytes.first() {
                 let mut v = bytes.clone();
-                v[0] = first % 17;
+                v[0] = first % 16;
                 let _ = decode(&v);
             }
         }

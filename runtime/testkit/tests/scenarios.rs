@@ -35,6 +35,24 @@ fn more_lock_waiters_than_wait_slots() {
     launch_ok(2, &["counter", "--total", &total, "--threads", "600"], limit(4 * MIN));
 }
 
+/// Homes and first owners of a collective allocation under each `GALLOCY_PLACEMENT`, on 3 ranks
+/// (the scenario checks homes, the write faults of each rank's first writes, and the contents).
+#[test]
+fn collective_allocations_are_placed_by_the_policy() {
+    let _g = serial();
+    for policy in ["block", "first-touch", "cyclic"] {
+        let label = format!("GALLOCY_PLACEMENT={policy} gallocy run -n 3 -- gallocy-scenario placement");
+        let mut cmd = launcher_cmd(3, &["placement"]);
+        cmd.env("GALLOCY_PLACEMENT", policy);
+        let p = run(&label, &mut cmd, limit(MIN));
+        assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
+        for r in 0..3 {
+            let pass = format!("rank {r}: placement ok ({policy}:");
+            assert!(p.stdout.contains(&pass) || p.stderr.contains(&pass), "{label}: no {pass:?} line\n{}", p.report());
+        }
+    }
+}
+
 #[test]
 fn pingpong_two_ranks() {
     let _g = serial();

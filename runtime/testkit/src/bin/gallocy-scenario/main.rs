@@ -18,6 +18,7 @@ mod fill;
 mod jacobi;
 mod litmus;
 mod misuse;
+mod placement;
 mod sync;
 mod util;
 
@@ -38,6 +39,7 @@ scenarios (all ranks run the same NAME):
   nullderef   [--rank R]                     rank R (default: last) reads address 0
   map-count                                  rank 1 exhausts vm.max_map_count: clear error
   alloc                                      allocator checks (local, threaded, remote free)
+  placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   occupy                                     maps a page inside the heap before init on rank
@@ -79,6 +81,7 @@ fn main() {
         "litmus-iriw" => litmus::iriw,
         "jacobi" => jacobi::jacobi,
         "alloc" => alloc::alloc,
+        "placement" => placement::placement,
         "misuse" => misuse::misuse,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
