@@ -9,12 +9,16 @@ use crate::job::runtime::{protect_failed, Runtime, EXIT_PEER_LOST};
 use crate::protocol::holder::check_received;
 use crate::protocol::wire::{self, BARRIER_NOTICE_TAG, GRANT_TAG, LOCK_GRANTED_TAG};
 use crate::protocol::{Attached, Msg, Source, Waiter};
+
+use super::prefetch;
 use crate::sys::clock::now_ns;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 
 /// Makes `page` accessible (for writing if `write`) to this process: fetches it from its home
 /// unless it already is. Called by the fault handler and before system calls on heap buffers.
-/// The process must have joined.
+/// The process must have joined. A read miss in a run of sequential or strided misses of this
+/// thread also asks for the next pages of the run (see [`super::prefetch`]), in the same round
+/// trip.
 pub fn acquire(rt: &Runtime, page: usize, write: bool) {
     rt.gate().begin_fetch();
     let start = now_ns();
@@ -30,14 +34,61 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
             rt.pt().release(page);
             break;
         }
-        fetch(rt, page, write);
-        // We are about to resume: the service thread may now let the page go again.
-        rt.pt().clear_fresh(page);
-        rt.pt().release(page);
+        let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
+        rt.stats().count(counter, 1);
+        let mut batch = Batch::default();
+        batch.ask(rt, page, write);
+        if !write {
+            for extra in prefetch::next_pages(rt, page) {
+                // Only pages nobody here holds or fetches; their wait slots come from the ones
+                // kept for faults, never all of them.
+                if !rt.pt().permits(extra, false) && rt.slots().has_room_for_prefetch() && rt.pt().try_claim(extra) {
+                    if rt.pt().permits(extra, false) {
+                        rt.pt().release(extra);
+                    } else {
+                        batch.ask(rt, extra, false);
+                    }
+                }
+            }
+            rt.stats().count(&rt.stats().prefetched, batch.len() as u64 - 1);
+        }
+        batch.wait(rt);
         rt.stats().record_fault(now_ns() - start);
         break;
     }
     rt.gate().end_fetch();
+}
+
+/// The pages one miss asks for (the faulting page first), each with its wait slot.
+#[derive(Default)]
+struct Batch {
+    pages: [(usize, Option<Waiter>); prefetch::MAX_BATCH],
+    len: usize,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Asks the home of `page` (claimed by this thread) for it.
+    fn ask(&mut self, rt: &Runtime, page: usize, write: bool) {
+        let waiter = request(rt, page, write);
+        self.pages[self.len] = (page, Some(waiter));
+        self.len += 1;
+    }
+
+    /// Waits for every page asked for; then the service thread may let them go again, and the
+    /// other local threads waiting for them go on.
+    fn wait(&mut self, rt: &Runtime) {
+        for (page, waiter) in &mut self.pages[..self.len] {
+            if let Some(w) = waiter.take() {
+                wait_for(rt, w);
+            }
+            rt.pt().clear_fresh(*page);
+            rt.pt().release(*page);
+        }
+    }
 }
 
 /// Makes `[addr, addr + len)` accessible to the kernel on this process's behalf (for writing
@@ -77,10 +128,8 @@ pub fn wait_for_exit(rt: &Runtime) {
     }
 }
 
-/// Asks the home for `page` and waits until it is installed.
-fn fetch(rt: &Runtime, page: usize, write: bool) {
-    let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
-    rt.stats().count(counter, 1);
+/// Asks the home for `page` (for writing if `write`); returns the wait slot its grant completes.
+fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
     let waiter = rt.slots().claim_for(page as u64, write);
     let home = rt.home(page);
     if home == rt.rank() {
@@ -92,7 +141,7 @@ fn fetch(rt: &Runtime, page: usize, write: bool) {
         // No need to wake the service thread: we read the answer ourselves.
         send_raw(rt, home, &Msg::Request { page: page as u64, write, waiter }, "cannot send a page request to rank ");
     }
-    wait_for(rt, waiter);
+    waiter
 }
 
 /// Sends a small message from the fault path; failure is fatal.

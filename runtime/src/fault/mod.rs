@@ -9,10 +9,12 @@
 //! - [`handler`]: installing the handler, telling our faults from foreign ones, chaining.
 //! - [`acquire`]: getting a page from its home and waiting for it; answers a waiting thread
 //!   takes from the sockets itself.
+//! - [`prefetch`]: which further pages a read miss asks for (sequential and strided runs).
 //! - [`slots`]: the wait slots threads wait in.
 //! - [`gate`]: the gate heap faults wait at while the heap's mappings change.
 
 pub mod acquire;
 pub mod gate;
 pub mod handler;
+pub mod prefetch;
 pub mod slots;

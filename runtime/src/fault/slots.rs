@@ -59,6 +59,8 @@ pub struct Slots {
     spinners: AtomicU32,
     /// Slots held by waits that may depend on other threads (see [`Slots::claim_dependent`]).
     dependent: AtomicU32,
+    /// Slots claimed now.
+    claimed: AtomicU32,
 }
 
 impl Default for Slots {
@@ -68,6 +70,7 @@ impl Default for Slots {
             posted: AtomicU32::new(0),
             spinners: AtomicU32::new(0),
             dependent: AtomicU32::new(0),
+            claimed: AtomicU32::new(0),
         }
     }
 }
@@ -108,6 +111,7 @@ impl Slots {
                 if !s.claimed.load(Ordering::Relaxed)
                     && s.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
                 {
+                    self.claimed.fetch_add(1, Ordering::AcqRel);
                     let generation = s.generation.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
                     s.dependent.store(dependent, Ordering::Release);
                     s.state.store(WAITING, Ordering::Release);
@@ -139,6 +143,11 @@ impl Slots {
     pub fn post_local(&self, w: Waiter) {
         self.slots[w.slot as usize].local.store(true, Ordering::Release);
         self.posted.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a prefetch may take a slot: it leaves at least [`FAULT_RESERVE`] free for faults.
+    pub fn has_room_for_prefetch(&self) -> bool {
+        (self.claimed.load(Ordering::Acquire) as usize) < SLOTS - FAULT_RESERVE
     }
 
     /// Number of threads spinning on a slot now.
@@ -218,6 +227,7 @@ impl Slots {
         let dependent = s.dependent.swap(false, Ordering::AcqRel);
         s.state.store(0, Ordering::Release);
         s.claimed.store(false, Ordering::Release);
+        self.claimed.fetch_sub(1, Ordering::AcqRel);
         if dependent {
             self.dependent.fetch_sub(1, Ordering::AcqRel);
         }

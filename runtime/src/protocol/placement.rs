@@ -203,6 +203,11 @@ impl Placement {
         (((page - first) as u128 * self.ranks as u128 / pages as u128) as Rank).min(self.ranks - 1)
     }
 
+    /// Whether `page` lies in a first-touch range (nobody held it at first).
+    pub fn is_first_touch(&self, page: Page) -> bool {
+        matches!(self.placed(page), Some((_, _, Policy::FirstTouch)))
+    }
+
     /// The rank that keeps the directory entry of `page`.
     pub fn home(&self, page: Page) -> Rank {
         match self.placed(page) {

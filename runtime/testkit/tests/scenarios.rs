@@ -12,7 +12,23 @@ const MIN: Duration = Duration::from_secs(60);
 #[test]
 fn fill64_four_ranks() {
     let _g = serial();
-    launch_ok(4, &["fill64"], limit(3 * MIN));
+    let p = launch_ok(4, &["fill64"], limit(3 * MIN));
+    // Every rank but 0 reads 64 MiB (16,384 pages) in order: prefetch brings most of them, up to
+    // 8 pages per miss.
+    let all = format!("{}{}", p.stdout, p.stderr);
+    for r in 1..4 {
+        let line = all.lines().find(|l| l.contains(&format!("rank {r}: fill64 ok"))).expect("checked by launch_ok");
+        let number_after = |what: &str| -> u64 {
+            let rest = &line[line.find(what).unwrap_or_else(|| panic!("no {what:?} in {line}")) + what.len()..];
+            rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        let (faults, prefetched) = (number_after("read faults"), number_after("prefetched pages"));
+        assert!(
+            faults > 0 && faults * 4 < 16_384,
+            "rank {r}: {faults} read faults for 16,384 pages read in order: {line}"
+        );
+        assert!(faults + prefetched >= 16_384, "rank {r}: every page is a fault or prefetched: {line}");
+    }
 }
 
 #[test]

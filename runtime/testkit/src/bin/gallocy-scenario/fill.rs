@@ -51,10 +51,11 @@ pub fn fill64(args: &Args) -> Outcome {
     gallocy::barrier();
     let st = gallocy::stats();
     Ok(format!(
-        "{mib} MiB verified; fill {:.0} ms, verify {:.0} ms, read faults {}, bytes moved {}",
+        "{mib} MiB verified; fill {:.0} ms, verify {:.0} ms, read faults {}, prefetched pages {}, bytes moved {}",
         filled.as_secs_f64() * 1e3,
         verified.as_secs_f64() * 1e3,
         st.read_faults,
+        st.prefetched,
         st.bytes_moved
     ))
 }

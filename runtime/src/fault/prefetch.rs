@@ -1,0 +1,113 @@
+//! Prefetch: which pages a read miss also asks for. Each thread remembers its last read miss, the
+//! stride between its misses, how many misses in a row kept that stride (its streak) and how many
+//! pages its last miss asked for. A miss that lands where the previous one's batch would go next
+//! (the previous miss plus the stride times the pages it asked for) extends the streak; from the
+//! third miss of a streak on, a miss asks for 2, 4, then [`MAX_BATCH`] pages along the stride.
+//! Any other miss starts a new streak (at a small stride from the previous miss) or none. Two
+//! misses in a row are not yet a run: a halo of two pages does not drag in the neighbour's next
+//! rows, which the neighbour is about to write. Pages of first-touch ranges are never prefetched
+//! (that would take ownership a rank may never use). Async-signal-safe: a `const` thread-local
+//! (no lazy initialisation, no destructor) and arithmetic.
+
+use std::cell::Cell;
+
+use crate::job::runtime::Runtime;
+
+/// Most pages one miss asks for, the faulting page included.
+pub const MAX_BATCH: usize = 8;
+/// Largest stride (in pages) still taken for a run.
+const MAX_STRIDE: i64 = 16;
+
+/// This thread's last read miss.
+#[derive(Clone, Copy)]
+struct Run {
+    last: u64,
+    stride: i64,
+    /// Misses in a row at this stride, this one included.
+    streak: u32,
+    /// Pages this miss asks for, itself included.
+    window: u32,
+}
+
+const NO_RUN: Run = Run { last: u64::MAX, stride: 0, streak: 0, window: 1 };
+
+thread_local! {
+    static RUN: Cell<Run> = const { Cell::new(NO_RUN) };
+}
+
+/// The run after a miss at `page` that follows `prev`.
+fn next_run(prev: Run, page: u64) -> Run {
+    let d = (page as i64).wrapping_sub(prev.last as i64);
+    let (stride, streak) = if prev.last == u64::MAX || d == 0 {
+        (0, 1)
+    } else if prev.stride != 0 && d == prev.stride.wrapping_mul(i64::from(prev.window)) {
+        (prev.stride, prev.streak + 1)
+    } else if d.abs() <= MAX_STRIDE {
+        (d, 2)
+    } else {
+        (0, 1)
+    };
+    let window = match streak {
+        0..=2 => 1,
+        s => (1u32 << (s - 2).min(3)).min(MAX_BATCH as u32),
+    };
+    Run { last: page, stride, streak, window }
+}
+
+/// The pages a read miss at `page` by this thread also asks for (none when it starts a run):
+/// in the heap and not in a first-touch range. The caller checks what this process holds.
+pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_ {
+    let run = RUN.with(|r| {
+        let run = next_run(r.get(), page as u64);
+        r.set(run);
+        run
+    });
+    let pages = rt.placement().pages() as i64;
+    (1..run.window as i64).filter_map(move |i| {
+        let p = page as i64 + run.stride * i;
+        (p >= 0 && p < pages && !rt.placement().is_first_touch(p as u64)).then_some(p as usize)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(misses: &[u64]) -> Vec<(i64, u32)> {
+        let mut run = NO_RUN;
+        misses
+            .iter()
+            .map(|&p| {
+                run = next_run(run, p);
+                (run.stride, run.window)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sequential_run_grows_its_window_up_to_the_limit() {
+        // Misses at 10, 11, 12, then where each batch ends: 14 (after 12, 13), 18, 26, 34.
+        assert_eq!(
+            windows(&[10, 11, 12, 14, 18, 26, 34]),
+            vec![(0, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 8), (1, 8)]
+        );
+    }
+
+    #[test]
+    fn two_misses_in_a_row_are_not_a_run() {
+        // A two-page halo read each sweep: never more than the page that faulted.
+        assert!(windows(&[40, 41, 40, 41, 40, 41]).iter().all(|&(_, w)| w == 1));
+    }
+
+    #[test]
+    fn strided_and_backward_runs_are_runs_too() {
+        assert_eq!(windows(&[100, 104, 108, 116, 132]), vec![(0, 1), (4, 1), (4, 2), (4, 4), (4, 8)]);
+        assert_eq!(windows(&[50, 49, 48, 46]), vec![(0, 1), (-1, 1), (-1, 2), (-1, 4)]);
+    }
+
+    #[test]
+    fn a_jump_starts_over() {
+        assert_eq!(windows(&[10, 11, 12, 14, 5000, 5001]), vec![(0, 1), (1, 1), (1, 2), (1, 4), (0, 1), (1, 1)]);
+        assert_eq!(windows(&[7, 7]), vec![(0, 1), (0, 1)], "the same page again is no run");
+    }
+}
