@@ -10,6 +10,8 @@ pub struct Stats {
     pub write_faults: AtomicU64,
     /// Pages asked for by read misses beyond the faulting page (prefetch).
     pub prefetched: AtomicU64,
+    /// Global locks taken without a message (this rank kept them since its last use).
+    pub locks_local: AtomicU64,
     pub invalidations_sent: AtomicU64,
     pub invalidations_received: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -28,6 +30,8 @@ pub struct StatsSnapshot {
     pub write_faults: u64,
     /// Pages asked for by read misses beyond the faulting page (prefetch).
     pub prefetched: u64,
+    /// Global locks taken without a message (this rank kept them since its last use).
+    pub locks_local: u64,
     pub invalidations_sent: u64,
     pub invalidations_received: u64,
     /// Page bytes received plus sent.
@@ -42,6 +46,7 @@ impl Default for Stats {
             read_faults: AtomicU64::new(0),
             write_faults: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
+            locks_local: AtomicU64::new(0),
             invalidations_sent: AtomicU64::new(0),
             invalidations_received: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -90,6 +95,7 @@ impl Stats {
             read_faults: self.read_faults.load(Ordering::Relaxed),
             write_faults: self.write_faults.load(Ordering::Relaxed),
             prefetched: self.prefetched.load(Ordering::Relaxed),
+            locks_local: self.locks_local.load(Ordering::Relaxed),
             invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
             invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
             bytes_moved: self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed),
@@ -104,11 +110,12 @@ impl Stats {
         let (n, p90, max) =
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
-            "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | invalidations sent {} received {} | \
+            "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
              bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
+            s.locks_local,
             s.invalidations_sent,
             s.invalidations_received,
             s.bytes_moved,

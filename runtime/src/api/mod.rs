@@ -89,6 +89,11 @@ pub fn finalize() -> Result<(), Error> {
         // A forked child of a member never joined: there is nothing to leave.
         return Ok(());
     }
+    if rt.size() > 1 && rt.joined() {
+        let _s = RuntimeScope::enter();
+        // Nobody waits for a lock this rank keeps after it left.
+        sync::give_back_locks(rt);
+    }
     sync::barrier();
     let _s = RuntimeScope::enter();
     if rt.settings().stats {

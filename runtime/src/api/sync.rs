@@ -30,8 +30,10 @@ fn this_thread() -> libc::pid_t {
 }
 
 /// Acquires global lock `id`: at most one thread in the whole job holds it; waiters are served
-/// in arrival order at the lock's home. A thread that asks again for a lock it holds would wait
-/// for itself forever: that ends the process with a clear message instead.
+/// in arrival order at the lock's home. A rank keeps a lock it released until another rank asks
+/// for it, so taking it again on the same rank costs no message. A thread that asks again for a
+/// lock it holds would wait for itself forever: that ends the process with a clear message
+/// instead.
 pub fn lock(id: u32) {
     let rt = member("gallocy::lock");
     let _s = RuntimeScope::enter();
@@ -40,9 +42,14 @@ pub fn lock(id: u32) {
         fatal(rt, &format!("lock({id}) by a thread that already holds global lock {id} (it would wait for itself)"));
     }
     if rt.size() > 1 {
-        let waiter = rt.slots().claim_dependent();
-        rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
-        wait_for(rt, waiter);
+        if rt.lock_cache().try_local(id) {
+            rt.stats().count(&rt.stats().locks_local, 1);
+        } else {
+            let waiter = rt.slots().claim_dependent();
+            rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
+            wait_for(rt, waiter);
+            rt.lock_cache().granted(id);
+        }
         HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push((id, me));
         return;
     }
@@ -77,7 +84,20 @@ pub fn unlock(id: u32) {
         }
     }
     if rt.size() > 1 {
-        rt.send_from_app(id as usize % rt.size(), Msg::LockRelease { id });
+        let release = rt.lock_cache().release(id);
+        if let Some(msg) = release {
+            rt.send_from_app(id as usize % rt.size(), msg);
+        }
+    }
+}
+
+/// Gives every global lock this rank keeps unused back to its home (a rank leaving the job).
+pub(crate) fn give_back_locks(rt: &Runtime) {
+    let releases = rt.lock_cache().give_back_all();
+    for msg in releases {
+        if let Msg::LockRelease { id } = msg {
+            rt.send_from_app(id as usize % rt.size(), msg);
+        }
     }
 }
 

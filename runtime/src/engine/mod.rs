@@ -310,6 +310,12 @@ impl<'a> Engine<'a> {
             }
             Msg::LockGranted { waiter, .. } => self.complete(from, waiter, 0),
             Msg::LockRelease { id } => self.locks.release(from, id, &mut out),
+            Msg::LockRecall { id } => {
+                if let Some(release) = rt.lock_cache().recall(id) {
+                    out.push(Send { to: from, msg: release });
+                }
+                Ok(())
+            }
             Msg::Broadcast { seq, total, offset } => {
                 if let Err(e) = rt.collectives().sync().broadcast_chunk(seq, total, offset, payload) {
                     fatal(rt, &format!("bad broadcast from rank {from}: {e}"));

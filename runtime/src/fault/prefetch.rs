@@ -54,8 +54,8 @@ fn next_run(prev: Run, page: u64) -> Run {
     Run { last: page, stride, streak, window }
 }
 
-/// The pages a read miss at `page` by this thread also asks for (none when it starts a run):
-/// in the heap and not in a first-touch range. The caller checks what this process holds.
+/// The pages a read miss at `page` by this thread also asks for (none when it starts a run; at
+/// most `GALLOCY_PREFETCH` - 1): in the heap and not in a first-touch range. The caller checks what this process holds.
 pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_ {
     let run = RUN.with(|r| {
         let run = next_run(r.get(), page as u64);
@@ -63,7 +63,8 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
         run
     });
     let pages = rt.placement().pages() as i64;
-    (1..run.window as i64).filter_map(move |i| {
+    let window = run.window.min(rt.settings().prefetch);
+    (1..window as i64).filter_map(move |i| {
         let p = page as i64 + run.stride * i;
         (p >= 0 && p < pages && !rt.placement().is_first_touch(p as u64)).then_some(p as usize)
     })

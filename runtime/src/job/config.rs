@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::fault::prefetch::MAX_BATCH;
 use crate::protocol::placement::Policy;
 
 /// Default heap base: 0x2000_0000_0000 (32 TiB).
@@ -86,6 +87,8 @@ pub struct Settings {
     pub peer_timeout: Duration,
     /// How collective allocations are placed (`GALLOCY_PLACEMENT`).
     pub placement: Policy,
+    /// Most pages one read miss asks for, itself included (`GALLOCY_PREFETCH`; 1: no prefetch).
+    pub prefetch: u32,
 }
 
 /// Reads a variable: `Ok(None)` when unset.
@@ -320,6 +323,7 @@ pub fn settings() -> Result<Settings, Error> {
         setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30, 1, MAX_TIMEOUT_S, "seconds")?),
         peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10, 1, MAX_TIMEOUT_S, "seconds")?),
         placement,
+        prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
     })
 }
 

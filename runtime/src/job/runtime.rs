@@ -15,6 +15,7 @@ use crate::heap::region::Region;
 use crate::job::collectives::Collectives;
 use crate::job::config::{Identity, Settings};
 use crate::job::membership::Membership;
+use crate::protocol::locks::LockCache;
 use crate::protocol::{wire, Msg, Placement, Rank};
 use crate::stats::Stats;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
@@ -41,6 +42,8 @@ pub struct Runtime {
     gate: Gate,
     service: ServiceLink,
     collectives: Collectives,
+    /// The global locks this rank holds or keeps (`protocol::locks`).
+    lock_cache: std::sync::Mutex<LockCache>,
     stats: Stats,
 }
 
@@ -65,6 +68,7 @@ impl Runtime {
             gate: Gate::default(),
             service: ServiceLink::default(),
             collectives,
+            lock_cache: std::sync::Mutex::new(LockCache::default()),
             stats: Stats::default(),
         }
     }
@@ -136,6 +140,11 @@ impl Runtime {
 
     pub fn collectives(&self) -> &Collectives {
         &self.collectives
+    }
+
+    /// The global locks this rank holds or keeps, for one short step (never held across a wait).
+    pub fn lock_cache(&self) -> std::sync::MutexGuard<'_, LockCache> {
+        self.lock_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn stats(&self) -> &Stats {

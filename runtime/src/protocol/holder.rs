@@ -115,6 +115,12 @@ pub fn check_received(
                 Ok(())
             }
         },
+        Msg::LockGranted { id, .. } | Msg::LockRecall { id } if from != id as usize % placement.ranks() => {
+            Err(Violation::LockNotFromHome { from, id })
+        }
+        Msg::LockAcquire { id, .. } | Msg::LockRelease { id } if id as usize % placement.ranks() != me => {
+            Err(Violation::NotLockHome { from, id })
+        }
         _ => Ok(()),
     }
 }
@@ -193,5 +199,11 @@ mod tests {
         )
         .is_err());
         assert!(check_received(&p, 0, 2, &Msg::Ping, Attached::Page(1)).is_err());
+        // Lock messages: grants and recalls from the lock's home (id % 3), requests to it.
+        assert!(check_received(&p, 0, 1, &Msg::LockRecall { id: 4 }, Attached::Nothing).is_ok());
+        assert!(check_received(&p, 0, 2, &Msg::LockRecall { id: 4 }, Attached::Nothing).is_err());
+        assert!(check_received(&p, 0, 2, &Msg::LockGranted { id: 4, waiter: W }, Attached::Nothing).is_err());
+        assert!(check_received(&p, 0, 2, &Msg::LockRelease { id: 3 }, Attached::Nothing).is_ok());
+        assert!(check_received(&p, 0, 2, &Msg::LockAcquire { id: 4, waiter: W }, Attached::Nothing).is_err());
     }
 }

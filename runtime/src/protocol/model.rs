@@ -30,12 +30,14 @@
 //! - `Read`/`Write { rank, page }`: rank's thread touches the page. With enough access it is a
 //!   local hit (a read hit only checks the value it reads and changes nothing; a write hit
 //!   writes a new version). Otherwise the thread sends `Request` to the page's home and waits.
-//! - `Acquire`/`Release { rank }`: the thread asks lock 0's home (rank 0) for the lock and
-//!   waits, or releases it.
+//! - `Acquire`/`Release { rank }`: the thread takes the lock: at once if its rank keeps it unused
+//!   ([`LockCache`]), else it asks lock 0's home (rank 0) and waits; or releases it (to the home
+//!   only if the home recalled it).
 //! - `Deliver { from, to }`: the head of link `from -> to` is handled by `to` as the engine does:
 //!   the receive check, then the directory (`Request`, `RevokeAck`, `Done`), the holder
 //!   (`Revoke`: access per `after_revoke`, then `RevokeAck`; `Forward`: per `forward`), the
-//!   locks (`LockAcquire`, `LockRelease`), or the waiting thread (`Grant`, `LockGranted`). A
+//!   locks (`LockAcquire`, `LockRelease` at the home, `LockRecall` at the keeper), or the waiting
+//!   thread (`Grant`, `LockGranted`). A
 //!   grant with the page attached or `Valid` is installed at once (`Forwarded` then tells the
 //!   home `Done`); `ReadFrom(o)` starts a one-sided read of `o`'s runtime view.
 //! - `FinishRead { rank }`: that one-sided read completes: it copies `o`'s contents *as they
@@ -58,7 +60,7 @@
 //!
 //! Each rank does at most [`OPS_PER_RANK`] page operations, and all ranks together at most
 //! [`OPS_TOTAL`], counting those that change something (a write hit or a request; read hits are
-//! free, as they change nothing); each rank acquires and releases the lock at most once. Every
+//! free, as they change nothing); rank 1 takes the lock at most twice, the others once. Every
 //! message triggers finitely many others, so every run is finite (up to read hits, which loop on
 //! their state) and ends in a state where only read hits are left. There either every thread is
 //! done, or one waits forever: property (6).
@@ -76,7 +78,7 @@ use stateright::{Checker, HasDiscoveries, Model, Property};
 
 use super::directory::{Broken, Directory, Send};
 use super::holder::{self, Access};
-use super::locks::Locks;
+use super::locks::{LockCache, Locks};
 use super::msg::{Msg, Page, Rank, Source, Waiter};
 use super::placement::Placement;
 use super::violation::{Attached, Violation};
@@ -111,7 +113,17 @@ struct Reading {
     write: bool,
 }
 
-/// Where a rank's thread is with the lock (one acquire/release pair at most).
+/// How many times each rank's thread takes the lock: rank 1 twice (the second time it may still
+/// keep it: a local re-acquire), the others once.
+fn acquires_of(rank: Rank) -> u8 {
+    if rank == 1 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Where a rank's thread is with the lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum LockUse {
     NotYet,
@@ -135,6 +147,11 @@ struct Node {
     /// Page operations done (write hits and requests).
     ops: u8,
     lock: LockUse,
+    /// The locks this rank holds or keeps.
+    cache: LockCache,
+    /// Times the thread took the lock so far, and of these, locally.
+    acquires: u8,
+    local_acquires: u8,
 }
 
 /// A message on a link, with the version of the page it attaches (captured when sent).
@@ -318,10 +335,17 @@ impl Dsm {
                 Some(Wait::Lock { waiter: w }) if w == waiter => {
                     node.wait = None;
                     node.lock = LockUse::Held;
+                    node.cache.granted(LOCK);
                     Ok(())
                 }
                 _ => Err(Violation::StaleWaiter { from, waiter }),
             },
+            Msg::LockRecall { id } => {
+                if let Some(release) = node.cache.recall(id) {
+                    out.push(Send { to: from, msg: release });
+                }
+                Ok(())
+            }
             other => unreachable!("the model sends no {other:?}"),
         }
     }
@@ -394,6 +418,9 @@ impl Model for Dsm {
                     waits: 0,
                     ops: 0,
                     lock: LockUse::NotYet,
+                    cache: LockCache::default(),
+                    acquires: 0,
+                    local_acquires: 0,
                 }
             })
             .collect();
@@ -436,6 +463,7 @@ impl Model for Dsm {
             }
             match n.lock {
                 LockUse::NotYet => actions.push(Action::Acquire { rank }),
+                LockUse::Released if n.acquires < acquires_of(rank) => actions.push(Action::Acquire { rank }),
                 LockUse::Held => actions.push(Action::Release { rank }),
                 LockUse::Waiting | LockUse::Released => {}
             }
@@ -462,14 +490,22 @@ impl Model for Dsm {
             }
             Action::Acquire { rank } => {
                 let node = &mut s.nodes[rank];
-                let waiter = Self::start_wait(node);
-                node.wait = Some(Wait::Lock { waiter });
-                node.lock = LockUse::Waiting;
-                s.post(rank, Send { to: LOCK as usize % RANKS, msg: Msg::LockAcquire { id: LOCK, waiter } });
+                node.acquires += 1;
+                if node.cache.try_local(LOCK) {
+                    node.local_acquires += 1;
+                    node.lock = LockUse::Held;
+                } else {
+                    let waiter = Self::start_wait(node);
+                    node.wait = Some(Wait::Lock { waiter });
+                    node.lock = LockUse::Waiting;
+                    s.post(rank, Send { to: LOCK as usize % RANKS, msg: Msg::LockAcquire { id: LOCK, waiter } });
+                }
             }
             Action::Release { rank } => {
                 s.nodes[rank].lock = LockUse::Released;
-                s.post(rank, Send { to: LOCK as usize % RANKS, msg: Msg::LockRelease { id: LOCK } });
+                if let Some(release) = s.nodes[rank].cache.release(LOCK) {
+                    s.post(rank, Send { to: LOCK as usize % RANKS, msg: release });
+                }
             }
             Action::Deliver { from, to, msg } => {
                 let env = s.links[from * RANKS + to].pop_front().expect("a message to deliver");
@@ -553,6 +589,14 @@ impl Model for Dsm {
             }),
             Property::sometimes("a rank waits for the lock another holds", |_, s: &State| {
                 s.nodes.iter().any(|n| n.lock == LockUse::Held) && s.nodes.iter().any(|n| n.lock == LockUse::Waiting)
+            }),
+            Property::sometimes("a rank takes the lock again without a message", |_, s: &State| {
+                s.nodes.iter().any(|n| n.local_acquires > 0)
+            }),
+            Property::sometimes("a rank waits for a lock another rank keeps unused", |_, s: &State| {
+                s.nodes.iter().any(|n| n.lock == LockUse::Waiting)
+                    && s.nodes.iter().all(|n| n.lock != LockUse::Held)
+                    && s.links.iter().flatten().any(|e| matches!(e.msg, Msg::LockRecall { .. }))
             }),
         ]
     }

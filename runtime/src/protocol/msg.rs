@@ -64,8 +64,10 @@ pub enum Msg {
     LockAcquire { id: u32, waiter: Waiter },
     /// Lock home -> waiter: you hold lock `id`.
     LockGranted { id: u32, waiter: Waiter },
-    /// -> lock home: I release lock `id`.
+    /// -> lock home: I release lock `id` (give its token back).
     LockRelease { id: u32 },
+    /// Lock home -> holder: give lock `id` back when no thread of yours holds it.
+    LockRecall { id: u32 },
     /// Root -> all: the payload is bytes `offset..` of broadcast `seq` (of `total` bytes).
     Broadcast { seq: u64, total: u64, offset: u64 },
     /// -> owner of a block: how large is the block at `addr`?

@@ -33,6 +33,12 @@ pub enum Violation {
     /// rank {from} answered a one-sided read of page {page} nobody started
     #[error("rank {from} completed a read of page {page} nobody started")]
     UnexpectedRead { from: Rank, page: Page },
+    /// rank {from} sent a grant or recall of global lock {id}, which only its home may send
+    #[error("rank {from} sent a grant or recall of global lock {id}, which only its home may send")]
+    LockNotFromHome { from: Rank, id: u32 },
+    /// rank {from} asked this rank about global lock {id}, which this rank is not home of
+    #[error("rank {from} asked this rank about global lock {id}, which this rank is not home of")]
+    NotLockHome { from: Rank, id: u32 },
     /// rank {from} released global lock {id}, which it does not hold
     #[error("rank {from} released global lock {id}, which it does not hold")]
     LockNotHeld { from: Rank, id: u32 },

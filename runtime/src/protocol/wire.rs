@@ -67,12 +67,13 @@ enum Tag {
     SizeReply = 13,
     Ping = 14,
     Lost = 15,
+    LockRecall = 16,
 }
 
 impl Tag {
     fn of(b: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 16] = [
+        const ALL: [Tag; 17] = [
             Request,
             Forward,
             Grant,
@@ -89,6 +90,7 @@ impl Tag {
             SizeReply,
             Ping,
             Lost,
+            LockRecall,
         ];
         ALL.get(b as usize).copied()
     }
@@ -221,6 +223,7 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
         Msg::LockAcquire { id, waiter } => put(buf, Tag::LockAcquire, nw(id.into(), waiter).as_bytes(), &[]),
         Msg::LockGranted { id, waiter } => put(buf, Tag::LockGranted, nw(id.into(), waiter).as_bytes(), &[]),
         Msg::LockRelease { id } => put(buf, Tag::LockRelease, n(id.into()).as_bytes(), &[]),
+        Msg::LockRecall { id } => put(buf, Tag::LockRecall, n(id.into()).as_bytes(), &[]),
         Msg::Broadcast { seq, total, offset } => {
             let h = BroadcastW { seq: seq.into(), total: total.into(), offset: offset.into() };
             put(buf, Tag::Broadcast, h.as_bytes(), payload)
@@ -311,12 +314,13 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
             let (m, _) = body::<BarrierW>(t, b, false)?;
             Msg::BarrierNotice { epoch: m.epoch.get(), round: m.round.get() }
         }
-        Tag::Free | Tag::LockRelease | Tag::Lost => {
+        Tag::Free | Tag::LockRelease | Tag::LockRecall | Tag::Lost => {
             let (m, _) = body::<Num>(t, b, false)?;
             let v = m.num.get();
             match tag {
                 Tag::Free => Msg::Free { addr: v },
                 Tag::LockRelease => Msg::LockRelease { id: small(t, v, "id")? },
+                Tag::LockRecall => Msg::LockRecall { id: small(t, v, "id")? },
                 _ => Msg::Lost { rank: small(t, v, "rank")? },
             }
         }
@@ -369,6 +373,7 @@ mod tests {
             Msg::LockAcquire { id: 1, waiter: w },
             Msg::LockGranted { id: 1, waiter: w },
             Msg::LockRelease { id: u32::MAX },
+            Msg::LockRecall { id: 12 },
             Msg::SizeQuery { addr: 64, waiter: w },
             Msg::SizeReply { waiter: w, size: 48 },
             Msg::Ping,
@@ -448,7 +453,7 @@ mod tests {
             let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if i % 2 == 0 {
                 if let Some(b) = bytes.first_mut() {
-                    *b %= 16;
+                    *b %= 17;
                 }
             }
             check(&bytes);
@@ -502,7 +507,7 @@ mod tests {
             let _ = decode(&bytes);
             if let Some(first) = bytes.first() {
                 let mut v = bytes.clone();
-                v[0] = first % 16;
+                v[0] = first % 17;
                 let _ = decode(&v);
             }
         }

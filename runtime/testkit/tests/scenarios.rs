@@ -42,6 +42,12 @@ fn counter_four_ranks_two_threads() {
 }
 
 #[test]
+fn a_lock_taken_again_by_the_same_rank_is_local() {
+    let _g = serial();
+    launch_ok(3, &["relock", "--times", &count(1000, 200)], limit(2 * MIN));
+}
+
+#[test]
 fn more_lock_waiters_than_wait_slots() {
     let _g = serial();
     // 600 threads per process queue for one lock, more than the 512 wait slots a process has,

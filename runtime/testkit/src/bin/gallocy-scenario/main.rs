@@ -29,6 +29,7 @@ const USAGE: &str = "usage: gallocy-scenario NAME [ARGS]
 scenarios (all ranks run the same NAME):
   fill64      [--mib M]                      rank 0 fills M MiB (default 64), every rank verifies
   counter     [--total N] [--threads T]      shared counter under gallocy::lock(1)
+  relock      [--times N]                    rank 0 re-takes lock 1 locally; then all ranks share it
   pingpong    [--rounds N]                   two ranks write one page alternately
   disjoint    [--rounds N] [--words W]       ranks write disjoint words of one page
   contend     [--ms M] [--threads T]         all threads of all ranks fight over one page
@@ -73,6 +74,7 @@ fn main() {
     let run: fn(&Args) -> Outcome = match name.as_str() {
         "fill64" => fill::fill64,
         "counter" => sync::counter,
+        "relock" => sync::relock,
         "pingpong" => sync::pingpong,
         "disjoint" => sync::disjoint,
         "contend" => sync::contend,

@@ -49,6 +49,45 @@ pub fn counter(args: &Args) -> Outcome {
     ))
 }
 
+/// relock: rank 0 takes and releases lock 1 (whose home is rank 1) `--times` times in a row
+/// while the others wait: every acquire after the first is local (no message). Then every rank
+/// takes it `--times` times, interleaved, adding to a shared counter: the lock moves between the
+/// ranks on demand and no increment is lost.
+pub fn relock(args: &Args) -> Outcome {
+    let times = args.usize_or("--times", 1000) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let cell = collective(gallocy::page_size())?;
+    let ctr = cell.word(0);
+    gallocy::barrier();
+    let before = gallocy::stats().locks_local;
+    if rank == 0 {
+        for _ in 0..times {
+            gallocy::lock(1);
+            gallocy::unlock(1);
+        }
+        let local = gallocy::stats().locks_local - before;
+        if local + 1 < times {
+            return Err(format!("{local} of {times} acquires in a row by one rank were local, expected {}", times - 1));
+        }
+    }
+    gallocy::barrier();
+    for _ in 0..times {
+        gallocy::lock(1);
+        // SAFETY: `ctr` is the first word of a live collective page; the global lock serialises
+        // every read-modify-write of it.
+        unsafe { vwrite(ctr, vread(ctr) + 1) };
+        gallocy::unlock(1);
+    }
+    gallocy::barrier();
+    // SAFETY: as above; after the barrier nobody writes any more.
+    let got = unsafe { vread(ctr) };
+    gallocy::barrier();
+    if got != times * size as u64 {
+        return Err(format!("counter is {got}, expected {}", times * size as u64));
+    }
+    Ok(format!("{times} acquires in a row, {} of them local; counter {got}", gallocy::stats().locks_local - before))
+}
+
 /// Spin (yielding) until `cond` holds; gives up after `limit`.
 fn spin_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
