@@ -8,6 +8,7 @@
 //! gallocy-bench syscalls [--iters 200000] [--batch 50] [--reps 3] [--lib PATH] [--workloads a,b] [--sides a,b]
 //! gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3] [--sides a,b]
 //! gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH]
+//! gallocy-bench workloads [--workloads a,b] [--ranks 1,2,4] [--reps 3] [--consistency sequential] [--svg PATH]
 //! ```
 //!
 //! `fault` first measures the floor (two helper processes: a TCP server and a client that also
@@ -17,14 +18,16 @@
 //! the malloc fast path of glibc and of `libgallocy.so` (LD_PRELOAD) in child processes (see
 //! [`malloc`]). `syscalls` measures the shim's system-call wrappers next to glibc (see
 //! [`syscalls`]), `fork` the cost of fork against the heap pages a joined process holds (see
-//! [`fork`]), `preload-fault` the remote read fault of a preloaded program (see [`preload_fault`]).
+//! [`fork`]), `preload-fault` the remote read fault of a preloaded program (see [`preload_fault`]),
+//! `workloads` application kernels on 1, 2, 4 ranks against sequential versions of them (see
+//! [`workloads`]).
 //!
 //! The command line is clap's ([`Cli`]); result lines are serde_json's ([`report`]); the
 //! children are started with `gallocy_cli::launch` ([`child::run_copies`]).
 //!
 //! Hidden subcommands (used by the launcher): `__floor-server ADDR`, `__floor-client ADDR`,
 //! `__fault-rank`, `__malloc-child`, `__syscalls-child`, `__fork-child`,
-//! `__preload-fault-child`.
+//! `__preload-fault-child`, `__workloads-rank`.
 
 mod cases;
 mod child;
@@ -35,6 +38,7 @@ mod net;
 mod preload_fault;
 mod report;
 mod syscalls;
+mod workloads;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -56,7 +60,10 @@ gallocy-bench fault [--procs 5] [--iters 5000] [--spin-us N] [--warmup N] [--tim
                               [--workloads read_zero,pread_file,write_null] [--sides glibc,solo,joined] [--timeout-s 120]
        gallocy-bench fork [--pages 0,256,4096,32768] [--ro-div 8] [--iters 200] [--max-seconds 2] [--reps 3]
                           [--lib PATH] [--sides glibc,solo,joined] [--timeout-s 300]
-       gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]";
+       gallocy-bench preload-fault [--iters 1000] [--pages 256] [--lib PATH] [--timeout-s 600]
+       gallocy-bench workloads [--workloads matmul,jacobi,false_sharing,lock_queue,pointer_chase,flag,peterson]
+                               [--ranks 1,2,4] [--reps 3] [--consistency sequential,release] [--svg PATH]
+                               [--matmul-n 1024] [--jacobi-n 2048] [--jacobi-iters 100] [--timeout-s 1800] [SIZES]";
 
 const NOTES: &str = "\
 --no-pin: do not pin the two floor processes to different CPUs (the ranks are never pinned).
@@ -99,6 +106,9 @@ enum Cmd {
     /// The remote read fault of a program under LD_PRELOAD=libgallocy.so (2 ranks)
     #[command(args_override_self = true, after_help = preload_fault::HELP)]
     PreloadFault(preload_fault::PreloadFaultArgs),
+    /// Application workloads on gallocy at N ranks against sequential versions, flags and fairness
+    #[command(args_override_self = true, after_help = workloads::HELP)]
+    Workloads(workloads::WorkloadsArgs),
     /// Floor phase: the TCP server (ADDR)
     #[command(name = "__floor-server", hide = true)]
     FloorServer(LatencyArgs),
@@ -116,6 +126,8 @@ enum Cmd {
     ForkChild(fork::ForkChildArgs),
     #[command(name = "__preload-fault-child", hide = true)]
     PreloadFaultChild(preload_fault::PreloadFaultChildArgs),
+    #[command(name = "__workloads-rank", hide = true)]
+    WorkloadsRank(workloads::RankArgs),
 }
 
 /// Options of `fault` and `floor` (and of their hidden children).
@@ -221,6 +233,7 @@ fn main() {
         Cmd::Syscalls(a) => syscalls::cmd_syscalls(a),
         Cmd::Fork(a) => fork::cmd_fork(a),
         Cmd::PreloadFault(a) => preload_fault::cmd(a),
+        Cmd::Workloads(a) => workloads::cmd(a),
         Cmd::FloorServer(a) => {
             a.into_opts().and_then(|o| pin_from_env().and_then(|()| floor::serve_addr(addr_arg(&o)?, o.spin_us * 1000)))
         }
@@ -230,6 +243,7 @@ fn main() {
         Cmd::SyscallsChild(a) => syscalls::child_main(a),
         Cmd::ForkChild(a) => fork::child_main(a),
         Cmd::PreloadFaultChild(a) => preload_fault::child_main(a),
+        Cmd::WorkloadsRank(a) => workloads::rank_main(a),
     };
     if let Err(e) = result {
         eprintln!("gallocy-bench {name}: error: {e:#}");
@@ -238,7 +252,8 @@ fn main() {
 }
 
 /// A command line clap rejected: `--help` prints and exits 0; no subcommand prints the help to
-/// stderr and exits 2; any other mistake is an error of the subcommand (exit 1).
+/// stderr and exits 2; any other mistake is an error of the subcommand (exit 1; `workloads`:
+/// exit 2, as clap's own usage errors).
 fn usage_error(name: &str, e: clap::Error) -> ! {
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
@@ -249,7 +264,7 @@ fn usage_error(name: &str, e: clap::Error) -> ! {
         _ => {
             let text = e.render().to_string();
             eprint!("gallocy-bench {name}: {text}");
-            std::process::exit(1);
+            std::process::exit(if name == "workloads" { 2 } else { 1 });
         }
     }
 }
@@ -441,7 +456,9 @@ fn cmd_fault(o: &Opts) -> Result<()> {
         .map(|r| {
             Ok(child::copy_of_self(format!("rank {r}"), &child_args("__fault-rank", o, &[]))?
                 .envs(job.rank_env(r, o.procs))
-                .env("GALLOCY_SPIN_US", o.spin_us.to_string()))
+                .env("GALLOCY_SPIN_US", o.spin_us.to_string())
+                // Each timed access is one miss: no prefetch.
+                .env("GALLOCY_PREFETCH", "1"))
         })
         .collect::<Result<Vec<_>>>()?;
     let recs = child::run_copies(members, Duration::from_secs(o.timeout_s))?;

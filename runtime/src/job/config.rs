@@ -296,6 +296,17 @@ pub fn settings() -> Result<Settings, Error> {
                 })?),
             },
         };
+    match var("GALLOCY_CONSISTENCY")?.as_deref().map(str::trim) {
+        None | Some("sequential") => {}
+        Some("release") => {
+            return Err(Error::config(
+                "GALLOCY_CONSISTENCY",
+                "release",
+                "release consistency is not available in this version yet; use sequential (the default)",
+            ))
+        }
+        Some(other) => return Err(Error::config("GALLOCY_CONSISTENCY", other, "must be sequential or release")),
+    }
     let placement = match var("GALLOCY_PLACEMENT")? {
         None => Policy::Block,
         Some(v) => Policy::parse(v.trim())

@@ -133,6 +133,8 @@ fn absurd_values_are_refused_naming_the_variable() {
         (&[("GALLOCY_PEER_TIMEOUT", max)], "GALLOCY_PEER_TIMEOUT"),
         (&[("GALLOCY_PEER_TIMEOUT", "0")], "GALLOCY_PEER_TIMEOUT"),
         (&[("GALLOCY_PLACEMENT", "round-robin")], "GALLOCY_PLACEMENT"),
+        (&[("GALLOCY_CONSISTENCY", "weak")], "GALLOCY_CONSISTENCY"),
+        (&[("GALLOCY_CONSISTENCY", "release")], "GALLOCY_CONSISTENCY"),
         (&[("GALLOCY_HEAP_BASE", "0x7fff_0000_0000")], "GALLOCY_HEAP_BASE"),
         (&[("GALLOCY_HEAP_BASE", "0x7000_0000_0000"), ("GALLOCY_HEAP_SIZE", "64T")], "GALLOCY_HEAP_SIZE"),
         (
