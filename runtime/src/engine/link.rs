@@ -3,7 +3,7 @@
 //! (local threads read them), and the pause for a fork snapshot.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,7 +23,6 @@ pub struct ServiceLink {
     has_posted: AtomicBool,
     sleeping: AtomicBool,
     deaf: AtomicBool,
-    last_wait_end: AtomicU64,
     pause: AtomicU32,
 }
 
@@ -63,15 +62,6 @@ impl ServiceLink {
 
     pub fn set_deaf(&self, v: bool) {
         self.deaf.store(v, Ordering::SeqCst);
-    }
-
-    /// When a local thread last got its answer by reading the sockets itself.
-    pub fn last_wait_end(&self) -> u64 {
-        self.last_wait_end.load(Ordering::Acquire)
-    }
-
-    pub fn set_last_wait_end(&self, now: u64) {
-        self.last_wait_end.store(now, Ordering::Release);
     }
 
     /// [`RUN`], [`PAUSE`] or [`PAUSED`].

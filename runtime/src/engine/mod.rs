@@ -26,9 +26,6 @@ use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, 
 use crate::sys::clock::now_ns;
 use liveness::Liveness;
 
-/// How long after a local thread's last self-served wait the service thread keeps ignoring
-/// socket readiness (so it does not wake on, and race for, the answers of the next fault).
-const DEAF_LINGER_NS: u64 = 2_000_000;
 /// How often a deaf service thread still looks at the sockets.
 const DEAF_POLL: Duration = Duration::from_micros(500);
 
@@ -117,8 +114,9 @@ impl<'a> Engine<'a> {
     fn idle(&mut self) {
         let rt = self.rt;
         let transport = rt.transport().expect("a job of several processes has a transport");
-        let recent_waits = now_ns().saturating_sub(rt.service().last_wait_end()) < DEAF_LINGER_NS;
-        if rt.slots().spinners() > 0 || recent_waits {
+        // Only while a thread spins: a thread spinning in application code (on a shared flag, or
+        // computing) reads no socket, and a revoke or forward for its process must not wait.
+        if rt.slots().spinners() > 0 {
             // Waiting threads take their answers and signal us for anything else; between
             // their waits we still look every DEAF_POLL.
             rt.service().set_deaf(true);
@@ -372,8 +370,13 @@ impl<'a> Engine<'a> {
 
     fn set_access(&self, page: Page, access: Access) {
         let rt = self.rt;
-        if rt.pt().access(page as usize) == access {
+        let current = rt.pt().access(page as usize);
+        if current == access {
             return;
+        }
+        if access < current {
+            // Taken away by another rank's request (the only reason access shrinks here).
+            rt.pt().mark_lost(page as usize, now_ns());
         }
         if let Err(errno) = rt.region().protect(page as usize, 1, access) {
             protect_failed(rt, errno);

@@ -165,9 +165,7 @@ pub fn wait_for(rt: &Runtime, waiter: Waiter) -> u64 {
     // When we stop reading the sockets ourselves without an answer, make sure the service
     // thread does.
     let mut after_spin = |done: bool| {
-        if done {
-            rt.service().set_last_wait_end(now_ns());
-        } else if rt.service().deaf() {
+        if !done && rt.service().deaf() {
             if let Some(t) = rt.transport() {
                 t.wake();
             }

@@ -5,8 +5,10 @@
 //! third miss of a streak on, a miss asks for 2, 4, then [`MAX_BATCH`] pages along the stride.
 //! Any other miss starts a new streak (at a small stride from the previous miss) or none. Two
 //! misses in a row are not yet a run: a halo of two pages does not drag in the neighbour's next
-//! rows, which the neighbour is about to write. Pages of first-touch ranges are never prefetched
-//! (that would take ownership a rank may never use). Async-signal-safe: a `const` thread-local
+//! rows, which the neighbour is about to write. Never prefetched: pages another rank took away
+//! from this process in the last [`CONTENDED_NS`] (they are being written elsewhere: prefetching
+//! them would only take them from their writer, as in false sharing), and pages of first-touch
+//! ranges (that would take ownership a rank may never use). Async-signal-safe: a `const` thread-local
 //! (no lazy initialisation, no destructor) and arithmetic.
 
 use std::cell::Cell;
@@ -17,6 +19,8 @@ use crate::job::runtime::Runtime;
 pub const MAX_BATCH: usize = 8;
 /// Largest stride (in pages) still taken for a run.
 const MAX_STRIDE: i64 = 16;
+/// How long a page another rank took from this process counts as contended.
+const CONTENDED_NS: u64 = 100_000_000;
 
 /// This thread's last read miss.
 #[derive(Clone, Copy)]
@@ -64,9 +68,14 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
     });
     let pages = rt.placement().pages() as i64;
     let window = run.window.min(rt.settings().prefetch);
+    let now = crate::sys::clock::now_ns();
     (1..window as i64).filter_map(move |i| {
         let p = page as i64 + run.stride * i;
-        (p >= 0 && p < pages && !rt.placement().is_first_touch(p as u64)).then_some(p as usize)
+        let wanted = p >= 0
+            && p < pages
+            && !rt.placement().is_first_touch(p as u64)
+            && now.saturating_sub(rt.pt().lost_at(p as usize)) >= CONTENDED_NS;
+        wanted.then_some(p as usize)
     })
 }
 

@@ -23,6 +23,8 @@ pub struct PageTable {
     fresh: LazyArray<AtomicU8>,
     /// When each page was last installed (CLOCK_MONOTONIC ns).
     installed_at: LazyArray<AtomicU64>,
+    /// When another rank last took each page away from this process (revoke or forward).
+    lost_at: LazyArray<AtomicU64>,
     /// Pages [own_first, own_end) start out owned and writable here.
     own_first: usize,
     own_end: usize,
@@ -35,6 +37,7 @@ impl PageTable {
             inflight: LazyArray::new(pages)?,
             fresh: LazyArray::new(pages)?,
             installed_at: LazyArray::new(pages)?,
+            lost_at: LazyArray::new(pages)?,
             own_first,
             own_end,
         })
@@ -75,6 +78,16 @@ impl PageTable {
     pub fn mark_installed(&self, page: usize, now: u64) {
         self.installed_at.get(page).store(now, Ordering::Release);
         self.fresh.get(page).store(1, Ordering::Release);
+    }
+
+    /// Another rank took `page` away from this process (at `now`).
+    pub fn mark_lost(&self, page: usize, now: u64) {
+        self.lost_at.get(page).store(now, Ordering::Relaxed);
+    }
+
+    /// When another rank last took `page` away from this process (0: never).
+    pub fn lost_at(&self, page: usize) -> u64 {
+        self.lost_at.get(page).load(Ordering::Relaxed)
     }
 
     /// When `page` was last installed.
