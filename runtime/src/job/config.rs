@@ -166,6 +166,14 @@ fn rank_and_size() -> Result<Option<(usize, usize, &'static str)>, Error> {
 
 /// A token for jobs started without GALLOCY_TOKEN (e.g. by `mpirun`): derived from what every
 /// process of the job shares. It keeps other jobs out but is not a secret.
+/// Whether `host:port` names this host's loopback (`127.0.0.0/8`, `::1`, `localhost`): then every
+/// rank is on this host, and a token derived from the job's identity keeps other jobs out.
+fn is_loopback(coordinator: &str) -> bool {
+    let host = coordinator.rsplit_once(':').map_or(coordinator, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn derived_token(coordinator: &str) -> Vec<u8> {
     let mut t = format!("gallocy-derived|uid={}|coord={coordinator}", {
         // SAFETY: getuid has no preconditions.
@@ -212,7 +220,19 @@ pub fn identity() -> Result<Identity, Error> {
     let (token, token_derived) = match var("GALLOCY_TOKEN")? {
         Some(t) if t.is_empty() => return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty")),
         Some(t) => (t.into_bytes(), false),
-        None => (derived_token(&coordinator), true),
+        None if is_loopback(&coordinator) => (derived_token(&coordinator), true),
+        None => {
+            return Err(Error::config(
+                "GALLOCY_TOKEN",
+                "",
+                &format!(
+                    "must be set: the coordinator {coordinator} is not a loopback address, so the job may span \
+                     hosts, and a job that spans hosts needs a secret every rank shares (for example \
+                     `export GALLOCY_TOKEN=$(openssl rand -hex 16)`, passed on with `mpirun -x GALLOCY_TOKEN`; \
+                     srun passes the environment on)"
+                ),
+            ))
+        }
     };
     Ok(Identity { rank, size, coordinator: Some(coordinator), token, token_derived, bind })
 }
@@ -340,7 +360,17 @@ pub fn settings() -> Result<Settings, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{is_loopback, parse_size};
+
+    #[test]
+    fn loopback_coordinators() {
+        for c in ["127.0.0.1:5000", "127.3.4.5:1", "[::1]:80", "localhost:9", "LOCALHOST:9"] {
+            assert!(is_loopback(c), "{c}");
+        }
+        for c in ["10.0.0.1:5000", "node7:5000", "[fe80::1]:80", "0.0.0.0:1"] {
+            assert!(!is_loopback(c), "{c}");
+        }
+    }
 
     #[test]
     fn sizes() {

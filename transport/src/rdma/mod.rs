@@ -724,7 +724,9 @@ impl RdmaTransport {
         }
         let start = c * CHUNK;
         let len = CHUNK.min(self.view.len - start);
-        let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite;
+        // Peers only ever READ the heap (one-sided reads of pages the protocol grants them): no
+        // remote write access.
+        let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead;
         // SAFETY: the range lies inside the runtime view, which stays mapped as long as the
         // transport (and so the region) lives.
         let mr = unsafe { self.pd.reg_mr(self.view.base as usize + start, len, access) }.map_err(|e| {

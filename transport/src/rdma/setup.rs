@@ -366,7 +366,8 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
         attr.setup_state(QueuePairState::Init)
             .setup_pkey_index(0)
             .setup_port(port.port)
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite);
+            // Reads and sends only: a peer may not write into this process.
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead);
         qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
         let link = Link {
             qp,
