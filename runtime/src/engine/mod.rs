@@ -374,8 +374,8 @@ impl<'a> Engine<'a> {
         if current == access {
             return;
         }
-        if access < current {
-            // Taken away by another rank's request (the only reason access shrinks here).
+        if access == Access::None {
+            // Invalidated for another rank's write (a downgrade to read is not a loss).
             rt.pt().mark_lost(page as usize, now_ns());
         }
         if let Err(errno) = rt.region().protect(page as usize, 1, access) {

@@ -37,8 +37,20 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
         let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
         rt.stats().count(counter, 1);
         let mut batch = Batch::default();
+        let upgrade = write && rt.pt().access(page) == Access::Read;
         batch.ask(rt, page, write);
-        if !write {
+        if upgrade {
+            for extra in prefetch::upgrade_run(rt, page) {
+                if rt.slots().has_room_for_prefetch() && rt.pt().try_claim(extra) {
+                    if rt.pt().access(extra) == Access::Read {
+                        batch.ask(rt, extra, true);
+                    } else {
+                        rt.pt().release(extra);
+                    }
+                }
+            }
+            rt.stats().count(&rt.stats().prefetched, batch.len() as u64 - 1);
+        } else if !write {
             for extra in prefetch::next_pages(rt, page) {
                 // Only pages nobody here holds or fetches; their wait slots come from the ones
                 // kept for faults, never all of them.

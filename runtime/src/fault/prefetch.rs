@@ -5,10 +5,15 @@
 //! third miss of a streak on, a miss asks for 2, 4, then [`MAX_BATCH`] pages along the stride.
 //! Any other miss starts a new streak (at a small stride from the previous miss) or none. Two
 //! misses in a row are not yet a run: a halo of two pages does not drag in the neighbour's next
-//! rows, which the neighbour is about to write. Never prefetched: pages another rank took away
-//! from this process in the last [`CONTENDED_NS`] (they are being written elsewhere: prefetching
+//! rows, which the neighbour is about to write. Never prefetched: pages another rank's write
+//! invalidated here in the last [`CONTENDED_NS`] (they are being written elsewhere: prefetching
 //! them would only take them from their writer, as in false sharing), and pages of first-touch
-//! ranges (that would take ownership a rank may never use). Async-signal-safe: a `const` thread-local
+//! ranges (that would take ownership a rank may never use).
+//!
+//! A write to a page this process holds read-only (an upgrade: the data is here, only other
+//! copies must go) also upgrades the pages right after it that this process holds read-only and
+//! that no other rank's write invalidated lately, up to [`MAX_BATCH`] in all: a rank rewriting a
+//! row its neighbour has read takes the whole row back in one round trip. Async-signal-safe: a `const` thread-local
 //! (no lazy initialisation, no destructor) and arithmetic.
 
 use std::cell::Cell;
@@ -76,6 +81,17 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
             && !rt.placement().is_first_touch(p as u64)
             && now.saturating_sub(rt.pt().lost_at(p as usize)) >= CONTENDED_NS;
         wanted.then_some(p as usize)
+    })
+}
+
+/// The pages a write upgrade of `page` also upgrades: the run of pages after it held read-only
+/// here and not contended (see the module comment), at most `GALLOCY_PREFETCH` - 1.
+pub fn upgrade_run(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_ {
+    let pages = rt.placement().pages() as usize;
+    let now = crate::sys::clock::now_ns();
+    (page + 1..(page + rt.settings().prefetch as usize).min(pages)).take_while(move |&p| {
+        rt.pt().access(p) == crate::heap::region::Access::Read
+            && now.saturating_sub(rt.pt().lost_at(p)) >= CONTENDED_NS
     })
 }
 

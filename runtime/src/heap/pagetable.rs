@@ -23,7 +23,7 @@ pub struct PageTable {
     fresh: LazyArray<AtomicU8>,
     /// When each page was last installed (CLOCK_MONOTONIC ns).
     installed_at: LazyArray<AtomicU64>,
-    /// When another rank last took each page away from this process (revoke or forward).
+    /// When another rank's write last invalidated each page here (revoke or forward).
     lost_at: LazyArray<AtomicU64>,
     /// Pages [own_first, own_end) start out owned and writable here.
     own_first: usize,
@@ -80,12 +80,12 @@ impl PageTable {
         self.fresh.get(page).store(1, Ordering::Release);
     }
 
-    /// Another rank took `page` away from this process (at `now`).
+    /// Another rank's write invalidated `page` here (at `now`).
     pub fn mark_lost(&self, page: usize, now: u64) {
         self.lost_at.get(page).store(now, Ordering::Relaxed);
     }
 
-    /// When another rank last took `page` away from this process (0: never).
+    /// When another rank's write last invalidated `page` here (0: never).
     pub fn lost_at(&self, page: usize) -> u64 {
         self.lost_at.get(page).load(Ordering::Relaxed)
     }

@@ -4,7 +4,9 @@
 //! otherwise cyclic), then writes its own block and counts the write faults that took: none with
 //! `block` (each rank owns its block from the start), one per page with `first-touch` (a local
 //! grant, no data), and one per page on every rank but rank 0 with `cyclic` (rank 0's arena holds
-//! them). Then every rank reads every page and checks its contents.
+//! them). Then every rank reads every page and checks its contents; then rewrites its own block,
+//! which it holds read-only now (write upgrades go in runs: at most one fault per 8 pages, plus
+//! one), and everybody checks again.
 
 use crate::util::{collective, mix, Args, Outcome};
 
@@ -42,18 +44,50 @@ pub fn placement(args: &Args) -> Outcome {
         ));
     }
     gallocy::barrier();
+    verify(&policy, buf, pages, page, 0)?;
+    gallocy::barrier();
+    // Every rank holds every page read-only now. Rewriting its own block upgrades runs of up to
+    // 8 pages per write fault (the data is here; only the other copies go).
+    let before = gallocy::stats().write_faults;
+    for &i in &mine {
+        // SAFETY: inside the collective allocation; this rank writes only its own pages until the
+        // barrier.
+        unsafe { std::ptr::write_volatile((buf + i * page + 8) as *mut u64, mix(i as u64 + 1)) };
+    }
+    let upgrades = gallocy::stats().write_faults - before;
+    let most = (mine.len() as u64).div_ceil(8) + 1;
+    if upgrades > most {
+        return Err(format!(
+            "{policy}: rewriting its {} own pages took {upgrades} write faults, expected at most {most}",
+            mine.len()
+        ));
+    }
+    gallocy::barrier();
+    verify(&policy, buf, pages, page, 1)?;
+    gallocy::barrier();
+    Ok(format!(
+        "{policy}: {pages} pages, {} own, {faults} write faults for them, {upgrades} to rewrite them",
+        mine.len()
+    ))
+}
+
+/// Every page holds its pattern: `mix(i)` first, then 0 (`round` 0) or `mix(i + 1)` (`round` 1).
+fn verify(policy: &str, buf: usize, pages: usize, page: usize, round: u64) -> Result<(), String> {
     for i in 0..pages {
-        // SAFETY: inside the collective allocation; after the barrier every rank only reads.
-        let (first, rest) = unsafe {
+        // SAFETY: inside the collective allocation; between barriers every rank only reads.
+        let (first, second) = unsafe {
             (
                 std::ptr::read_volatile((buf + i * page) as *const u64),
                 std::ptr::read_volatile((buf + i * page + 8) as *const u64),
             )
         };
-        if (first, rest) != (mix(i as u64), 0) {
-            return Err(format!("{policy}: page {i} holds {first:#x} {rest:#x}, expected {:#x} 0", mix(i as u64)));
+        let want = (mix(i as u64), if round == 0 { 0 } else { mix(i as u64 + 1) });
+        if (first, second) != want {
+            return Err(format!(
+                "{policy}: page {i} holds {first:#x} {second:#x}, expected {:#x} {:#x}",
+                want.0, want.1
+            ));
         }
     }
-    gallocy::barrier();
-    Ok(format!("{policy}: {pages} pages, {} own, {faults} write faults for them", mine.len()))
+    Ok(())
 }
