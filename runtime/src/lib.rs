@@ -48,5 +48,12 @@ pub use job::runtime::EXIT_PEER_LOST;
 pub use stats::StatsSnapshot;
 pub use sys::rawio::exit_now;
 
+/// The start-up report's decoder (rank 0's judgement of the peers' hellos), for the fuzz targets
+/// in `runtime/fuzz`: not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::job::bootstrap::{judge, Hello};
+}
+
 /// This build has the RDMA transport (cargo feature `rdma`).
 pub const RDMA_BUILT: bool = cfg!(feature = "rdma");

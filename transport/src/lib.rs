@@ -22,6 +22,14 @@ pub mod tcp;
 
 use std::time::Duration;
 
+/// The decoders of peer bytes that are private to their modules, for the fuzz targets in
+/// `runtime/fuzz`: not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::auth::{accept, connect, is_refusal, SERVER_HELLO_LEN};
+    pub use crate::tcp::fuzzing::{decode_join, encode_join, read_record};
+}
+
 /// Errors of the transport layer. Each variant's message names the peer involved.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

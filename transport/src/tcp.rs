@@ -192,6 +192,26 @@ fn decode_join(v: &[u8]) -> Option<Join> {
     })
 }
 
+/// The join record's codec and record reader for the fuzz targets in `runtime/fuzz`: not part of
+/// the API (re-exported by `crate::fuzzing`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// `decode_join`: `(size, listening address, hello)`.
+    pub fn decode_join(v: &[u8]) -> Option<(usize, String, Vec<u8>)> {
+        super::decode_join(v).map(|j| (j.size, j.addr, j.hello))
+    }
+
+    /// `encode_join`.
+    pub fn encode_join(size: usize, listen: &std::net::SocketAddr, hello: &[u8]) -> Vec<u8> {
+        super::encode_join(size, listen, hello)
+    }
+
+    /// `read_record`.
+    pub fn read_record(s: &mut std::net::TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
+        super::read_record(s, limit)
+    }
+}
+
 /// Rank 0's answer: b'O' + roster lines, or b'A' + reason.
 fn encode_roster(addrs: &[String]) -> Vec<u8> {
     let mut v = vec![b'O'];
