@@ -90,8 +90,7 @@ pub fn upgrade_run(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '
     let pages = rt.placement().pages() as usize;
     let now = crate::sys::clock::now_ns();
     (page + 1..(page + rt.settings().prefetch as usize).min(pages)).take_while(move |&p| {
-        rt.pt().access(p) == crate::heap::region::Access::Read
-            && now.saturating_sub(rt.pt().lost_at(p)) >= CONTENDED_NS
+        rt.pt().access(p) == crate::heap::region::Access::Read && now.saturating_sub(rt.pt().lost_at(p)) >= CONTENDED_NS
     })
 }
 
