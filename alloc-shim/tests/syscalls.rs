@@ -104,6 +104,9 @@ fn run_ok(name: &str, bin: &PathBuf, how: How, args: &[&str]) -> Finished {
             let launcher = launcher();
             let mut c = Command::new(&launcher);
             clean_env_with_transport(&mut c).args(["run", "-n", "2"]);
+            // The cases set every page's state exactly: no prefetch or write-upgrade runs that
+            // would also move a case's neighbouring pages.
+            c.env("GALLOCY_PREFETCH", "1");
             if preload {
                 c.arg("--preload");
             }
