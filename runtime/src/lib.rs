@@ -55,5 +55,31 @@ pub mod fuzzing {
     pub use crate::job::bootstrap::{judge, Hello};
 }
 
+/// A peer that knows the job's token but breaks the protocol, for the malicious-peer tests
+/// (`gallocy-scenario hostile`): not part of the API.
+#[doc(hidden)]
+pub mod hostile {
+    use crate::protocol::{wire, Msg, Page};
+
+    /// The heap page that holds `addr`, and its home rank.
+    pub fn page_of(addr: usize) -> (Page, usize) {
+        let rt = crate::api::rt();
+        let page = (addr - rt.region().base) / rt.region().page;
+        (page as Page, rt.home(page))
+    }
+
+    /// Sends `msg` to rank `to` through this process's transport, authenticated like every frame,
+    /// with the contents of the page it names attached if `with_page`.
+    pub fn send(to: usize, msg: &Msg, with_page: bool) -> Result<(), String> {
+        let rt = crate::api::rt();
+        let transport = rt.transport().ok_or("a one-process job has no peers")?;
+        let mut buf = [0u8; 64];
+        let bytes = wire::encode(msg, &[], &mut buf).map_err(|e| e.to_string())?;
+        let len = rt.region().page as u32;
+        let span = with_page.then(|| gallocy_transport::Span { offset: msg.page().unwrap_or(0) * u64::from(len), len });
+        transport.send(to, bytes, span).map_err(|e| e.to_string())
+    }
+}
+
 /// This build has the RDMA transport (cargo feature `rdma`).
 pub const RDMA_BUILT: bool = cfg!(feature = "rdma");

@@ -5,6 +5,9 @@
 //! `nonce_c | rank | HMAC(token, "c" | nonce_s | nonce_c | rank)`. The acceptor checks it and
 //! answers `HMAC(token, "s" | nonce_c | nonce_s | rank)`, which the connector checks. A party that
 //! fails closes the connection.
+//!
+//! Both then hold the session secret `HMAC(token, "k" | nonce_s | nonce_c | rank)`, from which
+//! [`SessionKeys`] authenticate every later frame of the connection ([`crate::seal`]).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,6 +18,7 @@ use sha2::Sha256;
 use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::seal::{Role, SessionKeys};
 use crate::TransportError;
 
 const MAGIC: [u8; 4] = *b"GLC1";
@@ -92,8 +96,15 @@ pub fn is_refusal(e: &TransportError) -> bool {
     matches!(e, TransportError::Auth(m) if m == NO_TOKEN || m == NOT_GALLOCY || m == REJECTED)
 }
 
-/// Acceptor side. Returns the connector's (authenticated) rank.
-pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result<u32, TransportError> {
+/// The keys of a connection whose handshake had nonces `nonce_s` (acceptor) and `nonce_c`
+/// (connector) and the connector's `rank`, for our `role`.
+fn session(token: &[u8], nonce_s: &Nonce, nonce_c: &Nonce, rank: U32, role: Role) -> SessionKeys {
+    let secret = mac(token, b'k', nonce_s, nonce_c, rank).finalize().into_bytes();
+    SessionKeys::derive(&secret, role)
+}
+
+/// Acceptor side. Returns the connector's (authenticated) rank and the connection's keys.
+pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result<(u32, SessionKeys), TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let nonce_s = nonce()?;
@@ -103,11 +114,12 @@ pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result
     mac(token, b'c', &nonce_s, &proof.nonce_c, proof.rank).verify_slice(&proof.mac).map_err(|_| no_token())?;
     let answer = mac(token, b's', &proof.nonce_c, &nonce_s, proof.rank).finalize().into_bytes();
     stream.write_all(&answer).map_err(io("send proof"))?;
-    Ok(proof.rank.get())
+    Ok((proof.rank.get(), session(token, &nonce_s, &proof.nonce_c, proof.rank, Role::Acceptor)))
 }
 
-/// Connector side: proves `rank` and checks the acceptor knows the token too.
-pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duration) -> Result<(), TransportError> {
+/// Connector side: proves `rank` and checks the acceptor knows the token too. Returns the
+/// connection's keys.
+pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duration) -> Result<SessionKeys, TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let mut hello = ServerHello::new_zeroed();
@@ -122,7 +134,8 @@ pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duratio
     stream.write_all(proof.as_bytes()).map_err(io("send proof"))?;
     let mut answer = [0u8; MAC];
     stream.read_exact(&mut answer).map_err(|_| TransportError::Auth(REJECTED.into()))?;
-    mac(token, b's', &nonce_c, &hello.nonce_s, rank).verify_slice(&answer).map_err(|_| no_token())
+    mac(token, b's', &nonce_c, &hello.nonce_s, rank).verify_slice(&answer).map_err(|_| no_token())?;
+    Ok(session(token, &hello.nonce_s, &nonce_c, rank, Role::Connector))
 }
 
 #[cfg(test)]
@@ -133,7 +146,7 @@ mod tests {
     fn pair(
         server_token: &'static [u8],
         client_token: &'static [u8],
-    ) -> (Result<u32, TransportError>, Result<(), TransportError>) {
+    ) -> (Result<(u32, SessionKeys), TransportError>, Result<SessionKeys, TransportError>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -147,10 +160,20 @@ mod tests {
     }
 
     #[test]
-    fn same_token_authenticates_both_ways() {
+    fn same_token_authenticates_both_ways_and_agrees_on_keys() {
         let (a, c) = pair(b"secret", b"secret");
-        assert_eq!(a.unwrap(), 3);
-        c.unwrap();
+        let (rank, mut a) = a.unwrap();
+        assert_eq!(rank, 3);
+        let mut c = c.unwrap();
+        let t = c.sealer.seal(&[b"frame"]);
+        assert!(a.opener.open(&[b"frame"], &t));
+        let t = a.sealer.seal(&[b"reply"]);
+        assert!(c.opener.open(&[b"reply"], &t));
+        // Another connection of the same job has other keys (fresh nonces).
+        let (other, _) = pair(b"secret", b"secret");
+        let (_, mut other) = other.unwrap();
+        let t = c.sealer.seal(&[b"frame"]);
+        assert!(!other.opener.open(&[b"frame"], &t));
     }
 
     #[test]
@@ -203,7 +226,7 @@ mod tests {
     }
 
     /// Runs `accept` against a raw client that reads the hello, then writes `reply` and closes.
-    fn accept_raw(reply: &'static [u8]) -> Result<u32, TransportError> {
+    fn accept_raw(reply: &'static [u8]) -> Result<(u32, SessionKeys), TransportError> {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
@@ -219,7 +242,7 @@ mod tests {
     }
 
     /// Runs `connect` against a raw acceptor that writes `hello` and nothing more.
-    fn connect_raw(hello: &'static [u8]) -> Result<(), TransportError> {
+    fn connect_raw(hello: &'static [u8]) -> Result<SessionKeys, TransportError> {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {

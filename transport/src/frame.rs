@@ -1,6 +1,6 @@
 //! Wire frames on a TCP connection: a fixed 32-byte little-endian header ([`WireHeader`]), then
 //! `msg_len` bytes of control message (produced by the engine), then `page_len` bytes of page
-//! contents.
+//! contents (messages and read replies only), then the frame's 16-byte tag ([`crate::seal`]).
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -61,6 +61,13 @@ pub enum FrameError {
     /// Fields that do not fit the kind.
     #[error("malformed {0:?} frame")]
     Malformed(Kind),
+    /// The frame's tag is wrong: changed, replayed or injected on the way, or from a party without
+    /// the session's keys.
+    #[error("a frame failed authentication (changed, replayed or injected on the way)")]
+    BadTag,
+    /// Page contents this process did not ask for.
+    #[error("page contents for {0:#x}+{1} that this process did not ask for")]
+    NotOwed(u64, u32),
 }
 
 /// A decoded header.

@@ -17,6 +17,7 @@ mod auth;
 pub mod frame;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+mod seal;
 mod sys;
 pub mod tcp;
 
@@ -27,7 +28,7 @@ use std::time::Duration;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::auth::{accept, connect, is_refusal, SERVER_HELLO_LEN};
-    pub use crate::tcp::fuzzing::{decode_join, encode_join, read_record};
+    pub use crate::tcp::fuzzing::{decode_join, encode_join, read_record, sealed_record};
 }
 
 /// Errors of the transport layer. Each variant's message names the peer involved.

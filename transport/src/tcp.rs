@@ -6,18 +6,24 @@
 //! stops the job with a message. Ranks then connect downwards (rank r connects to ranks 1..r and
 //! accepts from ranks above it), authenticating each connection; the join connections serve as the
 //! links to rank 0. After start-up, listeners accept and immediately close anything that connects.
+//!
+//! Every record and frame after a connection's handshake carries a tag under that connection's
+//! keys ([`crate::seal`]); one that fails it loses the peer. Page contents land in the runtime view
+//! only when they are owed: a reply to a read this process started, or what the runtime's
+//! [`PageCheck`] accepts; nothing else lands, not even in part.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zerocopy::little_endian::U32;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::frame::{Header, Kind, HEADER_LEN};
+use crate::frame::{FrameError, Header, Kind, HEADER_LEN};
+use crate::seal::{Opener, Sealer, SessionKeys, Tag, TAG_LEN};
 use crate::sys::{self, Epoll, EventFd};
 use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
@@ -43,7 +49,19 @@ pub struct TcpConfig {
     pub view: MemoryView,
     /// How long start-up may take before it fails.
     pub setup_timeout: Duration,
+    /// Which page contents this process is owed: the page of a message lands in the runtime view
+    /// only if this says yes (`None`: every page in the view).
+    pub owed: Option<PageCheck>,
 }
+
+/// Whether the page contents (`span`) that come with message `msg` from rank `from` are owed to
+/// this process. Called on the thread that reads the connection, which may be a thread waiting in
+/// the page-fault handler: it must be async-signal-safe.
+pub type PageCheck = fn(from: usize, msg: &[u8], span: Span) -> bool;
+
+/// Reads of our view a peer asked for that we have not answered yet are not tracked; reads we
+/// asked for are: at most this many per peer at a time.
+const READS_IN_FLIGHT: usize = 64;
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 const KEY_WAKE: u64 = u64::MAX;
@@ -57,10 +75,17 @@ const STAGE: usize = 64 * 1024;
 /// A connection to one peer.
 struct Peer {
     stream: TcpStream,
-    /// Serializes whole frames from the many threads that send.
-    write_lock: Mutex<()>,
+    /// Serializes whole frames from the many threads that send, and seals them in the order they
+    /// go on the wire.
+    sealer: Mutex<Sealer>,
     /// The peer said goodbye.
     left: AtomicBool,
+}
+
+/// An authenticated connection during start-up: the stream and its keys.
+struct Conn {
+    stream: TcpStream,
+    keys: SessionKeys,
 }
 
 /// Receive-side state of one connection; touched only by the polling thread.
@@ -72,6 +97,14 @@ struct Inbox {
     msg: Vec<u8>,
     msg_got: usize,
     page_got: usize,
+    /// The frame's tag, last on the wire.
+    tag: Tag,
+    tag_got: usize,
+    /// Checks every frame from this peer.
+    opener: Option<Opener>,
+    /// What this peer did wrong, found where it could not be reported (a waiting thread's read):
+    /// the service thread reports it.
+    broken: Option<FrameError>,
     closed: bool,
     /// A complete frame waits for the service thread.
     pending: bool,
@@ -82,9 +115,10 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn new() -> Inbox {
+    fn new(opener: Option<Opener>) -> Inbox {
         // Room for the largest message up front: the inline path must never allocate.
         Inbox {
+            opener,
             msg: Vec::with_capacity(crate::MAX_MESSAGE),
             stage: vec![0u8; STAGE].into_boxed_slice(),
             ..Inbox::default()
@@ -97,6 +131,7 @@ impl Inbox {
         self.header_got = 0;
         self.msg_got = 0;
         self.page_got = 0;
+        self.tag_got = 0;
         self.msg.clear();
     }
 }
@@ -118,6 +153,10 @@ pub struct TcpTransport {
     rank: usize,
     size: usize,
     view: MemoryView,
+    owed: Option<PageCheck>,
+    /// Per peer, [`READS_IN_FLIGHT`] slots of reads we asked it for: `offset + 1` of each, 0 when
+    /// free. Only a reply to one of them may land.
+    reads: Box<[AtomicU64]>,
     peers: Vec<Option<Peer>>,
     listener: TcpListener,
     epoll: Epoll,
@@ -133,22 +172,28 @@ fn invalid(what: &'static str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what)
 }
 
-/// A start-up record: a little-endian u32 length, then that many bytes.
-fn write_record(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+/// A start-up record: a little-endian u32 length, that many bytes, and their tag.
+fn write_record(c: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| invalid("record too long"))?;
-    s.write_all(U32::new(len).as_bytes())?;
-    s.write_all(bytes)
+    let len = U32::new(len);
+    let tag = c.keys.sealer.seal(&[len.as_bytes(), bytes]);
+    c.stream.write_all(&[len.as_bytes(), bytes, &tag].concat())
 }
 
-fn read_record(s: &mut TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
+fn read_record(c: &mut Conn, limit: usize) -> std::io::Result<Vec<u8>> {
     let mut len = U32::ZERO;
-    s.read_exact(len.as_mut_bytes())?;
-    let len = usize::try_from(len.get()).map_err(|_| invalid("record too long"))?;
-    if len > limit {
+    c.stream.read_exact(len.as_mut_bytes())?;
+    let n = usize::try_from(len.get()).map_err(|_| invalid("record too long"))?;
+    if n > limit {
         return Err(invalid("record too long"));
     }
-    let mut v = vec![0u8; len];
-    s.read_exact(&mut v)?;
+    let mut v = vec![0u8; n];
+    c.stream.read_exact(&mut v)?;
+    let mut tag = [0u8; TAG_LEN];
+    c.stream.read_exact(&mut tag)?;
+    if !c.keys.opener.open(&[len.as_bytes(), &v], &tag) {
+        return Err(invalid("record failed authentication"));
+    }
     Ok(v)
 }
 
@@ -206,9 +251,21 @@ pub mod fuzzing {
         super::encode_join(size, listen, hello)
     }
 
-    /// `read_record`.
+    use crate::seal::{Role, SessionKeys};
+
+    /// `read_record` on a connection whose session secret is empty (the fuzz target's).
     pub fn read_record(s: &mut std::net::TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
-        super::read_record(s, limit)
+        let stream = s.try_clone()?;
+        super::read_record(&mut super::Conn { stream, keys: SessionKeys::derive(&[], Role::Acceptor) }, limit)
+    }
+
+    /// What `write_record` sends for `bytes`, as the first record of a connection whose session
+    /// secret is empty.
+    pub fn sealed_record(bytes: &[u8]) -> Vec<u8> {
+        let mut keys = SessionKeys::derive(&[], Role::Connector);
+        let len = zerocopy::little_endian::U32::new(bytes.len() as u32);
+        let tag = keys.sealer.seal(&[zerocopy::IntoBytes::as_bytes(&len), bytes]);
+        [zerocopy::IntoBytes::as_bytes(&len), bytes, &tag].concat()
     }
 }
 
@@ -250,8 +307,8 @@ const MAX_HANDSHAKES: usize = 64;
 struct Doorman {
     listener: TcpListener,
     token: Vec<u8>,
-    passed: mpsc::Receiver<(TcpStream, usize)>,
-    pass: mpsc::Sender<(TcpStream, usize)>,
+    passed: mpsc::Receiver<(Conn, usize)>,
+    pass: mpsc::Sender<(Conn, usize)>,
     busy: Arc<AtomicUsize>,
 }
 
@@ -265,7 +322,7 @@ impl Doorman {
 
     /// The next connection that proves the job's token, before `deadline`, with the rank it
     /// proved. Connections that fail the handshake are closed without a byte of heap.
-    fn next(&self, deadline: Instant) -> Result<(TcpStream, usize), String> {
+    fn next(&self, deadline: Instant) -> Result<(Conn, usize), String> {
         loop {
             while self.busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
                 match self.listener.accept() {
@@ -287,9 +344,9 @@ impl Doorman {
         let (token, pass, busy) = (self.token.clone(), self.pass.clone(), self.busy.clone());
         busy.fetch_add(1, Ordering::AcqRel);
         let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
-            if let Ok(rank) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
+            if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
                 // The doorman may be gone (start-up ended): the stream then just closes.
-                let _ = pass.send((s, rank as usize));
+                let _ = pass.send((Conn { stream: s, keys }, rank as usize));
             }
             busy.fetch_sub(1, Ordering::AcqRel);
         });
@@ -300,11 +357,11 @@ impl Doorman {
     }
 }
 
-fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<TcpStream, TransportError> {
+fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<Conn, TransportError> {
     loop {
         match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
             Ok(mut s) => match auth::connect(&mut s, &cfg.token, cfg.rank as u32, AUTH_TIMEOUT) {
-                Ok(()) => return Ok(s),
+                Ok(keys) => return Ok(Conn { stream: s, keys }),
                 // The peer said no to our token, or is not gallocy: trying again cannot help.
                 Err(e) if auth::is_refusal(&e) || Instant::now() >= deadline => {
                     return Err(setup_err(cfg, format!("connecting to {addr}: {e}")))
@@ -330,7 +387,7 @@ pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTran
     }
     let deadline = Instant::now() + cfg.setup_timeout;
     let coordinator = resolve(&cfg.coordinator).map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
-    let mut peers: Vec<Option<TcpStream>> = (0..cfg.size).map(|_| None).collect();
+    let mut peers: Vec<Option<Conn>> = (0..cfg.size).map(|_| None).collect();
     let listener;
     if cfg.rank == 0 {
         listener = TcpListener::bind(coordinator)
@@ -350,7 +407,7 @@ fn coordinate(
     hello: &[u8],
     check: &Judge,
     deadline: Instant,
-    peers: &mut [Option<TcpStream>],
+    peers: &mut [Option<Conn>],
 ) -> Result<(), TransportError> {
     let mut hellos: Vec<Option<Vec<u8>>> = vec![None; cfg.size];
     let mut addrs = vec![String::new(); cfg.size];
@@ -374,7 +431,7 @@ fn coordinate(
                 return Err(TransportError::Bootstrap(msg));
             }
         };
-        let join = s.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
+        let join = s.stream.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
         let Some(Join { size, addr, hello: their_hello }) = join.ok().as_deref().and_then(decode_join) else {
             continue;
         };
@@ -414,7 +471,7 @@ fn coordinate(
     Ok(())
 }
 
-fn abort_all(peers: &mut [Option<TcpStream>], msg: &str) {
+fn abort_all(peers: &mut [Option<Conn>], msg: &str) {
     let record = [&b"A"[..], msg.as_bytes()].concat();
     for s in peers.iter_mut().flatten() {
         let _ = write_record(s, &record);
@@ -427,15 +484,15 @@ fn join(
     coordinator: &SocketAddr,
     hello: &[u8],
     deadline: Instant,
-    peers: &mut [Option<TcpStream>],
+    peers: &mut [Option<Conn>],
 ) -> Result<(), TransportError> {
     let mut to_zero = connect_authenticated(coordinator, cfg, deadline)?;
-    let local_ip = to_zero.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
+    let local_ip = to_zero.stream.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
     let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
     let advertised = SocketAddr::new(if cfg.bind.is_unspecified() { local_ip } else { cfg.bind }, port);
     write_record(&mut to_zero, &encode_join(cfg.size, &advertised, hello))
         .map_err(|e| setup_err(cfg, format!("sending join to rank 0: {e}")))?;
-    to_zero.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
+    to_zero.stream.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
     let answer = read_record(&mut to_zero, 1 << 20)
         .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
     match answer.first() {
@@ -487,7 +544,7 @@ impl TcpTransport {
     fn new(
         cfg: &TcpConfig,
         listener: TcpListener,
-        streams: Vec<Option<TcpStream>>,
+        streams: Vec<Option<Conn>>,
     ) -> Result<TcpTransport, TransportError> {
         let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
         let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
@@ -495,24 +552,30 @@ impl TcpTransport {
         listener.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
         epoll.add(listener.as_raw_fd(), KEY_LISTENER).map_err(|e| TransportError::io("epoll_ctl", e))?;
         let mut peers = Vec::with_capacity(cfg.size);
-        for (rank, s) in streams.into_iter().enumerate() {
-            match s {
-                Some(s) => {
+        let mut inboxes = Vec::with_capacity(cfg.size);
+        for (rank, c) in streams.into_iter().enumerate() {
+            match c {
+                Some(Conn { stream: s, keys }) => {
                     set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
                     epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
-                    peers.push(Some(Peer { stream: s, write_lock: Mutex::new(()), left: AtomicBool::new(false) }));
+                    peers.push(Some(Peer { stream: s, sealer: Mutex::new(keys.sealer), left: AtomicBool::new(false) }));
+                    inboxes.push(Inbox::new(Some(keys.opener)));
                 }
-                None if rank == cfg.rank => peers.push(None),
+                None if rank == cfg.rank => {
+                    peers.push(None);
+                    inboxes.push(Inbox::new(None));
+                }
                 None => {
                     return Err(TransportError::Bootstrap(format!("rank {}: no connection to rank {rank}", cfg.rank)))
                 }
             }
         }
-        let inboxes = (0..cfg.size).map(|_| Inbox::new()).collect();
         Ok(TcpTransport {
             rank: cfg.rank,
             size: cfg.size,
             view: cfg.view,
+            owed: cfg.owed,
+            reads: (0..cfg.size * READS_IN_FLIGHT).map(|_| AtomicU64::new(0)).collect(),
             peers,
             listener,
             epoll,
@@ -532,24 +595,35 @@ impl TcpTransport {
         self.view.check(span, crate::frame::MAX_SPAN)
     }
 
-    /// Writes one frame: header, message, then `page` bytes taken from the local view.
+    /// The `len` bytes of the local view at `offset` (checked by the caller to lie inside it).
+    fn view_bytes(&self, offset: u64, len: usize) -> &[u8] {
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: the span was checked to lie inside the view, which stays mapped as long as the
+        // transport lives. The protocol never sends or receives a page another thread of this
+        // process is writing through the runtime view meanwhile.
+        unsafe { std::slice::from_raw_parts(self.view.base.add(offset as usize), len) }
+    }
+
+    /// Writes one frame: header, message, `page` bytes taken from the local view (when the kind
+    /// carries them), then the frame's tag.
     fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
         let peer = self.peer(rank)?;
         let head = header.encode();
-        let page_ptr = if header.page_len > 0 {
-            // SAFETY: check_span verified the span lies inside the view.
-            unsafe { self.view.base.add(header.offset as usize) }
-        } else {
-            std::ptr::null_mut()
-        };
+        let page_len = if matches!(header.kind, Kind::Message | Kind::ReadReply) { header.page_len as usize } else { 0 };
+        let page = self.view_bytes(header.offset, page_len);
+        let mut sealer = peer.sealer.lock().unwrap_or_else(|p| p.into_inner());
+        let tag = sealer.seal(&[&head, msg, page]);
         let mut parts = [
             libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN },
             libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() },
-            libc::iovec { iov_base: page_ptr.cast(), iov_len: header.page_len as usize },
+            libc::iovec { iov_base: page.as_ptr() as *mut libc::c_void, iov_len: page.len() },
+            libc::iovec { iov_base: tag.as_ptr() as *mut libc::c_void, iov_len: TAG_LEN },
         ];
-        let _guard = peer.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts)
-            .map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
+        let written = sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts);
+        drop(sealer);
+        written.map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
     }
 
     /// Reads everything available on one connection, handing complete frames to `sink`.
@@ -560,6 +634,9 @@ impl TcpTransport {
     /// message and page); a large page remainder is read straight into the runtime view.
     fn drain(&self, rank: usize, inbox: &mut Inbox, sink: &mut Sink<'_>) -> Result<usize, TransportError> {
         let fd: RawFd = self.peer(rank)?.stream.as_raw_fd();
+        if let Some(e) = inbox.broken {
+            return Err(TransportError::PeerLost { rank, reason: LostReason::Protocol(e) });
+        }
         let mut delivered = 0;
         // A short read means the socket is empty for now: stop there instead of paying for
         // another `recv` that would only say so (epoll reports whatever comes next).
@@ -659,12 +736,37 @@ impl TcpTransport {
                 unsafe { inbox.msg.as_mut_ptr().add(inbox.msg_got) },
                 h.msg_len as usize - inbox.msg_got,
             ),
-            Some(h) => (
+            Some(h) if inbox.page_got < h.page_len as usize => (
                 // SAFETY: the header was validated to lie within the view.
                 unsafe { self.view.base.add(h.offset as usize + inbox.page_got) },
                 h.page_len as usize - inbox.page_got,
             ),
+            // SAFETY: tag_got < TAG_LEN until the frame is complete.
+            Some(_) => (unsafe { inbox.tag.as_mut_ptr().add(inbox.tag_got) }, TAG_LEN - inbox.tag_got),
         }
+    }
+
+    /// Whether the page that follows header `h` (and message `msg`) from `rank` may land in our
+    /// view: a reply to a read we asked that peer for (the slot is freed), or a page the runtime
+    /// says it is owed.
+    fn may_land(&self, rank: usize, h: &Header, msg: &[u8]) -> bool {
+        let span = Span { offset: h.offset, len: h.page_len };
+        match h.kind {
+            Kind::ReadReply => self.reads[rank * READS_IN_FLIGHT..(rank + 1) * READS_IN_FLIGHT]
+                .iter()
+                .any(|s| s.compare_exchange(h.offset + 1, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok()),
+            _ => self.owed.is_none_or(|owed| owed(rank, msg, span)),
+        }
+    }
+
+    /// Records what `rank` did wrong, so that whichever thread reads its connection next
+    /// reports it, and returns the error.
+    fn broken(&self, rank: usize, inbox: &mut Inbox, e: FrameError) -> TransportError {
+        inbox.broken = Some(e);
+        // A waiting thread found it: the service thread must hear of it even if nothing more
+        // arrives.
+        self.waker.signal();
+        TransportError::PeerLost { rank, reason: LostReason::Protocol(e) }
     }
 
     /// Accounts for `n` received bytes; returns true when a whole frame is in.
@@ -675,26 +777,45 @@ impl TcpTransport {
                 if inbox.header_got < HEADER_LEN {
                     return Ok(false);
                 }
-                let h = Header::decode(&inbox.header_bytes, self.view.len)
-                    .map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Protocol(e) })?;
+                let h = match Header::decode(&inbox.header_bytes, self.view.len) {
+                    Ok(h) => h,
+                    Err(e) => return Err(self.broken(rank, inbox, e)),
+                };
                 inbox.msg.resize(h.msg_len as usize, 0);
                 let carries_page = matches!(h.kind, Kind::Message | Kind::ReadReply);
                 inbox.header = Some(Header { page_len: if carries_page { h.page_len } else { 0 }, ..h });
                 if h.kind == Kind::ReadRequest {
+                    // Nothing follows but the tag.
                     inbox.header = Some(h);
-                    inbox.msg_got = 0;
                     inbox.page_got = h.page_len as usize;
-                    return Ok(true);
+                } else if carries_page && h.page_len > 0 && h.msg_len == 0 && !self.may_land(rank, &h, &[]) {
+                    return Err(self.broken(rank, inbox, FrameError::NotOwed(h.offset, h.page_len)));
                 }
-                Ok(h.msg_len == 0 && (!carries_page || h.page_len == 0))
+                Ok(false)
             }
             Some(h) if inbox.msg_got < h.msg_len as usize => {
                 inbox.msg_got += n;
-                Ok(inbox.msg_got == h.msg_len as usize && h.page_len == 0)
+                if inbox.msg_got == h.msg_len as usize && h.page_len > 0 && !self.may_land(rank, &h, &inbox.msg) {
+                    return Err(self.broken(rank, inbox, FrameError::NotOwed(h.offset, h.page_len)));
+                }
+                Ok(false)
+            }
+            Some(h) if inbox.page_got < h.page_len as usize => {
+                inbox.page_got += n;
+                Ok(false)
             }
             Some(h) => {
-                inbox.page_got += n;
-                Ok(inbox.page_got == h.page_len as usize)
+                inbox.tag_got += n;
+                if inbox.tag_got < TAG_LEN {
+                    return Ok(false);
+                }
+                let page = if h.kind == Kind::ReadRequest { 0 } else { h.page_len as usize };
+                let page = self.view_bytes(h.offset, page);
+                let opener = inbox.opener.as_mut().expect("a connection to a peer has keys");
+                if !opener.open(&[&inbox.header_bytes, &inbox.msg, page], &inbox.tag) {
+                    return Err(self.broken(rank, inbox, FrameError::BadTag));
+                }
+                Ok(true)
             }
         }
     }
@@ -747,6 +868,11 @@ impl TcpTransport {
         } else {
             Err(TransportError::PeerLost { rank, reason: why })
         }
+    }
+
+    /// The page check this transport was set up with (a transport layered on it uses it too).
+    pub fn owed(&self) -> Option<PageCheck> {
+        self.owed
     }
 
     /// Makes [`Transport::poll`] also return when `fd` becomes readable (it reports no event
@@ -803,13 +929,14 @@ impl Transport for TcpTransport {
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
         self.check_span(span)?;
         let h = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: span.len, offset: span.offset, token };
-        // The request carries no payload: write only the header.
-        let peer_ref = self.peer(peer)?;
-        let head = h.encode();
-        let mut parts = [libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN }];
-        let _guard = peer_ref.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        sys::write_all_vectored(peer_ref.stream.as_raw_fd(), &mut parts)
-            .map_err(|e| TransportError::PeerLost { rank: peer, reason: LostReason::Io(e) })
+        self.peer(peer)?;
+        let slots = &self.reads[peer * READS_IN_FLIGHT..(peer + 1) * READS_IN_FLIGHT];
+        let free = slots.iter().find(|s| s.compare_exchange(0, span.offset + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        if free.is_none() {
+            return Err(TransportError::Invalid(format!("more than {READS_IN_FLIGHT} reads from rank {peer} at once")));
+        }
+        // The request carries no payload: the header and its tag.
+        self.write_frame(peer, h, &[])
     }
 
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
@@ -824,7 +951,7 @@ impl Transport for TcpTransport {
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
         for rank in 0..self.size {
-            if rx.inboxes[rank].pending {
+            if rx.inboxes[rank].pending || rx.inboxes[rank].broken.is_some() {
                 handled += self.drain(rank, &mut rx.inboxes[rank], &mut sink)?;
             }
         }
@@ -964,9 +1091,19 @@ mod tests {
         (a, b)
     }
 
+    /// Two ends of one connection with the keys of one session.
+    fn conn_pair() -> (Conn, Conn) {
+        let (a, b) = socket_pair();
+        let secret = [7u8; 32];
+        (
+            Conn { stream: a, keys: SessionKeys::derive(&secret, crate::seal::Role::Connector) },
+            Conn { stream: b, keys: SessionKeys::derive(&secret, crate::seal::Role::Acceptor) },
+        )
+    }
+
     #[test]
-    fn records_round_trip_and_refuse_bad_lengths() {
-        let (mut a, mut b) = socket_pair();
+    fn records_round_trip_and_refuse_bad_lengths_and_tags() {
+        let (mut a, mut b) = conn_pair();
         write_record(&mut a, b"abc").unwrap();
         write_record(&mut a, &[]).unwrap();
         assert_eq!(read_record(&mut b, 3).unwrap(), b"abc");
@@ -974,13 +1111,130 @@ mod tests {
         write_record(&mut a, b"abcd").unwrap();
         assert_eq!(read_record(&mut b, 3).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
 
-        let (mut a, mut b) = socket_pair();
-        a.write_all(&[10, 0, 0, 0, 1, 2]).unwrap();
+        // A record changed on the way, or not from the session's other end.
+        let (mut a, mut b) = conn_pair();
+        let mut changed = fuzzing::sealed_record(b"abc");
+        changed[5] ^= 1;
+        a.stream.write_all(&changed).unwrap();
+        let e = read_record(&mut b, 100).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+
+        let (mut a, mut b) = conn_pair();
+        a.stream.write_all(&[10, 0, 0, 0, 1, 2]).unwrap();
         drop(a);
         assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
-        let (mut a, mut b) = socket_pair();
-        a.write_all(&[10, 0]).unwrap();
+        let (mut a, mut b) = conn_pair();
+        a.stream.write_all(&[10, 0]).unwrap();
         drop(a);
         assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    const VIEW: usize = 1 << 16;
+
+    /// Rank 0 of a two-rank job whose link to rank 1 is `ours`, with a view of [`VIEW`] bytes
+    /// (zero) and the page check `owed`.
+    fn rank0(ours: Conn, owed: Option<PageCheck>) -> (TcpTransport, &'static mut [u8]) {
+        let mem: &'static mut [u8] = Box::leak(vec![0u8; VIEW].into_boxed_slice());
+        let cfg = TcpConfig {
+            rank: 0,
+            size: 2,
+            coordinator: "127.0.0.1:0".into(),
+            bind: "127.0.0.1".parse().unwrap(),
+            token: b"secret".to_vec(),
+            view: MemoryView { base: mem.as_mut_ptr(), len: VIEW },
+            setup_timeout: Duration::from_secs(5),
+            owed,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        (TcpTransport::new(&cfg, listener, vec![None, Some(ours)]).unwrap(), mem)
+    }
+
+    /// A frame as rank 1 would send it: header, message, page bytes, then the tag `theirs` gives.
+    fn frame(theirs: &mut Conn, h: Header, msg: &[u8], page: &[u8]) -> Vec<u8> {
+        let head = h.encode();
+        let tag = theirs.keys.sealer.seal(&[&head, msg, page]);
+        [&head[..], msg, page, &tag].concat()
+    }
+
+    /// A delivered message and the page that came with it.
+    type Delivered = (Vec<u8>, Option<Span>);
+
+    /// Polls rank 0 until it has delivered something or failed: the messages it delivered.
+    fn poll_rank0(t: &TcpTransport) -> Result<Vec<Delivered>, TransportError> {
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            t.poll(Some(Duration::from_millis(20)), &mut |ev| {
+                if let Event::Message { bytes, page, .. } = ev {
+                    got.push((bytes.to_vec(), page));
+                }
+            })?;
+            if !got.is_empty() {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    fn message(page: u32) -> Header {
+        Header { kind: Kind::Message, msg_len: 3, page_len: page, offset: 4096, token: 0 }
+    }
+
+    #[test]
+    fn authentic_frames_arrive_with_their_pages() {
+        let (ours, mut theirs) = conn_pair();
+        let (t, view) = rank0(ours, Some(|from, msg, span| from == 1 && msg == b"abc" && span.offset == 4096));
+        let bytes = [frame(&mut theirs, message(0), b"abc", &[]), frame(&mut theirs, message(4096), b"abc", &[9; 4096])];
+        theirs.stream.write_all(&bytes.concat()).unwrap();
+        let mut got = poll_rank0(&t).unwrap();
+        if got.len() < 2 {
+            got.extend(poll_rank0(&t).unwrap());
+        }
+        assert_eq!(got, vec![(b"abc".to_vec(), None), (b"abc".to_vec(), Some(Span { offset: 4096, len: 4096 }))]);
+        assert!(view[4096..8192].iter().all(|b| *b == 9));
+    }
+
+    #[test]
+    fn a_changed_or_replayed_frame_loses_the_peer() {
+        for change in [Some(3), Some(HEADER_LEN + 1), Some(HEADER_LEN + 3 + TAG_LEN - 1), None] {
+            let (ours, mut theirs) = conn_pair();
+            let (t, _) = rank0(ours, None);
+            let good = frame(&mut theirs, message(0), b"abc", &[]);
+            let mut bad = good.clone();
+            match change {
+                Some(i) => bad[i] ^= 0x10,
+                // The same frame twice: the second is a replay.
+                None => {
+                    theirs.stream.write_all(&good).unwrap();
+                    assert_eq!(poll_rank0(&t).unwrap().len(), 1, "the first copy is authentic");
+                }
+            }
+            theirs.stream.write_all(&bad).unwrap();
+            let e = poll_rank0(&t).unwrap_err().to_string();
+            // A change in the header may also make it malformed; one in the tag or body fails it.
+            assert!(e.contains("rank 1") && (e.contains("authentication") || e.contains("reserved")), "{change:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn pages_nobody_asked_for_never_land() {
+        let (ours, mut theirs) = conn_pair();
+        let (t, view) = rank0(ours, Some(|_, _, _| false));
+        let f = frame(&mut theirs, message(4096), b"abc", &[9; 4096]);
+        theirs.stream.write_all(&f).unwrap();
+        let e = poll_rank0(&t).unwrap_err().to_string();
+        assert!(e.contains("did not ask for"), "{e}");
+        assert!(view.iter().all(|b| *b == 0), "not a byte landed");
+        // The connection stays broken for whoever reads it next.
+        assert!(poll_rank0(&t).is_err());
+
+        // A read reply to a read this rank never started.
+        let (ours, mut theirs) = conn_pair();
+        let (t, view) = rank0(ours, None);
+        let reply = Header { kind: Kind::ReadReply, msg_len: 0, page_len: 4096, offset: 8192, token: 5 };
+        let f = frame(&mut theirs, reply, &[], &[9; 4096]);
+        theirs.stream.write_all(&f).unwrap();
+        let e = poll_rank0(&t).unwrap_err().to_string();
+        assert!(e.contains("did not ask for"), "{e}");
+        assert!(view.iter().all(|b| *b == 0), "not a byte landed");
     }
 }

@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use gallocy_transport::rdma::{self, Connected, RdmaConfig, RdmaError, RdmaTransport, CHUNK};
-use gallocy_transport::tcp::{establish, TcpConfig, TcpTransport};
+use gallocy_transport::tcp::{establish, PageCheck, TcpConfig, TcpTransport};
 use gallocy_transport::{frame, Event, MemoryView, Span, Transport, TransportError, MAX_MESSAGE};
 
 /// Each rank's runtime view: 8 chunks of registration.
@@ -195,6 +195,14 @@ fn run_ranks<K, F>(size: usize, body: F)
 where
     F: Fn(usize, TcpTransport, MemoryView, &Gate) -> K + Send + Sync + 'static,
 {
+    run_ranks_with(size, None, body)
+}
+
+/// Like [`run_ranks`], with the page check `owed` on every rank.
+fn run_ranks_with<K, F>(size: usize, owed: Option<PageCheck>, body: F)
+where
+    F: Fn(usize, TcpTransport, MemoryView, &Gate) -> K + Send + Sync + 'static,
+{
     let port = free_port();
     let body = Arc::new(body);
     let gate = Arc::new(Gate::new(size));
@@ -214,6 +222,7 @@ where
                     token: b"secret".to_vec(),
                     view,
                     setup_timeout: SETUP,
+                    owed,
                 };
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     let tcp = establish(&cfg, b"hello", &|_| Ok(()))
@@ -265,6 +274,22 @@ where
     F: Fn(usize, Box<RdmaTransport>, MemoryView, &Gate) -> Option<Box<RdmaTransport>> + Send + Sync + 'static,
 {
     rdma_job_with_view(size, VIEW, body);
+}
+
+/// Like [`rdma_job`], with the page check `owed` on every rank.
+fn rdma_job_owed<F>(size: usize, owed: PageCheck, body: F)
+where
+    F: Fn(usize, Box<RdmaTransport>, MemoryView, &Gate) -> Option<Box<RdmaTransport>> + Send + Sync + 'static,
+{
+    run_ranks_with(size, Some(owed), move |rank, tcp, view, gate| {
+        let port = rdma::open(&RdmaConfig::default()).unwrap_or_else(|e| panic!("rank {rank}: rdma::open: {e}"));
+        let t = match rdma::connect(tcp, view, Ok(port), true, SETUP) {
+            Ok(Connected::Rdma(t)) => t,
+            Ok(Connected::Tcp(_, why)) => panic!("rank {rank}: rdma::connect stayed on TCP: {why}"),
+            Err(e) => panic!("rank {rank}: rdma::connect: {e}"),
+        };
+        body(rank, t, view, gate)
+    });
 }
 
 /// Like [`rdma_job`], with runtime views of `len` (at most [`VIEW`]) bytes.
@@ -742,6 +767,43 @@ fn a_view_that_ends_inside_a_chunk_works_to_its_last_byte() {
         assert_eq!(collect(&*t, 1, 20), vec![Ev::Msg(0, b"page".to_vec(), Some(last(0)))]);
         assert!(holds(v, last(0), 50));
         t.send(0, b"done", None).unwrap();
+        Some(t)
+    });
+}
+
+/// With a page check, attached contents land only once their message passed it; contents nobody
+/// asked for never land, and their sender is lost.
+#[test]
+fn pages_nobody_asked_for_never_land() {
+    let _g = serial();
+    if skip_without_device("pages_nobody_asked_for_never_land") {
+        return;
+    }
+    rdma_job_owed(2, |from, msg, _| from == 1 && msg == b"owed", |rank, t, v, gate| {
+        let span = Span { offset: 0, len: PAGE as u32 };
+        gate.sync(rank, "up");
+        if rank == 1 {
+            fill(v, span, 7);
+            t.send(0, b"owed", Some(span)).unwrap();
+            gate.sync(1, "first");
+            fill(v, span, 8);
+            t.send(0, b"stolen", Some(span)).unwrap();
+            gate.sync(1, "second");
+            return Some(t);
+        }
+        assert_eq!(collect(&*t, 1, 20), vec![Ev::Msg(1, b"owed".to_vec(), Some(span))]);
+        assert!(holds(v, span, 7));
+        gate.sync(0, "first");
+        let started = Instant::now();
+        let e = loop {
+            match t.poll(Some(Duration::from_millis(50)), &mut |ev| panic!("delivered {ev:?}")) {
+                Err(e) => break e.to_string(),
+                Ok(_) => assert!(started.elapsed() < Duration::from_secs(20), "the refused message was never reported"),
+            }
+        };
+        assert!(e.contains("rank 1") && e.contains("did not ask for"), "{e}");
+        assert!(holds(v, span, 7), "the refused contents landed");
+        gate.sync(0, "second");
         Some(t)
     });
 }

@@ -26,6 +26,7 @@ fn config(rank: usize, size: usize, port: u16, token: &str) -> TcpConfig {
         token: token.as_bytes().to_vec(),
         view: view(),
         setup_timeout: Duration::from_secs(5),
+        owed: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! The start-up join record a rank sends rank 0, as rank 0 reads it: `read_record` (a
-//! little-endian u32 length, at most 1 MiB, then that many bytes) from the connection, then
-//! `decode_join` (size, address length, UTF-8 address, hello).
+//! little-endian u32 length, at most 1 MiB, that many bytes, then their 16-byte tag) from the
+//! connection, then `decode_join` (size, address length, UTF-8 address, hello).
 //!
-//! The input is what the peer writes on the connection; `decode_join` also runs on the input
-//! itself. Beyond "no panic": the record reader takes exactly the declared bytes or fails, the
+//! The input is what the peer writes on the connection, once as it is (its tag is then almost
+//! never right: the record must be refused unless it is) and once sealed as the session's other
+//! end would; `decode_join` also runs on the input itself. Beyond "no panic": the record reader takes exactly the declared bytes or fails, the
 //! join decoder accepts exactly the records its layout allows, an accepted record is the one
 //! encoding of what it decoded (and `encode_join` gives it back whenever the address is a
 //! socket address in its canonical spelling).
@@ -15,7 +16,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 
-use gallocy_transport::fuzzing::{decode_join, encode_join, read_record};
+use gallocy_transport::fuzzing::{decode_join, encode_join, read_record, sealed_record};
 use libfuzzer_sys::fuzz_target;
 
 /// The limit rank 0 reads join records with.
@@ -43,23 +44,30 @@ fn check_join(v: &[u8]) {
     }
 }
 
+/// What `read_record` makes of `bytes` written on a connection whose write side then closes.
+fn read_from_wire(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+    let mut ours = TcpStream::from(OwnedFd::from(ours));
+    theirs.write_all(bytes).expect("the socket buffer holds the input");
+    theirs.shutdown(Shutdown::Write).expect("shutdown");
+    read_record(&mut ours, LIMIT)
+}
+
 fuzz_target!(|data: &[u8]| {
     check_join(data);
 
-    // The same bytes as a peer's connection: everything written, then the write side closed.
-    let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
-    let mut ours = TcpStream::from(OwnedFd::from(ours));
-    theirs.write_all(data).expect("the socket buffer holds the input");
-    theirs.shutdown(Shutdown::Write).expect("shutdown");
-    let got = read_record(&mut ours, LIMIT);
-    let declared = data.get(..4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
-    match (declared, got) {
-        (Some(len), Ok(v)) => {
-            assert!(len <= LIMIT && 4 + len <= data.len());
-            assert_eq!(v, data[4..4 + len]);
-            check_join(&v);
-        }
-        (Some(len), Err(_)) => assert!(len > LIMIT || 4 + len > data.len(), "refused a whole record"),
-        (None, got) => assert!(got.is_err(), "a record without its length"),
+    // The bytes as they are: accepted only as a whole record with its right tag.
+    if let Ok(v) = read_from_wire(data) {
+        let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+        assert!(len <= LIMIT && 4 + len + 16 <= data.len());
+        assert_eq!(v, data[4..4 + len]);
+        assert_eq!(sealed_record(&v), data[..4 + len + 16], "accepted a record with a wrong tag");
+        check_join(&v);
+    }
+
+    // The bytes sealed by the session's other end: they come back whole (up to the limit).
+    if data.len() <= 64 << 10 {
+        let got = read_from_wire(&sealed_record(data)).expect("a sealed record is read back");
+        assert_eq!(got, data);
     }
 });

@@ -59,6 +59,16 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
 }
 
+/// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
+/// land only with a grant of that page to a thread of ours that waits for it. Runs on whichever
+/// thread reads the connection (a faulting thread too): decodes without allocating, reads atomics.
+pub fn contents_owed(_from: usize, msg: &[u8], span: Span) -> bool {
+    let Some(rt) = crate::job::runtime::RUNTIME.get() else { return false };
+    let Ok((msg, _)) = wire::decode(msg) else { return false };
+    let page_size = rt.region().page as u64;
+    holder::owes_contents(&msg, span.offset, span.len, page_size, |w, p| rt.slots().waits_for_page(w, p))
+}
+
 impl<'a> Engine<'a> {
     pub fn new(rt: &'a Runtime) -> Engine<'a> {
         let one_sided = rt.transport().is_some_and(|t| t.one_sided_reads());

@@ -95,6 +95,36 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
     }
 }
 
+/// Open files a process keeps for itself and the runtime besides one connection per peer.
+const FILES_BESIDES_PEERS: u64 = 256;
+
+/// Makes room for a connection to every peer of a job of `size`: raises the soft limit on open
+/// files (`ulimit -n`) as far as the job needs, up to the hard limit. The error says what is
+/// missing.
+pub fn room_for_connections(size: usize) -> Result<(), String> {
+    let need = size as u64 + FILES_BESIDES_PEERS;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(format!("cannot read the open-file limit: {}", std::io::Error::last_os_error()));
+    }
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        return Err(format!(
+            "a job of {size} processes needs {need} open files per process, but the hard limit is {} (ulimit -Hn)",
+            lim.rlim_max
+        ));
+    }
+    lim.rlim_cur = need;
+    // SAFETY: setrlimit reads one rlimit through a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(format!("cannot raise the open-file limit to {need}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Connects this rank to the job. `problem` is this rank's own start-up failure, reported to
 /// rank 0 so that the whole job stops with it.
 pub fn connect(
@@ -103,6 +133,7 @@ pub fn connect(
     view: MemoryView,
     problem: Option<String>,
 ) -> Result<Box<dyn Transport>, Error> {
+    let problem = problem.or_else(|| room_for_connections(id.size).err());
     #[cfg(feature = "rdma")]
     let (port, problem) = rdma_port(settings, problem);
     let hello = Hello::new(settings, problem);
@@ -116,6 +147,7 @@ pub fn connect(
         token: id.token.clone(),
         view,
         setup_timeout: settings.map_or(Duration::from_secs(30), |s| s.setup_timeout),
+        owed: Some(crate::engine::contents_owed),
     };
     let tcp = match tcp::establish(&cfg, &hello.encode(), &judge) {
         Ok(t) => t,

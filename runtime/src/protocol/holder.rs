@@ -65,6 +65,19 @@ pub fn forward(
     (keep, Send { to: requester, msg: Msg::Grant { page, waiter, write, source } })
 }
 
+/// Whether the page contents that arrive with `msg`, `len` bytes at heap offset `offset`, are owed
+/// to this rank and may land in its runtime view: only a grant that carries its page brings
+/// contents, for exactly that page, to a thread that `waits` for it. Anything else (a grant
+/// nobody asked for, contents for another page) is refused before a byte lands.
+pub fn owes_contents(msg: &Msg, offset: u64, len: u32, page_size: u64, waits: impl Fn(Waiter, Page) -> bool) -> bool {
+    match *msg {
+        Msg::Grant { page, waiter, .. } if msg.attaches_page() => {
+            page.checked_mul(page_size) == Some(offset) && u64::from(len) == page_size && waits(waiter, page)
+        }
+        _ => false,
+    }
+}
+
 /// Checks who sent a coherence message and what came attached to it: revokes and forwards come
 /// from the page's home; a grant comes from the home, or from the owner the home forwarded to;
 /// a grant that says it carries the page carries exactly that page, and nothing else carries one.
@@ -128,6 +141,23 @@ pub fn check_received(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contents_land_only_for_a_waiting_grant_of_that_page() {
+        let w = Waiter { slot: 3, generation: 9 };
+        let waits = |x: Waiter, p: Page| x == w && p == 5;
+        let grant = |source| Msg::Grant { page: 5, waiter: w, write: false, source };
+        assert!(owes_contents(&grant(Source::Inline), 5 * 4096, 4096, 4096, waits));
+        assert!(owes_contents(&grant(Source::Forwarded), 5 * 4096, 4096, 4096, waits));
+        assert!(!owes_contents(&grant(Source::Valid), 5 * 4096, 4096, 4096, waits), "a grant without contents");
+        assert!(!owes_contents(&grant(Source::Inline), 6 * 4096, 4096, 4096, waits), "another page's contents");
+        assert!(!owes_contents(&grant(Source::Inline), 5 * 4096, 8192, 4096, waits), "more than the page");
+        let stale = Msg::Grant { page: 5, waiter: Waiter { slot: 3, generation: 8 }, write: false, source: Source::Inline };
+        assert!(!owes_contents(&stale, 5 * 4096, 4096, 4096, waits), "nobody waits for it");
+        let huge = Msg::Grant { page: u64::MAX, waiter: w, write: false, source: Source::Inline };
+        assert!(!owes_contents(&huge, 0, 4096, 4096, |_, _| true), "an offset that overflows");
+        assert!(!owes_contents(&Msg::Ping, 5 * 4096, 4096, 4096, waits), "not a grant");
+    }
 
     const W: Waiter = Waiter { slot: 3, generation: 9 };
 

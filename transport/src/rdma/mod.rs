@@ -50,6 +50,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
 
+use crate::frame::FrameError;
 use crate::tcp::TcpTransport;
 use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
@@ -210,6 +211,11 @@ struct Assembly {
     msg: Vec<u8>,
     /// The page that came with it.
     page: Option<Span>,
+    /// Its contents while a page check is set: they land in the view only once the message says
+    /// they are owed (capacity one page, never reallocated).
+    staged: Vec<u8>,
+    /// The staged contents passed the check and landed.
+    landed: bool,
     /// `msg` holds a whole message a waiting thread declined: the service thread delivers it.
     complete: bool,
 }
@@ -261,11 +267,17 @@ impl Spill {
 }
 
 impl RecvPeer {
-    fn new() -> RecvPeer {
+    fn new(staging: usize) -> RecvPeer {
         RecvPeer {
             queue: VecDeque::with_capacity(RECV_DEPTH),
             spill: Spill::new(),
-            asm: Assembly { msg: Vec::with_capacity(crate::MAX_MESSAGE), page: None, complete: false },
+            asm: Assembly {
+                msg: Vec::with_capacity(crate::MAX_MESSAGE),
+                page: None,
+                staged: Vec::with_capacity(staging),
+                landed: false,
+                complete: false,
+            },
         }
     }
 
@@ -279,6 +291,8 @@ impl Assembly {
     fn reset(&mut self) {
         self.msg.clear();
         self.page = None;
+        self.staged.clear();
+        self.landed = false;
         self.complete = false;
     }
 }
@@ -331,6 +345,8 @@ pub struct RdmaTransport {
     recv_cq: Arc<BasicCompletionQueue>,
     links: Vec<Option<Link>>,
     bufs: Buffers,
+    /// Which page contents this process is owed (see [`crate::tcp::PageCheck`]).
+    owed: Option<crate::tcp::PageCheck>,
     recv: Mutex<Vec<RecvPeer>>,
     completions: Mutex<Completions>,
     chunks: Chunks,
@@ -341,6 +357,13 @@ pub struct RdmaTransport {
 unsafe impl Send for RdmaTransport {}
 // SAFETY: as above.
 unsafe impl Sync for RdmaTransport {}
+
+/// The system's page size (the runtime's page).
+fn system_page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).unwrap_or(4096).max(4096)
+}
 
 /// Posts receive buffer `i` of `peer` on `qp`; returns the verbs error code on failure.
 /// Async-signal-safe.
@@ -634,6 +657,14 @@ impl RdmaTransport {
                     }
                     Some(_) => return Err(bad("page fragments out of order")),
                 }
+                if self.owed.is_some() {
+                    // Staged until the message says the contents are owed.
+                    if rp.staged.len() + len > rp.staged.capacity() {
+                        return Err(bad("page contents longer than one page"));
+                    }
+                    rp.staged.extend_from_slice(payload);
+                    return Ok(Step::Next);
+                }
                 // SAFETY: the span lies inside the view (checked); the coherence protocol gives
                 // this page to nobody else while it is in flight to us.
                 unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.view.base.add(arg as usize), len) };
@@ -646,6 +677,20 @@ impl RdmaTransport {
                 rp.msg.extend_from_slice(payload);
                 if flags & F_LAST == 0 {
                     return Ok(Step::Next);
+                }
+                if let (Some(owed), Some(span), false) = (self.owed, rp.page, rp.landed) {
+                    if !owed(peer, &rp.msg, span) {
+                        // The fragment stays unconsumed: whoever reads this peer next fails too.
+                        rp.msg.truncate(rp.msg.len() - len);
+                        return Err(lost(peer, LostReason::Protocol(FrameError::NotOwed(span.offset, span.len))));
+                    }
+                    // SAFETY: the span lies inside the view (checked when its fragments came), and
+                    // the staged bytes are exactly its contents; the protocol gives this page to
+                    // nobody else while it is in flight to us.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(rp.staged.as_ptr(), self.view.base.add(span.offset as usize), rp.staged.len())
+                    };
+                    rp.landed = true;
                 }
                 match sink {
                     Sink::Service(handler) => {
@@ -1027,8 +1072,12 @@ impl Transport for RdmaTransport {
         for peer in 0..self.size {
             let rp = &mut rx[peer];
             if peer != self.rank && !rp.asm.complete && (rp.spill.count > 0 || !rp.queue.is_empty()) {
-                // Errors surface in the service thread's next poll.
-                taken += self.drain_peer(peer, rp, &mut sink).unwrap_or(0);
+                match self.drain_peer(peer, rp, &mut sink) {
+                    Ok(n) => taken += n,
+                    // Errors surface in the service thread's next poll (the fragment that failed
+                    // was not consumed).
+                    Err(_) => self.tcp.wake(),
+                }
             }
         }
         taken

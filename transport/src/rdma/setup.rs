@@ -253,11 +253,15 @@ pub fn connect(
     tcp.watch_fd(parts.channel.as_raw_fd())?;
     let count = view.len.div_ceil(CHUNK);
     let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
-    let recv = (0..size).map(|_| RecvPeer::new()).collect();
+    // With a page check, page contents wait in a staging buffer of one page until their message
+    // has been checked.
+    let staging = if tcp.owed().is_some() { super::system_page_size() } else { 0 };
+    let recv = (0..size).map(|_| RecvPeer::new(staging)).collect();
     Ok(Connected::Rdma(Box::new(RdmaTransport {
         rank: me,
         size,
         view,
+        owed: tcp.owed(),
         tcp,
         port: parts.port,
         pd: parts.pd,

@@ -15,6 +15,7 @@
 mod alloc;
 mod faults;
 mod fill;
+mod hostile;
 mod jacobi;
 mod litmus;
 mod misuse;
@@ -43,6 +44,8 @@ scenarios (all ranks run the same NAME):
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
+  hostile     --what W                       rank 1 sends rank 0 an authenticated message the
+                                             protocol forbids: a clear error, no hang
   occupy                                     maps a page inside the heap before init on rank
                                              $SCENARIO_OCCUPY_RANK: init must fail everywhere";
 
@@ -85,6 +88,7 @@ fn main() {
         "alloc" => alloc::alloc,
         "placement" => placement::placement,
         "misuse" => misuse::misuse,
+        "hostile" => hostile::hostile,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 
