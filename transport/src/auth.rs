@@ -119,7 +119,12 @@ pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result
 
 /// Connector side: proves `rank` and checks the acceptor knows the token too. Returns the
 /// connection's keys.
-pub fn connect(stream: &mut TcpStream, token: &[u8], rank: u32, timeout: Duration) -> Result<SessionKeys, TransportError> {
+pub fn connect(
+    stream: &mut TcpStream,
+    token: &[u8],
+    rank: u32,
+    timeout: Duration,
+) -> Result<SessionKeys, TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
     let mut hello = ServerHello::new_zeroed();

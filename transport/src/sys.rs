@@ -162,3 +162,64 @@ pub unsafe fn read_into(fd: RawFd, dst: *mut u8, len: usize) -> io::Result<usize
         }
     }
 }
+
+/// A buffer the kernel backs only where it is touched (an anonymous private mapping): a
+/// connection's receive stage costs memory only once that connection carries data.
+pub struct LazyBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; access goes through &self/&mut self.
+unsafe impl Send for LazyBuf {}
+// SAFETY: as above.
+unsafe impl Sync for LazyBuf {}
+
+impl LazyBuf {
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> io::Result<LazyBuf> {
+        // SAFETY: a fresh anonymous mapping; no address hint, no file.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LazyBuf { ptr: p.cast(), len })
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Default for LazyBuf {
+    /// An empty buffer (no mapping).
+    fn default() -> LazyBuf {
+        LazyBuf { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0 }
+    }
+}
+
+impl Drop for LazyBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping the mapping this value made, once.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}

@@ -24,7 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::frame::{FrameError, Header, Kind, HEADER_LEN};
 use crate::seal::{Opener, Sealer, SessionKeys, Tag, TAG_LEN};
-use crate::sys::{self, Epoll, EventFd};
+use crate::sys::{self, Epoll, EventFd, LazyBuf};
 use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
 /// Rank 0's judgement of every rank's hello (indexed by rank): `Err` stops the job with that text.
@@ -108,21 +108,22 @@ struct Inbox {
     closed: bool,
     /// A complete frame waits for the service thread.
     pending: bool,
-    /// Received bytes not yet parsed: `stage[stage_start..stage_end]`.
-    stage: Box<[u8]>,
+    /// Received bytes not yet parsed: `stage[stage_start..stage_end]` (memory only once the
+    /// connection carries data: most peers of a large job never send us anything).
+    stage: LazyBuf,
     stage_start: usize,
     stage_end: usize,
 }
 
 impl Inbox {
-    fn new(opener: Option<Opener>) -> Inbox {
+    fn new(opener: Option<Opener>) -> std::io::Result<Inbox> {
         // Room for the largest message up front: the inline path must never allocate.
-        Inbox {
+        Ok(Inbox {
             opener,
             msg: Vec::with_capacity(crate::MAX_MESSAGE),
-            stage: vec![0u8; STAGE].into_boxed_slice(),
+            stage: LazyBuf::new(STAGE)?,
             ..Inbox::default()
-        }
+        })
     }
 
     /// Forgets the current frame (it was delivered or consumed).
@@ -541,11 +542,7 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
 }
 
 impl TcpTransport {
-    fn new(
-        cfg: &TcpConfig,
-        listener: TcpListener,
-        streams: Vec<Option<Conn>>,
-    ) -> Result<TcpTransport, TransportError> {
+    fn new(cfg: &TcpConfig, listener: TcpListener, streams: Vec<Option<Conn>>) -> Result<TcpTransport, TransportError> {
         let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
         let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
         epoll.add(waker.0, KEY_WAKE).map_err(|e| TransportError::io("epoll_ctl", e))?;
@@ -559,11 +556,11 @@ impl TcpTransport {
                     set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
                     epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
                     peers.push(Some(Peer { stream: s, sealer: Mutex::new(keys.sealer), left: AtomicBool::new(false) }));
-                    inboxes.push(Inbox::new(Some(keys.opener)));
+                    inboxes.push(Inbox::new(Some(keys.opener)).map_err(|e| TransportError::io("receive buffer", e))?);
                 }
                 None if rank == cfg.rank => {
                     peers.push(None);
-                    inboxes.push(Inbox::new(None));
+                    inboxes.push(Inbox::default());
                 }
                 None => {
                     return Err(TransportError::Bootstrap(format!("rank {}: no connection to rank {rank}", cfg.rank)))
@@ -611,7 +608,8 @@ impl TcpTransport {
     fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
         let peer = self.peer(rank)?;
         let head = header.encode();
-        let page_len = if matches!(header.kind, Kind::Message | Kind::ReadReply) { header.page_len as usize } else { 0 };
+        let page_len =
+            if matches!(header.kind, Kind::Message | Kind::ReadReply) { header.page_len as usize } else { 0 };
         let page = self.view_bytes(header.offset, page_len);
         let mut sealer = peer.sealer.lock().unwrap_or_else(|p| p.into_inner());
         let tag = sealer.seal(&[&head, msg, page]);
@@ -931,7 +929,8 @@ impl Transport for TcpTransport {
         let h = Header { kind: Kind::ReadRequest, msg_len: 0, page_len: span.len, offset: span.offset, token };
         self.peer(peer)?;
         let slots = &self.reads[peer * READS_IN_FLIGHT..(peer + 1) * READS_IN_FLIGHT];
-        let free = slots.iter().find(|s| s.compare_exchange(0, span.offset + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok());
+        let free =
+            slots.iter().find(|s| s.compare_exchange(0, span.offset + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok());
         if free.is_none() {
             return Err(TransportError::Invalid(format!("more than {READS_IN_FLIGHT} reads from rank {peer} at once")));
         }
@@ -1183,7 +1182,8 @@ mod tests {
     fn authentic_frames_arrive_with_their_pages() {
         let (ours, mut theirs) = conn_pair();
         let (t, view) = rank0(ours, Some(|from, msg, span| from == 1 && msg == b"abc" && span.offset == 4096));
-        let bytes = [frame(&mut theirs, message(0), b"abc", &[]), frame(&mut theirs, message(4096), b"abc", &[9; 4096])];
+        let bytes =
+            [frame(&mut theirs, message(0), b"abc", &[]), frame(&mut theirs, message(4096), b"abc", &[9; 4096])];
         theirs.stream.write_all(&bytes.concat()).unwrap();
         let mut got = poll_rank0(&t).unwrap();
         if got.len() < 2 {
@@ -1211,7 +1211,10 @@ mod tests {
             theirs.stream.write_all(&bad).unwrap();
             let e = poll_rank0(&t).unwrap_err().to_string();
             // A change in the header may also make it malformed; one in the tag or body fails it.
-            assert!(e.contains("rank 1") && (e.contains("authentication") || e.contains("reserved")), "{change:?}: {e}");
+            assert!(
+                e.contains("rank 1") && (e.contains("authentication") || e.contains("reserved")),
+                "{change:?}: {e}"
+            );
         }
     }
 

@@ -779,33 +779,39 @@ fn pages_nobody_asked_for_never_land() {
     if skip_without_device("pages_nobody_asked_for_never_land") {
         return;
     }
-    rdma_job_owed(2, |from, msg, _| from == 1 && msg == b"owed", |rank, t, v, gate| {
-        let span = Span { offset: 0, len: PAGE as u32 };
-        gate.sync(rank, "up");
-        if rank == 1 {
-            fill(v, span, 7);
-            t.send(0, b"owed", Some(span)).unwrap();
-            gate.sync(1, "first");
-            fill(v, span, 8);
-            t.send(0, b"stolen", Some(span)).unwrap();
-            gate.sync(1, "second");
-            return Some(t);
-        }
-        assert_eq!(collect(&*t, 1, 20), vec![Ev::Msg(1, b"owed".to_vec(), Some(span))]);
-        assert!(holds(v, span, 7));
-        gate.sync(0, "first");
-        let started = Instant::now();
-        let e = loop {
-            match t.poll(Some(Duration::from_millis(50)), &mut |ev| panic!("delivered {ev:?}")) {
-                Err(e) => break e.to_string(),
-                Ok(_) => assert!(started.elapsed() < Duration::from_secs(20), "the refused message was never reported"),
+    rdma_job_owed(
+        2,
+        |from, msg, _| from == 1 && msg == b"owed",
+        |rank, t, v, gate| {
+            let span = Span { offset: 0, len: PAGE as u32 };
+            gate.sync(rank, "up");
+            if rank == 1 {
+                fill(v, span, 7);
+                t.send(0, b"owed", Some(span)).unwrap();
+                gate.sync(1, "first");
+                fill(v, span, 8);
+                t.send(0, b"stolen", Some(span)).unwrap();
+                gate.sync(1, "second");
+                return Some(t);
             }
-        };
-        assert!(e.contains("rank 1") && e.contains("did not ask for"), "{e}");
-        assert!(holds(v, span, 7), "the refused contents landed");
-        gate.sync(0, "second");
-        Some(t)
-    });
+            assert_eq!(collect(&*t, 1, 20), vec![Ev::Msg(1, b"owed".to_vec(), Some(span))]);
+            assert!(holds(v, span, 7));
+            gate.sync(0, "first");
+            let started = Instant::now();
+            let e = loop {
+                match t.poll(Some(Duration::from_millis(50)), &mut |ev| panic!("delivered {ev:?}")) {
+                    Err(e) => break e.to_string(),
+                    Ok(_) => {
+                        assert!(started.elapsed() < Duration::from_secs(20), "the refused message was never reported")
+                    }
+                }
+            };
+            assert!(e.contains("rank 1") && e.contains("did not ask for"), "{e}");
+            assert!(holds(v, span, 7), "the refused contents landed");
+            gate.sync(0, "second");
+            Some(t)
+        },
+    );
 }
 
 /// A job of one process has no queue pairs, yet polls, wakes and refuses peers like any other.

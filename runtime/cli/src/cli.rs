@@ -45,7 +45,7 @@ Commands in detail:
          statistics (GALLOCY_STATS=1).
 
 Options in detail:
-  -n, --nprocs N      number of ranks, 1..=64 (demo default: 4; -np N works too)
+  -n, --nprocs N      number of ranks, 1..=1024 (demo default: 4; -np N works too)
   --preload           run PROGRAM with LD_PRELOAD=libgallocy.so (every malloc in
                       the shared heap; GALLOCY_PRELOAD_LIB overrides the path)
   --transport NAME    auto (default: RDMA if every rank has a usable device, else
@@ -121,7 +121,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Number of ranks, 1..=64 (`-np N` works too)
+    /// Number of ranks, 1..=1024 (`-np N` works too)
     #[arg(short = 'n', long = "nprocs", value_name = "N", value_parser = number::<usize>)]
     pub nprocs: Option<usize>,
     /// Run PROGRAM with LD_PRELOAD=libgallocy.so (every malloc in the shared heap; the library next
@@ -144,7 +144,7 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Number of ranks, 1..=64 (`-np N` works too)
+    /// Number of ranks, 1..=1024 (`-np N` works too)
     #[arg(short = 'n', long = "nprocs", value_name = "N", default_value_t = DEMO_DEFAULT_RANKS, value_parser = number::<usize>)]
     pub nprocs: usize,
     /// The grid is S x S, 3..=8192
@@ -453,8 +453,8 @@ mod tests {
             (&["run", "-n", "2"], "run: missing PROGRAM"),
             (&["run", "-n", "2", "--"], "run: missing PROGRAM"),
             (&["run", "--", "prog"], "run: missing -n N"),
-            (&["run", "-n", "0", "prog"], "between 1 and 64"),
-            (&["run", "-n", "65", "prog"], "between 1 and 64"),
+            (&["run", "-n", "0", "prog"], "between 1 and 1024"),
+            (&["run", "-n", "1025", "prog"], "between 1 and 1024"),
             (&["run", "-n", "x", "prog"], "run: --nprocs: \"x\" is not a valid number"),
             (&["run", "-n"], "run: --nprocs needs a value"),
             (&["run", "-n", "2", "--transport", "udp", "prog"], "unknown transport"),
@@ -462,8 +462,8 @@ mod tests {
             (&["run", "-n", "2", "--grace", "soon", "prog"], "not a valid number"),
             (&["run", "-n", "2", "--frobnicate", "prog"], "run: unknown option \"--frobnicate\""),
             (&["demo", "--size", "2"], "demo: --size must be between 3 and 8192, not 2"),
-            (&["demo", "-n", "0"], "demo: -n must be between 1 and 64, not 0"),
-            (&["demo", "-np", "100"], "between 1 and 64"),
+            (&["demo", "-n", "0"], "demo: -n must be between 1 and 1024, not 0"),
+            (&["demo", "-np", "2000"], "between 1 and 1024"),
             (&["demo", "extra"], "demo: unexpected argument \"extra\""),
             (&["__demo-rank", "10"], "__demo-rank takes SIZE ITERS THREADS"),
             (&["__demo-rank", "2", "1", "1"], "--size must be between 3"),

@@ -27,8 +27,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Largest number of ranks the launcher starts.
-pub const MAX_RANKS: usize = 64;
+/// Largest number of ranks the launcher starts: the largest job.
+pub const MAX_RANKS: usize = gallocy::MAX_PROCESSES;
 /// Transports built into this build (`auto`: RDMA when every rank has a usable device, else TCP;
 /// without the RDMA transport, `auto` means TCP). Follows the runtime's build
 /// ([`gallocy::RDMA_BUILT`], the cargo feature `rdma`).
@@ -83,6 +83,18 @@ impl LaunchSpec {
             return Err(LaunchError::NoProgram);
         }
         check_transport(&self.transport)
+    }
+}
+
+/// Raises the soft limit on open files to `need`, or as near as the hard limit allows.
+fn raise_open_files(need: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit take one valid rlimit pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < need {
+            lim.rlim_cur = need.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
@@ -262,6 +274,9 @@ pub fn signal_name(signal: i32) -> String {
 /// first rank (in time) that failed (128 + signal if it was killed).
 pub fn run(spec: &LaunchSpec) -> Result<i32, LaunchError> {
     spec.validate()?;
+    // Two pipes per rank stay open here: room for them as far as the hard limit allows (beyond
+    // it, starting a rank fails and says so).
+    raise_open_files(2 * spec.nprocs as u64 + 256);
     catch_stop_signals();
     let job = LocalJob::new()?;
     let members = (0..spec.nprocs)

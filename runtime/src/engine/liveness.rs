@@ -1,5 +1,11 @@
 //! Peers' liveness: heartbeats, silence, departures, and ending the process when a peer is lost
 //! (after telling the other survivors which rank it was).
+//!
+//! A peer that dies closes its connections, which every rank sees at once. Heartbeats are for the
+//! peer that stops without dying (`SIGSTOP`, a hung host): each rank watches only its two
+//! neighbours on the ring of live ranks and sends heartbeats only to them, so the cost per
+//! process does not grow with the job (two messages a second, not one per peer). A rank that
+//! finds a neighbour silent tells every survivor which rank it lost.
 
 use std::time::Duration;
 
@@ -16,20 +22,57 @@ pub struct Liveness {
     last_heard: Vec<u64>,
     last_ping: u64,
     departed: Vec<bool>,
+    /// We have heard from this rank at least once (a rank still joining the job cannot speak yet).
+    spoke: Vec<bool>,
+    /// The neighbours watched now (successor, predecessor on the ring of live ranks).
+    watched: [Option<Rank>; 2],
 }
 
 impl Liveness {
     pub fn new(me: Rank, size: usize, now: u64) -> Liveness {
-        Liveness { me, last_heard: vec![now; size], last_ping: now, departed: vec![false; size] }
+        let mut l = Liveness {
+            me,
+            last_heard: vec![now; size],
+            last_ping: now,
+            departed: vec![false; size],
+            spoke: vec![false; size],
+            watched: [None; 2],
+        };
+        l.watched = l.neighbours();
+        l
+    }
+
+    /// The next live rank after us and the last one before us on the ring (`None` when there is
+    /// no other live rank; the same rank twice in a job of two).
+    fn neighbours(&self) -> [Option<Rank>; 2] {
+        let n = self.departed.len();
+        let live = |r: &Rank| *r != self.me && !self.departed[*r];
+        let next = (1..n).map(|d| (self.me + d) % n).find(live);
+        let prev = (1..n).map(|d| (self.me + n - d) % n).find(live);
+        [next, prev]
+    }
+
+    /// Recomputes the watched neighbours after a departure; a newly watched one gets a full
+    /// timeout from now (it may have had no reason to speak to us before).
+    fn rewatch(&mut self, now: u64) {
+        let fresh = self.neighbours();
+        for r in fresh.iter().flatten() {
+            if !self.watched.contains(&Some(*r)) {
+                self.last_heard[*r] = now;
+            }
+        }
+        self.watched = fresh;
     }
 
     pub fn heard(&mut self, from: Rank, now: u64) {
         self.last_heard[from] = now;
+        self.spoke[from] = true;
     }
 
     /// `rank` left the job (said goodbye).
     pub fn departed(&mut self, rank: Rank) {
         self.departed[rank] = true;
+        self.rewatch(crate::sys::clock::now_ns());
     }
 
     pub fn all_departed(&self) -> bool {
@@ -57,7 +100,14 @@ impl Liveness {
         Duration::from_nanos(until.saturating_sub(now).clamp(1_000_000, PING_NS))
     }
 
-    /// Sends heartbeats when due; ends the process if a peer has been silent too long.
+    /// The ranks we send heartbeats to and watch: our two neighbours (once each).
+    fn watched(&self) -> impl Iterator<Item = Rank> + '_ {
+        let [next, prev] = self.watched;
+        next.into_iter().chain(prev.filter(|p| Some(*p) != next))
+    }
+
+    /// Sends heartbeats to our neighbours when due; ends the process if a neighbour has been
+    /// silent too long.
     pub fn keep_alive(&mut self, rt: &Runtime, now: u64) {
         let transport = rt.transport().expect("a job of several processes has a transport");
         if now.saturating_sub(self.last_ping) >= PING_NS {
@@ -65,7 +115,7 @@ impl Liveness {
             let mut buf = [0u8; 16];
             let ping = wire::encode(&Msg::Ping, &[], &mut buf).expect("a ping always encodes");
             let mut failed = None;
-            for r in self.live_peers() {
+            for r in self.watched() {
                 if let Err(e) = transport.send(r, ping, None) {
                     failed = Some(e);
                     break;
@@ -76,7 +126,13 @@ impl Liveness {
             }
         }
         let limit = rt.settings().peer_timeout.as_nanos() as u64;
-        let silent = self.live_peers().find(|r| now.saturating_sub(self.last_heard[*r]) > limit);
+        // A neighbour that never spoke may still be making its connections to the rest of the
+        // job (a large job's last ranks take a while): it gets the start-up timeout on top.
+        let joining = rt.settings().setup_timeout.as_nanos() as u64;
+        let silent = self.watched().find(|r| {
+            let allowed = if self.spoke[*r] { limit } else { limit.saturating_add(joining) };
+            now.saturating_sub(self.last_heard[*r]) > allowed
+        });
         if let Some(r) = silent {
             let why = format!("lost contact with rank {r}: no word from it for {:?}", rt.settings().peer_timeout);
             self.lost(rt, r, &why);
@@ -113,5 +169,44 @@ impl Liveness {
             }
         }
         fatal_with(rt, EXIT_PEER_LOST, why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rank_watches_its_two_live_neighbours_on_the_ring() {
+        let l = Liveness::new(2, 5, 0);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![3, 1]);
+        let l = Liveness::new(0, 5, 0);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![1, 4]);
+        let l = Liveness::new(1, 2, 0);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![0], "a job of two: the other rank, once");
+        let l = Liveness::new(0, 1, 0);
+        assert_eq!(l.watched().count(), 0, "a job of one watches nobody");
+        // 1024 ranks: still two.
+        let l = Liveness::new(1023, 1024, 0);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![0, 1022]);
+    }
+
+    #[test]
+    fn a_departure_moves_the_watch_on_with_a_fresh_timeout() {
+        let mut l = Liveness::new(2, 6, 0);
+        l.last_heard = vec![5; 6];
+        l.departed[3] = true;
+        l.rewatch(100);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![4, 1]);
+        assert_eq!(l.last_heard[4], 100, "the new neighbour gets a full timeout");
+        assert_eq!(l.last_heard[1], 5, "the old one keeps its record");
+        l.departed[4] = true;
+        l.departed[5] = true;
+        l.departed[0] = true;
+        l.rewatch(200);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![1], "only rank 1 is left");
+        l.departed[1] = true;
+        l.rewatch(300);
+        assert_eq!(l.watched().count(), 0);
     }
 }

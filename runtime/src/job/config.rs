@@ -22,8 +22,8 @@ pub const DEFAULT_HEAP_SIZE: usize = 16 << 30;
 pub const DEFAULT_SPIN_US: u64 = 100;
 /// Highest user-space address we accept for the end of the heap (47-bit address space).
 const USER_SPACE_END: usize = 0x7fff_ffff_f000;
-/// Largest job the directory's copy-set bitmap supports.
-pub const MAX_PROCESSES: usize = 64;
+/// Largest job: as many ranks as a copy set holds.
+pub const MAX_PROCESSES: usize = crate::protocol::ranks::RankSet::CAPACITY;
 
 /// Which transport moves bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -152,7 +152,8 @@ mod tests {
         assert!(!owes_contents(&grant(Source::Valid), 5 * 4096, 4096, 4096, waits), "a grant without contents");
         assert!(!owes_contents(&grant(Source::Inline), 6 * 4096, 4096, 4096, waits), "another page's contents");
         assert!(!owes_contents(&grant(Source::Inline), 5 * 4096, 8192, 4096, waits), "more than the page");
-        let stale = Msg::Grant { page: 5, waiter: Waiter { slot: 3, generation: 8 }, write: false, source: Source::Inline };
+        let stale =
+            Msg::Grant { page: 5, waiter: Waiter { slot: 3, generation: 8 }, write: false, source: Source::Inline };
         assert!(!owes_contents(&stale, 5 * 4096, 4096, 4096, waits), "nobody waits for it");
         let huge = Msg::Grant { page: u64::MAX, waiter: w, write: false, source: Source::Inline };
         assert!(!owes_contents(&huge, 0, 4096, 4096, |_, _| true), "an offset that overflows");

@@ -69,6 +69,43 @@ fn kill9_of_one_rank_stops_the_others() {
     assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), job.report());
 }
 
+/// A rank that stops without dying (SIGSTOP) keeps its connections open: its ring neighbours
+/// (ranks 1 and 3 of 4 for rank 2), the only ranks that watch it, find it silent after
+/// `GALLOCY_PEER_TIMEOUT` and tell everyone, so every survivor stops and names rank 2; rank 0,
+/// which does not watch rank 2, learns it from them.
+#[test]
+fn a_stopped_rank_is_found_by_its_neighbours_and_stops_the_job() {
+    let _g = serial();
+    let mut job = Job::builder(6).env_all("GALLOCY_PEER_TIMEOUT", "2").spawn(JACOBI_LONG);
+    let started = job.ranks[2].wait_for_stdout(Duration::from_secs(60), |o| count_lines(o, "iteration ") >= 3);
+    if !started {
+        let msg = format!("rank 2 never printed 3 iteration lines\n{}", job.report());
+        drop(job);
+        panic!("{msg}");
+    }
+    let pid = job.ranks[2].pid().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let stopped_at = Instant::now();
+    let deadline = stopped_at + limit(Duration::from_secs(15));
+    let mut failures = Vec::new();
+    for r in [0, 1, 3, 4, 5] {
+        match job.ranks[r].wait_until(deadline) {
+            None => failures.push(format!("rank {r} still running 15 s after rank 2 stopped")),
+            Some(s) if s.success() => failures.push(format!("rank {r} exited 0 after rank 2 stopped")),
+            Some(_) if !job.ranks[r].stderr().contains("lost contact with rank 2") => {
+                failures.push(format!("rank {r}'s stderr does not say it lost rank 2"))
+            }
+            Some(_) => {}
+        }
+    }
+    let watchers_noticed = [1, 3].iter().any(|r| job.ranks[*r].stderr().contains("no word from it"));
+    eprintln!("survivors finished {:.2} s after the stop", stopped_at.elapsed().as_secs_f64());
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let _ = job.ranks[2].wait_until(Instant::now() + Duration::from_secs(5));
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), job.report());
+    assert!(watchers_noticed, "rank 1 or 3 must report rank 2 silent\n{}", job.report());
+}
+
 #[test]
 fn kill9_of_one_rank_under_launcher() {
     let _g = serial();

@@ -269,14 +269,14 @@ fn usage_errors_exit_2() {
         (&["run", "-n", "2"], "missing PROGRAM"),
         (&["run", "-n", "2", "--"], "missing PROGRAM"),
         (&["run", "--", "true"], "missing -n"),
-        (&["run", "-n", "0", "--", "true"], "between 1 and 64"),
-        (&["run", "-n", "65", "--", "true"], "between 1 and 64"),
+        (&["run", "-n", "0", "--", "true"], "between 1 and 1024"),
+        (&["run", "-n", "1025", "--", "true"], "between 1 and 1024"),
         (&["run", "-n", "two", "--", "true"], "not a valid number"),
         (&["run", "-n", "2", "--transport", "carrier-pigeon", "--", "true"], "unknown transport"),
         (&["run", "-n", "2", "--grace", "soon", "--", "true"], "not a valid number"),
         (&["run", "-n", "2", "--bogus", "--", "true"], "unknown option"),
         (&["demo", "--size", "1"], "--size"),
-        (&["demo", "-n", "100"], "between 1 and 64"),
+        (&["demo", "-n", "2000"], "between 1 and 1024"),
     ];
     if !gallocy::RDMA_BUILT {
         cases.push((&["run", "-n", "2", "--transport", "rdma", "--", "true"], "not built in this build"));

@@ -688,7 +688,11 @@ impl RdmaTransport {
                     // the staged bytes are exactly its contents; the protocol gives this page to
                     // nobody else while it is in flight to us.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(rp.staged.as_ptr(), self.view.base.add(span.offset as usize), rp.staged.len())
+                        std::ptr::copy_nonoverlapping(
+                            rp.staged.as_ptr(),
+                            self.view.base.add(span.offset as usize),
+                            rp.staged.len(),
+                        )
                     };
                     rp.landed = true;
                 }

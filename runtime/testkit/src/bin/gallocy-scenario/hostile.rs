@@ -49,7 +49,9 @@ pub fn hostile(args: &Args) -> Outcome {
             "contents" => (Msg::Grant { page, waiter: nobody, write: true, source: Source::Inline }, true),
             "forward" => (Msg::Forward { page, requester: 1, waiter: nobody, write: true }, false),
             "revoke-ack" => (Msg::RevokeAck { page }, false),
-            "stale-grant" => (Msg::Grant { page: other_page, waiter: nobody, write: true, source: Source::Valid }, false),
+            "stale-grant" => {
+                (Msg::Grant { page: other_page, waiter: nobody, write: true, source: Source::Valid }, false)
+            }
             "lock-release" => (Msg::LockRelease { id: 2 }, false),
             "barrier" => (Msg::BarrierNotice { epoch: 1000, round: 0 }, false),
             "free" => (Msg::Free { addr: 0x1234 }, false),

@@ -20,6 +20,8 @@ mod jacobi;
 mod litmus;
 mod misuse;
 mod placement;
+mod scale;
+mod soak;
 mod sync;
 mod util;
 
@@ -44,8 +46,13 @@ scenarios (all ranks run the same NAME):
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
+  scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
                                              protocol forbids: a clear error, no hang
+  soak        [--secs S] [--window-secs W] [--mib M] [--pages-per-round P]
+                                             S s (default 180) of locks, barriers, page traffic
+                                             and malloc/free churn; a line per W s window (default
+                                             10) with ops, VmRSS and open fds; exact counters
   occupy                                     maps a page inside the heap before init on rank
                                              $SCENARIO_OCCUPY_RANK: init must fail everywhere";
 
@@ -88,7 +95,9 @@ fn main() {
         "alloc" => alloc::alloc,
         "placement" => placement::placement,
         "misuse" => misuse::misuse,
+        "soak" => soak::soak,
         "hostile" => hostile::hostile,
+        "scale" => scale::scale,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 

@@ -1,0 +1,46 @@
+//! A large job on one host: 128 ranks started by `gallocy run`, every kind of traffic once
+//! (`gallocy-scenario scale`), checked bit-exact. Prints the start-up time (launch to the last
+//! rank out of `init`).
+//!
+//! Over RDMA (CI's run in the Soft-RoCE guest) the job has 16 ranks: every RDMA process pins
+//! receive buffers for each peer, and the emulated guest has neither the memory nor the CPUs for
+//! 128 such processes.
+
+use gallocy_testkit::*;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[test]
+fn a_job_of_128_ranks_runs_on_one_host() {
+    let _g = serial();
+    let rdma = transport().is_some_and(|t| t == "rdma");
+    let n: usize = if rdma { 16 } else { 128 };
+    let n_s = n.to_string();
+    let mut cmd = Command::new(launcher());
+    clean_env_with_transport(&mut cmd).args(["run", "-n", &n_s, "--", scenario().to_str().unwrap(), "scale"]);
+    let started_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+    let r = run(&format!("gallocy run -n {n} -- gallocy-scenario scale"), &mut cmd, limit(Duration::from_secs(300)));
+    let report = r.report();
+    assert_eq!(r.code(), Some(0), "the job must succeed\n{}", tail(&report, 8000));
+    let ok = r.stdout.lines().filter(|l| l.contains(": scale ok (")).count();
+    assert_eq!(ok, n, "every rank must pass\n{}", tail(&report, 8000));
+    let joined: Vec<u128> =
+        r.stdout.lines().filter_map(|l| l.split_once("joined_ms ").and_then(|(_, t)| t.trim().parse().ok())).collect();
+    assert_eq!(joined.len(), n, "every rank must say when it joined\n{}", tail(&report, 8000));
+    let last = joined.iter().max().unwrap();
+    let mut rss_kib: Vec<u64> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once("rss ").and_then(|(_, t)| t.split_whitespace().next()?.parse().ok()))
+        .collect();
+    rss_kib.sort_unstable();
+    eprintln!(
+        "{n} ranks: start-up {:.2} s (launch to the last rank out of init), whole job {:.2} s; \
+         RSS per rank at the end: min {} KiB, median {} KiB, max {} KiB",
+        (*last as f64 - started_ms as f64) / 1e3,
+        r.elapsed.as_secs_f64(),
+        rss_kib.first().unwrap_or(&0),
+        rss_kib.get(rss_kib.len() / 2).unwrap_or(&0),
+        rss_kib.last().unwrap_or(&0),
+    );
+}
