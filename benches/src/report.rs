@@ -112,7 +112,12 @@ pub struct Num(pub f64);
 
 impl Serialize for Num {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let rounded = (self.0 * 1000.0).round() / 1000.0;
+        // Three decimals, but never fewer than three significant digits: a tiny ratio (a
+        // speedup of 0.0002) must not print as 0.
+        let x = self.0;
+        let decimals = if x != 0.0 && x.abs() < 0.1 { (2 - x.abs().log10().floor() as i32).min(15) } else { 3 };
+        let scale = 10f64.powi(decimals);
+        let rounded = (x * scale).round() / scale;
         if rounded.is_finite() {
             s.serialize_f64(rounded)
         } else {
@@ -301,6 +306,17 @@ pub struct PreloadFaultLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_keep_three_decimals_or_three_significant_digits() {
+        let j = |x: f64| serde_json::to_string(&Num(x)).unwrap();
+        assert_eq!(j(1.23456), "1.235");
+        assert_eq!(j(12345.6789), "12345.679");
+        assert_eq!(j(0.000226123), "0.000226", "a tiny speedup is not 0");
+        assert_eq!(j(-0.0123456), "-0.0123");
+        assert_eq!(j(0.0), "0.0");
+        assert_eq!(j(f64::NAN), "null");
+    }
 
     #[test]
     fn record_round_trip() {

@@ -84,9 +84,21 @@ impl Drop for EventFd {
     }
 }
 
-/// Writes all of `parts` to a non-blocking socket, waiting for writability when the socket buffer
-/// is full. Allocation-free and async-signal-safe.
-pub fn write_all_vectored(fd: RawFd, parts: &mut [libc::iovec]) -> io::Result<()> {
+/// How long a write may wait without making room or taking in what the peer sends: then the
+/// peer counts as lost (it neither reads nor lives).
+const SEND_STALL_MS: u32 = 30_000;
+
+/// Writes all of `parts` to a non-blocking socket, waiting for room when the socket buffer is
+/// full. While it waits and the peer's data arrives on the same socket, it calls `absorb`, which
+/// takes that data in (into a backlog the reader consumes first) and returns how many bytes it
+/// took: two processes that write more than the socket buffers hold at each other, neither
+/// reading, then both go on instead of waiting for each other forever. Allocation-free and
+/// async-signal-safe if `absorb` is.
+pub fn write_all_vectored(
+    fd: RawFd,
+    parts: &mut [libc::iovec],
+    absorb: &mut dyn FnMut() -> io::Result<usize>,
+) -> io::Result<()> {
     let mut first = 0;
     while first < parts.len() {
         if parts[first].iov_len == 0 {
@@ -106,7 +118,7 @@ pub fn write_all_vectored(fd: RawFd, parts: &mut [libc::iovec]) -> io::Result<()
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    wait_writable(fd)?;
+                    wait_for_room(fd, absorb)?;
                     continue;
                 }
                 _ => return Err(e),
@@ -126,22 +138,101 @@ pub fn write_all_vectored(fd: RawFd, parts: &mut [libc::iovec]) -> io::Result<()
     Ok(())
 }
 
-fn wait_writable(fd: RawFd) -> io::Result<()> {
-    let mut p = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-    loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, 30_000) };
-        if r > 0 {
+/// One `poll` of `fd` for `events`, at most `ms` milliseconds: the events that came.
+fn poll_once(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        r if r >= 0 => Ok(p.revents),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Waits until `fd` has room to write, taking in the peer's data meanwhile (see
+/// [`write_all_vectored`]). Fails after [`SEND_STALL_MS`] without progress either way.
+fn wait_for_room(fd: RawFd, absorb: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<()> {
+    let mut stalled_ms = 0;
+    while stalled_ms < SEND_STALL_MS {
+        let ev = poll_once(fd, libc::POLLOUT | libc::POLLIN, 10)?;
+        if ev & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
             return Ok(());
         }
-        if r == 0 {
-            // A raw OS error: building it allocates nothing (this runs in signal handlers).
-            return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+        if ev & libc::POLLIN == 0 {
+            stalled_ms += 10;
+        } else if absorb()? > 0 {
+            stalled_ms = 0;
+        } else {
+            // Data waits, but another thread is reading this connection (or the backlog is
+            // full): wait for room alone for a moment.
+            if poll_once(fd, libc::POLLOUT, 1)? != 0 {
+                return Ok(());
+            }
+            stalled_ms += 1;
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    }
+    // A raw OS error: building it allocates nothing (this runs in signal handlers).
+    Err(io::Error::from_raw_os_error(libc::ETIMEDOUT))
+}
+
+/// Bytes received but not yet read by the connection's reader, in arrival order: what a writer
+/// took in while it waited for room (see [`write_all_vectored`]). A ring on a [`LazyBuf`], so it
+/// costs memory only once used.
+#[derive(Default)]
+pub struct Backlog {
+    buf: LazyBuf,
+    head: usize,
+    len: usize,
+}
+
+impl Backlog {
+    /// A backlog of at most `cap` bytes.
+    pub fn new(cap: usize) -> io::Result<Backlog> {
+        Ok(Backlog { buf: LazyBuf::new(cap)?, head: 0, len: 0 })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Receives what `fd` has into the free space (one contiguous part of it): the bytes taken.
+    /// 0 when full, or at the end of the stream (the reader finds that on the socket itself).
+    pub fn fill_from(&mut self, fd: RawFd) -> io::Result<usize> {
+        let cap = self.buf.len();
+        if self.len == cap {
+            return Ok(0);
         }
+        let tail = (self.head + self.len) % cap;
+        let room = if tail >= self.head { cap - tail } else { self.head - tail };
+        // SAFETY: `tail..tail + room` lies inside the buffer and holds no unread bytes.
+        match unsafe { read_into(fd, self.buf.as_mut_ptr().add(tail), room) } {
+            Ok(n) => {
+                self.len += n;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves up to `want` of the oldest bytes to `dst`: how many.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `want` bytes and not overlap the backlog.
+    pub unsafe fn take(&mut self, dst: *mut u8, want: usize) -> usize {
+        let cap = self.buf.len();
+        let n = want.min(self.len).min(cap - self.head);
+        // SAFETY: `head..head + n` holds unread bytes; the caller vouches for `dst`.
+        unsafe { std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.head), dst, n) };
+        self.head = (self.head + n) % cap.max(1);
+        self.len -= n;
+        n
     }
 }
 

@@ -24,7 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::frame::{FrameError, Header, Kind, HEADER_LEN};
 use crate::seal::{Opener, Sealer, SessionKeys, Tag, TAG_LEN};
-use crate::sys::{self, Epoll, EventFd, LazyBuf};
+use crate::sys::{self, Backlog, Epoll, EventFd, LazyBuf};
 use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
 /// Rank 0's judgement of every rank's hello (indexed by rank): `Err` stops the job with that text.
@@ -71,6 +71,9 @@ const KEY_EXTERNAL: u64 = u64::MAX - 2;
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// Receive staging buffer per connection.
 const STAGE: usize = 64 * 1024;
+/// Most bytes a writer that waits for room takes in from the same peer (address space; memory
+/// only once used).
+const BACKLOG: usize = 32 << 20;
 
 /// A connection to one peer.
 struct Peer {
@@ -113,6 +116,8 @@ struct Inbox {
     stage: LazyBuf,
     stage_start: usize,
     stage_end: usize,
+    /// What writers to this peer took in while they waited for room: read before the socket.
+    backlog: Backlog,
 }
 
 impl Inbox {
@@ -122,6 +127,7 @@ impl Inbox {
             opener,
             msg: Vec::with_capacity(crate::MAX_MESSAGE),
             stage: LazyBuf::new(STAGE)?,
+            backlog: Backlog::new(BACKLOG)?,
             ..Inbox::default()
         })
     }
@@ -526,9 +532,12 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
     s.set_read_timeout(None)?;
     s.set_write_timeout(None)?;
     s.set_nonblocking(true)?;
+    // Large buffers make a writer wait for room less often. The kernel caps them
+    // (`net.core.wmem_max`, `rmem_max`) without failing; nothing depends on their size (a writer
+    // that waits for room takes in what its peer sends), but a refusal is an error.
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: setting an int socket option from a valid pointer.
-        unsafe {
+        let r = unsafe {
             libc::setsockopt(
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
@@ -537,6 +546,9 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -604,8 +616,33 @@ impl TcpTransport {
     }
 
     /// Writes one frame: header, message, `page` bytes taken from the local view (when the kind
-    /// carries them), then the frame's tag.
+    /// carries them), then the frame's tag. While it waits for room it takes in what the peer
+    /// sends (see [`sys::write_all_vectored`]), if no other thread is reading.
     fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
+        let fd = self.peer(rank)?.stream.as_raw_fd();
+        self.write_frame_absorbing(rank, header, msg, &mut || match self.receiver.try_lock() {
+            Ok(mut rx) => self.absorb(fd, &mut rx.inboxes[rank]),
+            Err(_) => Ok(0),
+        })
+    }
+
+    /// Takes in what `fd` has for `inbox` (a writer waiting for room does this).
+    fn absorb(&self, fd: RawFd, inbox: &mut Inbox) -> std::io::Result<usize> {
+        let n = inbox.backlog.fill_from(fd)?;
+        if n > 0 {
+            // The service thread reads the backlog (no epoll event will say it is there).
+            self.waker.signal();
+        }
+        Ok(n)
+    }
+
+    fn write_frame_absorbing(
+        &self,
+        rank: usize,
+        header: Header,
+        msg: &[u8],
+        absorb: &mut dyn FnMut() -> std::io::Result<usize>,
+    ) -> Result<(), TransportError> {
         let peer = self.peer(rank)?;
         let head = header.encode();
         let page_len =
@@ -619,7 +656,7 @@ impl TcpTransport {
             libc::iovec { iov_base: page.as_ptr() as *mut libc::c_void, iov_len: page.len() },
             libc::iovec { iov_base: tag.as_ptr() as *mut libc::c_void, iov_len: TAG_LEN },
         ];
-        let written = sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts);
+        let written = sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts, absorb);
         drop(sealer);
         written.map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
     }
@@ -668,8 +705,16 @@ impl TcpTransport {
             let (dst, want) = self.next_read(inbox);
             let direct = inbox.header.is_some_and(|h| inbox.msg_got == h.msg_len as usize) && want >= 1024;
             let (ptr, len) = if direct { (dst, want) } else { (inbox.stage.as_mut_ptr(), inbox.stage.len()) };
-            // SAFETY: `ptr` has `len` writable bytes: the stage, or the rest of a validated page.
-            let n = match unsafe { sys::read_into(fd, ptr, len) } {
+            // SAFETY: `ptr` has `len` writable bytes: the stage, or the rest of a validated page;
+            // neither overlaps the backlog.
+            let input = unsafe {
+                if inbox.backlog.is_empty() {
+                    sys::read_into(fd, ptr, len)
+                } else {
+                    Ok(inbox.backlog.take(ptr, len))
+                }
+            };
+            let n = match input {
                 Ok(n) if n > 0 => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(delivered),
                 // End of stream or an error: the service thread reports it.
@@ -677,7 +722,7 @@ impl TcpTransport {
                 Ok(_) => return self.closed(rank, inbox, LostReason::Closed).map(|_| delivered),
                 Err(e) => return self.closed(rank, inbox, LostReason::Io(e)).map(|_| delivered),
             };
-            maybe_more = n == len;
+            maybe_more = n == len || !inbox.backlog.is_empty();
             if !direct {
                 inbox.stage_end = n;
             } else if self.advance(rank, inbox, n)? && !self.complete(rank, inbox, sink, &mut delivered)? {
@@ -825,6 +870,15 @@ impl TcpTransport {
         handler: &mut dyn FnMut(Event<'_>),
     ) -> Result<usize, TransportError> {
         let h = inbox.header.expect("a complete frame has a header");
+        if h.kind == Kind::ReadRequest {
+            // Answered at once. We hold this connection's reader, so while the answer waits
+            // for room we take in what the peer sends ourselves.
+            inbox.reset();
+            let fd = self.peer(rank)?.stream.as_raw_fd();
+            let reply = Header { kind: Kind::ReadReply, msg_len: 0, ..h };
+            self.write_frame_absorbing(rank, reply, &[], &mut || self.absorb(fd, inbox))?;
+            return Ok(0);
+        }
         let delivered = self.deliver_frame(rank, h, &inbox.msg, handler);
         inbox.reset();
         delivered
@@ -843,11 +897,8 @@ impl TcpTransport {
                 let page = (h.page_len > 0).then_some(span);
                 handler(Event::Message { from: rank, bytes: msg, page });
             }
-            Kind::ReadRequest => {
-                let reply = Header { kind: Kind::ReadReply, msg_len: 0, ..h };
-                self.write_frame(rank, reply, &[])?;
-                return Ok(0);
-            }
+            // Answered in `deliver`, which never passes one on.
+            Kind::ReadRequest => return Ok(0),
             Kind::ReadReply => handler(Event::ReadDone { from: rank, token: h.token }),
             Kind::Goodbye => {
                 self.peer(rank)?.left.store(true, Ordering::Release);
@@ -950,7 +1001,8 @@ impl Transport for TcpTransport {
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
         for rank in 0..self.size {
-            if rx.inboxes[rank].pending || rx.inboxes[rank].broken.is_some() {
+            let inbox = &rx.inboxes[rank];
+            if inbox.pending || inbox.broken.is_some() || (!inbox.closed && !inbox.backlog.is_empty()) {
                 handled += self.drain(rank, &mut rx.inboxes[rank], &mut sink)?;
             }
         }

@@ -194,3 +194,33 @@ fn rank_zero_can_stop_the_job_with_a_message() {
     assert_eq!(e, "rank 1 said \"bad heap\"");
     assert_eq!(zero.join().unwrap(), "rank 1 said \"bad heap\"");
 }
+
+/// Two processes that each write far more than the socket buffers hold to the other before
+/// either reads (two service threads flushing big bursts at once): both writes finish, because a
+/// writer waiting for room takes in what its peer sends, and everything then arrives intact and
+/// in order. Without that, both would wait for room until the send stall ends them (30 s).
+#[test]
+fn two_ranks_writing_big_bursts_at_each_other_both_finish() {
+    const MESSAGES: usize = 96;
+    const LEN: usize = 200_000;
+    let sync = Arc::new(Barrier::new(2));
+    job(2, move |rank, t, _v| {
+        let other = 1 - rank;
+        sync.wait();
+        let started = std::time::Instant::now();
+        for i in 0..MESSAGES {
+            let msg = vec![(i * 7 + rank) as u8; LEN];
+            t.send(other, &msg, None).unwrap_or_else(|e| panic!("rank {rank}: send {i}: {e}"));
+        }
+        let sent = started.elapsed();
+        assert!(sent < Duration::from_secs(20), "rank {rank}: the burst took {sent:?}");
+        let got = collect(&*t, MESSAGES);
+        for (i, (from, bytes, _)) in got.iter().enumerate() {
+            assert_eq!(*from, other);
+            assert_eq!(bytes.len(), LEN, "message {i}");
+            assert!(bytes.iter().all(|b| *b == (i * 7 + other) as u8), "message {i} corrupted");
+        }
+        sync.wait();
+        Some(t)
+    });
+}

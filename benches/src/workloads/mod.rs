@@ -316,7 +316,7 @@ mod tests {
         for bad in [
             &["--workloads", "nope"][..],
             &["--ranks", "0"],
-            &["--ranks", "65"],
+            &["--ranks", "1025"],
             &["--reps", "0"],
             &["--consistency", "weak"],
             &["--peterson-seconds", "0"],
