@@ -14,6 +14,8 @@ pub struct Stats {
     pub locks_local: AtomicU64,
     pub invalidations_sent: AtomicU64,
     pub invalidations_received: AtomicU64,
+    /// Pages whose memory went back to the system (dropped copies).
+    pub pages_released: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     latency_lock: AtomicBool,
@@ -34,6 +36,8 @@ pub struct StatsSnapshot {
     pub locks_local: u64,
     pub invalidations_sent: u64,
     pub invalidations_received: u64,
+    /// Pages whose memory went back to the system (dropped copies).
+    pub pages_released: u64,
     /// Page bytes received plus sent.
     pub bytes_moved: u64,
     pub fault_p50_us: f64,
@@ -49,6 +53,7 @@ impl Default for Stats {
             locks_local: AtomicU64::new(0),
             invalidations_sent: AtomicU64::new(0),
             invalidations_received: AtomicU64::new(0),
+            pages_released: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
@@ -98,6 +103,7 @@ impl Stats {
             locks_local: self.locks_local.load(Ordering::Relaxed),
             invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
             invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
+            pages_released: self.pages_released.load(Ordering::Relaxed),
             bytes_moved: self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed),
             fault_p50_us: p50,
             fault_p99_us: p99,
@@ -111,13 +117,14 @@ impl Stats {
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
-             bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
             s.locks_local,
             s.invalidations_sent,
             s.invalidations_received,
+            s.pages_released,
             s.bytes_moved,
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),

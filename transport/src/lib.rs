@@ -28,6 +28,8 @@ use std::time::Duration;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::auth::{accept, connect, is_refusal, SERVER_HELLO_LEN};
+    #[cfg(feature = "rdma")]
+    pub use crate::rdma::fuzzing::{endpoint_round_trip, fragment_round_trip, FRAGMENT_MAX};
     pub use crate::tcp::fuzzing::{decode_join, encode_join, read_record, sealed_record};
 }
 

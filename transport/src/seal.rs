@@ -21,6 +21,9 @@ const KEY_LEN: usize = 32;
 /// sender.
 const FROM_CONNECTOR: &str = "gallocy 2026-12 frame key, connector to acceptor";
 const FROM_ACCEPTOR: &str = "gallocy 2026-12 frame key, acceptor to connector";
+/// The same for a transport layered on the connection (RDMA's queue pairs).
+const LAYERED_FROM_CONNECTOR: &str = "gallocy 2026-12 layered key, connector to acceptor";
+const LAYERED_FROM_ACCEPTOR: &str = "gallocy 2026-12 layered key, acceptor to connector";
 
 /// Which end of a connection we are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,12 +46,16 @@ pub struct Opener {
     seq: u64,
 }
 
-/// Both directions of one connection.
+/// Both directions of one connection, and of a transport layered on it.
 pub struct SessionKeys {
     /// For what we send.
     pub sealer: Sealer,
     /// For what we receive.
     pub opener: Opener,
+    /// For what we send on a transport layered on this connection (its own sequence).
+    pub layered_sealer: Sealer,
+    /// For what we receive on it.
+    pub layered_opener: Opener,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -61,13 +68,18 @@ impl std::fmt::Debug for SessionKeys {
 impl SessionKeys {
     /// The two directions' keys for `role`, from the handshake's session secret.
     pub fn derive(secret: &[u8], role: Role) -> SessionKeys {
-        let connector = blake3::derive_key(FROM_CONNECTOR, secret);
-        let acceptor = blake3::derive_key(FROM_ACCEPTOR, secret);
-        let (send, receive) = match role {
-            Role::Connector => (connector, acceptor),
-            Role::Acceptor => (acceptor, connector),
+        let pair = |from_connector: &str, from_acceptor: &str| {
+            let connector = blake3::derive_key(from_connector, secret);
+            let acceptor = blake3::derive_key(from_acceptor, secret);
+            let (send, receive) = match role {
+                Role::Connector => (connector, acceptor),
+                Role::Acceptor => (acceptor, connector),
+            };
+            (Sealer { key: send, seq: 0 }, Opener { key: receive, seq: 0 })
         };
-        SessionKeys { sealer: Sealer { key: send, seq: 0 }, opener: Opener { key: receive, seq: 0 } }
+        let (sealer, opener) = pair(FROM_CONNECTOR, FROM_ACCEPTOR);
+        let (layered_sealer, layered_opener) = pair(LAYERED_FROM_CONNECTOR, LAYERED_FROM_ACCEPTOR);
+        SessionKeys { sealer, opener, layered_sealer, layered_opener }
     }
 }
 
@@ -96,9 +108,21 @@ impl Opener {
     /// Whether `received` is the tag of the next frame from the peer, whose bytes are `parts`.
     /// The comparison takes the same time wherever the tags differ.
     pub fn open(&mut self, parts: &[&[u8]], received: &Tag) -> bool {
+        let ok = self.check(parts, received);
+        self.advance();
+        ok
+    }
+
+    /// Whether `received` is the tag of the next frame, without moving on: for a receiver that
+    /// may look at a frame again before it takes it ([`Opener::advance`] then).
+    pub fn check(&self, parts: &[&[u8]], received: &Tag) -> bool {
         let expected = tag(&self.key, self.seq, parts);
-        self.seq += 1;
         expected.iter().zip(received).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    }
+
+    /// Moves on to the next frame.
+    pub fn advance(&mut self) {
+        self.seq += 1;
     }
 }
 
@@ -119,6 +143,17 @@ mod tests {
         assert!(a.opener.open(&[b"second"], &t2));
         let back = a.sealer.seal(&[b"answer"]);
         assert!(c.opener.open(&[b"answer"], &back));
+    }
+
+    #[test]
+    fn a_layered_transport_has_keys_of_its_own_and_may_look_twice() {
+        let (mut c, mut a) = pair();
+        let t = c.layered_sealer.seal(&[b"fragment"]);
+        assert!(!a.opener.check(&[b"fragment"], &t), "not the connection's key");
+        assert!(a.layered_opener.check(&[b"fragment"], &t));
+        assert!(a.layered_opener.check(&[b"fragment"], &t), "checking does not move on");
+        a.layered_opener.advance();
+        assert!(!a.layered_opener.check(&[b"fragment"], &t), "taken: a replay fails");
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub struct TcpTransport {
     size: usize,
     view: MemoryView,
     owed: Option<PageCheck>,
+    /// Per peer, the keys of a transport layered on its connection, until that transport takes
+    /// them ([`TcpTransport::take_layered_keys`]).
+    layered: Mutex<Vec<Option<(Sealer, Opener)>>>,
     /// Per peer, [`READS_IN_FLIGHT`] slots of reads we asked it for: `offset + 1` of each, 0 when
     /// free. Only a reply to one of them may land.
     reads: Box<[AtomicU64]>,
@@ -562,16 +565,19 @@ impl TcpTransport {
         epoll.add(listener.as_raw_fd(), KEY_LISTENER).map_err(|e| TransportError::io("epoll_ctl", e))?;
         let mut peers = Vec::with_capacity(cfg.size);
         let mut inboxes = Vec::with_capacity(cfg.size);
+        let mut layered = Vec::with_capacity(cfg.size);
         for (rank, c) in streams.into_iter().enumerate() {
             match c {
                 Some(Conn { stream: s, keys }) => {
                     set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
                     epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
                     peers.push(Some(Peer { stream: s, sealer: Mutex::new(keys.sealer), left: AtomicBool::new(false) }));
+                    layered.push(Some((keys.layered_sealer, keys.layered_opener)));
                     inboxes.push(Inbox::new(Some(keys.opener)).map_err(|e| TransportError::io("receive buffer", e))?);
                 }
                 None if rank == cfg.rank => {
                     peers.push(None);
+                    layered.push(None);
                     inboxes.push(Inbox::default());
                 }
                 None => {
@@ -584,6 +590,7 @@ impl TcpTransport {
             size: cfg.size,
             view: cfg.view,
             owed: cfg.owed,
+            layered: Mutex::new(layered),
             reads: (0..cfg.size * READS_IN_FLIGHT).map(|_| AtomicU64::new(0)).collect(),
             peers,
             listener,
@@ -919,6 +926,12 @@ impl TcpTransport {
         }
     }
 
+    /// The keys for a transport layered on the connection to `peer` (RDMA): its own sealer and
+    /// opener, from this connection's handshake. Given out once.
+    pub fn take_layered_keys(&self, peer: usize) -> Option<(Sealer, Opener)> {
+        self.layered.lock().unwrap_or_else(|p| p.into_inner()).get_mut(peer)?.take()
+    }
+
     /// The page check this transport was set up with (a transport layered on it uses it too).
     pub fn owed(&self) -> Option<PageCheck> {
         self.owed
@@ -1000,10 +1013,20 @@ impl Transport for TcpTransport {
         let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
+        // A lost connection is reported after everything else that arrived: another peer's
+        // message may explain it (a survivor saying which rank was lost, before the rank that
+        // heard it first closed its connections too).
+        let mut first_error = None;
+        let mut drain = |rank: usize, inbox: &mut Inbox, sink: &mut Sink<'_>| match self.drain(rank, inbox, sink) {
+            Ok(n) => handled += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        };
         for rank in 0..self.size {
             let inbox = &rx.inboxes[rank];
             if inbox.pending || inbox.broken.is_some() || (!inbox.closed && !inbox.backlog.is_empty()) {
-                handled += self.drain(rank, &mut rx.inboxes[rank], &mut sink)?;
+                drain(rank, &mut rx.inboxes[rank], &mut sink);
             }
         }
         for &key in &keys[..n] {
@@ -1012,12 +1035,15 @@ impl Transport for TcpTransport {
                 KEY_LISTENER => self.refuse_latecomers(),
                 KEY_EXTERNAL => {}
                 rank if !rx.inboxes[rank as usize].closed => {
-                    handled += self.drain(rank as usize, &mut rx.inboxes[rank as usize], &mut sink)?
+                    drain(rank as usize, &mut rx.inboxes[rank as usize], &mut sink)
                 }
                 _ => {}
             }
         }
-        Ok(handled)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(handled),
+        }
     }
 
     fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {

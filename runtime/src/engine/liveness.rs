@@ -9,10 +9,13 @@
 
 use std::time::Duration;
 
-use gallocy_transport::TransportError;
+use gallocy_transport::{Event, LostReason, TransportError};
 
 use crate::job::runtime::{fatal_with, Runtime, EXIT_PEER_LOST};
 use crate::protocol::{wire, Msg, Rank};
+
+/// How long a process that lost a connection listens for a peer's word of which rank was lost.
+const LAST_WORDS: Duration = Duration::from_millis(50);
 
 /// Interval between heartbeats.
 const PING_NS: u64 = 1_000_000_000;
@@ -148,6 +151,14 @@ impl Liveness {
     /// Ends the process after a transport failure, telling the other survivors first which rank
     /// was lost (so that they name it, not us, when we disappear in turn).
     pub fn transport_failed(&self, rt: &Runtime, e: &TransportError) -> ! {
+        // A connection that closed may be a survivor leaving because another peer told it which
+        // rank was lost: that word may be on its way to us too. Listen briefly for it, so that
+        // every survivor names the same lost rank.
+        if let TransportError::PeerLost { reason: LostReason::Closed | LostReason::Io(_), .. } = e {
+            if let Some((from, rank)) = Self::word_of_a_loss(rt, LAST_WORDS) {
+                self.told_lost(rt, from, rank);
+            }
+        }
         let why = match e {
             TransportError::PeerLost { rank, reason } => format!("lost contact with rank {rank}: {reason}"),
             other => other.to_string(),
@@ -156,6 +167,24 @@ impl Liveness {
             self.lost(rt, *rank, &why);
         }
         fatal_with(rt, EXIT_PEER_LOST, &why)
+    }
+
+    /// Polls the transport for up to `wait` for a peer's message that a rank was lost: (sender,
+    /// lost rank). Other failures meanwhile are ignored (peers are leaving).
+    fn word_of_a_loss(rt: &Runtime, wait: Duration) -> Option<(Rank, u32)> {
+        let transport = rt.transport()?;
+        let until = std::time::Instant::now() + wait;
+        let mut found = None;
+        while found.is_none() && std::time::Instant::now() < until {
+            let _ = transport.poll(Some(Duration::from_millis(5)), &mut |ev| {
+                if let Event::Message { from, bytes, .. } = ev {
+                    if let Ok((Msg::Lost { rank }, _)) = wire::decode(bytes) {
+                        found.get_or_insert((from, rank));
+                    }
+                }
+            });
+        }
+        found
     }
 
     /// Tells every other live peer that `rank` is lost, then ends the process with `why`.

@@ -301,6 +301,12 @@ impl<'a> Engine<'a> {
                     rt.stats().count(&rt.stats().invalidations_received, 1);
                 }
                 self.set_access(page, keep);
+                // A home revoking its own copy sends it to the requester next: only a copy that
+                // another rank's revoke dropped is dead. Our acknowledgement goes out after
+                // this, so no new contents of the page can arrive before the release.
+                if from != self.me {
+                    self.release_if_dropped(page, keep);
+                }
                 out.push(Send { to: from, msg: Msg::RevokeAck { page } });
                 Ok(())
             }
@@ -346,6 +352,17 @@ impl<'a> Engine<'a> {
             self.violated(v);
         }
         self.flush();
+    }
+
+    /// Gives the memory of a copy that its home's revoke dropped (`keep` is none) back to the
+    /// system, before the acknowledgement goes out. Not a copy this process forwards or a home's
+    /// own copy (their contents are about to be sent), and not with one-sided reads (RDMA
+    /// registrations stay on the pages they pinned).
+    fn release_if_dropped(&self, page: Page, keep: Access) {
+        // A failure only keeps the memory: the copy is dead either way.
+        if keep == Access::None && !self.one_sided && self.rt.region().release(page as usize, 1).is_ok() {
+            self.rt.stats().count(&self.rt.stats().pages_released, 1);
+        }
     }
 
     fn complete(&self, from: Rank, waiter: Waiter, value: u64) -> Result<(), Violation> {

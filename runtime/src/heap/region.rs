@@ -332,6 +332,27 @@ impl Region {
         self.protect_range(addr, addr + count * self.page, access)
     }
 
+    /// Gives the memory of `count` pages starting at `page` back to the system: their contents
+    /// become zeros in both views (a hole in the memfd). For pages whose contents this process no
+    /// longer needs (an invalidated copy). On failure returns the errno.
+    pub fn release(&self, page: usize, count: usize) -> Result<(), i32> {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        // SAFETY: punching a hole in our own memfd, inside its size.
+        let r = unsafe {
+            libc::fallocate(
+                shared.memfd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page * self.page) as libc::off_t,
+                (count * self.page) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        }
+    }
+
     /// Pointer to a page in the runtime view.
     #[cfg(test)]
     pub fn runtime_page(&self, page: usize) -> *mut u8 {

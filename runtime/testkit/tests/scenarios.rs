@@ -178,3 +178,18 @@ fn rust_collections_in_the_shared_heap_with_gallocy_as_global_allocator() {
         );
     }
 }
+
+/// A copy dropped by an invalidation gives its memory back (a hole in the heap's memfd): rank 1
+/// holds read copies of 32 MiB, rank 0 writes them all again, and rank 1's shared-memory RSS
+/// falls by most of that; its next reads fetch the new contents into the released pages. Over
+/// RDMA copies keep their memory (registrations pin it), so there only the contents are checked.
+#[test]
+fn dropped_copies_give_their_memory_back() {
+    let _g = serial();
+    let rdma = transport().is_some_and(|t| t == "rdma");
+    let mut args = vec!["release", "--mib", "32"];
+    if !rdma {
+        args.push("--expect");
+    }
+    launch_ok(2, &args, limit(2 * MIN));
+}

@@ -100,6 +100,17 @@ impl Endpoint {
     }
 }
 
+/// The endpoint message's codec for the fuzz targets in `runtime/fuzz`: not part of the API
+/// (re-exported by `crate::fuzzing`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// `Endpoint::decode`, then `Endpoint::encode` of what it decoded: the bytes an accepted
+    /// message stands for.
+    pub fn endpoint_round_trip(b: &[u8]) -> Option<Vec<u8>> {
+        super::Endpoint::decode(b).map(|e| e.encode())
+    }
+}
+
 /// What a peer said in one round of the exchange.
 enum Said {
     Endpoint(Endpoint),
@@ -256,7 +267,16 @@ pub fn connect(
     // With a page check, page contents wait in a staging buffer of one page until their message
     // has been checked.
     let staging = if tcp.owed().is_some() { super::system_page_size() } else { 0 };
-    let recv = (0..size).map(|_| RecvPeer::new(staging)).collect();
+    let recv = (0..size)
+        .map(|peer| {
+            let keys = tcp.take_layered_keys(peer);
+            let (sealer, opener) = keys.map_or((None, None), |(s, o)| (Some(s), Some(o)));
+            if let Some(Some(link)) = parts.links.get(peer) {
+                link.send.lock().unwrap_or_else(|p| p.into_inner()).sealer = sealer;
+            }
+            RecvPeer::new(staging, opener)
+        })
+        .collect();
     Ok(Connected::Rdma(Box::new(RdmaTransport {
         rank: me,
         size,
@@ -375,7 +395,7 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
         qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
         let link = Link {
             qp,
-            send: Mutex::new(SendRing { posted: 0 }),
+            send: Mutex::new(SendRing { posted: 0, sealer: None }),
             completed: AtomicU64::new(0),
             tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
             remote_base: 0,

@@ -20,6 +20,7 @@ mod jacobi;
 mod litmus;
 mod misuse;
 mod placement;
+mod release;
 mod scale;
 mod soak;
 mod sync;
@@ -46,6 +47,7 @@ scenarios (all ranks run the same NAME):
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
+  release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
                                              protocol forbids: a clear error, no hang
@@ -98,6 +100,7 @@ fn main() {
         "soak" => soak::soak,
         "hostile" => hostile::hostile,
         "scale" => scale::scale,
+        "release" => release::release,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 

@@ -1,0 +1,77 @@
+//! release [--mib M] [--expect]: copies dropped by an invalidation give their memory back.
+//!
+//! On 2 ranks: rank 0 writes the first M MiB of a collective allocation (block placement: it is
+//! their home and owner), rank 1 reads them (read copies), then rank 0 writes them again, which
+//! drops rank 1's copies. Rank 1 reports its shared-memory RSS (`RssShmem`) before and after, and
+//! the pages the runtime released; with `--expect` it fails unless most of the M MiB went back.
+//! Then rank 1 reads the new contents (fetched again into the released pages): they must be exact.
+
+use crate::util::{collective, vread, vwrite, Args, Outcome};
+
+fn rss_shmem_kib() -> Result<u64, String> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "no RssShmem in /proc/self/status".to_string())
+}
+
+pub fn release(args: &Args) -> Outcome {
+    let mib = args.usize_or("--mib", 32);
+    let expect = args.flag("--expect");
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    if size != 2 {
+        return Err("release runs on 2 ranks".into());
+    }
+    let len = mib << 20;
+    let page = gallocy::page_size();
+    let buf = collective(2 * len)?;
+    let word = |p: usize| buf.at(p * page);
+    let pages = len / page;
+    let fill = |round: u64| {
+        for p in 0..pages {
+            // SAFETY: the first word of page p of the first half; only rank 0 writes, between
+            // barriers.
+            unsafe { vwrite(word(p), round << 32 | p as u64) };
+        }
+    };
+    let check = |round: u64| -> Result<(), String> {
+        for p in 0..pages {
+            // SAFETY: as above; nobody writes meanwhile.
+            let got = unsafe { vread(word(p)) };
+            if got != round << 32 | p as u64 {
+                return Err(format!("page {p}: {got:#x} in round {round}"));
+            }
+        }
+        Ok(())
+    };
+    if rank == 0 {
+        fill(1);
+    }
+    gallocy::barrier();
+    if rank == 1 {
+        check(1)?;
+    }
+    let held = rss_shmem_kib()?;
+    let released_before = gallocy::stats().pages_released;
+    gallocy::barrier();
+    if rank == 0 {
+        fill(2);
+    }
+    gallocy::barrier();
+    let dropped = rss_shmem_kib()?;
+    let released = gallocy::stats().pages_released - released_before;
+    let summary = format!("RssShmem {held} KiB with the copies, {dropped} KiB after; {released} pages released");
+    if rank == 1 && expect {
+        let back_kib = held.saturating_sub(dropped);
+        if (released as usize) < pages * 9 / 10 || (back_kib as usize) < mib * 1024 * 3 / 4 {
+            return Err(format!("{summary}: expected most of {pages} pages ({mib} MiB) back"));
+        }
+    }
+    if rank == 1 {
+        check(2)?;
+    }
+    gallocy::barrier();
+    Ok(summary)
+}
