@@ -287,7 +287,8 @@ pub fn run_copies(members: Vec<Member>, timeout: Duration) -> Result<Vec<String>
 }
 
 /// Run `args` (a hidden subcommand of this executable) on `side`. For [`Side::Joined`] two ranks
-/// are started, both with `args` plus `--joined`; the records of both are returned.
+/// are started, both with `args` plus `--joined` and without prefetch (`GALLOCY_PREFETCH=1`); the
+/// records of both are returned.
 pub fn run_side(side: Side, args: &[String], lib: Option<&Path>, what: &str, timeout: Duration) -> Result<Vec<String>> {
     match side {
         Side::Glibc => run_solo(args, None, what, timeout),
@@ -299,7 +300,12 @@ pub fn run_side(side: Side, args: &[String], lib: Option<&Path>, what: &str, tim
             a.push("--joined".into());
             let members = (0..2)
                 .map(|r| {
-                    Ok(copy_of_self(format!("{what} rank {r}"), &a)?.env("LD_PRELOAD", lib).envs(job.rank_env(r, 2)))
+                    Ok(copy_of_self(format!("{what} rank {r}"), &a)?
+                        .env("LD_PRELOAD", lib)
+                        .envs(job.rank_env(r, 2))
+                        // Every measurement here is per page: a miss must not bring its
+                        // neighbours along (prefetch), or the next pages are not misses.
+                        .env("GALLOCY_PREFETCH", "1"))
                 })
                 .collect::<Result<Vec<_>>>()?;
             run_copies(members, timeout).with_context(|| what.to_string())
