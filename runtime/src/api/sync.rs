@@ -173,8 +173,22 @@ fn read_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The ranks a broadcast from `root` goes on to from `rank`, in a binomial tree over the ranks
+/// numbered from the root: rank `v` (so numbered) passes it to `v + 2^j` for every `2^j > v`
+/// below the job size, and hears it from `v` without its highest bit. Depth ceil(log2 N); the
+/// root sends ceil(log2 N) copies instead of N - 1.
+fn broadcast_children(rank: usize, root: usize, size: usize) -> impl Iterator<Item = usize> {
+    let v = (rank + size - root) % size;
+    let first = if v == 0 { 0 } else { usize::BITS - v.leading_zeros() };
+    (first..usize::BITS)
+        .map(move |j| 1usize << j)
+        .take_while(move |step| v + step < size)
+        .map(move |step| (v + step + root) % size)
+}
+
 /// Copies `buf` of rank `root` into `buf` of every other rank. Every rank calls it, in the same
-/// order, with buffers of the same length.
+/// order, with buffers of the same length. The data goes down a binomial tree
+/// ([`broadcast_children`]): each rank passes on what it received.
 pub fn broadcast(buf: &mut [u8], root: usize) {
     let rt = member("gallocy::broadcast");
     if root >= rt.size() {
@@ -185,20 +199,7 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
     }
     let _s = RuntimeScope::enter();
     let seq = rt.collectives().next_broadcast_seq();
-    if rt.rank() == root {
-        let total = buf.len() as u64;
-        for to in (0..rt.size()).filter(|r| *r != root) {
-            let mut offset = 0;
-            loop {
-                let end = (offset + wire::BROADCAST_CHUNK).min(buf.len());
-                rt.send_with_payload(to, Msg::Broadcast { seq, total, offset: offset as u64 }, &buf[offset..end]);
-                offset = end;
-                if offset >= buf.len() {
-                    break;
-                }
-            }
-        }
-    } else {
+    if rt.rank() != root {
         let data = rt.collectives().sync().take_broadcast(seq);
         if data.len() != buf.len() {
             fatal(
@@ -211,5 +212,49 @@ pub fn broadcast(buf: &mut [u8], root: usize) {
             );
         }
         buf.copy_from_slice(&data);
+    }
+    let total = buf.len() as u64;
+    for to in broadcast_children(rt.rank(), root, rt.size()) {
+        let mut offset = 0;
+        loop {
+            let end = (offset + wire::BROADCAST_CHUNK).min(buf.len());
+            rt.send_with_payload(to, Msg::Broadcast { seq, total, offset: offset as u64 }, &buf[offset..end]);
+            offset = end;
+            if offset >= buf.len() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broadcast_tree_reaches_every_rank_once() {
+        for size in [1usize, 2, 3, 5, 8, 13, 128, 1000, 1024] {
+            for root in [0, size / 2, size - 1] {
+                let mut heard = vec![0u32; size];
+                let mut depth = vec![0u32; size];
+                let mut todo = vec![root];
+                heard[root] = 1;
+                while let Some(r) = todo.pop() {
+                    for c in broadcast_children(r, root, size) {
+                        heard[c] += 1;
+                        depth[c] = depth[r] + 1;
+                        todo.push(c);
+                    }
+                }
+                assert!(heard.iter().all(|h| *h == 1), "size {size} root {root}: {heard:?}");
+                let levels = usize::BITS - (size - 1).leading_zeros();
+                assert!(depth.iter().all(|d| *d <= levels), "size {size}: depth beyond log2");
+                assert!(broadcast_children(root, root, size).count() <= levels as usize);
+            }
+        }
+        assert_eq!(broadcast_children(0, 0, 8).collect::<Vec<_>>(), vec![1, 2, 4]);
+        assert_eq!(broadcast_children(1, 0, 8).collect::<Vec<_>>(), vec![3, 5]);
+        assert_eq!(broadcast_children(3, 0, 8).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(broadcast_children(2, 2, 8).collect::<Vec<_>>(), vec![3, 4, 6]);
     }
 }
