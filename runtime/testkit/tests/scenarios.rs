@@ -193,3 +193,24 @@ fn dropped_copies_give_their_memory_back() {
     }
     launch_ok(2, &args, limit(2 * MIN));
 }
+
+/// The fault path runs on the alternate signal stack of threads the runtime did not prepare (a
+/// program's own threads: std gives each one of its own, of `AT_MINSIGSTKSZ` or 8 KiB at least).
+/// Its deepest use, kernel signal frame included, must leave at least 1 KiB of such a stack free.
+#[test]
+fn the_fault_path_fits_a_threads_own_alternate_stack() {
+    let _g = serial();
+    let mut cmd = launcher_cmd(2, &["stack", "--pages", &count(2000, 300)]);
+    let r = run("gallocy run -n 2 -- gallocy-scenario stack", &mut cmd, limit(2 * MIN));
+    assert_eq!(r.code(), Some(0), "{}", r.report());
+    let number = |key: &str| -> usize {
+        r.stdout
+            .lines()
+            .find_map(|l| l.split_once(key).and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok()))
+            .unwrap_or_else(|| panic!("no {key:?} line\n{}", r.report()))
+    };
+    let (own, used) = (number("own alternate stack: "), number("altstack used "));
+    eprintln!("a thread's own alternate stack: {own} bytes; the fault path used {used}");
+    assert!(used > 0, "no fault ran on the alternate stack\n{}", r.report());
+    assert!(used + 1024 <= own.max(8192), "the fault path used {used} of {own} bytes\n{}", r.report());
+}

@@ -23,6 +23,7 @@ mod placement;
 mod release;
 mod scale;
 mod soak;
+mod stack;
 mod sync;
 mod util;
 
@@ -48,6 +49,7 @@ scenarios (all ranks run the same NAME):
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
+  stack       [--pages P]                    alternate signal stack use of remote faults (2 ranks)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
                                              protocol forbids: a clear error, no hang
@@ -101,6 +103,7 @@ fn main() {
         "hostile" => hostile::hostile,
         "scale" => scale::scale,
         "release" => release::release,
+        "stack" => stack::stack,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 
