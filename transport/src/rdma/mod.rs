@@ -510,18 +510,20 @@ impl RdmaTransport {
         debug_assert!(payload.len() <= PAYLOAD);
         let wire = head.wire(payload.len());
         let head = wire.as_bytes();
-        let Some(sealer) = ring.sealer.as_mut() else {
+        if ring.sealer.is_none() {
             return Err(lost(peer, LostReason::Verbs("no keys for this queue pair")));
-        };
-        let tag = sealer.seal(&[head, payload]);
+        }
         let i = self.slot(peer, link, ring)?;
         link.tokens[i].store(NO_TOKEN, Ordering::Relaxed);
         let buf = self.bufs.send(self.size, peer, i);
         // SAFETY: the slot's buffer has BUF bytes and is ours until its completion (slot() saw
-        // it completed); header, payload (at most PAYLOAD) and tag fill at most BUF.
+        // it completed); header, payload (at most PAYLOAD) and tag fill at most BUF. The tag
+        // covers the fragment as it lies in the buffer, as the receiver checks it.
         unsafe {
             std::ptr::copy_nonoverlapping(head.as_ptr(), buf, HDR);
             std::ptr::copy_nonoverlapping(payload.as_ptr(), buf.add(HDR), payload.len());
+            let fragment = std::slice::from_raw_parts(buf, HDR + payload.len());
+            let tag = ring.sealer.as_mut().map_or([0; TAG_LEN], |sealer| sealer.seal(&[fragment]));
             std::ptr::copy_nonoverlapping(tag.as_ptr(), buf.add(HDR + payload.len()), TAG_LEN);
         }
         let len = HDR + payload.len() + TAG_LEN;
