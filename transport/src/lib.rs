@@ -259,6 +259,10 @@ pub trait Transport: Send + Sync {
     /// never uses the transport afterwards. Called from the child's only thread right after
     /// `fork`: async-signal-safe.
     fn close_in_forked_child(&self) {}
+    /// Waits at most `wait` until what was sent has left this process, so that exiting right
+    /// after cannot drop it (RDMA: sends still in the send queue die with the process; TCP: the
+    /// kernel delivers what was written, so nothing to wait for). Errors are ignored.
+    fn drain_sends(&self, _wait: Duration) {}
     /// True when [`Transport::start_read`] is one-sided (RDMA READ: the peer's CPU does nothing),
     /// so that the engine should let requesters read pages rather than push them with `send`.
     fn one_sided_reads(&self) -> bool {

@@ -195,6 +195,8 @@ impl Liveness {
                 for r in self.live_peers().filter(|r| *r != rank) {
                     let _ = transport.send(r, bytes, None);
                 }
+                // Our word must leave before we do (over RDMA, sends still queued die with us).
+                transport.drain_sends(LAST_WORDS);
             }
         }
         fatal_with(rt, EXIT_PEER_LOST, why)

@@ -88,16 +88,23 @@ fn a_stopped_rank_is_found_by_its_neighbours_and_stops_the_job() {
     let stopped_at = Instant::now();
     let deadline = stopped_at + limit(Duration::from_secs(15));
     let mut failures = Vec::new();
+    let mut named = 0;
     for r in [0, 1, 3, 4, 5] {
         match job.ranks[r].wait_until(deadline) {
             None => failures.push(format!("rank {r} still running 15 s after rank 2 stopped")),
             Some(s) if s.success() => failures.push(format!("rank {r} exited 0 after rank 2 stopped")),
-            Some(_) if !job.ranks[r].stderr().contains("lost contact with rank 2") => {
-                failures.push(format!("rank {r}'s stderr does not say it lost rank 2"))
+            Some(_) if job.ranks[r].stderr().contains("lost contact with rank 2") => named += 1,
+            // The watchers must name rank 2 themselves. Another survivor may, rarely, see a
+            // survivor that already stopped close its connection before that survivor's word
+            // reaches it (it listens 50 ms for it): it still stops, naming that one.
+            Some(_) if r == 1 || r == 3 => failures.push(format!("rank {r} (a watcher) does not name rank 2")),
+            Some(_) if !job.ranks[r].stderr().contains("lost contact with rank") => {
+                failures.push(format!("rank {r} does not say it lost contact"))
             }
             Some(_) => {}
         }
     }
+    assert!(named >= 3, "most survivors must name rank 2 ({named} of 5 did)\n{}", job.report());
     let watchers_noticed = [1, 3].iter().any(|r| job.ranks[*r].stderr().contains("no word from it"));
     eprintln!("survivors finished {:.2} s after the stop", stopped_at.elapsed().as_secs_f64());
     let _ = Command::new("kill").args(["-KILL", &pid]).status();

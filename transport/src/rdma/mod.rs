@@ -1153,6 +1153,17 @@ impl Transport for RdmaTransport {
         self.tcp.wake();
     }
 
+    fn drain_sends(&self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        for link in self.links.iter().flatten() {
+            let posted = link.send.lock().unwrap_or_else(|p| p.into_inner()).posted;
+            while link.completed.load(Ordering::Acquire) < posted && Instant::now() < deadline {
+                self.reap_sends();
+                std::thread::yield_now();
+            }
+        }
+    }
+
     fn say_goodbye(&self) -> Result<(), TransportError> {
         for peer in (0..self.size).filter(|r| *r != self.rank) {
             self.send_control(peer, K_GOODBYE, 0, &[])?;
