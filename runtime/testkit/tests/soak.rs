@@ -27,7 +27,7 @@ const RANKS: usize = 4;
 /// 180 s run (both tried).
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 
-/// Windows shorter than this fraction of `--window-secs` (the stub a rank prints when the job
+/// Windows shorter than this fraction of `--window-secs` (the short last window a rank prints when the job
 /// stops just after a window boundary) are not measurements.
 const MIN_WINDOW_FRACTION: f64 = 0.5;
 
