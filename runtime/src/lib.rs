@@ -32,6 +32,7 @@ mod heap;
 mod job;
 pub mod preload;
 pub mod protocol;
+mod release;
 mod stats;
 mod sys;
 
@@ -78,6 +79,15 @@ pub mod hostile {
         let len = rt.region().page as u32;
         let span = with_page.then(|| gallocy_transport::Span { offset: msg.page().unwrap_or(0) * u64::from(len), len });
         transport.send(to, bytes, span).map_err(|e| e.to_string())
+    }
+
+    /// Sends `msg` with `payload` (a broadcast chunk or a diff) to rank `to`, authenticated.
+    pub fn send_with_payload(to: usize, msg: &Msg, payload: &[u8]) -> Result<(), String> {
+        let rt = crate::api::rt();
+        let transport = rt.transport().ok_or("a one-process job has no peers")?;
+        let mut buf = vec![0u8; wire::LIMIT];
+        let bytes = wire::encode(msg, payload, &mut buf).map_err(|e| e.to_string())?;
+        transport.send(to, bytes, None).map_err(|e| e.to_string())
     }
 }
 

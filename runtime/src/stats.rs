@@ -18,6 +18,10 @@ pub struct Stats {
     pub pages_released: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Release consistency: diffs sent to homes.
+    pub diffs_sent: AtomicU64,
+    /// Release consistency: copies of volatile pages dropped at an acquire.
+    pub self_invalidations: AtomicU64,
     latency_lock: AtomicBool,
     latency: std::cell::UnsafeCell<Histogram<u64>>,
 }
@@ -40,6 +44,10 @@ pub struct StatsSnapshot {
     pub pages_released: u64,
     /// Page bytes received plus sent.
     pub bytes_moved: u64,
+    /// Release consistency: diffs sent to homes.
+    pub diffs_sent: u64,
+    /// Release consistency: copies of volatile pages dropped at an acquire.
+    pub self_invalidations: u64,
     pub fault_p50_us: f64,
     pub fault_p99_us: f64,
 }
@@ -56,6 +64,8 @@ impl Default for Stats {
             pages_released: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            diffs_sent: AtomicU64::new(0),
+            self_invalidations: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
             latency: std::cell::UnsafeCell::new(
                 Histogram::new_with_bounds(100, 600_000_000_000, 2).expect("valid histogram bounds"),
@@ -105,6 +115,8 @@ impl Stats {
             invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
             pages_released: self.pages_released.load(Ordering::Relaxed),
             bytes_moved: self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed),
+            diffs_sent: self.diffs_sent.load(Ordering::Relaxed),
+            self_invalidations: self.self_invalidations.load(Ordering::Relaxed),
             fault_p50_us: p50,
             fault_p99_us: p99,
         }
@@ -117,7 +129,7 @@ impl Stats {
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
-             pages released {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | diffs sent {} | copies dropped at acquire {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
@@ -125,6 +137,8 @@ impl Stats {
             s.invalidations_sent,
             s.invalidations_received,
             s.pages_released,
+            s.diffs_sent,
+            s.self_invalidations,
             s.bytes_moved,
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),

@@ -80,9 +80,18 @@ struct Peer {
     stream: TcpStream,
     /// Serializes whole frames from the many threads that send, and seals them in the order they
     /// go on the wire.
-    sealer: Mutex<Sealer>,
+    out: Mutex<Outgoing>,
     /// The peer said goodbye.
     left: AtomicBool,
+}
+
+/// What one connection's senders share, under its lock.
+struct Outgoing {
+    sealer: Sealer,
+    /// The page of the frame being sent, copied from the view: the tag and the bytes on the wire
+    /// are of one snapshot even while a thread of this process writes the page (a home writes its
+    /// master copy in place under release consistency).
+    page: Vec<u8>,
 }
 
 /// An authenticated connection during start-up: the stream and its keys.
@@ -571,7 +580,11 @@ impl TcpTransport {
                 Some(Conn { stream: s, keys }) => {
                     set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
                     epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
-                    peers.push(Some(Peer { stream: s, sealer: Mutex::new(keys.sealer), left: AtomicBool::new(false) }));
+                    peers.push(Some(Peer {
+                        stream: s,
+                        out: Mutex::new(Outgoing { sealer: keys.sealer, page: Vec::new() }),
+                        left: AtomicBool::new(false),
+                    }));
                     layered.push(Some((keys.layered_sealer, keys.layered_opener)));
                     inboxes.push(Inbox::new(Some(keys.opener)).map_err(|e| TransportError::io("receive buffer", e))?);
                 }
@@ -612,14 +625,27 @@ impl TcpTransport {
     }
 
     /// The `len` bytes of the local view at `offset` (checked by the caller to lie inside it).
+    /// Bytes of the local view that just landed (nobody writes a page while it arrives).
     fn view_bytes(&self, offset: u64, len: usize) -> &[u8] {
         if len == 0 {
             return &[];
         }
         // SAFETY: the span was checked to lie inside the view, which stays mapped as long as the
-        // transport lives. The protocol never sends or receives a page another thread of this
-        // process is writing through the runtime view meanwhile.
+        // transport lives. A page arrives only for a thread of this process that waits for it,
+        // with the page closed in the application view: nobody writes it meanwhile.
         unsafe { std::slice::from_raw_parts(self.view.base.add(offset as usize), len) }
+    }
+
+    /// Copies `dst.len()` bytes at `offset` of the local view into `dst`.
+    fn copy_from_view(&self, offset: u64, dst: &mut [u8]) {
+        if dst.is_empty() {
+            return;
+        }
+        // SAFETY: the span was checked to lie inside the view, which stays mapped as long as the
+        // transport lives; `dst` is private memory. Another thread may write the source bytes
+        // meanwhile (release consistency): the copy is then of some mix of old and new bytes,
+        // which is all a data-race-free program may rely on.
+        unsafe { std::ptr::copy_nonoverlapping(self.view.base.add(offset as usize), dst.as_mut_ptr(), dst.len()) };
     }
 
     /// Writes one frame: header, message, `page` bytes taken from the local view (when the kind
@@ -654,8 +680,15 @@ impl TcpTransport {
         let head = header.encode();
         let page_len =
             if matches!(header.kind, Kind::Message | Kind::ReadReply) { header.page_len as usize } else { 0 };
-        let page = self.view_bytes(header.offset, page_len);
-        let mut sealer = peer.sealer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = peer.out.lock().unwrap_or_else(|p| p.into_inner());
+        let Outgoing { sealer, page: copy } = &mut *out;
+        if copy.len() < page_len {
+            // Once per connection (page-sized); never on the fault path, which attaches no page.
+            copy.resize(page_len, 0);
+        }
+        let page = &mut copy[..page_len];
+        self.copy_from_view(header.offset, page);
+        let page = &*page;
         let tag = sealer.seal(&[&head, msg, page]);
         let mut parts = [
             libc::iovec { iov_base: head.as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN },
@@ -664,7 +697,7 @@ impl TcpTransport {
             libc::iovec { iov_base: tag.as_ptr() as *mut libc::c_void, iov_len: TAG_LEN },
         ];
         let written = sys::write_all_vectored(peer.stream.as_raw_fd(), &mut parts, absorb);
-        drop(sealer);
+        drop(out);
         written.map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
     }
 

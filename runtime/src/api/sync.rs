@@ -8,17 +8,22 @@ use crate::heap::region::Access;
 use crate::job::runtime::{fatal, protect_failed, Runtime};
 use crate::protocol::placement::Policy;
 use crate::protocol::{wire, Msg};
+use crate::release;
 
 use super::member;
 
 /// Waits until every process of the job has called `barrier` (one thread per process calls it).
+/// Under release consistency a barrier is a release, then an acquire: afterwards every rank sees
+/// every write made anywhere before the barrier.
 pub fn barrier() {
     let rt = member("gallocy::barrier");
     if rt.size() == 1 {
         return;
     }
     let _s = RuntimeScope::enter();
+    release::release(rt);
     crate::job::barrier::wait_for_all(rt);
+    release::acquire(rt);
 }
 
 /// Global locks this process holds: (lock id, the thread that took it).
@@ -49,6 +54,9 @@ pub fn lock(id: u32) {
             rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
             wait_for(rt, waiter);
             rt.lock_cache().granted(id);
+            // The lock comes from another rank: see what its holders wrote (release consistency;
+            // a lock kept here since our own release brings nothing new).
+            release::acquire(rt);
         }
         HELD_LOCKS.lock().unwrap_or_else(|p| p.into_inner()).push((id, me));
         return;
@@ -84,6 +92,8 @@ pub fn unlock(id: u32) {
         }
     }
     if rt.size() > 1 {
+        // Our writes reach their homes before anybody can take the lock after us.
+        release::release(rt);
         let release = rt.lock_cache().release(id);
         if let Some(msg) = release {
             rt.send_from_app(id as usize % rt.size(), msg);
@@ -147,8 +157,11 @@ fn place(rt: &Runtime, addr: usize, size: usize) {
     let pages = size.div_ceil(rt.region().page);
     if rt.placement().place_collective(first as u64, pages as u64) {
         let me = rt.rank();
+        // Under release consistency the owner is the block's home, whose first write to each page
+        // registers it as a writer: the block opens read-only.
+        let owned = if rt.release().is_some() { Access::Read } else { Access::Write };
         let access_of = |p: usize| match rt.placement().first_owner(p as u64) {
-            Some(o) if o == me => Access::Write,
+            Some(o) if o == me => owned,
             _ => Access::None,
         };
         let mut run = first;

@@ -22,6 +22,7 @@ use crate::heap::region::Access;
 use crate::job::runtime::{fatal, protect_failed, Runtime};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
+use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
 use liveness::Liveness;
@@ -46,6 +47,8 @@ pub struct Engine<'a> {
     me: Rank,
     one_sided: bool,
     dir: Directory,
+    /// The home side of release consistency (`None` under sequential consistency).
+    sharing: Option<Sharing>,
     locks: Locks,
     /// Messages to ourselves, handled right after the message that caused them.
     self_queue: VecDeque<Msg>,
@@ -77,6 +80,7 @@ impl<'a> Engine<'a> {
             me: rt.rank(),
             one_sided,
             dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
+            sharing: rt.release().map(|_| Sharing::new(rt.rank(), *rt.placement(), one_sided)),
             locks: Locks::default(),
             self_queue: VecDeque::new(),
             deferred: VecDeque::new(),
@@ -275,9 +279,34 @@ impl<'a> Engine<'a> {
         if let Err(v) = check_received(rt.placement(), self.me, from, &msg, attached) {
             self.violated(v);
         }
+        if let Err(v) = self.check_model(from, &msg) {
+            self.violated(v);
+        }
         let mut out = std::mem::take(&mut self.out);
         let result = match msg {
-            Msg::Request { page, write, waiter } => self.dir.request(from, page, write, waiter, &mut out),
+            Msg::Request { page, write, waiter } => match &mut self.sharing {
+                Some(sharing) => sharing.request(from, page, write, waiter, &mut out),
+                None => self.dir.request(from, page, write, waiter, &mut out),
+            },
+            Msg::Written { page, ack } => {
+                if let Some(rc) = rt.release() {
+                    rc.became_volatile(rt, page as usize);
+                }
+                if ack {
+                    out.push(Send { to: from, msg: Msg::WrittenAck { page } });
+                }
+                Ok(())
+            }
+            Msg::WrittenAck { page } => match &mut self.sharing {
+                Some(sharing) => sharing.written_ack(from, page, &mut out),
+                None => Ok(()),
+            },
+            Msg::Diff { page } => self.apply_diff(from, page, payload),
+            Msg::Fence { waiter } => {
+                out.push(Send { to: from, msg: Msg::Fenced { waiter } });
+                Ok(())
+            }
+            Msg::Fenced { waiter } => self.complete(from, waiter, 0),
             Msg::Done { page } => self.dir.done(from, page, &mut out),
             Msg::RevokeAck { page } => self.dir.revoke_ack(from, page, &mut out),
             Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
@@ -354,6 +383,42 @@ impl<'a> Engine<'a> {
         self.flush();
     }
 
+    /// Refuses a message the job's memory model does not use.
+    fn check_model(&self, from: Rank, msg: &Msg) -> Result<(), Violation> {
+        let release = self.sharing.is_some();
+        let what = match msg {
+            Msg::Forward { .. } if release => "a forward",
+            Msg::Revoke { .. } if release => "a revoke",
+            Msg::RevokeAck { .. } if release => "a revoke acknowledgement",
+            Msg::Done { .. } if release => "a completion",
+            Msg::Written { .. } if !release => "a notice that others write",
+            Msg::WrittenAck { .. } if !release => "a written acknowledgement",
+            Msg::Diff { .. } if !release => "a diff",
+            Msg::Fence { .. } if !release => "a fence",
+            Msg::Fenced { .. } if !release => "a fence answer",
+            _ => return Ok(()),
+        };
+        let model = if release { "release" } else { "sequential" };
+        Err(Violation::WrongModel { from, what, model })
+    }
+
+    /// Applies a writer's diff to our master copy of `page` (release consistency).
+    fn apply_diff(&self, from: Rank, page: Page, payload: &[u8]) -> Result<(), Violation> {
+        let Some(sharing) = &self.sharing else { return Ok(()) };
+        sharing.check_diff(from, page)?;
+        let rt = self.rt;
+        let base = rt.region().runtime_page(page as usize);
+        crate::protocol::diff::apply_with(payload, rt.region().page, |offset, bytes| {
+            // SAFETY: the run lies inside the page (checked by `apply_with`), which lies in the
+            // runtime view (checked against the heap on receipt); a diff never overlaps the
+            // message it arrived in.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(offset), bytes.len()) };
+        })
+        .map_err(|why| Violation::BadDiff { from, page, why })?;
+        rt.stats().count(&rt.stats().bytes_in, payload.len() as u64);
+        Ok(())
+    }
+
     /// Gives the memory of a copy that its home's revoke dropped (`keep` is none) back to the
     /// system, before the acknowledgement goes out. Not a copy this process forwards or a home's
     /// own copy (their contents are about to be sent), and not with one-sided reads (RDMA
@@ -417,7 +482,7 @@ impl<'a> Engine<'a> {
         }
         match source {
             Source::Inline | Source::Valid | Source::Forwarded => {
-                self.install(page, waiter, write, source.needs_done());
+                self.install(page, waiter, write, source.needs_done() && self.sharing.is_none());
                 Ok(())
             }
             Source::ReadFrom(owner) => {
@@ -438,8 +503,9 @@ impl<'a> Engine<'a> {
             self.violated(Violation::UnexpectedRead { from, page });
         };
         self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
-        // The home waits for our word that the owner's copy is no longer needed.
-        self.install(page, waiter, write, true);
+        // The home waits for our word that the owner's copy is no longer needed (not under
+        // release consistency, where the home's master copy never moves).
+        self.install(page, waiter, write, self.sharing.is_none());
         self.flush();
     }
 

@@ -36,6 +36,11 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
         }
         let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
         rt.stats().count(counter, 1);
+        if let Some(rc) = rt.release() {
+            super::release_miss::resolve(rt, rc, page, write);
+            rt.stats().record_fault(now_ns() - start);
+            break;
+        }
         let mut batch = Batch::default();
         let upgrade = write && rt.pt().access(page) == Access::Read;
         batch.ask(rt, page, write);
@@ -51,17 +56,7 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
             }
             rt.stats().count(&rt.stats().prefetched, batch.len() as u64 - 1);
         } else if !write {
-            for extra in prefetch::next_pages(rt, page) {
-                // Only pages nobody here holds or fetches; their wait slots come from the ones
-                // kept for faults, never all of them.
-                if !rt.pt().permits(extra, false) && rt.slots().has_room_for_prefetch() && rt.pt().try_claim(extra) {
-                    if rt.pt().permits(extra, false) {
-                        rt.pt().release(extra);
-                    } else {
-                        batch.ask(rt, extra, false);
-                    }
-                }
-            }
+            batch.prefetch_after(rt, page);
             rt.stats().count(&rt.stats().prefetched, batch.len() as u64 - 1);
         }
         batch.wait(rt);
@@ -73,26 +68,46 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
 
 /// The pages one miss asks for (the faulting page first), each with its wait slot.
 #[derive(Default)]
-struct Batch {
+pub(super) struct Batch {
     pages: [(usize, Option<Waiter>); prefetch::MAX_BATCH],
     len: usize,
 }
 
 impl Batch {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
     }
 
     /// Asks the home of `page` (claimed by this thread) for it.
-    fn ask(&mut self, rt: &Runtime, page: usize, write: bool) {
+    pub(super) fn ask(&mut self, rt: &Runtime, page: usize, write: bool) {
         let waiter = request(rt, page, write);
         self.pages[self.len] = (page, Some(waiter));
         self.len += 1;
     }
 
+    /// Also asks for the pages that follow a read miss of `page` in this thread's run (see
+    /// [`prefetch::next_pages`]).
+    pub(super) fn prefetch_after(&mut self, rt: &Runtime, page: usize) {
+        for extra in prefetch::next_pages(rt, page) {
+            // Only pages nobody here holds or fetches; their wait slots come from the ones
+            // kept for faults, never all of them.
+            if self.len < prefetch::MAX_BATCH
+                && !rt.pt().permits(extra, false)
+                && rt.slots().has_room_for_prefetch()
+                && rt.pt().try_claim(extra)
+            {
+                if rt.pt().permits(extra, false) {
+                    rt.pt().release(extra);
+                } else {
+                    self.ask(rt, extra, false);
+                }
+            }
+        }
+    }
+
     /// Waits for every page asked for; then the service thread may let them go again, and the
     /// other local threads waiting for them go on.
-    fn wait(&mut self, rt: &Runtime) {
+    pub(super) fn wait(&mut self, rt: &Runtime) {
         for (page, waiter) in &mut self.pages[..self.len] {
             if let Some(w) = waiter.take() {
                 wait_for(rt, w);
@@ -141,7 +156,7 @@ pub fn wait_for_exit(rt: &Runtime) {
 }
 
 /// Asks the home for `page` (for writing if `write`); returns the wait slot its grant completes.
-fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
+pub(super) fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
     let waiter = rt.slots().claim_for(page as u64, write);
     let home = rt.home(page);
     if home == rt.rank() {
@@ -235,7 +250,8 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
         rt.stats().count(&rt.stats().bytes_in, u64::from(span.len));
     }
     open_page(rt, page, write);
-    if source.needs_done() {
+    // Release consistency's homes need no word back (their master copy never moves).
+    if source.needs_done() && rt.release().is_none() {
         send_raw(rt, home, &Msg::Done { page }, "cannot send a completion to rank ");
     }
     rt.slots().complete(waiter);
@@ -253,6 +269,9 @@ pub fn open_page(rt: &Runtime, page: u64, write: bool) {
         rt.pt().set(page as usize, access);
     }
     rt.pt().mark_installed(page as usize, now_ns());
+    if let Some(rc) = rt.release() {
+        rc.installed(rt, page as usize);
+    }
 }
 
 /// Writes "gallocy: rank R: fatal: WHAT N" and ends the process.

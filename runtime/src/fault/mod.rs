@@ -9,6 +9,8 @@
 //! - [`handler`]: installing the handler, telling our faults from foreign ones, chaining.
 //! - [`acquire`]: getting a page from its home and waiting for it; answers a waiting thread
 //!   takes from the sockets itself.
+//! - [`release_miss`]: a miss under release consistency: a copy from the home, a twin before
+//!   the first write.
 //! - [`prefetch`]: which further pages a read miss asks for (sequential and strided runs).
 //! - [`slots`]: the wait slots threads wait in.
 //! - [`gate`]: the gate heap faults wait at while the heap's mappings change.
@@ -17,4 +19,5 @@ pub mod acquire;
 pub mod gate;
 pub mod handler;
 pub mod prefetch;
+pub mod release_miss;
 pub mod slots;

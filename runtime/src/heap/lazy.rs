@@ -33,6 +33,13 @@ impl<T> LazyArray<T> {
         Ok(LazyArray { ptr: p.cast(), len })
     }
 
+    /// Pointer to elements `[i, i + n)`.
+    pub fn run_ptr(&self, i: usize, n: usize) -> *mut T {
+        assert!(i.checked_add(n).is_some_and(|end| end <= self.len), "range out of the array");
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.ptr.add(i) }
+    }
+
     #[inline]
     pub fn get(&self, i: usize) -> &T {
         assert!(i < self.len, "page index out of range");

@@ -4,7 +4,7 @@
 //! space, not memory. The state byte is written by the service thread (which also changes the
 //! page protections); the in-flight word lets one local thread fetch a page while others wait.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::error::Error;
 use crate::heap::lazy::LazyArray;
@@ -14,6 +14,13 @@ const DEFAULT: u8 = 0;
 const INVALID: u8 = 1;
 const READ: u8 = 2;
 const WRITE: u8 = 3;
+
+/// Release consistency: the home knows this rank holds or held a copy.
+const SHARER: u8 = 1;
+/// Release consistency: the home knows this rank writes the page.
+const WRITER: u8 = 2;
+/// Release consistency: another rank writes the page (the copy goes at each acquire).
+const VOLATILE: u8 = 4;
 
 /// Per-page local state.
 pub struct PageTable {
@@ -25,9 +32,14 @@ pub struct PageTable {
     installed_at: LazyArray<AtomicU64>,
     /// When another rank's write last invalidated each page here (revoke or forward).
     lost_at: LazyArray<AtomicU64>,
-    /// Pages [own_first, own_end) start out owned and writable here.
+    /// Release consistency: what the home knows of this rank and the page ([`SHARER`], ...).
+    sharing: LazyArray<AtomicU8>,
+    /// Pages [own_first, own_end) start out owned and writable here ...
     own_first: usize,
     own_end: usize,
+    /// ... or, under release consistency once joined, readable (a home's first write to a page
+    /// registers it as a writer).
+    own_read_only: AtomicBool,
 }
 
 impl PageTable {
@@ -38,8 +50,10 @@ impl PageTable {
             fresh: LazyArray::new(pages)?,
             installed_at: LazyArray::new(pages)?,
             lost_at: LazyArray::new(pages)?,
+            sharing: LazyArray::new(pages)?,
             own_first,
             own_end,
+            own_read_only: AtomicBool::new(false),
         })
     }
 
@@ -47,11 +61,59 @@ impl PageTable {
     #[inline]
     pub fn access(&self, page: usize) -> Access {
         match self.state.get(page).load(Ordering::Acquire) {
-            DEFAULT if (self.own_first..self.own_end).contains(&page) => Access::Write,
+            DEFAULT if (self.own_first..self.own_end).contains(&page) => {
+                if self.own_read_only.load(Ordering::Relaxed) {
+                    Access::Read
+                } else {
+                    Access::Write
+                }
+            }
             DEFAULT | INVALID => Access::None,
             READ => Access::Read,
             _ => Access::Write,
         }
+    }
+
+    /// From now on, pages of this rank's arena not set otherwise are readable, not writable (the
+    /// caller changes their protection accordingly).
+    pub fn set_own_read_only(&self) {
+        self.own_read_only.store(true, Ordering::Relaxed);
+    }
+
+    fn sharing_bit(&self, page: usize, bit: u8) -> bool {
+        self.sharing.get(page).load(Ordering::Acquire) & bit != 0
+    }
+
+    fn set_sharing_bit(&self, page: usize, bit: u8) {
+        self.sharing.get(page).fetch_or(bit, Ordering::AcqRel);
+    }
+
+    /// Release consistency: whether the page's home knows that this rank shares the page.
+    pub fn is_sharer(&self, page: usize) -> bool {
+        self.sharing_bit(page, SHARER)
+    }
+
+    pub fn mark_sharer(&self, page: usize) {
+        self.set_sharing_bit(page, SHARER);
+    }
+
+    /// Release consistency: whether the page's home knows that this rank writes the page.
+    pub fn is_writer(&self, page: usize) -> bool {
+        self.sharing_bit(page, WRITER)
+    }
+
+    pub fn mark_writer(&self, page: usize) {
+        self.set_sharing_bit(page, WRITER | SHARER);
+    }
+
+    /// Release consistency: whether another rank writes the page (a copy here is dropped at
+    /// every acquire).
+    pub fn is_volatile(&self, page: usize) -> bool {
+        self.sharing_bit(page, VOLATILE)
+    }
+
+    pub fn mark_volatile(&self, page: usize) {
+        self.set_sharing_bit(page, VOLATILE);
     }
 
     /// Records a new access (the caller changes the protection accordingly).

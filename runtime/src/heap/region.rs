@@ -353,8 +353,7 @@ impl Region {
         }
     }
 
-    /// Pointer to a page in the runtime view.
-    #[cfg(test)]
+    /// Pointer to a page in the runtime view (always read-write) of a shared region.
     pub fn runtime_page(&self, page: usize) -> *mut u8 {
         (self.shared.get().expect("shared").runtime_base + page * self.page) as *mut u8
     }

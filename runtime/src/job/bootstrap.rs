@@ -22,6 +22,9 @@ pub struct Hello {
     pub heap_size: u64,
     pub page_size: u64,
     pub transport: String,
+    /// `GALLOCY_CONSISTENCY` and `GALLOCY_PLACEMENT`: every rank must run the same protocol.
+    pub consistency: String,
+    pub placement: String,
     pub host: String,
     pub pid: u32,
     /// What went wrong on this rank before joining (bad setting, occupied heap range).
@@ -37,6 +40,8 @@ impl Hello {
             heap_size: settings.map_or(0, |s| s.heap_size as u64),
             page_size: crate::heap::region::page_size() as u64,
             transport: settings.map_or("tcp", |s| s.transport.name()).into(),
+            consistency: settings.map_or("sequential", |s| s.consistency.name()).into(),
+            placement: settings.map_or("block", |s| s.placement.name()).into(),
             host,
             pid: std::process::id(),
             problem,
@@ -83,6 +88,12 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
         }
         if h.transport != zero.transport {
             diff.push(format!("transport {} vs {}", h.transport, zero.transport));
+        }
+        if h.consistency != zero.consistency {
+            diff.push(format!("GALLOCY_CONSISTENCY {} vs {}", h.consistency, zero.consistency));
+        }
+        if h.placement != zero.placement {
+            diff.push(format!("GALLOCY_PLACEMENT {} vs {}", h.placement, zero.placement));
         }
         if !diff.is_empty() {
             problems.push(format!("rank {rank} (pid {}) disagrees with rank 0: {}", h.pid, diff.join(", ")));
@@ -271,6 +282,8 @@ mod tests {
             heap_size: 1 << 30,
             page_size: 4096,
             transport: "tcp".into(),
+            consistency: "sequential".into(),
+            placement: "block".into(),
             host: "h".into(),
             pid: 7,
             problem: problem.map(str::to_owned),

@@ -89,6 +89,36 @@ pub struct Settings {
     pub placement: Policy,
     /// Most pages one read miss asks for, itself included (`GALLOCY_PREFETCH`; 1: no prefetch).
     pub prefetch: u32,
+    /// The memory model (`GALLOCY_CONSISTENCY`).
+    pub consistency: Consistency,
+}
+
+/// The memory model a job gives its programs (`GALLOCY_CONSISTENCY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Sequential consistency: one writer or many readers per page (the default).
+    Sequential,
+    /// Release consistency for data-race-free programs: several writers per page, their changes
+    /// reach the page's home at release (`gallocy_unlock`, `gallocy_barrier`, `gallocy_finalize`)
+    /// and other ranks see them after their next acquire (`gallocy_lock`, `gallocy_barrier`).
+    Release,
+}
+
+impl Consistency {
+    pub fn parse(s: &str) -> Option<Consistency> {
+        match s {
+            "sequential" => Some(Consistency::Sequential),
+            "release" => Some(Consistency::Release),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Sequential => "sequential",
+            Consistency::Release => "release",
+        }
+    }
 }
 
 /// Reads a variable: `Ok(None)` when unset.
@@ -316,17 +346,11 @@ pub fn settings() -> Result<Settings, Error> {
                 })?),
             },
         };
-    match var("GALLOCY_CONSISTENCY")?.as_deref().map(str::trim) {
-        None | Some("sequential") => {}
-        Some("release") => {
-            return Err(Error::config(
-                "GALLOCY_CONSISTENCY",
-                "release",
-                "release consistency is not available in this version yet; use sequential (the default)",
-            ))
-        }
-        Some(other) => return Err(Error::config("GALLOCY_CONSISTENCY", other, "must be sequential or release")),
-    }
+    let consistency = match var("GALLOCY_CONSISTENCY")? {
+        None => Consistency::Sequential,
+        Some(v) => Consistency::parse(v.trim())
+            .ok_or_else(|| Error::config("GALLOCY_CONSISTENCY", &v, "must be sequential or release"))?,
+    };
     let placement = match var("GALLOCY_PLACEMENT")? {
         None => Policy::Block,
         Some(v) => Policy::parse(v.trim())
@@ -354,6 +378,7 @@ pub fn settings() -> Result<Settings, Error> {
         setup_timeout: Duration::from_secs(parse_number("GALLOCY_SETUP_TIMEOUT", 30, 1, MAX_TIMEOUT_S, "seconds")?),
         peer_timeout: Duration::from_secs(parse_number("GALLOCY_PEER_TIMEOUT", 10, 1, MAX_TIMEOUT_S, "seconds")?),
         placement,
+        consistency,
         prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
     })
 }

@@ -61,7 +61,7 @@ pub(crate) fn prepare(id: Identity, report_to_job: bool) -> Result<&'static Runt
             .on_rank(rank)
     })?;
     let pt = PageTable::new(region.pages(), first, end).map_err(|e| e.on_rank(rank))?;
-    let rt = Runtime::new(id, settings, region, pt, layout);
+    let rt = Runtime::new(id, settings, region, pt, layout).map_err(|e| e.on_rank(rank))?;
     if RUNTIME.set(rt).is_err() {
         unreachable!("prepare holds the init lock");
     }
@@ -114,7 +114,13 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     // Every page handed out so far lies below the allocator's high-water mark.
     let used = rt.alloc().high_water_page().clamp(first, end);
     let view = rt.region().share(first, used)?;
-    rt.region().protect(first, end - first, Access::Write).map_err(|e| os("opening this rank's arena", e))?;
+    // Under release consistency this rank is home of its arena's pages: its first write to each
+    // registers it as a writer (see `protocol::sharing`), so the arena opens read-only.
+    let arena_access = if rt.release().is_some() { Access::Read } else { Access::Write };
+    if arena_access == Access::Read {
+        rt.pt().set_own_read_only();
+    }
+    rt.region().protect(first, end - first, arena_access).map_err(|e| os("opening this rank's arena", e))?;
     // Writers to the arena go on now; faults on other pages wait for the end of the join.
     rt.gate().open();
     let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, None)?;

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use gallocy_transport::Transport;
 
 use crate::engine::link::ServiceLink;
+use crate::error::Error;
 use crate::fault::gate::Gate;
 use crate::fault::slots::Slots;
 use crate::heap::alloc::Allocator;
@@ -13,10 +14,11 @@ use crate::heap::layout::ArenaLayout;
 use crate::heap::pagetable::PageTable;
 use crate::heap::region::Region;
 use crate::job::collectives::Collectives;
-use crate::job::config::{Identity, Settings};
+use crate::job::config::{Consistency, Identity, Settings};
 use crate::job::membership::Membership;
 use crate::protocol::locks::LockCache;
 use crate::protocol::{wire, Msg, Placement, Rank};
+use crate::release::ReleaseState;
 use crate::stats::Stats;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 
@@ -24,7 +26,7 @@ use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 pub static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
 /// Protocol version every rank must share.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Everything the runtime owns.
 pub struct Runtime {
@@ -44,17 +46,33 @@ pub struct Runtime {
     collectives: Collectives,
     /// The global locks this rank holds or keeps (`protocol::locks`).
     lock_cache: std::sync::Mutex<LockCache>,
+    /// Release consistency's twins and page sets; `None` under sequential consistency.
+    release: Option<ReleaseState>,
     stats: Stats,
 }
 
 impl Runtime {
-    pub fn new(identity: Identity, settings: Settings, region: Region, pt: PageTable, layout: ArenaLayout) -> Runtime {
+    pub fn new(
+        identity: Identity,
+        settings: Settings,
+        region: Region,
+        pt: PageTable,
+        layout: ArenaLayout,
+    ) -> Result<Runtime, Error> {
         let (start, end) = layout.bytes(identity.rank);
         let collectives = Collectives::new(identity.rank, identity.size);
         // One runtime per process: its table of placed ranges lives as long as the process.
         let placement = layout.placement().with_ranges(settings.placement, Box::leak(Box::default()));
+        let placement = match settings.consistency {
+            Consistency::Release => placement.with_owner_as_home(),
+            Consistency::Sequential => placement,
+        };
         let alloc = Allocator::new(region.base, region.size, region.page, region.base + start, region.base + end);
-        Runtime {
+        let release = match settings.consistency {
+            Consistency::Release if identity.size > 1 => Some(ReleaseState::new(region.pages(), region.page)?),
+            _ => None,
+        };
+        Ok(Runtime {
             identity,
             settings,
             region,
@@ -69,8 +87,15 @@ impl Runtime {
             service: ServiceLink::default(),
             collectives,
             lock_cache: std::sync::Mutex::new(LockCache::default()),
+            release,
             stats: Stats::default(),
-        }
+        })
+    }
+
+    /// Release consistency's state on this rank; `None` under sequential consistency.
+    #[inline]
+    pub fn release(&self) -> Option<&ReleaseState> {
+        self.release.as_ref()
     }
 
     #[inline]
@@ -220,6 +245,15 @@ impl Runtime {
             }
         };
         if let Err(e) = sent {
+            fatal_with(self, EXIT_PEER_LOST, &format!("lost contact with rank {to}: {e}"));
+        }
+    }
+
+    /// Sends an encoded message from an application thread to a peer; a peer that cannot be
+    /// reached is fatal.
+    pub fn send_encoded(&self, to: Rank, bytes: &[u8]) {
+        let transport = self.transport().expect("a peer implies a transport");
+        if let Err(e) = transport.send(to, bytes, None) {
             fatal_with(self, EXIT_PEER_LOST, &format!("lost contact with rank {to}: {e}"));
         }
     }

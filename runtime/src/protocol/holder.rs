@@ -109,6 +109,7 @@ pub fn check_received(
     };
     match *msg {
         Msg::Revoke { page, .. } => from_home(page, "a revoke"),
+        Msg::Written { page, .. } => from_home(page, "a notice that others write"),
         Msg::Forward { page, requester, .. } => {
             from_home(page, "a forward")?;
             if requester as usize >= placement.ranks() || requester as usize == me {

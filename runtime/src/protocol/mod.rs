@@ -7,6 +7,8 @@
 //!   being served and the queue behind it).
 //! - [`holder`]: what a rank does with its own copy, and which messages it accepts from whom.
 //! - [`locks`], [`barrier`]: global locks at their homes, the dissemination barrier.
+//! - [`sharing`], [`diff`]: the home side of release consistency (`GALLOCY_CONSISTENCY=release`):
+//!   who shares and who writes each page; the diffs writers send at release.
 //! - [`placement`]: which rank is a page's home, and its first owner.
 //! - [`msg`], [`wire`]: the messages and their encoding.
 //!
@@ -14,12 +16,14 @@
 //! on a message that breaks them.
 
 pub mod barrier;
+pub mod diff;
 pub mod directory;
 pub mod holder;
 pub mod locks;
 pub mod msg;
 pub mod placement;
 pub mod ranks;
+pub mod sharing;
 pub mod violation;
 pub mod wire;
 

@@ -39,8 +39,8 @@ impl Source {
     }
 }
 
-/// A message between engines. `Copy`, and free of heap data: a broadcast's bytes travel as the
-/// frame's payload next to the message (see [`super::wire`]).
+/// A message between engines. `Copy`, and free of heap data: a broadcast's bytes and a diff travel
+/// as the frame's payload next to the message (see [`super::wire`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg {
     /// Requester -> home: I need `page` (for writing if `write`).
@@ -74,6 +74,19 @@ pub enum Msg {
     SizeQuery { addr: u64, waiter: Waiter },
     /// Owner -> asker: the usable size (0: not a live block).
     SizeReply { waiter: Waiter, size: u64 },
+    /// Release consistency, home -> a rank that holds or held a copy of `page`: ranks other than
+    /// you now write this page; drop your copy at your next acquire. `ack`: answer with
+    /// [`Msg::WrittenAck`] (the home holds a new writer's grant until every such rank knows).
+    Written { page: Page, ack: bool },
+    /// Release consistency, -> home: I know that others write `page`.
+    WrittenAck { page: Page },
+    /// Release consistency, writer -> home: my changes to `page` since my last release; the
+    /// payload holds them ([`super::diff`]).
+    Diff { page: Page },
+    /// Release consistency, writer -> home: answer once every diff I sent before is applied.
+    Fence { waiter: Waiter },
+    /// Home -> writer: every diff you sent before your fence is applied.
+    Fenced { waiter: Waiter },
     /// Liveness.
     Ping,
     /// The sender lost contact with `rank` and stops; so does the job.
@@ -89,7 +102,10 @@ impl Msg {
             | Msg::Grant { page, .. }
             | Msg::Done { page }
             | Msg::Revoke { page, .. }
-            | Msg::RevokeAck { page } => Some(page),
+            | Msg::RevokeAck { page }
+            | Msg::Written { page, .. }
+            | Msg::WrittenAck { page }
+            | Msg::Diff { page } => Some(page),
             _ => None,
         }
     }

@@ -121,6 +121,9 @@ pub struct Placement {
     pages_per_arena: u64,
     policy: Policy,
     ranges: Option<&'static Ranges>,
+    /// Release consistency: a page's home keeps its master copy, so the home is the page's first
+    /// owner (the rank whose arena or block holds it), which has its contents from the start.
+    owner_is_home: bool,
 }
 
 impl std::fmt::Debug for Placement {
@@ -138,7 +141,8 @@ impl std::fmt::Debug for Placement {
 // a job has one table of placed ranges.
 impl PartialEq for Placement {
     fn eq(&self, o: &Self) -> bool {
-        (self.ranks, self.pages, self.pages_per_arena, self.policy) == (o.ranks, o.pages, o.pages_per_arena, o.policy)
+        (self.ranks, self.pages, self.pages_per_arena, self.policy, self.owner_is_home)
+            == (o.ranks, o.pages, o.pages_per_arena, o.policy, o.owner_is_home)
     }
 }
 
@@ -146,7 +150,7 @@ impl Eq for Placement {}
 
 impl std::hash::Hash for Placement {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        (self.ranks, self.pages, self.pages_per_arena, self.policy).hash(h);
+        (self.ranks, self.pages, self.pages_per_arena, self.policy, self.owner_is_home).hash(h);
     }
 }
 
@@ -155,7 +159,13 @@ impl Placement {
     /// (the last arena runs to the end of the heap). No placed ranges.
     pub fn new(ranks: usize, pages: u64, pages_per_arena: u64) -> Placement {
         assert!(ranks > 0 && pages_per_arena > 0, "a placement needs ranks and arenas");
-        Placement { ranks, pages, pages_per_arena, policy: Policy::Cyclic, ranges: None }
+        Placement { ranks, pages, pages_per_arena, policy: Policy::Cyclic, ranges: None, owner_is_home: false }
+    }
+
+    /// This placement with every page's home at its first owner (release consistency, where the
+    /// home keeps the master copy); pages with no first owner (first touch) keep cyclic homes.
+    pub fn with_owner_as_home(self) -> Placement {
+        Placement { owner_is_home: true, ..self }
     }
 
     /// This placement, placing collective allocations by `policy` in `ranges`.
@@ -212,6 +222,8 @@ impl Placement {
     pub fn home(&self, page: Page) -> Rank {
         match self.placed(page) {
             Some((first, pages, Policy::Block)) => self.block_rank(first, pages, page),
+            Some((_, _, Policy::FirstTouch)) => (page % self.ranks as u64) as Rank,
+            _ if self.owner_is_home => self.arena_rank(page),
             _ => (page % self.ranks as u64) as Rank,
         }
     }
@@ -264,6 +276,9 @@ mod tests {
         assert!(ranges.add(100, 2, Policy::Block));
         assert_eq!((p.home(100), p.home(101)), (0, 1));
         assert!(!ranges.add(200, 0, Policy::Block), "an empty range is not recorded");
+        let rc = p.with_owner_as_home();
+        assert_eq!((rc.home(9), rc.home(19), rc.home(310)), (0, 0, 1), "release: arena pages are homed at their arena");
+        assert_eq!((rc.home(12), rc.home(41)), (p.home(12), p.home(41)), "blocks and first touch keep their homes");
         assert_eq!(Policy::parse("first-touch"), Some(Policy::FirstTouch));
         assert_eq!(Policy::parse("Block"), None);
     }

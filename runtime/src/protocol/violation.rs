@@ -42,6 +42,15 @@ pub enum Violation {
     /// rank {from} released global lock {id}, which it does not hold
     #[error("rank {from} released global lock {id}, which it does not hold")]
     LockNotHeld { from: Rank, id: u32 },
+    /// rank {from} sent changes to page {page}, which it never registered to write
+    #[error("rank {from} sent changes to page {page}, which it never registered to write")]
+    NotAWriter { from: Rank, page: Page },
+    /// rank {from} sent a diff of page {page} this rank cannot apply
+    #[error("rank {from} sent a malformed diff of page {page}: {why}")]
+    BadDiff { from: Rank, page: Page, why: super::diff::DiffError },
+    /// rank {from} sent {what}, which the job's memory model does not use
+    #[error("rank {from} sent {what}, which {model} consistency does not use")]
+    WrongModel { from: Rank, what: &'static str, model: &'static str },
     /// rank {from} sent a barrier notice this rank does not expect from it
     #[error("rank {from} sent an unexpected barrier notice (barrier {epoch}, round {round})")]
     UnexpectedBarrier { from: Rank, epoch: u64, round: u32 },

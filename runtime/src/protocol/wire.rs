@@ -11,6 +11,8 @@ use super::msg::{Msg, Source, Waiter};
 pub const LIMIT: usize = 128 * 1024;
 /// Payload bytes of one broadcast message.
 pub const BROADCAST_CHUNK: usize = 64 * 1024;
+/// Most payload bytes of one diff (see [`super::diff::MAX_ENCODED`]).
+pub const DIFF_LIMIT: usize = 64 * 1024;
 
 /// First byte of every encoded [`Msg::Grant`]: lets a waiting thread skip other messages
 /// without decoding them.
@@ -43,8 +45,8 @@ pub enum EncodeError {
     /// the buffer of {have} bytes is too small for a message of {need}
     #[error("the buffer of {have} bytes is too small for a message of {need}")]
     BufferTooSmall { have: usize, need: usize },
-    /// a payload goes only with a broadcast
-    #[error("only a broadcast carries a payload, and its payload is at most {BROADCAST_CHUNK} bytes")]
+    /// a payload goes only with a broadcast or a diff
+    #[error("only a broadcast (at most {BROADCAST_CHUNK} bytes) or a diff (at most {DIFF_LIMIT}) carries a payload")]
     BadPayload,
 }
 
@@ -68,12 +70,20 @@ enum Tag {
     Ping = 14,
     Lost = 15,
     LockRecall = 16,
+    Written = 17,
+    WrittenAck = 18,
+    Diff = 19,
+    Fence = 20,
+    Fenced = 21,
 }
+
+/// Number of message types (tags `0..TAGS`).
+pub const TAGS: u8 = 22;
 
 impl Tag {
     fn of(b: u8) -> Option<Tag> {
         use Tag::*;
-        const ALL: [Tag; 17] = [
+        const ALL: [Tag; TAGS as usize] = [
             Request,
             Forward,
             Grant,
@@ -91,6 +101,11 @@ impl Tag {
             Ping,
             Lost,
             LockRecall,
+            Written,
+            WrittenAck,
+            Diff,
+            Fence,
+            Fenced,
         ];
         ALL.get(b as usize).copied()
     }
@@ -185,8 +200,12 @@ fn put<'a>(buf: &'a mut [u8], tag: Tag, body: &[u8], payload: &[u8]) -> Result<&
 /// Encodes `msg` (and a broadcast's `payload`; empty for every other message) into `buf`,
 /// returning the used prefix.
 pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u8], EncodeError> {
-    let is_broadcast = matches!(msg, Msg::Broadcast { .. });
-    if (!is_broadcast && !payload.is_empty()) || payload.len() > BROADCAST_CHUNK {
+    let payload_limit = match msg {
+        Msg::Broadcast { .. } => BROADCAST_CHUNK,
+        Msg::Diff { .. } => DIFF_LIMIT,
+        _ => 0,
+    };
+    if payload.len() > payload_limit {
         return Err(EncodeError::BadPayload);
     }
     let pw = |page: u64, w: Waiter, write: bool, a: u32, b: u32| PageWaiter {
@@ -230,6 +249,11 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
         }
         Msg::SizeQuery { addr, waiter } => put(buf, Tag::SizeQuery, nw(addr, waiter).as_bytes(), &[]),
         Msg::SizeReply { waiter, size } => put(buf, Tag::SizeReply, nw(size, waiter).as_bytes(), &[]),
+        Msg::Written { page, ack } => put(buf, Tag::Written, pf(page, ack).as_bytes(), &[]),
+        Msg::WrittenAck { page } => put(buf, Tag::WrittenAck, pf(page, false).as_bytes(), &[]),
+        Msg::Diff { page } => put(buf, Tag::Diff, n(page).as_bytes(), payload),
+        Msg::Fence { waiter } => put(buf, Tag::Fence, nw(0, waiter).as_bytes(), &[]),
+        Msg::Fenced { waiter } => put(buf, Tag::Fenced, nw(0, waiter).as_bytes(), &[]),
         Msg::Ping => put(buf, Tag::Ping, &[], &[]),
         Msg::Lost { rank } => put(buf, Tag::Lost, n(rank.into()).as_bytes(), &[]),
     }
@@ -300,13 +324,15 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 }
             }
         }
-        Tag::Done | Tag::Revoke | Tag::RevokeAck => {
+        Tag::Done | Tag::Revoke | Tag::RevokeAck | Tag::Written | Tag::WrittenAck => {
             let (m, _) = body::<PageFlag>(t, b, false)?;
             let (page, f) = (m.page.get(), flag(t, m.flag)?);
             match tag {
                 Tag::Revoke => Msg::Revoke { page, to_read: f },
+                Tag::Written => Msg::Written { page, ack: f },
                 _ if f => return Err(DecodeError::BadField { tag: t, field: "flag" }),
                 Tag::Done => Msg::Done { page },
+                Tag::WrittenAck => Msg::WrittenAck { page },
                 _ => Msg::RevokeAck { page },
             }
         }
@@ -324,15 +350,25 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 _ => Msg::Lost { rank: small(t, v, "rank")? },
             }
         }
-        Tag::LockAcquire | Tag::LockGranted | Tag::SizeQuery | Tag::SizeReply => {
+        Tag::LockAcquire | Tag::LockGranted | Tag::SizeQuery | Tag::SizeReply | Tag::Fence | Tag::Fenced => {
             let (m, _) = body::<NumWaiter>(t, b, false)?;
             let (v, waiter) = (m.num.get(), waiter(m.waiter));
             match tag {
+                Tag::Fence | Tag::Fenced if v != 0 => return Err(DecodeError::BadField { tag: t, field: "unused" }),
+                Tag::Fence => Msg::Fence { waiter },
+                Tag::Fenced => Msg::Fenced { waiter },
                 Tag::LockAcquire => Msg::LockAcquire { id: small(t, v, "id")?, waiter },
                 Tag::LockGranted => Msg::LockGranted { id: small(t, v, "id")?, waiter },
                 Tag::SizeQuery => Msg::SizeQuery { addr: v, waiter },
                 _ => Msg::SizeReply { waiter, size: v },
             }
+        }
+        Tag::Diff => {
+            let (m, payload) = body::<Num>(t, b, true)?;
+            if payload.is_empty() || payload.len() > DIFF_LIMIT {
+                return Err(DecodeError::Length { tag: t, len: bytes.len(), expected: 1 + 8 + DIFF_LIMIT });
+            }
+            return Ok((Msg::Diff { page: m.num.get() }, payload));
         }
         Tag::Broadcast => {
             let (m, payload) = body::<BroadcastW>(t, b, true)?;
@@ -376,6 +412,11 @@ mod tests {
             Msg::LockRecall { id: 12 },
             Msg::SizeQuery { addr: 64, waiter: w },
             Msg::SizeReply { waiter: w, size: 48 },
+            Msg::Written { page: 4, ack: true },
+            Msg::Written { page: 4, ack: false },
+            Msg::WrittenAck { page: 4 },
+            Msg::Fence { waiter: w },
+            Msg::Fenced { waiter: w },
             Msg::Ping,
             Msg::Lost { rank: 3 },
         ]
@@ -413,6 +454,11 @@ mod tests {
         let b = encode(&m, b"abcdef", &mut buf).unwrap().to_vec();
         assert_eq!(decode(&b).unwrap(), (m, &b"abcdef"[..]));
         assert_eq!(encode(&Msg::Ping, b"x", &mut buf), Err(EncodeError::BadPayload));
+        let d = Msg::Diff { page: 7 };
+        let b = encode(&d, b"\x00\x00\x01\x00z", &mut buf).unwrap().to_vec();
+        assert_eq!(decode(&b).unwrap(), (d, &b"\x00\x00\x01\x00z"[..]));
+        assert!(decode(&b[..9]).is_err(), "a diff without changes is refused");
+        assert_eq!(encode(&d, &vec![0; DIFF_LIMIT + 1], &mut buf), Err(EncodeError::BadPayload));
         assert_eq!(encode(&m, &vec![0; BROADCAST_CHUNK + 1], &mut buf), Err(EncodeError::BadPayload));
         let mut small = [0u8; 8];
         assert!(matches!(encode(&m, b"abc", &mut small), Err(EncodeError::BufferTooSmall { .. })));
@@ -436,6 +482,10 @@ mod tests {
                 let mut buf = vec![0u8; 128];
                 encode(&Msg::Broadcast { seq: 1, total: 9, offset: 2 }, b"payload", &mut buf).unwrap().to_vec()
             }))
+            .chain(std::iter::once({
+                let mut buf = vec![0u8; 128];
+                encode(&Msg::Diff { page: 3 }, b"\x10\x00\x02\x00ab", &mut buf).unwrap().to_vec()
+            }))
             .collect();
         let mut accepted = 0u64;
         let mut reencoded = vec![0u8; LIMIT];
@@ -453,7 +503,7 @@ mod tests {
             let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             if i % 2 == 0 {
                 if let Some(b) = bytes.first_mut() {
-                    *b %= 17;
+                    *b %= TAGS;
                 }
             }
             check(&bytes);
@@ -507,7 +557,7 @@ mod tests {
             let _ = decode(&bytes);
             if let Some(first) = bytes.first() {
                 let mut v = bytes.clone();
-                v[0] = first % 17;
+                v[0] = first % TAGS;
                 let _ = decode(&v);
             }
         }

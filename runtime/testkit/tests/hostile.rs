@@ -8,8 +8,15 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(60);
 
 fn hostile_message_stops_the_job(what: &str, expect: &str) {
+    hostile_message_stops_the_job_in(what, expect, "sequential");
+}
+
+fn hostile_message_stops_the_job_in(what: &str, expect: &str, consistency: &str) {
     let _g = serial();
-    let mut job = Job::builder(2).env_all("GALLOCY_PLACEMENT", "block").spawn(&["hostile", "--what", what]);
+    let mut job = Job::builder(2)
+        .env_all("GALLOCY_PLACEMENT", "block")
+        .env_all("GALLOCY_CONSISTENCY", consistency)
+        .spawn(&["hostile", "--what", what]);
     job.wait_or_fail(&format!("hostile {what}"), T);
     let report = job.report();
     let victim = job.ranks[0].stderr();
@@ -69,4 +76,24 @@ fn a_broadcast_that_starts_in_the_middle_is_refused() {
 #[test]
 fn an_answer_to_no_question_is_refused() {
     hostile_message_stops_the_job("size-reply", "which is not waiting for that answer");
+}
+
+#[test]
+fn a_diff_from_a_rank_that_never_wrote_the_page_is_refused() {
+    hostile_message_stops_the_job_in("diff", "which it never registered to write", "release");
+}
+
+#[test]
+fn a_diff_under_sequential_consistency_is_refused() {
+    hostile_message_stops_the_job("diff", "which sequential consistency does not use");
+}
+
+#[test]
+fn a_written_notice_not_from_the_home_is_refused() {
+    hostile_message_stops_the_job_in("written", "which only its home (rank 0) may send", "release");
+}
+
+#[test]
+fn a_revoke_under_release_consistency_is_refused() {
+    hostile_message_stops_the_job_in("revoke-ack", "which release consistency does not use", "release");
 }

@@ -11,7 +11,10 @@
 //! - `barrier`: a barrier notice for a barrier far ahead;
 //! - `free`: a free of an address that is no block of rank 0's arena;
 //! - `broadcast`: a broadcast chunk that announces a terabyte and starts in the middle;
-//! - `size-reply`: an answer to a size query nobody asked.
+//! - `size-reply`: an answer to a size query nobody asked;
+//! - `diff`: changes to rank 0's page from a rank that never registered to write it (under
+//!   release consistency; under sequential consistency no diff is allowed at all);
+//! - `written`: a notice that others write rank 0's own page (only a home sends those).
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +48,13 @@ pub fn hostile(args: &Args) -> Outcome {
     }
     if rank == 1 {
         let nobody = Waiter { slot: 0, generation: 12345 };
+        if what == "diff" {
+            // One run: byte 0 of the page becomes 0.
+            let diff = [0u8, 0, 1, 0, 0];
+            gallocy::hostile::send_with_payload(0, &Msg::Diff { page }, &diff)?;
+            std::thread::sleep(Duration::from_secs(30));
+            return Err(format!("hostile {what}: rank 0 went on after the message"));
+        }
         let (msg, with_page) = match what.as_str() {
             "contents" => (Msg::Grant { page, waiter: nobody, write: true, source: Source::Inline }, true),
             "forward" => (Msg::Forward { page, requester: 1, waiter: nobody, write: true }, false),
@@ -57,6 +67,7 @@ pub fn hostile(args: &Args) -> Outcome {
             "free" => (Msg::Free { addr: 0x1234 }, false),
             "broadcast" => (Msg::Broadcast { seq: 99, total: 1 << 40, offset: 4096 }, false),
             "size-reply" => (Msg::SizeReply { waiter: nobody, size: 1 }, false),
+            "written" => (Msg::Written { page, ack: true }, false),
             other => return Err(format!("unknown hostile message {other:?}")),
         };
         gallocy::hostile::send(0, &msg, with_page)?;

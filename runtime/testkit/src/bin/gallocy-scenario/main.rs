@@ -20,6 +20,7 @@ mod jacobi;
 mod litmus;
 mod misuse;
 mod placement;
+mod relaxed;
 mod release;
 mod scale;
 mod soak;
@@ -49,6 +50,8 @@ scenarios (all ranks run the same NAME):
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
+  rc-drf      [--rounds N] [--pages P]       data-race-free writers, locks and quiet pages under
+                                             GALLOCY_CONSISTENCY=release, checked bit for bit
   stack       [--pages P]                    alternate signal stack use of remote faults (2 ranks)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
@@ -103,6 +106,7 @@ fn main() {
         "hostile" => hostile::hostile,
         "scale" => scale::scale,
         "release" => release::release,
+        "rc-drf" => relaxed::rc_drf,
         "stack" => stack::stack,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };

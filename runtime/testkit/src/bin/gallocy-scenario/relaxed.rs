@@ -1,0 +1,109 @@
+//! rc-drf: data-race-free programs under release consistency (`GALLOCY_CONSISTENCY=release`),
+//! checked bit for bit.
+
+use crate::util::{collective, mix, vread, vwrite, Args, Outcome};
+
+/// Every rank runs three data-race-free phases and checks every byte it reads:
+///
+/// 1. **Several writers per page.** `--rounds` rounds over a `--pages`-page array (placed by
+///    blocks, so every page has one home that also writes it): in round k, rank r writes the bytes
+///    `i` with `i % N == r` to `f(k, i)`; after a barrier every rank checks every byte. Writers of
+///    neighbouring bytes never overwrite each other (diffs are exact), and every rank sees every
+///    other rank's bytes after the barrier (self-invalidation).
+/// 2. **Locks.** Every rank adds to one counter per page of the array under lock 7, `--rounds`
+///    times; the totals are exact after a barrier.
+/// 3. **Copies that stay.** A page nobody writes, and a page only this rank writes (homed at
+///    another rank), survive barriers: reading them again takes no fault.
+pub fn rc_drf(args: &Args) -> Outcome {
+    let rounds = args.usize_or("--rounds", 20) as u64;
+    let pages = args.usize_or("--pages", 3).max(1);
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let page = gallocy::page_size();
+    let len = pages * page;
+    let shared = collective(len)?;
+    let bytes = shared.0 as *mut u8;
+    let value = |k: u64, i: usize| (mix(k * 1_000_003 + i as u64) as u8) | 1;
+
+    // 1. Interleaved bytes.
+    for k in 0..rounds {
+        for i in (rank..len).step_by(size) {
+            // SAFETY: inside the collective allocation; byte i is written by rank i % N alone in
+            // this round, and read only after the barrier.
+            unsafe { bytes.add(i).write_volatile(value(k, i)) };
+        }
+        gallocy::barrier();
+        for i in 0..len {
+            // SAFETY: as above; nobody writes before the next barrier.
+            let got = unsafe { bytes.add(i).read_volatile() };
+            if got != value(k, i) {
+                return Err(format!(
+                    "round {k}: byte {i} (written by rank {}) is {got:#04x}, expected {:#04x}",
+                    i % size,
+                    value(k, i)
+                ));
+            }
+        }
+        gallocy::barrier();
+    }
+
+    // 2. Counters under a lock.
+    for _ in 0..rounds {
+        gallocy::lock(7);
+        for p in 0..pages {
+            // SAFETY: a word of the array; lock 7 orders every access to these words.
+            unsafe { vwrite(shared.at(p * page), vread(shared.at(p * page)).wrapping_add(rank as u64 + 1)) };
+        }
+        gallocy::unlock(7);
+    }
+    gallocy::barrier();
+    // The last round of phase 1 left (value of byte 0..8 of each page) in the words.
+    let expected_add = rounds * (size as u64 * (size as u64 + 1) / 2);
+    for p in 0..pages {
+        let mut start = [0u8; 8];
+        for (j, b) in start.iter_mut().enumerate() {
+            *b = value(rounds - 1, p * page + j);
+        }
+        let want = u64::from_ne_bytes(start).wrapping_add(expected_add);
+        // SAFETY: as above; nobody writes after the barrier.
+        let got = unsafe { vread(shared.at(p * page)) };
+        if got != want {
+            return Err(format!("page {p}: counter {got:#x}, expected {want:#x} after {rounds} locked rounds"));
+        }
+    }
+    gallocy::barrier();
+
+    // 3. Copies that stay: page 0 of `quiet` is never written; rank r alone writes the last page
+    // homed at rank r + 1 (mod N).
+    let n = 2 * size;
+    let quiet = collective(n * page)?;
+    let next = (rank + 1) % size;
+    let Some(p) = (1..n).rev().find(|p| gallocy::home_of(quiet.0 + p * page) == next) else {
+        return Err(format!("no page of a {n}-page collective allocation is homed at rank {next}"));
+    };
+    let mine = quiet.at(p * page);
+    // SAFETY: that page of `quiet` is this rank's alone.
+    unsafe { vwrite(mine, 41 + rank as u64) };
+    gallocy::barrier();
+    // SAFETY: reading a word nobody writes, and our own word.
+    let _ = unsafe { (vread(quiet.at(0)), vread(mine)) };
+    let before = gallocy::stats();
+    for _ in 0..3 {
+        gallocy::barrier();
+        // SAFETY: as above.
+        let (z, m) = unsafe { (vread(quiet.at(0)), vread(mine)) };
+        if z != 0 || m != 41 + rank as u64 {
+            return Err(format!("quiet pages read {z} and {m}, expected 0 and {}", 41 + rank as u64));
+        }
+    }
+    let after = gallocy::stats();
+    if after.read_faults != before.read_faults {
+        return Err(format!(
+            "reading a page nobody writes and a page only this rank writes took {} read faults after barriers (expected none)",
+            after.read_faults - before.read_faults
+        ));
+    }
+    Ok(format!(
+        "{rounds} rounds on {pages} pages: {} diffs sent, {} copies dropped at acquires",
+        after.diffs_sent, after.self_invalidations
+    ))
+}
