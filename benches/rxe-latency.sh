@@ -10,6 +10,9 @@
 #   1. ib_read_lat -d rxe0 -x 1 -s 4096 -n IB_ITERS, server and client on rxe0 (10.9.0.1);
 #   2. GALLOCY_TRANSPORT=T gallocy-bench fault --procs P --iters N
 #        --cases read_home_owner,read_third_owner
+#   2b. the same under GALLOCY_CONSISTENCY=release with --procs 2 --cases read_refetch: a read of a
+#        page whose copy the last barrier dropped (over RDMA: a one-sided READ of the home's master,
+#        no message);
 #   3. GALLOCY_TRANSPORT=T gallocy-bench preload-fault --iters N: the same read fault (the page's
 #      home owns it) taken by a 2-rank program under LD_PRELOAD=libgallocy.so (DIR/release/) that
 #      uses the C API
@@ -128,6 +131,11 @@ in_guest() {
     env GALLOCY_TRANSPORT="$transport" "$bin" fault --procs "$procs" --iters "$iters" --cases "$CASES" \
         --timeout-s "$bench_timeout" 2>&1 | tee "$logdir/gallocy-bench.txt" || rc=$?
     ((rc == 0)) || die "gallocy-bench fault over $transport failed (exit $rc)"
+    say "step 2b/3: GALLOCY_CONSISTENCY=release GALLOCY_TRANSPORT=$transport gallocy-bench fault --procs 2 --iters $iters --cases read_refetch"
+    rc=0
+    env GALLOCY_TRANSPORT="$transport" GALLOCY_CONSISTENCY=release "$bin" fault --procs 2 --iters "$iters" \
+        --cases read_refetch --timeout-s "$bench_timeout" 2>&1 | tee "$logdir/gallocy-bench-release.txt" || rc=$?
+    ((rc == 0)) || die "gallocy-bench fault under release consistency over $transport failed (exit $rc)"
     t2=$(date +%s)
     local lib
     lib=$(dirname "$bin")/libgallocy.so
@@ -315,6 +323,10 @@ R_P50=$(json_num read_home_owner_p50_us "$FJ") R_P99=$(json_num read_home_owner_
 T_P50=$(json_num read_third_owner_p50_us "$FJ") T_P99=$(json_num read_third_owner_p99_us "$FJ")
 FLOOR_P50=$(json_num floor_p50_us "$FJ")
 [[ -n $R_P50 ]] || die "gallocy-bench reported no read_home_owner result ($LOGDIR/gallocy-bench.txt)"
+RJ=$(grep '^{"bench":"fault"' "$LOGDIR/gallocy-bench-release.txt" | tail -n1 || true)
+[[ -n $RJ ]] || die "no JSON result line from gallocy-bench in $LOGDIR/gallocy-bench-release.txt"
+RC_P50=$(json_num read_refetch_p50_us "$RJ") RC_P99=$(json_num read_refetch_p99_us "$RJ")
+[[ -n $RC_P50 ]] || die "gallocy-bench reported no read_refetch result ($LOGDIR/gallocy-bench-release.txt)"
 PJ=$(grep '^{"bench":"preload-fault"' "$LOGDIR/preload-fault.txt" | tail -n1 || true)
 [[ -n $PJ ]] || die "no JSON result line from gallocy-bench preload-fault in $LOGDIR/preload-fault.txt"
 P_P50=$(json_num read_p50_us "$PJ") P_P99=$(json_num read_p99_us "$PJ")
@@ -322,6 +334,7 @@ P_P50=$(json_num read_p50_us "$PJ") P_P99=$(json_num read_p99_us "$PJ")
 RATIO=$(ratio "$R_P50" "$IB_TYP")
 RATIO_P=$(ratio "$P_P50" "$IB_TYP")
 RATIO_T=$(ratio "$T_P50" "$IB_TYP")
+RATIO_RC=$(ratio "$RC_P50" "$IB_TYP")
 [[ -n $RATIO ]] || die "cannot form the ratio ($R_P50 / $IB_TYP)"
 STEPS=$(cat "$LOGDIR/steps.txt" 2>/dev/null || true)
 IB_S=$(kv ib_read_lat_seconds "$(tr ' ' '\n' <<<"$STEPS")") F_S=$(kv fault_seconds "$(tr ' ' '\n' <<<"$STEPS")")
@@ -342,7 +355,8 @@ row "ib_read_lat -s 4096 (t_typical = median)" "$IB_TYP" "$IB_P99"
 row "gallocy read fault, home is the owner" "$R_P50" "$R_P99"
 row "gallocy read fault, third owner" "$T_P50" "$T_P99"
 row "gallocy read fault, preloaded program" "$P_P50" "$P_P99"
-echo "ratio fault_read_p50 / ib_read_lat_typical: $RATIO (third owner: ${RATIO_T:-n/a}; preloaded program: $RATIO_P)"
+row "gallocy read fault, release consistency refetch" "$RC_P50" "$RC_P99"
+echo "ratio fault_read_p50 / ib_read_lat_typical: $RATIO (third owner: ${RATIO_T:-n/a}; preloaded program: $RATIO_P; release consistency refetch: ${RATIO_RC:-n/a})"
 printf '{"bench":"rxe-latency","transport":"%s","procs":%s,"iters":%s,"ib_iters":%s,"mtu":%s,' \
     "$TRANSPORT" "$PROCS" "$ITERS" "$(jn "$IB_N")" "${MTU:-1500}"
 printf '"ib_read_lat_typical_us":%s,"ib_read_lat_p99_us":%s,"ib_read_lat_avg_us":%s,' \
@@ -351,5 +365,7 @@ printf '"fault_read_p50_us":%s,"fault_read_p99_us":%s,"fault_read_third_p50_us":
     "$(jn "$R_P50")" "$(jn "$R_P99")" "$(jn "$T_P50")" "$(jn "$T_P99")"
 printf '"preload_fault_read_p50_us":%s,"preload_fault_read_p99_us":%s,"ratio_preload":%s,' \
     "$(jn "$P_P50")" "$(jn "$P_P99")" "$(jn "$RATIO_P")"
+printf '"release_refetch_p50_us":%s,"release_refetch_p99_us":%s,"ratio_release_refetch":%s,' \
+    "$(jn "$RC_P50")" "$(jn "$RC_P99")" "$(jn "$RATIO_RC")"
 printf '"tcp_floor_p50_us":%s,"ratio":%s,"ratio_third":%s,"guest_seconds":%s,"ib_read_lat_seconds":%s,"fault_seconds":%s,"preload_fault_seconds":%s}\n' \
     "$(jn "$FLOOR_P50")" "$RATIO" "$(jn "$RATIO_T")" "$GUEST_S" "$(jn "$IB_S")" "$(jn "$F_S")" "$(jn "$PF_S")"

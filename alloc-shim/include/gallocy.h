@@ -5,7 +5,10 @@
  * library provides the whole malloc family: every malloc'ed block lives in one heap mapped at the
  * same virtual address in every process of the job, so a pointer made in one process is valid in
  * all of them. Pages move between processes on demand; the memory model is sequential
- * consistency (one writer or many readers per page).
+ * consistency (one writer or many readers per page), or, with GALLOCY_CONSISTENCY=release on
+ * every rank, release consistency for data-race-free programs (many writers per page; a rank's
+ * writes reach the others at its next gallocy_unlock / gallocy_barrier / gallocy_finalize, and
+ * are seen after their next gallocy_lock / gallocy_barrier).
  *
  * The job is described by GALLOCY_RANK / GALLOCY_SIZE / GALLOCY_COORDINATOR (set by
  * `gallocy run`), or by mpirun (OMPI_COMM_WORLD_*), PMI (PMI_RANK/PMI_SIZE) or Slurm
@@ -37,12 +40,12 @@ int gallocy_rank(void);
 int gallocy_size(void);
 
 /* Waits until every process of the job has called gallocy_barrier. One thread per process
- * calls it. */
+ * calls it. Under release consistency it is a release and then an acquire. */
 void gallocy_barrier(void);
 
 /* Global lock `id`: at most one thread in the whole job holds it; waiters are served in arrival
  * order. Unlocking a lock this process does not hold is an error that stops the program.
- * (Release-consistency protocols may use lock and unlock as synchronization points later.) */
+ * Under release consistency, gallocy_lock is an acquire and gallocy_unlock a release. */
 void gallocy_lock(unsigned id);
 void gallocy_unlock(unsigned id);
 

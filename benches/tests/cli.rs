@@ -61,3 +61,37 @@ fn fault_prints_every_case_and_json() {
         assert!(json.contains(&format!("\"{key}\":")), "{key} missing in {json}");
     }
 }
+
+/// Under release consistency the refetch case runs (a read of a page whose copy a barrier
+/// dropped) and reports its figures; under sequential consistency it is skipped, and says so.
+#[test]
+fn the_refetch_case_runs_under_release_consistency_only() {
+    let run = |mode: &str| {
+        let out = bench()
+            .env("GALLOCY_CONSISTENCY", mode)
+            .args([
+                "fault",
+                "--procs",
+                "2",
+                "--iters",
+                "200",
+                "--cases",
+                "read_home_owner,read_refetch",
+                "--timeout-s",
+                "120",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        (last_line(&out), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (release, _) = run("release");
+    assert!(
+        release.contains("\"read_refetch_p50_us\":") && !release.contains("\"read_refetch_p50_us\":null"),
+        "{release}"
+    );
+    assert!(!release.contains("\"read_home_owner_p50_us\":null"), "{release}");
+    let (sequential, table) = run("sequential");
+    assert!(!sequential.contains("\"read_refetch_p50_us\""), "{sequential}");
+    assert!(table.contains("skipped: read_refetch needs GALLOCY_CONSISTENCY=release"), "{table}");
+}

@@ -22,6 +22,8 @@ pub struct Stats {
     pub diffs_sent: AtomicU64,
     /// Release consistency: copies of volatile pages dropped at an acquire.
     pub self_invalidations: AtomicU64,
+    /// Release consistency: pages read straight from their home's memory (same host, or RDMA).
+    pub pages_read_directly: AtomicU64,
     latency_lock: AtomicBool,
     latency: std::cell::UnsafeCell<Histogram<u64>>,
 }
@@ -48,6 +50,8 @@ pub struct StatsSnapshot {
     pub diffs_sent: u64,
     /// Release consistency: copies of volatile pages dropped at an acquire.
     pub self_invalidations: u64,
+    /// Release consistency: pages read straight from their home's memory (same host, or RDMA).
+    pub pages_read_directly: u64,
     pub fault_p50_us: f64,
     pub fault_p99_us: f64,
 }
@@ -66,6 +70,7 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             diffs_sent: AtomicU64::new(0),
             self_invalidations: AtomicU64::new(0),
+            pages_read_directly: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
             latency: std::cell::UnsafeCell::new(
                 Histogram::new_with_bounds(100, 600_000_000_000, 2).expect("valid histogram bounds"),
@@ -117,6 +122,7 @@ impl Stats {
             bytes_moved: self.bytes_in.load(Ordering::Relaxed) + self.bytes_out.load(Ordering::Relaxed),
             diffs_sent: self.diffs_sent.load(Ordering::Relaxed),
             self_invalidations: self.self_invalidations.load(Ordering::Relaxed),
+            pages_read_directly: self.pages_read_directly.load(Ordering::Relaxed),
             fault_p50_us: p50,
             fault_p99_us: p99,
         }
@@ -129,7 +135,7 @@ impl Stats {
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
-             pages released {} | diffs sent {} | copies dropped at acquire {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
@@ -139,6 +145,7 @@ impl Stats {
             s.pages_released,
             s.diffs_sent,
             s.self_invalidations,
+            s.pages_read_directly,
             s.bytes_moved,
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),

@@ -15,6 +15,7 @@
 
 mod auth;
 pub mod frame;
+pub mod local;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 mod seal;

@@ -232,7 +232,15 @@ pub fn cmd(a: WorkloadsArgs) -> Result<()> {
                 if w.has_baseline() {
                     sides.push(Side::Sequential);
                 }
-                sides.extend(modes.iter().map(|&m| Side::Gallocy(m)));
+                // flag and peterson spin on shared words: racy by design, so undefined under release
+                // consistency (a spinner may never see the other's write). They run under
+                // sequential consistency only.
+                sides.extend(
+                    modes.iter().filter(|m| w.has_baseline() || **m != Consistency::Release).map(|&m| Side::Gallocy(m)),
+                );
+                if sides.is_empty() {
+                    continue;
+                }
                 let len = sides.len();
                 sides.rotate_left(rep % len);
                 for side in sides {

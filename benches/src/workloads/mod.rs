@@ -46,7 +46,8 @@ Each workload runs sequentially (one process, plain memory) and on gallocy at ev
 interleaved, --reps times; the table shows medians, ratio = gallocy / sequential and
 speedup = sequential / gallocy. flag and peterson always run on 2 ranks and have no baseline.
 The ranks inherit the environment (GALLOCY_TRANSPORT, GALLOCY_PLACEMENT, GALLOCY_SPIN_US, ...);
---consistency sets GALLOCY_CONSISTENCY for them. A checksum that differs from the sequential
+--consistency sets GALLOCY_CONSISTENCY for them (flag and peterson, racy by design, run under
+sequential consistency only). A checksum that differs from the sequential
 one, or a job that fails, is an error: the exit status is then 1 (after the table and JSON).
 The last line of stdout is one JSON object.";
 

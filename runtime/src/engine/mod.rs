@@ -72,6 +72,17 @@ pub fn contents_owed(_from: usize, msg: &[u8], span: Span) -> bool {
     holder::owes_contents(&msg, span.offset, span.len, page_size, |w, p| rt.slots().waits_for_page(w, p))
 }
 
+/// Release consistency: another rank shares `page` of ours from now on. Marks it shared, then
+/// says whether this rank (the home) already wrote it alone: paired with the home's fault path
+/// (`fault::release_miss`), which marks itself a writer, then looks for sharers.
+fn mark_shared(rt: &Runtime, from: Rank, page: Page) -> bool {
+    let shared_page = from != rt.rank() && rt.placement().contains(page) && rt.home(page as usize) == rt.rank();
+    if shared_page {
+        rt.pt().mark_has_sharers(page as usize);
+    }
+    shared_page && rt.pt().is_writer(page as usize)
+}
+
 impl<'a> Engine<'a> {
     pub fn new(rt: &'a Runtime) -> Engine<'a> {
         let one_sided = rt.transport().is_some_and(|t| t.one_sided_reads());
@@ -285,7 +296,10 @@ impl<'a> Engine<'a> {
         let mut out = std::mem::take(&mut self.out);
         let result = match msg {
             Msg::Request { page, write, waiter } => match &mut self.sharing {
-                Some(sharing) => sharing.request(from, page, write, waiter, &mut out),
+                Some(sharing) => {
+                    let home_writes = mark_shared(rt, from, page);
+                    sharing.request(from, page, write, waiter, home_writes, &mut out)
+                }
                 None => self.dir.request(from, page, write, waiter, &mut out),
             },
             Msg::Written { page, ack } => {
@@ -297,6 +311,13 @@ impl<'a> Engine<'a> {
                 }
                 Ok(())
             }
+            Msg::Share { page } => match &mut self.sharing {
+                Some(sharing) => {
+                    let home_writes = mark_shared(rt, from, page);
+                    sharing.share(from, page, home_writes, &mut out)
+                }
+                None => Ok(()),
+            },
             Msg::WrittenAck { page } => match &mut self.sharing {
                 Some(sharing) => sharing.written_ack(from, page, &mut out),
                 None => Ok(()),
@@ -393,6 +414,7 @@ impl<'a> Engine<'a> {
             Msg::Done { .. } if release => "a completion",
             Msg::Written { .. } if !release => "a notice that others write",
             Msg::WrittenAck { .. } if !release => "a written acknowledgement",
+            Msg::Share { .. } if !release => "a notice of a copy read directly",
             Msg::Diff { .. } if !release => "a diff",
             Msg::Fence { .. } if !release => "a fence",
             Msg::Fenced { .. } if !release => "a fence answer",

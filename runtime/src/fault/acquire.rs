@@ -172,7 +172,7 @@ pub(super) fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
 }
 
 /// Sends a small message from the fault path; failure is fatal.
-fn send_raw(rt: &Runtime, to: usize, msg: &Msg, what: &str) {
+pub(super) fn send_raw(rt: &Runtime, to: usize, msg: &Msg, what: &str) {
     let mut buf = [0u8; 64];
     let sent =
         wire::encode(msg, &[], &mut buf).ok().and_then(|bytes| rt.transport().map(|t| t.send(to, bytes, None).is_ok()));

@@ -21,6 +21,8 @@ const SHARER: u8 = 1;
 const WRITER: u8 = 2;
 /// Release consistency: another rank writes the page (the copy goes at each acquire).
 const VOLATILE: u8 = 4;
+/// Release consistency, at the page's home: another rank holds or held a copy.
+const HAS_SHARERS: u8 = 8;
 
 /// Per-page local state.
 pub struct PageTable {
@@ -80,12 +82,23 @@ impl PageTable {
         self.own_read_only.store(true, Ordering::Relaxed);
     }
 
+    // Sequentially consistent: a home's fault path sets WRITER then reads HAS_SHARERS while its
+    // service thread sets HAS_SHARERS then reads WRITER; at least one of them sees the other's.
     fn sharing_bit(&self, page: usize, bit: u8) -> bool {
-        self.sharing.get(page).load(Ordering::Acquire) & bit != 0
+        self.sharing.get(page).load(Ordering::SeqCst) & bit != 0
     }
 
     fn set_sharing_bit(&self, page: usize, bit: u8) {
-        self.sharing.get(page).fetch_or(bit, Ordering::AcqRel);
+        self.sharing.get(page).fetch_or(bit, Ordering::SeqCst);
+    }
+
+    /// Release consistency, at the page's home: whether another rank holds or held a copy.
+    pub fn has_sharers(&self, page: usize) -> bool {
+        self.sharing_bit(page, HAS_SHARERS)
+    }
+
+    pub fn mark_has_sharers(&self, page: usize) {
+        self.set_sharing_bit(page, HAS_SHARERS);
     }
 
     /// Release consistency: whether the page's home knows that this rank shares the page.

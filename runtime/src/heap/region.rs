@@ -353,6 +353,11 @@ impl Region {
         }
     }
 
+    /// The memfd behind the shared heap (once shared).
+    pub fn memfd(&self) -> Option<libc::c_int> {
+        self.shared.get().map(|s| s.memfd)
+    }
+
     /// Pointer to a page in the runtime view (always read-write) of a shared region.
     pub fn runtime_page(&self, page: usize) -> *mut u8 {
         (self.shared.get().expect("shared").runtime_base + page * self.page) as *mut u8

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::job::config::TransportKind;
 use crate::job::config::{Identity, Settings};
 use crate::job::runtime::PROTOCOL_VERSION;
+use gallocy_transport::local::{ViewId, VIEW_ID_LEN};
 
 /// What each rank reports when it joins.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -29,10 +30,20 @@ pub struct Hello {
     pub pid: u32,
     /// What went wrong on this rank before joining (bad setting, occupied heap range).
     pub problem: Option<String>,
+    /// The id of this rank's heap memfd (`gallocy_transport::local`), for same-host reads.
+    pub view: Option<Vec<u8>>,
+}
+
+/// The heap ids of every rank, as rank 0 saw them in the hellos (rank 0 only).
+static VIEW_IDS: std::sync::Mutex<Vec<Option<ViewId>>> = std::sync::Mutex::new(Vec::new());
+
+/// The heap ids rank 0 collected at start-up (empty elsewhere).
+pub fn view_ids() -> Vec<Option<ViewId>> {
+    VIEW_IDS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 impl Hello {
-    pub fn new(settings: Option<&Settings>, problem: Option<String>) -> Hello {
+    pub fn new(settings: Option<&Settings>, problem: Option<String>, view: Option<ViewId>) -> Hello {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_owned();
         Hello {
             protocol: PROTOCOL_VERSION,
@@ -45,6 +56,7 @@ impl Hello {
             host,
             pid: std::process::id(),
             problem,
+            view: view.map(|v| v.encode().to_vec()),
         }
     }
 
@@ -62,6 +74,13 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
             Err(e) => return Err(format!("rank {rank} sent an unreadable report ({e}): a different gallocy version?")),
         }
     }
+    *VIEW_IDS.lock().unwrap_or_else(|p| p.into_inner()) = decoded
+        .iter()
+        .map(|h| {
+            let bytes: Option<[u8; VIEW_ID_LEN]> = h.view.as_deref().and_then(|v| v.try_into().ok());
+            bytes.and_then(|b| ViewId::decode(&b))
+        })
+        .collect();
     let mut problems = Vec::new();
     for (rank, h) in decoded.iter().enumerate() {
         if let Some(p) = &h.problem {
@@ -142,12 +161,13 @@ pub fn connect(
     id: &Identity,
     settings: Option<&Settings>,
     view: MemoryView,
+    view_id: Option<ViewId>,
     problem: Option<String>,
 ) -> Result<Box<dyn Transport>, Error> {
     let problem = problem.or_else(|| room_for_connections(id.size).err());
     #[cfg(feature = "rdma")]
     let (port, problem) = rdma_port(settings, problem);
-    let hello = Hello::new(settings, problem);
+    let hello = Hello::new(settings, problem, view_id);
     let coordinator = id.coordinator.clone().expect("a multi-process job has a coordinator");
     let bind = if id.rank == 0 { LOOPBACK } else { listen_address(id.bind, &coordinator)? };
     let cfg = TcpConfig {
@@ -287,6 +307,7 @@ mod tests {
             host: "h".into(),
             pid: 7,
             problem: problem.map(str::to_owned),
+            view: None,
         }
         .encode()
     }

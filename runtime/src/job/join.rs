@@ -3,6 +3,7 @@
 
 use std::sync::Mutex;
 
+use gallocy_transport::local::{LocalViews, ViewId, VIEW_ID_LEN};
 use gallocy_transport::MemoryView;
 
 use crate::error::Error;
@@ -50,7 +51,7 @@ pub(crate) fn prepare(id: Identity, report_to_job: bool) -> Result<&'static Runt
     if problem.is_some() && report_to_job && id.size > 1 {
         let nowhere = MemoryView { base: std::ptr::null_mut(), len: 0 };
         // This always fails; our own problem (below) is the clearest message for this rank.
-        let _ = bootstrap::connect(&id, settings.as_ref().ok(), nowhere, problem);
+        let _ = bootstrap::connect(&id, settings.as_ref().ok(), nowhere, None, problem);
     }
     let settings = settings.map_err(|e| e.on_rank(rank))?;
     let region = region.expect("valid settings give a region").map_err(|e| e.on_rank(rank))?;
@@ -97,7 +98,28 @@ pub(crate) fn join(rt: &'static Runtime) -> Result<(), Error> {
         joined.map_err(|e| e.on_rank(rt.rank()))?;
     }
     barrier::wait_for_all(rt);
+    if rt.release().is_some() {
+        share_view_ids(rt);
+    }
     Ok(())
+}
+
+/// Rank 0 tells every rank the heap ids it collected at start-up; every rank then reads the heaps
+/// of its same-host peers directly (release consistency).
+fn share_view_ids(rt: &Runtime) {
+    let n = rt.size();
+    let mut table = vec![0u8; n * VIEW_ID_LEN];
+    if rt.rank() == 0 {
+        for (r, id) in bootstrap::view_ids().iter().enumerate().take(n) {
+            if let Some(id) = id {
+                table[r * VIEW_ID_LEN..(r + 1) * VIEW_ID_LEN].copy_from_slice(&id.encode());
+            }
+        }
+    }
+    crate::api::sync::broadcast(&mut table, 0);
+    let ids: Vec<Option<ViewId>> =
+        table.chunks_exact(VIEW_ID_LEN).map(|c| ViewId::decode(c.try_into().expect("chunks of VIEW_ID_LEN"))).collect();
+    rt.set_local_views(LocalViews::new(&ids, rt.rank(), rt.region().size));
 }
 
 /// The joining steps of [`join`].
@@ -123,7 +145,9 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     rt.region().protect(first, end - first, arena_access).map_err(|e| os("opening this rank's arena", e))?;
     // Writers to the arena go on now; faults on other pages wait for the end of the join.
     rt.gate().open();
-    let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, None)?;
+    // Release consistency reads pages of same-host peers straight from their memfds.
+    let view_id = if rt.release().is_some() { rt.region().memfd().and_then(ViewId::of) } else { None };
+    let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, view_id, None)?;
     rt.set_transport(transport);
     if rt.rank() == 0 && rt.identity().token_derived {
         eprintln!(

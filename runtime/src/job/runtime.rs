@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use gallocy_transport::local::LocalViews;
 use gallocy_transport::Transport;
 
 use crate::engine::link::ServiceLink;
@@ -48,6 +49,8 @@ pub struct Runtime {
     lock_cache: std::sync::Mutex<LockCache>,
     /// Release consistency's twins and page sets; `None` under sequential consistency.
     release: Option<ReleaseState>,
+    /// Release consistency: the heaps of same-host peers, read directly (set when joining).
+    local_views: OnceLock<LocalViews>,
     stats: Stats,
 }
 
@@ -88,8 +91,21 @@ impl Runtime {
             collectives,
             lock_cache: std::sync::Mutex::new(LockCache::default()),
             release,
+            local_views: OnceLock::new(),
             stats: Stats::default(),
         })
+    }
+
+    /// The heaps of same-host peers this rank may read directly (release consistency, once
+    /// joined).
+    #[inline]
+    pub fn local_views(&self) -> Option<&LocalViews> {
+        self.local_views.get()
+    }
+
+    /// Installs the same-host views (once, when joining).
+    pub fn set_local_views(&self, v: LocalViews) {
+        let _ = self.local_views.set(v);
     }
 
     /// Release consistency's state on this rank; `None` under sequential consistency.

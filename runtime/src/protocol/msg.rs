@@ -80,6 +80,10 @@ pub enum Msg {
     Written { page: Page, ack: bool },
     /// Release consistency, -> home: I know that others write `page`.
     WrittenAck { page: Page },
+    /// Release consistency, -> home: I read a copy of `page` straight from your memory (a
+    /// one-sided or same-host read): count me a sharer. No answer, unless the page is volatile
+    /// for me (`Written`); my next acquire fences you before it uses what it knows.
+    Share { page: Page },
     /// Release consistency, writer -> home: my changes to `page` since my last release; the
     /// payload holds them ([`super::diff`]).
     Diff { page: Page },
@@ -105,6 +109,7 @@ impl Msg {
             | Msg::RevokeAck { page }
             | Msg::Written { page, .. }
             | Msg::WrittenAck { page }
+            | Msg::Share { page }
             | Msg::Diff { page } => Some(page),
             _ => None,
         }

@@ -31,6 +31,8 @@ struct Req {
     from: Rank,
     waiter: Waiter,
     write: bool,
+    /// The home wrote the page before this request came (see [`Sharing::request`]).
+    home_writes: bool,
 }
 
 /// What the home knows of one page.
@@ -65,12 +67,15 @@ impl Sharing {
     }
 
     /// Rank `from` asks for a copy of `page` (and registers as a writer of it if `write`).
+    /// `home_writes`: the home's own fault path already wrote the page without telling us (it
+    /// does when nobody shared the page; the engine marks the page shared, then reads that).
     pub fn request(
         &mut self,
         from: Rank,
         page: Page,
         write: bool,
         waiter: Waiter,
+        home_writes: bool,
         out: &mut Vec<Send>,
     ) -> Result<(), Violation> {
         if !self.placement.contains(page) {
@@ -79,13 +84,40 @@ impl Sharing {
         if self.placement.home(page) != self.me {
             return Err(Violation::NotHome { from, page });
         }
-        let req = Req { from, waiter, write };
+        let req = Req { from, waiter, write, home_writes };
         let e = self.pages.entry(page).or_default();
         if e.waiting.is_some() {
             e.queue.push_back(req);
             return Ok(());
         }
         self.start(page, req, out);
+        Ok(())
+    }
+
+    /// Rank `from` read a copy of `page` from our memory by itself (one-sided or same-host):
+    /// it is a sharer now, told at once if the page is volatile for it. `home_writes` as for
+    /// [`Sharing::request`].
+    pub fn share(&mut self, from: Rank, page: Page, home_writes: bool, out: &mut Vec<Send>) -> Result<(), Violation> {
+        if !self.placement.contains(page) {
+            return Err(Violation::PageOutOfRange { from, page });
+        }
+        if self.placement.home(page) != self.me || from == self.me {
+            return Err(Violation::NotHome { from, page });
+        }
+        let me = self.me;
+        let e = self.pages.entry(page).or_default();
+        let first_sharer = e.sharers.without(from).is_empty();
+        if home_writes && first_sharer {
+            // The home wrote the page while nobody shared it (no message): it is a writer.
+            e.writers = e.writers.with(me);
+        }
+        e.sharers = e.sharers.with(from);
+        // With earlier sharers, a home that wrote without telling us has its registration on the
+        // way (it saw them): that registration tells them, and waits for their answers. This
+        // sharer learns now.
+        if e.volatile_for(from) || home_writes {
+            out.push(Send { to: from, msg: Msg::Written { page, ack: false } });
+        }
         Ok(())
     }
 
@@ -135,16 +167,24 @@ impl Sharing {
         if req.from != me {
             e.sharers = e.sharers.with(req.from);
         }
+        let mut new_writers = RankSet::empty();
+        if req.write {
+            new_writers = new_writers.with(req.from);
+        }
+        if req.home_writes {
+            new_writers = new_writers.with(me);
+        }
         let mut acks = RankSet::empty();
-        if req.write && !e.writers.contains(req.from) {
+        if !new_writers.iter().all(|w| e.writers.contains(w)) {
             // Sharers whose copies become volatile now: those for whom nobody else wrote yet.
+            let old_writers = e.writers;
+            e.writers = e.writers.union(new_writers);
             for s in e.sharers.iter().filter(|s| *s != req.from && *s != me) {
-                if !e.volatile_for(s) {
+                if old_writers.without(s).is_empty() && e.volatile_for(s) {
                     acks = acks.with(s);
                     out.push(Send { to: s, msg: Msg::Written { page, ack: true } });
                 }
             }
-            e.writers = e.writers.with(req.from);
         }
         if acks.is_empty() {
             self.grant(page, req, out);
@@ -191,11 +231,11 @@ mod tests {
     fn readers_get_the_master_and_stay_unaware_while_nobody_writes() {
         let mut h = home0(false);
         let mut out = Vec::new();
-        h.request(1, 3, false, W, &mut out).unwrap();
-        h.request(2, 3, false, W, &mut out).unwrap();
+        h.request(1, 3, false, W, false, &mut out).unwrap();
+        h.request(2, 3, false, W, false, &mut out).unwrap();
         assert_eq!(out, vec![grant(1, 3, Source::Inline), grant(2, 3, Source::Inline)]);
         let mut out = Vec::new();
-        home0(true).request(1, 3, false, W, &mut out).unwrap();
+        home0(true).request(1, 3, false, W, false, &mut out).unwrap();
         assert_eq!(out, vec![grant(1, 3, Source::ReadFrom(0))]);
     }
 
@@ -203,10 +243,10 @@ mod tests {
     fn a_new_writer_waits_until_every_sharer_knows() {
         let mut h = home0(false);
         let mut out = Vec::new();
-        h.request(1, 3, false, W, &mut out).unwrap();
-        h.request(2, 3, false, W, &mut out).unwrap();
+        h.request(1, 3, false, W, false, &mut out).unwrap();
+        h.request(2, 3, false, W, false, &mut out).unwrap();
         out.clear();
-        h.request(3, 3, true, W, &mut out).unwrap();
+        h.request(3, 3, true, W, false, &mut out).unwrap();
         assert_eq!(
             out,
             vec![
@@ -216,7 +256,7 @@ mod tests {
         );
         out.clear();
         // A reader meanwhile queues behind the writer.
-        h.request(1, 3, false, W, &mut out).unwrap();
+        h.request(1, 3, false, W, false, &mut out).unwrap();
         h.written_ack(1, 3, &mut out).unwrap();
         assert!(out.is_empty());
         assert_eq!(h.written_ack(1, 3, &mut out), Err(Violation::UnexpectedAck { from: 1, page: 3 }));
@@ -237,27 +277,94 @@ mod tests {
     fn a_single_writer_keeps_its_copy_and_the_home_writes_without_copies() {
         let mut h = home0(false);
         let mut out = Vec::new();
-        h.request(1, 3, true, W, &mut out).unwrap();
+        h.request(1, 3, true, W, false, &mut out).unwrap();
         assert_eq!(out, vec![grant(1, 3, Source::Inline)], "only writer: not volatile for itself");
         out.clear();
         // The home writes too: rank 1 learns, and the home's own grant needs no copy.
-        h.request(0, 3, true, W, &mut out).unwrap();
+        h.request(0, 3, true, W, false, &mut out).unwrap();
         assert_eq!(out, vec![Send { to: 1, msg: Msg::Written { page: 3, ack: true } }]);
         out.clear();
         h.written_ack(1, 3, &mut out).unwrap();
         assert_eq!(out, vec![grant(0, 3, Source::Valid)]);
         out.clear();
         // A second writer: everybody already knows, nobody else is told.
-        h.request(2, 3, true, W, &mut out).unwrap();
+        h.request(2, 3, true, W, false, &mut out).unwrap();
         assert_eq!(out, vec![Send { to: 2, msg: Msg::Written { page: 3, ack: false } }, grant(2, 3, Source::Inline)]);
+    }
+
+    #[test]
+    fn a_home_that_wrote_before_anybody_shared_counts_as_a_writer() {
+        let mut h = home0(false);
+        let mut out = Vec::new();
+        // The home wrote page 3 alone (no message); rank 1 comes: its copy is volatile.
+        h.request(1, 3, false, W, true, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 1, msg: Msg::Written { page: 3, ack: false } }, grant(1, 3, Source::Inline)]);
+        out.clear();
+        // The home's own registration, if it also asked, finds itself a writer already.
+        h.request(0, 3, true, W, true, &mut out).unwrap();
+        assert_eq!(out, vec![grant(0, 3, Source::Valid)]);
+        out.clear();
+        // A second reader learns it from the start; rank 1 is not told again.
+        h.request(2, 3, false, W, true, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 2, msg: Msg::Written { page: 3, ack: false } }, grant(2, 3, Source::Inline)]);
+        // Seen by the home only at a later sharer: the earlier ones are told and acknowledge.
+        let mut h = home0(false);
+        let mut out = Vec::new();
+        h.request(1, 5, false, W, false, &mut out).unwrap();
+        out.clear();
+        h.request(2, 5, false, W, true, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 1, msg: Msg::Written { page: 5, ack: true } }]);
+        out.clear();
+        h.written_ack(1, 5, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 2, msg: Msg::Written { page: 5, ack: false } }, grant(2, 5, Source::Inline)]);
+    }
+
+    #[test]
+    fn a_rank_that_read_by_itself_becomes_a_sharer_and_learns_what_the_home_knows() {
+        let mut h = home0(true);
+        let mut out = Vec::new();
+        h.share(1, 3, false, &mut out).unwrap();
+        assert!(out.is_empty(), "nobody writes page 3: nothing to say");
+        // A writer registers: the sharer is told, and the writer's grant waits for it.
+        h.request(2, 3, true, W, false, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 1, msg: Msg::Written { page: 3, ack: true } }]);
+        out.clear();
+        // Another rank reads by itself meanwhile: told at once (rank 2 writes).
+        h.share(3, 3, false, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 3, msg: Msg::Written { page: 3, ack: false } }]);
+        out.clear();
+        h.written_ack(1, 3, &mut out).unwrap();
+        assert_eq!(out, vec![grant(2, 3, Source::ReadFrom(0))]);
+        // The home wrote page 5 alone before its first sharer: a writer from then on.
+        out.clear();
+        h.share(1, 5, true, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 1, msg: Msg::Written { page: 5, ack: false } }]);
+        out.clear();
+        h.request(0, 5, true, W, true, &mut out).unwrap();
+        assert_eq!(out, vec![grant(0, 5, Source::Valid)]);
+        // With an earlier sharer, the home's own registration (on its way) tells the others.
+        out.clear();
+        h.share(1, 6, false, &mut out).unwrap();
+        h.share(2, 6, true, &mut out).unwrap();
+        assert_eq!(out, vec![Send { to: 2, msg: Msg::Written { page: 6, ack: false } }]);
+        out.clear();
+        h.request(0, 6, true, W, true, &mut out).unwrap();
+        let told = |r| Send { to: r, msg: Msg::Written { page: 6, ack: true } };
+        assert_eq!(out, vec![told(1), told(2)]);
+        out.clear();
+        h.written_ack(1, 6, &mut out).unwrap();
+        h.written_ack(2, 6, &mut out).unwrap();
+        assert_eq!(out, vec![grant(0, 6, Source::Valid)]);
+        assert_eq!(h.share(0, 6, false, &mut out), Err(Violation::NotHome { from: 0, page: 6 }));
+        assert_eq!(h.share(1, 17, false, &mut out), Err(Violation::NotHome { from: 1, page: 17 }));
     }
 
     #[test]
     fn requests_for_other_homes_and_pages_are_refused() {
         let mut h = home0(false);
         let mut out = Vec::new();
-        assert_eq!(h.request(1, 17, false, W, &mut out), Err(Violation::NotHome { from: 1, page: 17 }));
-        assert_eq!(h.request(1, 64, false, W, &mut out), Err(Violation::PageOutOfRange { from: 1, page: 64 }));
+        assert_eq!(h.request(1, 17, false, W, false, &mut out), Err(Violation::NotHome { from: 1, page: 17 }));
+        assert_eq!(h.request(1, 64, false, W, false, &mut out), Err(Violation::PageOutOfRange { from: 1, page: 64 }));
         assert_eq!(h.written_ack(1, 3, &mut out), Err(Violation::UnexpectedAck { from: 1, page: 3 }));
         assert_eq!(h.check_diff(1, 3), Err(Violation::NotAWriter { from: 1, page: 3 }));
         assert!(out.is_empty());

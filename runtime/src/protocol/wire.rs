@@ -75,10 +75,11 @@ enum Tag {
     Diff = 19,
     Fence = 20,
     Fenced = 21,
+    Share = 22,
 }
 
 /// Number of message types (tags `0..TAGS`).
-pub const TAGS: u8 = 22;
+pub const TAGS: u8 = 23;
 
 impl Tag {
     fn of(b: u8) -> Option<Tag> {
@@ -106,6 +107,7 @@ impl Tag {
             Diff,
             Fence,
             Fenced,
+            Share,
         ];
         ALL.get(b as usize).copied()
     }
@@ -251,6 +253,7 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
         Msg::SizeReply { waiter, size } => put(buf, Tag::SizeReply, nw(size, waiter).as_bytes(), &[]),
         Msg::Written { page, ack } => put(buf, Tag::Written, pf(page, ack).as_bytes(), &[]),
         Msg::WrittenAck { page } => put(buf, Tag::WrittenAck, pf(page, false).as_bytes(), &[]),
+        Msg::Share { page } => put(buf, Tag::Share, pf(page, false).as_bytes(), &[]),
         Msg::Diff { page } => put(buf, Tag::Diff, n(page).as_bytes(), payload),
         Msg::Fence { waiter } => put(buf, Tag::Fence, nw(0, waiter).as_bytes(), &[]),
         Msg::Fenced { waiter } => put(buf, Tag::Fenced, nw(0, waiter).as_bytes(), &[]),
@@ -324,7 +327,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 }
             }
         }
-        Tag::Done | Tag::Revoke | Tag::RevokeAck | Tag::Written | Tag::WrittenAck => {
+        Tag::Done | Tag::Revoke | Tag::RevokeAck | Tag::Written | Tag::WrittenAck | Tag::Share => {
             let (m, _) = body::<PageFlag>(t, b, false)?;
             let (page, f) = (m.page.get(), flag(t, m.flag)?);
             match tag {
@@ -333,6 +336,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 _ if f => return Err(DecodeError::BadField { tag: t, field: "flag" }),
                 Tag::Done => Msg::Done { page },
                 Tag::WrittenAck => Msg::WrittenAck { page },
+                Tag::Share => Msg::Share { page },
                 _ => Msg::RevokeAck { page },
             }
         }
@@ -415,6 +419,7 @@ mod tests {
             Msg::Written { page: 4, ack: true },
             Msg::Written { page: 4, ack: false },
             Msg::WrittenAck { page: 4 },
+            Msg::Share { page: 6 },
             Msg::Fence { waiter: w },
             Msg::Fenced { waiter: w },
             Msg::Ping,

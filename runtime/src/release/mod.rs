@@ -18,6 +18,7 @@
 
 mod pageset;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Error;
@@ -43,7 +44,13 @@ pub struct ReleaseState {
     page: usize,
     /// One release or acquire at a time; the buffer a diff is encoded into.
     sync: Mutex<Vec<u8>>,
+    /// Homes told `Share` since the last acquire: the acquire fences them first, so that it knows
+    /// every page those copies may have to drop.
+    unfenced: [AtomicU64; RANK_WORDS],
 }
+
+/// Words of [`ReleaseState::unfenced`] (one bit per rank).
+const RANK_WORDS: usize = RankSet::CAPACITY / 64;
 
 impl ReleaseState {
     pub fn new(pages: usize, page: usize) -> Result<ReleaseState, Error> {
@@ -53,7 +60,26 @@ impl ReleaseState {
             twins: LazyArray::new(pages * page)?,
             page,
             sync: Mutex::new(Vec::new()),
+            unfenced: std::array::from_fn(|_| AtomicU64::new(0)),
         })
+    }
+
+    /// This rank told `home` that it read a copy by itself. Async-signal-safe.
+    pub fn told_share(&self, home: usize) {
+        self.unfenced[home / 64].fetch_or(1 << (home % 64), Ordering::AcqRel);
+    }
+
+    /// The homes told `Share` since the last call.
+    fn take_unfenced(&self) -> RankSet {
+        let mut set = RankSet::empty();
+        for (i, w) in self.unfenced.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                set = set.with(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        set
     }
 
     /// Takes the twin of `page` (its runtime view) and records the page as written. The caller
@@ -177,6 +203,9 @@ pub fn release(rt: &Runtime) {
 pub fn acquire(rt: &Runtime) {
     let Some(rc) = rt.release() else { return };
     let mut buf = rc.sync.lock().unwrap_or_else(|p| p.into_inner());
+    // Copies read by ourselves: their homes' answers (which of those pages others write) come
+    // before the answer to the fence.
+    fence(rt, rc.take_unfenced());
     let mut homes = RankSet::empty();
     let mut dropped = 0;
     rc.volatile_held.drain(|page| {

@@ -3,8 +3,12 @@
 
 use crate::util::{collective, mix, vread, vwrite, Args, Outcome};
 
-/// Every rank runs three data-race-free phases and checks every byte it reads:
+/// Every rank runs four data-race-free phases and checks every byte it reads:
 ///
+/// 0. **Read first, written later.** Every rank reads every page of an array (one page homed
+///    at each rank) before anybody writes it; then each home writes its page; after a barrier
+///    every rank sees every page's new value (a copy read straight from the home's memory is
+///    registered, and dropped at the acquire once its home writes it).
 /// 1. **Several writers per page.** `--rounds` rounds over a `--pages`-page array (placed by
 ///    blocks, so every page has one home that also writes it): in round k, rank r writes the bytes
 ///    `i` with `i % N == r` to `f(k, i)`; after a barrier every rank checks every byte. Writers of
@@ -23,6 +27,23 @@ pub fn rc_drf(args: &Args) -> Outcome {
     let shared = collective(len)?;
     let bytes = shared.0 as *mut u8;
     let value = |k: u64, i: usize| (mix(k * 1_000_003 + i as u64) as u8) | 1;
+
+    // 0. Read first, written later.
+    let late = collective(size * page)?;
+    for round in 1..=3u64 {
+        for r in 0..size {
+            // SAFETY: a word of page r of `late`; its home writes it only between the barriers.
+            let got = unsafe { vread(late.at(r * page)) };
+            let want = if round == 1 { 0 } else { (round - 1) * 1000 + r as u64 };
+            if got != want {
+                return Err(format!("round {round}: page {r} of the late array reads {got}, expected {want}"));
+            }
+        }
+        gallocy::barrier();
+        // SAFETY: page `rank` of `late` is ours (block placement makes us its home).
+        unsafe { vwrite(late.at(rank * page), round * 1000 + rank as u64) };
+        gallocy::barrier();
+    }
 
     // 1. Interleaved bytes.
     for k in 0..rounds {
