@@ -46,6 +46,30 @@ fn several_writers_per_page_locks_and_quiet_pages_are_exact_on_2_to_4_ranks() {
     }
 }
 
+/// A randomized data-race-free program (owners of runs of bytes change every epoch; two threads
+/// per rank; a locked counter per rank), every byte checked after every epoch, on 2 to 4 ranks
+/// and under each placement of the array.
+#[test]
+fn a_randomized_data_race_free_program_is_exact() {
+    let _g = serial();
+    let epochs = count(40, 10);
+    for (n, seed) in [(2, "1"), (3, "2"), (4, "3")] {
+        let p = release_ok(n, &["rc-random", "--epochs", &epochs, "--seed", seed, "--threads", "2"], limit(3 * MIN));
+        for r in 0..n {
+            assert!(number_before(&p, r, "rc-random", "copies dropped") > 0, "rank {r}\n{}", p.report());
+        }
+    }
+    for placement in ["first-touch", "cyclic"] {
+        let label = format!(
+            "GALLOCY_PLACEMENT={placement} GALLOCY_CONSISTENCY=release gallocy run -n 3 -- gallocy-scenario rc-random"
+        );
+        let mut cmd = launcher_cmd(3, &["rc-random", "--epochs", &epochs, "--seed", "4"]);
+        cmd.env("GALLOCY_CONSISTENCY", "release").env("GALLOCY_PLACEMENT", placement);
+        let p = run(&label, &mut cmd, limit(3 * MIN));
+        assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
+    }
+}
+
 #[test]
 fn a_locked_counter_is_exact_under_release_consistency() {
     let _g = serial();

@@ -52,6 +52,9 @@ scenarios (all ranks run the same NAME):
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
   rc-drf      [--rounds N] [--pages P]       data-race-free writers, locks and quiet pages under
                                              GALLOCY_CONSISTENCY=release, checked bit for bit
+  rc-random   [--epochs E] [--pages P] [--threads T] [--seed S]
+                                             a randomized data-race-free program under
+                                             GALLOCY_CONSISTENCY=release, every byte checked
   stack       [--pages P]                    alternate signal stack use of remote faults (2 ranks)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
@@ -107,6 +110,7 @@ fn main() {
         "scale" => scale::scale,
         "release" => release::release,
         "rc-drf" => relaxed::rc_drf,
+        "rc-random" => relaxed::rc_random,
         "stack" => stack::stack,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };

@@ -128,3 +128,112 @@ pub fn rc_drf(args: &Args) -> Outcome {
         after.diffs_sent, after.self_invalidations
     ))
 }
+
+/// rc-random: a randomized data-race-free program under release consistency, checked against
+/// the values every rank can compute. `--epochs` epochs over a `--pages`-page array, `--threads`
+/// threads per rank. In epoch e, byte i belongs to rank `owner(e, i)` and is written (by one of
+/// that rank's threads, chosen by i) when `writes(e, i)`; every thread also reads bytes no rank
+/// writes in this epoch, and its own bytes. A barrier ends each epoch; then every thread checks
+/// a random sample of bytes and one thread checks all of them. Every epoch also adds to one
+/// counter per rank under a global lock.
+pub fn rc_random(args: &Args) -> Outcome {
+    let epochs = args.usize_or("--epochs", 30) as u64;
+    let pages = args.usize_or("--pages", 6).max(1);
+    let threads = args.usize_or("--threads", 2).max(1);
+    let seed = args.usize_or("--seed", 1) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let page = gallocy::page_size();
+    let len = pages * page;
+    let shared = collective(len)?;
+    let counters = collective(page)?;
+    let h = move |e: u64, i: usize, salt: u64| mix(seed ^ mix(e * 0x1_0000_0001 + i as u64 * 7919 + salt));
+    // Who owns byte i in epoch e, whether it is written then, and its value after epoch e.
+    let owner = move |e: u64, i: usize| {
+        // Runs of bytes share an owner, so pages are shared by ranks in pieces of every size.
+        let run = 1 + (h(e, 0, 9) % 64) as usize;
+        (h(e, i / run, 1) % size as u64) as usize
+    };
+    let writes = move |e: u64, i: usize| h(e, i, 2) % 3 != 0;
+    let value_after =
+        move |e: u64, i: usize| -> u8 { (0..=e).rev().find(|k| writes(*k, i)).map_or(0, |k| (h(k, i, 3) as u8) | 1) };
+    let base = shared.0;
+    let failures = std::sync::atomic::AtomicU64::new(0);
+    let first_failure = std::sync::Mutex::new(None::<String>);
+    for e in 0..epochs {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (failures, first_failure) = (&failures, &first_failure);
+                s.spawn(move || {
+                    let fail = |msg: String| {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        first_failure.lock().unwrap().get_or_insert(msg);
+                    };
+                    for i in (0..len).filter(|i| owner(e, *i) == rank && i % threads == t) {
+                        let p = (base + i) as *mut u8;
+                        if writes(e, i) {
+                            // SAFETY: byte i of the array: this thread alone writes it this epoch.
+                            unsafe { p.write_volatile((h(e, i, 3) as u8) | 1) };
+                        } else {
+                            // SAFETY: nobody writes byte i this epoch.
+                            let got = unsafe { p.read_volatile() };
+                            let want = if e == 0 { 0 } else { value_after(e - 1, i) };
+                            if got != want {
+                                fail(format!(
+                                    "epoch {e}: own unwritten byte {i} reads {got:#04x}, expected {want:#04x}"
+                                ));
+                            }
+                        }
+                    }
+                    // Reads of bytes nobody writes this epoch, anywhere in the array.
+                    for k in 0..256 {
+                        let i = (h(e, k, 4 + t as u64 + 16 * rank as u64) % len as u64) as usize;
+                        if !writes(e, i) {
+                            // SAFETY: nobody writes byte i this epoch.
+                            let got = unsafe { ((base + i) as *const u8).read_volatile() };
+                            let want = if e == 0 { 0 } else { value_after(e - 1, i) };
+                            if got != want {
+                                fail(format!(
+                                    "epoch {e}: byte {i} (nobody writes it now) reads {got:#04x}, expected {want:#04x}"
+                                ));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        gallocy::lock(3);
+        // SAFETY: word `rank` of the counter page; lock 3 orders every access to these words.
+        unsafe { vwrite(counters.word(rank), vread(counters.word(rank)) + 1) };
+        gallocy::unlock(3);
+        gallocy::barrier();
+        // Everything written in epoch e is visible now.
+        for i in 0..len {
+            // SAFETY: nobody writes before the next epoch starts after this check (the writes of
+            // epoch e + 1 come after the barrier below).
+            let got = unsafe { ((base + i) as *const u8).read_volatile() };
+            let want = value_after(e, i);
+            if got != want {
+                return Err(format!(
+                    "after epoch {e}: byte {i} (owner rank {}) reads {got:#04x}, expected {want:#04x}",
+                    owner(e, i)
+                ));
+            }
+        }
+        gallocy::barrier();
+    }
+    if let Some(msg) = first_failure.into_inner().unwrap() {
+        return Err(format!("{} bad reads; first: {msg}", failures.into_inner()));
+    }
+    for r in 0..size {
+        // SAFETY: after the barriers nobody writes the counters.
+        let got = unsafe { vread(counters.word(r)) };
+        if got != epochs {
+            return Err(format!("rank {r}'s locked counter is {got}, expected {epochs}"));
+        }
+    }
+    let st = gallocy::stats();
+    Ok(format!(
+        "{epochs} epochs on {pages} pages, {threads} threads: {} diffs, {} copies dropped, {} pages read directly",
+        st.diffs_sent, st.self_invalidations, st.pages_read_directly
+    ))
+}
