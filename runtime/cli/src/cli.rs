@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-//! gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
+//! gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--consistency sequential|release] [--grace SECONDS]
 //! gallocy --help | --version
 //! ```
 //!
@@ -24,13 +24,13 @@ use crate::launch::{self, LaunchSpec, MAX_RANKS};
 pub const SYNOPSIS: &str = "\
 usage:
   gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-  gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
+  gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--consistency sequential|release] [--grace SECONDS]
   gallocy --help | --version
 ";
 
 const USAGE: &str = "\
 gallocy run -n N [--preload] [--transport auto|tcp|rdma] [--grace SECONDS] [--] PROGRAM [ARGS...]
-       gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]
+       gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--consistency sequential|release] [--grace SECONDS]
        gallocy --help | --version";
 
 const DETAILS: &str = "\
@@ -109,7 +109,7 @@ pub enum Command {
     /// Run a distributed Jacobi solve on a grid in the shared heap and check it bit for bit
     /// against a single-process solve; prints runtime statistics (GALLOCY_STATS=1)
     #[command(
-        override_usage = "gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--grace SECONDS]",
+        override_usage = "gallocy demo [-n N] [--size S] [--iters K] [--threads T] [--transport auto|tcp|rdma] [--consistency sequential|release] [--grace SECONDS]",
         after_help = DEMO_DETAILS,
         args_override_self = true
     )]
@@ -159,6 +159,10 @@ pub struct DemoArgs {
     /// auto, tcp or rdma, as for `run` [default: GALLOCY_TRANSPORT, else auto]
     #[arg(long, value_name = "NAME")]
     pub transport: Option<String>,
+    /// The memory model of the ranks: sequential or release (GALLOCY_CONSISTENCY) [default:
+    /// GALLOCY_CONSISTENCY, else sequential]
+    #[arg(long, value_name = "MODEL")]
+    pub consistency: Option<String>,
     /// Time the other ranks get to exit after one failed, 0..=86400 [default: 5]
     #[arg(long, value_name = "SECONDS", value_parser = seconds, allow_negative_numbers = true)]
     pub grace: Option<Duration>,
@@ -186,7 +190,7 @@ pub struct Problem {
 #[derive(Debug)]
 pub enum Cmd {
     Run(LaunchSpec),
-    Demo { ranks: usize, problem: Problem, grace: Duration, transport: String },
+    Demo { ranks: usize, problem: Problem, grace: Duration, transport: String, consistency: String },
     DemoRank(Problem),
 }
 
@@ -254,7 +258,14 @@ fn demo_cmd(a: DemoArgs) -> Result<Cmd, CliError> {
     if let Err(e) = launch::check_transport(&transport) {
         return usage(format!("demo: {e}"));
     }
-    Ok(Cmd::Demo { ranks, problem, grace: a.grace.unwrap_or(launch::DEFAULT_GRACE), transport })
+    let consistency = a
+        .consistency
+        .or_else(|| std::env::var("GALLOCY_CONSISTENCY").ok())
+        .map_or_else(|| "sequential".to_owned(), |c| c.trim().to_owned());
+    if !matches!(consistency.as_str(), "sequential" | "release") {
+        return usage(format!("demo: unknown consistency {consistency:?} (sequential or release)"));
+    }
+    Ok(Cmd::Demo { ranks, problem, grace: a.grace.unwrap_or(launch::DEFAULT_GRACE), transport, consistency })
 }
 
 /// Checks the demo problem's bounds.
@@ -321,7 +332,9 @@ fn spell_np(args: &[OsString]) -> Vec<OsString> {
                 i += 2;
             }
             "--" => break,
-            "-n" | "--nprocs" | "--transport" | "--grace" | "--size" | "--iters" | "--threads" => i += 2,
+            "-n" | "--nprocs" | "--transport" | "--consistency" | "--grace" | "--size" | "--iters" | "--threads" => {
+                i += 2
+            }
             a if a.starts_with('-') && a.len() > 1 => i += 1,
             _ if sub == Some("run") => break, // PROGRAM
             _ => i += 1,
@@ -504,5 +517,8 @@ mod tests {
         assert_eq!((ranks, problem.size, problem.iters, problem.threads), (2, 64, 10, 2));
         let Ok(Cmd::DemoRank(p)) = parse(&args(&[DEMO_RANK, "64", "10", "2"])) else { panic!() };
         assert_eq!(p, problem);
+        let Ok(Cmd::Demo { consistency, .. }) = parse(&args(&["demo", "--consistency", "release"])) else { panic!() };
+        assert_eq!(consistency, "release");
+        assert!(matches!(parse(&args(&["demo", "--consistency", "weak"])), Err(CliError::Usage(_))));
     }
 }

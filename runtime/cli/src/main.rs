@@ -35,7 +35,9 @@ fn main() -> ExitCode {
 fn execute(cmd: Cmd) -> i32 {
     match cmd {
         Cmd::Run(spec) => launch_job(&spec),
-        Cmd::Demo { ranks, problem, grace, transport } => demo(ranks, problem, grace, transport),
+        Cmd::Demo { ranks, problem, grace, transport, consistency } => {
+            demo(ranks, problem, grace, transport, consistency)
+        }
         Cmd::DemoRank(problem) => demo_rank(problem).unwrap_or_else(|e| {
             eprintln!("gallocy demo: {e:#}");
             1
@@ -58,7 +60,7 @@ fn launch_job(spec: &LaunchSpec) -> i32 {
 // ---------------------------------------------------------------- demo
 
 /// Launches `ranks` copies of this executable as demo ranks.
-fn demo(ranks: usize, p: Problem, grace: Duration, transport: String) -> i32 {
+fn demo(ranks: usize, p: Problem, grace: Duration, transport: String, consistency: String) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
@@ -67,7 +69,7 @@ fn demo(ranks: usize, p: Problem, grace: Duration, transport: String) -> i32 {
         }
     };
     println!(
-        "gallocy demo: {ranks} processes x {} thread(s), Jacobi on a {n}x{n} grid, {} iterations, transport {transport} on 127.0.0.1{}",
+        "gallocy demo: {ranks} processes x {} thread(s), Jacobi on a {n}x{n} grid, {} iterations, {consistency} consistency, transport {transport} on 127.0.0.1{}",
         p.threads,
         p.iters,
         match (transport.as_str(), gallocy::RDMA_BUILT) {
@@ -80,6 +82,7 @@ fn demo(ranks: usize, p: Problem, grace: Duration, transport: String) -> i32 {
     let args = [DEMO_RANK.to_string(), p.size.to_string(), p.iters.to_string(), p.threads.to_string()];
     let mut spec = LaunchSpec::new(ranks, exe, args.iter().map(OsString::from).collect());
     spec.env.push(("GALLOCY_STATS".into(), "1".into()));
+    spec.env.push(("GALLOCY_CONSISTENCY".into(), consistency.into()));
     spec.grace = grace;
     spec.transport = transport;
     let code = launch_job(&spec);

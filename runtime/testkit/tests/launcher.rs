@@ -379,11 +379,31 @@ fn demo_takes_a_transport_and_names_it() {
     let r = gallocy(&["demo", "-n", "2", "--size", "32", "--iters", "5", "--transport", "tcp"]);
     assert_eq!(r.status.and_then(|s| s.code()), Some(0), "{}", r.report());
     assert!(
-        r.stdout.contains("iterations, transport tcp on 127.0.0.1") && r.stdout.contains("gallocy demo: ok"),
+        r.stdout.contains("iterations, sequential consistency, transport tcp on 127.0.0.1")
+            && r.stdout.contains("gallocy demo: ok"),
         "{}",
         r.report()
     );
     let bad = gallocy(&["demo", "--transport", "udp"]);
     assert_eq!(bad.status.and_then(|s| s.code()), Some(2), "{}", bad.report());
     assert!(bad.stderr.contains("udp"), "{}", bad.report());
+}
+
+#[test]
+fn demo_runs_under_release_consistency_and_says_so() {
+    let r = gallocy(&["demo", "-n", "3", "--size", "64", "--iters", "20", "--consistency", "release"]);
+    assert_eq!(r.status.and_then(|s| s.code()), Some(0), "{}", r.report());
+    assert!(r.stdout.contains("iterations, release consistency,"), "{}", r.report());
+    assert!(r.stdout.contains("matches single-process result: yes"), "{}", r.report());
+    assert!(r.stdout.contains("speedup against the single-process solve"), "{}", r.report());
+    // Its statistics show the release consistency machinery at work: ranks drop the copies of
+    // their neighbours' rows at each barrier.
+    let dropped: u64 = format!("{}{}", r.stdout, r.stderr)
+        .lines()
+        .filter_map(|l| l.split("copies dropped at acquire ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .sum();
+    assert!(dropped > 0, "no copy dropped at an acquire\n{}", r.report());
+    let bad = gallocy(&["demo", "--consistency", "weak"]);
+    assert_eq!(bad.status.and_then(|s| s.code()), Some(2), "{}", bad.report());
 }
