@@ -378,6 +378,6 @@ mod tests {
     #[test]
     fn min_procs() {
         let m: Vec<usize> = CASES.iter().map(|c| c.min_procs()).collect();
-        assert_eq!(m, [2, 3, 2, 3, 5]);
+        assert_eq!(m, [2, 3, 2, 3, 5, 2]);
     }
 }

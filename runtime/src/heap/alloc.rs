@@ -402,7 +402,14 @@ pub struct Allocator {
     large: LazyArray<AtomicU32>,
     runs: Mutex<PageRuns>,
     central: Vec<Mutex<Central>>,
+    /// Gives the memory of a freed large block's pages back (set when the process joins a job
+    /// whose transport allows it; see [`Allocator::release_freed_pages_with`]).
+    page_releaser: std::sync::OnceLock<fn(usize, usize)>,
 }
+
+/// Freed blocks of at least this many bytes give their memory back (glibc's default mmap
+/// threshold: smaller blocks are reused soon).
+pub const RELEASE_THRESHOLD: usize = 128 * 1024;
 
 impl Allocator {
     /// The allocator of the arena `[arena_start, arena_end)` of the heap at `heap_base` (see
@@ -426,7 +433,14 @@ impl Allocator {
             large: LazyArray::new(heap_size / page).expect("mapping the block table"),
             runs: Mutex::new(runs),
             central: (0..CLASSES).map(|_| Mutex::new(Central::default())).collect(),
+            page_releaser: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on, a freed block of at least [`RELEASE_THRESHOLD`] bytes has `release(first
+    /// page, pages)` called on its pages before they can be handed out again.
+    pub fn release_freed_pages_with(&self, release: fn(usize, usize)) {
+        let _ = self.page_releaser.set(release);
     }
 
     /// The page (from the heap base) below which every page run handed out so far lies.
@@ -691,6 +705,12 @@ impl Allocator {
         match self.large.get(first).swap(0, Ordering::AcqRel) {
             0 => Err(AllocError::DoubleFree(addr)),
             n => {
+                // Before the pages can be handed out again: nobody else uses them meanwhile.
+                if n as usize * self.page >= RELEASE_THRESHOLD {
+                    if let Some(release) = self.page_releaser.get() {
+                        release(first, n as usize);
+                    }
+                }
                 let _g = RuntimeScope::enter();
                 self.runs.lock().unwrap_or_else(|p| p.into_inner()).insert(first, n as usize);
                 Ok(())

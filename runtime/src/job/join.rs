@@ -122,6 +122,19 @@ fn share_view_ids(rt: &Runtime) {
     rt.set_local_views(LocalViews::new(&ids, rt.rank(), rt.region().size));
 }
 
+/// Punches a hole for a freed block's pages in the heap's memfd (both views read zeros there
+/// afterwards; a block is uninitialised memory). Not in a forked child, which has no share of the
+/// heap. Failure only keeps the memory.
+fn release_freed_pages(first: usize, pages: usize) {
+    let Some(rt) = RUNTIME.get() else { return };
+    if rt.membership().forked() {
+        return;
+    }
+    if rt.region().release(first, pages).is_ok() {
+        rt.stats().count(&rt.stats().pages_released, pages as u64);
+    }
+}
+
 /// The joining steps of [`join`].
 fn connect(rt: &'static Runtime) -> Result<(), Error> {
     let os = |what: &str, e: i32| Error::Os { what: what.into(), source: std::io::Error::from_raw_os_error(e) };
@@ -163,6 +176,11 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
             crate::engine::Engine::new(rt).run();
         })
         .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
+    // Freed large blocks give their memory back, except with one-sided reads (RDMA registrations
+    // stay on the physical pages they pinned: a hole would leave peers reading a stale page).
+    if !rt.transport().is_some_and(|t| t.one_sided_reads()) {
+        rt.alloc().release_freed_pages_with(release_freed_pages);
+    }
     rt.membership().record_member_pid();
     rt.membership().set_phase(JOINED);
     Ok(())

@@ -194,6 +194,20 @@ fn dropped_copies_give_their_memory_back() {
     launch_ok(2, &args, limit(2 * MIN));
 }
 
+/// A freed block of 32 MiB gives its memory back at once (a hole in the heap's memfd), on every
+/// rank of a 2-rank job; a block reused afterwards reads back what was written. Over RDMA freed
+/// blocks keep their memory (registrations pin the pages), so only the contents are checked.
+#[test]
+fn freed_blocks_give_their_memory_back() {
+    let _g = serial();
+    let rdma = transport().is_some_and(|t| t == "rdma");
+    let mut args = vec!["freed", "--mib", "32"];
+    if !rdma {
+        args.push("--expect");
+    }
+    launch_ok(2, &args, limit(2 * MIN));
+}
+
 /// The fault path runs on the alternate signal stack of threads the runtime did not prepare (a
 /// program's own threads: std gives each one of its own, of `AT_MINSIGSTKSZ` or 8 KiB at least).
 /// Its deepest use, kernel signal frame included, must leave at least 1 KiB of such a stack free.

@@ -50,6 +50,7 @@ scenarios (all ranks run the same NAME):
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
+  freed       [--mib M] [--expect]           a freed large block gives its memory back
   rc-drf      [--rounds N] [--pages P]       data-race-free writers, locks and quiet pages under
                                              GALLOCY_CONSISTENCY=release, checked bit for bit
   rc-random   [--epochs E] [--pages P] [--threads T] [--seed S]
@@ -109,6 +110,7 @@ fn main() {
         "hostile" => hostile::hostile,
         "scale" => scale::scale,
         "release" => release::release,
+        "freed" => release::freed,
         "rc-drf" => relaxed::rc_drf,
         "rc-random" => relaxed::rc_random,
         "stack" => stack::stack,

@@ -75,3 +75,56 @@ pub fn release(args: &Args) -> Outcome {
     gallocy::barrier();
     Ok(summary)
 }
+
+/// freed [--mib M] [--expect]: a freed large block gives its memory back. Every rank mallocs M
+/// MiB of its own arena, writes every page, and frees it; it reports its `RssShmem` with the
+/// block and after the free, and the pages released. With `--expect` it fails unless most of the
+/// M MiB went back. A second block of the same size, written again, reads back exactly.
+pub fn freed(args: &Args) -> Outcome {
+    let mib = args.usize_or("--mib", 32);
+    let expect = args.flag("--expect");
+    gallocy::barrier();
+    let len = mib << 20;
+    let page = gallocy::page_size();
+    let rank = gallocy::rank() as u64;
+    let fill = |p: *mut u8, tag: u64| {
+        for i in (0..len).step_by(page) {
+            // SAFETY: inside the live block of `len` bytes at `p`, aligned for u64.
+            unsafe { vwrite(p.add(i).cast(), tag << 40 | rank << 32 | i as u64) };
+        }
+    };
+    let block = gallocy::malloc(len);
+    if block.is_null() {
+        return Err(format!("malloc({len}) returned null"));
+    }
+    fill(block, 1);
+    let held = rss_shmem_kib()?;
+    let released_before = gallocy::stats().pages_released;
+    // SAFETY: `block` came from gallocy::malloc and is not used afterwards.
+    unsafe { gallocy::free(block) };
+    let after = rss_shmem_kib()?;
+    let released = gallocy::stats().pages_released - released_before;
+    let summary = format!("RssShmem {held} KiB with the block, {after} KiB after free; {released} pages released");
+    if expect {
+        let back_kib = held.saturating_sub(after);
+        if (released as usize) < len / page * 9 / 10 || (back_kib as usize) < mib * 1024 * 3 / 4 {
+            return Err(format!("{summary}: expected most of {mib} MiB back"));
+        }
+    }
+    let again = gallocy::malloc(len);
+    if again.is_null() {
+        return Err(format!("malloc({len}) returned null after the free"));
+    }
+    fill(again, 2);
+    for i in (0..len).step_by(page) {
+        // SAFETY: as above.
+        let got = unsafe { vread(again.add(i).cast()) };
+        if got != 2 << 40 | rank << 32 | i as u64 {
+            return Err(format!("offset {i} of a block reused after a release reads {got:#x}"));
+        }
+    }
+    // SAFETY: as above.
+    unsafe { gallocy::free(again) };
+    gallocy::barrier();
+    Ok(summary)
+}
