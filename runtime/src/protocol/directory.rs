@@ -160,12 +160,7 @@ impl Directory {
         waiter: Waiter,
         out: &mut Vec<Send>,
     ) -> Result<(), Violation> {
-        if !self.placement.contains(page) {
-            return Err(Violation::PageOutOfRange { from, page });
-        }
-        if self.placement.home(page) != self.me {
-            return Err(Violation::NotHome { from, page });
-        }
+        self.placement.check_home(self.me, from, page)?;
         let req = Req { from, waiter, write };
         let e = self.entry(page);
         if e.txn.is_some() {

@@ -238,6 +238,18 @@ impl Placement {
         }
     }
 
+    /// Checks a message from `from` that rank `me` receives as `page`'s home: the page lies in the
+    /// heap and `me` is its home.
+    pub fn check_home(&self, me: Rank, from: Rank, page: Page) -> Result<(), super::Violation> {
+        if !self.contains(page) {
+            return Err(super::Violation::PageOutOfRange { from, page });
+        }
+        if self.home(page) != me {
+            return Err(super::Violation::NotHome { from, page });
+        }
+        Ok(())
+    }
+
     /// The rank whose arena holds `page` (its allocator hands it out and takes it back).
     pub fn arena_rank(&self, page: Page) -> Rank {
         ((page / self.pages_per_arena) as Rank).min(self.ranks - 1)

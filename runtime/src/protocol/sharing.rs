@@ -78,12 +78,7 @@ impl Sharing {
         home_writes: bool,
         out: &mut Vec<Send>,
     ) -> Result<(), Violation> {
-        if !self.placement.contains(page) {
-            return Err(Violation::PageOutOfRange { from, page });
-        }
-        if self.placement.home(page) != self.me {
-            return Err(Violation::NotHome { from, page });
-        }
+        self.placement.check_home(self.me, from, page)?;
         let req = Req { from, waiter, write, home_writes };
         let e = self.pages.entry(page).or_default();
         if e.waiting.is_some() {
@@ -98,10 +93,8 @@ impl Sharing {
     /// it is a sharer now, told at once if the page is volatile for it. `home_writes` as for
     /// [`Sharing::request`].
     pub fn share(&mut self, from: Rank, page: Page, home_writes: bool, out: &mut Vec<Send>) -> Result<(), Violation> {
-        if !self.placement.contains(page) {
-            return Err(Violation::PageOutOfRange { from, page });
-        }
-        if self.placement.home(page) != self.me || from == self.me {
+        self.placement.check_home(self.me, from, page)?;
+        if from == self.me {
             return Err(Violation::NotHome { from, page });
         }
         let me = self.me;
@@ -149,12 +142,7 @@ impl Sharing {
     /// Whether `from` may send diffs of `page`: this rank is its home and `from` registered as
     /// one of its writers.
     pub fn check_diff(&self, from: Rank, page: Page) -> Result<(), Violation> {
-        if !self.placement.contains(page) {
-            return Err(Violation::PageOutOfRange { from, page });
-        }
-        if self.placement.home(page) != self.me {
-            return Err(Violation::NotHome { from, page });
-        }
+        self.placement.check_home(self.me, from, page)?;
         match self.pages.get(&page) {
             Some(e) if e.writers.contains(from) => Ok(()),
             _ => Err(Violation::NotAWriter { from, page }),
