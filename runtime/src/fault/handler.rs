@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Error;
+use crate::fault::access_kind::{reported_write, write_or_infer};
 use crate::fault::acquire::{acquire, fatal_raw, wait_for_exit};
 use crate::job::membership::{JOINING, LOCAL};
 use crate::job::runtime::{Runtime, RUNTIME};
@@ -88,22 +89,6 @@ pub fn prepare_thread() {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn is_write(ctx: *mut libc::c_void) -> bool {
-    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler; on x86-64 the page
-    // fault error code is saved in REG_ERR and bit 1 means "write".
-    unsafe {
-        let uc = ctx as *const libc::ucontext_t;
-        (*uc).uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn is_write(_ctx: *mut libc::c_void) -> bool {
-    // Unknown: ask for read access; a write will fault again and upgrade.
-    false
-}
-
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // The interrupted code may be between a failing call and its read of errno; our futex and
     // socket calls must not change what it reads.
@@ -112,7 +97,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // SAFETY: the kernel passes a valid siginfo_t.
     let addr = unsafe { (*info).si_addr() } as usize;
     let handled =
-        RUNTIME.get().is_some_and(|rt| rt.region().contains(addr) && handle_heap_fault(rt, addr, is_write(ctx)));
+        RUNTIME.get().is_some_and(|rt| rt.region().contains(addr) && handle_heap_fault(rt, addr, reported_write(ctx)));
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
     if !handled {
@@ -154,11 +139,12 @@ thread_local! {
 }
 
 /// Resolves a fault at `addr` in the heap. Returns false if it is not ours to resolve.
-fn handle_heap_fault(rt: &Runtime, addr: usize, write: bool) -> bool {
+fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) -> bool {
     if rt.size() == 1 {
         return false;
     }
     let page = rt.page_of(addr);
+    let write = write_or_infer(reported_write, rt.pt().permits(page, false));
     match rt.membership().phase() {
         // Not joined: the heap is private memory and the arena is open; any other page is not
         // the program's to touch (a foreign fault).

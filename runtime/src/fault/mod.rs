@@ -6,6 +6,7 @@
 //! module, the handler reaches only `Runtime`'s accessors, the page table, `Region::protect`,
 //! `sys/` and `preload::fault_while_frozen`.
 //!
+//! - [`access_kind`]: whether a fault was a read or a write, from what the kernel reports.
 //! - [`handler`]: installing the handler, telling our faults from foreign ones, chaining.
 //! - [`acquire`]: getting a page from its home and waiting for it; answers a waiting thread
 //!   takes from the sockets itself.
@@ -15,6 +16,7 @@
 //! - [`slots`]: the wait slots threads wait in.
 //! - [`gate`]: the gate heap faults wait at while the heap's mappings change.
 
+pub mod access_kind;
 pub mod acquire;
 pub mod gate;
 pub mod handler;
