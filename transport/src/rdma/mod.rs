@@ -377,6 +377,11 @@ pub struct RdmaTransport {
     owed: Option<crate::tcp::PageCheck>,
     recv: Mutex<Vec<RecvPeer>>,
     completions: Mutex<Completions>,
+    /// READs the service thread posted (with a token) whose completion nobody has reaped yet.
+    /// Only while there are some does the service thread ask for an event on the send queue's
+    /// completions: a READ of the fault path (`read_inline`) is polled by its own thread, and
+    /// a wake-up of the service thread for each would only take the CPU from it.
+    service_reads: AtomicU64,
     chunks: Chunks,
 }
 
@@ -562,6 +567,9 @@ impl RdmaTransport {
                 let seq = wc.wr_id & ((1 << 48) - 1);
                 let Some(Some(link)) = self.links.get(peer) else { continue };
                 let token = link.tokens[(seq % SEND_DEPTH as u64) as usize].load(Ordering::Relaxed);
+                if token != NO_TOKEN {
+                    self.service_reads.fetch_sub(1, Ordering::AcqRel);
+                }
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
                     if !link.left.load(Ordering::Acquire) {
                         let _ = link.lost.compare_exchange(0, wc.status + 1, Ordering::AcqRel, Ordering::Acquire);
@@ -864,7 +872,10 @@ impl RdmaTransport {
                 c.reads_done.reserve(room);
             }
         }
-        self.post_read_keys(peer, span, token, lkey, rkey).map(drop)
+        self.service_reads.fetch_add(1, Ordering::AcqRel);
+        self.post_read_keys(peer, span, token, lkey, rkey).map(drop).inspect_err(|_| {
+            self.service_reads.fetch_sub(1, Ordering::AcqRel);
+        })
     }
 
     /// Posts the READ of `span` from `peer` with known keys; returns its send sequence number.
@@ -968,10 +979,17 @@ impl RdmaTransport {
     }
 
     /// Asks for a completion event on both queues.
+    /// Asks for a completion event before the service thread sleeps: always for receives; for
+    /// the send queue only while READs of the service thread are in flight (see
+    /// [`RdmaTransport::service_reads`]). Only the service thread posts those, so none can start
+    /// while it sleeps. Other send completions (slots coming free, the fault path's READs) are
+    /// reaped by the threads that wait for them, and a failed one also by the next poll.
     fn arm(&self) {
         // SAFETY: live CQs; a failure only costs a wake-up, which the poll timeout bounds.
         unsafe {
-            ibv_req_notify_cq(self.send_cq_raw(), 0);
+            if self.service_reads.load(Ordering::Acquire) > 0 {
+                ibv_req_notify_cq(self.send_cq_raw(), 0);
+            }
             ibv_req_notify_cq(self.recv_cq_raw(), 0);
         }
     }

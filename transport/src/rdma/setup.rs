@@ -292,6 +292,7 @@ pub fn connect(
         bufs: parts.bufs,
         recv: Mutex::new(recv),
         completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(size * SEND_DEPTH) }),
+        service_reads: AtomicU64::new(0),
         chunks: Chunks {
             local: zeroes(count),
             remote: zeroes(count * size),
