@@ -91,6 +91,9 @@ pub struct Settings {
     pub prefetch: u32,
     /// The memory model (`GALLOCY_CONSISTENCY`).
     pub consistency: Consistency,
+    /// The time slice the service thread asks the kernel for (`GALLOCY_SERVICE_SLICE_US`);
+    /// `None`: the kernel's default.
+    pub service_slice: Option<Duration>,
 }
 
 /// The memory model a job gives its programs (`GALLOCY_CONSISTENCY`).
@@ -161,6 +164,25 @@ fn parse_number(name: &str, default: u64, min: u64, max: u64, unit: &str) -> Res
 
 /// Largest `GALLOCY_SPIN_US` and `GALLOCY_HOLD_US`: one second.
 pub const MAX_SPIN_HOLD_US: u64 = 1_000_000;
+/// Bounds of `GALLOCY_SERVICE_SLICE_US`: the slices the kernel accepts (0.1 ms to 100 ms).
+pub const SERVICE_SLICE_US: std::ops::RangeInclusive<u64> = 100..=100_000;
+
+/// `GALLOCY_SERVICE_SLICE_US`: 0 or unset for the kernel's default, else a slice it accepts.
+fn service_slice() -> Result<Option<Duration>, Error> {
+    const NAME: &str = "GALLOCY_SERVICE_SLICE_US";
+    let Some(v) = var(NAME)? else { return Ok(None) };
+    let why = format!(
+        "must be 0 (the kernel's default) or a whole number of microseconds from {} to {}",
+        SERVICE_SLICE_US.start(),
+        SERVICE_SLICE_US.end()
+    );
+    match v.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(us) if SERVICE_SLICE_US.contains(&us) => Ok(Some(Duration::from_micros(us))),
+        _ => Err(Error::config(NAME, &v, &why)),
+    }
+}
+
 /// Largest `GALLOCY_SETUP_TIMEOUT` and `GALLOCY_PEER_TIMEOUT`: one day.
 pub const MAX_TIMEOUT_S: u64 = 86_400;
 
@@ -380,6 +402,7 @@ pub fn settings() -> Result<Settings, Error> {
         placement,
         consistency,
         prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
+        service_slice: service_slice()?,
     })
 }
 

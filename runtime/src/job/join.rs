@@ -173,6 +173,9 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
         .spawn(move || {
             std::mem::forget(RuntimeScope::enter());
             fault::handler::prepare_thread();
+            if let Some(slice) = rt.settings().service_slice {
+                crate::sys::sched::request_slice(slice);
+            }
             crate::engine::Engine::new(rt).run();
         })
         .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;

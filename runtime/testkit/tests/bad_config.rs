@@ -134,6 +134,9 @@ fn absurd_values_are_refused_naming_the_variable() {
         (&[("GALLOCY_PEER_TIMEOUT", "0")], "GALLOCY_PEER_TIMEOUT"),
         (&[("GALLOCY_PLACEMENT", "round-robin")], "GALLOCY_PLACEMENT"),
         (&[("GALLOCY_CONSISTENCY", "weak")], "GALLOCY_CONSISTENCY"),
+        (&[("GALLOCY_SERVICE_SLICE_US", "50")], "GALLOCY_SERVICE_SLICE_US"),
+        (&[("GALLOCY_SERVICE_SLICE_US", "100001")], "GALLOCY_SERVICE_SLICE_US"),
+        (&[("GALLOCY_SERVICE_SLICE_US", "fast")], "GALLOCY_SERVICE_SLICE_US"),
         // A coordinator that is not on loopback: the job may span hosts, so it needs a secret.
         (&[("GALLOCY_RANK", "1"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "10.213.8.1:7000")], "GALLOCY_TOKEN"),
         (&[("GALLOCY_CONSISTENCY", "Release")], "GALLOCY_CONSISTENCY"),

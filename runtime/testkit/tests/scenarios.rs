@@ -228,3 +228,26 @@ fn the_fault_path_fits_a_threads_own_alternate_stack() {
     assert!(used > 0, "no fault ran on the alternate stack\n{}", r.report());
     assert!(used + 1024 <= own.max(8192), "the fault path used {used} of {own} bytes\n{}", r.report());
 }
+
+/// `GALLOCY_SERVICE_SLICE_US` reaches the service thread of every rank, where the kernel shows
+/// slices (Linux 6.12 and later; elsewhere the test only checks that the job runs).
+#[test]
+fn the_service_thread_takes_the_slice_it_is_given() {
+    let _g = serial();
+    let slices = |extra: &[(&str, &str)]| -> Vec<String> {
+        let mut cmd = launcher_cmd(2, &["service-slice"]);
+        cmd.envs(extra.iter().copied());
+        let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
+        assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
+        p.stdout.lines().filter_map(|l| l.split_once("service slice ").map(|(_, s)| s.trim_end_matches(')').to_string())).collect()
+    };
+    let given = slices(&[("GALLOCY_SERVICE_SLICE_US", "300")]);
+    assert_eq!(given.len(), 2, "every rank reports its service thread's slice: {given:?}");
+    if given.iter().any(|s| s == "none") {
+        eprintln!("skipped: this kernel shows no slices ({given:?})");
+        return;
+    }
+    assert!(given.iter().all(|s| s == "300000"), "the slice given is 300 µs: {given:?}");
+    let default = slices(&[]);
+    assert!(default.iter().all(|s| s != "300000"), "without the variable the kernel's slice stays: {default:?}");
+}

@@ -57,6 +57,7 @@ scenarios (all ranks run the same NAME):
                                              a randomized data-race-free program under
                                              GALLOCY_CONSISTENCY=release, every byte checked
   stack       [--pages P]                    alternate signal stack use of remote faults (2 ranks)
+  service-slice                              prints the service thread's time slice (se.slice)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
                                              protocol forbids: a clear error, no hang
@@ -95,6 +96,7 @@ fn main() {
     let run: fn(&Args) -> Outcome = match name.as_str() {
         "fill64" => fill::fill64,
         "counter" => sync::counter,
+        "service-slice" => sync::service_slice,
         "relock" => sync::relock,
         "pingpong" => sync::pingpong,
         "disjoint" => sync::disjoint,

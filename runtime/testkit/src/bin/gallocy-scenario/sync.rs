@@ -260,3 +260,26 @@ pub fn contend(args: &Args) -> Outcome {
         counts.iter().sum::<u64>()
     ))
 }
+
+/// Reports the time slice of this process's service thread, as the kernel shows it
+/// (`se.slice` in /proc/self/task/TID/sched; "none" where the kernel shows no slice).
+pub fn service_slice(_args: &Args) -> Outcome {
+    // The service thread runs once the process has joined.
+    gallocy::barrier();
+    let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| format!("reading /proc/self/task: {e}"))?;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "gallocy-service" {
+            continue;
+        }
+        let sched = std::fs::read_to_string(task.path().join("sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1))
+            .map_or("none".to_string(), |v| v.trim().to_string());
+        gallocy::barrier();
+        return Ok(format!("service slice {slice}"));
+    }
+    Err("no thread named gallocy-service".into())
+}
