@@ -211,13 +211,13 @@ pub fn acquire(rt: &Runtime) {
     rc.volatile_held.drain(|page| {
         claim(rt, page);
         let access = rt.pt().access(page);
-        if access == Access::Write {
-            set_access(rt, page, Access::Read);
-            send_diff(rt, rc, page, &mut buf, &mut homes);
-        }
         if access != Access::None {
+            // Closed in one step (the diff reads the runtime view, which stays as it is).
             set_access(rt, page, Access::None);
             dropped += 1;
+        }
+        if access == Access::Write {
+            send_diff(rt, rc, page, &mut buf, &mut homes);
         }
         rt.pt().release(page);
     });

@@ -239,7 +239,10 @@ fn the_service_thread_takes_the_slice_it_is_given() {
         cmd.envs(extra.iter().copied());
         let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
         assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
-        p.stdout.lines().filter_map(|l| l.split_once("service slice ").map(|(_, s)| s.trim_end_matches(')').to_string())).collect()
+        p.stdout
+            .lines()
+            .filter_map(|l| l.split_once("service slice ").map(|(_, s)| s.trim_end_matches(')').to_string()))
+            .collect()
     };
     let given = slices(&[("GALLOCY_SERVICE_SLICE_US", "300")]);
     assert_eq!(given.len(), 2, "every rank reports its service thread's slice: {given:?}");
