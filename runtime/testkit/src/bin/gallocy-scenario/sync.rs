@@ -262,10 +262,38 @@ pub fn contend(args: &Args) -> Outcome {
 }
 
 /// Reports the time slice of this process's service thread, as the kernel shows it
-/// (`se.slice` in /proc/self/task/TID/sched; "none" where the kernel shows no slice).
+/// (`se.slice` in /proc/self/task/TID/sched; "none" where the kernel shows no slice). The thread
+/// names itself and asks for its slice when it first runs, which may come after the barrier
+/// (waiting threads take barrier notices themselves): with `GALLOCY_SERVICE_SLICE_US` set, this
+/// waits up to 10 s for the slice asked for.
 pub fn service_slice(_args: &Args) -> Outcome {
-    // The service thread runs once the process has joined.
     gallocy::barrier();
+    let wanted = std::env::var("GALLOCY_SERVICE_SLICE_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|us| (us * 1000).to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = service_thread_slice()?;
+        let settled = match (&seen, &wanted) {
+            (None, _) => false,
+            (Some(s), Some(w)) => s == w || s == "none",
+            (Some(_), None) => true,
+        };
+        if settled || Instant::now() >= deadline {
+            gallocy::barrier();
+            return match seen {
+                Some(s) => Ok(format!("service slice {s}")),
+                None => Err("no thread named gallocy-service".into()),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The `se.slice` of the thread named gallocy-service ("none" if the kernel shows none), or
+/// `None` while there is no such thread.
+fn service_thread_slice() -> Result<Option<String>, String> {
     let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| format!("reading /proc/self/task: {e}"))?;
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -278,8 +306,7 @@ pub fn service_slice(_args: &Args) -> Outcome {
             .find(|l| l.starts_with("se.slice"))
             .and_then(|l| l.split(':').nth(1))
             .map_or("none".to_string(), |v| v.trim().to_string());
-        gallocy::barrier();
-        return Ok(format!("service slice {slice}"));
+        return Ok(Some(slice));
     }
-    Err("no thread named gallocy-service".into())
+    Ok(None)
 }
