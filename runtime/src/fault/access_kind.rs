@@ -41,10 +41,10 @@ pub fn esr_write_bit(reserved: &[u8]) -> Option<bool> {
     None
 }
 
-/// The kernel's answer if it gave one; otherwise a fault on a page held readable (`readable`)
-/// was a write, since a read of it could not have faulted.
-pub fn write_or_infer(reported: Option<bool>, readable: bool) -> bool {
-    reported.unwrap_or(readable)
+/// The kernel's answer if it gave one; otherwise a fault on a page held readable (`readable`,
+/// asked only then) was a write, since a read of it could not have faulted.
+pub fn write_or_infer(reported: Option<bool>, readable: impl FnOnce() -> bool) -> bool {
+    reported.unwrap_or_else(readable)
 }
 
 /// What the kernel reported about the fault whose context is `ctx`.
@@ -136,9 +136,9 @@ mod tests {
 
     #[test]
     fn without_a_report_a_fault_on_a_readable_page_is_a_write() {
-        assert!(write_or_infer(None, true));
-        assert!(!write_or_infer(None, false));
-        assert!(!write_or_infer(Some(false), true));
-        assert!(write_or_infer(Some(true), false));
+        assert!(write_or_infer(None, || true));
+        assert!(!write_or_infer(None, || false));
+        assert!(!write_or_infer(Some(false), || true));
+        assert!(write_or_infer(Some(true), || false));
     }
 }

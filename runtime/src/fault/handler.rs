@@ -144,7 +144,7 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) ->
         return false;
     }
     let page = rt.page_of(addr);
-    let write = write_or_infer(reported_write, rt.pt().permits(page, false));
+    let write = write_or_infer(reported_write, || rt.pt().permits(page, false));
     match rt.membership().phase() {
         // Not joined: the heap is private memory and the arena is open; any other page is not
         // the program's to touch (a foreign fault).
