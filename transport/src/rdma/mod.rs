@@ -978,7 +978,6 @@ impl RdmaTransport {
         Ok(n)
     }
 
-    /// Asks for a completion event on both queues.
     /// Asks for a completion event before the service thread sleeps: always for receives; for
     /// the send queue only while READs of the service thread are in flight (see
     /// [`RdmaTransport::service_reads`]). Only the service thread posts those, so none can start
