@@ -184,17 +184,22 @@ fn wait_for_room(fd: RawFd, absorb: &mut dyn FnMut() -> io::Result<usize>) -> io
 /// Bytes received but not yet read by the connection's reader, in arrival order: what a writer
 /// took in while it waited for room (see [`write_all_vectored`]). A ring on a [`LazyBuf`], so it
 /// costs memory only once used.
+/// Each time it empties it starts over at its first byte and gives back the memory of a burst.
 #[derive(Default)]
 pub struct Backlog {
     buf: LazyBuf,
     head: usize,
     len: usize,
+    high: HighWater,
 }
+
+/// What a [`Backlog`] keeps resident when it empties.
+const BACKLOG_KEEP: usize = 256 << 10;
 
 impl Backlog {
     /// A backlog of at most `cap` bytes.
     pub fn new(cap: usize) -> io::Result<Backlog> {
-        Ok(Backlog { buf: LazyBuf::new(cap)?, head: 0, len: 0 })
+        Ok(Backlog { buf: LazyBuf::new(cap)?, head: 0, len: 0, high: HighWater::new(BACKLOG_KEEP) })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,6 +219,7 @@ impl Backlog {
         match unsafe { read_into(fd, self.buf.as_mut_ptr().add(tail), room) } {
             Ok(n) => {
                 self.len += n;
+                self.high.wrote(tail + n);
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -232,6 +238,10 @@ impl Backlog {
         unsafe { std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.head), dst, n) };
         self.head = (self.head + n) % cap.max(1);
         self.len -= n;
+        if self.len == 0 {
+            self.head = 0;
+            self.high.drained(&mut self.buf);
+        }
         n
     }
 }
@@ -297,6 +307,84 @@ impl LazyBuf {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// The buffer as bytes.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the mapping is `len` readable bytes owned by this value, alive while it is.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The buffer as mutable bytes.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Gives the memory of the pages from the first that starts at or after byte `from` to the
+    /// one that holds byte `to - 1` back to the kernel (so a page partly before `from` is kept,
+    /// one partly after `to` is not); they read as zero afterwards, and cost memory again only
+    /// once written. A raw system call: safe in a signal handler.
+    pub fn release(&mut self, from: usize, to: usize) {
+        let page = page_size();
+        let start = from.next_multiple_of(page);
+        let end = to.next_multiple_of(page).min(self.len);
+        if end > start {
+            // SAFETY: `start..end` lies inside this value's private anonymous mapping, whose
+            // contents nobody else refers to (`&mut self`).
+            unsafe { libc::madvise(self.ptr.add(start).cast(), end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
+/// The size of a page, read once.
+fn page_size() -> usize {
+    static PAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    match PAGE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            // SAFETY: sysconf has no preconditions.
+            let p = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            PAGE.store(p, std::sync::atomic::Ordering::Relaxed);
+            p
+        }
+        p => p,
+    }
+}
+
+/// A ring that drains now and then: the bytes it wrote beyond the first `keep` since it last
+/// gave memory back (`high`, the highest offset written), given back once it is empty, so that a
+/// burst costs memory only while it lasts.
+#[derive(Default)]
+pub struct HighWater {
+    keep: usize,
+    high: usize,
+}
+
+impl HighWater {
+    /// Keeps the first `keep` bytes resident.
+    pub fn new(keep: usize) -> HighWater {
+        HighWater { keep, high: 0 }
+    }
+
+    /// Bytes up to `end` were written.
+    pub fn wrote(&mut self, end: usize) {
+        self.high = self.high.max(end);
+    }
+
+    /// The ring `buf` is empty: give back what lies beyond `keep`.
+    pub fn drained(&mut self, buf: &mut LazyBuf) {
+        if self.high > self.keep {
+            buf.release(self.keep, self.high);
+            self.high = self.keep;
+        }
+    }
 }
 
 impl Default for LazyBuf {
@@ -311,6 +399,70 @@ impl Drop for LazyBuf {
         if self.len > 0 {
             // SAFETY: unmapping the mapping this value made, once.
             unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// How many pages of `buf` are resident (mincore), for tests.
+#[cfg(test)]
+pub fn resident_pages(buf: &LazyBuf) -> usize {
+    let pages = buf.len().div_ceil(page_size());
+    let mut v = vec![0u8; pages];
+    // SAFETY: the range is this buffer's own mapping; `v` has a byte per page.
+    let r = unsafe { libc::mincore(buf.as_ptr() as *mut libc::c_void, buf.len(), v.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
+    v.iter().filter(|b| *b & 1 == 1).count()
+}
+
+#[cfg(all(test, feature = "rdma"))]
+pub fn page_size_for_tests() -> usize {
+    page_size()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backlog that took in a burst gives the memory back once it is read empty, all but its
+    /// first [`BACKLOG_KEEP`] bytes, and starts over at its first byte (a ring that went round
+    /// would make the whole of its 32 MiB resident in time).
+    #[test]
+    fn a_drained_backlog_gives_its_burst_back() {
+        let page = page_size();
+        let mut b = Backlog::new(8 << 20).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
+        let made =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(made, 0, "socketpair: {}", io::Error::last_os_error());
+        let chunk = vec![0xa5u8; 64 << 10];
+        let mut sent = 0;
+        while sent < (2 << 20) {
+            // SAFETY: writing from a live buffer to our own socket.
+            let n = unsafe { libc::write(fds[1], chunk.as_ptr().cast(), chunk.len()) };
+            assert!(n > 0);
+            sent += n as usize;
+            while b.fill_from(fds[0]).unwrap() > 0 {}
+        }
+        assert_eq!(b.len, sent);
+        let touched = resident_pages(&b.buf);
+        assert!(touched * page >= sent, "the burst is resident: {touched} pages for {sent} bytes");
+        let mut out = vec![0u8; sent];
+        let mut got = 0;
+        while got < sent {
+            // SAFETY: `out[got..]` is writable and not part of the backlog.
+            got += unsafe { b.take(out.as_mut_ptr().add(got), sent - got) };
+        }
+        assert!(out.iter().all(|x| *x == 0xa5), "the bytes come out as they went in");
+        assert_eq!((b.head, b.len), (0, 0), "an empty backlog starts over at its first byte");
+        let left = resident_pages(&b.buf);
+        assert!(
+            left * page <= BACKLOG_KEEP,
+            "{left} pages still resident after draining, more than {BACKLOG_KEEP} bytes"
+        );
+        for fd in fds {
+            // SAFETY: closing the pair made above, once.
+            unsafe { libc::close(fd) };
         }
     }
 }

@@ -52,6 +52,7 @@ pub use setup::{connect, Connected};
 
 use crate::frame::FrameError;
 use crate::seal::{Opener, Sealer, Tag, TAG_LEN};
+use crate::sys::{HighWater, LazyBuf};
 use crate::tcp::TcpTransport;
 use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
@@ -250,34 +251,50 @@ struct Assembly {
 /// Where a sender that waits for room moves the fragments its peer sent it, so that their receive
 /// buffers can be posted again: two processes that send each other more than their queues hold
 /// without polling in between (TCP's socket buffers absorb that) would otherwise wait for each
-/// other for ever. Fixed slots, allocated up front (lazily backed by the kernel), used in order.
+/// other for ever. Fixed slots, allocated up front (lazily backed by the kernel), used in order
+/// from the first one each time the area empties.
 struct Spill {
-    data: Box<[u8]>,
+    data: LazyBuf,
     lens: Box<[u32]>,
     head: usize,
     count: usize,
+    high: HighWater,
 }
 
 /// Fragments one peer's spill area holds (1 KiB each).
 const SPILL_SLOTS: usize = 4096;
 
+/// Slots whose memory a spill area keeps when it empties (the rest is given back).
+const SPILL_KEEP: usize = 64;
+
 impl Spill {
-    fn new() -> Spill {
-        Spill {
-            data: vec![0u8; SPILL_SLOTS * BUF].into_boxed_slice(),
+    fn new() -> Result<Spill, TransportError> {
+        Ok(Spill {
+            data: LazyBuf::new(SPILL_SLOTS * BUF)
+                .map_err(|source| TransportError::Io { what: "mapping a spill area".into(), source })?,
             lens: vec![0; SPILL_SLOTS].into(),
             head: 0,
             count: 0,
-        }
+            high: HighWater::new(SPILL_KEEP * BUF),
+        })
     }
 
     fn front(&self) -> Option<&[u8]> {
-        (self.count > 0).then(|| &self.data[self.head * BUF..self.head * BUF + self.lens[self.head] as usize])
+        (self.count > 0)
+            .then(|| &self.data.as_slice()[self.head * BUF..self.head * BUF + self.lens[self.head] as usize])
     }
 
     fn pop(&mut self) {
-        self.head = (self.head + 1) % SPILL_SLOTS;
         self.count -= 1;
+        if self.count == 0 {
+            // Empty again: start over at slot 0, and give back the memory of a burst, so that the
+            // area costs memory only while a burst lasts, not the whole of it as the ring goes
+            // round.
+            self.head = 0;
+            self.high.drained(&mut self.data);
+        } else {
+            self.head = (self.head + 1) % SPILL_SLOTS;
+        }
     }
 
     /// Appends a fragment; false when full.
@@ -286,7 +303,8 @@ impl Spill {
             return false;
         }
         let i = (self.head + self.count) % SPILL_SLOTS;
-        self.data[i * BUF..i * BUF + frag.len()].copy_from_slice(frag);
+        self.data.as_mut_slice()[i * BUF..i * BUF + frag.len()].copy_from_slice(frag);
+        self.high.wrote(i * BUF + frag.len());
         self.lens[i] = frag.len() as u32;
         self.count += 1;
         true
@@ -294,11 +312,11 @@ impl Spill {
 }
 
 impl RecvPeer {
-    fn new(staging: usize, opener: Option<Opener>) -> RecvPeer {
-        RecvPeer {
+    fn new(staging: usize, opener: Option<Opener>) -> Result<RecvPeer, TransportError> {
+        Ok(RecvPeer {
             opener,
             queue: VecDeque::with_capacity(RECV_DEPTH),
-            spill: Spill::new(),
+            spill: Spill::new()?,
             asm: Assembly {
                 msg: Vec::with_capacity(crate::MAX_MESSAGE),
                 page: None,
@@ -306,7 +324,7 @@ impl RecvPeer {
                 landed: false,
                 complete: false,
             },
-        }
+        })
     }
 
     /// Something waits to be consumed or delivered.
@@ -1279,6 +1297,50 @@ mod tests {
             }
         }
         assert!(frags > 0 && eps > 0, "{frags} fragments, {eps} endpoints accepted");
+    }
+
+    /// The spill area writes only as many slots as were in use at once, however many fragments
+    /// pass through it: the rest of its 4 MiB never becomes resident (the soak test's flat RSS).
+    #[test]
+    fn the_spill_area_reuses_its_first_slots() {
+        let mut spill = Spill::new().unwrap();
+        let mut highest = 0;
+        for round in 0..3 * SPILL_SLOTS {
+            let burst = 1 + round % 3;
+            for k in 0..burst {
+                assert!(spill.push(&[(round + k) as u8; 5]));
+                highest = highest.max(spill.head + spill.count);
+            }
+            for k in 0..burst {
+                assert_eq!(spill.front(), Some(&[(round + k) as u8; 5][..]), "round {round}: fragments in order");
+                spill.pop();
+            }
+            assert_eq!(spill.front(), None);
+        }
+        assert_eq!(highest, 3, "slots written beyond the three in use at once");
+        // A burst of most of the area, drained: its memory goes back, all but the first slots.
+        let page = crate::sys::page_size_for_tests();
+        for i in 0..SPILL_SLOTS - 1 {
+            assert!(spill.push(&[i as u8; BUF]));
+        }
+        assert!(crate::sys::resident_pages(&spill.data) * page >= (SPILL_SLOTS - 1) * BUF);
+        for _ in 0..SPILL_SLOTS - 1 {
+            spill.pop();
+        }
+        let left = crate::sys::resident_pages(&spill.data) * page;
+        assert!(left <= SPILL_KEEP * BUF, "{left} bytes of the spill area still resident after it drained");
+        // Still a ring while it is not empty: it fills to the last slot and wraps.
+        for i in 0..SPILL_SLOTS {
+            assert!(spill.push(&(i as u32).to_le_bytes()));
+        }
+        assert!(!spill.push(b"full"));
+        spill.pop();
+        assert!(spill.push(b"wraps"));
+        for i in 1..SPILL_SLOTS {
+            assert_eq!(spill.front(), Some(&(i as u32).to_le_bytes()[..]));
+            spill.pop();
+        }
+        assert_eq!(spill.front(), Some(&b"wraps"[..]));
     }
 
     #[test]

@@ -276,7 +276,7 @@ pub fn connect(
             }
             RecvPeer::new(staging, opener)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     Ok(Connected::Rdma(Box::new(RdmaTransport {
         rank: me,
         size,

@@ -23,10 +23,10 @@
 //!   after the same round.
 //!
 //! At every `--window-secs` boundary a rank prints one line
-//! `rank R: soak window K secs T rounds N ops N faults N rss_kib X fds Y`: the window's length,
-//! rounds and operations (lock sections + mallocs + frees + pages written + pages verified), the
-//! page faults taken in it, and at its end VmRSS (/proc/self/status) and the number of open file
-//! descriptors (entries of /proc/self/fd). `runtime/testkit/tests/soak.rs` checks them.
+//! `rank R: soak window K secs T rounds N ops N faults N rss_kib X anon_kib A shmem_kib S fds Y`:
+//! the window's length, rounds and operations (lock sections + mallocs + frees + pages written +
+//! pages verified), the page faults taken in it, and at its end VmRSS, RssAnon and RssShmem
+//! (/proc/self/status) and the number of open file descriptors (entries of /proc/self/fd). `runtime/testkit/tests/soak.rs` checks them.
 //!
 //! At the end every rank publishes its tallies and checks every counter page bit for bit against
 //! the sum of all ranks' tallies.
@@ -100,14 +100,26 @@ fn malloc_filled(what: &str, len: usize, seed: u64) -> Result<usize, String> {
     Ok(p as usize)
 }
 
-/// VmRSS of this process in KiB.
-fn rss_kib() -> Result<u64, String> {
+/// This process's resident memory in KiB: all of it (VmRSS), its private part (RssAnon: the
+/// runtime's own memory, the transport's buffers, the program's) and its shared part (RssShmem:
+/// the pages of the heap's memfd mapped here, in the program's view and the runtime's).
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: u64,
+    anon: u64,
+    shmem: u64,
+}
+
+fn memory() -> Result<Memory, String> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| "no VmRSS line in /proc/self/status".to_string())
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| format!("no {name} line in /proc/self/status"))
+    };
+    Ok(Memory { rss: field("VmRSS:")?, anon: field("RssAnon:")?, shmem: field("RssShmem:")? })
 }
 
 /// Open file descriptors of this process (the directory's own descriptor included: a constant).
@@ -211,7 +223,7 @@ pub fn soak(args: &Args) -> Outcome {
     let mut pending: Option<(Shared, usize, u64)> = None;
     let (next, prev) = ((rank + 1) % size, (rank + size - 1) % size);
 
-    let (rss0, fds0) = (rss_kib()?, fd_count()?);
+    let (mem0, fds0) = (memory()?, fd_count()?);
     // Read the whole buffer once (it is zero): every page of it is then resident here before the
     // clock starts, so RSS does not grow later as the writes reach pages not seen yet.
     // SAFETY: the live buffer; nobody writes it before the barrier.
@@ -223,7 +235,7 @@ pub fn soak(args: &Args) -> Outcome {
     let t0 = Instant::now();
     let (mut k, mut ops_total) = (0u64, 0u64);
     let (mut win, mut win_start, mut win_rounds, mut win_ops, mut win_faults) = (0u32, t0, 0u64, 0u64, faults());
-    let mut last = (rss0, fds0);
+    let mut last = (mem0, fds0);
     loop {
         let mut ops = 0u64;
 
@@ -359,12 +371,14 @@ pub fn soak(args: &Args) -> Outcome {
         let now = Instant::now();
         if now >= t0 + window * (win + 1) || stop {
             let f = faults();
-            last = (rss_kib()?, fd_count()?);
+            last = (memory()?, fd_count()?);
             println!(
-                "rank {rank}: soak window {win} secs {:.2} rounds {win_rounds} ops {win_ops} faults {} rss_kib {} fds {}",
+                "rank {rank}: soak window {win} secs {:.2} rounds {win_rounds} ops {win_ops} faults {} rss_kib {} anon_kib {} shmem_kib {} fds {}",
                 (now - win_start).as_secs_f64(),
                 f - win_faults,
-                last.0,
+                last.0.rss,
+                last.0.anon,
+                last.0.shmem,
                 last.1
             );
             (win, win_start, win_rounds, win_ops, win_faults) = (win + 1, now, 0, 0, f);
@@ -428,9 +442,10 @@ pub fn soak(args: &Args) -> Outcome {
         unsafe { gallocy::free(table.0 as *mut u8) };
     }
     Ok(format!(
-        "{k} rounds in {:.1} s, {ops_total} ops here; {sections} lock sections of {size} ranks exact; rss_kib {rss0} -> {}, fds {fds0} -> {}",
+        "{k} rounds in {:.1} s, {ops_total} ops here; {sections} lock sections of {size} ranks exact; rss_kib {} -> {}, fds {fds0} -> {}",
         elapsed.as_secs_f64(),
-        last.0,
+        mem0.rss,
+        last.0.rss,
         last.1
     ))
 }
