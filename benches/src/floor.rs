@@ -53,7 +53,8 @@ pub fn serve(listener: TcpListener, spin_ns: u64) -> Result<()> {
 
 /// Bind `addr` and [`serve`] one client.
 pub fn serve_addr(addr: SocketAddr, spin_ns: u64) -> Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("floor server: bind {addr}"))?;
+    let listener = gallocy_transport::coordinator::listen(addr, true)
+        .with_context(|| format!("floor server: bind {addr} (held by the bench)"))?;
     serve(listener, spin_ns)
 }
 

@@ -47,6 +47,7 @@ use anyhow::{bail, Context, Result};
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use gallocy_cli::launch;
+use gallocy_transport::coordinator::PortHold;
 
 use report::{FaultLine, Fields, FloorLine, Num, Summary, SummaryJson};
 
@@ -342,7 +343,9 @@ fn allowed_cpus() -> Vec<usize> {
 /// keeps the other off the CPU and a round trip costs about two spin periods, which is a
 /// scheduling accident, not a floor.
 fn run_floor_phase(o: &Opts) -> Result<Vec<Summary>> {
-    let addr = format!("127.0.0.1:{}", launch::free_loopback_port().context("a free loopback port")?);
+    // Held until the server listens on it (it joins the hold), so that nothing else takes it.
+    let hold = PortHold::loopback().context("a loopback port for the floor server")?;
+    let addr = hold.addr().to_string();
     let spin = ("GALLOCY_SPIN_US".to_string(), o.spin_us.to_string());
     let cpus = allowed_cpus();
     let (mut server_env, mut client_env) = (vec![spin.clone()], vec![spin]);

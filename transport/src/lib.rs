@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 mod auth;
+pub mod coordinator;
 pub mod frame;
 pub mod local;
 #[cfg(feature = "rdma")]

@@ -39,6 +39,9 @@ pub struct TcpConfig {
     pub size: usize,
     /// `host:port` where rank 0 listens.
     pub coordinator: String,
+    /// The coordinator's port is held for this job by its launcher ([`crate::coordinator::PortHold`]):
+    /// rank 0's listener joins the hold.
+    pub coordinator_held: bool,
     /// Address ranks other than 0 bind their listeners to, and are reached at. The unspecified
     /// address (`0.0.0.0`, `::`) listens on every interface and advertises this host's address on
     /// its connection to rank 0. Rank 0 listens on `coordinator` and ignores it.
@@ -409,8 +412,10 @@ pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTran
     let mut peers: Vec<Option<Conn>> = (0..cfg.size).map(|_| None).collect();
     let listener;
     if cfg.rank == 0 {
-        listener = TcpListener::bind(coordinator)
-            .map_err(|e| setup_err(cfg, format!("cannot listen on coordinator address {coordinator}: {e}")))?;
+        listener = crate::coordinator::listen(coordinator, cfg.coordinator_held).map_err(|e| {
+            let held = if cfg.coordinator_held { " (held for this job by its launcher)" } else { "" };
+            setup_err(cfg, format!("cannot listen on coordinator address {coordinator}{held}: {e}"))
+        })?;
         coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
     } else {
         listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))
@@ -1249,6 +1254,7 @@ mod tests {
             rank: 0,
             size: 2,
             coordinator: "127.0.0.1:0".into(),
+            coordinator_held: false,
             bind: "127.0.0.1".parse().unwrap(),
             token: b"secret".to_vec(),
             view: MemoryView { base: mem.as_mut_ptr(), len: VIEW },

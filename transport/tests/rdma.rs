@@ -76,8 +76,9 @@ fn skip_without_device(test: &str) -> bool {
     true
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A loopback port held for one job's coordinator (rank 0 joins the hold) until dropped.
+fn hold_port() -> gallocy_transport::coordinator::PortHold {
+    gallocy_transport::coordinator::PortHold::loopback().unwrap()
 }
 
 /// A fresh zeroed anonymous mapping of `VIEW` bytes (unmapped by [`unmap`]).
@@ -203,7 +204,8 @@ fn run_ranks_with<K, F>(size: usize, owed: Option<PageCheck>, body: F)
 where
     F: Fn(usize, TcpTransport, MemoryView, &Gate) -> K + Send + Sync + 'static,
 {
-    let port = free_port();
+    let hold = hold_port();
+    let port = hold.port();
     let body = Arc::new(body);
     let gate = Arc::new(Gate::new(size));
     let (tx, rx) = mpsc::channel::<(usize, Result<(), String>)>();
@@ -218,6 +220,7 @@ where
                     rank,
                     size,
                     coordinator: format!("127.0.0.1:{port}"),
+                    coordinator_held: true,
                     bind: "127.0.0.1".parse().unwrap(),
                     token: b"secret".to_vec(),
                     view,

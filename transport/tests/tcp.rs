@@ -3,13 +3,15 @@
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
+use gallocy_transport::coordinator::PortHold;
 use gallocy_transport::tcp::{establish, TcpConfig};
 use gallocy_transport::{Event, MemoryView, Span, Transport, TransportError};
 
 const VIEW: usize = 1 << 20;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A loopback port held for one job's coordinator (rank 0 joins the hold) until dropped.
+fn hold_port() -> PortHold {
+    PortHold::loopback().unwrap()
 }
 
 fn view() -> MemoryView {
@@ -22,6 +24,7 @@ fn config(rank: usize, size: usize, port: u16, token: &str) -> TcpConfig {
         rank,
         size,
         coordinator: format!("127.0.0.1:{port}"),
+        coordinator_held: true,
         bind: "127.0.0.1".parse().unwrap(),
         token: token.as_bytes().to_vec(),
         view: view(),
@@ -36,7 +39,8 @@ fn job<F>(size: usize, body: F)
 where
     F: Fn(usize, Box<dyn Transport>, MemoryView) -> Option<Box<dyn Transport>> + Send + Sync + 'static,
 {
-    let port = free_port();
+    let hold = hold_port();
+    let port = hold.port();
     let body = Arc::new(body);
     let done = Arc::new(Barrier::new(size));
     let threads: Vec<_> = (0..size)
@@ -164,7 +168,8 @@ fn a_peer_that_vanishes_is_reported_by_rank() {
 
 #[test]
 fn wrong_token_cannot_join_and_rank_zero_names_who_is_missing() {
-    let port = free_port();
+    let hold = hold_port();
+    let port = hold.port();
     let zero = std::thread::spawn(move || {
         let mut cfg = config(0, 2, port, "secret");
         cfg.setup_timeout = Duration::from_secs(2);
@@ -181,7 +186,8 @@ fn wrong_token_cannot_join_and_rank_zero_names_who_is_missing() {
 
 #[test]
 fn rank_zero_can_stop_the_job_with_a_message() {
-    let port = free_port();
+    let hold = hold_port();
+    let port = hold.port();
     let zero = std::thread::spawn(move || {
         let cfg = config(0, 2, port, "s");
         establish(&cfg, b"zero", &|hellos| Err(format!("rank 1 said {:?}", String::from_utf8_lossy(&hellos[1]))))

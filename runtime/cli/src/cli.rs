@@ -60,9 +60,10 @@ Options in detail:
 Usage errors exit with code 2; see 'gallocy run --help' and 'gallocy demo --help'.";
 
 const RUN_DETAILS: &str = "\
-Rank 0 coordinates on a free 127.0.0.1 port; every rank gets GALLOCY_RANK, GALLOCY_SIZE,
-GALLOCY_COORDINATOR, GALLOCY_TOKEN (the launcher's own GALLOCY_TOKEN, else a fresh one) and
-GALLOCY_TRANSPORT. Every output line of a rank is prefixed with \"[rank i] \". When a rank fails,
+Rank 0 coordinates on a free 127.0.0.1 port, which the launcher holds for the job (no other
+socket can take it before rank 0 listens); every rank gets GALLOCY_RANK, GALLOCY_SIZE,
+GALLOCY_COORDINATOR, GALLOCY_COORDINATOR_HELD=1, GALLOCY_TOKEN (the launcher's own GALLOCY_TOKEN,
+else a fresh one) and GALLOCY_TRANSPORT. Every output line of a rank is prefixed with \"[rank i] \". When a rank fails,
 the others get --grace seconds to exit, then are killed.
 
 Exit code: 0 if all ranks exited 0, otherwise that of the first rank that failed (128+signal if

@@ -20,12 +20,13 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use gallocy_transport::coordinator::PortHold;
 
 /// Largest number of ranks the launcher starts: the largest job.
 pub const MAX_RANKS: usize = gallocy::MAX_PROCESSES;
@@ -322,39 +323,43 @@ fn say(msg: &str) {
     let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
-/// The rendezvous of a job on this machine: the coordinator's loopback address and the job's
-/// token, i.e. what [`LocalJob::rank_env`] hands every rank.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The rendezvous of a job on this machine: the coordinator's loopback address, held for the job
+/// while this lives, and the job's token, i.e. what [`LocalJob::rank_env`] hands every rank.
+#[derive(Debug)]
 pub struct LocalJob {
     /// `127.0.0.1:PORT` (rank 0 listens there).
     pub coordinator: String,
     /// The job's secret (`GALLOCY_TOKEN`).
     pub token: String,
+    /// Keeps the coordinator's port from every other socket until rank 0 listens on it (see
+    /// `gallocy_transport::coordinator`); dropped with this, when the job is over.
+    hold: PortHold,
 }
 
 impl LocalJob {
-    /// A coordinator on a 127.0.0.1 port that is free right now, and [`job_token`].
+    /// A coordinator on a 127.0.0.1 port held for the job, and [`job_token`].
     pub fn new() -> Result<Self, LaunchError> {
-        let coordinator = format!("127.0.0.1:{}", free_loopback_port().map_err(LaunchError::Port)?);
-        Ok(LocalJob { coordinator, token: job_token()? })
+        let hold = PortHold::loopback().map_err(LaunchError::Port)?;
+        Ok(LocalJob { coordinator: hold.addr().to_string(), token: job_token()?, hold })
     }
 
-    /// `GALLOCY_RANK`, `GALLOCY_SIZE`, `GALLOCY_COORDINATOR` and `GALLOCY_TOKEN` of rank `rank`
-    /// of a `size`-rank job (`GALLOCY_TRANSPORT` is left to the caller).
+    /// The port held for the coordinator.
+    pub fn port(&self) -> u16 {
+        self.hold.port()
+    }
+
+    /// `GALLOCY_RANK`, `GALLOCY_SIZE`, `GALLOCY_COORDINATOR`, `GALLOCY_COORDINATOR_HELD` and
+    /// `GALLOCY_TOKEN` of rank `rank` of a `size`-rank job (`GALLOCY_TRANSPORT` is left to the
+    /// caller). The ranks must start while this lives.
     pub fn rank_env(&self, rank: usize, size: usize) -> Vec<(OsString, OsString)> {
         vec![
             ("GALLOCY_RANK".into(), rank.to_string().into()),
             ("GALLOCY_SIZE".into(), size.to_string().into()),
             ("GALLOCY_COORDINATOR".into(), self.coordinator.clone().into()),
+            ("GALLOCY_COORDINATOR_HELD".into(), "1".into()),
             ("GALLOCY_TOKEN".into(), self.token.clone().into()),
         ]
     }
-}
-
-/// A port on 127.0.0.1 that was free a moment ago (the listener is dropped).
-pub fn free_loopback_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// `GALLOCY_TOKEN` from the launcher's environment, or 32 fresh hex digits.
@@ -1010,17 +1015,30 @@ mod tests {
 
     #[test]
     fn rank_env_is_the_contract() {
-        let job = LocalJob { coordinator: "127.0.0.1:9".into(), token: "t".into() };
+        let job = LocalJob::new().unwrap();
         let env: Vec<(String, String)> =
             job.rank_env(1, 3).into_iter().map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap())).collect();
+        let coordinator = format!("127.0.0.1:{}", job.port());
         let want = [
             ("GALLOCY_RANK", "1"),
             ("GALLOCY_SIZE", "3"),
-            ("GALLOCY_COORDINATOR", "127.0.0.1:9"),
-            ("GALLOCY_TOKEN", "t"),
+            ("GALLOCY_COORDINATOR", coordinator.as_str()),
+            ("GALLOCY_COORDINATOR_HELD", "1"),
+            ("GALLOCY_TOKEN", job.token.as_str()),
         ];
         assert_eq!(env, want.map(|(k, v)| (k.to_string(), v.to_string())));
-        assert_ne!(free_loopback_port().unwrap(), 0);
+        assert_ne!(job.port(), 0);
+    }
+
+    #[test]
+    fn the_coordinator_port_is_held_while_the_job_lives() {
+        let job = LocalJob::new().unwrap();
+        let addr: std::net::SocketAddr = job.coordinator.parse().unwrap();
+        let e = std::net::TcpListener::bind(addr).expect_err("a held port must refuse a plain bind");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        drop(gallocy_transport::coordinator::listen(addr, true).expect("rank 0 joins the hold"));
+        drop(job);
+        drop(std::net::TcpListener::bind(addr).expect("free once the job is over"));
     }
 
     fn sh(label: &str, script: &str) -> Member {

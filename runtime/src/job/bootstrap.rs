@@ -174,6 +174,7 @@ pub fn connect(
         rank: id.rank,
         size: id.size,
         coordinator,
+        coordinator_held: id.coordinator_held,
         bind,
         token: id.token.clone(),
         view,

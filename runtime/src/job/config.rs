@@ -63,6 +63,9 @@ pub struct Identity {
     pub size: usize,
     /// `host:port` of rank 0's listener; `None` for a one-process job.
     pub coordinator: Option<String>,
+    /// `GALLOCY_COORDINATOR_HELD=1`: the launcher holds the coordinator's port for the job (`gallocy
+    /// run` does), and rank 0's listener joins that hold (`gallocy_transport::coordinator`).
+    pub coordinator_held: bool,
     /// The job's secret.
     pub token: Vec<u8>,
     /// True when no GALLOCY_TOKEN was given and the token was derived from the job's identity.
@@ -241,7 +244,21 @@ fn derived_token(coordinator: &str) -> Vec<u8> {
 
 /// The identity of a one-process job.
 pub fn single_identity() -> Identity {
-    Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind: None }
+    one_process(0, 1, None)
+}
+
+/// Rank `rank` of `size` of a job without a coordinator (one process).
+fn one_process(rank: usize, size: usize, bind: Option<IpAddr>) -> Identity {
+    Identity { rank, size, coordinator: None, coordinator_held: false, token: Vec::new(), token_derived: false, bind }
+}
+
+/// A 0/1 variable: unset, empty or `0` is false.
+fn flag(name: &str) -> Result<bool, Error> {
+    match var(name)?.as_deref().map(str::trim) {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(Error::config(name, other, "must be 0 or 1")),
+    }
 }
 
 /// Reads this process's identity in the job.
@@ -253,10 +270,10 @@ pub fn identity() -> Result<Identity, Error> {
         Some(v) => Some(v.trim().parse().map_err(|_| Error::config("GALLOCY_BIND", &v, "is not an IP address"))?),
     };
     let Some((rank, size, _)) = rank_and_size()? else {
-        return Ok(Identity { rank: 0, size: 1, coordinator: None, token: Vec::new(), token_derived: false, bind });
+        return Ok(one_process(0, 1, bind));
     };
     if size == 1 {
-        return Ok(Identity { rank, size, coordinator: None, token: Vec::new(), token_derived: false, bind });
+        return Ok(one_process(rank, size, bind));
     }
     let coordinator = var("GALLOCY_COORDINATOR")?.ok_or_else(|| {
         Error::config("GALLOCY_COORDINATOR", "", "must be set (host:port of rank 0) for a job of more than one process")
@@ -269,6 +286,7 @@ pub fn identity() -> Result<Identity, Error> {
             "must look like host:port, with a port from 1 to 65535",
         ));
     }
+    let coordinator_held = flag("GALLOCY_COORDINATOR_HELD")?;
     let (token, token_derived) = match var("GALLOCY_TOKEN")? {
         Some(t) if t.is_empty() => return Err(Error::config("GALLOCY_TOKEN", "", "must not be empty")),
         Some(t) => (t.into_bytes(), false),
@@ -286,7 +304,7 @@ pub fn identity() -> Result<Identity, Error> {
             ))
         }
     };
-    Ok(Identity { rank, size, coordinator: Some(coordinator), token, token_derived, bind })
+    Ok(Identity { rank, size, coordinator: Some(coordinator), coordinator_held, token, token_derived, bind })
 }
 
 /// Reads the settings every rank must agree on (and some local tuning).
@@ -378,11 +396,7 @@ pub fn settings() -> Result<Settings, Error> {
         Some(v) => Policy::parse(v.trim())
             .ok_or_else(|| Error::config("GALLOCY_PLACEMENT", &v, &format!("must be {}", Policy::NAMES)))?,
     };
-    let stats = match var("GALLOCY_STATS")?.as_deref().map(str::trim) {
-        None | Some("") | Some("0") => false,
-        Some("1") => true,
-        Some(other) => return Err(Error::config("GALLOCY_STATS", other, "must be 0 or 1")),
-    };
+    let stats = flag("GALLOCY_STATS")?;
     Ok(Settings {
         heap_base,
         heap_size,

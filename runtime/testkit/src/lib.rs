@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use gallocy_transport::coordinator::PortHold;
+
 // ------------------------------------------------------------------------------ the build's artifacts
 
 /// The workspace root (runtime/testkit/../..).
@@ -189,16 +191,42 @@ pub fn clean_env_with_transport(cmd: &mut Command) -> &mut Command {
 
 // ------------------------------------------------------------------------------------- odds and ends
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server this test does not start
+/// itself (one that cannot join a [`PortHold`]: `mpirun`'s ranks given only
+/// `GALLOCY_COORDINATOR`, slurmctld). See [`free_ports`].
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
 /// `k` TCP ports on 127.0.0.1 that were free a moment ago, all different (the listeners are held
-/// until all are found).
+/// until all are found). They are drawn at random from outside the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), which every outgoing connection and every bind to port 0
+/// of the host draws from: only another explicit bind to the same port can take one before the
+/// server binds it.
 pub fn free_ports(k: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..k).map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0")).collect();
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut w = s.split_whitespace().map(|w| w.parse::<u32>().ok());
+            Some((w.next()??, w.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the range if there is room (ports under 10000 are left to well-known services), else
+    // above it.
+    let (from, to) = if low >= 12_000 { (10_000, low) } else { (high + 1, 65_536) };
+    assert!(to > from + 1000, "no room for test ports outside the ephemeral range {low}-{high}");
+    let mut listeners: Vec<std::net::TcpListener> = Vec::new();
+    let mut tries = 0;
+    while listeners.len() < k {
+        tries += 1;
+        assert!(tries < 10_000, "no free port found in {from}..{to}");
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).expect("getrandom");
+        let port = from + u32::from_le_bytes(b) % (to - from);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            listeners.push(l);
+        }
+    }
     listeners.iter().map(|l| l.local_addr().expect("local_addr").port()).collect()
 }
 
@@ -624,12 +652,29 @@ pub struct Job {
     pub ranks: Vec<Proc>,
     pub coordinator: String,
     pub token: String,
+    /// The coordinator's port, held for the job as `gallocy run` holds it (none for a coordinator
+    /// that is not on this host's loopback).
+    _hold: Option<Arc<PortHold>>,
 }
 
 impl Job {
-    /// Describe the job: `n` ranks, a fresh coordinator port and token.
+    /// Describe the job: `n` ranks, a coordinator port held for it (`GALLOCY_COORDINATOR_HELD=1`)
+    /// and a fresh token.
     pub fn builder(n: usize) -> JobBuilder {
-        JobBuilder { n, coordinator: format!("127.0.0.1:{}", free_port()), token: token(), extra: vec![Vec::new(); n] }
+        let hold = PortHold::loopback().expect("hold a loopback port for the coordinator");
+        JobBuilder {
+            n,
+            coordinator: hold.addr().to_string(),
+            token: token(),
+            extra: vec![Vec::new(); n],
+            hold: Arc::new(hold),
+        }
+    }
+
+    /// A job of `ranks` started by the caller, whose coordinator's port no [`PortHold`] of this
+    /// process holds (another network namespace's, say).
+    pub fn of(ranks: Vec<Proc>, coordinator: &str, token: &str) -> Job {
+        Job { ranks, coordinator: coordinator.to_owned(), token: token.to_owned(), _hold: None }
     }
 
     pub fn wait_all(&mut self, timeout: Duration) -> bool {
@@ -686,6 +731,7 @@ pub struct JobBuilder {
     pub coordinator: String,
     pub token: String,
     extra: Vec<Vec<(String, String)>>,
+    hold: Arc<PortHold>,
 }
 
 impl JobBuilder {
@@ -712,6 +758,7 @@ impl JobBuilder {
             .env("GALLOCY_RANK", r.to_string())
             .env("GALLOCY_SIZE", self.n.to_string())
             .env("GALLOCY_COORDINATOR", &self.coordinator)
+            .env("GALLOCY_COORDINATOR_HELD", "1")
             .env("GALLOCY_TOKEN", &self.token);
         for (k, v) in &self.extra[r] {
             cmd.env(k, v);
@@ -727,6 +774,12 @@ impl JobBuilder {
     /// Start every rank.
     pub fn spawn(self, args: &[&str]) -> Job {
         let ranks = (0..self.n).map(|r| self.spawn_rank(r, args)).collect();
-        Job { ranks, coordinator: self.coordinator, token: self.token }
+        self.job(ranks)
+    }
+
+    /// The job of `ranks`, started from this description (it holds the coordinator's port as
+    /// long as it lives).
+    pub fn job(&self, ranks: Vec<Proc>) -> Job {
+        Job { ranks, coordinator: self.coordinator.clone(), token: self.token.clone(), _hold: Some(self.hold.clone()) }
     }
 }

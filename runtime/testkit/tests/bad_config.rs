@@ -140,6 +140,15 @@ fn absurd_values_are_refused_naming_the_variable() {
         // A coordinator that is not on loopback: the job may span hosts, so it needs a secret.
         (&[("GALLOCY_RANK", "1"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "10.213.8.1:7000")], "GALLOCY_TOKEN"),
         (&[("GALLOCY_CONSISTENCY", "Release")], "GALLOCY_CONSISTENCY"),
+        (
+            &[
+                ("GALLOCY_RANK", "0"),
+                ("GALLOCY_SIZE", "2"),
+                ("GALLOCY_COORDINATOR", "127.0.0.1:7000"),
+                ("GALLOCY_COORDINATOR_HELD", "yes"),
+            ],
+            "GALLOCY_COORDINATOR_HELD",
+        ),
         (&[("GALLOCY_HEAP_BASE", "0x7fff_0000_0000")], "GALLOCY_HEAP_BASE"),
         (&[("GALLOCY_HEAP_BASE", "0x7000_0000_0000"), ("GALLOCY_HEAP_SIZE", "64T")], "GALLOCY_HEAP_SIZE"),
         (

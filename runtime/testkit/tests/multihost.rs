@@ -217,7 +217,7 @@ fn spawn_job(coordinator: &str, token: &str, make: &dyn Fn(usize) -> Command) ->
             Proc::spawn(format!("rank {k} (host {k})"), &mut cmd)
         })
         .collect();
-    Job { ranks, coordinator: coordinator.to_owned(), token: token.to_owned() }
+    Job::of(ranks, coordinator, token)
 }
 
 const JACOBI: [&str; 7] = ["jacobi", "--n", "64", "--iters", "30", "--threads", "1"];

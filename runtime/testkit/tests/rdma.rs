@@ -165,7 +165,7 @@ fn job_with_memlock_limit(kib: u64, args: &[&str]) -> Job {
         };
         ranks.push(Proc::spawn(format!("rank {r}"), &mut cmd));
     }
-    Job { ranks, coordinator: String::new(), token: String::new() }
+    b.job(ranks)
 }
 
 fn says_raise_ulimit(err: &str) -> bool {

@@ -5,7 +5,7 @@
 //! contend test runs longer (`count()`).
 
 use gallocy_testkit::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -79,6 +79,47 @@ fn collective_allocations_are_placed_by_the_policy() {
 fn pingpong_two_ranks() {
     let _g = serial();
     launch_ok(2, &["pingpong", "--rounds", "10000"], limit(3 * MIN));
+}
+
+/// `gallocy run` holds the coordinator's port from before the ranks start: while rank 0 has not
+/// joined yet, no other socket of the host can take the port (before, one that did, say the local
+/// port of an unrelated outgoing connection, failed the job with "Address already in use"), and
+/// rank 0, which joins late here, still gets it and the job runs.
+#[test]
+fn the_launcher_holds_the_coordinator_port_until_rank_0_listens() {
+    let _g = serial();
+    let dir = TempDir::new("held-port");
+    let go = dir.path().join("go");
+    let script = format!(
+        r#"if [ "$GALLOCY_RANK" = 0 ]; then
+             echo "coordinator $GALLOCY_COORDINATOR held $GALLOCY_COORDINATOR_HELD"
+             while [ ! -e {go} ]; do sleep 0.05; done
+           fi
+           exec {scenario} pingpong --rounds 200"#,
+        go = go.display(),
+        scenario = scenario().display()
+    );
+    let label = "gallocy run -n 2 -- sh -c 'rank 0 waits, then gallocy-scenario pingpong'";
+    let mut p = Proc::spawn(label, launcher_for(2, "sh").arg("-c").arg(&script));
+    let seen = p.wait_for_stdout(limit(MIN), |o| o.contains(" held 1\n"));
+    assert!(seen, "{label}: rank 0 did not print its coordinator and GALLOCY_COORDINATOR_HELD=1\n{}", p.report());
+    let out = p.stdout();
+    let addr = out.split("coordinator ").nth(1).and_then(|r| r.split_whitespace().next()).expect("an address");
+    let addr: std::net::SocketAddr = addr.parse().unwrap_or_else(|_| panic!("{label}: bad coordinator {addr:?}"));
+    match std::net::TcpListener::bind(addr) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{label}: binding {addr}: {e}"),
+        Ok(_) => panic!("{label}: {addr} could be bound by another socket before rank 0 listened on it"),
+    }
+    std::fs::write(&go, b"").expect("write the go file");
+    let f = p.wait_until(Instant::now() + limit(3 * MIN));
+    assert!(f.is_some_and(|s| s.success()), "{label}: expected exit 0, got {}\n{}", describe(f), p.report());
+    for r in 0..2 {
+        assert!(
+            p.stdout().contains(&format!("rank {r}: pingpong ok")),
+            "{label}: rank {r} did not pass\n{}",
+            p.report()
+        );
+    }
 }
 
 #[test]

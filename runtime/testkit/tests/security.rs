@@ -73,14 +73,14 @@ fn garbage_connection_is_closed_and_job_survives() {
     let t0 = Instant::now();
     while !listening(port) {
         if t0.elapsed() > Duration::from_secs(60) || ranks[0].poll().is_some() {
-            let job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+            let job = b.job(ranks);
             panic!("rank 0 never listened on {} (waited {:?})\n{}", b.coordinator, t0.elapsed(), job.report());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let during_startup = garbage_probe(&b.coordinator);
     ranks.push(b.spawn_rank(3, args));
-    let mut job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+    let mut job = b.job(ranks);
     let running = job.ranks[0].wait_for_stdout(Duration::from_secs(60), |o| count_lines(o, "iteration ") >= 2);
     assert!(running, "the job did not start iterating\n{}", job.report());
     let while_running = garbage_probe(&b.coordinator);
@@ -141,7 +141,7 @@ fn idle_strangers_at_start_up_delay_nobody() {
     let t0 = Instant::now();
     while !listening(port) {
         if t0.elapsed() > Duration::from_secs(60) || ranks[0].poll().is_some() {
-            let job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+            let job = b.job(ranks);
             panic!("rank 0 never listened on {}\n{}", b.coordinator, job.report());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -153,7 +153,7 @@ fn idle_strangers_at_start_up_delay_nobody() {
     let joined_at = Instant::now();
     ranks.push(b.spawn_rank(1, args));
     ranks.push(b.spawn_rank(2, args));
-    let mut job = Job { ranks, coordinator: b.coordinator.clone(), token: b.token.clone() };
+    let mut job = b.job(ranks);
     job.wait_or_fail("a job with 10 idle strangers connected to its coordinator", Duration::from_secs(120));
     let took = joined_at.elapsed();
     drop(idle);
