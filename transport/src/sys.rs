@@ -279,6 +279,8 @@ unsafe impl Sync for LazyBuf {}
 impl LazyBuf {
     /// A zeroed buffer of `len` bytes.
     pub fn new(len: usize) -> io::Result<LazyBuf> {
+        // Read the page size now, so that `release`, which may run in a signal handler, finds it.
+        page_size();
         // SAFETY: a fresh anonymous mapping; no address hint, no file.
         let p = unsafe {
             libc::mmap(
@@ -344,7 +346,7 @@ impl LazyBuf {
     }
 }
 
-/// The size of a page, read once.
+/// The size of a page, read once (by [`LazyBuf::new`], before any signal handler needs it).
 fn page_size() -> usize {
     static PAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     match PAGE.load(std::sync::atomic::Ordering::Relaxed) {
