@@ -295,6 +295,11 @@ impl LazyBuf {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // No transparent huge pages: where they are always on, the first byte written would make
+        // 2 MiB resident, and a release would keep what shares a huge page with the bytes kept.
+        // Advice only: a kernel without them refuses it (EINVAL), which changes nothing.
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
         Ok(LazyBuf { ptr: p.cast(), len })
     }
 
