@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -183,8 +184,8 @@ fn wait_for_room(fd: RawFd, absorb: &mut dyn FnMut() -> io::Result<usize>) -> io
 
 /// Bytes received but not yet read by the connection's reader, in arrival order: what a writer
 /// took in while it waited for room (see [`write_all_vectored`]). A ring on a [`LazyBuf`], so it
-/// costs memory only once used.
-/// Each time it empties it starts over at its first byte and gives back the memory of a burst.
+/// costs memory only once used; each time it empties it starts over at its first byte and gives
+/// back the memory of a burst.
 #[derive(Default)]
 pub struct Backlog {
     buf: LazyBuf,
@@ -351,14 +352,15 @@ impl LazyBuf {
     }
 }
 
-/// The size of a page, read once (by [`LazyBuf::new`], before any signal handler needs it).
-fn page_size() -> usize {
-    static PAGE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    match PAGE.load(std::sync::atomic::Ordering::Relaxed) {
+/// The system's page size (the runtime's page), read once; [`LazyBuf::new`] reads it first, before
+/// any signal handler needs it.
+pub fn page_size() -> usize {
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE.load(Ordering::Relaxed) {
         0 => {
             // SAFETY: sysconf has no preconditions.
-            let p = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-            PAGE.store(p, std::sync::atomic::Ordering::Relaxed);
+            let p = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(4096);
+            PAGE.store(p, Ordering::Relaxed);
             p
         }
         p => p,
@@ -419,11 +421,6 @@ pub fn resident_pages(buf: &LazyBuf) -> usize {
     let r = unsafe { libc::mincore(buf.as_ptr() as *mut libc::c_void, buf.len(), v.as_mut_ptr()) };
     assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
     v.iter().filter(|b| *b & 1 == 1).count()
-}
-
-#[cfg(all(test, feature = "rdma"))]
-pub fn page_size_for_tests() -> usize {
-    page_size()
 }
 
 #[cfg(test)]

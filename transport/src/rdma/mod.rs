@@ -423,13 +423,6 @@ fn authentic<'f>(peer: usize, opener: Option<&Opener>, frag: &'f [u8]) -> Result
     }
 }
 
-/// The system's page size (the runtime's page).
-fn system_page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096).max(4096)
-}
-
 /// Posts receive buffer `i` of `peer` on `qp`; returns the verbs error code on failure.
 /// Async-signal-safe.
 fn post_recv_raw(qp: *mut ibv_qp, bufs: &Buffers, peer: usize, i: usize) -> Result<(), i32> {
@@ -1319,7 +1312,7 @@ mod tests {
         }
         assert_eq!(highest, 3, "slots written beyond the three in use at once");
         // A burst of most of the area, drained: its memory goes back, all but the first slots.
-        let page = crate::sys::page_size_for_tests();
+        let page = crate::sys::page_size();
         for i in 0..SPILL_SLOTS - 1 {
             assert!(spill.push(&[i as u8; BUF]));
         }

@@ -266,7 +266,7 @@ pub fn connect(
     let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
     // With a page check, page contents wait in a staging buffer of one page until their message
     // has been checked.
-    let staging = if tcp.owed().is_some() { super::system_page_size() } else { 0 };
+    let staging = if tcp.owed().is_some() { crate::sys::page_size() } else { 0 };
     let recv = (0..size)
         .map(|peer| {
             let keys = tcp.take_layered_keys(peer);
