@@ -96,8 +96,10 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     let saved_errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo_t.
     let addr = unsafe { (*info).si_addr() } as usize;
-    let handled =
-        RUNTIME.get().is_some_and(|rt| rt.region().contains(addr) && handle_heap_fault(rt, addr, reported_write(ctx)));
+    let handled = RUNTIME.get().is_some_and(|rt| {
+        rt.region().contains(addr)
+            && crate::fault::stacks::with_enough_stack(|| handle_heap_fault(rt, addr, reported_write(ctx)))
+    });
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
     if !handled {

@@ -14,6 +14,7 @@
 //!   the first write.
 //! - [`prefetch`]: which further pages a read miss asks for (sequential and strided runs).
 //! - [`slots`]: the wait slots threads wait in.
+//! - [`stacks`]: stacks of our own for faults on threads whose alternate stack is small.
 //! - [`gate`]: the gate heap faults wait at while the heap's mappings change.
 
 pub mod access_kind;
@@ -23,3 +24,4 @@ pub mod handler;
 pub mod prefetch;
 pub mod release_miss;
 pub mod slots;
+pub mod stacks;

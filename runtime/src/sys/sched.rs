@@ -66,6 +66,12 @@ pub fn current_slice_ns() -> u64 {
     }
 }
 
+/// Gives the CPU to another runnable thread (`sched_yield`). Async-signal-safe.
+pub fn yield_cpu() {
+    // SAFETY: sched_yield has no arguments and cannot fail in a way that matters.
+    unsafe { libc::sched_yield() };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,142 @@
+//! Stacks for the fault path on threads whose alternate signal stack is small.
+//!
+//! The handler runs on the faulting thread's alternate stack. Threads the runtime prepares get
+//! one of 64 KiB (`handler::prepare_thread`), but a program's own threads keep the one their
+//! creator gave them: std gives each thread `max(8 KiB, AT_MINSIGSTKSZ)`. The kernel's signal
+//! frame alone takes up to about 3.6 KiB with AVX-512 state, and the fault path, which waits,
+//! reads frames and authenticates them itself, needs about 4 KiB more: together, more than 8 KiB
+//! leaves room for. So a fault taken with less than [`ENOUGH`] bytes of stack left runs on a
+//! stack of our own, from a small pool: mapped on first use with a guard page below it, claimed
+//! for the length of one fault, never unmapped. Async-signal-safe: atomics, `mmap`,
+//! `sigaltstack`, `sched_yield` and a stack switch (`psm`).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Stacks in the pool: as many threads at once can fault on a small alternate stack; more wait.
+const POOL: usize = 32;
+/// Size of each pool stack.
+const SIZE: usize = 64 * 1024;
+/// Stack left (bytes) below which a fault moves to a pool stack.
+const ENOUGH: usize = 32 * 1024;
+
+static BASES: [AtomicUsize; POOL] = [const { AtomicUsize::new(0) }; POOL];
+static BUSY: [AtomicBool; POOL] = [const { AtomicBool::new(false) }; POOL];
+
+/// Runs `f`, on a pool stack if the current one has less than [`ENOUGH`] bytes left.
+pub fn with_enough_stack<R>(f: impl FnOnce() -> R) -> R {
+    if room_left() >= ENOUGH {
+        return f();
+    }
+    let Some((slot, base)) = claim() else {
+        // No memory for a stack: the current one may still do.
+        return f();
+    };
+    // SAFETY: [base, base + SIZE) is a stack of ours, page-aligned, with a guard page below it,
+    // claimed by this thread alone until `release`; `f` does not unwind (the fault path never
+    // panics).
+    let r = unsafe { psm::on_stack(base as *mut u8, SIZE, f) };
+    BUSY[slot].store(false, Ordering::Release);
+    r
+}
+
+/// Bytes left on the alternate stack the handler runs on; `usize::MAX` when it runs on the
+/// thread's ordinary stack (the thread has no alternate stack).
+fn room_left() -> usize {
+    // SAFETY: querying this thread's alternate stack into a zeroed stack_t.
+    let st = unsafe {
+        let mut st: libc::stack_t = std::mem::zeroed();
+        libc::sigaltstack(std::ptr::null(), &mut st);
+        st
+    };
+    if st.ss_flags & libc::SS_ONSTACK == 0 {
+        return usize::MAX;
+    }
+    (psm::stack_pointer() as usize).saturating_sub(st.ss_sp as usize)
+}
+
+/// Claims a free pool stack (mapping it on first use); waits while all are in use. `None` if a
+/// stack cannot be mapped.
+fn claim() -> Option<(usize, usize)> {
+    loop {
+        for slot in 0..POOL {
+            if BUSY[slot].swap(true, Ordering::Acquire) {
+                continue;
+            }
+            let mut base = BASES[slot].load(Ordering::Acquire);
+            if base == 0 {
+                base = map_stack();
+                if base == 0 {
+                    BUSY[slot].store(false, Ordering::Release);
+                    return None;
+                }
+                BASES[slot].store(base, Ordering::Release);
+            }
+            return Some((slot, base));
+        }
+        crate::sys::sched::yield_cpu();
+    }
+}
+
+/// Maps a stack of [`SIZE`] bytes with a guard page below it; returns its low end, or 0.
+fn map_stack() -> usize {
+    let page = crate::heap::region::page_size();
+    // SAFETY: a fresh private anonymous mapping; its lowest page becomes the guard.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            SIZE + page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return 0;
+        }
+        libc::mprotect(p, page, libc::PROT_NONE);
+        p as usize + page
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a small alternate stack, the work runs on a pool stack (far from the alternate stack),
+    /// which is free again afterwards.
+    #[test]
+    fn small_alternate_stacks_move_to_a_pool_stack() {
+        assert_eq!(room_left(), usize::MAX, "not on an alternate stack here");
+        let sp = with_enough_stack(|| psm::stack_pointer() as usize);
+        let local = 0u8;
+        assert!(sp.abs_diff(&local as *const u8 as usize) < 1 << 20, "ran in place");
+        // Inside a signal handler on a 16 KiB alternate stack.
+        static SEEN: AtomicUsize = AtomicUsize::new(0);
+        extern "C" fn on_usr1(_: libc::c_int) {
+            SEEN.store(with_enough_stack(|| psm::stack_pointer() as usize), Ordering::SeqCst);
+        }
+        let mut alt = vec![0u8; 16 * 1024];
+        // SAFETY: this thread's alternate stack is `alt` while the signal runs, then disabled;
+        // the handler is async-signal-safe.
+        unsafe {
+            let st = libc::stack_t { ss_sp: alt.as_mut_ptr().cast(), ss_flags: 0, ss_size: alt.len() };
+            assert_eq!(libc::sigaltstack(&st, std::ptr::null_mut()), 0);
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_usr1 as *const () as usize;
+            sa.sa_flags = libc::SA_ONSTACK;
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+            libc::pthread_kill(libc::pthread_self(), libc::SIGUSR1);
+            let off = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+            libc::sigaltstack(&off, std::ptr::null_mut());
+        }
+        let sp = SEEN.load(Ordering::SeqCst);
+        let alt_range = alt.as_ptr() as usize..alt.as_ptr() as usize + alt.len();
+        assert!(sp != 0 && !alt_range.contains(&sp), "ran on the small alternate stack");
+        let on_pool = (0..POOL).any(|s| {
+            let b = BASES[s].load(Ordering::SeqCst);
+            b != 0 && (b..b + SIZE).contains(&sp)
+        });
+        assert!(on_pool, "ran on a pool stack");
+        assert!(BUSY.iter().all(|b| !b.load(Ordering::SeqCst)), "the stack was given back");
+    }
+}
