@@ -552,6 +552,37 @@ fn forking_server_children_see_the_heap_as_it_was_at_fork() {
     );
 }
 
+/// The forking server again, with the heap's view allowed only 64 mappings: rank 0's view keeps
+/// closing (its pages alternate between read-only and writable), so at forks some held pages
+/// show no access in the parent. Each child must still get every page its parent holds, as it
+/// was at the fork.
+#[test]
+fn forking_server_children_get_pages_the_parents_view_had_closed() {
+    let dir = TempDir::new("shapes-forkserver-closed");
+    let prog = build_prog(&dir, "forkserver");
+    // Rank 1 reads every other page of the first half: rank 0's pages there alternate.
+    let argv = [os(&prog), os("20"), os("2")];
+    let env = [("GALLOCY_HEAP_MAPPINGS", os("64")), ("GALLOCY_STATS", os("1"))];
+    let ran = job(2, &env, &argv);
+    check_job(
+        &ran,
+        2,
+        &|r| vec![format!("rank {r} of 2: forking server ok ({} children)", if r == 0 { 20 } else { 0 })],
+        &none,
+        Stats::Required,
+    );
+    let closes = ran
+        .f
+        .stderr
+        .lines()
+        .find(|l| l.contains("gallocy stats rank 0:"))
+        .and_then(|l| l.split("view closes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if closes == 0 {
+        ran.fail("rank 0's view never closed: the test did not test what it is for");
+    }
+}
+
 /// A Python member that joins the job through the C API (ctypes), moves pages between the ranks,
 /// forks and execs (a shell pipeline through `subprocess`, `git` and `cc`, a `multiprocessing`
 /// pool of forked workers that read the shared data), and moves pages again afterwards: the

@@ -216,8 +216,11 @@ pub fn before_kernel_access(addr: usize, len: usize, write: bool) {
 /// What a fork in progress needs across its three handlers.
 struct ForkState {
     guards: Option<crate::heap::alloc::ForkGuards<'static>>,
-    /// The parent's readable heap runs at the fork (copied by the child).
+    /// The parent's readable heap runs at the fork (write-protected while the child copies).
     runs: Vec<Readable>,
+    /// The runs of pages the parent holds, when its view has closed some of them to save
+    /// mappings (then `runs` misses those); the child copies these.
+    held: Vec<Readable>,
     /// The child writes one byte here once it holds its copy; the parent waits for it (or for
     /// the end of file, if the child died first).
     pipe: [libc::c_int; 2],
@@ -229,8 +232,13 @@ struct ForkCell(UnsafeCell<ForkState>);
 // SAFETY: only the thread holding the fork lock (or the single thread of a just-forked child)
 // touches the state.
 unsafe impl Sync for ForkCell {}
-static FORK: ForkCell =
-    ForkCell(UnsafeCell::new(ForkState { guards: None, runs: Vec::new(), pipe: [-1, -1], snapshot: false }));
+static FORK: ForkCell = ForkCell(UnsafeCell::new(ForkState {
+    guards: None,
+    runs: Vec::new(),
+    held: Vec::new(),
+    pipe: [-1, -1],
+    snapshot: false,
+}));
 /// The thread that froze the heap for a fork (its tid), or 0.
 static FORK_OWNER: AtomicI32 = AtomicI32::new(0);
 
@@ -330,6 +338,10 @@ fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
         Ok(r) => r,
         Err(e) => crate::job::runtime::fatal(rt, &format!("fork: {e}")),
     };
+    st.held.clear();
+    if rt.mappings().ever_closed() {
+        held_runs(rt, &mut st.held);
+    }
     // Read-only runs stay so: one mprotect per span of adjacent runs.
     for (start, end) in crate::heap::region::spans(&st.runs) {
         if let Err(e) = rt.region().protect_range(start, end, Access::Read) {
@@ -363,6 +375,26 @@ pub fn after_fork_parent() {
         thaw_heap(rt, st);
     }
     crate::job::forklock::fork_unlock();
+}
+
+/// The runs of heap pages this process holds, from its page table (allocates).
+fn held_runs(rt: &Runtime, out: &mut Vec<Readable>) {
+    let base = rt.region().base;
+    let page = rt.region().page;
+    let mut p = 0;
+    let pages = rt.region().pages();
+    while p < pages {
+        let access = rt.pt().access(p);
+        if access == Access::None {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < pages && rt.pt().access(p) == access {
+            p += 1;
+        }
+        out.push(Readable { start: base + start * page, end: base + p * page, writable: access == Access::Write });
+    }
 }
 
 fn thaw_heap(rt: &Runtime, st: &mut ForkState) {
@@ -400,7 +432,8 @@ pub fn after_fork_child() {
         rt.gate().open();
     }
     if st.snapshot {
-        if let Err(errno) = rt.region().snapshot_in_child(&st.runs) {
+        let runs = if rt.mappings().ever_closed() { &st.held } else { &st.runs };
+        if let Err(errno) = rt.region().snapshot_in_child(runs) {
             let mut buf = [0u8; 160];
             let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
             w.str("gallocy: rank ")
@@ -421,6 +454,7 @@ pub fn after_fork_child() {
         }
         // Forget the parent's fork in progress: it is not ours.
         st.runs.clear();
+        st.held.clear();
         st.snapshot = false;
         rt.service().resume();
         FORK_OWNER.store(0, Ordering::Release);

@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
+use crate::heap::mappings::MappingStats;
+
 /// Counters and the fault-latency histogram (nanoseconds).
 pub struct Stats {
     pub read_faults: AtomicU64,
@@ -52,6 +54,10 @@ pub struct StatsSnapshot {
     pub self_invalidations: u64,
     /// Release consistency: pages read straight from their home's memory (same host, or RDMA).
     pub pages_read_directly: u64,
+    /// Times the heap's application view was closed to stay under `vm.max_map_count`.
+    pub view_closes: u64,
+    /// Held pages reopened by a fault after such a close (no message).
+    pub pages_reopened: u64,
     pub fault_p50_us: f64,
     pub fault_p99_us: f64,
 }
@@ -123,19 +129,26 @@ impl Stats {
             diffs_sent: self.diffs_sent.load(Ordering::Relaxed),
             self_invalidations: self.self_invalidations.load(Ordering::Relaxed),
             pages_read_directly: self.pages_read_directly.load(Ordering::Relaxed),
+            view_closes: 0,
+            pages_reopened: 0,
             fault_p50_us: p50,
             fault_p99_us: p99,
         }
     }
 
+    /// The counters, with those of the application view's mappings.
+    pub fn snapshot_with(&self, mappings: MappingStats) -> StatsSnapshot {
+        StatsSnapshot { view_closes: mappings.closes, pages_reopened: mappings.reopened, ..self.snapshot() }
+    }
+
     /// The report printed by `GALLOCY_STATS=1` at exit.
-    pub fn report(&self, rank: usize) -> String {
-        let s = self.snapshot();
+    pub fn report(&self, rank: usize, mappings: MappingStats) -> String {
+        let s = self.snapshot_with(mappings);
         let (n, p90, max) =
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
-             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
@@ -146,6 +159,8 @@ impl Stats {
             s.diffs_sent,
             s.self_invalidations,
             s.pages_read_directly,
+            s.view_closes,
+            s.pages_reopened,
             s.bytes_moved,
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),

@@ -68,13 +68,13 @@ pub fn stats_print() {
 /// `mpirun`, then never splits the line; `eprintln!` writes the text and its newline apart).
 fn print_stats(rt: &Runtime) {
     use std::io::Write;
-    let line = format!("{}\n", rt.stats().report(rt.rank()));
+    let line = format!("{}\n", rt.stats().report(rt.rank(), rt.mappings().stats()));
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// A copy of this process's counters.
 pub fn stats() -> StatsSnapshot {
-    RUNTIME.get().map(|rt| rt.stats().snapshot()).unwrap_or_default()
+    RUNTIME.get().map(|rt| rt.stats().snapshot_with(rt.mappings().stats())).unwrap_or_default()
 }
 
 /// Waits for every process (barrier), prints statistics when `GALLOCY_STATS=1`, and leaves the

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use crate::fault::acquire::wait_for;
 use crate::heap::alloc::RuntimeScope;
 use crate::heap::region::Access;
-use crate::job::runtime::{fatal, protect_failed, Runtime};
+use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::placement::Policy;
 use crate::protocol::{wire, Msg};
 use crate::release;
@@ -169,10 +169,7 @@ fn place(rt: &Runtime, addr: usize, size: usize) {
             let access = access_of(run);
             let end = (run..first + pages).find(|p| access_of(*p) != access).unwrap_or(first + pages);
             if rt.pt().access(run) != access || (run..end).any(|p| rt.pt().access(p) != access) {
-                if let Err(errno) = rt.region().protect(run, end - run, access) {
-                    protect_failed(rt, errno);
-                }
-                (run..end).for_each(|p| rt.pt().set(p, access));
+                rt.set_access(run, end - run, access);
             }
             run = end;
         }

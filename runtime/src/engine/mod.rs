@@ -19,7 +19,7 @@ use gallocy_transport::{Event, Span};
 
 use crate::fault::acquire::{attached, open_page};
 use crate::heap::region::Access;
-use crate::job::runtime::{fatal, protect_failed, Runtime};
+use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
 use crate::protocol::sharing::Sharing;
@@ -492,10 +492,7 @@ impl<'a> Engine<'a> {
             // Invalidated for another rank's write (a downgrade to read is not a loss).
             rt.pt().mark_lost(page as usize, now_ns());
         }
-        if let Err(errno) = rt.region().protect(page as usize, 1, access) {
-            protect_failed(rt, errno);
-        }
-        rt.pt().set(page as usize, access);
+        rt.set_access(page as usize, 1, access);
     }
 
     fn grant(&mut self, from: Rank, page: Page, waiter: Waiter, write: bool, source: Source) -> Result<(), Violation> {

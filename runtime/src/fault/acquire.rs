@@ -5,7 +5,7 @@
 use gallocy_transport::Span;
 
 use crate::heap::region::Access;
-use crate::job::runtime::{protect_failed, Runtime, EXIT_PEER_LOST};
+use crate::job::runtime::{Runtime, EXIT_PEER_LOST};
 use crate::protocol::holder::check_received;
 use crate::protocol::wire::{self, BARRIER_NOTICE_TAG, GRANT_TAG, LOCK_GRANTED_TAG};
 use crate::protocol::{Attached, Msg, Source, Waiter};
@@ -263,10 +263,7 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
 pub fn open_page(rt: &Runtime, page: u64, write: bool) {
     let access = Access::granted(write);
     if rt.pt().access(page as usize) != access {
-        if let Err(errno) = rt.region().protect(page as usize, 1, access) {
-            protect_failed(rt, errno);
-        }
-        rt.pt().set(page as usize, access);
+        rt.set_access(page as usize, 1, access);
     }
     rt.pt().mark_installed(page as usize, now_ns());
     if let Some(rc) = rt.release() {

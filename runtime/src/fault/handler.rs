@@ -184,7 +184,12 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) ->
         return true;
     }
     if rt.pt().permits(page, write) {
-        // Another thread installed it meanwhile (or a protection change is in progress).
+        // This process holds the page: the view closed it to save mappings (reopened now, no
+        // message), or another thread installed it meanwhile, or a change is in progress.
+        if rt.reopen(page) {
+            SPURIOUS.with(|c| c.set(0));
+            return true;
+        }
         let n = SPURIOUS.with(|c| {
             c.set(c.get() + 1);
             c.get()

@@ -14,7 +14,7 @@ use gallocy_transport::Span;
 
 use super::acquire::{open_page, request, send_raw, wait_for, Batch};
 use crate::heap::region::Access;
-use crate::job::runtime::{protect_failed, Runtime};
+use crate::job::runtime::Runtime;
 use crate::protocol::Msg;
 use crate::release::ReleaseState;
 
@@ -111,9 +111,6 @@ fn read_directly(rt: &Runtime, home: usize, page: usize) -> bool {
 
 fn set_access(rt: &Runtime, page: usize, access: Access) {
     if rt.pt().access(page) != access {
-        if let Err(errno) = rt.region().protect(page, 1, access) {
-            protect_failed(rt, errno);
-        }
-        rt.pt().set(page, access);
+        rt.set_access(page, 1, access);
     }
 }

@@ -33,6 +33,11 @@ impl<T> LazyArray<T> {
         Ok(LazyArray { ptr: p.cast(), len })
     }
 
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Pointer to elements `[i, i + n)`.
     pub fn run_ptr(&self, i: usize, n: usize) -> *mut T {
         assert!(i.checked_add(n).is_some_and(|end| end <= self.len), "range out of the array");

@@ -63,16 +63,22 @@ impl PageTable {
     #[inline]
     pub fn access(&self, page: usize) -> Access {
         match self.state.get(page).load(Ordering::Acquire) {
-            DEFAULT if (self.own_first..self.own_end).contains(&page) => {
-                if self.own_read_only.load(Ordering::Relaxed) {
-                    Access::Read
-                } else {
-                    Access::Write
-                }
-            }
-            DEFAULT | INVALID => Access::None,
+            DEFAULT => self.initial_access(page),
+            INVALID => Access::None,
             READ => Access::Read,
             _ => Access::Write,
+        }
+    }
+
+    /// The access `page` has until it is set otherwise: this rank's arena is open (read-write, or
+    /// read-only under release consistency once joined), every other page closed.
+    pub fn initial_access(&self, page: usize) -> Access {
+        if !(self.own_first..self.own_end).contains(&page) {
+            Access::None
+        } else if self.own_read_only.load(Ordering::Relaxed) {
+            Access::Read
+        } else {
+            Access::Write
         }
     }
 

@@ -97,6 +97,9 @@ pub struct Settings {
     /// The time slice the service thread asks the kernel for (`GALLOCY_SERVICE_SLICE_US`);
     /// `None`: the kernel's default.
     pub service_slice: Option<Duration>,
+    /// Most kernel mappings the heap's application view may use before it is closed
+    /// (`GALLOCY_HEAP_MAPPINGS`); `None`: derived from `vm.max_map_count` when joining.
+    pub heap_mappings: Option<usize>,
 }
 
 /// The memory model a job gives its programs (`GALLOCY_CONSISTENCY`).
@@ -169,6 +172,20 @@ fn parse_number(name: &str, default: u64, min: u64, max: u64, unit: &str) -> Res
 pub const MAX_SPIN_HOLD_US: u64 = 1_000_000;
 /// Bounds of `GALLOCY_SERVICE_SLICE_US`: the slices the kernel accepts (0.1 ms to 100 ms).
 pub const SERVICE_SLICE_US: std::ops::RangeInclusive<u64> = 100..=100_000;
+
+/// Fewest mappings `GALLOCY_HEAP_MAPPINGS` may give the heap.
+pub const MIN_HEAP_MAPPINGS: u64 = 64;
+
+/// `GALLOCY_HEAP_MAPPINGS`: unset for the default, else from [`MIN_HEAP_MAPPINGS`] to
+/// `vm.max_map_count` (the kernel refuses more anyway).
+fn heap_mappings() -> Result<Option<usize>, Error> {
+    const NAME: &str = "GALLOCY_HEAP_MAPPINGS";
+    if var(NAME)?.is_none() {
+        return Ok(None);
+    }
+    let max = crate::heap::region::max_map_count().map_or(u64::from(u32::MAX), |m| m as u64);
+    Ok(Some(parse_number(NAME, 0, MIN_HEAP_MAPPINGS, max, "mappings")? as usize))
+}
 
 /// `GALLOCY_SERVICE_SLICE_US`: 0 or unset for the kernel's default, else a slice it accepts.
 fn service_slice() -> Result<Option<Duration>, Error> {
@@ -417,6 +434,7 @@ pub fn settings() -> Result<Settings, Error> {
         consistency,
         prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
         service_slice: service_slice()?,
+        heap_mappings: heap_mappings()?,
     })
 }
 

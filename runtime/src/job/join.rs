@@ -149,6 +149,16 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     // Every page handed out so far lies below the allocator's high-water mark.
     let used = rt.alloc().high_water_page().clamp(first, end);
     let view = rt.region().share(first, used)?;
+    // The view's mapping budget: what the kernel allows now, less what the process maps
+    // besides the heap and a reserve for what it maps later.
+    let budget = match rt.settings().heap_mappings {
+        Some(b) => b,
+        None => crate::heap::mappings::default_budget(
+            crate::heap::region::max_map_count().unwrap_or(65530),
+            crate::heap::mappings::other_mappings(rt.region().base, rt.region().size)?,
+        ),
+    };
+    rt.mappings().set_budget(budget);
     // Under release consistency this rank is home of its arena's pages: its first write to each
     // registers it as a writer (see `protocol::sharing`), so the arena opens read-only.
     let arena_access = if rt.release().is_some() { Access::Read } else { Access::Write };

@@ -12,8 +12,9 @@ use crate::fault::gate::Gate;
 use crate::fault::slots::Slots;
 use crate::heap::alloc::Allocator;
 use crate::heap::layout::ArenaLayout;
+use crate::heap::mappings::Mappings;
 use crate::heap::pagetable::PageTable;
-use crate::heap::region::Region;
+use crate::heap::region::{Access, Region};
 use crate::job::collectives::Collectives;
 use crate::job::config::{Consistency, Identity, Settings};
 use crate::job::membership::Membership;
@@ -35,6 +36,8 @@ pub struct Runtime {
     settings: Settings,
     region: Region,
     pt: PageTable,
+    /// The application view's kernel mappings (kept under `vm.max_map_count`).
+    mappings: Mappings,
     alloc: Allocator,
     layout: ArenaLayout,
     placement: Placement,
@@ -71,6 +74,8 @@ impl Runtime {
             Consistency::Sequential => placement,
         };
         let alloc = Allocator::new(region.base, region.size, region.page, region.base + start, region.base + end);
+        let (own_first, own_end) = layout.pages(identity.rank);
+        let mappings = Mappings::new(region.pages(), own_first, own_end)?;
         let release = match settings.consistency {
             Consistency::Release if identity.size > 1 => Some(ReleaseState::new(region.pages(), region.page)?),
             _ => None,
@@ -80,6 +85,7 @@ impl Runtime {
             settings,
             region,
             pt,
+            mappings,
             alloc,
             placement,
             layout,
@@ -143,6 +149,29 @@ impl Runtime {
     #[inline]
     pub fn pt(&self) -> &PageTable {
         &self.pt
+    }
+
+    /// The application view's kernel mappings.
+    pub fn mappings(&self) -> &Mappings {
+        &self.mappings
+    }
+
+    /// Gives `count` pages from `page` the access `access`, in the page table and in the
+    /// application view (see [`Mappings::set_access`]); the pages' contents are ready for it.
+    /// A protection the kernel refuses ends the process. Async-signal-safe.
+    pub fn set_access(&self, page: usize, count: usize, access: Access) {
+        if let Err(errno) = self.mappings.set_access(&self.region, &self.pt, page, count, access) {
+            protect_failed(self, errno);
+        }
+    }
+
+    /// Reopens `page`, which this process holds, after a fault on it (see [`Mappings::reopen`]).
+    /// Returns whether the view had closed it. Async-signal-safe.
+    pub fn reopen(&self, page: usize) -> bool {
+        match self.mappings.reopen(&self.region, &self.pt, page) {
+            Ok(closed) => closed,
+            Err(errno) => protect_failed(self, errno),
+        }
     }
 
     /// The allocator of this rank's arena.
@@ -310,7 +339,7 @@ pub fn protect_failed(rt: &Runtime, errno: i32) -> ! {
     if errno == libc::ENOMEM {
         w.str(": the process reached vm.max_map_count (")
             .num(crate::heap::region::max_map_count().unwrap_or(0) as u64)
-            .str(" mappings); every page with its own protection is one mapping. Raise the limit, e.g. `sysctl -w vm.max_map_count=1048576`");
+            .str(" mappings) even with the heap's view closed to one mapping: the program's own mappings use them. Raise the limit, e.g. `sysctl -w vm.max_map_count=1048576`");
     }
     w.str("\n");
     write_stderr(w.as_bytes());

@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::fault::acquire::wait_for;
 use crate::heap::lazy::LazyArray;
 use crate::heap::region::Access;
-use crate::job::runtime::{fatal, protect_failed, Runtime};
+use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::ranks::RankSet;
 use crate::protocol::{diff, wire, Msg, Waiter};
 pub use pageset::PageSet;
@@ -127,10 +127,7 @@ fn claim(rt: &Runtime, page: usize) {
 /// Sets the access of `page` (claimed) and its protection.
 fn set_access(rt: &Runtime, page: usize, access: Access) {
     if rt.pt().access(page) != access {
-        if let Err(errno) = rt.region().protect(page, 1, access) {
-            protect_failed(rt, errno);
-        }
-        rt.pt().set(page, access);
+        rt.set_access(page, 1, access);
     }
 }
 

@@ -137,6 +137,10 @@ fn absurd_values_are_refused_naming_the_variable() {
         (&[("GALLOCY_SERVICE_SLICE_US", "50")], "GALLOCY_SERVICE_SLICE_US"),
         (&[("GALLOCY_SERVICE_SLICE_US", "100001")], "GALLOCY_SERVICE_SLICE_US"),
         (&[("GALLOCY_SERVICE_SLICE_US", "fast")], "GALLOCY_SERVICE_SLICE_US"),
+        (&[("GALLOCY_HEAP_MAPPINGS", "63")], "GALLOCY_HEAP_MAPPINGS"),
+        (&[("GALLOCY_HEAP_MAPPINGS", "many")], "GALLOCY_HEAP_MAPPINGS"),
+        // More than the kernel allows a process (vm.max_map_count).
+        (&[("GALLOCY_HEAP_MAPPINGS", "100000000000")], "GALLOCY_HEAP_MAPPINGS"),
         // A coordinator that is not on loopback: the job may span hosts, so it needs a secret.
         (&[("GALLOCY_RANK", "1"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "10.213.8.1:7000")], "GALLOCY_TOKEN"),
         (&[("GALLOCY_CONSISTENCY", "Release")], "GALLOCY_CONSISTENCY"),

@@ -143,16 +143,13 @@ fn kill9_of_one_rank_under_launcher() {
     assert!(!p.stragglers, "{label}: the launcher left processes behind\n{}", p.report());
 }
 
+/// A program that takes all but 64 of its process's mappings (`vm.max_map_count`) still gets
+/// its pages: each received page needs its own protection, and when the kernel refuses one the
+/// runtime closes its view of the heap (one mapping) and reopens pages as they are touched.
+/// Before, rank 1 stopped with "mprotect failed ... vm.max_map_count".
 #[test]
-fn reaching_vm_max_map_count_is_a_clear_error() {
+fn a_program_that_takes_almost_every_mapping_still_gets_its_pages() {
     let _g = serial();
-    let label = "gallocy run -n 2 -- gallocy-scenario map-count";
-    let p = run(label, &mut launcher_cmd(2, &["map-count"]), Duration::from_secs(120));
-    assert!(!p.status.unwrap().success(), "{label}: must fail\n{}", p.report());
-    let err = &p.stderr;
-    assert!(
-        err.contains("[rank 1] gallocy: rank 1: fatal: mprotect failed") && err.contains("vm.max_map_count"),
-        "{label}: rank 1 must stop with a message naming vm.max_map_count\n{}",
-        p.report()
-    );
+    let p = launch_ok(2, &["map-count"], limit(Duration::from_secs(120)));
+    assert!(p.stdout.contains("rank 1: map-count ok (read 4096 scattered pages"), "{}", p.report());
 }

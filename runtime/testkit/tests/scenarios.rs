@@ -300,3 +300,70 @@ fn the_service_thread_takes_the_slice_it_is_given() {
     let default = slices(&[]);
     assert!(default.iter().all(|s| s != "300000"), "without the variable the kernel's slice stays: {default:?}");
 }
+
+/// The figures of the `interleave` PASS line of `rank`.
+fn interleave_figures(f: &Finished, rank: usize) -> (usize, usize, u64) {
+    let all = format!("{}{}", f.stdout, f.stderr);
+    let line = all
+        .lines()
+        .find(|l| l.contains(&format!("rank {rank}: interleave ok")))
+        .unwrap_or_else(|| panic!("no PASS line of rank {rank}\n{}", f.report()));
+    let after = |what: &str| -> u64 {
+        let at = line.find(what).unwrap_or_else(|| panic!("no {what:?} in {line}")) + what.len();
+        line[at..].trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap()
+    };
+    (after("(") as usize, after("heap mappings at most") as usize, after("view closes"))
+}
+
+/// Runs `interleave` on `ranks` ranks with `env`, checks every rank's data (the scenario does)
+/// and that every rank kept its heap under `most` mappings by closing its view.
+fn interleave_within(ranks: usize, args: &[&str], env: &[(&str, &str)], most: usize, timeout: Duration) {
+    let mut cmd = launcher_cmd(ranks, args);
+    cmd.envs(env.iter().copied());
+    let label = format!("{env:?} gallocy run -n {ranks} -- gallocy-scenario {}", args.join(" "));
+    let p = run(&label, &mut cmd, timeout);
+    assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
+    for r in 0..ranks {
+        let (pages, mappings, closes) = interleave_figures(&p, r);
+        eprintln!("rank {r}: {pages} pages, heap mappings at most {mappings}, view closes {closes}");
+        assert!(closes > 0, "{label}: rank {r} never closed its view\n{}", p.report());
+        assert!(mappings <= most, "{label}: rank {r} used {mappings} mappings, more than {most}\n{}", p.report());
+    }
+}
+
+/// Two ranks write interleaved pages of one block, 1.5 × `vm.max_map_count` of them, so each
+/// holds every other page: without the view closing, that is a mapping per page, and the job
+/// stopped at the kernel's limit. Every page is read back and checked on every rank, twice.
+/// In the emulated guest (`GALLOCY_TEST_SLOW`), where 98,000 page transfers over Soft-RoCE
+/// would take many minutes, the same holds against a budget of 2000 mappings
+/// (`GALLOCY_HEAP_MAPPINGS`), with 1.5 × that many pages.
+#[test]
+fn more_interleaved_pages_than_vm_max_map_count() {
+    let _g = serial();
+    let limit_now: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap().trim().parse().unwrap();
+    if slow() {
+        interleave_within(
+            2,
+            &["interleave", "--pages", "3000"],
+            &[("GALLOCY_HEAP_MAPPINGS", "2000")],
+            2010,
+            limit(3 * MIN),
+        );
+        return;
+    }
+    if limit_now > 262_144 {
+        eprintln!("skipped: vm.max_map_count is {limit_now}; 1.5 times that many pages would take too long here");
+        return;
+    }
+    interleave_within(2, &["interleave"], &[], limit_now, 3 * MIN);
+}
+
+/// The same under release consistency on 4 ranks, with a budget of 256 mappings: several writers
+/// per page are not involved (the pages are disjoint), but twins, diffs and self-invalidation
+/// run on pages the view keeps closing and reopening.
+#[test]
+fn a_small_mapping_budget_under_release_consistency() {
+    let _g = serial();
+    let env = [("GALLOCY_CONSISTENCY", "release"), ("GALLOCY_HEAP_MAPPINGS", "256")];
+    interleave_within(4, &["interleave", "--pages", "3000", "--rounds", "3"], &env, 266, limit(2 * MIN));
+}

@@ -1,4 +1,4 @@
-/* forkserver [CHILDREN]
+/* forkserver [CHILDREN [STRIDE]]
  *
  * A forking server in a joined job member. Every rank joins (gallocy_barrier) and gets the
  * same 1 MiB block (gallocy_alloc_collective). Rank 0 fills it; the other ranks read its first
@@ -13,6 +13,9 @@
  * exit 0 of each, and checks that its own block holds exactly what its threads last wrote
  * (no child's write reached it). Finally rank 0 writes a last generation that every rank
  * checks after a barrier, and each rank prints "rank R of N: forking server ok".
+ *
+ * With STRIDE k (default 1) the other ranks read only every k-th page of the first half, so that
+ * rank 0's pages alternate between read-only and writable there (many kernel mappings).
  *
  * Every page of the block holds its generation (8 bytes), its index (8 bytes) and bytes
  * derived from both, so a page is checkable by itself. */
@@ -34,6 +37,7 @@ static uint64_t gen;         /* last generation written; under mu */
 static uint64_t *last_gen;   /* per page, what this process last wrote (private memory) */
 static unsigned char *snap;  /* the block as it was at the last fork (private memory) */
 static atomic_int stop;
+static size_t stride = 1;   /* the other ranks read every stride-th page of the first half */
 
 static unsigned char pat(uint64_t g, size_t k, size_t i) {
     return (unsigned char)(g * 131 + k * 7 + i * 3 + 1);
@@ -143,10 +147,12 @@ static void *private_map(size_t len) {
 int main(int argc, char **argv) {
     need_api("forkserver");
     int children = argc > 1 ? atoi(argv[1]) : 20;
-    if (children < 1 || children > 1000) {
-        fprintf(stderr, "usage: forkserver [CHILDREN (1..1000)]\n");
+    int stride_arg = argc > 2 ? atoi(argv[2]) : 1;
+    if (children < 1 || children > 1000 || stride_arg < 1 || stride_arg > 64) {
+        fprintf(stderr, "usage: forkserver [CHILDREN (1..1000) [STRIDE (1..64)]]\n");
         return 2;
     }
+    stride = (size_t)stride_arg;
     int r, n;
     rank_and_size(&r, &n);
     gallocy_barrier();
@@ -167,7 +173,7 @@ int main(int argc, char **argv) {
     }
     gallocy_barrier();
     if (r != 0)
-        for (size_t k = 0; k < npages / 2; k++)
+        for (size_t k = 0; k < npages / 2; k += stride)
             if (page_gen(blk, k) != 1)
                 fail("page %zu: generation %llu, rank 0 wrote 1", k, (unsigned long long)page_gen(blk, k));
     gallocy_barrier();
@@ -224,7 +230,7 @@ int main(int argc, char **argv) {
         /* Keep taking read copies of the first half while rank 0 forks and writes. */
         unsigned long sum = 0;
         while (!*done_flag) {
-            for (size_t k = 0; k < npages / 2; k++)
+            for (size_t k = 0; k < npages / 2; k += stride)
                 sum += blk[k * pg + 100];
             usleep(500);
         }

@@ -16,6 +16,7 @@ mod alloc;
 mod faults;
 mod fill;
 mod hostile;
+mod interleave;
 mod jacobi;
 mod litmus;
 mod misuse;
@@ -44,7 +45,10 @@ scenarios (all ranks run the same NAME):
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
   jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M]
   nullderef   [--rank R]                     rank R (default: last) reads address 0
-  map-count                                  rank 1 exhausts vm.max_map_count: clear error
+  map-count                                  rank 1 takes all but 64 mappings, then reads 4096
+                                             scattered pages: the runtime keeps working
+  interleave  [--pages P] [--rounds R]       ranks write interleaved pages of one block (default
+                                             1.5 x vm.max_map_count pages), all read and check
   alloc                                      allocator checks (local, threaded, remote free)
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   double-free [--remote]                     frees a pointer twice: must be reported
@@ -84,7 +88,6 @@ fn main() {
     match name.as_str() {
         "occupy" => faults::occupy(&args),
         "nullderef" => faults::nullderef(&args),
-        "map-count" => faults::map_count(&args),
         "double-free" => alloc::double_free(&args),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -107,6 +110,8 @@ fn main() {
         "jacobi" => jacobi::jacobi,
         "alloc" => alloc::alloc,
         "placement" => placement::placement,
+        "interleave" => interleave::interleave,
+        "map-count" => faults::map_count,
         "misuse" => misuse::misuse,
         "soak" => soak::soak,
         "hostile" => hostile::hostile,
