@@ -583,6 +583,47 @@ fn forking_server_children_get_pages_the_parents_view_had_closed() {
     }
 }
 
+/// A preloaded member holding more scattered pages than `vm.max_map_count` allows mappings
+/// (two ranks write interleaved pages of a block of 1.5 × that many pages) forks: its view had
+/// closed most of them, and the child cannot open them all at once either; the child must still
+/// read every page its parent wrote, and the job every page afterwards. In the emulated guest
+/// (`GALLOCY_TEST_SLOW`), 3000 pages against a budget of 2000 mappings (`GALLOCY_HEAP_MAPPINGS`).
+#[test]
+fn a_member_with_more_scattered_pages_than_mappings_forks() {
+    let dir = TempDir::new("shapes-interleavefork");
+    let prog = build_prog(&dir, "interleavefork");
+    let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap().trim().parse().unwrap();
+    let mut env = vec![("GALLOCY_STATS", os("1"))];
+    let pages = if slow() {
+        env.push(("GALLOCY_HEAP_MAPPINGS", os("2000")));
+        3000
+    } else if limit > 262_144 {
+        eprintln!("skipped: vm.max_map_count is {limit}; 1.5 times that many pages would take too long here");
+        return;
+    } else {
+        limit + limit / 2
+    };
+    let argv = [os(&prog), os(pages.to_string())];
+    let ran = job(2, &env, &argv);
+    check_job(
+        &ran,
+        2,
+        &|r| vec![format!("rank {r} of 2: interleaved fork ok ({pages} pages)")],
+        &none,
+        Stats::Required,
+    );
+    let closes = ran
+        .f
+        .stderr
+        .lines()
+        .find(|l| l.contains("gallocy stats rank 0:"))
+        .and_then(|l| l.split("view closes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if closes == 0 {
+        ran.fail("rank 0's view never closed: the test did not test what it is for");
+    }
+}
+
 /// A Python member that joins the job through the C API (ctypes), moves pages between the ranks,
 /// forks and execs (a shell pipeline through `subprocess`, `git` and `cc`, a `multiprocessing`
 /// pool of forked workers that read the shared data), and moves pages again afterwards: the

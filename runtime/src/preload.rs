@@ -221,6 +221,8 @@ struct ForkState {
     /// The runs of pages the parent holds, when its view has closed some of them to save
     /// mappings (then `runs` misses those); the child copies these.
     held: Vec<Readable>,
+    /// Whether the child copies `held` (decided when the heap froze).
+    use_held: bool,
     /// The child writes one byte here once it holds its copy; the parent waits for it (or for
     /// the end of file, if the child died first).
     pipe: [libc::c_int; 2],
@@ -236,6 +238,7 @@ static FORK: ForkCell = ForkCell(UnsafeCell::new(ForkState {
     guards: None,
     runs: Vec::new(),
     held: Vec::new(),
+    use_held: false,
     pipe: [-1, -1],
     snapshot: false,
 }));
@@ -339,7 +342,8 @@ fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
         Err(e) => crate::job::runtime::fatal(rt, &format!("fork: {e}")),
     };
     st.held.clear();
-    if rt.mappings().ever_closed() {
+    st.use_held = rt.mappings().ever_closed();
+    if st.use_held {
         held_runs(rt, &mut st.held);
     }
     // Read-only runs stay so: one mprotect per span of adjacent runs.
@@ -375,6 +379,21 @@ pub fn after_fork_parent() {
         thaw_heap(rt, st);
     }
     crate::job::forklock::fork_unlock();
+}
+
+/// In a forked child: opens `page`, which the parent held (the child's copy of it is its own)
+/// but which the child's view keeps closed: the parent's view had closed it, or the child's
+/// copy needed more mappings than the kernel allows. Past that limit, closes the whole view
+/// first. Async-signal-safe.
+pub fn open_in_child(rt: &Runtime, page: usize) {
+    let mut r = rt.region().protect(page, 1, Access::Write);
+    if r == Err(libc::ENOMEM) {
+        let _ = rt.region().protect(0, rt.region().pages(), Access::None);
+        r = rt.region().protect(page, 1, Access::Write);
+    }
+    if let Err(e) = r {
+        crate::job::runtime::protect_failed(rt, e);
+    }
 }
 
 /// The runs of heap pages this process holds, from its page table (allocates).
@@ -432,7 +451,7 @@ pub fn after_fork_child() {
         rt.gate().open();
     }
     if st.snapshot {
-        let runs = if rt.mappings().ever_closed() { &st.held } else { &st.runs };
+        let runs = if st.use_held { &st.held } else { &st.runs };
         if let Err(errno) = rt.region().snapshot_in_child(runs) {
             let mut buf = [0u8; 160];
             let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
@@ -455,10 +474,12 @@ pub fn after_fork_child() {
         // Forget the parent's fork in progress: it is not ours.
         st.runs.clear();
         st.held.clear();
+        st.use_held = false;
         st.snapshot = false;
         rt.service().resume();
         FORK_OWNER.store(0, Ordering::Release);
         rt.gate().open();
     }
+    crate::fault::stacks::reset_in_child();
     crate::job::forklock::reset_in_child();
 }

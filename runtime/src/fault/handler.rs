@@ -135,10 +135,14 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
 }
 
 thread_local! {
-    /// Faults on pages whose access already allowed the access: a foreign fault in disguise
-    /// (e.g. executing heap memory) if it keeps happening.
-    static SPURIOUS: Cell<u32> = const { Cell::new(0) };
+    /// The page of this thread's last fault on a page its process holds, and how many such
+    /// faults in a row it took: a foreign fault in disguise (e.g. executing heap memory) if it
+    /// keeps happening, whatever reopening the page did.
+    static SPURIOUS: Cell<(usize, u32)> = const { Cell::new((usize::MAX, 0)) };
 }
+
+/// Faults in a row on one held page after which the fault is taken as foreign.
+const SPURIOUS_LIMIT: u32 = 100_000;
 
 /// Resolves a fault at `addr` in the heap. Returns false if it is not ours to resolve.
 fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) -> bool {
@@ -166,6 +170,11 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) ->
         _ => {}
     }
     if rt.membership().forked() {
+        if rt.pt().access(page) != crate::heap::region::Access::None {
+            // The parent held it but its view had closed it: the child's copy is its own.
+            crate::preload::open_in_child(rt, page);
+            return true;
+        }
         fatal_raw(rt, "a forked child touched a shared page its parent did not hold: page ", page);
     }
     if rt.membership().leaving() && !rt.pt().permits(page, write) {
@@ -186,17 +195,22 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) ->
     if rt.pt().permits(page, write) {
         // This process holds the page: the view closed it to save mappings (reopened now, no
         // message), or another thread installed it meanwhile, or a change is in progress.
-        if rt.reopen(page) {
-            SPURIOUS.with(|c| c.set(0));
-            return true;
-        }
         let n = SPURIOUS.with(|c| {
-            c.set(c.get() + 1);
-            c.get()
+            let (last, n) = c.get();
+            let n = if last == page { n + 1 } else { 1 };
+            c.set((page, n));
+            n
         });
-        return n < 100_000;
+        if n >= SPURIOUS_LIMIT {
+            return false;
+        }
+        // A fork's snapshot waits for this change of protection like for a fetch.
+        rt.gate().begin_fetch();
+        rt.reopen(page);
+        rt.gate().end_fetch();
+        return true;
     }
-    SPURIOUS.with(|c| c.set(0));
+    SPURIOUS.with(|c| c.set((usize::MAX, 0)));
     acquire(rt, page, write);
     true
 }

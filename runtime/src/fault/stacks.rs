@@ -7,7 +7,8 @@
 //! reads frames and authenticates them itself, needs about 4 KiB more: together, more than 8 KiB
 //! leaves room for. So a fault taken with less than [`ENOUGH`] bytes of stack left runs on a
 //! stack of our own, from a small pool: mapped on first use with a guard page below it, claimed
-//! for the length of one fault, never unmapped. Async-signal-safe: atomics, `mmap`,
+//! for the length of one fault, never unmapped (when all are in use, a stack mapped for that
+//! fault alone). Async-signal-safe: atomics, `mmap`,
 //! `sigaltstack`, `sched_yield` and a stack switch (`psm`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,21 +23,37 @@ const ENOUGH: usize = 32 * 1024;
 static BASES: [AtomicUsize; POOL] = [const { AtomicUsize::new(0) }; POOL];
 static BUSY: [AtomicBool; POOL] = [const { AtomicBool::new(false) }; POOL];
 
-/// Runs `f`, on a pool stack if the current one has less than [`ENOUGH`] bytes left.
+/// Runs `f`, on a pool stack if the current one has less than [`ENOUGH`] bytes left (on a
+/// stack mapped for this call alone when all pool stacks are in use: a fault may wait long, for
+/// example at the heap gate while a fork takes its snapshot, and nobody waits for a stack).
 pub fn with_enough_stack<R>(f: impl FnOnce() -> R) -> R {
     if room_left() >= ENOUGH {
         return f();
     }
-    let Some((slot, base)) = claim() else {
-        // No memory for a stack: the current one may still do.
-        return f();
+    let (slot, base) = match claim() {
+        Some((slot, base)) => (Some(slot), base),
+        None => match map_stack() {
+            0 => return f(), // no memory for a stack: the current one may still do
+            base => (None, base),
+        },
     };
     // SAFETY: [base, base + SIZE) is a stack of ours, page-aligned, with a guard page below it,
-    // claimed by this thread alone until `release`; `f` does not unwind (the fault path never
-    // panics).
+    // used by this thread alone until the end of this call; `f` does not unwind (the fault path
+    // never panics).
     let r = unsafe { psm::on_stack(base as *mut u8, SIZE, f) };
-    BUSY[slot].store(false, Ordering::Release);
+    match slot {
+        Some(slot) => BUSY[slot].store(false, Ordering::Release),
+        None => unmap_stack(base),
+    }
     r
+}
+
+/// In a forked child (one thread, which was not in a fault at the fork): every pool stack is
+/// free.
+pub fn reset_in_child() {
+    for b in &BUSY {
+        b.store(false, Ordering::Release);
+    }
 }
 
 /// Bytes left on the alternate stack the handler runs on; `usize::MAX` when it runs on the
@@ -54,27 +71,25 @@ fn room_left() -> usize {
     (psm::stack_pointer() as usize).saturating_sub(st.ss_sp as usize)
 }
 
-/// Claims a free pool stack (mapping it on first use); waits while all are in use. `None` if a
-/// stack cannot be mapped.
+/// Claims a free pool stack (mapping it on first use). `None` if all are in use or a stack
+/// cannot be mapped.
 fn claim() -> Option<(usize, usize)> {
-    loop {
-        for slot in 0..POOL {
-            if BUSY[slot].swap(true, Ordering::Acquire) {
-                continue;
-            }
-            let mut base = BASES[slot].load(Ordering::Acquire);
-            if base == 0 {
-                base = map_stack();
-                if base == 0 {
-                    BUSY[slot].store(false, Ordering::Release);
-                    return None;
-                }
-                BASES[slot].store(base, Ordering::Release);
-            }
-            return Some((slot, base));
+    for slot in 0..POOL {
+        if BUSY[slot].swap(true, Ordering::Acquire) {
+            continue;
         }
-        crate::sys::sched::yield_cpu();
+        let mut base = BASES[slot].load(Ordering::Acquire);
+        if base == 0 {
+            base = map_stack();
+            if base == 0 {
+                BUSY[slot].store(false, Ordering::Release);
+                return None;
+            }
+            BASES[slot].store(base, Ordering::Release);
+        }
+        return Some((slot, base));
     }
+    None
 }
 
 /// Maps a stack of [`SIZE`] bytes with a guard page below it; returns its low end, or 0.
@@ -96,6 +111,13 @@ fn map_stack() -> usize {
         libc::mprotect(p, page, libc::PROT_NONE);
         p as usize + page
     }
+}
+
+/// Unmaps a stack of [`map_stack`] (its guard page included).
+fn unmap_stack(base: usize) {
+    let page = crate::heap::region::page_size();
+    // SAFETY: unmapping a stack `map_stack` made, no longer in use.
+    unsafe { libc::munmap((base - page) as *mut libc::c_void, SIZE + page) };
 }
 
 #[cfg(test)]

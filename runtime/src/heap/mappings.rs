@@ -15,8 +15,9 @@
 //! - a reopen announces itself on the page, then reads the access and applies it.
 //!
 //! With both sequentially consistent, either the reopen reads the new access, or the change waits
-//! for the reopen to finish and then applies its own protection last. A reopen never waits, so a
-//! change interrupted by a fault that reopens the same page cannot deadlock.
+//! for the reopen to finish and then applies its own protection last. A reopen never waits for a
+//! change (nor for a close), so a change interrupted by a fault that reopens the same page cannot
+//! deadlock.
 //!
 //! The count of mappings is an estimate (1 + the number of protection boundaries, kept from the
 //! protections this module applied); closing resets it. Everything here is async-signal-safe:
@@ -212,18 +213,36 @@ impl Mappings {
         if self.estimate().saturating_add(2) > self.budget() {
             self.close(region)?;
         }
+        let (had, epoch) = (self.estimate(), self.epoch.load(Ordering::SeqCst));
         let mut result = region.protect(page, count, access);
         if result == Err(libc::ENOMEM) {
             // The program's own mappings took what the budget counted on: from now on the view
-            // keeps to three quarters of what it had.
-            let had = self.estimate();
-            self.budget.fetch_min((had - had / 4).max(MIN_BUDGET), Ordering::Relaxed);
-            self.close(region)?;
-            result = region.protect(page, count, access);
+            // keeps to three quarters of what it had (unless another thread's close changed
+            // that meanwhile), and never loses more than half its budget at once.
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                let budget = self.budget();
+                let shrunk = (had - had / 4).max(budget / 2).max(MIN_BUDGET);
+                self.budget.fetch_min(shrunk, Ordering::Relaxed);
+            }
+            // Another thread's close under way makes the room once its mprotect is done: wait
+            // for that a little (not for ever: it may be this thread's own, interrupted).
+            for _ in 0..1000 {
+                self.close(region)?;
+                result = region.protect(page, count, access);
+                if result != Err(libc::ENOMEM) || !self.closing.load(Ordering::Acquire) {
+                    break;
+                }
+                crate::sys::sched::yield_cpu();
+            }
         }
         result?;
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let delta = self.record(pt, page, count, access);
-        self.count.fetch_add(delta, Ordering::Relaxed);
+        // A change counted across a close belongs to the view before it: the close reset the
+        // count to the one mapping it left.
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            self.count.fetch_add(delta, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -244,12 +263,10 @@ impl Mappings {
     }
 
     /// Closes the whole view (one mapping). Held pages stay held and reopen on their next
-    /// fault. If another thread is closing, waits for it instead.
+    /// fault. If another thread is closing, returns at once: that close makes the room (and a
+    /// thread never waits for a close it interrupted, e.g. from a signal handler).
     fn close(&self, region: &Region) -> Result<(), i32> {
         if self.closing.swap(true, Ordering::AcqRel) {
-            while self.closing.load(Ordering::Acquire) {
-                crate::sys::sched::yield_cpu();
-            }
             return Ok(());
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);

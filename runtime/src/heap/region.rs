@@ -240,10 +240,38 @@ impl Region {
             if copy == libc::MAP_FAILED {
                 return Err(errno());
             }
-            // Only the parts of the memfd that hold data: holes read as zeros, as the fresh copy
-            // does (a rank's arena is one large writable run, mostly never touched).
+            // Read straight from the memfd: the child's shared mapping has no page table entries
+            // yet, and faulting each page in through it costs more than the copy.
+            let read = |from: libc::off_t, to: libc::off_t| -> Result<(), i32> {
+                let mut off = from;
+                while off < to {
+                    let n = libc::syscall(
+                        libc::SYS_pread64,
+                        shared.memfd,
+                        (copy as *mut u8).add(off as usize),
+                        (to - off) as usize,
+                        off,
+                    );
+                    if n < 0 && *libc::__errno_location() == libc::EINTR {
+                        continue;
+                    }
+                    if n <= 0 {
+                        return Err(if n < 0 { errno() } else { libc::EIO });
+                    }
+                    off += n as libc::off_t;
+                }
+                Ok(())
+            };
+            // Of a large run, only the parts of the memfd that hold data: holes read as zeros,
+            // as the fresh copy does (a rank's arena is one large writable run, mostly never
+            // touched). A small run is read whole (a view that closed to save mappings gives
+            // many runs of a page or two, and seeking costs more than reading them).
             for r in runs {
                 let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
+                if end - start < SEEK_HOLES_FROM {
+                    read(start, end)?;
+                    continue;
+                }
                 let mut at = start;
                 while at < end {
                     let data = libc::lseek(shared.memfd, at, libc::SEEK_DATA);
@@ -252,25 +280,7 @@ impl Region {
                     }
                     let hole = libc::lseek(shared.memfd, data, libc::SEEK_HOLE);
                     let hole = if hole <= data { end } else { hole.min(end) };
-                    // Read straight from the memfd: the child's shared mapping has no page table
-                    // entries yet, and faulting each page in through it costs more than the copy.
-                    let mut off = data;
-                    while off < hole {
-                        let n = libc::syscall(
-                            libc::SYS_pread64,
-                            shared.memfd,
-                            (copy as *mut u8).add(off as usize),
-                            (hole - off) as usize,
-                            off,
-                        );
-                        if n < 0 && *libc::__errno_location() == libc::EINTR {
-                            continue;
-                        }
-                        if n <= 0 {
-                            return Err(if n < 0 { errno() } else { libc::EIO });
-                        }
-                        off += n as libc::off_t;
-                    }
+                    read(data, hole)?;
                     at = hole;
                 }
             }
@@ -287,10 +297,18 @@ impl Region {
             if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
                 return Err(errno());
             }
-            // Every page the child has a copy of is its own now, to read and to write.
+            // Every page the child has a copy of is its own now, to read and to write. If that
+            // takes more mappings than the kernel allows, the view stays closed, and the child's
+            // fault handler opens the pages it holds as they are touched.
             for (start, end) in spans(runs) {
                 if libc::mprotect(start as *mut libc::c_void, end - start, libc::PROT_READ | libc::PROT_WRITE) != 0 {
-                    return Err(errno());
+                    if errno() != libc::ENOMEM {
+                        return Err(errno());
+                    }
+                    if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
+                        return Err(errno());
+                    }
+                    break;
                 }
             }
             // The runtime view is not in the child (MADV_DONTFORK, see `share`): its address range
@@ -376,6 +394,9 @@ impl Drop for Region {
         }
     }
 }
+
+/// Runs of a fork snapshot at least this long (bytes) are copied without their holes.
+const SEEK_HOLES_FROM: libc::off_t = 1 << 20;
 
 /// The maximal spans `[start, end)` of adjacent runs (one `mprotect` each instead of one per
 /// run). Allocation-free.
