@@ -552,6 +552,21 @@ fn forking_server_children_see_the_heap_as_it_was_at_fork() {
     );
 }
 
+/// Requires that rank 0's statistics (`GALLOCY_STATS=1`) count at least one close of its heap's
+/// view: a test of what happens after a close must have one.
+fn require_view_closes(ran: &Ran) {
+    let closes = ran
+        .f
+        .stderr
+        .lines()
+        .find(|l| l.contains("gallocy stats rank 0:"))
+        .and_then(|l| l.split("view closes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if closes == 0 {
+        ran.fail("rank 0's view never closed: the test did not test what it is for");
+    }
+}
+
 /// The forking server again, with the heap's view allowed only 64 mappings: rank 0's view keeps
 /// closing (its pages alternate between read-only and writable), so at forks some held pages
 /// show no access in the parent. Each child must still get every page its parent holds, as it
@@ -571,16 +586,7 @@ fn forking_server_children_get_pages_the_parents_view_had_closed() {
         &none,
         Stats::Required,
     );
-    let closes = ran
-        .f
-        .stderr
-        .lines()
-        .find(|l| l.contains("gallocy stats rank 0:"))
-        .and_then(|l| l.split("view closes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    if closes == 0 {
-        ran.fail("rank 0's view never closed: the test did not test what it is for");
-    }
+    require_view_closes(&ran);
 }
 
 /// A preloaded member holding more scattered pages than `vm.max_map_count` allows mappings
@@ -612,16 +618,7 @@ fn a_member_with_more_scattered_pages_than_mappings_forks() {
         &none,
         Stats::Required,
     );
-    let closes = ran
-        .f
-        .stderr
-        .lines()
-        .find(|l| l.contains("gallocy stats rank 0:"))
-        .and_then(|l| l.split("view closes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    if closes == 0 {
-        ran.fail("rank 0's view never closed: the test did not test what it is for");
-    }
+    require_view_closes(&ran);
 }
 
 /// A Python member that joins the job through the C API (ctypes), moves pages between the ranks,
