@@ -39,7 +39,8 @@ scenarios (all ranks run the same NAME):
   relock      [--times N]                    rank 0 re-takes lock 1 locally; then all ranks share it
   pingpong    [--rounds N]                   two ranks write one page alternately
   disjoint    [--rounds N] [--words W]       ranks write disjoint words of one page
-  contend     [--ms M] [--threads T]         all threads of all ranks fight over one page
+  contend     [--ms M] [--threads T] [--changes K] [--cap-ms C]
+                                             all threads of all ranks fight over one page
   litmus-mp   [--rounds N]                   message passing litmus test
   litmus-sb   [--rounds N]                   store buffering litmus test
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
