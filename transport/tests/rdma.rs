@@ -300,10 +300,18 @@ fn rdma_job_with_view<F>(size: usize, len: usize, body: F)
 where
     F: Fn(usize, Box<RdmaTransport>, MemoryView, &Gate) -> Option<Box<RdmaTransport>> + Send + Sync + 'static,
 {
+    rdma_job_configured(size, len, |_| RdmaConfig::default(), body);
+}
+
+/// Like [`rdma_job_with_view`], with each rank's RDMA configuration from `config(rank)`.
+fn rdma_job_configured<F>(size: usize, len: usize, config: fn(usize) -> RdmaConfig, body: F)
+where
+    F: Fn(usize, Box<RdmaTransport>, MemoryView, &Gate) -> Option<Box<RdmaTransport>> + Send + Sync + 'static,
+{
     assert!(len <= VIEW);
     run_ranks(size, move |rank, tcp, view, gate| {
         let view = MemoryView { base: view.base, len };
-        let port = rdma::open(&RdmaConfig::default()).unwrap_or_else(|e| panic!("rank {rank}: rdma::open: {e}"));
+        let port = rdma::open(&config(rank)).unwrap_or_else(|e| panic!("rank {rank}: rdma::open: {e}"));
         let t = match rdma::connect(tcp, view, Ok(port), true, SETUP) {
             Ok(Connected::Rdma(t)) => t,
             Ok(Connected::Tcp(_, why)) => panic!("rank {rank}: rdma::connect stayed on TCP: {why}"),
@@ -984,48 +992,164 @@ fn three_ranks_all_to_all_storm_loses_nothing_and_keeps_order() {
     if skip_without_device("three_ranks_all_to_all_storm_loses_nothing_and_keeps_order") {
         return;
     }
-    const N: usize = 2000;
-    const SIZE: usize = 3;
     let t0 = Instant::now();
-    rdma_job(SIZE, |rank, t, _v, gate| {
-        gate.sync(rank, "up");
-        let tr = &*t;
-        std::thread::scope(|s| {
-            for peer in (0..SIZE).filter(|p| *p != rank) {
-                s.spawn(move || {
-                    for k in 0..N {
-                        let msg = pattern(storm_seed(rank, peer, k), storm_len(k));
-                        tr.send(peer, &msg, None).unwrap_or_else(|e| panic!("rank {rank} → {peer}: send {k}: {e}"));
-                    }
-                });
-            }
-            // Let the senders run into full receive queues and full send queues first.
-            std::thread::sleep(Duration::from_secs(2));
-            let mut next = [0usize; SIZE];
-            let mut problems = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(50);
-            while (0..SIZE).any(|p| p != rank && next[p] < N) {
-                assert!(Instant::now() < deadline, "rank {rank}: received only {next:?} of {N} each within 50 s");
-                tr.poll(Some(Duration::from_millis(10)), &mut |ev| {
-                    let Event::Message { from, bytes, page: None } = ev else {
-                        problems.push(format!("unexpected {ev:?}"));
-                        return;
-                    };
-                    let k = next[from];
-                    if k >= N || bytes.len() != storm_len(k) || bytes != pattern(storm_seed(from, rank, k), bytes.len())
-                    {
-                        problems
-                            .push(format!("message {k} from {from} is not the one sent next ({} bytes)", bytes.len()));
-                    }
-                    next[from] += 1;
-                })
-                .unwrap_or_else(|e| panic!("rank {rank}: poll: {e}"));
-                assert!(problems.is_empty(), "rank {rank}: {problems:?}");
-            }
-        });
-        Some(t)
-    });
+    rdma_job(STORM_RANKS, storm);
     eprintln!("storm: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The storm again with no peer allowed to get more than its first buffers: every message gets
+/// through the narrow windows, in order.
+#[test]
+fn a_storm_where_no_peer_may_become_busy_loses_nothing_and_keeps_order() {
+    let _g = serial();
+    if skip_without_device("a_storm_where_no_peer_may_become_busy_loses_nothing_and_keeps_order") {
+        return;
+    }
+    let t0 = Instant::now();
+    rdma_job_configured(
+        STORM_RANKS,
+        VIEW,
+        |_| RdmaConfig { busy_peers: Some(0), ..RdmaConfig::default() },
+        |rank, t, v, gate| {
+            let t = storm(rank, t, v, gate)?;
+            assert_eq!(t.busy_peers(), Vec::<usize>::new(), "rank {rank}: busy peers past a limit of 0");
+            Some(t)
+        },
+    );
+    eprintln!("storm without busy peers: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+const STORM_RANKS: usize = 3;
+
+/// Every rank sends 2000 messages to every other from a thread per peer, and takes what the
+/// others send only after 2 s: all arrive intact and in order.
+fn storm(rank: usize, t: Box<RdmaTransport>, _v: MemoryView, gate: &Gate) -> Option<Box<RdmaTransport>> {
+    const N: usize = 2000;
+    const SIZE: usize = STORM_RANKS;
+    gate.sync(rank, "up");
+    let tr = &*t;
+    std::thread::scope(|s| {
+        for peer in (0..SIZE).filter(|p| *p != rank) {
+            s.spawn(move || {
+                for k in 0..N {
+                    let msg = pattern(storm_seed(rank, peer, k), storm_len(k));
+                    tr.send(peer, &msg, None).unwrap_or_else(|e| panic!("rank {rank} → {peer}: send {k}: {e}"));
+                }
+            });
+        }
+        // Let the senders run into full receive queues and full send queues first.
+        std::thread::sleep(Duration::from_secs(2));
+        let mut next = [0usize; SIZE];
+        let mut problems = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(50);
+        while (0..SIZE).any(|p| p != rank && next[p] < N) {
+            assert!(Instant::now() < deadline, "rank {rank}: received only {next:?} of {N} each within 50 s");
+            tr.poll(Some(Duration::from_millis(10)), &mut |ev| {
+                let Event::Message { from, bytes, page: None } = ev else {
+                    problems.push(format!("unexpected {ev:?}"));
+                    return;
+                };
+                let k = next[from];
+                if k >= N || bytes.len() != storm_len(k) || bytes != pattern(storm_seed(from, rank, k), bytes.len()) {
+                    problems.push(format!("message {k} from {from} is not the one sent next ({} bytes)", bytes.len()));
+                }
+                next[from] += 1;
+            })
+            .unwrap_or_else(|e| panic!("rank {rank}: poll: {e}"));
+            assert!(problems.is_empty(), "rank {rank}: {problems:?}");
+        }
+    });
+    // Everyone has everything: nothing is in flight while the transports go.
+    gate.sync(rank, "storm received");
+    Some(t)
+}
+
+/// Message buffers follow use: of 4 ranks, rank 0 floods ranks 1 and 2 and may make only one
+/// peer busy; ranks 1 and 2 make rank 0 busy (its messages pile up while they sleep); rank 3
+/// talks to nobody and keeps its first buffers only, as do all for the peers they never heard
+/// from. Every message arrives, in order.
+#[test]
+fn only_peers_in_use_get_the_full_set_of_message_buffers() {
+    let _g = serial();
+    if skip_without_device("only_peers_in_use_get_the_full_set_of_message_buffers") {
+        return;
+    }
+    const N: usize = 600;
+    let pinned = Arc::new(Mutex::new([0usize; 4]));
+    let seen = pinned.clone();
+    rdma_job_configured(
+        4,
+        VIEW,
+        |rank| RdmaConfig { busy_peers: (rank == 0).then_some(1), ..RdmaConfig::default() },
+        move |rank, t, _v, gate| {
+            gate.sync(rank, "up");
+            let tr = &*t;
+            match rank {
+                0 => std::thread::scope(|s| {
+                    for peer in [1, 2] {
+                        s.spawn(move || {
+                            for k in 0..N {
+                                let msg = pattern(storm_seed(0, peer, k), storm_len(k));
+                                tr.send(peer, &msg, None).unwrap_or_else(|e| panic!("0 → {peer}: send {k}: {e}"));
+                            }
+                        });
+                    }
+                    let mut done = [false; 3];
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !(done[1] && done[2]) {
+                        assert!(Instant::now() < deadline, "rank 0: no word from ranks 1 and 2 within 60 s");
+                        tr.poll(Some(Duration::from_millis(10)), &mut |ev| match ev {
+                            Event::Message { from, bytes: b"all here", page: None } if from == 1 || from == 2 => {
+                                done[from] = true
+                            }
+                            other => panic!("rank 0: unexpected {other:?}"),
+                        })
+                        .unwrap_or_else(|e| panic!("rank 0: poll: {e}"));
+                    }
+                    let busy = tr.busy_peers();
+                    assert!(busy == [1] || busy == [2], "rank 0 may make one peer busy, and did {busy:?}");
+                }),
+                1 | 2 => {
+                    // Rank 0's messages pile up in the first buffers meanwhile.
+                    std::thread::sleep(Duration::from_secs(1));
+                    let mut next = 0;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while next < N {
+                        assert!(Instant::now() < deadline, "rank {rank}: received only {next} of {N} within 60 s");
+                        tr.poll(Some(Duration::from_millis(10)), &mut |ev| {
+                            let Event::Message { from: 0, bytes, page: None } = ev else {
+                                panic!("rank {rank}: unexpected {ev:?}");
+                            };
+                            assert!(
+                                bytes.len() == storm_len(next)
+                                    && bytes == pattern(storm_seed(0, rank, next), bytes.len()),
+                                "rank {rank}: message {next} from 0 is not the one sent next"
+                            );
+                            next += 1;
+                        })
+                        .unwrap_or_else(|e| panic!("rank {rank}: poll: {e}"));
+                    }
+                    assert_eq!(tr.busy_peers(), vec![0], "rank {rank}: rank 0 flooded us and is not busy here");
+                    tr.send(0, b"all here", None).unwrap();
+                }
+                _ => {}
+            }
+            gate.sync(rank, "traffic done");
+            seen.lock().unwrap()[rank] = tr.pinned_buffer_bytes();
+            if rank == 3 {
+                assert_eq!(tr.busy_peers(), Vec::<usize>::new(), "rank 3 talked to nobody");
+            }
+            gate.sync(rank, "counted");
+            Some(t)
+        },
+    );
+    let p = *pinned.lock().unwrap();
+    eprintln!("pinned message buffers per rank: {p:?} bytes");
+    assert!(p[3] <= 4 * 32 * 1024, "an idle rank of 4 pins {} bytes of message buffers", p[3]);
+    for rank in 0..3 {
+        assert!(p[rank] >= p[3] + 256 * 1024, "rank {rank} pins {} bytes: no peer got its full set", p[rank]);
+        assert!(p[rank] < p[3] + 2 * 256 * 1024, "rank {rank} pins {} bytes: more than one busy peer", p[rank]);
+    }
 }
 
 /// Two threads of rank 0 send at once (messages of several fragments must not interleave); on
@@ -1574,6 +1698,7 @@ fn open_names_the_device_port_or_gid_index_that_is_wrong() {
         device: device.map(str::to_owned),
         port,
         gid_index,
+        busy_peers: None,
     };
     let Some(dev) = first_device() else {
         // No device: whatever is asked for, the answer is that there is none.

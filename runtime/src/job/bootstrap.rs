@@ -255,7 +255,12 @@ fn rdma_port(
 ) -> (Option<Result<gallocy_transport::rdma::Port, gallocy_transport::rdma::RdmaError>>, Option<String>) {
     use gallocy_transport::rdma;
     let Some(s) = settings.filter(|s| s.transport != TransportKind::Tcp) else { return (None, problem) };
-    let cfg = rdma::RdmaConfig { device: s.rdma.device.clone(), port: s.rdma.port, gid_index: s.rdma.gid_index };
+    let cfg = rdma::RdmaConfig {
+        device: s.rdma.device.clone(),
+        port: s.rdma.port,
+        gid_index: s.rdma.gid_index,
+        busy_peers: s.rdma.busy_peers,
+    };
     let port = rdma::open(&cfg);
     let problem = match (&port, problem) {
         (_, Some(p)) => Some(p),

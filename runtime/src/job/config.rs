@@ -24,6 +24,8 @@ pub const DEFAULT_SPIN_US: u64 = 100;
 const USER_SPACE_END: usize = 0x7fff_ffff_f000;
 /// Largest job: as many ranks as a copy set holds.
 pub const MAX_PROCESSES: usize = crate::protocol::ranks::RankSet::CAPACITY;
+/// `GALLOCY_RDMA_BUSY_PEERS` at most: every peer of the largest job.
+pub const MAX_BUSY_PEERS: usize = MAX_PROCESSES - 1;
 
 /// Which transport moves bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,13 +49,15 @@ impl TransportKind {
     }
 }
 
-/// Where RDMA runs: `GALLOCY_RDMA_DEVICE`, `GALLOCY_RDMA_PORT`, `GALLOCY_RDMA_GID_INDEX`.
+/// Where RDMA runs (`GALLOCY_RDMA_DEVICE`, `GALLOCY_RDMA_PORT`, `GALLOCY_RDMA_GID_INDEX`), and how
+/// many peers may get the full set of message buffers (`GALLOCY_RDMA_BUSY_PEERS`).
 #[derive(Clone, Debug, Default)]
 #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
 pub struct RdmaSettings {
     pub device: Option<String>,
     pub port: Option<u8>,
     pub gid_index: Option<u32>,
+    pub busy_peers: Option<usize>,
 }
 
 /// Who this process is in which job, and how to reach rank 0.
@@ -400,6 +404,16 @@ pub fn settings() -> Result<Settings, Error> {
                 None => None,
                 Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
                     Error::config("GALLOCY_RDMA_GID_INDEX", &v, "must be a GID table index (0, 1, ...)")
+                })?),
+            },
+            busy_peers: match var("GALLOCY_RDMA_BUSY_PEERS")? {
+                None => None,
+                Some(v) => Some(v.trim().parse::<usize>().ok().filter(|n| *n <= MAX_BUSY_PEERS).ok_or_else(|| {
+                    Error::config(
+                        "GALLOCY_RDMA_BUSY_PEERS",
+                        &v,
+                        &format!("must be a number of peers from 0 to {MAX_BUSY_PEERS}"),
+                    )
                 })?),
             },
         };

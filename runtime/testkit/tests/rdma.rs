@@ -255,3 +255,24 @@ fn rdma_job_runs_on_rdma_and_moves_pages() {
     job.assert_all_ok("GALLOCY_TRANSPORT=rdma fill64", "fill64");
     assert!(job.ranks[0].stderr().contains("gallocy: transport: rdma (rxe"), "{}", job.report());
 }
+
+/// With `GALLOCY_RDMA_BUSY_PEERS=0` no peer gets more than its first message buffers: a job of
+/// lock, barrier and page traffic still runs to its checked end over the narrow windows.
+#[test]
+fn a_job_where_no_peer_may_become_busy_runs_over_rdma() {
+    if not_built("a_job_where_no_peer_may_become_busy_runs_over_rdma") {
+        return;
+    }
+    if !has_device() {
+        return skip("a_job_where_no_peer_may_become_busy_runs_over_rdma");
+    }
+    let _g = serial();
+    let what = "GALLOCY_RDMA_BUSY_PEERS=0 counter";
+    let mut job = Job::builder(3)
+        .env_all("GALLOCY_TRANSPORT", "rdma")
+        .env_all("GALLOCY_RDMA_BUSY_PEERS", "0")
+        .spawn(&["counter", "--total", "3000", "--threads", "2"]);
+    job.wait_or_fail(what, T);
+    job.assert_all_ok(what, "counter");
+    assert!(job.ranks[0].stderr().contains("gallocy: transport: rdma (rxe"), "{}", job.report());
+}

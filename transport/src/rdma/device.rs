@@ -16,6 +16,9 @@ pub struct RdmaConfig {
     pub port: Option<u8>,
     /// GID index (`GALLOCY_RDMA_GID_INDEX`); `None`: the IPv4-mapped RoCE v2 GID, else index 0.
     pub gid_index: Option<u32>,
+    /// Peers that may get the full set of message buffers (`GALLOCY_RDMA_BUSY_PEERS`); `None`:
+    /// [`super::BUSY_PEERS`].
+    pub busy_peers: Option<usize>,
 }
 
 /// Why RDMA cannot be used here. The message says what is missing and what to do.
@@ -145,6 +148,7 @@ pub struct Port {
     pub(crate) mtu: Mtu,
     pub(crate) ethernet: bool,
     pub(crate) max_rd_atomic: u8,
+    pub(crate) busy_peers: usize,
 }
 
 impl Port {
@@ -261,6 +265,7 @@ pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
             ctx.query_device().map_err(|e| RdmaError::verbs("ibv_query_device", std::io::Error::other(e)))?;
         let max_rd_atomic = dev_attr.max_qp_rd_atom().clamp(1, 16) as u8;
         return Ok(Port {
+            busy_peers: cfg.busy_peers.unwrap_or(super::BUSY_PEERS),
             device: names[i].clone(),
             port,
             gid,

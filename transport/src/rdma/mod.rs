@@ -7,7 +7,8 @@
 //!   into mailboxes: the receiver learns of a message from its completion queue, which a waiting
 //!   thread polls anyway, instead of scanning one mailbox per peer; and an RC queue pair with
 //!   infinite RNR retry gives flow control for free (a sender whose receiver has no buffer posted
-//!   waits in the hardware, nothing is lost).
+//!   waits in the hardware, nothing is lost). Buffers follow use ([`buffers`]): a few for every
+//!   peer, the full set for a bounded number of busy ones.
 //! - **Registration** pins memory, so the runtime view is registered in [`CHUNK`]-sized pieces when
 //!   a chunk is first read into or read from. A reader learns the owner's key for a chunk once, by
 //!   asking the owner's transport (`RkeyQuery`), and caches it. Registration allocates and may
@@ -26,11 +27,12 @@
 //! - The TCP connections of start-up stay open, unused for data: their closing tells us that a peer
 //!   died, exactly as with the TCP transport.
 
+mod buffers;
 mod device;
 mod setup;
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::time::{Duration, Instant};
@@ -47,6 +49,7 @@ use sideway::ibverbs::AccessFlags;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+pub use buffers::BUSY_PEERS;
 pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
 
@@ -56,19 +59,11 @@ use crate::sys::{HighWater, LazyBuf};
 use crate::tcp::TcpTransport;
 use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
-/// Bytes of one send or receive buffer (one fragment). Control messages are small (pages travel by
-/// READ), so small buffers let many be posted: a peer can run far ahead before it has to wait.
-const BUF: usize = 1024;
 /// Fragment header ([`WireHead`]): kind, flags, 2 spare, payload length (u32), argument (u64).
 const HDR: usize = 16;
 /// Payload bytes per fragment: a fragment is its header, its payload and its tag
 /// ([`crate::seal`], under keys from the TCP connection's handshake).
 const PAYLOAD: usize = BUF - HDR - TAG_LEN;
-/// Receive buffers posted per peer. Twice the send depth: the send queue of a peer whose receiver
-/// is busy fills (and its sender waits) long before the receiver runs out of buffers.
-const RECV_DEPTH: usize = 256;
-/// Send-queue entries per peer (SENDs and READs).
-const SEND_DEPTH: usize = 128;
 /// The runtime view is registered in pieces of this size.
 pub const CHUNK: usize = 2 << 20;
 /// How long a sender waits for a free send-queue entry before it calls the peer lost.
@@ -85,39 +80,18 @@ const K_PAGE: u8 = 2;
 const K_RKEY_QUERY: u8 = 3;
 const K_RKEY_REPLY: u8 = 4;
 const K_GOODBYE: u8 = 5;
+/// This side gave the peer its full set of receive buffers: the peer may widen its window.
+const K_BUSY: u8 = 6;
 /// Flag: last fragment of a message.
 const F_LAST: u8 = 1;
 
 /// A remote key is known (the low 32 bits are the key).
 const RKEY_VALID: u64 = 1 << 32;
 
-/// Registered send and receive buffers: `[recv: size × RECV_DEPTH][send: size × SEND_DEPTH]`.
-struct Buffers {
-    base: *mut u8,
-    len: usize,
-    lkey: u32,
-    _mr: Arc<MemoryRegion>,
-}
+use buffers::{Buffers, BUF, RECV_DEPTH, RECV_FIRST, SEND_DEPTH, SEND_FIRST};
 
-impl Buffers {
-    fn recv(&self, peer: usize, i: usize) -> *mut u8 {
-        // SAFETY: peer < size and i < RECV_DEPTH keep the result inside the mapping.
-        unsafe { self.base.add((peer * RECV_DEPTH + i) * BUF) }
-    }
-
-    fn send(&self, size: usize, peer: usize, i: usize) -> *mut u8 {
-        // SAFETY: as for `recv`, in the send area after all receive buffers.
-        unsafe { self.base.add((size * RECV_DEPTH + peer * SEND_DEPTH + i) * BUF) }
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        // SAFETY: we own this anonymous mapping; the MR is dropped right after (field order is
-        // irrelevant: deregistration only unpins).
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
+/// A peer counts as busy once this many of its fragments wait here to be consumed.
+const BUSY_BACKLOG: usize = RECV_FIRST / 2;
 
 /// A fragment's header fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,6 +170,8 @@ struct SendRing {
     posted: u64,
     /// Tags each fragment, in the order they are posted (which is the order they arrive).
     sealer: Option<Sealer>,
+    /// The window is SEND_DEPTH wide: both sides gave each other their full set of buffers.
+    wide: bool,
 }
 
 /// One peer's queue pair and what goes with it.
@@ -212,6 +188,12 @@ struct Link {
     left: AtomicBool,
     /// A failed work completion on this queue pair (status + 1), 0 if none.
     lost: AtomicU32,
+    /// Traffic with this peer outgrew the first buffers: the service thread should make it busy.
+    wants_busy: AtomicBool,
+    /// The peer gave us its full set of receive buffers (it sent K_BUSY).
+    peer_busy: AtomicBool,
+    /// The send window is SEND_DEPTH wide (`SendRing::wide`, readable without the lock).
+    widened: AtomicBool,
 }
 
 impl Link {
@@ -401,6 +383,15 @@ pub struct RdmaTransport {
     /// a wake-up of the service thread for each would only take the CPU from it.
     service_reads: AtomicU64,
     chunks: Chunks,
+    /// Some link wants to be busy (see [`Link::wants_busy`]).
+    busy_wanted: AtomicBool,
+    /// Peers that may become busy, and how many are.
+    busy_limit: usize,
+    busy_count: AtomicUsize,
+    /// Registering a busy peer's buffers failed once: no more tries (the first buffers carry on).
+    busy_refused: AtomicBool,
+    /// Sends and READs that can be in flight at once, all peers together.
+    send_capacity: usize,
 }
 
 // SAFETY: the raw pointers (buffers, view) refer to mappings that live as long as the transport;
@@ -426,7 +417,8 @@ fn authentic<'f>(peer: usize, opener: Option<&Opener>, frag: &'f [u8]) -> Result
 /// Posts receive buffer `i` of `peer` on `qp`; returns the verbs error code on failure.
 /// Async-signal-safe.
 fn post_recv_raw(qp: *mut ibv_qp, bufs: &Buffers, peer: usize, i: usize) -> Result<(), i32> {
-    let mut sge = ibv_sge { addr: bufs.recv(peer, i) as u64, length: BUF as u32, lkey: bufs.lkey };
+    let Some((addr, lkey)) = bufs.recv(peer, i) else { return Err(libc::EINVAL) };
+    let mut sge = ibv_sge { addr: addr as u64, length: BUF as u32, lkey };
     let mut wr = ibv_recv_wr {
         wr_id: ((peer as u64) << 32) | i as u64,
         next: std::ptr::null_mut(),
@@ -480,13 +472,17 @@ impl RdmaTransport {
     /// Waits for a free send slot of `link`; returns its index. Async-signal-safe.
     fn slot(&self, peer: usize, link: &Link, ring: &SendRing) -> Result<usize, TransportError> {
         let mut since: Option<Instant> = None;
-        while ring.posted - link.completed.load(Ordering::Acquire) >= SEND_DEPTH as u64 {
+        let window = if ring.wide { SEND_DEPTH } else { SEND_FIRST } as u64;
+        if !ring.wide && ring.posted - link.completed.load(Ordering::Acquire) >= window {
+            self.want_busy(peer, link);
+        }
+        while ring.posted - link.completed.load(Ordering::Acquire) >= window {
             self.reap_sends();
             self.check_link(peer, link)?;
             // The peer may be waiting to send to us just as we wait for it: free our receive
             // buffers so that it can go on (and then take ours).
             self.spill_receives();
-            if ring.posted - link.completed.load(Ordering::Acquire) < SEND_DEPTH as u64 {
+            if ring.posted - link.completed.load(Ordering::Acquire) < window {
                 break;
             }
             // Instant::now is a vDSO clock read: fine in a signal handler.
@@ -531,7 +527,9 @@ impl RdmaTransport {
         }
         let i = self.slot(peer, link, ring)?;
         link.tokens[i].store(NO_TOKEN, Ordering::Relaxed);
-        let buf = self.bufs.send(self.size, peer, i);
+        let Some((buf, lkey)) = self.bufs.send(peer, i, ring.wide) else {
+            return Err(lost(peer, LostReason::Verbs("no send buffer for this slot")));
+        };
         // SAFETY: the slot's buffer has BUF bytes and is ours until its completion (slot() saw
         // it completed); header, payload (at most PAYLOAD) and tag fill at most BUF. The tag
         // covers the fragment as it lies in the buffer, as the receiver checks it.
@@ -543,7 +541,7 @@ impl RdmaTransport {
             std::ptr::copy_nonoverlapping(tag.as_ptr(), buf.add(HDR + payload.len()), TAG_LEN);
         }
         let len = HDR + payload.len() + TAG_LEN;
-        let mut sge = ibv_sge { addr: buf as u64, length: len as u32, lkey: self.bufs.lkey };
+        let mut sge = ibv_sge { addr: buf as u64, length: len as u32, lkey };
         // SAFETY: an all-zero ibv_send_wr is a valid "nothing set" request.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.sg_list = &mut sge;
@@ -628,6 +626,9 @@ impl RdmaTransport {
                 }
                 // At most RECV_DEPTH buffers are posted per peer: this never reallocates.
                 rx[peer].queue.push_back((i, wc.byte_len));
+                if rx[peer].queue.len() >= BUSY_BACKLOG && !self.bufs.is_busy(peer) {
+                    self.want_busy(peer, link);
+                }
             }
         }
     }
@@ -640,9 +641,12 @@ impl RdmaTransport {
         for (peer, rp) in rx.iter_mut().enumerate() {
             let Some(Some(link)) = self.links.get(peer) else { continue };
             while let Some(&(i, len)) = rp.queue.front() {
+                let Some((buf, _)) = self.bufs.recv(peer, i as usize) else {
+                    let _ = link.lost.compare_exchange(0, LOST_POST + 1, Ordering::AcqRel, Ordering::Acquire);
+                    break;
+                };
                 // SAFETY: as in drain_peer: a completed receive's bytes, not yet reposted.
-                let frag =
-                    unsafe { std::slice::from_raw_parts(self.bufs.recv(peer, i as usize), (len as usize).min(BUF)) };
+                let frag = unsafe { std::slice::from_raw_parts(buf, (len as usize).min(BUF)) };
                 if !rp.spill.push(frag) {
                     break;
                 }
@@ -684,7 +688,9 @@ impl RdmaTransport {
             }
         }
         while let Some(&(i, len)) = rp.queue.front() {
-            let buf = self.bufs.recv(peer, i as usize);
+            let Some((buf, _)) = self.bufs.recv(peer, i as usize) else {
+                return Err(lost(peer, LostReason::Verbs("a receive completed in a buffer that does not exist")));
+            };
             // SAFETY: the buffer was filled by a completed receive of `len` ≤ BUF bytes and is not
             // reposted before we are done with it.
             let frag = unsafe { std::slice::from_raw_parts(buf, (len as usize).min(BUF)) };
@@ -793,6 +799,13 @@ impl RdmaTransport {
                     }
                 }
             }
+            K_BUSY => {
+                // Widening the window takes the send lock, which a waiting thread may hold:
+                // only flags here; the service thread acts on them.
+                link.peer_busy.store(true, Ordering::Release);
+                self.want_busy(peer, link);
+                Ok(Step::Next)
+            }
             K_RKEY_QUERY | K_RKEY_REPLY | K_GOODBYE => {
                 let Sink::Service(handler) = sink else {
                     // Registration allocates: only the service thread does it.
@@ -861,7 +874,7 @@ impl RdmaTransport {
                 other => std::io::Error::other(other.to_string()),
             };
             // What this process would have pinned: its buffers, the chunks so far, and this one.
-            let pinned = self.bufs.len + regions.len() * CHUNK + len;
+            let pinned = self.bufs.pinned() + regions.len() * CHUNK + len;
             TransportError::Rdma(RdmaError::registration("registering the heap's runtime view", io, pinned))
         })?;
         let keys = (u64::from(mr.lkey()) << 32) | u64::from(mr.rkey());
@@ -878,7 +891,7 @@ impl RdmaTransport {
             // Room for every READ that can be in flight, so that no completion is ever dropped
             // (reap_sends, which may run in a signal handler, cannot grow the queue).
             let mut c = self.completions.lock().unwrap_or_else(|p| p.into_inner());
-            let room = self.size * SEND_DEPTH;
+            let room = self.send_capacity;
             if c.reads_done.capacity() - c.reads_done.len() < room {
                 c.reads_done.reserve(room);
             }
@@ -971,9 +984,75 @@ impl RdmaTransport {
         Ok(())
     }
 
+    /// Asks the service thread to give `peer` its full set of buffers, or to widen the window to
+    /// it, if either can still happen. Async-signal-safe.
+    fn want_busy(&self, peer: usize, link: &Link) {
+        let more = if self.bufs.is_busy(peer) {
+            link.peer_busy.load(Ordering::Acquire) && !link.widened.load(Ordering::Acquire)
+        } else {
+            self.busy_count.load(Ordering::Acquire) < self.busy_limit && !self.busy_refused.load(Ordering::Acquire)
+        };
+        if more && !link.wants_busy.swap(true, Ordering::AcqRel) {
+            self.busy_wanted.store(true, Ordering::Release);
+            self.tcp.wake();
+        }
+    }
+
+    /// Makes busy the peers that asked for it, as far as the limit allows: registers their
+    /// buffers, posts the extra receives, tells the peer (K_BUSY), and widens the window to a
+    /// peer that said the same. Allocates: service thread only, holding no transport lock.
+    fn make_busy_peers(&self) -> Result<(), TransportError> {
+        if !self.busy_wanted.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for (peer, link) in self.links.iter().enumerate() {
+            let Some(link) = link else { continue };
+            if !link.wants_busy.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            if !self.bufs.is_busy(peer) {
+                if self.busy_count.load(Ordering::Acquire) >= self.busy_limit
+                    || self.busy_refused.load(Ordering::Acquire)
+                {
+                    continue;
+                }
+                if self.bufs.make_busy(&self.pd, peer).is_err() {
+                    // Typically the locked-memory limit: the first buffers carry on.
+                    self.busy_refused.store(true, Ordering::Release);
+                    continue;
+                }
+                self.busy_count.fetch_add(1, Ordering::AcqRel);
+                {
+                    // Receives are posted under the receive lock, as everywhere.
+                    let _rx = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+                    for i in RECV_FIRST..RECV_DEPTH {
+                        self.post_recv(peer, link, i)?;
+                    }
+                }
+                self.send_control(peer, K_BUSY, 0, &[])?;
+            }
+            if link.peer_busy.load(Ordering::Acquire) && !link.widened.load(Ordering::Acquire) {
+                link.send.lock().unwrap_or_else(|p| p.into_inner()).wide = true;
+                link.widened.store(true, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    /// Peers that have their full set of message buffers here.
+    pub fn busy_peers(&self) -> Vec<usize> {
+        self.bufs.busy_peers()
+    }
+
+    /// Bytes of message buffers registered (pinned) here.
+    pub fn pinned_buffer_bytes(&self) -> usize {
+        self.bufs.pinned()
+    }
+
     /// Everything that can be done without waiting.
     fn progress(&self, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
         self.first_loss()?;
+        self.make_busy_peers()?;
         self.reap_sends();
         let mut n = self.report_reads(handler);
         let mut rx = self.recv.lock().unwrap_or_else(|p| p.into_inner());
@@ -985,6 +1064,7 @@ impl RdmaTransport {
             }
         }
         drop(rx);
+        self.make_busy_peers()?;
         self.first_loss()?;
         Ok(n)
     }

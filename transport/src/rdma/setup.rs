@@ -3,7 +3,7 @@
 //! `--transport auto` every process learns whether all others have RDMA, so all pick the same.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,6 @@ use std::os::fd::AsRawFd;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel};
 use sideway::ibverbs::device_context::Mtu;
-use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{QueuePair, QueuePairAttribute, QueuePairState, QueuePairType};
 use sideway::ibverbs::AccessFlags;
@@ -21,7 +20,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::device::{check_memlock, Port, RdmaError};
 use super::{
-    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, BUF, CHUNK, RECV_DEPTH, SEND_DEPTH,
+    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, CHUNK, RECV_DEPTH, RECV_FIRST, SEND_DEPTH,
+    SEND_FIRST,
 };
 use crate::tcp::TcpTransport;
 use crate::{MemoryView, Transport, TransportError};
@@ -174,6 +174,10 @@ struct Parts {
     recv_cq: Arc<BasicCompletionQueue>,
     links: Vec<Option<Link>>,
     bufs: Buffers,
+    /// Peers that may become busy (at most every peer).
+    busy_limit: usize,
+    /// Sends and READs that can be in flight at once, all peers together (the send CQ's size).
+    send_capacity: usize,
 }
 
 /// Brings up RDMA on top of the start-up connections. `port` is this process's opened port, or
@@ -291,7 +295,7 @@ pub fn connect(
         links: parts.links,
         bufs: parts.bufs,
         recv: Mutex::new(recv),
-        completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(size * SEND_DEPTH) }),
+        completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(parts.send_capacity) }),
         service_reads: AtomicU64::new(0),
         chunks: Chunks {
             local: zeroes(count),
@@ -301,6 +305,11 @@ pub fn connect(
             waiting: Mutex::new(Vec::new()),
             asked: Mutex::new(HashSet::new()),
         },
+        busy_wanted: AtomicBool::new(false),
+        busy_limit: parts.busy_limit,
+        busy_count: AtomicUsize::new(0),
+        busy_refused: AtomicBool::new(false),
+        send_capacity: parts.send_capacity,
     })))
 }
 
@@ -313,11 +322,12 @@ fn verbs<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RdmaError {
     move |e| RdmaError::verbs(what, std::io::Error::other(e.to_string()))
 }
 
-/// Creates the protection domain, completion queues, buffers and one queue pair per peer (in
-/// INIT, receives posted).
+/// Creates the protection domain, completion queues, the first buffers of every peer and one
+/// queue pair per peer (in INIT, first receives posted). The completion queues have room for the
+/// first buffers of every peer and the full set of as many peers as may become busy.
 fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
-    let buf_len = size * (RECV_DEPTH + SEND_DEPTH) * BUF;
-    check_memlock(buf_len + CHUNK)?;
+    let busy_limit = port.busy_peers.min(size.saturating_sub(1));
+    check_memlock(Buffers::first_len(size) + CHUNK)?;
     let pd = port.ctx.alloc_pd().map_err(verbs("ibv_alloc_pd"))?;
     let channel = port.ctx.create_comp_channel().map_err(verbs("ibv_create_comp_channel"))?;
     let fd = channel.as_raw_fd();
@@ -331,45 +341,10 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
             .build()
             .map_err(verbs("ibv_create_cq"))
     };
-    let send_cq = cq(size * SEND_DEPTH)?;
-    let recv_cq = cq(size * RECV_DEPTH)?;
-    // Shared, not private, and not inherited by children: `fork` then never makes the parent's
-    // registered pages copy-on-write, whether or not the kernel copies pinned pages at fork time
-    // (see the module documentation of `rdma`).
-    // SAFETY: a fresh shared anonymous mapping; checked for failure below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            buf_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(RdmaError::verbs("mapping RDMA buffers", std::io::Error::last_os_error()));
-    }
-    // SAFETY: advice on the mapping made above.
-    if unsafe { libc::madvise(base, buf_len, libc::MADV_DONTFORK) } != 0 {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: unmapping the mapping made above, which nothing else uses yet.
-        unsafe { libc::munmap(base, buf_len) };
-        return Err(RdmaError::verbs("madvise(MADV_DONTFORK) on the RDMA buffers", e));
-    }
-    let base = base.cast::<u8>();
-    let access = AccessFlags::LocalWrite;
-    // SAFETY: the mapping lives until Buffers is dropped, after the region (see Buffers::drop).
-    let mr = unsafe { pd.reg_mr(base as usize, buf_len, access) }.map_err(|e| {
-        // SAFETY: unmapping the mapping made above, which nothing else uses yet.
-        unsafe { libc::munmap(base.cast(), buf_len) };
-        let io = match e.0 {
-            RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        };
-        RdmaError::registration("registering message buffers", io, buf_len)
-    })?;
-    let bufs = Buffers { base, len: buf_len, lkey: mr.lkey(), _mr: mr };
+    let send_capacity = size * SEND_FIRST + busy_limit * (SEND_DEPTH - SEND_FIRST);
+    let send_cq = cq(send_capacity)?;
+    let recv_cq = cq(size * RECV_FIRST + busy_limit * (RECV_DEPTH - RECV_FIRST))?;
+    let bufs = Buffers::new(&pd, size)?;
     let mut links = Vec::with_capacity(size);
     for peer in 0..size {
         if peer == me {
@@ -396,20 +371,23 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
         qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
         let link = Link {
             qp,
-            send: Mutex::new(SendRing { posted: 0, sealer: None }),
+            send: Mutex::new(SendRing { posted: 0, sealer: None, wide: false }),
             completed: AtomicU64::new(0),
             tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
             remote_base: 0,
             left: AtomicBool::new(false),
             lost: AtomicU32::new(0),
+            wants_busy: AtomicBool::new(false),
+            peer_busy: AtomicBool::new(false),
+            widened: AtomicBool::new(false),
         };
-        for i in 0..RECV_DEPTH {
+        for i in 0..RECV_FIRST {
             super::post_recv_raw(link.raw_qp(), &bufs, peer, i)
                 .map_err(|rc| RdmaError::verbs("ibv_post_recv", std::io::Error::from_raw_os_error(rc)))?;
         }
         links.push(Some(link));
     }
-    Ok(Parts { port, pd, channel, send_cq, recv_cq, links, bufs })
+    Ok(Parts { port, pd, channel, send_cq, recv_cq, links, bufs, busy_limit, send_capacity })
 }
 
 /// Moves the queue pair to `peer` through RTR to RTS.

@@ -236,8 +236,8 @@ pub fn contend(args: &Args) -> Outcome {
                     let mut last = vec![0u64; others.len()];
                     let (mut n, mut changes, mut raised) = (0u64, 0u64, false);
                     loop {
-                        // SAFETY (every access below): the words lie in the live collective page;
-                        // only this thread writes word `me` and flag `me`.
+                        // SAFETY: the words lie in the live collective page; only this thread
+                        // writes word `me` and flag `me` (the same holds for every access below).
                         unsafe {
                             let v = vread(page.word(me));
                             vwrite(page.word(me), v + 1);
