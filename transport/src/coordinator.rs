@@ -24,9 +24,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Connections rank 0's listener queues before it accepts them (the kernel caps it at
-/// `net.core.somaxconn`).
-const BACKLOG: i32 = 1024;
+/// Connections a start-up listener queues before it accepts them (the kernel caps it at
+/// `net.core.somaxconn`). Every other rank connects to rank 0 at once, and every higher rank to
+/// each rank: a short queue drops their SYNs, and each drop costs a retransmission (1 s and more).
+const BACKLOG: i32 = 4096;
 
 /// A loopback port held for one job's coordinator until this is dropped (see the module docs).
 #[derive(Debug)]
@@ -70,13 +71,12 @@ impl PortHold {
 /// Rank 0's listener on `addr`; `held`: the port is held for this job by a [`PortHold`] (the
 /// launcher's), which this listener joins.
 pub fn listen(addr: SocketAddr, held: bool) -> io::Result<TcpListener> {
-    if !held {
-        return TcpListener::bind(addr);
-    }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     // As std's listeners do: a restarted job may bind while old connections linger in TIME_WAIT.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if held {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())

@@ -4,8 +4,9 @@
 //! join record with an opaque hello (the runtime's configuration report). Rank 0 checks all hellos
 //! with the caller's function and either sends every rank the roster of listening addresses or
 //! stops the job with a message. Ranks then connect downwards (rank r connects to ranks 1..r and
-//! accepts from ranks above it), authenticating each connection; the join connections serve as the
-//! links to rank 0. After start-up, listeners accept and immediately close anything that connects.
+//! accepts from ranks above it, from the moment it starts: an acceptor thread lets them in while
+//! it connects down), authenticating each connection; the join connections serve as the links to
+//! rank 0. After start-up, listeners accept and immediately close anything that connects.
 //!
 //! Every record and frame after a connection's handshake carries a tag under that connection's
 //! keys ([`crate::seal`]); one that fails it loses the peer. Page contents land in the runtime view
@@ -323,60 +324,126 @@ pub fn route_source(to: &SocketAddr) -> std::io::Result<IpAddr> {
 /// Most handshakes served at once during start-up; more connections wait in the backlog.
 const MAX_HANDSHAKES: usize = 64;
 
-/// Serves the start-up handshakes of whoever connects, each on its own short-lived thread, so
-/// that a stranger that connects and says nothing (or slowly) delays nobody: legitimate ranks
-/// are let in while it times out.
+/// What the doorman hands over: a connection that proved the token and the rank it proved, or
+/// why it cannot go on.
+type Passed = Result<(Conn, usize), String>;
+
+/// Serves the start-up handshakes of whoever connects, from the moment it exists: an acceptor
+/// thread takes every connection as it arrives and gives each its own short-lived handshake
+/// thread, so that a stranger that connects and says nothing (or slowly) delays nobody, and a
+/// rank busy connecting to others still lets the ranks that connect to it in. Nothing polls:
+/// the acceptor sleeps in `poll` until a connection or the doorman's end.
 struct Doorman {
-    listener: TcpListener,
-    token: Vec<u8>,
-    passed: mpsc::Receiver<(Conn, usize)>,
-    pass: mpsc::Sender<(Conn, usize)>,
-    busy: Arc<AtomicUsize>,
+    passed: mpsc::Receiver<Passed>,
+    /// Writing to (or closing) this ends the acceptor.
+    stop: std::os::unix::net::UnixStream,
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Doorman {
     fn new(listener: &TcpListener, token: &[u8]) -> Result<Doorman, String> {
         let listener = listener.try_clone().map_err(|e| e.to_string())?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (stop, stopped) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
         let (pass, passed) = mpsc::channel();
-        Ok(Doorman { listener, token: token.to_vec(), passed, pass, busy: Arc::new(AtomicUsize::new(0)) })
+        let token = token.to_vec();
+        let acceptor = std::thread::Builder::new()
+            .name("gallocy-doorman".into())
+            .spawn(move || accept_all(&listener, &stopped, &token, &pass))
+            .map_err(|e| format!("starting the start-up acceptor thread: {e}"))?;
+        Ok(Doorman { passed, stop, acceptor: Some(acceptor) })
     }
 
     /// The next connection that proves the job's token, before `deadline`, with the rank it
     /// proved. Connections that fail the handshake are closed without a byte of heap.
     fn next(&self, deadline: Instant) -> Result<(Conn, usize), String> {
-        loop {
-            while self.busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
-                match self.listener.accept() {
-                    Ok((s, _)) => self.greet(s)?,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e.to_string()),
-                }
+        match self.passed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(p) => p,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err("timed out".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the start-up acceptor thread ended".into()),
+        }
+    }
+}
+
+impl Drop for Doorman {
+    fn drop(&mut self) {
+        let _ = (&self.stop).write_all(b"x");
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The acceptor thread of a [`Doorman`]: accepts until `stopped` becomes readable, and starts a
+/// handshake thread per connection (at most [`MAX_HANDSHAKES`] at once; the rest wait in the
+/// listen queue).
+fn accept_all(
+    listener: &TcpListener,
+    stopped: &std::os::unix::net::UnixStream,
+    token: &[u8],
+    pass: &mpsc::Sender<Passed>,
+) {
+    let busy = Arc::new(AtomicUsize::new(0));
+    loop {
+        let full = busy.load(Ordering::Acquire) >= MAX_HANDSHAKES;
+        let mut fds = [
+            libc::pollfd { fd: stopped.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: listener.as_raw_fd(), events: if full { 0 } else { libc::POLLIN }, revents: 0 },
+        ];
+        // While every handshake slot is taken, look again shortly for one that came free.
+        let timeout = if full { 5 } else { -1 };
+        // SAFETY: two valid pollfds in a live array.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            match self.passed.recv_timeout(Duration::from_millis(5)) {
-                Ok(p) => return Ok(p),
-                Err(_) if Instant::now() >= deadline => return Err("timed out".into()),
-                Err(_) => {}
+            let _ = pass.send(Err(format!("waiting for connections: {e}")));
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        while busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    if let Err(e) = greet(s, token, pass, &busy) {
+                        let _ = pass.send(Err(e));
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors, typically: the job cannot start, and says why.
+                    let _ = pass.send(Err(format!("accepting a connection: {e}")));
+                    return;
+                }
             }
         }
     }
+}
 
-    fn greet(&self, mut s: TcpStream) -> Result<(), String> {
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let (token, pass, busy) = (self.token.clone(), self.pass.clone(), self.busy.clone());
-        busy.fetch_add(1, Ordering::AcqRel);
-        let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
-            if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
-                // The doorman may be gone (start-up ended): the stream then just closes.
-                let _ = pass.send((Conn { stream: s, keys }, rank as usize));
-            }
-            busy.fetch_sub(1, Ordering::AcqRel);
-        });
-        started.map(|_| ()).map_err(|e| {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-            format!("starting a handshake thread: {e}")
-        })
-    }
+/// Runs the handshake of `s` on a thread of its own; a connection that proves the token goes to
+/// `pass`.
+fn greet(s: TcpStream, token: &[u8], pass: &mpsc::Sender<Passed>, busy: &Arc<AtomicUsize>) -> Result<(), String> {
+    let mut s = s;
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let (token, pass, busy) = (token.to_vec(), pass.clone(), busy.clone());
+    busy.fetch_add(1, Ordering::AcqRel);
+    let undo = busy.clone();
+    let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
+        if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
+            // The doorman may be gone (start-up ended): the stream then just closes.
+            let _ = pass.send(Ok((Conn { stream: s, keys }, rank as usize)));
+        }
+        busy.fetch_sub(1, Ordering::AcqRel);
+    });
+    started.map(|_| ()).map_err(|e| {
+        undo.fetch_sub(1, Ordering::AcqRel);
+        format!("starting a handshake thread: {e}")
+    })
 }
 
 fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<Conn, TransportError> {
@@ -418,7 +485,7 @@ pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTran
         })?;
         coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
     } else {
-        listener = TcpListener::bind(SocketAddr::new(cfg.bind, 0))
+        listener = crate::coordinator::listen(SocketAddr::new(cfg.bind, 0), false)
             .map_err(|e| setup_err(cfg, format!("cannot listen on {}: {e}", cfg.bind)))?;
         join(cfg, &listener, &coordinator, hello, deadline, &mut peers)?;
     }
@@ -442,15 +509,18 @@ fn coordinate(
     while hellos.iter().any(Option::is_none) {
         let (mut s, rank) = match doorman.next(deadline) {
             Ok(x) => x,
-            Err(_) => {
+            Err(why) => {
                 let missing: Vec<String> =
                     (0..cfg.size).filter(|r| hellos[*r].is_none()).map(|r| r.to_string()).collect();
-                let msg = format!(
+                let mut msg = format!(
                     "{} {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
                     if missing.len() == 1 { "rank" } else { "ranks" },
                     missing.join(", "),
                     cfg.setup_timeout
                 );
+                if why != "timed out" {
+                    msg = format!("{msg}; rank 0 stopped taking connections: {why}");
+                }
                 abort_all(peers, &msg);
                 return Err(TransportError::Bootstrap(msg));
             }
@@ -510,6 +580,9 @@ fn join(
     deadline: Instant,
     peers: &mut [Option<Conn>],
 ) -> Result<(), TransportError> {
+    // Higher ranks may connect as soon as they have the roster, while this rank still connects
+    // to the lower ones: let them in from the start.
+    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
     let mut to_zero = connect_authenticated(coordinator, cfg, deadline)?;
     let local_ip = to_zero.stream.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
     let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
@@ -533,7 +606,6 @@ fn join(
         let a = resolve(addr).map_err(|e| setup_err(cfg, e))?;
         peers[j] = Some(connect_authenticated(&a, cfg, deadline)?);
     }
-    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
     while peers.iter().skip(cfg.rank + 1).any(Option::is_none) {
         let (s, rank) =
             doorman.next(deadline).map_err(|e| setup_err(cfg, format!("waiting for higher ranks to connect: {e}")))?;

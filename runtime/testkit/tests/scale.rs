@@ -27,6 +27,17 @@ fn a_job_of_128_ranks_runs_on_one_host() {
     let joined: Vec<u128> =
         r.stdout.lines().filter_map(|l| l.split_once("joined_ms ").and_then(|(_, t)| t.trim().parse().ok())).collect();
     assert_eq!(joined.len(), n, "every rank must say when it joined\n{}", tail(&report, 8000));
+    if !rdma {
+        // Start-up's acceptor and handshake threads are gone: the program's thread and the
+        // service thread remain.
+        let extra: Vec<&str> =
+            r.stdout.lines().filter(|l| l.contains(": scale ok (") && !l.contains("threads 2)")).collect();
+        assert!(
+            extra.is_empty(),
+            "ranks kept threads beyond the program's and the service thread:\n{}",
+            extra.join("\n")
+        );
+    }
     let last = joined.iter().max().unwrap();
     let mut rss_kib: Vec<u64> = r
         .stdout
