@@ -68,8 +68,9 @@ impl PortHold {
     }
 }
 
-/// Rank 0's listener on `addr`; `held`: the port is held for this job by a [`PortHold`] (the
-/// launcher's), which this listener joins.
+/// A start-up listener on `addr` (rank 0's, and every other rank's for the ranks above it);
+/// `held`: the port is held for this job by a [`PortHold`] (the launcher's), which this
+/// listener joins.
 pub fn listen(addr: SocketAddr, held: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     // As std's listeners do: a restarted job may bind while old connections linger in TIME_WAIT.

@@ -156,6 +156,18 @@ fn poll_once(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> io::Result<li
     }
 }
 
+/// Waits at most `ms` milliseconds (-1: no limit) for input on any of `fds` (a negative entry
+/// is skipped). Returns which became readable or hung up; none when a signal interrupted.
+pub fn poll_readable<const N: usize>(fds: [RawFd; N], ms: libc::c_int) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    // SAFETY: N valid pollfds in a live array.
+    if unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok([false; N]) } else { Err(e) };
+    }
+    Ok(p.map(|p| p.revents != 0))
+}
+
 /// Waits until `fd` has room to write, taking in the peer's data meanwhile (see
 /// [`write_all_vectored`]). Fails after [`SEND_STALL_MS`] without progress either way.
 fn wait_for_room(fd: RawFd, absorb: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<()> {
@@ -426,6 +438,15 @@ pub fn resident_pages(buf: &LazyBuf) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poll_readable_reports_which_descriptor_has_input_and_skips_negative_ones() {
+        let (quiet, ready) = (EventFd::new().unwrap(), EventFd::new().unwrap());
+        assert_eq!(poll_readable([quiet.0, ready.0], 0).unwrap(), [false, false]);
+        ready.signal();
+        assert_eq!(poll_readable([quiet.0, ready.0, -1], 0).unwrap(), [false, true, false]);
+        assert_eq!(poll_readable([quiet.0, -1], 20).unwrap(), [false, false], "times out");
+    }
 
     /// A backlog that took in a burst gives the memory back once it is read empty, all but its
     /// first [`BACKLOG_KEEP`] bytes, and starts over at its first byte (a ring that went round

@@ -331,12 +331,13 @@ type Passed = Result<(Conn, usize), String>;
 /// Serves the start-up handshakes of whoever connects, from the moment it exists: an acceptor
 /// thread takes every connection as it arrives and gives each its own short-lived handshake
 /// thread, so that a stranger that connects and says nothing (or slowly) delays nobody, and a
-/// rank busy connecting to others still lets the ranks that connect to it in. Nothing polls:
-/// the acceptor sleeps in `poll` until a connection or the doorman's end.
+/// rank busy connecting to others still lets the ranks that connect to it in. The acceptor
+/// sleeps in `poll` until a connection comes or the doorman ends (while every handshake slot
+/// is taken, it looks again every 5 ms for one that came free).
 struct Doorman {
     passed: mpsc::Receiver<Passed>,
-    /// Writing to (or closing) this ends the acceptor.
-    stop: std::os::unix::net::UnixStream,
+    /// Signalled when the doorman ends: the acceptor then stops.
+    stop: Arc<EventFd>,
     acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -344,9 +345,9 @@ impl Doorman {
     fn new(listener: &TcpListener, token: &[u8]) -> Result<Doorman, String> {
         let listener = listener.try_clone().map_err(|e| e.to_string())?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let (stop, stopped) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        let stop = Arc::new(EventFd::new().map_err(|e| e.to_string())?);
         let (pass, passed) = mpsc::channel();
-        let token = token.to_vec();
+        let (token, stopped) = (token.to_vec(), stop.clone());
         let acceptor = std::thread::Builder::new()
             .name("gallocy-doorman".into())
             .spawn(move || accept_all(&listener, &stopped, &token, &pass))
@@ -367,59 +368,44 @@ impl Doorman {
 
 impl Drop for Doorman {
     fn drop(&mut self) {
-        let _ = (&self.stop).write_all(b"x");
+        self.stop.signal();
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
     }
 }
 
-/// The acceptor thread of a [`Doorman`]: accepts until `stopped` becomes readable, and starts a
+/// The acceptor thread of a [`Doorman`]: accepts until `stop` is signalled, and starts a
 /// handshake thread per connection (at most [`MAX_HANDSHAKES`] at once; the rest wait in the
-/// listen queue).
-fn accept_all(
+/// listen queue). An error that ends it goes to `pass`.
+fn accept_all(listener: &TcpListener, stop: &EventFd, token: &[u8], pass: &mpsc::Sender<Passed>) {
+    if let Err(e) = accept_until_stopped(listener, stop, token, pass) {
+        let _ = pass.send(Err(e));
+    }
+}
+
+fn accept_until_stopped(
     listener: &TcpListener,
-    stopped: &std::os::unix::net::UnixStream,
+    stop: &EventFd,
     token: &[u8],
     pass: &mpsc::Sender<Passed>,
-) {
+) -> Result<(), String> {
     let busy = Arc::new(AtomicUsize::new(0));
     loop {
         let full = busy.load(Ordering::Acquire) >= MAX_HANDSHAKES;
-        let mut fds = [
-            libc::pollfd { fd: stopped.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: listener.as_raw_fd(), events: if full { 0 } else { libc::POLLIN }, revents: 0 },
-        ];
-        // While every handshake slot is taken, look again shortly for one that came free.
-        let timeout = if full { 5 } else { -1 };
-        // SAFETY: two valid pollfds in a live array.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            let _ = pass.send(Err(format!("waiting for connections: {e}")));
-            return;
-        }
-        if fds[0].revents != 0 {
-            return;
+        let (listen_fd, timeout) = if full { (-1, 5) } else { (listener.as_raw_fd(), -1) };
+        let [stopped, _] =
+            sys::poll_readable([stop.0, listen_fd], timeout).map_err(|e| format!("waiting for connections: {e}"))?;
+        if stopped {
+            return Ok(());
         }
         while busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
             match listener.accept() {
-                Ok((s, _)) => {
-                    if let Err(e) = greet(s, token, pass, &busy) {
-                        let _ = pass.send(Err(e));
-                        return;
-                    }
-                }
+                Ok((s, _)) => greet(s, token, pass, &busy)?,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Out of descriptors, typically: the job cannot start, and says why.
-                    let _ = pass.send(Err(format!("accepting a connection: {e}")));
-                    return;
-                }
+                // Out of descriptors, typically: the job cannot start, and says why.
+                Err(e) => return Err(format!("accepting a connection: {e}")),
             }
         }
     }
@@ -427,21 +413,19 @@ fn accept_all(
 
 /// Runs the handshake of `s` on a thread of its own; a connection that proves the token goes to
 /// `pass`.
-fn greet(s: TcpStream, token: &[u8], pass: &mpsc::Sender<Passed>, busy: &Arc<AtomicUsize>) -> Result<(), String> {
-    let mut s = s;
+fn greet(mut s: TcpStream, token: &[u8], pass: &mpsc::Sender<Passed>, busy: &Arc<AtomicUsize>) -> Result<(), String> {
     s.set_nonblocking(false).map_err(|e| e.to_string())?;
-    let (token, pass, busy) = (token.to_vec(), pass.clone(), busy.clone());
+    let (token, pass, done) = (token.to_vec(), pass.clone(), busy.clone());
     busy.fetch_add(1, Ordering::AcqRel);
-    let undo = busy.clone();
     let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
         if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
             // The doorman may be gone (start-up ended): the stream then just closes.
             let _ = pass.send(Ok((Conn { stream: s, keys }, rank as usize)));
         }
-        busy.fetch_sub(1, Ordering::AcqRel);
+        done.fetch_sub(1, Ordering::AcqRel);
     });
     started.map(|_| ()).map_err(|e| {
-        undo.fetch_sub(1, Ordering::AcqRel);
+        busy.fetch_sub(1, Ordering::AcqRel);
         format!("starting a handshake thread: {e}")
     })
 }
