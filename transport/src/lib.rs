@@ -54,6 +54,16 @@ pub enum TransportError {
         /// Why.
         reason: LostReason,
     },
+    /// The peer left the job (said goodbye) before we ever talked to it: nothing more can be
+    /// sent to it.
+    #[error("rank {rank} has left the job")]
+    PeerLeft {
+        /// The peer's rank.
+        rank: usize,
+    },
+    /// This process said goodbye: it makes no new connection.
+    #[error("this process has left the job")]
+    Left,
     /// There is no connection to that rank (it is us, or out of range).
     #[error("no connection to rank {0}")]
     NoSuchPeer(usize),
@@ -100,6 +110,13 @@ pub enum LostReason {
     Verbs(&'static str),
     /// An RDMA work completion to or from this peer failed with this `ibv_wc_status`.
     Completion(u32),
+    /// A connection to the peer could not be made (connections are made on first use).
+    NoLink {
+        /// Where the peer said it listens, once known.
+        addr: Option<std::net::SocketAddr>,
+        /// Why not.
+        error: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for LostReason {
@@ -109,6 +126,8 @@ impl std::fmt::Display for LostReason {
             LostReason::Io(e) => write!(f, "{e}"),
             LostReason::Protocol(e) => write!(f, "protocol error: {e}"),
             LostReason::Verbs(what) => write!(f, "RDMA: {what}"),
+            LostReason::NoLink { addr: Some(a), error } => write!(f, "could not connect to {a}: {error}"),
+            LostReason::NoLink { addr: None, error } => write!(f, "could not connect: {error}"),
             LostReason::Completion(status) => write!(f, "RDMA work completion failed: {}", wc_status_name(*status)),
         }
     }
@@ -265,6 +284,12 @@ pub trait Transport: Send + Sync {
     /// after cannot drop it (RDMA: sends still in the send queue die with the process; TCP: the
     /// kernel delivers what was written, so nothing to wait for). Errors are ignored.
     fn drain_sends(&self, _wait: Duration) {}
+    /// Whether a connection to `peer` exists now. Connections may be made on first use (TCP), so
+    /// a peer this process never talked to has none: it expects no goodbye, and only peers
+    /// linked to us learn of a loss from us directly.
+    fn linked(&self, peer: usize) -> bool {
+        peer != self.rank() && peer < self.size()
+    }
     /// True when [`Transport::start_read`] is one-sided (RDMA READ: the peer's CPU does nothing),
     /// so that the engine should let requesters read pages rather than push them with `send`.
     fn one_sided_reads(&self) -> bool {

@@ -225,6 +225,8 @@ where
                     token: b"secret".to_vec(),
                     view,
                     setup_timeout: SETUP,
+                    link_timeout: SETUP,
+                    thread_start: || {},
                     owed,
                 };
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {

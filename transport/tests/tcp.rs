@@ -29,6 +29,8 @@ fn config(rank: usize, size: usize, port: u16, token: &str) -> TcpConfig {
         token: token.as_bytes().to_vec(),
         view: view(),
         setup_timeout: Duration::from_secs(5),
+        link_timeout: Duration::from_secs(5),
+        thread_start: || {},
         owed: None,
     }
 }
@@ -49,9 +51,13 @@ where
             std::thread::spawn(move || {
                 let cfg = config(rank, size, port, "secret");
                 let t = establish(&cfg, b"hello", &|_| Ok(())).unwrap();
-                let kept = body(rank, Box::new(t), cfg.view);
+                // A rank that fails still reaches the barrier, so the job fails instead of hanging.
+                let kept = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(rank, Box::new(t), cfg.view)));
                 done.wait();
-                drop(kept);
+                match kept {
+                    Ok(kept) => drop(kept),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
             })
         })
         .collect();
@@ -149,7 +155,12 @@ fn inline_reader_takes_what_it_accepts_and_leaves_the_rest_in_order() {
 #[test]
 fn a_peer_that_vanishes_is_reported_by_rank() {
     job(3, |rank, t, _v| {
+        if rank == 1 {
+            // Links to rank 2 (connections are made on first use).
+            t.send(2, b"hi", None).unwrap();
+        }
         if rank == 2 {
+            collect(&*t, 1);
             drop(t); // closes its connections without a goodbye
             return None;
         }
@@ -161,6 +172,134 @@ fn a_peer_that_vanishes_is_reported_by_rank() {
                 Err(e) => panic!("unexpected error {e}"),
                 Ok(_) => {}
             }
+        }
+        Some(t)
+    });
+}
+
+#[test]
+fn ranks_link_on_first_use_and_only_to_whom_they_talk() {
+    job(4, |rank, t, _v| {
+        let linked = |t: &dyn Transport| (0..4).filter(|r| t.linked(*r)).collect::<Vec<_>>();
+        match rank {
+            0 => assert_eq!(linked(&*t), vec![1, 2, 3], "rank 0 links everyone at start-up"),
+            r => assert_eq!(linked(&*t), vec![0], "rank {r} starts linked to rank 0 only"),
+        }
+        if rank == 3 {
+            t.send(1, b"from 3", None).unwrap();
+            assert_eq!(linked(&*t), vec![0, 1]);
+            assert_eq!(collect(&*t, 1), vec![(1, b"from 1".to_vec(), None)]);
+        }
+        if rank == 1 {
+            assert_eq!(collect(&*t, 1), vec![(3, b"from 3".to_vec(), None)]);
+            assert_eq!(linked(&*t), vec![0, 3], "the link rank 3 made serves rank 1 too");
+            t.send(3, b"from 1", None).unwrap();
+        }
+        if rank == 2 {
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(linked(&*t), vec![0], "rank 2 talked to nobody");
+        }
+        Some(t)
+    });
+}
+
+#[test]
+fn ranks_that_dial_each_other_at_once_agree_on_one_link() {
+    // Every rank but 0 sends to every other at the same moment, from two threads: each pair dials
+    // both ways at once. Every message arrives, in order per sender.
+    const N: usize = 6;
+    const EACH: u32 = 40;
+    for _ in 0..3 {
+        let start = Arc::new(Barrier::new(N - 1));
+        job(N, move |rank, t, _v| {
+            if rank == 0 {
+                return Some(t);
+            }
+            let t: Arc<dyn Transport> = Arc::from(t);
+            start.wait();
+            let senders: Vec<_> = (0..2)
+                .map(|half| {
+                    let t = t.clone();
+                    std::thread::spawn(move || {
+                        for to in (1..N).filter(|r| *r != rank && r % 2 == half) {
+                            for i in 0..EACH {
+                                t.send(to, &i.to_le_bytes(), None).unwrap();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let got = collect(&*t, (N - 2) * EACH as usize);
+            for s in senders {
+                s.join().unwrap();
+            }
+            for from in (1..N).filter(|r| *r != rank) {
+                let seq: Vec<u32> = got
+                    .iter()
+                    .filter(|(f, _, _)| *f == from)
+                    .map(|(_, b, _)| u32::from_le_bytes(b[..4].try_into().unwrap()))
+                    .collect();
+                assert_eq!(seq, (0..EACH).collect::<Vec<_>>(), "rank {rank} from rank {from}");
+                assert!(t.linked(from));
+            }
+            // Keep the transport (and its links) until every rank is done.
+            let kept: Box<dyn Transport> = Box::new(Shared(t));
+            Some(kept)
+        });
+    }
+}
+
+/// A transport shared with threads that are done with it.
+struct Shared(Arc<dyn Transport>);
+
+impl Transport for Shared {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
+        self.0.send(peer, msg, page)
+    }
+    fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
+        self.0.start_read(peer, span, token)
+    }
+    fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
+        self.0.poll(timeout, handler)
+    }
+    fn poll_inline(&self, accept: &mut gallocy_transport::Accept<'_>) -> usize {
+        self.0.poll_inline(accept)
+    }
+    fn wait_for_wake(&self, timeout: Duration) {
+        self.0.wait_for_wake(timeout)
+    }
+    fn wake(&self) {
+        self.0.wake()
+    }
+    fn say_goodbye(&self) -> Result<(), TransportError> {
+        self.0.say_goodbye()
+    }
+}
+
+#[test]
+fn a_peer_that_cannot_be_reached_is_lost_with_a_reason() {
+    job(3, |rank, t, _v| {
+        if rank == 2 {
+            drop(t); // gone before anybody linked to it
+            return None;
+        }
+        if rank == 1 {
+            std::thread::sleep(Duration::from_millis(100));
+            let started = std::time::Instant::now();
+            match t.send(2, b"anyone?", None) {
+                Err(e @ TransportError::PeerLost { rank: 2, .. }) => {
+                    assert!(e.to_string().contains("could not connect to 127.0.0.1:"), "{e}")
+                }
+                other => panic!("expected rank 2 to be lost, got {other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(20));
+            assert!(!t.linked(2));
         }
         Some(t)
     });

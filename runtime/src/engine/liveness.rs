@@ -1,8 +1,11 @@
 //! Peers' liveness: heartbeats, silence, departures, and ending the process when a peer is lost
 //! (after telling the other survivors which rank it was).
 //!
-//! A peer that dies closes its connections, which every rank sees at once. Heartbeats are for the
-//! peer that stops without dying (`SIGSTOP`, a hung host): each rank watches only its two
+//! A peer that dies closes its connections, which every rank linked to it sees at once.
+//! Connections are made on first use, so not every rank is linked to every other; but every rank
+//! is linked to rank 0, and a rank that stops because a peer was lost first tells every rank it
+//! is linked to which rank it was (those do the same): the word reaches every survivor through
+//! rank 0 within a few hops. Heartbeats are for the peer that stops without dying (`SIGSTOP`, a hung host): each rank watches only its two
 //! neighbours on the ring of live ranks and sends heartbeats only to them, so the cost per
 //! process does not grow with the job (two messages a second, not one per peer). A rank that
 //! finds a neighbour silent tells every survivor which rank it lost.
@@ -78,20 +81,24 @@ impl Liveness {
         self.rewatch(crate::sys::clock::now_ns());
     }
 
-    pub fn all_departed(&self) -> bool {
-        self.departed.iter().enumerate().all(|(r, d)| *d || r == self.me)
+    /// Every peer we are linked to said goodbye (a peer we never talked to says none).
+    pub fn all_departed(&self, rt: &Runtime) -> bool {
+        let linked = |r: Rank| rt.transport().is_some_and(|t| t.linked(r));
+        self.departed.iter().enumerate().all(|(r, d)| *d || r == self.me || !linked(r))
     }
 
     /// While leaving, a peer that closes without a goodbye after the final barrier is fine.
-    pub fn all_departed_or(&mut self, e: &TransportError) -> bool {
+    pub fn all_departed_or(&mut self, rt: &Runtime, e: &TransportError) -> bool {
         if let TransportError::PeerLost { rank, .. } = e {
             self.departed[*rank] = true;
         }
-        self.all_departed()
+        self.all_departed(rt)
     }
 
-    fn live_peers(&self) -> impl Iterator<Item = Rank> + '_ {
-        (0..self.departed.len()).filter(|r| *r != self.me && !self.departed[*r])
+    /// The live peers we are linked to: those who hear from us directly.
+    fn live_linked_peers<'a>(&'a self, rt: &'a Runtime) -> impl Iterator<Item = Rank> + 'a {
+        let linked = move |r: &Rank| rt.transport().is_some_and(|t| t.linked(*r));
+        (0..self.departed.len()).filter(move |r| *r != self.me && !self.departed[*r]).filter(linked)
     }
 
     /// How long the service loop may block: until the next deferred revoke or heartbeat.
@@ -118,21 +125,36 @@ impl Liveness {
             let mut buf = [0u8; 16];
             let ping = wire::encode(&Msg::Ping, &[], &mut buf).expect("a ping always encodes");
             let mut failed = None;
-            for r in self.watched() {
-                if let Err(e) = transport.send(r, ping, None) {
-                    failed = Some(e);
-                    break;
+            let mut left = Vec::new();
+            // Once peers leave (the job ends), a neighbour we never talked to is not worth a
+            // new connection: it is leaving too.
+            let ending = self.departed.iter().any(|d| *d);
+            for r in self.watched().filter(|r| !ending || transport.linked(*r)) {
+                match transport.send(r, ping, None) {
+                    Ok(()) => {}
+                    Err(TransportError::Left) => {}
+                    // A neighbour we never talked to left the job: watch the next one.
+                    Err(TransportError::PeerLeft { rank }) => left.push(rank),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
             if let Some(e) = failed {
                 self.transport_failed(rt, &e);
+            }
+            for rank in left {
+                self.departed(rank);
+                rt.collectives().board().departed(rt.slots(), rank);
             }
         }
         let limit = rt.settings().peer_timeout.as_nanos() as u64;
         // A neighbour that never spoke may still be making its connections to the rest of the
         // job (a large job's last ranks take a while): it gets the start-up timeout on top.
         let joining = rt.settings().setup_timeout.as_nanos() as u64;
-        let silent = self.watched().find(|r| {
+        let ending = self.departed.iter().any(|d| *d);
+        let silent = self.watched().filter(|r| !ending || transport.linked(*r)).find(|r| {
             let allowed = if self.spoke[*r] { limit } else { limit.saturating_add(joining) };
             now.saturating_sub(self.last_heard[*r]) > allowed
         });
@@ -142,9 +164,11 @@ impl Liveness {
         }
     }
 
-    /// A peer told us it lost `rank` and stops.
+    /// A peer told us it lost `rank` and stops: we pass the word on to the peers we are linked
+    /// to (some may not be linked to the rank that told us), then stop too.
     pub fn told_lost(&self, rt: &Runtime, from: Rank, rank: u32) -> ! {
         let why = format!("lost contact with rank {rank} (rank {from} lost it and stopped)");
+        self.tell_lost(rt, rank as Rank, Some(from));
         fatal_with(rt, EXIT_PEER_LOST, &why)
     }
 
@@ -187,19 +211,24 @@ impl Liveness {
         found
     }
 
-    /// Tells every other live peer that `rank` is lost, then ends the process with `why`.
+    /// Tells every other live peer we are linked to that `rank` is lost, then ends the process
+    /// with `why`.
     fn lost(&self, rt: &Runtime, rank: Rank, why: &str) -> ! {
-        if let Some(transport) = rt.transport() {
-            let mut buf = [0u8; 32];
-            if let Ok(bytes) = wire::encode(&Msg::Lost { rank: rank as u32 }, &[], &mut buf) {
-                for r in self.live_peers().filter(|r| *r != rank) {
-                    let _ = transport.send(r, bytes, None);
-                }
-                // Our word must leave before we do (over RDMA, sends still queued die with us).
-                transport.drain_sends(LAST_WORDS);
-            }
-        }
+        self.tell_lost(rt, rank, None);
         fatal_with(rt, EXIT_PEER_LOST, why)
+    }
+
+    /// Tells the live peers we are linked to (but `rank` and `told_by`) that `rank` is lost.
+    fn tell_lost(&self, rt: &Runtime, rank: Rank, told_by: Option<Rank>) {
+        let Some(transport) = rt.transport() else { return };
+        let mut buf = [0u8; 32];
+        if let Ok(bytes) = wire::encode(&Msg::Lost { rank: rank as u32 }, &[], &mut buf) {
+            for r in self.live_linked_peers(rt).filter(|r| *r != rank && Some(*r) != told_by) {
+                let _ = transport.send(r, bytes, None);
+            }
+            // Our word must leave before we do (over RDMA, sends still queued die with us).
+            transport.drain_sends(LAST_WORDS);
+        }
     }
 }
 

@@ -15,7 +15,7 @@ mod liveness;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use gallocy_transport::{Event, Span};
+use gallocy_transport::{Event, Span, TransportError};
 
 use crate::fault::acquire::{attached, open_page};
 use crate::heap::region::Access;
@@ -111,7 +111,7 @@ impl<'a> Engine<'a> {
             self.rt.service().pause_if_asked();
             let mut handled = self.take_local_work();
             handled += self.pump(Duration::ZERO);
-            if self.rt.membership().leaving() && self.liveness.all_departed() {
+            if self.rt.membership().leaving() && self.liveness.all_departed(self.rt) {
                 self.rt.membership().set_all_departed();
                 return;
             }
@@ -197,10 +197,7 @@ impl<'a> Engine<'a> {
             handled += 1;
         }
         for rank in left {
-            self.liveness.departed(rank);
-            // Its barrier notices came before its goodbye: a thread still waiting for one (or
-            // waiting for one later) ends the process with a clear message.
-            rt.collectives().board().departed(rt.slots(), rank);
+            self.peer_left(rank);
             handled += 1;
         }
         handled += self.run_deferred();
@@ -208,7 +205,7 @@ impl<'a> Engine<'a> {
             self.liveness.keep_alive(rt, now);
         }
         if let Err(e) = r {
-            if rt.membership().leaving() && self.liveness.all_departed_or(&e) {
+            if rt.membership().leaving() && self.liveness.all_departed_or(rt, &e) {
                 return handled + 1;
             }
             self.liveness.transport_failed(rt, &e);
@@ -262,9 +259,23 @@ impl<'a> Engine<'a> {
             Err(e) => fatal(rt, &format!("cannot encode a message: {e}")),
         };
         let transport = rt.transport().expect("a job of several processes has a transport");
-        if let Err(e) = transport.send(to, bytes, span) {
-            self.liveness.transport_failed(rt, &e);
+        match transport.send(to, bytes, span) {
+            Ok(()) => {}
+            // It left before we ever talked to it: like a message to a peer after its goodbye,
+            // this one goes nowhere.
+            Err(TransportError::PeerLeft { rank }) => self.peer_left(rank),
+            // We said goodbye: nobody expects anything new from us.
+            Err(TransportError::Left) => {}
+            Err(e) => self.liveness.transport_failed(rt, &e),
         }
+    }
+
+    /// `rank` left the job (its goodbye came, or it refused a connection because it is leaving).
+    fn peer_left(&mut self, rank: Rank) {
+        self.liveness.departed(rank);
+        // Its barrier notices came before its goodbye: a thread still waiting for one (or
+        // waiting for one later) ends the process with a clear message.
+        self.rt.collectives().board().departed(self.rt.slots(), rank);
     }
 
     /// Sends what the state machines decided.

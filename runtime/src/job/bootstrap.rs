@@ -128,6 +128,13 @@ pub fn judge(hellos: &[Vec<u8>]) -> Result<(), String> {
 /// Open files a process keeps for itself and the runtime besides one connection per peer.
 const FILES_BESIDES_PEERS: u64 = 256;
 
+/// How long a sender waits for a connection made on first use: half the peer timeout (at least
+/// a second, at most the start-up timeout). A peer that cannot be reached in that time is lost,
+/// and the waiting service thread gives up before its own neighbours would find it silent.
+fn link_timeout(s: &Settings) -> Duration {
+    (s.peer_timeout / 2).max(Duration::from_secs(1)).min(s.setup_timeout)
+}
+
 /// Makes room for a connection to every peer of a job of `size`: raises the soft limit on open
 /// files (`ulimit -n`) as far as the job needs, up to the hard limit. The error says what is
 /// missing.
@@ -179,6 +186,9 @@ pub fn connect(
         token: id.token.clone(),
         view,
         setup_timeout: settings.map_or(Duration::from_secs(30), |s| s.setup_timeout),
+        link_timeout: settings.map_or(Duration::from_secs(5), link_timeout),
+        // The transport's threads are the runtime's: their allocations never come from the heap.
+        thread_start: || std::mem::forget(crate::heap::alloc::RuntimeScope::enter()),
         owed: Some(crate::engine::contents_owed),
     };
     let tcp = match tcp::establish(&cfg, &hello.encode(), &judge) {

@@ -368,12 +368,14 @@ fn gallocy_bind_still_overrides_and_no_route_names_the_coordinator() {
     job.wait_or_fail(&what, limit(JOB_TIMEOUT));
     job.assert_all_ok(&what, "jacobi");
 
-    // GALLOCY_BIND=127.0.0.1 on rank 1 is obeyed: rank 2, on another host, cannot reach it there.
-    let what = format!("{test}: GALLOCY_BIND=127.0.0.1 on rank 1 of 3 hosts");
+    // GALLOCY_BIND=127.0.0.1 on rank 2 is obeyed: rank 1, on another host, cannot reach it there.
+    // Connections are made on first use: rank 1 is the first to need rank 2 (in the barrier that
+    // ends init, it sends to rank 2 first), and it fails naming the address rank 2 gave.
+    let what = format!("{test}: GALLOCY_BIND=127.0.0.1 on rank 2 of 3 hosts");
     let mut job = spawn_job(&coordinator, &token(), &|k| {
         let mut cmd = hosts.command(k, scenario());
         cmd.args(JACOBI).env("GALLOCY_SETUP_TIMEOUT", "5");
-        if k == 1 {
+        if k == 2 {
             cmd.env("GALLOCY_BIND", "127.0.0.1");
         }
         cmd
@@ -383,8 +385,8 @@ fn gallocy_bind_still_overrides_and_no_route_names_the_coordinator() {
         assert!(p.status().is_some_and(|s| !s.success()), "{what}: rank {r} must fail\n{}", job.report());
     }
     assert!(
-        job.ranks[2].stderr().contains("127.0.0.1"),
-        "{what}: rank 2's error must name the address rank 1 advertised, 127.0.0.1\n{}",
+        job.ranks[1].stderr().contains("could not connect to 127.0.0.1:"),
+        "{what}: rank 1's error must name the address rank 2 advertised, 127.0.0.1\n{}",
         job.report()
     );
 

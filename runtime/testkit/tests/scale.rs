@@ -28,15 +28,38 @@ fn a_job_of_128_ranks_runs_on_one_host() {
         r.stdout.lines().filter_map(|l| l.split_once("joined_ms ").and_then(|(_, t)| t.trim().parse().ok())).collect();
     assert_eq!(joined.len(), n, "every rank must say when it joined\n{}", tail(&report, 8000));
     if !rdma {
-        // Start-up's acceptor and handshake threads are gone: the program's thread and the
-        // service thread remain.
-        let extra: Vec<&str> =
-            r.stdout.lines().filter(|l| l.contains(": scale ok (") && !l.contains("threads 2)")).collect();
+        // Start-up's handshake threads are gone: the program's thread and the service thread
+        // remain, and on every rank but 0 (which links everyone at start-up) the connection
+        // keeper and the dialer.
+        let extra: Vec<&str> = r
+            .stdout
+            .lines()
+            .filter(|l| l.contains(": scale ok ("))
+            .filter(
+                |l| !if l.contains("rank 0: scale ok") { l.contains("threads 2,") } else { l.contains("threads 4,") },
+            )
+            .collect();
         assert!(
             extra.is_empty(),
-            "ranks kept threads beyond the program's and the service thread:\n{}",
+            "ranks kept threads beyond the program's, the service thread, the keeper and the dialer:\n{}",
             extra.join("\n")
         );
+        // Connections are made on first use: a rank holds those to rank 0, its two heartbeat
+        // neighbours, its barrier partners (2 per round, 7 rounds) and the few peers whose
+        // pages, lock and broadcast it used, not one per peer.
+        let sockets: Vec<usize> = r
+            .stdout
+            .lines()
+            .filter(|l| !l.contains("rank 0: scale ok"))
+            .filter_map(|l| l.split_once("sockets ").and_then(|(_, t)| t.trim_end_matches(')').trim().parse().ok()))
+            .collect();
+        assert_eq!(sockets.len(), n - 1, "every rank but 0 must count its sockets\n{}", tail(&report, 8000));
+        let mut sorted = sockets.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        // (The home of the shared counter page hears from every rank: it may hold one per peer.)
+        assert!(median <= 32, "the median rank of {n} holds {median} sockets: connections are not made on first use");
+        eprintln!("sockets per rank (but 0): median {median}, most {}", sorted.last().unwrap());
     }
     let last = joined.iter().max().unwrap();
     let mut rss_kib: Vec<u64> = r

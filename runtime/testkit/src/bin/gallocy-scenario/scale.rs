@@ -5,7 +5,8 @@
 //! - each rank adds its rank + 1 to a counter under a global lock;
 //! - rank 0 broadcasts a word, and barriers separate the steps.
 //!
-//! Everything is checked bit-exact.
+//! Everything is checked bit-exact. At the end each rank reports its memory, threads and sockets
+//! (connections are made on first use: a rank holds only those to the peers it talked to).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -52,8 +53,14 @@ pub fn scale(_args: &Args) -> Outcome {
     let field = |name: &str| {
         status.lines().find_map(|l| l.strip_prefix(name)).map_or("?".to_string(), |v| v.trim().to_string())
     };
+    // Connections are made on first use: count the sockets this rank holds.
+    let sockets = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count();
     Ok(format!(
-        "{size} ranks: pages, lock, broadcast and barriers checked; rss {}, threads {}",
+        "{size} ranks: pages, lock, broadcast and barriers checked; rss {}, threads {}, sockets {sockets}",
         field("VmRSS:"),
         field("Threads:")
     ))

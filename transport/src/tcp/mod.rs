@@ -1,32 +1,33 @@
-//! TCP transport: one connection per pair of processes, `TCP_NODELAY`, length-prefixed frames.
+//! TCP transport: a connection per pair of processes that talk, `TCP_NODELAY`, length-prefixed
+//! frames.
 //!
-//! Start-up ([`establish`]): every rank authenticates to rank 0 (the coordinator) and sends a
-//! join record with an opaque hello (the runtime's configuration report). Rank 0 checks all hellos
-//! with the caller's function and either sends every rank the roster of listening addresses or
-//! stops the job with a message. Ranks then connect downwards (rank r connects to ranks 1..r and
-//! accepts from ranks above it, from the moment it starts: an acceptor thread lets them in while
-//! it connects down), authenticating each connection; the join connections serve as the links to
-//! rank 0. After start-up, listeners accept and immediately close anything that connects.
+//! - [`startup`]: joining the job through rank 0, which hands out the roster.
+//! - [`links`]: connections between other ranks, made on first use.
+//! - this module: frames on those connections.
 //!
 //! Every record and frame after a connection's handshake carries a tag under that connection's
 //! keys ([`crate::seal`]); one that fails it loses the peer. Page contents land in the runtime view
 //! only when they are owed: a reply to a read this process started, or what the runtime's
 //! [`PageCheck`] accepts; nothing else lands, not even in part.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+mod links;
+mod startup;
 
-use zerocopy::little_endian::U32;
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::frame::{FrameError, Header, Kind, HEADER_LEN};
 use crate::seal::{Opener, Sealer, SessionKeys, Tag, TAG_LEN};
-use crate::sys::{self, Backlog, Epoll, EventFd, LazyBuf};
-use crate::{auth, Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
+use crate::sys::{self, Backlog, LazyBuf};
+use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
+
+use links::{Keeper, Links};
+#[doc(hidden)]
+pub use startup::fuzzing;
+pub use startup::{establish, resolve, route_source};
 
 /// Rank 0's judgement of every rank's hello (indexed by rank): `Err` stops the job with that text.
 pub type Judge = dyn Fn(&[Vec<u8>]) -> Result<(), String>;
@@ -53,9 +54,16 @@ pub struct TcpConfig {
     pub view: MemoryView,
     /// How long start-up may take before it fails.
     pub setup_timeout: Duration,
+    /// How long a sender waits for a connection made on first use before the peer counts as
+    /// lost.
+    pub link_timeout: Duration,
     /// Which page contents this process is owed: the page of a message lands in the runtime view
     /// only if this says yes (`None`: every page in the view).
     pub owed: Option<PageCheck>,
+    /// Runs first on every thread the transport starts (its connection keeper, handshake and
+    /// dial threads): the runtime marks them as its own, so that their allocations never come
+    /// from the shared heap.
+    pub thread_start: fn(),
 }
 
 /// Whether the page contents (`span`) that come with message `msg` from rank `from` are owed to
@@ -87,6 +95,12 @@ struct Peer {
     out: Mutex<Outgoing>,
     /// The peer said goodbye.
     left: AtomicBool,
+}
+
+impl Peer {
+    fn new(stream: TcpStream, sealer: Sealer) -> Peer {
+        Peer { stream, out: Mutex::new(Outgoing { sealer, page: Vec::new() }), left: AtomicBool::new(false) }
+    }
 }
 
 /// What one connection's senders share, under its lock.
@@ -174,430 +188,14 @@ pub struct TcpTransport {
     size: usize,
     view: MemoryView,
     owed: Option<PageCheck>,
-    /// Per peer, the keys of a transport layered on its connection, until that transport takes
-    /// them ([`TcpTransport::take_layered_keys`]).
-    layered: Mutex<Vec<Option<(Sealer, Opener)>>>,
     /// Per peer, [`READS_IN_FLIGHT`] slots of reads we asked it for: `offset + 1` of each, 0 when
     /// free. Only a reply to one of them may land.
     reads: Box<[AtomicU64]>,
-    peers: Vec<Option<Peer>>,
+    links: Arc<Links>,
+    /// Lets peers in and dials on first use (every rank but 0, which links everyone at
+    /// start-up and whose listener then refuses latecomers).
+    keeper: Option<Keeper>,
     listener: TcpListener,
-    epoll: Epoll,
-    waker: EventFd,
-    receiver: Mutex<Receiver>,
-}
-
-fn setup_err(cfg: &TcpConfig, what: impl std::fmt::Display) -> TransportError {
-    TransportError::Bootstrap(format!("rank {}: {what}", cfg.rank))
-}
-
-fn invalid(what: &'static str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
-}
-
-/// A start-up record: a little-endian u32 length, that many bytes, and their tag.
-fn write_record(c: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| invalid("record too long"))?;
-    let len = U32::new(len);
-    let tag = c.keys.sealer.seal(&[len.as_bytes(), bytes]);
-    c.stream.write_all(&[len.as_bytes(), bytes, &tag].concat())
-}
-
-fn read_record(c: &mut Conn, limit: usize) -> std::io::Result<Vec<u8>> {
-    let mut len = U32::ZERO;
-    c.stream.read_exact(len.as_mut_bytes())?;
-    let n = usize::try_from(len.get()).map_err(|_| invalid("record too long"))?;
-    if n > limit {
-        return Err(invalid("record too long"));
-    }
-    let mut v = vec![0u8; n];
-    c.stream.read_exact(&mut v)?;
-    let mut tag = [0u8; TAG_LEN];
-    c.stream.read_exact(&mut tag)?;
-    if !c.keys.opener.open(&[len.as_bytes(), &v], &tag) {
-        return Err(invalid("record failed authentication"));
-    }
-    Ok(v)
-}
-
-/// The fixed start of a join record; `addr_len` bytes of listening address (UTF-8 `host:port`)
-/// and the hello follow.
-#[repr(C)]
-#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-struct JoinHead {
-    /// The job size the joining rank believes in.
-    size: U32,
-    addr_len: U32,
-}
-
-/// A decoded join record.
-#[derive(Debug, PartialEq, Eq)]
-struct Join {
-    size: usize,
-    addr: String,
-    hello: Vec<u8>,
-}
-
-/// Join record a rank sends rank 0: size it believes in, its listening address, its hello.
-fn encode_join(size: usize, listen: &SocketAddr, hello: &[u8]) -> Vec<u8> {
-    let addr = listen.to_string();
-    // A job size beyond u32 cannot be real; saturating makes rank 0 report the mismatch.
-    let head = JoinHead {
-        size: U32::new(u32::try_from(size).unwrap_or(u32::MAX)),
-        // A socket address's text is a few dozen bytes.
-        addr_len: U32::new(addr.len() as u32),
-    };
-    [head.as_bytes(), addr.as_bytes(), hello].concat()
-}
-
-fn decode_join(v: &[u8]) -> Option<Join> {
-    let (head, rest) = JoinHead::ref_from_prefix(v).ok()?;
-    let (addr, hello) = rest.split_at_checked(usize::try_from(head.addr_len.get()).ok()?)?;
-    Some(Join {
-        size: usize::try_from(head.size.get()).ok()?,
-        addr: std::str::from_utf8(addr).ok()?.to_owned(),
-        hello: hello.to_vec(),
-    })
-}
-
-/// The join record's codec and record reader for the fuzz targets in `runtime/fuzz`: not part of
-/// the API (re-exported by `crate::fuzzing`).
-#[doc(hidden)]
-pub mod fuzzing {
-    /// `decode_join`: `(size, listening address, hello)`.
-    pub fn decode_join(v: &[u8]) -> Option<(usize, String, Vec<u8>)> {
-        super::decode_join(v).map(|j| (j.size, j.addr, j.hello))
-    }
-
-    /// `encode_join`.
-    pub fn encode_join(size: usize, listen: &std::net::SocketAddr, hello: &[u8]) -> Vec<u8> {
-        super::encode_join(size, listen, hello)
-    }
-
-    use crate::seal::{Role, SessionKeys};
-
-    /// `read_record` on a connection whose session secret is empty (the fuzz target's).
-    pub fn read_record(s: &mut std::net::TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
-        let stream = s.try_clone()?;
-        super::read_record(&mut super::Conn { stream, keys: SessionKeys::derive(&[], Role::Acceptor) }, limit)
-    }
-
-    /// What `write_record` sends for `bytes`, as the first record of a connection whose session
-    /// secret is empty.
-    pub fn sealed_record(bytes: &[u8]) -> Vec<u8> {
-        let mut keys = SessionKeys::derive(&[], Role::Connector);
-        let len = zerocopy::little_endian::U32::new(bytes.len() as u32);
-        let tag = keys.sealer.seal(&[zerocopy::IntoBytes::as_bytes(&len), bytes]);
-        [zerocopy::IntoBytes::as_bytes(&len), bytes, &tag].concat()
-    }
-}
-
-/// Rank 0's answer: b'O' + roster lines, or b'A' + reason.
-fn encode_roster(addrs: &[String]) -> Vec<u8> {
-    let mut v = vec![b'O'];
-    v.extend_from_slice(addrs.join("\n").as_bytes());
-    v
-}
-
-/// The address `addr` (`host:port`) stands for: the first the resolver gives, as everywhere in
-/// start-up (so every caller means the same one).
-pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    addr.to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))
-}
-
-/// This host's address on its route to `to`: the source address the kernel would give a packet
-/// sent there. Found by `connect`ing a UDP socket (which only looks the route up; no packet is
-/// sent) and reading its local address. Fails (e.g. `ENETUNREACH`) when there is no route.
-pub fn route_source(to: &SocketAddr) -> std::io::Result<IpAddr> {
-    let any: IpAddr = match to {
-        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let probe = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
-    probe.connect(to)?;
-    Ok(probe.local_addr()?.ip())
-}
-
-/// Most handshakes served at once during start-up; more connections wait in the backlog.
-const MAX_HANDSHAKES: usize = 64;
-
-/// What the doorman hands over: a connection that proved the token and the rank it proved, or
-/// why it cannot go on.
-type Passed = Result<(Conn, usize), String>;
-
-/// Serves the start-up handshakes of whoever connects, from the moment it exists: an acceptor
-/// thread takes every connection as it arrives and gives each its own short-lived handshake
-/// thread, so that a stranger that connects and says nothing (or slowly) delays nobody, and a
-/// rank busy connecting to others still lets the ranks that connect to it in. The acceptor
-/// sleeps in `poll` until a connection comes or the doorman ends (while every handshake slot
-/// is taken, it looks again every 5 ms for one that came free).
-struct Doorman {
-    passed: mpsc::Receiver<Passed>,
-    /// Signalled when the doorman ends: the acceptor then stops.
-    stop: Arc<EventFd>,
-    acceptor: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Doorman {
-    fn new(listener: &TcpListener, token: &[u8]) -> Result<Doorman, String> {
-        let listener = listener.try_clone().map_err(|e| e.to_string())?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stop = Arc::new(EventFd::new().map_err(|e| e.to_string())?);
-        let (pass, passed) = mpsc::channel();
-        let (token, stopped) = (token.to_vec(), stop.clone());
-        let acceptor = std::thread::Builder::new()
-            .name("gallocy-doorman".into())
-            .spawn(move || accept_all(&listener, &stopped, &token, &pass))
-            .map_err(|e| format!("starting the start-up acceptor thread: {e}"))?;
-        Ok(Doorman { passed, stop, acceptor: Some(acceptor) })
-    }
-
-    /// The next connection that proves the job's token, before `deadline`, with the rank it
-    /// proved. Connections that fail the handshake are closed without a byte of heap.
-    fn next(&self, deadline: Instant) -> Result<(Conn, usize), String> {
-        match self.passed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(p) => p,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err("timed out".into()),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the start-up acceptor thread ended".into()),
-        }
-    }
-}
-
-impl Drop for Doorman {
-    fn drop(&mut self) {
-        self.stop.signal();
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The acceptor thread of a [`Doorman`]: accepts until `stop` is signalled, and starts a
-/// handshake thread per connection (at most [`MAX_HANDSHAKES`] at once; the rest wait in the
-/// listen queue). An error that ends it goes to `pass`.
-fn accept_all(listener: &TcpListener, stop: &EventFd, token: &[u8], pass: &mpsc::Sender<Passed>) {
-    if let Err(e) = accept_until_stopped(listener, stop, token, pass) {
-        let _ = pass.send(Err(e));
-    }
-}
-
-fn accept_until_stopped(
-    listener: &TcpListener,
-    stop: &EventFd,
-    token: &[u8],
-    pass: &mpsc::Sender<Passed>,
-) -> Result<(), String> {
-    let busy = Arc::new(AtomicUsize::new(0));
-    loop {
-        let full = busy.load(Ordering::Acquire) >= MAX_HANDSHAKES;
-        let (listen_fd, timeout) = if full { (-1, 5) } else { (listener.as_raw_fd(), -1) };
-        let [stopped, _] =
-            sys::poll_readable([stop.0, listen_fd], timeout).map_err(|e| format!("waiting for connections: {e}"))?;
-        if stopped {
-            return Ok(());
-        }
-        while busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
-            match listener.accept() {
-                Ok((s, _)) => greet(s, token, pass, &busy)?,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // Out of descriptors, typically: the job cannot start, and says why.
-                Err(e) => return Err(format!("accepting a connection: {e}")),
-            }
-        }
-    }
-}
-
-/// Runs the handshake of `s` on a thread of its own; a connection that proves the token goes to
-/// `pass`.
-fn greet(mut s: TcpStream, token: &[u8], pass: &mpsc::Sender<Passed>, busy: &Arc<AtomicUsize>) -> Result<(), String> {
-    s.set_nonblocking(false).map_err(|e| e.to_string())?;
-    let (token, pass, done) = (token.to_vec(), pass.clone(), busy.clone());
-    busy.fetch_add(1, Ordering::AcqRel);
-    let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
-        if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
-            // The doorman may be gone (start-up ended): the stream then just closes.
-            let _ = pass.send(Ok((Conn { stream: s, keys }, rank as usize)));
-        }
-        done.fetch_sub(1, Ordering::AcqRel);
-    });
-    started.map(|_| ()).map_err(|e| {
-        busy.fetch_sub(1, Ordering::AcqRel);
-        format!("starting a handshake thread: {e}")
-    })
-}
-
-fn connect_authenticated(addr: &SocketAddr, cfg: &TcpConfig, deadline: Instant) -> Result<Conn, TransportError> {
-    loop {
-        match TcpStream::connect_timeout(addr, Duration::from_secs(1)) {
-            Ok(mut s) => match auth::connect(&mut s, &cfg.token, cfg.rank as u32, AUTH_TIMEOUT) {
-                Ok(keys) => return Ok(Conn { stream: s, keys }),
-                // The peer said no to our token, or is not gallocy: trying again cannot help.
-                Err(e) if auth::is_refusal(&e) || Instant::now() >= deadline => {
-                    return Err(setup_err(cfg, format!("connecting to {addr}: {e}")))
-                }
-                // A handshake that did not finish (the peer was busy, the connection dropped):
-                // try again with a new connection.
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            },
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(setup_err(cfg, format!("cannot reach {addr}: {e}"))),
-        }
-    }
-}
-
-/// Sets up the job's connections. `hello` is this rank's report; on rank 0, `check` judges all
-/// reports (indexed by rank) and may stop the job with a message.
-pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTransport, TransportError> {
-    if cfg.size == 0 || cfg.rank >= cfg.size {
-        return Err(TransportError::Invalid(format!("rank {} of {}", cfg.rank, cfg.size)));
-    }
-    let deadline = Instant::now() + cfg.setup_timeout;
-    let coordinator = resolve(&cfg.coordinator).map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
-    let mut peers: Vec<Option<Conn>> = (0..cfg.size).map(|_| None).collect();
-    let listener;
-    if cfg.rank == 0 {
-        listener = crate::coordinator::listen(coordinator, cfg.coordinator_held).map_err(|e| {
-            let held = if cfg.coordinator_held { " (held for this job by its launcher)" } else { "" };
-            setup_err(cfg, format!("cannot listen on coordinator address {coordinator}{held}: {e}"))
-        })?;
-        coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
-    } else {
-        listener = crate::coordinator::listen(SocketAddr::new(cfg.bind, 0), false)
-            .map_err(|e| setup_err(cfg, format!("cannot listen on {}: {e}", cfg.bind)))?;
-        join(cfg, &listener, &coordinator, hello, deadline, &mut peers)?;
-    }
-    TcpTransport::new(cfg, listener, peers)
-}
-
-fn coordinate(
-    cfg: &TcpConfig,
-    listener: &TcpListener,
-    hello: &[u8],
-    check: &Judge,
-    deadline: Instant,
-    peers: &mut [Option<Conn>],
-) -> Result<(), TransportError> {
-    let mut hellos: Vec<Option<Vec<u8>>> = vec![None; cfg.size];
-    let mut addrs = vec![String::new(); cfg.size];
-    hellos[0] = Some(hello.to_vec());
-    addrs[0] = cfg.coordinator.clone();
-    let mut problem: Option<String> = None;
-    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
-    while hellos.iter().any(Option::is_none) {
-        let (mut s, rank) = match doorman.next(deadline) {
-            Ok(x) => x,
-            Err(why) => {
-                let missing: Vec<String> =
-                    (0..cfg.size).filter(|r| hellos[*r].is_none()).map(|r| r.to_string()).collect();
-                let mut msg = format!(
-                    "{} {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
-                    if missing.len() == 1 { "rank" } else { "ranks" },
-                    missing.join(", "),
-                    cfg.setup_timeout
-                );
-                if why != "timed out" {
-                    msg = format!("{msg}; rank 0 stopped taking connections: {why}");
-                }
-                abort_all(peers, &msg);
-                return Err(TransportError::Bootstrap(msg));
-            }
-        };
-        let join = s.stream.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
-        let Some(Join { size, addr, hello: their_hello }) = join.ok().as_deref().and_then(decode_join) else {
-            continue;
-        };
-        if rank == 0 || rank >= cfg.size {
-            let msg = format!("a process claims rank {rank}, but the job has ranks 0..{}", cfg.size - 1);
-            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
-            problem.get_or_insert(msg);
-            continue;
-        }
-        if hellos[rank].is_some() {
-            let msg = format!("two processes claim rank {rank}");
-            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
-            problem.get_or_insert(msg);
-            continue;
-        }
-        if size != cfg.size {
-            problem.get_or_insert(format!(
-                "rank {rank} believes the job has {size} processes, rank 0 believes {}",
-                cfg.size
-            ));
-        }
-        hellos[rank] = Some(their_hello);
-        addrs[rank] = addr;
-        peers[rank] = Some(s);
-    }
-    let hellos: Vec<Vec<u8>> = hellos.into_iter().map(|h| h.expect("all joined")).collect();
-    if let Some(msg) = problem.or_else(|| check(&hellos).err()) {
-        abort_all(peers, &msg);
-        return Err(TransportError::JobAborted(msg));
-    }
-    let roster = encode_roster(&addrs);
-    for (rank, p) in peers.iter_mut().enumerate() {
-        if let Some(s) = p {
-            write_record(s, &roster).map_err(|e| setup_err(cfg, format!("sending roster to rank {rank}: {e}")))?;
-        }
-    }
-    Ok(())
-}
-
-fn abort_all(peers: &mut [Option<Conn>], msg: &str) {
-    let record = [&b"A"[..], msg.as_bytes()].concat();
-    for s in peers.iter_mut().flatten() {
-        let _ = write_record(s, &record);
-    }
-}
-
-fn join(
-    cfg: &TcpConfig,
-    listener: &TcpListener,
-    coordinator: &SocketAddr,
-    hello: &[u8],
-    deadline: Instant,
-    peers: &mut [Option<Conn>],
-) -> Result<(), TransportError> {
-    // Higher ranks may connect as soon as they have the roster, while this rank still connects
-    // to the lower ones: let them in from the start.
-    let doorman = Doorman::new(listener, &cfg.token).map_err(|e| setup_err(cfg, e))?;
-    let mut to_zero = connect_authenticated(coordinator, cfg, deadline)?;
-    let local_ip = to_zero.stream.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
-    let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
-    let advertised = SocketAddr::new(if cfg.bind.is_unspecified() { local_ip } else { cfg.bind }, port);
-    write_record(&mut to_zero, &encode_join(cfg.size, &advertised, hello))
-        .map_err(|e| setup_err(cfg, format!("sending join to rank 0: {e}")))?;
-    to_zero.stream.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
-    let answer = read_record(&mut to_zero, 1 << 20)
-        .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
-    match answer.first() {
-        Some(b'O') => {}
-        Some(b'A') => return Err(TransportError::JobAborted(String::from_utf8_lossy(&answer[1..]).into_owned())),
-        _ => return Err(setup_err(cfg, "malformed start-up answer from rank 0")),
-    }
-    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..]).split('\n').map(str::to_owned).collect();
-    if roster.len() != cfg.size {
-        return Err(setup_err(cfg, "roster from rank 0 has the wrong length"));
-    }
-    peers[0] = Some(to_zero);
-    for (j, addr) in roster.iter().enumerate().take(cfg.rank).skip(1) {
-        let a = resolve(addr).map_err(|e| setup_err(cfg, e))?;
-        peers[j] = Some(connect_authenticated(&a, cfg, deadline)?);
-    }
-    while peers.iter().skip(cfg.rank + 1).any(Option::is_none) {
-        let (s, rank) =
-            doorman.next(deadline).map_err(|e| setup_err(cfg, format!("waiting for higher ranks to connect: {e}")))?;
-        if rank > cfg.rank && rank < cfg.size && peers[rank].is_none() {
-            peers[rank] = Some(s);
-        }
-    }
-    Ok(())
 }
 
 fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
@@ -627,58 +225,37 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
 }
 
 impl TcpTransport {
-    fn new(cfg: &TcpConfig, listener: TcpListener, streams: Vec<Option<Conn>>) -> Result<TcpTransport, TransportError> {
-        let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
-        let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
-        epoll.add(waker.0, KEY_WAKE).map_err(|e| TransportError::io("epoll_ctl", e))?;
-        listener.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
-        epoll.add(listener.as_raw_fd(), KEY_LISTENER).map_err(|e| TransportError::io("epoll_ctl", e))?;
-        let mut peers = Vec::with_capacity(cfg.size);
-        let mut inboxes = Vec::with_capacity(cfg.size);
-        let mut layered = Vec::with_capacity(cfg.size);
-        for (rank, c) in streams.into_iter().enumerate() {
-            match c {
-                Some(Conn { stream: s, keys }) => {
-                    set_socket_options(&s).map_err(|e| TransportError::io(format!("socket to rank {rank}"), e))?;
-                    epoll.add(s.as_raw_fd(), rank as u64).map_err(|e| TransportError::io("epoll_ctl", e))?;
-                    peers.push(Some(Peer {
-                        stream: s,
-                        out: Mutex::new(Outgoing { sealer: keys.sealer, page: Vec::new() }),
-                        left: AtomicBool::new(false),
-                    }));
-                    layered.push(Some((keys.layered_sealer, keys.layered_opener)));
-                    inboxes.push(Inbox::new(Some(keys.opener)).map_err(|e| TransportError::io("receive buffer", e))?);
-                }
-                None if rank == cfg.rank => {
-                    peers.push(None);
-                    layered.push(None);
-                    inboxes.push(Inbox::default());
-                }
-                None => {
-                    return Err(TransportError::Bootstrap(format!("rank {}: no connection to rank {rank}", cfg.rank)))
-                }
-            }
+    fn new(
+        cfg: &TcpConfig,
+        listener: TcpListener,
+        links: Arc<Links>,
+        keeper: Option<Keeper>,
+    ) -> Result<TcpTransport, TransportError> {
+        links.epoll.add(links.waker.0, KEY_WAKE).map_err(|e| TransportError::io("epoll_ctl", e))?;
+        if keeper.is_none() {
+            listener.set_nonblocking(true).map_err(|e| TransportError::io("listener", e))?;
+            links.epoll.add(listener.as_raw_fd(), KEY_LISTENER).map_err(|e| TransportError::io("epoll_ctl", e))?;
         }
         Ok(TcpTransport {
             rank: cfg.rank,
             size: cfg.size,
             view: cfg.view,
             owed: cfg.owed,
-            layered: Mutex::new(layered),
             reads: (0..cfg.size * READS_IN_FLIGHT).map(|_| AtomicU64::new(0)).collect(),
-            peers,
+            links,
+            keeper,
             listener,
-            epoll,
-            waker,
-            receiver: Mutex::new(Receiver { inboxes }),
         })
     }
 
+    /// The link to `rank`, made now if there is none (see [`links`]). Async-signal-safe.
     fn peer(&self, rank: usize) -> Result<&Peer, TransportError> {
-        match self.peers.get(rank) {
-            Some(Some(p)) => Ok(p),
-            _ => Err(TransportError::NoSuchPeer(rank)),
-        }
+        self.links.link(rank)
+    }
+
+    /// The link to `rank`, which a frame came on.
+    fn linked(&self, rank: usize) -> Result<&Peer, TransportError> {
+        self.links.linked(rank).ok_or(TransportError::NoSuchPeer(rank))
     }
 
     fn check_span(&self, span: Span) -> Result<(), TransportError> {
@@ -714,7 +291,7 @@ impl TcpTransport {
     /// sends (see [`sys::write_all_vectored`]), if no other thread is reading.
     fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
         let fd = self.peer(rank)?.stream.as_raw_fd();
-        self.write_frame_absorbing(rank, header, msg, &mut || match self.receiver.try_lock() {
+        self.write_frame_absorbing(rank, header, msg, &mut || match self.links.receiver.try_lock() {
             Ok(mut rx) => self.absorb(fd, &mut rx.inboxes[rank]),
             Err(_) => Ok(0),
         })
@@ -725,7 +302,7 @@ impl TcpTransport {
         let n = inbox.backlog.fill_from(fd)?;
         if n > 0 {
             // The service thread reads the backlog (no epoll event will say it is there).
-            self.waker.signal();
+            self.links.waker.signal();
         }
         Ok(n)
     }
@@ -737,7 +314,7 @@ impl TcpTransport {
         msg: &[u8],
         absorb: &mut dyn FnMut() -> std::io::Result<usize>,
     ) -> Result<(), TransportError> {
-        let peer = self.peer(rank)?;
+        let peer = self.linked(rank)?;
         let head = header.encode();
         let page_len =
             if matches!(header.kind, Kind::Message | Kind::ReadReply) { header.page_len as usize } else { 0 };
@@ -769,7 +346,7 @@ impl TcpTransport {
     /// Bytes are read into a staging buffer, so one `recv` usually brings a whole frame (header,
     /// message and page); a large page remainder is read straight into the runtime view.
     fn drain(&self, rank: usize, inbox: &mut Inbox, sink: &mut Sink<'_>) -> Result<usize, TransportError> {
-        let fd: RawFd = self.peer(rank)?.stream.as_raw_fd();
+        let fd: RawFd = self.linked(rank)?.stream.as_raw_fd();
         if let Some(e) = inbox.broken {
             return Err(TransportError::PeerLost { rank, reason: LostReason::Protocol(e) });
         }
@@ -857,7 +434,7 @@ impl TcpTransport {
                 };
                 if !taken {
                     inbox.pending = true;
-                    self.waker.signal();
+                    self.links.waker.signal();
                     return Ok(false);
                 }
                 inbox.reset();
@@ -909,7 +486,7 @@ impl TcpTransport {
         inbox.broken = Some(e);
         // A waiting thread found it: the service thread must hear of it even if nothing more
         // arrives.
-        self.waker.signal();
+        self.links.waker.signal();
         TransportError::PeerLost { rank, reason: LostReason::Protocol(e) }
     }
 
@@ -975,7 +552,7 @@ impl TcpTransport {
             // Answered at once. We hold this connection's reader, so while the answer waits
             // for room we take in what the peer sends ourselves.
             inbox.reset();
-            let fd = self.peer(rank)?.stream.as_raw_fd();
+            let fd = self.linked(rank)?.stream.as_raw_fd();
             let reply = Header { kind: Kind::ReadReply, msg_len: 0, ..h };
             self.write_frame_absorbing(rank, reply, &[], &mut || self.absorb(fd, inbox))?;
             return Ok(0);
@@ -1002,7 +579,7 @@ impl TcpTransport {
             Kind::ReadRequest => return Ok(0),
             Kind::ReadReply => handler(Event::ReadDone { from: rank, token: h.token }),
             Kind::Goodbye => {
-                self.peer(rank)?.left.store(true, Ordering::Release);
+                self.linked(rank)?.left.store(true, Ordering::Release);
                 handler(Event::PeerLeft { rank });
             }
         }
@@ -1011,8 +588,8 @@ impl TcpTransport {
 
     fn closed(&self, rank: usize, inbox: &mut Inbox, why: LostReason) -> Result<(), TransportError> {
         inbox.closed = true;
-        let peer = self.peer(rank)?;
-        self.epoll.del(peer.stream.as_raw_fd());
+        let peer = self.linked(rank)?;
+        self.links.epoll.del(peer.stream.as_raw_fd());
         if peer.left.load(Ordering::Acquire) {
             Ok(())
         } else {
@@ -1023,7 +600,7 @@ impl TcpTransport {
     /// The keys for a transport layered on the connection to `peer` (RDMA): its own sealer and
     /// opener, from this connection's handshake. Given out once.
     pub fn take_layered_keys(&self, peer: usize) -> Option<(Sealer, Opener)> {
-        self.layered.lock().unwrap_or_else(|p| p.into_inner()).get_mut(peer)?.take()
+        self.links.layered.lock().unwrap_or_else(|p| p.into_inner()).get_mut(peer)?.take()
     }
 
     /// The page check this transport was set up with (a transport layered on it uses it too).
@@ -1035,7 +612,7 @@ impl TcpTransport {
     /// for it; the caller drains `fd` itself). Used by the RDMA transport, which keeps these
     /// connections to learn of peers that die and waits on its completion channel here.
     pub fn watch_fd(&self, fd: RawFd) -> Result<(), TransportError> {
-        self.epoll.add(fd, KEY_EXTERNAL).map_err(|e| TransportError::io("epoll_ctl", e))
+        self.links.epoll.add(fd, KEY_EXTERNAL).map_err(|e| TransportError::io("epoll_ctl", e))
     }
 
     /// After start-up nobody may connect: accept and close at once.
@@ -1048,8 +625,9 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn close_in_forked_child(&self) {
-        let fds = self.peers.iter().flatten().map(|p| p.stream.as_raw_fd());
-        for fd in fds.chain([self.listener.as_raw_fd(), self.epoll.0, self.waker.0]) {
+        let fds = self.links.all_linked().map(|(_, p)| p.stream.as_raw_fd());
+        let ours = [self.listener.as_raw_fd(), self.links.epoll.0, self.links.waker.0, self.links.wanted_fd()];
+        for fd in fds.chain(ours) {
             // SAFETY: closing descriptors this (forked) process inherited and never uses again;
             // the transport lives in a static that is never dropped, so nothing closes them twice.
             unsafe { libc::close(fd) };
@@ -1103,8 +681,8 @@ impl Transport for TcpTransport {
         };
         // Wait without the receiver lock, so a waiting thread can read meanwhile.
         let mut keys = [0u64; 32];
-        let n = self.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
-        let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.links.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
+        let mut rx = self.links.receiver.lock().unwrap_or_else(|p| p.into_inner());
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
         // A lost connection is reported after everything else that arrived: another peer's
@@ -1125,7 +703,7 @@ impl Transport for TcpTransport {
         }
         for &key in &keys[..n] {
             match key {
-                KEY_WAKE => self.waker.drain(),
+                KEY_WAKE => self.links.waker.drain(),
                 KEY_LISTENER => self.refuse_latecomers(),
                 KEY_EXTERNAL => {}
                 rank if !rx.inboxes[rank as usize].closed => {
@@ -1142,11 +720,11 @@ impl Transport for TcpTransport {
 
     fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {
         let mut keys = [0u64; 32];
-        let Ok(n) = self.epoll.wait(&mut keys, 0) else { return 0 };
+        let Ok(n) = self.links.epoll.wait(&mut keys, 0) else { return 0 };
         if !keys[..n].iter().any(|k| (*k as usize) < self.size) {
             return 0;
         }
-        let Ok(mut rx) = self.receiver.try_lock() else { return 0 };
+        let Ok(mut rx) = self.links.receiver.try_lock() else { return 0 };
         let mut sink = Sink::Inline(accept);
         let mut taken = 0;
         for &key in &keys[..n] {
@@ -1165,140 +743,54 @@ impl Transport for TcpTransport {
     }
 
     fn wait_for_wake(&self, timeout: Duration) {
-        let mut p = libc::pollfd { fd: self.waker.0, events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd { fd: self.links.waker.0, events: libc::POLLIN, revents: 0 };
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,
         };
         // SAFETY: one valid pollfd and a valid timespec.
         if unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) } > 0 {
-            self.waker.drain();
+            self.links.waker.drain();
         }
     }
 
     fn wake(&self) {
-        self.waker.signal();
+        self.links.waker.signal();
     }
 
     fn say_goodbye(&self) -> Result<(), TransportError> {
         let bye = Header { kind: Kind::Goodbye, msg_len: 0, page_len: 0, offset: 0, token: 0 };
-        for rank in (0..self.size).filter(|r| *r != self.rank) {
+        // Peers we never talked to expect no goodbye, and none may link to us from now on.
+        self.links.leave();
+        for (rank, _) in self.links.all_linked() {
             self.write_frame(rank, bye, &[])?;
         }
         Ok(())
+    }
+
+    fn linked(&self, peer: usize) -> bool {
+        peer != self.rank && self.links.linked(peer).is_some()
+    }
+}
+
+impl Drop for TcpTransport {
+    /// Ends every connection now: the keeper's threads that may still hold the links (a
+    /// handshake or a dial under way) must not keep them open.
+    fn drop(&mut self) {
+        self.keeper.take();
+        self.links.leave();
+        for (_, p) in self.links.all_linked() {
+            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn join_record_round_trips() {
-        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
-        let v = encode_join(5, &listen, b"hello bytes");
-        assert_eq!(&v[..8], &[5, 0, 0, 0, 13, 0, 0, 0]);
-        assert_eq!(&v[8..21], b"10.1.2.3:4567");
-        let j = decode_join(&v).unwrap();
-        assert_eq!(j, Join { size: 5, addr: "10.1.2.3:4567".into(), hello: b"hello bytes".to_vec() });
-        let empty = decode_join(&encode_join(2, &"[::1]:9".parse().unwrap(), &[])).unwrap();
-        assert_eq!((empty.size, empty.addr.as_str(), empty.hello.len()), (2, "[::1]:9", 0));
-    }
-
-    #[test]
-    fn join_record_refuses_truncated_and_garbage() {
-        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
-        let v = encode_join(5, &listen, &[]);
-        for n in 0..v.len() {
-            assert!(decode_join(&v[..n]).is_none(), "truncated to {n}");
-        }
-        let mut long = v.clone();
-        long[4..8].copy_from_slice(&[0xff; 4]);
-        assert!(decode_join(&long).is_none(), "address length beyond the record");
-        let mut utf8 = v.clone();
-        utf8[8] = 0xff;
-        assert!(decode_join(&utf8).is_none(), "address not UTF-8");
-        for garbage in [&[0xa5u8; 64][..], &[0xff; 8], &[]] {
-            assert!(decode_join(garbage).is_none());
-        }
-    }
-
-    /// A bounded in-suite fuzz run of the join record: a million random and mutated records,
-    /// no panic, and an accepted record never claims more bytes than it has.
-    #[test]
-    fn fuzz_the_join_record() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let valid = encode_join(7, &"127.0.0.1:40000".parse().unwrap(), b"hello");
-        for _ in 0..500_000 {
-            let len = (next() % 40) as usize;
-            let random: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            if let Some(j) = decode_join(&random) {
-                assert!(j.addr.len() + j.hello.len() + 8 == random.len());
-            }
-            let mut m = valid.clone();
-            for _ in 0..=(next() % 3) {
-                let at = (next() % m.len() as u64) as usize;
-                m[at] ^= 1 << (next() % 8);
-            }
-            if next() % 4 == 0 {
-                m.truncate((next() % m.len() as u64) as usize);
-            }
-            if let Some(j) = decode_join(&m) {
-                assert!(j.addr.len() + j.hello.len() + 8 == m.len());
-            }
-        }
-    }
-
-    fn socket_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
-
-    /// Two ends of one connection with the keys of one session.
-    fn conn_pair() -> (Conn, Conn) {
-        let (a, b) = socket_pair();
-        let secret = [7u8; 32];
-        (
-            Conn { stream: a, keys: SessionKeys::derive(&secret, crate::seal::Role::Connector) },
-            Conn { stream: b, keys: SessionKeys::derive(&secret, crate::seal::Role::Acceptor) },
-        )
-    }
-
-    #[test]
-    fn records_round_trip_and_refuse_bad_lengths_and_tags() {
-        let (mut a, mut b) = conn_pair();
-        write_record(&mut a, b"abc").unwrap();
-        write_record(&mut a, &[]).unwrap();
-        assert_eq!(read_record(&mut b, 3).unwrap(), b"abc");
-        assert_eq!(read_record(&mut b, 3).unwrap(), b"");
-        write_record(&mut a, b"abcd").unwrap();
-        assert_eq!(read_record(&mut b, 3).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
-
-        // A record changed on the way, or not from the session's other end.
-        let (mut a, mut b) = conn_pair();
-        let mut changed = fuzzing::sealed_record(b"abc");
-        changed[5] ^= 1;
-        a.stream.write_all(&changed).unwrap();
-        let e = read_record(&mut b, 100).unwrap_err();
-        assert!(e.to_string().contains("failed authentication"), "{e}");
-
-        let (mut a, mut b) = conn_pair();
-        a.stream.write_all(&[10, 0, 0, 0, 1, 2]).unwrap();
-        drop(a);
-        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
-        let (mut a, mut b) = conn_pair();
-        a.stream.write_all(&[10, 0]).unwrap();
-        drop(a);
-        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
-    }
+    use crate::sys::{Epoll, EventFd};
+    use startup::tests::conn_pair;
+    use std::io::Write;
 
     const VIEW: usize = 1 << 16;
 
@@ -1315,10 +807,23 @@ mod tests {
             token: b"secret".to_vec(),
             view: MemoryView { base: mem.as_mut_ptr(), len: VIEW },
             setup_timeout: Duration::from_secs(5),
+            link_timeout: Duration::from_secs(5),
             owed,
+            thread_start: || {},
         };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        (TcpTransport::new(&cfg, listener, vec![None, Some(ours)]).unwrap(), mem)
+        let links = Links::new(
+            0,
+            2,
+            &cfg.token,
+            cfg.link_timeout,
+            cfg.thread_start,
+            Epoll::new().unwrap(),
+            EventFd::new().unwrap(),
+        );
+        let links = Arc::new(links.unwrap());
+        links.install(1, ours).unwrap();
+        (TcpTransport::new(&cfg, listener, links, None).unwrap(), mem)
     }
 
     /// A frame as rank 1 would send it: header, message, page bytes, then the tag `theirs` gives.

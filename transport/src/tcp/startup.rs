@@ -1,0 +1,423 @@
+//! Start-up ([`establish`]): every rank authenticates to rank 0 (the coordinator) and sends a
+//! join record with an opaque hello (the runtime's configuration report). Rank 0 checks all
+//! hellos with the caller's function and either sends every rank the roster of listening
+//! addresses or stops the job with a message. The join connections become the links to rank 0;
+//! every other link is made on first use ([`super::links`]), and each rank's keeper lets peers
+//! in from before it joins. After start-up, rank 0's listener accepts and closes at once
+//! anything that connects.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Instant;
+
+use zerocopy::little_endian::U32;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::links::{connect_authenticated, Keeper, Links};
+use super::{Conn, Judge, TcpConfig, TcpTransport, AUTH_TIMEOUT};
+use crate::seal::TAG_LEN;
+use crate::sys::{Epoll, EventFd};
+use crate::TransportError;
+
+fn setup_err(cfg: &TcpConfig, what: impl std::fmt::Display) -> TransportError {
+    TransportError::Bootstrap(format!("rank {}: {what}", cfg.rank))
+}
+
+fn invalid(what: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
+}
+
+/// A start-up record: a little-endian u32 length, that many bytes, and their tag.
+pub(super) fn write_record(c: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| invalid("record too long"))?;
+    let len = U32::new(len);
+    let tag = c.keys.sealer.seal(&[len.as_bytes(), bytes]);
+    c.stream.write_all(&[len.as_bytes(), bytes, &tag].concat())
+}
+
+pub(super) fn read_record(c: &mut Conn, limit: usize) -> std::io::Result<Vec<u8>> {
+    let mut len = U32::ZERO;
+    c.stream.read_exact(len.as_mut_bytes())?;
+    let n = usize::try_from(len.get()).map_err(|_| invalid("record too long"))?;
+    if n > limit {
+        return Err(invalid("record too long"));
+    }
+    let mut v = vec![0u8; n];
+    c.stream.read_exact(&mut v)?;
+    let mut tag = [0u8; TAG_LEN];
+    c.stream.read_exact(&mut tag)?;
+    if !c.keys.opener.open(&[len.as_bytes(), &v], &tag) {
+        return Err(invalid("record failed authentication"));
+    }
+    Ok(v)
+}
+
+/// The fixed start of a join record; `addr_len` bytes of listening address (UTF-8 `host:port`)
+/// and the hello follow.
+#[repr(C)]
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct JoinHead {
+    /// The job size the joining rank believes in.
+    size: U32,
+    addr_len: U32,
+}
+
+/// A decoded join record.
+#[derive(Debug, PartialEq, Eq)]
+struct Join {
+    size: usize,
+    addr: String,
+    hello: Vec<u8>,
+}
+
+/// Join record a rank sends rank 0: size it believes in, its listening address, its hello.
+fn encode_join(size: usize, listen: &SocketAddr, hello: &[u8]) -> Vec<u8> {
+    let addr = listen.to_string();
+    // A job size beyond u32 cannot be real; saturating makes rank 0 report the mismatch.
+    let head = JoinHead {
+        size: U32::new(u32::try_from(size).unwrap_or(u32::MAX)),
+        // A socket address's text is a few dozen bytes.
+        addr_len: U32::new(addr.len() as u32),
+    };
+    [head.as_bytes(), addr.as_bytes(), hello].concat()
+}
+
+fn decode_join(v: &[u8]) -> Option<Join> {
+    let (head, rest) = JoinHead::ref_from_prefix(v).ok()?;
+    let (addr, hello) = rest.split_at_checked(usize::try_from(head.addr_len.get()).ok()?)?;
+    Some(Join {
+        size: usize::try_from(head.size.get()).ok()?,
+        addr: std::str::from_utf8(addr).ok()?.to_owned(),
+        hello: hello.to_vec(),
+    })
+}
+
+/// The join record's codec and record reader for the fuzz targets in `runtime/fuzz`: not part of
+/// the API (re-exported by `crate::fuzzing`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// `decode_join`: `(size, listening address, hello)`.
+    pub fn decode_join(v: &[u8]) -> Option<(usize, String, Vec<u8>)> {
+        super::decode_join(v).map(|j| (j.size, j.addr, j.hello))
+    }
+
+    /// `encode_join`.
+    pub fn encode_join(size: usize, listen: &std::net::SocketAddr, hello: &[u8]) -> Vec<u8> {
+        super::encode_join(size, listen, hello)
+    }
+
+    use crate::seal::{Role, SessionKeys};
+
+    /// `read_record` on a connection whose session secret is empty (the fuzz target's).
+    pub fn read_record(s: &mut std::net::TcpStream, limit: usize) -> std::io::Result<Vec<u8>> {
+        let stream = s.try_clone()?;
+        super::read_record(&mut super::Conn { stream, keys: SessionKeys::derive(&[], Role::Acceptor) }, limit)
+    }
+
+    /// What `write_record` sends for `bytes`, as the first record of a connection whose session
+    /// secret is empty.
+    pub fn sealed_record(bytes: &[u8]) -> Vec<u8> {
+        let mut keys = SessionKeys::derive(&[], Role::Connector);
+        let len = zerocopy::little_endian::U32::new(bytes.len() as u32);
+        let tag = keys.sealer.seal(&[zerocopy::IntoBytes::as_bytes(&len), bytes]);
+        [zerocopy::IntoBytes::as_bytes(&len), bytes, &tag].concat()
+    }
+}
+
+/// Rank 0's answer: b'O' + roster lines, or b'A' + reason.
+fn encode_roster(addrs: &[String]) -> Vec<u8> {
+    let mut v = vec![b'O'];
+    v.extend_from_slice(addrs.join("\n").as_bytes());
+    v
+}
+
+/// The address `addr` (`host:port`) stands for: the first the resolver gives, as everywhere in
+/// start-up (so every caller means the same one).
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// This host's address on its route to `to`: the source address the kernel would give a packet
+/// sent there. Found by `connect`ing a UDP socket (which only looks the route up; no packet is
+/// sent) and reading its local address. Fails (e.g. `ENETUNREACH`) when there is no route.
+pub fn route_source(to: &SocketAddr) -> std::io::Result<IpAddr> {
+    let any: IpAddr = match to {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
+    probe.connect(to)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// Sets up the job's connections. `hello` is this rank's report; on rank 0, `check` judges all
+/// reports (indexed by rank) and may stop the job with a message.
+pub fn establish(cfg: &TcpConfig, hello: &[u8], check: &Judge) -> Result<TcpTransport, TransportError> {
+    if cfg.size == 0 || cfg.rank >= cfg.size {
+        return Err(TransportError::Invalid(format!("rank {} of {}", cfg.rank, cfg.size)));
+    }
+    let deadline = Instant::now() + cfg.setup_timeout;
+    let coordinator = resolve(&cfg.coordinator).map_err(|e| setup_err(cfg, format!("GALLOCY_COORDINATOR: {e}")))?;
+    let epoll = Epoll::new().map_err(|e| TransportError::io("epoll_create1", e))?;
+    let waker = EventFd::new().map_err(|e| TransportError::io("eventfd", e))?;
+    let links = Links::new(cfg.rank, cfg.size, &cfg.token, cfg.link_timeout, cfg.thread_start, epoll, waker)
+        .map_err(|e| TransportError::io("eventfd", e))?;
+    let links = Arc::new(links);
+    let install = |rank: usize, conn: Conn| {
+        links.install(rank, conn).map_err(|e| setup_err(cfg, format!("connection to rank {rank}: {e}")))
+    };
+    if cfg.rank == 0 {
+        let listener = crate::coordinator::listen(coordinator, cfg.coordinator_held).map_err(|e| {
+            let held = if cfg.coordinator_held { " (held for this job by its launcher)" } else { "" };
+            setup_err(cfg, format!("cannot listen on coordinator address {coordinator}{held}: {e}"))
+        })?;
+        let mut peers: Vec<Option<Conn>> = (0..cfg.size).map(|_| None).collect();
+        coordinate(cfg, &listener, hello, check, deadline, &mut peers)?;
+        for (rank, conn) in peers.into_iter().enumerate() {
+            if let Some(conn) = conn {
+                install(rank, conn)?;
+            }
+        }
+        TcpTransport::new(cfg, listener, links, None)
+    } else {
+        let listener = crate::coordinator::listen(SocketAddr::new(cfg.bind, 0), false)
+            .map_err(|e| setup_err(cfg, format!("cannot listen on {}: {e}", cfg.bind)))?;
+        // Ranks that have the roster may dial us before we do: let them in from the start.
+        let keeper = Keeper::for_links(&listener, &cfg.token, links.clone()).map_err(|e| setup_err(cfg, e))?;
+        let (to_zero, roster) = join(cfg, &listener, &coordinator, hello, deadline)?;
+        links.set_roster(roster);
+        install(0, to_zero)?;
+        TcpTransport::new(cfg, listener, links, Some(keeper))
+    }
+}
+
+fn coordinate(
+    cfg: &TcpConfig,
+    listener: &TcpListener,
+    hello: &[u8],
+    check: &Judge,
+    deadline: Instant,
+    peers: &mut [Option<Conn>],
+) -> Result<(), TransportError> {
+    let mut hellos: Vec<Option<Vec<u8>>> = vec![None; cfg.size];
+    let mut addrs = vec![String::new(); cfg.size];
+    hellos[0] = Some(hello.to_vec());
+    addrs[0] = cfg.coordinator.clone();
+    let mut problem: Option<String> = None;
+    let doorman = Keeper::for_joins(listener, &cfg.token, cfg.thread_start).map_err(|e| setup_err(cfg, e))?;
+    while hellos.iter().any(Option::is_none) {
+        let (mut s, rank) = match doorman.next(deadline) {
+            Ok(x) => x,
+            Err(why) => {
+                let missing: Vec<String> =
+                    (0..cfg.size).filter(|r| hellos[*r].is_none()).map(|r| r.to_string()).collect();
+                let mut msg = format!(
+                    "{} {} did not join within {:?} (not started, wrong GALLOCY_TOKEN or GALLOCY_COORDINATOR?)",
+                    if missing.len() == 1 { "rank" } else { "ranks" },
+                    missing.join(", "),
+                    cfg.setup_timeout
+                );
+                if why != "timed out" {
+                    msg = format!("{msg}; rank 0 stopped taking connections: {why}");
+                }
+                abort_all(peers, &msg);
+                return Err(TransportError::Bootstrap(msg));
+            }
+        };
+        let join = s.stream.set_read_timeout(Some(AUTH_TIMEOUT)).and_then(|_| read_record(&mut s, 1 << 20));
+        let Some(Join { size, addr, hello: their_hello }) = join.ok().as_deref().and_then(decode_join) else {
+            continue;
+        };
+        if rank == 0 || rank >= cfg.size {
+            let msg = format!("a process claims rank {rank}, but the job has ranks 0..{}", cfg.size - 1);
+            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
+            problem.get_or_insert(msg);
+            continue;
+        }
+        if hellos[rank].is_some() {
+            let msg = format!("two processes claim rank {rank}");
+            let _ = write_record(&mut s, &[&b"A"[..], msg.as_bytes()].concat());
+            problem.get_or_insert(msg);
+            continue;
+        }
+        if size != cfg.size {
+            problem.get_or_insert(format!(
+                "rank {rank} believes the job has {size} processes, rank 0 believes {}",
+                cfg.size
+            ));
+        }
+        hellos[rank] = Some(their_hello);
+        addrs[rank] = addr;
+        peers[rank] = Some(s);
+    }
+    let hellos: Vec<Vec<u8>> = hellos.into_iter().map(|h| h.expect("all joined")).collect();
+    if let Some(msg) = problem.or_else(|| check(&hellos).err()) {
+        abort_all(peers, &msg);
+        return Err(TransportError::JobAborted(msg));
+    }
+    let roster = encode_roster(&addrs);
+    for (rank, p) in peers.iter_mut().enumerate() {
+        if let Some(s) = p {
+            write_record(s, &roster).map_err(|e| setup_err(cfg, format!("sending roster to rank {rank}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn abort_all(peers: &mut [Option<Conn>], msg: &str) {
+    let record = [&b"A"[..], msg.as_bytes()].concat();
+    for s in peers.iter_mut().flatten() {
+        let _ = write_record(s, &record);
+    }
+}
+
+/// Joins through rank 0: returns the connection to it and the roster of listening addresses.
+fn join(
+    cfg: &TcpConfig,
+    listener: &TcpListener,
+    coordinator: &SocketAddr,
+    hello: &[u8],
+    deadline: Instant,
+) -> Result<(Conn, Vec<String>), TransportError> {
+    let mut to_zero =
+        connect_authenticated(coordinator, &cfg.token, cfg.rank, deadline, true).map_err(|e| match e {
+            e @ TransportError::Io { .. } => setup_err(cfg, e),
+            e => setup_err(cfg, format!("connecting to {coordinator}: {e}")),
+        })?;
+    let local_ip = to_zero.stream.local_addr().map_err(|e| setup_err(cfg, e))?.ip();
+    let port = listener.local_addr().map_err(|e| setup_err(cfg, e))?.port();
+    let advertised = SocketAddr::new(if cfg.bind.is_unspecified() { local_ip } else { cfg.bind }, port);
+    write_record(&mut to_zero, &encode_join(cfg.size, &advertised, hello))
+        .map_err(|e| setup_err(cfg, format!("sending join to rank 0: {e}")))?;
+    to_zero.stream.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
+    let answer = read_record(&mut to_zero, 1 << 20)
+        .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
+    match answer.first() {
+        Some(b'O') => {}
+        Some(b'A') => return Err(TransportError::JobAborted(String::from_utf8_lossy(&answer[1..]).into_owned())),
+        _ => return Err(setup_err(cfg, "malformed start-up answer from rank 0")),
+    }
+    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..]).split('\n').map(str::to_owned).collect();
+    if roster.len() != cfg.size {
+        return Err(setup_err(cfg, "roster from rank 0 has the wrong length"));
+    }
+    Ok((to_zero, roster))
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::seal::SessionKeys;
+    use std::net::TcpStream;
+
+    #[test]
+    fn join_record_round_trips() {
+        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let v = encode_join(5, &listen, b"hello bytes");
+        assert_eq!(&v[..8], &[5, 0, 0, 0, 13, 0, 0, 0]);
+        assert_eq!(&v[8..21], b"10.1.2.3:4567");
+        let j = decode_join(&v).unwrap();
+        assert_eq!(j, Join { size: 5, addr: "10.1.2.3:4567".into(), hello: b"hello bytes".to_vec() });
+        let empty = decode_join(&encode_join(2, &"[::1]:9".parse().unwrap(), &[])).unwrap();
+        assert_eq!((empty.size, empty.addr.as_str(), empty.hello.len()), (2, "[::1]:9", 0));
+    }
+
+    #[test]
+    fn join_record_refuses_truncated_and_garbage() {
+        let listen: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let v = encode_join(5, &listen, &[]);
+        for n in 0..v.len() {
+            assert!(decode_join(&v[..n]).is_none(), "truncated to {n}");
+        }
+        let mut long = v.clone();
+        long[4..8].copy_from_slice(&[0xff; 4]);
+        assert!(decode_join(&long).is_none(), "address length beyond the record");
+        let mut utf8 = v.clone();
+        utf8[8] = 0xff;
+        assert!(decode_join(&utf8).is_none(), "address not UTF-8");
+        for garbage in [&[0xa5u8; 64][..], &[0xff; 8], &[]] {
+            assert!(decode_join(garbage).is_none());
+        }
+    }
+
+    /// A bounded in-suite fuzz run of the join record: a million random and mutated records,
+    /// no panic, and an accepted record never claims more bytes than it has.
+    #[test]
+    fn fuzz_the_join_record() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid = encode_join(7, &"127.0.0.1:40000".parse().unwrap(), b"hello");
+        for _ in 0..500_000 {
+            let len = (next() % 40) as usize;
+            let random: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(j) = decode_join(&random) {
+                assert!(j.addr.len() + j.hello.len() + 8 == random.len());
+            }
+            let mut m = valid.clone();
+            for _ in 0..=(next() % 3) {
+                let at = (next() % m.len() as u64) as usize;
+                m[at] ^= 1 << (next() % 8);
+            }
+            if next() % 4 == 0 {
+                m.truncate((next() % m.len() as u64) as usize);
+            }
+            if let Some(j) = decode_join(&m) {
+                assert!(j.addr.len() + j.hello.len() + 8 == m.len());
+            }
+        }
+    }
+
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// Two ends of one connection with the keys of one session.
+    pub(in crate::tcp) fn conn_pair() -> (Conn, Conn) {
+        let (a, b) = socket_pair();
+        let secret = [7u8; 32];
+        (
+            Conn { stream: a, keys: SessionKeys::derive(&secret, crate::seal::Role::Connector) },
+            Conn { stream: b, keys: SessionKeys::derive(&secret, crate::seal::Role::Acceptor) },
+        )
+    }
+
+    #[test]
+    fn records_round_trip_and_refuse_bad_lengths_and_tags() {
+        let (mut a, mut b) = conn_pair();
+        write_record(&mut a, b"abc").unwrap();
+        write_record(&mut a, &[]).unwrap();
+        assert_eq!(read_record(&mut b, 3).unwrap(), b"abc");
+        assert_eq!(read_record(&mut b, 3).unwrap(), b"");
+        write_record(&mut a, b"abcd").unwrap();
+        assert_eq!(read_record(&mut b, 3).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+
+        // A record changed on the way, or not from the session's other end.
+        let (mut a, mut b) = conn_pair();
+        let mut changed = fuzzing::sealed_record(b"abc");
+        changed[5] ^= 1;
+        a.stream.write_all(&changed).unwrap();
+        let e = read_record(&mut b, 100).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+
+        let (mut a, mut b) = conn_pair();
+        a.stream.write_all(&[10, 0, 0, 0, 1, 2]).unwrap();
+        drop(a);
+        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        let (mut a, mut b) = conn_pair();
+        a.stream.write_all(&[10, 0]).unwrap();
+        drop(a);
+        assert_eq!(read_record(&mut b, 100).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}
