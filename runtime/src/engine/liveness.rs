@@ -116,6 +116,14 @@ impl Liveness {
         next.into_iter().chain(prev.filter(|p| Some(*p) != next))
     }
 
+    /// The watched neighbours we ping and check for silence. Once peers leave (the job ends), a
+    /// neighbour we were never connected to is left alone: it is leaving too, and a new
+    /// connection to it would only be refused.
+    fn heartbeat_peers<'a>(&'a self, linked: &'a dyn Fn(Rank) -> bool) -> impl Iterator<Item = Rank> + 'a {
+        let ending = self.departed.iter().any(|d| *d);
+        self.watched().filter(move |r| !ending || linked(*r))
+    }
+
     /// Sends heartbeats to our neighbours when due; ends the process if a neighbour has been
     /// silent too long.
     pub fn keep_alive(&mut self, rt: &Runtime, now: u64) {
@@ -126,10 +134,8 @@ impl Liveness {
             let ping = wire::encode(&Msg::Ping, &[], &mut buf).expect("a ping always encodes");
             let mut failed = None;
             let mut left = Vec::new();
-            // Once peers leave (the job ends), a neighbour we never talked to is not worth a
-            // new connection: it is leaving too.
-            let ending = self.departed.iter().any(|d| *d);
-            for r in self.watched().filter(|r| !ending || transport.linked(*r)) {
+            let linked = |r: Rank| transport.linked(r);
+            for r in self.heartbeat_peers(&linked) {
                 match transport.send(r, ping, None) {
                     Ok(()) => {}
                     Err(TransportError::Left) => {}
@@ -153,8 +159,8 @@ impl Liveness {
         // A neighbour that never spoke may still be making its connections to the rest of the
         // job (a large job's last ranks take a while): it gets the start-up timeout on top.
         let joining = rt.settings().setup_timeout.as_nanos() as u64;
-        let ending = self.departed.iter().any(|d| *d);
-        let silent = self.watched().filter(|r| !ending || transport.linked(*r)).find(|r| {
+        let linked = |r: Rank| transport.linked(r);
+        let silent = self.heartbeat_peers(&linked).find(|r| {
             let allowed = if self.spoke[*r] { limit } else { limit.saturating_add(joining) };
             now.saturating_sub(self.last_heard[*r]) > allowed
         });
@@ -249,6 +255,27 @@ mod tests {
         // 1024 ranks: still two.
         let l = Liveness::new(1023, 1024, 0);
         assert_eq!(l.watched().collect::<Vec<_>>(), vec![0, 1022]);
+    }
+
+    #[test]
+    fn once_peers_leave_only_connected_neighbours_get_heartbeats() {
+        let mut l = Liveness::new(2, 6, 0);
+        let linked = |r: Rank| r == 1 || r == 3;
+        assert_eq!(l.heartbeat_peers(&linked).collect::<Vec<_>>(), vec![3, 1]);
+        let only_one = |r: Rank| r == 1;
+        assert_eq!(
+            l.heartbeat_peers(&only_one).collect::<Vec<_>>(),
+            vec![3, 1],
+            "while the job runs, new links are made"
+        );
+        l.departed[3] = true;
+        l.rewatch(100);
+        assert_eq!(l.watched().collect::<Vec<_>>(), vec![4, 1]);
+        assert_eq!(
+            l.heartbeat_peers(&linked).collect::<Vec<_>>(),
+            vec![1],
+            "rank 4, never connected, is leaving too: no new connection to it"
+        );
     }
 
     #[test]
