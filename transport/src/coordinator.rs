@@ -25,8 +25,9 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Connections a start-up listener queues before it accepts them (the kernel caps it at
-/// `net.core.somaxconn`). Every other rank connects to rank 0 at once, and every higher rank to
-/// each rank: a short queue drops their SYNs, and each drop costs a retransmission (1 s and more).
+/// `net.core.somaxconn`). Every other rank connects to rank 0 at once, and any peer may dial a rank
+/// on first use: a short queue drops their SYNs, and each drop costs a retransmission (1 s and
+/// more).
 const BACKLOG: i32 = 4096;
 
 /// A loopback port held for one job's coordinator until this is dropped (see the module docs).
@@ -68,7 +69,7 @@ impl PortHold {
     }
 }
 
-/// A start-up listener on `addr` (rank 0's, and every other rank's for the ranks above it);
+/// A listener on `addr` (rank 0's for start-up, every other rank's for connections on first use);
 /// `held`: the port is held for this job by a [`PortHold`] (the launcher's), which this
 /// listener joins.
 pub fn listen(addr: SocketAddr, held: bool) -> io::Result<TcpListener> {

@@ -35,6 +35,8 @@ const VIEW: usize = 16 << 20;
 const PAGE: usize = 4096;
 /// How long start-up (TCP, then RDMA) may take.
 const SETUP: Duration = Duration::from_secs(30);
+/// How long making one connection may take.
+const LINK: Duration = Duration::from_secs(10);
 /// How long a rank waits for the others at a gate.
 const GATE: Duration = Duration::from_secs(60);
 /// The test thread gives up on a job after this long (the ranks' own deadlines are shorter).
@@ -288,7 +290,7 @@ where
 {
     run_ranks_with(size, Some(owed), move |rank, tcp, view, gate| {
         let port = rdma::open(&RdmaConfig::default()).unwrap_or_else(|e| panic!("rank {rank}: rdma::open: {e}"));
-        let t = match rdma::connect(tcp, view, Ok(port), true, SETUP) {
+        let t = match rdma::connect(tcp, view, Ok(port), true, SETUP, LINK) {
             Ok(Connected::Rdma(t)) => t,
             Ok(Connected::Tcp(_, why)) => panic!("rank {rank}: rdma::connect stayed on TCP: {why}"),
             Err(e) => panic!("rank {rank}: rdma::connect: {e}"),
@@ -314,7 +316,7 @@ where
     run_ranks(size, move |rank, tcp, view, gate| {
         let view = MemoryView { base: view.base, len };
         let port = rdma::open(&config(rank)).unwrap_or_else(|e| panic!("rank {rank}: rdma::open: {e}"));
-        let t = match rdma::connect(tcp, view, Ok(port), true, SETUP) {
+        let t = match rdma::connect(tcp, view, Ok(port), true, SETUP, LINK) {
             Ok(Connected::Rdma(t)) => t,
             Ok(Connected::Tcp(_, why)) => panic!("rank {rank}: rdma::connect stayed on TCP: {why}"),
             Err(e) => panic!("rank {rank}: rdma::connect: {e}"),
@@ -1359,7 +1361,80 @@ fn a_goodbye_then_exit_is_peer_left_and_no_error() {
     });
 }
 
+/// A pair of ranks that never speak has no queue pair, no message buffer and no TCP connection:
+/// in a job of 5, ranks 1 and 2 exchange messages, rank 3 sends to 4 once, and rank 0 (linked to
+/// everyone by TCP from the start) talks to nobody. Then ranks 1 and 2 ask for their connection
+/// at the same moment from both sides, many threads at once, and nothing is lost or reordered.
+#[test]
+fn connections_are_made_on_first_use_only() {
+    let _g = serial();
+    if skip_without_device("connections_are_made_on_first_use_only") {
+        return;
+    }
+    rdma_job(5, |rank, t, _v, gate| {
+        gate.sync(rank, "up");
+        assert_eq!(t.connected_peers(), Vec::<usize>::new(), "rank {rank}: connected before any traffic");
+        assert_eq!(t.pinned_buffer_bytes(), 0, "rank {rank}: message buffers before any traffic");
+        let tr = &*t;
+        match rank {
+            1 | 2 => {
+                let peer = 3 - rank;
+                // Both sides dial at once, from four threads each.
+                std::thread::scope(|s| {
+                    for th in 0..4u8 {
+                        s.spawn(move || {
+                            for k in 0..50u8 {
+                                tr.send(peer, &[th, k, rank as u8], None)
+                                    .unwrap_or_else(|e| panic!("rank {rank} thread {th}: send {k}: {e}"));
+                            }
+                        });
+                    }
+                    let mut next = [0u8; 4];
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while next.iter().any(|n| *n < 50) {
+                        assert!(Instant::now() < deadline, "rank {rank}: only {next:?} within 30 s");
+                        tr.poll(Some(Duration::from_millis(10)), &mut |ev| match ev {
+                            Event::Message { from, bytes: &[th, k, r], page: None }
+                                if from == peer && r == peer as u8 =>
+                            {
+                                assert_eq!(k, next[th as usize], "rank {rank}: thread {th}'s messages out of order");
+                                next[th as usize] += 1;
+                            }
+                            other => panic!("rank {rank}: unexpected {other:?}"),
+                        })
+                        .unwrap_or_else(|e| panic!("rank {rank}: poll: {e}"));
+                    }
+                });
+            }
+            3 => tr.send(4, b"once", None).unwrap(),
+            4 => await_msg(tr, 3, b"once", 20),
+            _ => {}
+        }
+        gate.sync(rank, "traffic done");
+        let expect: Vec<usize> = match rank {
+            1 => vec![2],
+            2 => vec![1],
+            3 => vec![4],
+            4 => vec![3],
+            _ => vec![],
+        };
+        assert_eq!(tr.connected_peers(), expect, "rank {rank}: RDMA connections");
+        for peer in (0..5).filter(|p| *p != rank) {
+            let linked = rank == 0 || peer == 0 || expect.contains(&peer);
+            assert_eq!(tr.linked(peer), linked, "rank {rank}: TCP link to {peer}");
+        }
+        // A connected peer's first buffers (24 KiB), and the full set (another 376 KiB) for a busy one.
+        let pinned = tr.pinned_buffer_bytes();
+        assert_eq!(pinned == 0, expect.is_empty(), "rank {rank}: {pinned} bytes of message buffers");
+        assert!(pinned <= expect.len() * 400 * 1024, "rank {rank}: {pinned} bytes of message buffers");
+        gate.sync(rank, "counted");
+        Some(t)
+    });
+}
+
 /// What `gallocy::finalize` does: everybody says goodbye, waits for everybody's goodbye, exits.
+/// Ranks 1 and 2 spoke by RDMA, and say goodbye that way; rank 0, linked to both by TCP only,
+/// hears theirs and says its own on TCP.
 #[test]
 fn everybody_says_goodbye_and_leaves_without_errors() {
     let _g = serial();
@@ -1368,6 +1443,13 @@ fn everybody_says_goodbye_and_leaves_without_errors() {
     }
     rdma_job(3, |rank, t, _v, gate| {
         gate.sync(rank, "up");
+        if rank > 0 {
+            t.send(3 - rank, b"hello", None).unwrap();
+            await_msg(&*t, 3 - rank, b"hello", 20);
+        }
+        gate.sync(rank, "linked");
+        let expect: Vec<usize> = if rank == 0 { vec![] } else { vec![3 - rank] };
+        assert_eq!(t.connected_peers(), expect, "rank {rank}: RDMA connections");
         t.say_goodbye().unwrap_or_else(|e| panic!("rank {rank}: say_goodbye: {e}"));
         let mut left = HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1392,6 +1474,14 @@ fn a_peer_that_vanishes_is_reported_by_rank() {
     }
     rdma_job(3, |rank, t, _v, gate| {
         gate.sync(rank, "up");
+        // Rank 0 is linked to every rank from the start; ranks 1 and 2 link on first use.
+        if rank == 2 {
+            t.send(1, b"hello", None).unwrap();
+        }
+        if rank == 1 {
+            await_msg(&*t, 2, b"hello", 20);
+        }
+        gate.sync(rank, "linked");
         if rank == 2 {
             drop(t); // closes its connections and destroys its queue pairs without a goodbye
             return None;
@@ -1533,6 +1623,8 @@ fn sender_learns_of_a_vanished_peer(receiver_takes: bool) {
     rdma_job(2, move |rank, t, _v, gate| {
         gate.sync(rank, "up");
         if rank == 1 {
+            // The connection exists before rank 1 stops taking messages.
+            t.send(0, b"hi", None).unwrap();
             let until = Instant::now() + Duration::from_secs(1);
             while Instant::now() < until {
                 if receiver_takes {
@@ -1544,6 +1636,7 @@ fn sender_learns_of_a_vanished_peer(receiver_takes: bool) {
             drop(t);
             return None;
         }
+        await_msg(&*t, 1, b"hi", 20);
         // A thread of its own, which this (child) process may leave stuck.
         let t: Arc<RdmaTransport> = Arc::from(t);
         let (tx, rx) = mpsc::channel();
@@ -1654,7 +1747,7 @@ fn without_rdma_on_one_rank_every_rank_stays_on_working_tcp() {
     let texts = Arc::new(Mutex::new(Vec::new()));
     let texts2 = texts.clone();
     run_ranks(3, move |rank, tcp, _v, gate| {
-        let t = match rdma::connect(tcp, _v, port_for(rank), false, SETUP) {
+        let t = match rdma::connect(tcp, _v, port_for(rank), false, SETUP, LINK) {
             Ok(Connected::Tcp(t, why)) => {
                 texts2.lock().unwrap().push(why.clone());
                 assert_eq!(why, want, "rank {rank}");
@@ -1679,7 +1772,7 @@ fn without_rdma_on_one_rank_every_rank_stays_on_working_tcp() {
 fn rdma_required_and_one_rank_without_it_fails_everywhere_naming_that_rank() {
     let _g = serial();
     let named = if has_device() { 1 } else { 0 };
-    run_ranks(3, move |rank, tcp, v, _gate| match rdma::connect(tcp, v, port_for(rank), true, SETUP) {
+    run_ranks(3, move |rank, tcp, v, _gate| match rdma::connect(tcp, v, port_for(rank), true, SETUP, LINK) {
         Ok(Connected::Rdma(_)) | Ok(Connected::Tcp(..)) => panic!("rank {rank}: connect must fail"),
         Err(e) => {
             let text = e.to_string();
@@ -1757,13 +1850,12 @@ fn rdma_connect_refuses_a_peer_whose_heap_view_differs() {
     run_ranks(2, |rank, tcp, v, _gate| {
         let view = MemoryView { base: v.base, len: if rank == 1 { VIEW / 2 } else { VIEW } };
         let port = rdma::open(&RdmaConfig::default()).unwrap_or_else(|e| panic!("rank {rank}: {e}"));
-        match rdma::connect(tcp, view, Ok(port), true, SETUP) {
+        match rdma::connect(tcp, view, Ok(port), true, SETUP, LINK) {
             Ok(_) => panic!("rank {rank}: connect must fail"),
             Err(e) => {
                 let text = e.to_string();
-                let peer = 1 - rank;
                 assert!(text.contains(&format!("rank {rank}: RDMA set-up")), "{text}");
-                assert!(text.contains(&format!("rank {peer} has a heap view of")), "{text}");
+                assert!(text.contains("rank 1 has a heap view of"), "{text}");
             }
         }
     });

@@ -199,7 +199,7 @@ pub fn connect(
     #[cfg(feature = "rdma")]
     if let Some(port) = port {
         let required = settings.is_some_and(|s| s.transport == TransportKind::Rdma);
-        return upgrade_to_rdma(id.rank, tcp, view, port, required, cfg.setup_timeout);
+        return upgrade_to_rdma(id.rank, tcp, view, port, required, cfg.setup_timeout, cfg.link_timeout);
     }
     Ok(Box::new(tcp))
 }
@@ -289,9 +289,10 @@ fn upgrade_to_rdma(
     port: Result<gallocy_transport::rdma::Port, gallocy_transport::rdma::RdmaError>,
     required: bool,
     timeout: Duration,
+    link_timeout: Duration,
 ) -> Result<Box<dyn Transport>, Error> {
     use gallocy_transport::rdma::{self, Connected};
-    match rdma::connect(tcp, view, port, required, timeout)? {
+    match rdma::connect(tcp, view, port, required, timeout, link_timeout)? {
         Connected::Rdma(t) => {
             if rank == 0 {
                 eprintln!("gallocy: transport: rdma ({})", t.describe());

@@ -1,8 +1,9 @@
-//! Registered message buffers, sized by use: every peer gets a few from the start, and a peer
-//! that turns out to be busy gets the full set once, from the service thread.
+//! Registered message buffers, sized by use: a peer gets a few when its connection is made (on
+//! first use, see [`super::links`]), and a peer that turns out to be busy gets the full set once,
+//! from the service thread.
 //!
 //! A job of N ranks used to pin `N × (256 + 128)` KiB per process, whether or not two ranks
-//! ever spoke: 384 MiB at 1024 ranks. Now every peer costs [`RECV_FIRST`] receive and
+//! ever spoke: 384 MiB at 1024 ranks. Now every connected peer costs [`RECV_FIRST`] receive and
 //! [`SEND_FIRST`] send buffers (24 KiB), and at most a bounded number of busy peers
 //! ([`BUSY_PEERS`] by default, `GALLOCY_RDMA_BUSY_PEERS`) get [`BUSY_AREA`] more each. A peer
 //! that is not busy still gets every message through; it only waits sooner for room.
@@ -102,8 +103,9 @@ impl Drop for Area {
 /// Every peer's message buffers.
 pub(super) struct Buffers {
     size: usize,
-    /// `[recv: size × RECV_FIRST][send: size × SEND_FIRST]`.
-    first: Area,
+    /// Per peer, once connected: `[recv: RECV_FIRST][send: SEND_FIRST]`. Set only by the thread
+    /// that makes connections; read anywhere.
+    first: Box<[OnceLock<Area>]>,
     /// Per peer, once it is busy: `[recv: RECV_DEPTH - RECV_FIRST][send: SEND_DEPTH]`. Set only by
     /// the service thread; read anywhere (`OnceLock::get` is one atomic load).
     busy: Box<[OnceLock<Area>]>,
@@ -116,18 +118,27 @@ unsafe impl Send for Buffers {}
 unsafe impl Sync for Buffers {}
 
 impl Buffers {
-    /// The first buffers of every peer of a job of `size` ranks.
-    pub(super) fn new(pd: &Arc<ProtectionDomain>, size: usize) -> Result<Buffers, RdmaError> {
-        Ok(Buffers {
+    /// No buffers yet, for a job of `size` ranks.
+    pub(super) fn new(size: usize) -> Buffers {
+        Buffers {
             size,
-            first: Area::new(pd, Self::first_len(size), "registering message buffers")?,
+            first: (0..size).map(|_| OnceLock::new()).collect(),
             busy: (0..size).map(|_| OnceLock::new()).collect(),
-        })
+        }
     }
 
-    /// Bytes the first buffers of a job of `size` ranks take.
-    pub(super) fn first_len(size: usize) -> usize {
-        size * (RECV_FIRST + SEND_FIRST) * BUF
+    /// Bytes the first buffers of one peer take.
+    pub(super) const FIRST_LEN: usize = (RECV_FIRST + SEND_FIRST) * BUF;
+
+    /// Gives `peer` its first buffers. Allocates and registers: the connecting thread only.
+    pub(super) fn make_first(&self, pd: &Arc<ProtectionDomain>, peer: usize) -> Result<(), RdmaError> {
+        if peer >= self.size || self.first[peer].get().is_some() {
+            return Ok(());
+        }
+        let area = Area::new(pd, Self::FIRST_LEN, "registering message buffers")?;
+        // Only the connecting thread sets these, so the cell is still empty.
+        let _ = self.first[peer].set(area);
+        Ok(())
     }
 
     /// Gives `peer` the full set of buffers. Allocates and registers: service thread only. The
@@ -154,7 +165,7 @@ impl Buffers {
             return None;
         }
         if i < RECV_FIRST {
-            return self.first.buf(peer * RECV_FIRST + i);
+            return self.first[peer].get()?.buf(i);
         }
         (i < RECV_DEPTH).then_some(())?;
         self.busy[peer].get()?.buf(i - RECV_FIRST)
@@ -169,7 +180,7 @@ impl Buffers {
             return None;
         }
         if !wide {
-            return self.first.buf(self.size * RECV_FIRST + peer * SEND_FIRST + i % SEND_FIRST);
+            return self.first[peer].get()?.buf(RECV_FIRST + i % SEND_FIRST);
         }
         (i < SEND_DEPTH).then_some(())?;
         self.busy[peer].get()?.buf(RECV_DEPTH - RECV_FIRST + i)
@@ -182,6 +193,6 @@ impl Buffers {
 
     /// Bytes registered (pinned) for messages.
     pub(super) fn pinned(&self) -> usize {
-        self.first.len + self.busy.iter().filter_map(|b| b.get()).map(|a| a.len).sum::<usize>()
+        self.first.iter().chain(self.busy.iter()).filter_map(|b| b.get()).map(|a| a.len).sum::<usize>()
     }
 }

@@ -1,4 +1,5 @@
-//! RDMA transport: reliable-connected queue pairs between every pair of processes.
+//! RDMA transport: reliable-connected queue pairs between the pairs of processes that speak,
+//! made on first use ([`links`]).
 //!
 //! - **Page data** moves by one-sided RDMA READ from the owner's registered runtime view straight
 //!   into ours ([`Transport::start_read`]); the owner's CPU does nothing.
@@ -29,6 +30,7 @@
 
 mod buffers;
 mod device;
+mod links;
 mod setup;
 
 use std::collections::{HashSet, VecDeque};
@@ -73,6 +75,9 @@ const NO_TOKEN: u64 = u64::MAX;
 /// closed without a goodbye; reposting a receive buffer failed.
 const LOST_CLOSED: u32 = u32::MAX - 2;
 const LOST_POST: u32 = u32::MAX - 3;
+
+/// How often a busy service thread reads the TCP connections too.
+const TCP_CHECK_NS: u64 = 1_000_000;
 
 /// Fragment kinds.
 const K_MSG: u8 = 1;
@@ -182,8 +187,8 @@ struct Link {
     completed: AtomicU64,
     /// The token of the READ in each send slot, or NO_TOKEN.
     tokens: Box<[AtomicU64]>,
-    /// Where the peer's runtime view starts in its address space.
-    remote_base: u64,
+    /// Where the peer's runtime view starts in its address space (set when connected).
+    remote_base: AtomicU64,
     /// The peer said goodbye: errors on its queue pair are expected.
     left: AtomicBool,
     /// A failed work completion on this queue pair (status + 1), 0 if none.
@@ -360,8 +365,8 @@ struct Chunks {
     asked: Mutex<HashSet<(usize, u64)>>,
 }
 
-/// The RDMA implementation of [`Transport`].
-pub struct RdmaTransport {
+/// The RDMA transport's state, shared by its handle ([`RdmaTransport`]) and its connector thread.
+pub(crate) struct Shared {
     rank: usize,
     size: usize,
     view: MemoryView,
@@ -371,7 +376,8 @@ pub struct RdmaTransport {
     channel: Arc<CompletionChannel>,
     send_cq: Arc<BasicCompletionQueue>,
     recv_cq: Arc<BasicCompletionQueue>,
-    links: Vec<Option<Link>>,
+    /// The connections, made on first use.
+    conn: links::Connector,
     bufs: Buffers,
     /// Which page contents this process is owed (see [`crate::tcp::PageCheck`]).
     owed: Option<crate::tcp::PageCheck>,
@@ -392,13 +398,16 @@ pub struct RdmaTransport {
     busy_refused: AtomicBool,
     /// Sends and READs that can be in flight at once, all peers together.
     send_capacity: usize,
+    /// When the service thread last read the TCP connections while busy (ns since the
+    /// connector's epoch; see [`RdmaTransport::poll`]).
+    tcp_checked: AtomicU64,
 }
 
 // SAFETY: the raw pointers (buffers, view) refer to mappings that live as long as the transport;
 // all shared mutable state is behind atomics and mutexes, and verbs objects are thread-safe.
-unsafe impl Send for RdmaTransport {}
+unsafe impl Send for Shared {}
 // SAFETY: as above.
-unsafe impl Sync for RdmaTransport {}
+unsafe impl Sync for Shared {}
 
 /// The fragment `frag` from `peer` without its tag, if the tag is right for the next fragment
 /// from that peer. Does not move on: a fragment that is not consumed now is checked again later.
@@ -442,12 +451,15 @@ fn status_reason(status: u32) -> LostReason {
     LostReason::Completion(status)
 }
 
-impl RdmaTransport {
+impl Shared {
+    /// The connection to `peer` for sending, made now if there is none. Async-signal-safe.
     fn link(&self, peer: usize) -> Result<&Link, TransportError> {
-        match self.links.get(peer) {
-            Some(Some(l)) => Ok(l),
-            _ => Err(TransportError::NoSuchPeer(peer)),
-        }
+        self.ready_link(peer)
+    }
+
+    /// The connected queue pair to `peer`, if any (for what arrives on it). Async-signal-safe.
+    fn made(&self, peer: usize) -> Option<&Link> {
+        self.conn.slot(peer).and_then(links::Slot::link)
     }
 
     fn check_span(&self, span: Span) -> Result<(), TransportError> {
@@ -574,7 +586,7 @@ impl RdmaTransport {
             for wc in &wcs[..got as usize] {
                 let peer = (wc.wr_id >> 48) as usize;
                 let seq = wc.wr_id & ((1 << 48) - 1);
-                let Some(Some(link)) = self.links.get(peer) else { continue };
+                let Some(link) = self.made(peer) else { continue };
                 let token = link.tokens[(seq % SEND_DEPTH as u64) as usize].load(Ordering::Relaxed);
                 if token != NO_TOKEN {
                     self.service_reads.fetch_sub(1, Ordering::AcqRel);
@@ -617,7 +629,7 @@ impl RdmaTransport {
             for wc in &wcs[..got as usize] {
                 let peer = (wc.wr_id >> 32) as usize;
                 let i = (wc.wr_id & 0xffff_ffff) as u32;
-                let Some(Some(link)) = self.links.get(peer) else { continue };
+                let Some(link) = self.made(peer) else { continue };
                 if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
                     if !link.left.load(Ordering::Acquire) {
                         let _ = link.lost.compare_exchange(0, wc.status + 1, Ordering::AcqRel, Ordering::Acquire);
@@ -639,7 +651,7 @@ impl RdmaTransport {
         let Ok(mut rx) = self.recv.try_lock() else { return };
         self.take_receives(&mut rx);
         for (peer, rp) in rx.iter_mut().enumerate() {
-            let Some(Some(link)) = self.links.get(peer) else { continue };
+            let Some(link) = self.made(peer) else { continue };
             while let Some(&(i, len)) = rp.queue.front() {
                 let Some((buf, _)) = self.bufs.recv(peer, i as usize) else {
                     let _ = link.lost.compare_exchange(0, LOST_POST + 1, Ordering::AcqRel, Ordering::Acquire);
@@ -661,7 +673,11 @@ impl RdmaTransport {
 
     /// Consumes the queued fragments of `peer` in order.
     fn drain_peer(&self, peer: usize, rp: &mut RecvPeer, sink: &mut Sink<'_, '_>) -> Result<usize, TransportError> {
-        let link = self.link(peer)?;
+        let link = self.made(peer).ok_or(TransportError::NoSuchPeer(peer))?;
+        if rp.opener.is_none() {
+            // Handed over when the connection was made, before anything could arrive on it.
+            rp.opener = self.conn.slot(peer).and_then(|s| s.opener.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
         let mut delivered = 0;
         if rp.asm.complete {
             match sink {
@@ -918,7 +934,7 @@ impl RdmaTransport {
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
         wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
-        wr.wr.rdma.remote_addr = link.remote_base + span.offset;
+        wr.wr.rdma.remote_addr = link.remote_base.load(Ordering::Acquire) + span.offset;
         wr.wr.rdma.rkey = rkey;
         self.post(peer, link, &mut ring, &mut wr)?;
         Ok(ring.posted - 1)
@@ -974,11 +990,9 @@ impl RdmaTransport {
     }
 
     fn first_loss(&self) -> Result<(), TransportError> {
-        for (peer, link) in self.links.iter().enumerate() {
-            if let Some(link) = link {
-                if !link.left.load(Ordering::Acquire) {
-                    self.check_link(peer, link)?;
-                }
+        for (peer, link) in self.conn.links() {
+            if !link.left.load(Ordering::Acquire) {
+                self.check_link(peer, link)?;
             }
         }
         Ok(())
@@ -1005,8 +1019,7 @@ impl RdmaTransport {
         if !self.busy_wanted.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        for (peer, link) in self.links.iter().enumerate() {
-            let Some(link) = link else { continue };
+        for (peer, link) in self.conn.links() {
             if !link.wants_busy.swap(false, Ordering::AcqRel) {
                 continue;
             }
@@ -1099,25 +1112,47 @@ impl RdmaTransport {
         }
     }
 
+    /// Reads the TCP connections, waiting up to `timeout` (or for a completion event or a
+    /// wake-up): connection messages go to the connector; a goodbye that comes only by TCP is
+    /// delivered; a connection that closes loses its peer, and threads waiting on its queue pair
+    /// (for room to send, for a READ) stop now.
+    fn read_tcp(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
+        let mut n = 0;
+        let waited = self.tcp.poll(timeout, &mut |ev| match ev {
+            Event::PeerLeft { rank } => {
+                if self.goodbye_by_tcp(rank) {
+                    handler(Event::PeerLeft { rank });
+                    n += 1;
+                }
+            }
+            Event::Message { from, bytes, .. } => {
+                // Anything else on TCP is not ours to take.
+                self.take_setup(from, bytes);
+            }
+            Event::ReadDone { .. } => {}
+        });
+        if let Err(TransportError::PeerLost { rank, .. }) = &waited {
+            self.tcp_closed(*rank);
+            if let Some(link) = self.made(*rank) {
+                let _ = link.lost.compare_exchange(0, LOST_CLOSED + 1, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+        waited?;
+        Ok(n)
+    }
+
     /// Device, port and GID in use, for the start-up message.
     pub fn describe(&self) -> String {
         self.port.describe()
     }
 }
 
-impl Transport for RdmaTransport {
+/// What [`RdmaTransport`]'s [`Transport`] methods do.
+impl Shared {
     fn close_in_forked_child(&self) {
         // The queue pairs and registrations stay as the child inherited them, untouched: the
         // child never uses them.
         self.tcp.close_in_forked_child();
-    }
-
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn size(&self) -> usize {
-        self.size
     }
 
     fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
@@ -1170,7 +1205,10 @@ impl Transport for RdmaTransport {
 
     fn read_inline(&self, peer: usize, span: Span) -> bool {
         let Ok(chunk) = self.chunk_of(span) else { return false };
-        let Ok(link) = self.link(peer) else { return false };
+        // Known keys mean a connection, but it must be ready here: this thread does not wait.
+        let Some(link) = self.conn.slot(peer).filter(|s| s.is_ready()).and_then(links::Slot::link) else {
+            return false;
+        };
         let local = self.chunks.local[chunk as usize].load(Ordering::Acquire);
         let remote = self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire);
         if local == 0 || remote & RKEY_VALID == 0 {
@@ -1202,6 +1240,13 @@ impl Transport for RdmaTransport {
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
         let n = self.progress(handler)?;
         if n > 0 || timeout == Some(Duration::ZERO) {
+            // Busy: still read the TCP connections now and then, for peers asking for a
+            // connection, goodbyes and closed connections.
+            let now = self.conn.now();
+            if now.saturating_sub(self.tcp_checked.load(Ordering::Relaxed)) > TCP_CHECK_NS {
+                self.tcp_checked.store(now, Ordering::Relaxed);
+                return Ok(n + self.read_tcp(Some(Duration::ZERO), handler)?);
+            }
             return Ok(n);
         }
         self.arm();
@@ -1209,24 +1254,10 @@ impl Transport for RdmaTransport {
         if n > 0 {
             return Ok(n);
         }
-        // Sleep until a completion event, a wake-up, or a TCP connection closing (a dead peer).
-        // A goodbye on TCP also marks the peer as gone here: its queue pair may fail from now on.
-        let waited = self.tcp.poll(timeout, &mut |ev| {
-            if let Event::PeerLeft { rank } = ev {
-                if let Some(Some(link)) = self.links.get(rank) {
-                    link.left.store(true, Ordering::Release);
-                }
-            }
-        });
-        if let Err(TransportError::PeerLost { rank, .. }) = &waited {
-            // Threads waiting on this peer's queue pair (for room to send, for a READ) stop now.
-            if let Some(Some(link)) = self.links.get(*rank) {
-                let _ = link.lost.compare_exchange(0, LOST_CLOSED + 1, Ordering::AcqRel, Ordering::Acquire);
-            }
-        }
-        waited?;
+        // Sleep until a completion event, a wake-up, or something on TCP.
+        let m = self.read_tcp(timeout, handler)?;
         self.drain_channel();
-        self.progress(handler)
+        Ok(m + self.progress(handler)?)
     }
 
     fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {
@@ -1234,6 +1265,12 @@ impl Transport for RdmaTransport {
         // because another thread holds the queue, too).
         if self.reap_sends() > 0 && self.completions.try_lock().map_or(true, |c| !c.reads_done.is_empty()) {
             self.tcp.wake();
+        }
+        // A peer asking for a connection is heard even while the service thread is busy.
+        let now = self.conn.now();
+        if now.saturating_sub(self.tcp_checked.load(Ordering::Relaxed)) > TCP_CHECK_NS {
+            self.tcp_checked.store(now, Ordering::Relaxed);
+            self.tcp.poll_inline(&mut |from, bytes, _| self.take_setup(from, bytes));
         }
         let Ok(mut rx) = self.recv.try_lock() else { return 0 };
         self.take_receives(&mut rx);
@@ -1263,7 +1300,7 @@ impl Transport for RdmaTransport {
 
     fn drain_sends(&self, wait: Duration) {
         let deadline = Instant::now() + wait;
-        for link in self.links.iter().flatten() {
+        for (_, link) in self.conn.links() {
             let posted = link.send.lock().unwrap_or_else(|p| p.into_inner()).posted;
             while link.completed.load(Ordering::Acquire) < posted && Instant::now() < deadline {
                 self.reap_sends();
@@ -1273,14 +1310,15 @@ impl Transport for RdmaTransport {
     }
 
     fn say_goodbye(&self) -> Result<(), TransportError> {
-        for peer in (0..self.size).filter(|r| *r != self.rank) {
+        // By RDMA to the peers with a ready connection (after everything sent there); the others
+        // hear it on TCP.
+        for peer in self.leave_connections() {
             self.send_control(peer, K_GOODBYE, 0, &[])?;
         }
         // A SEND completes when the peer's NIC has it: wait, so that exiting right after this
         // cannot drop the goodbye (or anything before it) from our send queues.
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (peer, link) in self.links.iter().enumerate() {
-            let Some(link) = link else { continue };
+        for (peer, link) in self.conn.links() {
             let posted = link.send.lock().unwrap_or_else(|p| p.into_inner()).posted;
             while link.completed.load(Ordering::Acquire) < posted && Instant::now() < deadline {
                 self.reap_sends();
@@ -1291,8 +1329,93 @@ impl Transport for RdmaTransport {
         self.tcp.say_goodbye()
     }
 
+    /// Linked on TCP: every peer we are linked to hears our goodbye, by RDMA or TCP.
+    fn linked(&self, peer: usize) -> bool {
+        Transport::linked(&self.tcp, peer)
+    }
+}
+
+/// The RDMA implementation of [`Transport`]: a handle on the state its connector thread shares.
+pub struct RdmaTransport(Arc<Shared>);
+
+impl RdmaTransport {
+    /// Starts the transport's connector thread.
+    pub(super) fn start(shared: Shared) -> Result<RdmaTransport, TransportError> {
+        let shared = Arc::new(shared);
+        shared.start_connector()?;
+        Ok(RdmaTransport(shared))
+    }
+
+    /// Device, port and GID in use, for the start-up message.
+    pub fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    /// Peers that have their full set of message buffers here.
+    pub fn busy_peers(&self) -> Vec<usize> {
+        self.0.busy_peers()
+    }
+
+    /// Bytes of message buffers registered (pinned) here.
+    pub fn pinned_buffer_bytes(&self) -> usize {
+        self.0.pinned_buffer_bytes()
+    }
+
+    /// Peers with a ready connection (connections are made on first use).
+    pub fn connected_peers(&self) -> Vec<usize> {
+        self.0.connected_peers()
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn close_in_forked_child(&self) {
+        self.0.close_in_forked_child()
+    }
+    fn rank(&self) -> usize {
+        self.0.rank
+    }
+    fn size(&self) -> usize {
+        self.0.size
+    }
+    fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError> {
+        self.0.send(peer, msg, page)
+    }
+    fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
+        self.0.start_read(peer, span, token)
+    }
+    fn read_inline(&self, peer: usize, span: Span) -> bool {
+        self.0.read_inline(peer, span)
+    }
+    fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError> {
+        self.0.poll(timeout, handler)
+    }
+    fn poll_inline(&self, accept: &mut Accept<'_>) -> usize {
+        self.0.poll_inline(accept)
+    }
+    fn wait_for_wake(&self, timeout: Duration) {
+        self.0.wait_for_wake(timeout)
+    }
+    fn wake(&self) {
+        self.0.wake()
+    }
+    fn drain_sends(&self, wait: Duration) {
+        self.0.drain_sends(wait)
+    }
+    fn say_goodbye(&self) -> Result<(), TransportError> {
+        self.0.say_goodbye()
+    }
     fn one_sided_reads(&self) -> bool {
         true
+    }
+    fn linked(&self, peer: usize) -> bool {
+        self.0.linked(peer)
+    }
+}
+
+impl Drop for RdmaTransport {
+    /// The connector thread holds the shared state: it stops, and the state goes with the handle.
+    fn drop(&mut self) {
+        self.0.stop_connector();
     }
 }
 

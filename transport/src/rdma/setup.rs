@@ -1,8 +1,9 @@
-//! Bringing up the RDMA transport over the start-up TCP connections: create the queue pairs,
-//! exchange their addresses, connect them, and agree that every process is ready. With
-//! `--transport auto` every process learns whether all others have RDMA, so all pick the same.
+//! Bringing up the RDMA transport over the start-up TCP connections: every rank tells rank 0
+//! whether it has RDMA, and rank 0 tells every rank what the job runs on. With `--transport auto`
+//! every process so picks the same. Queue pairs are made later, on first use ([`super::links`]);
+//! here are the pieces they are made of.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,20 +20,25 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::device::{check_memlock, Port, RdmaError};
+use super::links::{Connector, TAG_ENDPOINT};
 use super::{
-    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, CHUNK, RECV_DEPTH, RECV_FIRST, SEND_DEPTH,
-    SEND_FIRST,
+    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, Shared, CHUNK, RECV_DEPTH, RECV_FIRST,
+    SEND_DEPTH, SEND_FIRST,
 };
 use crate::tcp::TcpTransport;
 use crate::{MemoryView, Transport, TransportError};
 
-const TAG_ENDPOINT: &[u8; 4] = b"GR1E";
+/// "I have RDMA", then the length of our heap view (u64, little-endian; to rank 0).
+const TAG_HAVE: &[u8; 4] = b"GR1H";
+/// "I have no RDMA", then why (to rank 0).
 const TAG_NONE: &[u8; 4] = b"GR1N";
-const TAG_READY: &[u8; 4] = b"GR1R";
+/// Rank 0's verdict: then 0 (RDMA), 1 and which rank has none and why (TCP, or the end of a
+/// job that requires RDMA), or 2 and why the job cannot start.
+const TAG_VERDICT: &[u8; 4] = b"GR1V";
 
 /// The outcome of [`connect`].
 pub enum Connected {
-    /// Every process has RDMA: the connections are up.
+    /// Every process has RDMA: the transport is up (its connections are made on first use).
     Rdma(Box<RdmaTransport>),
     /// Some process has no RDMA (only with `required == false`): stay on TCP. The text names the
     /// rank and the reason.
@@ -41,14 +47,14 @@ pub enum Connected {
 
 /// What one process tells another about its end of their queue pair.
 #[derive(Clone, Copy, Debug)]
-struct Endpoint {
+pub(super) struct Endpoint {
     gid: [u8; 16],
     lid: u16,
     qpn: u32,
     psn: u32,
     mtu: u32,
     view_base: u64,
-    view_len: u64,
+    pub(super) view_len: u64,
 }
 
 /// An [`Endpoint`] message's layout: the tag, then the fields.
@@ -68,7 +74,7 @@ struct WireEndpoint {
 const _: () = assert!(std::mem::size_of::<WireEndpoint>() == 4 + 16 + 2 + 4 + 4 + 4 + 8 + 8);
 
 impl Endpoint {
-    fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let w = WireEndpoint {
             tag: *TAG_ENDPOINT,
             gid: self.gid,
@@ -83,7 +89,7 @@ impl Endpoint {
     }
 
     /// The endpoint in `b`, or `None` if `b` is not exactly one endpoint message.
-    fn decode(b: &[u8]) -> Option<Endpoint> {
+    pub(super) fn decode(b: &[u8]) -> Option<Endpoint> {
         let w = WireEndpoint::ref_from_bytes(b).ok()?;
         if w.tag != *TAG_ENDPOINT {
             return None;
@@ -111,68 +117,62 @@ pub mod fuzzing {
     }
 }
 
-/// What a peer said in one round of the exchange.
-enum Said {
-    Endpoint(Endpoint),
-    NoRdma(String),
-    Ready,
-}
-
 fn setup_err(rank: usize, what: impl std::fmt::Display) -> TransportError {
     TransportError::Bootstrap(format!("rank {rank}: RDMA set-up: {what}"))
 }
 
-/// Set-up messages received so far, per peer, in order (a fast peer's next-round message may
-/// arrive while we still wait for a slow peer's message of this round).
-struct Inbox {
-    queues: Vec<VecDeque<Said>>,
-}
-
-impl Inbox {
-    /// Takes the next message of every peer, waiting until `deadline`.
-    fn round(&mut self, tcp: &TcpTransport, deadline: Instant) -> Result<Vec<Option<Said>>, TransportError> {
-        let (me, size) = (tcp.rank(), tcp.size());
-        while (0..size).any(|r| r != me && self.queues[r].is_empty()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let missing: Vec<String> =
-                    (0..size).filter(|r| *r != me && self.queues[*r].is_empty()).map(|r| r.to_string()).collect();
-                return Err(setup_err(me, format!("no answer from rank(s) {} in time", missing.join(", "))));
-            }
-            // Take only set-up messages: a peer that has already decided may be sending the
-            // engine's first messages, which must stay queued for the service thread.
-            let queues = &mut self.queues;
-            let taken = tcp.poll_inline(&mut |from, bytes, _| {
-                let said = if let Some(e) = Endpoint::decode(bytes) {
-                    Said::Endpoint(e)
-                } else if let Some(reason) = bytes.strip_prefix(TAG_NONE) {
-                    Said::NoRdma(String::from_utf8_lossy(reason).into_owned())
-                } else if bytes == TAG_READY {
-                    Said::Ready
-                } else {
-                    return false;
-                };
-                queues[from].push_back(said);
-                true
-            });
-            if taken == 0 {
-                // (A peer that dies here shows as missing at the deadline.)
-                std::thread::sleep(Duration::from_millis(1));
-            }
+/// Waits until `until` for one message of each rank in `from` that `take` recognizes (others stay
+/// queued for the service thread: a peer that has already decided may be sending the engine's
+/// first messages).
+fn gather<T>(
+    tcp: &TcpTransport,
+    from: &[usize],
+    until: Instant,
+    take: &dyn Fn(&[u8]) -> Option<T>,
+) -> Result<Vec<(usize, T)>, TransportError> {
+    let me = tcp.rank();
+    let mut got: Vec<Option<T>> = (0..tcp.size()).map(|_| None).collect();
+    while from.iter().any(|r| got[*r].is_none()) {
+        if Instant::now() >= until {
+            let missing: Vec<String> = from.iter().filter(|r| got[**r].is_none()).map(|r| r.to_string()).collect();
+            return Err(setup_err(me, format!("no answer from rank(s) {} in time", missing.join(", "))));
         }
-        Ok((0..size).map(|r| self.queues[r].pop_front()).collect())
+        let taken = tcp.poll_inline(&mut |peer, bytes, _| {
+            if !from.contains(&peer) || got[peer].is_some() {
+                return false;
+            }
+            match take(bytes) {
+                Some(t) => {
+                    got[peer] = Some(t);
+                    true
+                }
+                None => false,
+            }
+        });
+        if taken == 0 {
+            // (A peer that dies here shows as missing at the deadline.)
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
+    Ok(got.into_iter().enumerate().filter_map(|(r, t)| Some((r, t?))).collect())
 }
 
-/// Everything of the transport but the TCP connections, created before we know whether the
-/// peers have RDMA.
+/// What a rank told rank 0.
+enum Have {
+    /// RDMA, with a heap view of this many bytes.
+    Rdma(u64),
+    /// No RDMA, and why.
+    None(String),
+}
+
+/// Everything of the transport but the connections, created before we know whether the peers
+/// have RDMA.
 struct Parts {
     port: Port,
     pd: Arc<ProtectionDomain>,
     channel: Arc<CompletionChannel>,
     send_cq: Arc<BasicCompletionQueue>,
     recv_cq: Arc<BasicCompletionQueue>,
-    links: Vec<Option<Link>>,
     bufs: Buffers,
     /// Peers that may become busy (at most every peer).
     busy_limit: usize,
@@ -182,106 +182,90 @@ struct Parts {
 
 /// Brings up RDMA on top of the start-up connections. `port` is this process's opened port, or
 /// why it has none. With `required`, any process without RDMA fails the job with that process's
-/// reason; otherwise the job stays on TCP.
+/// reason; otherwise the job stays on TCP. `link_timeout` bounds the making of one connection.
 pub fn connect(
     tcp: TcpTransport,
     view: MemoryView,
     port: Result<Port, RdmaError>,
     required: bool,
     timeout: Duration,
+    link_timeout: Duration,
 ) -> Result<Connected, TransportError> {
     let (me, size) = (tcp.rank(), tcp.size());
     let deadline = Instant::now() + timeout;
     // Resources first: a failure here is this rank's reason for having no RDMA.
     let parts: Result<Parts, String> = match port {
-        Ok(p) => prepare(p, size, me).map_err(|e| e.to_string()),
+        Ok(p) => prepare(p, size).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    match &parts {
-        Ok(p) => {
-            for peer in (0..size).filter(|r| *r != me) {
-                let link = p.links[peer].as_ref().expect("a link per peer");
-                let ep = Endpoint {
-                    gid: p.port.gid.raw,
-                    lid: p.port.lid,
-                    qpn: link.qp.qp_number(),
-                    psn: psn(me, peer),
-                    mtu: p.port.mtu as u32,
-                    view_base: view.base as u64,
-                    view_len: view.len as u64,
-                };
-                tcp.send(peer, &ep.encode(), None)?;
+    // Rank 0 hears every rank, and tells every rank the verdict: the first rank without RDMA.
+    let verdict: Option<String> = if me == 0 {
+        let others: Vec<usize> = (1..size).collect();
+        let said = gather(&tcp, &others, deadline, &|b| {
+            if let Some(len) = b.strip_prefix(TAG_HAVE) {
+                Some(Have::Rdma(u64::from_le_bytes(len.try_into().ok()?)))
+            } else {
+                b.strip_prefix(TAG_NONE).map(|why| Have::None(String::from_utf8_lossy(why).into_owned()))
             }
-        }
-        Err(reason) => {
-            let msg = [&TAG_NONE[..], reason.as_bytes()].concat();
-            for peer in (0..size).filter(|r| *r != me) {
-                tcp.send(peer, &msg, None)?;
+        })?;
+        // Queue pairs connect only ranks whose heap views are alike: a difference fails the job.
+        let differs = said.iter().find_map(|(r, h)| match h {
+            Have::Rdma(len) if *len != view.len as u64 => {
+                Some(format!("rank {r} has a heap view of {len} bytes, rank 0 of {}", view.len))
             }
+            _ => None,
+        });
+        let ours = parts.as_ref().err().map(|why| (0, why.clone()));
+        let theirs = said.into_iter().filter_map(|(r, h)| match h {
+            Have::None(why) => Some((r, why)),
+            Have::Rdma(_) => None,
+        });
+        let verdict = ours.into_iter().chain(theirs).min_by_key(|m| m.0).map(|(r, why)| format!("rank {r}: {why}"));
+        let msg = match (&differs, &verdict) {
+            (Some(text), _) => [&TAG_VERDICT[..], &[2], text.as_bytes()].concat(),
+            (None, None) => [&TAG_VERDICT[..], &[0]].concat(),
+            (None, Some(text)) => [&TAG_VERDICT[..], &[1], text.as_bytes()].concat(),
+        };
+        for peer in 1..size {
+            tcp.send(peer, &msg, None)?;
         }
-    }
-    let mut inbox = Inbox { queues: (0..size).map(|_| VecDeque::new()).collect() };
-    let answers = inbox.round(&tcp, deadline)?;
-    // Every process sees every other's answer, so all reach the same decision.
-    let mut missing: Vec<(usize, String)> = Vec::new();
-    if let Err(reason) = &parts {
-        missing.push((me, reason.clone()));
-    }
-    for (r, a) in answers.iter().enumerate() {
-        if let Some(Said::NoRdma(reason)) = a {
-            missing.push((r, reason.clone()));
+        if let Some(text) = differs {
+            return Err(setup_err(me, text));
         }
-    }
-    missing.sort_by_key(|m| m.0);
-    if let Some((rank, reason)) = missing.first() {
-        let text = format!("rank {rank}: {reason}");
+        verdict
+    } else {
+        let msg = match &parts {
+            Ok(_) => [&TAG_HAVE[..], &(view.len as u64).to_le_bytes()].concat(),
+            Err(why) => [&TAG_NONE[..], why.as_bytes()].concat(),
+        };
+        tcp.send(0, &msg, None)?;
+        let said = gather(&tcp, &[0], deadline, &|b| match b.strip_prefix(TAG_VERDICT)? {
+            [0] => Some(Ok(None)),
+            [1, text @ ..] => Some(Ok(Some(String::from_utf8_lossy(text).into_owned()))),
+            [2, text @ ..] => Some(Err(String::from_utf8_lossy(text).into_owned())),
+            _ => None,
+        })?;
+        match said.into_iter().next() {
+            Some((_, Ok(verdict))) => verdict,
+            Some((_, Err(text))) => return Err(setup_err(me, text)),
+            None => return Err(setup_err(me, "no verdict from rank 0")),
+        }
+    };
+    if let Some(text) = verdict {
         if required {
             return Err(TransportError::Bootstrap(format!("--transport rdma: {text}")));
         }
         return Ok(Connected::Tcp(tcp, text));
     }
-    let mut parts = parts.expect("no rank is missing RDMA, us included");
-    for (peer, a) in answers.iter().enumerate() {
-        if peer == me {
-            continue;
-        }
-        let Some(Said::Endpoint(ep)) = a else {
-            return Err(setup_err(me, format!("rank {peer} sent no queue-pair address")));
-        };
-        if ep.view_len != view.len as u64 {
-            return Err(setup_err(
-                me,
-                format!("rank {peer} has a heap view of {} bytes, we {}", ep.view_len, view.len),
-            ));
-        }
-        connect_qp(&mut parts, me, peer, ep).map_err(|e| setup_err(me, format!("connecting to rank {peer}: {e}")))?;
-    }
-    // Receives are posted and every queue pair is ready to send: say so, and wait for everyone.
-    for peer in (0..size).filter(|r| *r != me) {
-        tcp.send(peer, TAG_READY, None)?;
-    }
-    for (peer, a) in inbox.round(&tcp, deadline)?.iter().enumerate() {
-        if peer != me && !matches!(a, Some(Said::Ready)) {
-            return Err(setup_err(me, format!("rank {peer} did not confirm its RDMA connections")));
-        }
-    }
+    let parts = parts.map_err(|why| setup_err(me, format!("rank 0 chose RDMA, but we have none: {why}")))?;
     tcp.watch_fd(parts.channel.as_raw_fd())?;
     let count = view.len.div_ceil(CHUNK);
     let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
     // With a page check, page contents wait in a staging buffer of one page until their message
     // has been checked.
     let staging = if tcp.owed().is_some() { crate::sys::page_size() } else { 0 };
-    let recv = (0..size)
-        .map(|peer| {
-            let keys = tcp.take_layered_keys(peer);
-            let (sealer, opener) = keys.map_or((None, None), |(s, o)| (Some(s), Some(o)));
-            if let Some(Some(link)) = parts.links.get(peer) {
-                link.send.lock().unwrap_or_else(|p| p.into_inner()).sealer = sealer;
-            }
-            RecvPeer::new(staging, opener)
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Connected::Rdma(Box::new(RdmaTransport {
+    let recv = (0..size).map(|_| RecvPeer::new(staging, None)).collect::<Result<_, _>>()?;
+    let shared = Shared {
         rank: me,
         size,
         view,
@@ -292,7 +276,7 @@ pub fn connect(
         channel: parts.channel,
         send_cq: parts.send_cq,
         recv_cq: parts.recv_cq,
-        links: parts.links,
+        conn: Connector::new(size, link_timeout),
         bufs: parts.bufs,
         recv: Mutex::new(recv),
         completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(parts.send_capacity) }),
@@ -303,14 +287,16 @@ pub fn connect(
             count,
             regions: Mutex::new(Vec::new()),
             waiting: Mutex::new(Vec::new()),
-            asked: Mutex::new(HashSet::new()),
+            asked: Mutex::new(std::collections::HashSet::new()),
         },
         busy_wanted: AtomicBool::new(false),
         busy_limit: parts.busy_limit,
         busy_count: AtomicUsize::new(0),
         busy_refused: AtomicBool::new(false),
         send_capacity: parts.send_capacity,
-    })))
+        tcp_checked: AtomicU64::new(0),
+    };
+    Ok(Connected::Rdma(Box::new(RdmaTransport::start(shared)?)))
 }
 
 /// A start packet sequence number for the queue pair from `from` to `to` (any 24-bit value works).
@@ -322,12 +308,11 @@ fn verbs<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RdmaError {
     move |e| RdmaError::verbs(what, std::io::Error::other(e.to_string()))
 }
 
-/// Creates the protection domain, completion queues, the first buffers of every peer and one
-/// queue pair per peer (in INIT, first receives posted). The completion queues have room for the
-/// first buffers of every peer and the full set of as many peers as may become busy.
-fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
+/// Creates the protection domain and the completion queues. The completion queues have room for
+/// the first buffers of every peer and the full set of as many peers as may become busy.
+fn prepare(port: Port, size: usize) -> Result<Parts, RdmaError> {
     let busy_limit = port.busy_peers.min(size.saturating_sub(1));
-    check_memlock(Buffers::first_len(size) + CHUNK)?;
+    check_memlock(Buffers::FIRST_LEN + CHUNK)?;
     let pd = port.ctx.alloc_pd().map_err(verbs("ibv_alloc_pd"))?;
     let channel = port.ctx.create_comp_channel().map_err(verbs("ibv_create_comp_channel"))?;
     let fd = channel.as_raw_fd();
@@ -344,57 +329,72 @@ fn prepare(port: Port, size: usize, me: usize) -> Result<Parts, RdmaError> {
     let send_capacity = size * SEND_FIRST + busy_limit * (SEND_DEPTH - SEND_FIRST);
     let send_cq = cq(send_capacity)?;
     let recv_cq = cq(size * RECV_FIRST + busy_limit * (RECV_DEPTH - RECV_FIRST))?;
-    let bufs = Buffers::new(&pd, size)?;
-    let mut links = Vec::with_capacity(size);
-    for peer in 0..size {
-        if peer == me {
-            links.push(None);
-            continue;
-        }
-        let mut qp = pd
-            .create_qp_builder()
-            .setup_qp_type(QueuePairType::ReliableConnection)
-            .setup_max_send_wr(SEND_DEPTH as u32)
-            .setup_max_recv_wr(RECV_DEPTH as u32)
-            .setup_max_send_sge(1)
-            .setup_max_recv_sge(1)
-            .setup_send_cq(send_cq.clone())
-            .setup_recv_cq(recv_cq.clone())
-            .build()
-            .map_err(verbs("ibv_create_qp"))?;
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::Init)
-            .setup_pkey_index(0)
-            .setup_port(port.port)
-            // Reads and sends only: a peer may not write into this process.
-            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead);
-        qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
-        let link = Link {
-            qp,
-            send: Mutex::new(SendRing { posted: 0, sealer: None, wide: false }),
-            completed: AtomicU64::new(0),
-            tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
-            remote_base: 0,
-            left: AtomicBool::new(false),
-            lost: AtomicU32::new(0),
-            wants_busy: AtomicBool::new(false),
-            peer_busy: AtomicBool::new(false),
-            widened: AtomicBool::new(false),
-        };
-        for i in 0..RECV_FIRST {
-            super::post_recv_raw(link.raw_qp(), &bufs, peer, i)
-                .map_err(|rc| RdmaError::verbs("ibv_post_recv", std::io::Error::from_raw_os_error(rc)))?;
-        }
-        links.push(Some(link));
-    }
-    Ok(Parts { port, pd, channel, send_cq, recv_cq, links, bufs, busy_limit, send_capacity })
+    Ok(Parts { port, pd, channel, send_cq, recv_cq, bufs: Buffers::new(size), busy_limit, send_capacity })
 }
 
-/// Moves the queue pair to `peer` through RTR to RTS.
-fn connect_qp(parts: &mut Parts, me: usize, peer: usize, ep: &Endpoint) -> Result<(), RdmaError> {
-    let port = &parts.port;
-    let link = parts.links[peer].as_mut().expect("a link per peer");
-    link.remote_base = ep.view_base;
+/// A queue pair to `peer` in INIT, its first receives posted (its first buffers exist).
+pub(super) fn new_link(
+    pd: &Arc<ProtectionDomain>,
+    port: &Port,
+    send_cq: &Arc<BasicCompletionQueue>,
+    recv_cq: &Arc<BasicCompletionQueue>,
+    bufs: &Buffers,
+    peer: usize,
+) -> Result<Link, RdmaError> {
+    let mut qp = pd
+        .create_qp_builder()
+        .setup_qp_type(QueuePairType::ReliableConnection)
+        .setup_max_send_wr(SEND_DEPTH as u32)
+        .setup_max_recv_wr(RECV_DEPTH as u32)
+        .setup_max_send_sge(1)
+        .setup_max_recv_sge(1)
+        .setup_send_cq(send_cq.clone())
+        .setup_recv_cq(recv_cq.clone())
+        .build()
+        .map_err(verbs("ibv_create_qp"))?;
+    let mut attr = QueuePairAttribute::new();
+    attr.setup_state(QueuePairState::Init)
+        .setup_pkey_index(0)
+        .setup_port(port.port)
+        // Reads and sends only: a peer may not write into this process.
+        .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead);
+    qp.modify(&attr).map_err(verbs("moving a queue pair to INIT"))?;
+    let link = Link {
+        qp,
+        send: Mutex::new(SendRing { posted: 0, sealer: None, wide: false }),
+        completed: AtomicU64::new(0),
+        tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
+        remote_base: AtomicU64::new(0),
+        left: AtomicBool::new(false),
+        lost: AtomicU32::new(0),
+        wants_busy: AtomicBool::new(false),
+        peer_busy: AtomicBool::new(false),
+        widened: AtomicBool::new(false),
+    };
+    for i in 0..RECV_FIRST {
+        // Nobody else knows this queue pair yet: no receive lock needed.
+        super::post_recv_raw(link.raw_qp(), bufs, peer, i)
+            .map_err(|rc| RdmaError::verbs("ibv_post_recv", std::io::Error::from_raw_os_error(rc)))?;
+    }
+    Ok(link)
+}
+
+/// What we tell `peer` about our end of the queue pair `link`.
+pub(super) fn endpoint_of(port: &Port, link: &Link, me: usize, peer: usize, view: MemoryView) -> Endpoint {
+    Endpoint {
+        gid: port.gid.raw,
+        lid: port.lid,
+        qpn: link.qp.qp_number(),
+        psn: psn(me, peer),
+        mtu: port.mtu as u32,
+        view_base: view.base as u64,
+        view_len: view.len as u64,
+    }
+}
+
+/// Moves the queue pair `link` to `peer` through RTR to RTS.
+pub(super) fn connect_qp(port: &Port, link: &mut Link, me: usize, peer: usize, ep: &Endpoint) -> Result<(), RdmaError> {
+    link.remote_base.store(ep.view_base, std::sync::atomic::Ordering::Release);
     let mtu = Mtu::from(ep.mtu.min(port.mtu as u32));
     let mut av = AddressHandleAttribute::new();
     av.setup_port(port.port).setup_service_level(0);
@@ -448,7 +448,7 @@ mod tests {
         assert_eq!((back.mtu, back.view_base, back.view_len), (ep.mtu, ep.view_base, ep.view_len));
         assert!(Endpoint::decode(&bytes[..bytes.len() - 1]).is_none(), "short");
         assert!(Endpoint::decode(&[bytes.as_slice(), &[0]].concat()).is_none(), "long");
-        assert!(Endpoint::decode(TAG_READY).is_none());
+        assert!(Endpoint::decode(super::super::links::TAG_READY).is_none());
         let mut wrong_tag = bytes.clone();
         wrong_tag[0] = b'X';
         assert!(Endpoint::decode(&wrong_tag).is_none());

@@ -125,6 +125,11 @@ impl Links {
         })
     }
 
+    /// What runs first on every thread we start.
+    pub(super) fn thread_start(&self) -> fn() {
+        self.thread_start
+    }
+
     /// The link to `rank`, if there is one. Async-signal-safe.
     pub(super) fn linked(&self, rank: usize) -> Option<&Peer> {
         self.peers.get(rank).and_then(OnceLock::get)

@@ -430,7 +430,12 @@ impl TcpTransport {
                         self.deliver(rank, inbox, &mut |_| {})?;
                         return Ok(true);
                     }
-                    Kind::ReadReply | Kind::Goodbye => false,
+                    Kind::ReadReply => false,
+                    Kind::Goodbye => {
+                        // Left for the service thread to deliver, but known from now on.
+                        self.linked(rank)?.left.store(true, Ordering::Release);
+                        false
+                    }
                 };
                 if !taken {
                     inbox.pending = true;
@@ -601,6 +606,25 @@ impl TcpTransport {
     /// opener, from this connection's handshake. Given out once.
     pub fn take_layered_keys(&self, peer: usize) -> Option<(Sealer, Opener)> {
         self.links.layered.lock().unwrap_or_else(|p| p.into_inner()).get_mut(peer)?.take()
+    }
+
+    /// Makes the connection to `peer` now if there is none, and waits for it (see
+    /// [`Transport::send`]). A transport layered on these connections (RDMA) uses this to learn
+    /// why a peer cannot be reached. Allocation-free and async-signal-safe.
+    pub fn link_to(&self, peer: usize) -> Result<(), TransportError> {
+        self.links.link(peer).map(drop)
+    }
+
+    /// `peer` said goodbye on its connection (read by any thread, delivered or not).
+    /// Async-signal-safe.
+    pub fn peer_said_goodbye(&self, peer: usize) -> bool {
+        self.links.linked(peer).is_some_and(|p| p.left.load(Ordering::Acquire))
+    }
+
+    /// What runs first on every thread the transport starts ([`TcpConfig::thread_start`]): a
+    /// transport layered on this one runs it on its own threads too.
+    pub fn thread_start(&self) -> fn() {
+        self.links.thread_start()
     }
 
     /// The page check this transport was set up with (a transport layered on it uses it too).

@@ -5,8 +5,9 @@
 //! - each rank adds its rank + 1 to a counter under a global lock;
 //! - rank 0 broadcasts a word, and barriers separate the steps.
 //!
-//! Everything is checked bit-exact. At the end each rank reports its memory, threads and sockets
-//! (connections are made on first use: a rank holds only those to the peers it talked to).
+//! Everything is checked bit-exact. At the end each rank reports its memory (resident, and pinned
+//! for RDMA), threads and sockets (connections are made on first use: a rank holds only those to
+//! the peers it talked to).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -60,8 +61,10 @@ pub fn scale(_args: &Args) -> Outcome {
         .filter(|target| target.to_string_lossy().starts_with("socket:"))
         .count();
     Ok(format!(
-        "{size} ranks: pages, lock, broadcast and barriers checked; rss {}, threads {}, sockets {sockets}",
+        "{size} ranks: pages, lock, broadcast and barriers checked; rss {}, threads {}, pinned {}, sockets {sockets}",
         field("VmRSS:"),
-        field("Threads:")
+        field("Threads:"),
+        // Memory registered for RDMA (message buffers, heap chunks).
+        field("VmPin:")
     ))
 }
