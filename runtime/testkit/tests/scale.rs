@@ -61,18 +61,17 @@ fn a_job_of_128_ranks_runs_on_one_host() {
         eprintln!("sockets per rank (but 0): median {median}, most {}", sorted.last().unwrap());
     }
     let last = joined.iter().max().unwrap();
-    let mut rss_kib: Vec<u64> = r
-        .stdout
-        .lines()
-        .filter_map(|l| l.split_once("rss ").and_then(|(_, t)| t.split_whitespace().next()?.parse().ok()))
-        .collect();
-    rss_kib.sort_unstable();
-    let mut pinned_kib: Vec<u64> = r
-        .stdout
-        .lines()
-        .filter_map(|l| l.split_once("pinned ").and_then(|(_, t)| t.split_whitespace().next()?.parse().ok()))
-        .collect();
-    pinned_kib.sort_unstable();
+    // Each rank's `NAME N kB`, sorted.
+    let sorted_kib = |name: &str| {
+        let mut v: Vec<u64> = r
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once(name).and_then(|(_, t)| t.split_whitespace().next()?.parse().ok()))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let (rss_kib, pinned_kib) = (sorted_kib("rss "), sorted_kib("pinned "));
     eprintln!(
         "{n} ranks: start-up {:.2} s (launch to the last rank out of init), whole job {:.2} s; \
          RSS per rank at the end: min {} KiB, median {} KiB, max {} KiB; pinned: median {} KiB, max {} KiB",

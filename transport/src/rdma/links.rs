@@ -54,6 +54,15 @@ const WHY_TCP: u32 = 5;
 const WHY_VIEW: u32 = 6;
 const WHY_CLOSED: u32 = 7;
 
+/// Why a connection failed when a TCP send to its peer did.
+fn why_tcp_failed(e: &TransportError) -> u32 {
+    match e {
+        TransportError::PeerLeft { .. } => WHY_PEER_LEFT,
+        TransportError::Left => WHY_WE_LEFT,
+        _ => WHY_TCP,
+    }
+}
+
 /// One peer's connection and what the peer said about it.
 pub(super) struct Slot {
     state: AtomicU32,
@@ -363,11 +372,7 @@ impl Shared {
             .map_err(|_| WHY_VERBS)?;
         let mut link = link;
         let ep = setup::endpoint_of(&self.port, &link, self.rank, peer, self.view);
-        self.tcp.send(peer, &ep.encode(), None).map_err(|e| match e {
-            TransportError::PeerLeft { .. } => WHY_PEER_LEFT,
-            TransportError::Left => WHY_WE_LEFT,
-            _ => WHY_TCP,
-        })?;
+        self.tcp.send(peer, &ep.encode(), None).map_err(|e| why_tcp_failed(&e))?;
         // The TCP connection exists now, and with it the keys of ours.
         let (sealer, opener) = self.tcp.take_layered_keys(peer).ok_or(WHY_TCP)?;
         link.send.get_mut().unwrap_or_else(|p| p.into_inner()).sealer = Some(sealer);
@@ -388,11 +393,7 @@ impl Shared {
             return Err(WHY_VERBS);
         }
         slot.state.store(CONNECTED, Ordering::Release);
-        self.tcp.send(peer, TAG_READY, None).map_err(|e| match e {
-            TransportError::PeerLeft { .. } => WHY_PEER_LEFT,
-            TransportError::Left => WHY_WE_LEFT,
-            _ => WHY_TCP,
-        })
+        self.tcp.send(peer, TAG_READY, None).map_err(|e| why_tcp_failed(&e))
     }
 
     /// We leave: no new connections; a connection under way gets its last step (bounded), and
