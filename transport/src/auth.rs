@@ -103,18 +103,58 @@ fn session(token: &[u8], nonce_s: &Nonce, nonce_c: &Nonce, rank: U32, role: Role
     SessionKeys::derive(&secret, role)
 }
 
-/// Acceptor side. Returns the connector's (authenticated) rank and the connection's keys.
+/// Bytes of the connector's answer to the acceptor's hello.
+pub const CLIENT_PROOF_LEN: usize = std::mem::size_of::<ClientProof>();
+
+/// Bytes of the acceptor's answer to a good proof.
+pub const SERVER_PROOF_LEN: usize = MAC;
+
+/// The acceptor's side of one handshake, for a caller that does its own I/O (one thread may
+/// then serve many handshakes at once): send [`Acceptance::hello`], read
+/// [`CLIENT_PROOF_LEN`] bytes, and give them to [`Acceptance::check`].
+pub struct Acceptance {
+    nonce_s: Nonce,
+}
+
+impl Acceptance {
+    pub fn new() -> Result<Acceptance, TransportError> {
+        Ok(Acceptance { nonce_s: nonce()? })
+    }
+
+    /// What the acceptor sends first.
+    pub fn hello(&self) -> [u8; SERVER_HELLO_LEN] {
+        let mut out = [0u8; SERVER_HELLO_LEN];
+        out.copy_from_slice(ServerHello { magic: MAGIC, nonce_s: self.nonce_s }.as_bytes());
+        out
+    }
+
+    /// Checks the connector's proof. Returns its (authenticated) rank, the answer to send it,
+    /// and the connection's keys.
+    pub fn check(
+        &self,
+        token: &[u8],
+        proof: &[u8; CLIENT_PROOF_LEN],
+    ) -> Result<(u32, [u8; SERVER_PROOF_LEN], SessionKeys), TransportError> {
+        let proof = ClientProof::read_from_bytes(proof).map_err(|_| no_token())?;
+        mac(token, b'c', &self.nonce_s, &proof.nonce_c, proof.rank).verify_slice(&proof.mac).map_err(|_| no_token())?;
+        let answer = mac(token, b's', &proof.nonce_c, &self.nonce_s, proof.rank).finalize().into_bytes().into();
+        let keys = session(token, &self.nonce_s, &proof.nonce_c, proof.rank, Role::Acceptor);
+        Ok((proof.rank.get(), answer, keys))
+    }
+}
+
+/// Acceptor side, blocking. Returns the connector's (authenticated) rank and the connection's
+/// keys.
 pub fn accept(stream: &mut TcpStream, token: &[u8], timeout: Duration) -> Result<(u32, SessionKeys), TransportError> {
     stream.set_read_timeout(Some(timeout)).map_err(io("set timeout"))?;
     stream.set_write_timeout(Some(timeout)).map_err(io("set timeout"))?;
-    let nonce_s = nonce()?;
-    stream.write_all(ServerHello { magic: MAGIC, nonce_s }.as_bytes()).map_err(io("send hello"))?;
-    let mut proof = ClientProof::new_zeroed();
-    stream.read_exact(proof.as_mut_bytes()).map_err(io("read proof"))?;
-    mac(token, b'c', &nonce_s, &proof.nonce_c, proof.rank).verify_slice(&proof.mac).map_err(|_| no_token())?;
-    let answer = mac(token, b's', &proof.nonce_c, &nonce_s, proof.rank).finalize().into_bytes();
+    let acceptance = Acceptance::new()?;
+    stream.write_all(&acceptance.hello()).map_err(io("send hello"))?;
+    let mut proof = [0u8; CLIENT_PROOF_LEN];
+    stream.read_exact(&mut proof).map_err(io("read proof"))?;
+    let (rank, answer, keys) = acceptance.check(token, &proof)?;
     stream.write_all(&answer).map_err(io("send proof"))?;
-    Ok((proof.rank.get(), session(token, &nonce_s, &proof.nonce_c, proof.rank, Role::Acceptor)))
+    Ok((rank, keys))
 }
 
 /// Connector side: proves `rank` and checks the acceptor knows the token too. Returns the

@@ -194,6 +194,19 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], ms: libc::c_int) -> io::Re
     Ok(p.map(|p| p.revents != 0))
 }
 
+/// Like [`poll_readable`], for a number of descriptors known only at run time (a negative one is
+/// ignored). Allocates.
+pub fn poll_readable_all(fds: &[RawFd], ms: libc::c_int) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `p.len()` valid pollfds in a live vector.
+    if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(vec![false; fds.len()]) } else { Err(e) };
+    }
+    Ok(p.iter().map(|p| p.revents != 0).collect())
+}
+
 /// Waits until `fd` has room to write, taking in the peer's data meanwhile (see
 /// [`write_all_vectored`]). Fails after [`SEND_STALL_MS`] without progress either way.
 fn wait_for_room(fd: RawFd, absorb: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<()> {

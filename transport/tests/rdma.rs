@@ -1432,6 +1432,77 @@ fn connections_are_made_on_first_use_only() {
     });
 }
 
+/// The completion queues grow with the queue pairs a rank makes, not with the job: in a job of 10,
+/// ranks 1 to 9 all talk to rank 0 and to nobody else. Rank 0 connects to each, then each fills
+/// the receive buffers rank 0 gave it while rank 0 does not poll, so that rank 0's receive queue holds a completion for every
+/// buffer it posted (queues that did not grow would overflow and lose them); then everyone
+/// streams both ways. Rank 0 ends with room for its 9 peers; every other rank keeps the room it
+/// started with (4 peers). Every message arrives, in order. No peer may become busy here: with
+/// 64 busy peers allowed, the queues of a job this small would have room to spare.
+#[test]
+fn completion_queues_grow_with_the_connections_made() {
+    let _g = serial();
+    if skip_without_device("completion_queues_grow_with_the_connections_made") {
+        return;
+    }
+    const N: usize = 10;
+    /// A peer's first receive buffers at rank 0.
+    const BURST: u16 = 16;
+    const MSGS: u16 = 300;
+    let no_busy = |_| RdmaConfig { busy_peers: Some(0), ..RdmaConfig::default() };
+    rdma_job_configured(N, VIEW, no_busy, |rank, t, _v, gate| {
+        gate.sync(rank, "up");
+        let first = t.completion_room();
+        assert_eq!(first, 4, "rank {rank}: room at start");
+        let tr = &*t;
+        let partners: Vec<usize> = if rank == 0 { (1..N).collect() } else { vec![0] };
+        let numbered = |k: u16| [&k.to_le_bytes()[..], &[rank as u8]].concat();
+        let mut next = vec![0u16; N];
+        // Rank 0 makes every connection (a rank that does not poll would not hear a peer's offer).
+        if rank == 0 {
+            for p in 1..N {
+                tr.send(p, b"hi", None).unwrap_or_else(|e| panic!("rank 0: hi to {p}: {e}"));
+            }
+        } else {
+            await_msg(tr, 0, b"hi", 20);
+        }
+        gate.sync(rank, "linked");
+        if rank > 0 {
+            for k in 0..BURST {
+                tr.send(0, &numbered(k), None).unwrap_or_else(|e| panic!("rank {rank}: send {k}: {e}"));
+            }
+        }
+        gate.sync(rank, "burst sent");
+        let mut sent = if rank == 0 { 0 } else { BURST };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while partners.iter().any(|p| next[*p] < MSGS) || sent < MSGS {
+            assert!(Instant::now() < deadline, "rank {rank}: received {next:?}, sent {sent} within 30 s");
+            if sent < MSGS {
+                for &p in &partners {
+                    tr.send(p, &numbered(sent), None)
+                        .unwrap_or_else(|e| panic!("rank {rank}: send {sent} to {p}: {e}"));
+                }
+                sent += 1;
+            }
+            tr.poll(Some(Duration::from_millis(1)), &mut |ev| match ev {
+                Event::Message { from, bytes: &[lo, hi, r], page: None } if r as usize == from => {
+                    assert_eq!(u16::from_le_bytes([lo, hi]), next[from], "rank {rank}: from {from} out of order");
+                    next[from] += 1;
+                }
+                other => panic!("rank {rank}: unexpected {other:?}"),
+            })
+            .unwrap_or_else(|e| panic!("rank {rank}: poll: {e}"));
+        }
+        gate.sync(rank, "traffic done");
+        assert_eq!(tr.connected_peers(), partners, "rank {rank}: RDMA connections");
+        let room = tr.completion_room();
+        let expect = if rank == 0 { N - 1 } else { first };
+        assert_eq!(room, expect, "rank {rank}: completion-queue room after talking to {partners:?}");
+        gate.sync(rank, "counted");
+        Some(t)
+    });
+}
+
 /// What `gallocy::finalize` does: everybody says goodbye, waits for everybody's goodbye, exits.
 /// Ranks 1 and 2 spoke by RDMA, and say goodbye that way; rank 0, linked to both by TCP only,
 /// hears theirs and says its own on TCP.

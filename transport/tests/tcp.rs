@@ -1,5 +1,7 @@
 //! Two and three TcpTransports in one process (one thread each), on loopback.
 
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -8,6 +10,45 @@ use gallocy_transport::tcp::{establish, TcpConfig};
 use gallocy_transport::{Event, MemoryView, Span, Transport, TransportError};
 
 const VIEW: usize = 1 << 20;
+
+/// Threads a connection keeper asked for (and was refused: see [`pthread_create`]).
+static KEEPER_SPAWNS: AtomicUsize = AtomicUsize::new(0);
+
+type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
+type Create =
+    unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartRoutine, *mut c_void) -> c_int;
+
+/// Every thread this test binary creates is created here. A connection keeper's thread
+/// (`gallocy-keeper`) is refused, with `EAGAIN`, and counted: letting a peer in must never create
+/// a thread, because the thread of ours that waits for that peer may hold a lock that thread
+/// creation takes (glibc's TLS lock, when a fault comes inside `dlopen`). Every other thread is
+/// created by libc's `pthread_create`.
+///
+/// # Safety
+///
+/// As `pthread_create`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into a live buffer of 16.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    if name.starts_with(b"gallocy-keeper\0") {
+        KEEPER_SPAWNS.fetch_add(1, Ordering::AcqRel);
+        return libc::EAGAIN;
+    }
+    // SAFETY: a NUL-terminated name; RTLD_NEXT finds libc's definition, past this one.
+    let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) };
+    assert!(!real.is_null(), "libc's pthread_create not found");
+    // SAFETY: libc's pthread_create has this signature.
+    let real: Create = unsafe { std::mem::transmute::<*mut c_void, Create>(real) };
+    // SAFETY: the caller's arguments, passed on unchanged.
+    unsafe { real(thread, attr, start, arg) }
+}
 
 /// A loopback port held for one job's coordinator (rank 0 joins the hold) until dropped.
 fn hold_port() -> PortHold {
@@ -201,6 +242,36 @@ fn ranks_link_on_first_use_and_only_to_whom_they_talk() {
         }
         Some(t)
     });
+}
+
+/// Peers are let in without a thread being created for them (this binary refuses the keeper
+/// any thread: see [`pthread_create`]): ranks 1, 2 and 3 all dial rank 4 at once, and each link
+/// carries a message both ways.
+#[test]
+fn peers_are_let_in_without_creating_a_thread() {
+    job(5, |rank, t, _v| {
+        if (1..4).contains(&rank) {
+            t.send(4, &[rank as u8], None).unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+            assert_eq!(collect(&*t, 1), vec![(4, vec![4], None)], "rank {rank}");
+        }
+        if rank == 4 {
+            let mut got: Vec<usize> = collect(&*t, 3)
+                .into_iter()
+                .map(|(from, bytes, _)| {
+                    assert_eq!(bytes, vec![from as u8]);
+                    from
+                })
+                .collect();
+            got.sort();
+            assert_eq!(got, vec![1, 2, 3]);
+            for p in 1..4 {
+                t.send(p, &[4], None).unwrap();
+            }
+            assert_eq!((0..5).filter(|r| t.linked(*r)).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        }
+        Some(t)
+    });
+    assert_eq!(KEEPER_SPAWNS.load(Ordering::Acquire), 0, "a connection keeper asked for a thread");
 }
 
 #[test]

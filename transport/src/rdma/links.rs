@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::receivers::RecvPeer;
 use super::setup::{self, Endpoint};
 use super::{lost, Link, Shared};
-use crate::seal::Opener;
 use crate::sys::{futex_wait, futex_wake_all};
 use crate::{LostReason, Transport, TransportError};
 
@@ -67,9 +67,9 @@ fn why_tcp_failed(e: &TransportError) -> u32 {
 pub(super) struct Slot {
     state: AtomicU32,
     /// Our queue pair until it is connected (moving it through its states needs it alone).
-    pending: Mutex<Option<Link>>,
+    pending: Mutex<Option<Box<Link>>>,
     /// Our queue pair once connected.
-    link: OnceLock<Link>,
+    link: OnceLock<Box<Link>>,
     /// A sender here wants this connection.
     wanted: AtomicBool,
     /// The peer's endpoint, once it sent it.
@@ -80,8 +80,6 @@ pub(super) struct Slot {
     failure: AtomicU32,
     /// When the attempt started (nanoseconds since `Connector::epoch`).
     since: AtomicU64,
-    /// Checks the peer's fragments: handed to the receive side once the connection is made.
-    pub(super) opener: Mutex<Option<Opener>>,
 }
 
 impl Slot {
@@ -96,13 +94,12 @@ impl Slot {
             bye_by_tcp: AtomicBool::new(false),
             failure: AtomicU32::new(0),
             since: AtomicU64::new(0),
-            opener: Mutex::new(None),
         }
     }
 
     /// The queue pair, once connected (it may not be ready yet). Async-signal-safe.
     pub(super) fn link(&self) -> Option<&Link> {
-        self.link.get()
+        self.link.get().map(|l| &**l)
     }
 
     /// Messages may go to the peer. Async-signal-safe.
@@ -368,7 +365,8 @@ impl Shared {
     fn offer(&self, peer: usize, slot: &Slot) -> Result<(), u32> {
         slot.since.store(self.conn.now(), Ordering::Release);
         self.bufs.make_first(&self.pd, peer).map_err(|_| WHY_VERBS)?;
-        let link = setup::new_link(&self.pd, &self.port, &self.send_cq, &self.recv_cq, &self.bufs, peer)
+        self.cqs.make_room_for_one_more().map_err(|_| WHY_VERBS)?;
+        let link = setup::new_link(&self.pd, &self.port, &self.cqs, &self.bufs, peer, self.chunks.count)
             .map_err(|_| WHY_VERBS)?;
         let mut link = link;
         let ep = setup::endpoint_of(&self.port, &link, self.rank, peer, self.view);
@@ -376,8 +374,10 @@ impl Shared {
         // The TCP connection exists now, and with it the keys of ours.
         let (sealer, opener) = self.tcp.take_layered_keys(peer).ok_or(WHY_TCP)?;
         link.send.get_mut().unwrap_or_else(|p| p.into_inner()).sealer = Some(sealer);
-        *slot.opener.lock().unwrap_or_else(|p| p.into_inner()) = Some(opener);
-        *slot.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(link);
+        // What the peer sends can arrive once it has our endpoint and we said READY: its
+        // receive state exists before that.
+        self.recv.add(peer, RecvPeer::new(self.staging, Some(opener)).map_err(|_| WHY_VERBS)?);
+        *slot.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(link));
         slot.state.store(OFFERED, Ordering::Release);
         Ok(())
     }

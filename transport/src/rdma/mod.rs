@@ -31,9 +31,13 @@
 mod buffers;
 mod device;
 mod links;
+mod queues;
+mod receivers;
 mod setup;
 
 use std::collections::{HashSet, VecDeque};
+
+use receivers::{Assembly, Held, Receivers, RecvPeer};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,7 +47,7 @@ use rdma_mummy_sys::{
     ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_post_recv, ibv_post_send, ibv_qp, ibv_recv_wr,
     ibv_req_notify_cq, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_status, ibv_wr_opcode,
 };
-use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, CompletionQueue};
+use sideway::ibverbs::completion::{CompletionChannel, CompletionQueue};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair};
@@ -57,7 +61,6 @@ pub use setup::{connect, Connected};
 
 use crate::frame::FrameError;
 use crate::seal::{Opener, Sealer, Tag, TAG_LEN};
-use crate::sys::{HighWater, LazyBuf};
 use crate::tcp::TcpTransport;
 use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportError};
 
@@ -189,6 +192,8 @@ struct Link {
     tokens: Box<[AtomicU64]>,
     /// Where the peer's runtime view starts in its address space (set when connected).
     remote_base: AtomicU64,
+    /// Per chunk of the peer's view: its key | RKEY_VALID once the peer told us, else 0.
+    rkeys: Box<[AtomicU64]>,
     /// The peer said goodbye: errors on its queue pair are expected.
     left: AtomicBool,
     /// A failed work completion on this queue pair (status + 1), 0 if none.
@@ -205,128 +210,6 @@ impl Link {
     fn raw_qp(&self) -> *mut ibv_qp {
         // SAFETY: the pointer lives as long as `self.qp`, which outlives every use here.
         unsafe { self.qp.qp().as_ptr() }
-    }
-}
-
-/// Receive-side state of one peer.
-struct RecvPeer {
-    /// Completed receive buffers not consumed yet: (buffer index, bytes).
-    queue: VecDeque<(u32, u32)>,
-    /// Fragments moved out of receive buffers (older than everything in `queue`).
-    spill: Spill,
-    /// The message being put together.
-    asm: Assembly,
-    /// Checks each fragment's tag (none for ourselves).
-    opener: Option<Opener>,
-}
-
-/// The message being put together from fragments.
-struct Assembly {
-    /// The message so far (capacity MAX_MESSAGE, never reallocated).
-    msg: Vec<u8>,
-    /// The page that came with it.
-    page: Option<Span>,
-    /// Its contents while a page check is set: they land in the view only once the message says
-    /// they are owed (capacity one page, never reallocated).
-    staged: Vec<u8>,
-    /// The staged contents passed the check and landed.
-    landed: bool,
-    /// `msg` holds a whole message a waiting thread declined: the service thread delivers it.
-    complete: bool,
-}
-
-/// Where a sender that waits for room moves the fragments its peer sent it, so that their receive
-/// buffers can be posted again: two processes that send each other more than their queues hold
-/// without polling in between (TCP's socket buffers absorb that) would otherwise wait for each
-/// other for ever. Fixed slots, allocated up front (lazily backed by the kernel), used in order
-/// from the first one each time the area empties.
-struct Spill {
-    data: LazyBuf,
-    lens: Box<[u32]>,
-    head: usize,
-    count: usize,
-    high: HighWater,
-}
-
-/// Fragments one peer's spill area holds (1 KiB each).
-const SPILL_SLOTS: usize = 4096;
-
-/// Slots whose memory a spill area keeps when it empties (the rest is given back).
-const SPILL_KEEP: usize = 64;
-
-impl Spill {
-    fn new() -> Result<Spill, TransportError> {
-        Ok(Spill {
-            data: LazyBuf::new(SPILL_SLOTS * BUF)
-                .map_err(|source| TransportError::Io { what: "mapping a spill area".into(), source })?,
-            lens: vec![0; SPILL_SLOTS].into(),
-            head: 0,
-            count: 0,
-            high: HighWater::new(SPILL_KEEP * BUF),
-        })
-    }
-
-    fn front(&self) -> Option<&[u8]> {
-        (self.count > 0)
-            .then(|| &self.data.as_slice()[self.head * BUF..self.head * BUF + self.lens[self.head] as usize])
-    }
-
-    fn pop(&mut self) {
-        self.count -= 1;
-        if self.count == 0 {
-            // Empty again: start over at slot 0, and give back the memory of a burst, so that the
-            // area costs memory only while a burst lasts, not the whole of it as the ring goes
-            // round.
-            self.head = 0;
-            self.high.drained(&mut self.data);
-        } else {
-            self.head = (self.head + 1) % SPILL_SLOTS;
-        }
-    }
-
-    /// Appends a fragment; false when full.
-    fn push(&mut self, frag: &[u8]) -> bool {
-        if self.count == SPILL_SLOTS {
-            return false;
-        }
-        let i = (self.head + self.count) % SPILL_SLOTS;
-        self.data.as_mut_slice()[i * BUF..i * BUF + frag.len()].copy_from_slice(frag);
-        self.high.wrote(i * BUF + frag.len());
-        self.lens[i] = frag.len() as u32;
-        self.count += 1;
-        true
-    }
-}
-
-impl RecvPeer {
-    fn new(staging: usize, opener: Option<Opener>) -> Result<RecvPeer, TransportError> {
-        Ok(RecvPeer {
-            opener,
-            queue: VecDeque::with_capacity(RECV_DEPTH),
-            spill: Spill::new()?,
-            asm: Assembly {
-                msg: Vec::with_capacity(crate::MAX_MESSAGE),
-                page: None,
-                staged: Vec::with_capacity(staging),
-                landed: false,
-                complete: false,
-            },
-        })
-    }
-
-    /// Something waits to be consumed or delivered.
-    fn has_work(&self) -> bool {
-        self.asm.complete || self.spill.count > 0 || !self.queue.is_empty()
-    }
-}
-
-impl Assembly {
-    fn reset(&mut self) {
-        self.msg.clear();
-        self.page = None;
-        self.staged.clear();
-        self.landed = false;
-        self.complete = false;
     }
 }
 
@@ -355,8 +238,6 @@ struct Completions {
 struct Chunks {
     /// Per chunk: `lkey << 32 | rkey` once registered, else 0 (keys are never both 0).
     local: Box<[AtomicU64]>,
-    /// Per (peer, chunk): the peer's rkey | RKEY_VALID, else 0.
-    remote: Box<[AtomicU64]>,
     count: usize,
     regions: Mutex<Vec<Arc<MemoryRegion>>>,
     /// Reads waiting for a peer's key: (peer, span, token).
@@ -374,14 +255,16 @@ pub(crate) struct Shared {
     port: Port,
     pd: Arc<ProtectionDomain>,
     channel: Arc<CompletionChannel>,
-    send_cq: Arc<BasicCompletionQueue>,
-    recv_cq: Arc<BasicCompletionQueue>,
+    cqs: queues::CompletionQueues,
     /// The connections, made on first use.
     conn: links::Connector,
     bufs: Buffers,
     /// Which page contents this process is owed (see [`crate::tcp::PageCheck`]).
     owed: Option<crate::tcp::PageCheck>,
-    recv: Mutex<Vec<RecvPeer>>,
+    /// What arrives from each peer, behind the receive lock.
+    recv: Receivers,
+    /// Bytes of the staging buffer of a peer's receive state (see [`Assembly::staged`]).
+    staging: usize,
     completions: Mutex<Completions>,
     /// READs the service thread posted (with a token) whose completion nobody has reaped yet.
     /// Only while there are some does the service thread ask for an event on the send queue's
@@ -396,8 +279,6 @@ pub(crate) struct Shared {
     busy_count: AtomicUsize,
     /// Registering a busy peer's buffers failed once: no more tries (the first buffers carry on).
     busy_refused: AtomicBool,
-    /// Sends and READs that can be in flight at once, all peers together.
-    send_capacity: usize,
     /// When the service thread last read the TCP connections while busy (ns since the
     /// connector's epoch; see [`RdmaTransport::poll`]).
     tcp_checked: AtomicU64,
@@ -608,16 +489,16 @@ impl Shared {
 
     fn send_cq_raw(&self) -> *mut ibv_cq {
         // SAFETY: the CQ lives as long as the transport.
-        unsafe { self.send_cq.cq().as_ptr() }
+        unsafe { self.cqs.send().cq().as_ptr() }
     }
 
     fn recv_cq_raw(&self) -> *mut ibv_cq {
         // SAFETY: the CQ lives as long as the transport.
-        unsafe { self.recv_cq.cq().as_ptr() }
+        unsafe { self.cqs.recv().cq().as_ptr() }
     }
 
     /// Moves receive completions into the per-peer queues. Async-signal-safe.
-    fn take_receives(&self, rx: &mut [RecvPeer]) {
+    fn take_receives(&self, rx: &mut Held<'_>) {
         loop {
             // SAFETY: an all-zero ibv_wc is a valid value to be overwritten.
             let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
@@ -636,9 +517,14 @@ impl Shared {
                     }
                     continue;
                 }
+                let Some(rp) = rx.get_mut(peer) else {
+                    // Made with the queue pair, before it could receive: never missing.
+                    let _ = link.lost.compare_exchange(0, LOST_POST + 1, Ordering::AcqRel, Ordering::Acquire);
+                    continue;
+                };
                 // At most RECV_DEPTH buffers are posted per peer: this never reallocates.
-                rx[peer].queue.push_back((i, wc.byte_len));
-                if rx[peer].queue.len() >= BUSY_BACKLOG && !self.bufs.is_busy(peer) {
+                rp.queue.push_back((i, wc.byte_len));
+                if rp.queue.len() >= BUSY_BACKLOG && !self.bufs.is_busy(peer) {
                     self.want_busy(peer, link);
                 }
             }
@@ -648,9 +534,10 @@ impl Shared {
     /// Moves every received fragment into its peer's spill area and posts the buffers again.
     /// Async-signal-safe; does nothing if another thread is receiving.
     fn spill_receives(&self) {
-        let Ok(mut rx) = self.recv.try_lock() else { return };
+        let Some(mut rx) = self.recv.try_lock() else { return };
         self.take_receives(&mut rx);
-        for (peer, rp) in rx.iter_mut().enumerate() {
+        for k in 0..rx.len() {
+            let Some((peer, rp)) = rx.nth(k) else { continue };
             let Some(link) = self.made(peer) else { continue };
             while let Some(&(i, len)) = rp.queue.front() {
                 let Some((buf, _)) = self.bufs.recv(peer, i as usize) else {
@@ -674,10 +561,6 @@ impl Shared {
     /// Consumes the queued fragments of `peer` in order.
     fn drain_peer(&self, peer: usize, rp: &mut RecvPeer, sink: &mut Sink<'_, '_>) -> Result<usize, TransportError> {
         let link = self.made(peer).ok_or(TransportError::NoSuchPeer(peer))?;
-        if rp.opener.is_none() {
-            // Handed over when the connection was made, before anything could arrive on it.
-            rp.opener = self.conn.slot(peer).and_then(|s| s.opener.lock().unwrap_or_else(|p| p.into_inner()).take());
-        }
         let mut delivered = 0;
         if rp.asm.complete {
             match sink {
@@ -844,8 +727,7 @@ impl Shared {
                             Ok(rkey) if (arg as usize) < self.chunks.count => rkey.get(),
                             _ => return Err(bad("malformed key reply")),
                         };
-                        self.chunks.remote[peer * self.chunks.count + arg as usize]
-                            .store(u64::from(rkey) | RKEY_VALID, Ordering::Release);
+                        link.rkeys[arg as usize].store(u64::from(rkey) | RKEY_VALID, Ordering::Release);
                         self.chunks.asked.lock().unwrap_or_else(|p| p.into_inner()).remove(&(peer, arg));
                         self.post_waiting_reads(peer, arg)?;
                     }
@@ -907,7 +789,7 @@ impl Shared {
             // Room for every READ that can be in flight, so that no completion is ever dropped
             // (reap_sends, which may run in a signal handler, cannot grow the queue).
             let mut c = self.completions.lock().unwrap_or_else(|p| p.into_inner());
-            let room = self.send_capacity;
+            let room = self.cqs.send_capacity();
             if c.reads_done.capacity() - c.reads_done.len() < room {
                 c.reads_done.reserve(room);
             }
@@ -958,8 +840,8 @@ impl Shared {
             *w = rest;
             ready
         };
-        let rkey = (self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire) & 0xffff_ffff)
-            as u32;
+        let link = self.link(peer)?;
+        let rkey = (link.rkeys[chunk as usize].load(Ordering::Acquire) & 0xffff_ffff) as u32;
         for (p, span, token) in ready {
             self.post_read(p, span, token, rkey)?;
         }
@@ -1037,7 +919,7 @@ impl Shared {
                 self.busy_count.fetch_add(1, Ordering::AcqRel);
                 {
                     // Receives are posted under the receive lock, as everywhere.
-                    let _rx = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+                    let _rx = self.recv.lock();
                     for i in RECV_FIRST..RECV_DEPTH {
                         self.post_recv(peer, link, i)?;
                     }
@@ -1068,11 +950,12 @@ impl Shared {
         self.make_busy_peers()?;
         self.reap_sends();
         let mut n = self.report_reads(handler);
-        let mut rx = self.recv.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rx = self.recv.lock();
         self.take_receives(&mut rx);
         let mut sink = Sink::Service(handler);
-        for (peer, rp) in rx.iter_mut().enumerate() {
-            if peer != self.rank && rp.has_work() {
+        for k in 0..rx.len() {
+            let Some((peer, rp)) = rx.nth(k) else { continue };
+            if rp.has_work() {
                 n += self.drain_peer(peer, rp, &mut sink)?;
             }
         }
@@ -1190,9 +1073,9 @@ impl Shared {
     /// Registers the chunk on first use and may ask the peer for its key: service thread only.
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
         let chunk = self.chunk_of(span)?;
-        self.link(peer)?;
+        let link = self.link(peer)?;
         self.local_keys(chunk)?;
-        let remote = self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire);
+        let remote = link.rkeys[chunk as usize].load(Ordering::Acquire);
         if remote & RKEY_VALID != 0 {
             return self.post_read(peer, span, token, (remote & 0xffff_ffff) as u32);
         }
@@ -1210,7 +1093,7 @@ impl Shared {
             return false;
         };
         let local = self.chunks.local[chunk as usize].load(Ordering::Acquire);
-        let remote = self.chunks.remote[peer * self.chunks.count + chunk as usize].load(Ordering::Acquire);
+        let remote = link.rkeys[chunk as usize].load(Ordering::Acquire);
         if local == 0 || remote & RKEY_VALID == 0 {
             return false;
         }
@@ -1272,13 +1155,13 @@ impl Shared {
             self.tcp_checked.store(now, Ordering::Relaxed);
             self.tcp.poll_inline(&mut |from, bytes, _| self.take_setup(from, bytes));
         }
-        let Ok(mut rx) = self.recv.try_lock() else { return 0 };
+        let Some(mut rx) = self.recv.try_lock() else { return 0 };
         self.take_receives(&mut rx);
         let mut sink = Sink::Inline(accept);
         let mut taken = 0;
-        for peer in 0..self.size {
-            let rp = &mut rx[peer];
-            if peer != self.rank && !rp.asm.complete && (rp.spill.count > 0 || !rp.queue.is_empty()) {
+        for k in 0..rx.len() {
+            let Some((peer, rp)) = rx.nth(k) else { continue };
+            if !rp.asm.complete && (!rp.spill.is_empty() || !rp.queue.is_empty()) {
                 match self.drain_peer(peer, rp, &mut sink) {
                     Ok(n) => taken += n,
                     // Errors surface in the service thread's next poll (the fragment that failed
@@ -1364,6 +1247,12 @@ impl RdmaTransport {
     /// Peers with a ready connection (connections are made on first use).
     pub fn connected_peers(&self) -> Vec<usize> {
         self.0.connected_peers()
+    }
+
+    /// Peers whose first message buffers the completion queues have room for: they grow with the
+    /// queue pairs made, not with the job.
+    pub fn completion_room(&self) -> usize {
+        self.0.cqs.room()
     }
 }
 
@@ -1493,50 +1382,6 @@ mod tests {
             }
         }
         assert!(frags > 0 && eps > 0, "{frags} fragments, {eps} endpoints accepted");
-    }
-
-    /// The spill area writes only as many slots as were in use at once, however many fragments
-    /// pass through it: the rest of its 4 MiB never becomes resident (the soak test's flat RSS).
-    #[test]
-    fn the_spill_area_reuses_its_first_slots() {
-        let mut spill = Spill::new().unwrap();
-        let mut highest = 0;
-        for round in 0..3 * SPILL_SLOTS {
-            let burst = 1 + round % 3;
-            for k in 0..burst {
-                assert!(spill.push(&[(round + k) as u8; 5]));
-                highest = highest.max(spill.head + spill.count);
-            }
-            for k in 0..burst {
-                assert_eq!(spill.front(), Some(&[(round + k) as u8; 5][..]), "round {round}: fragments in order");
-                spill.pop();
-            }
-            assert_eq!(spill.front(), None);
-        }
-        assert_eq!(highest, 3, "slots written beyond the three in use at once");
-        // A burst of most of the area, drained: its memory goes back, all but the first slots.
-        let page = crate::sys::page_size();
-        for i in 0..SPILL_SLOTS - 1 {
-            assert!(spill.push(&[i as u8; BUF]));
-        }
-        assert!(crate::sys::resident_pages(&spill.data) * page >= (SPILL_SLOTS - 1) * BUF);
-        for _ in 0..SPILL_SLOTS - 1 {
-            spill.pop();
-        }
-        let left = crate::sys::resident_pages(&spill.data) * page;
-        assert!(left <= SPILL_KEEP * BUF, "{left} bytes of the spill area still resident after it drained");
-        // Still a ring while it is not empty: it fills to the last slot and wraps.
-        for i in 0..SPILL_SLOTS {
-            assert!(spill.push(&(i as u32).to_le_bytes()));
-        }
-        assert!(!spill.push(b"full"));
-        spill.pop();
-        assert!(spill.push(b"wraps"));
-        for i in 1..SPILL_SLOTS {
-            assert_eq!(spill.front(), Some(&(i as u32).to_le_bytes()[..]));
-            spill.pop();
-        }
-        assert_eq!(spill.front(), Some(&b"wraps"[..]));
     }
 
     #[test]

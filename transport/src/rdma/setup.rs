@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::AsRawFd;
 
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
-use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel};
+use sideway::ibverbs::completion::CompletionChannel;
 use sideway::ibverbs::device_context::Mtu;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{QueuePair, QueuePairAttribute, QueuePairState, QueuePairType};
@@ -21,9 +21,10 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::device::{check_memlock, Port, RdmaError};
 use super::links::{Connector, TAG_ENDPOINT};
+use super::queues::CompletionQueues;
 use super::{
-    Buffers, Chunks, Completions, Link, RdmaTransport, RecvPeer, SendRing, Shared, CHUNK, RECV_DEPTH, RECV_FIRST,
-    SEND_DEPTH, SEND_FIRST,
+    Buffers, Chunks, Completions, Link, RdmaTransport, Receivers, SendRing, Shared, CHUNK, RECV_DEPTH, RECV_FIRST,
+    SEND_DEPTH,
 };
 use crate::tcp::TcpTransport;
 use crate::{MemoryView, Transport, TransportError};
@@ -171,13 +172,10 @@ struct Parts {
     port: Port,
     pd: Arc<ProtectionDomain>,
     channel: Arc<CompletionChannel>,
-    send_cq: Arc<BasicCompletionQueue>,
-    recv_cq: Arc<BasicCompletionQueue>,
+    cqs: CompletionQueues,
     bufs: Buffers,
     /// Peers that may become busy (at most every peer).
     busy_limit: usize,
-    /// Sends and READs that can be in flight at once, all peers together (the send CQ's size).
-    send_capacity: usize,
 }
 
 /// Brings up RDMA on top of the start-up connections. `port` is this process's opened port, or
@@ -260,11 +258,9 @@ pub fn connect(
     let parts = parts.map_err(|why| setup_err(me, format!("rank 0 chose RDMA, but we have none: {why}")))?;
     tcp.watch_fd(parts.channel.as_raw_fd())?;
     let count = view.len.div_ceil(CHUNK);
-    let zeroes = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice();
     // With a page check, page contents wait in a staging buffer of one page until their message
     // has been checked.
     let staging = if tcp.owed().is_some() { crate::sys::page_size() } else { 0 };
-    let recv = (0..size).map(|_| RecvPeer::new(staging, None)).collect::<Result<_, _>>()?;
     let shared = Shared {
         rank: me,
         size,
@@ -274,16 +270,15 @@ pub fn connect(
         port: parts.port,
         pd: parts.pd,
         channel: parts.channel,
-        send_cq: parts.send_cq,
-        recv_cq: parts.recv_cq,
+        cqs: parts.cqs,
         conn: Connector::new(size, link_timeout),
         bufs: parts.bufs,
-        recv: Mutex::new(recv),
-        completions: Mutex::new(Completions { reads_done: VecDeque::with_capacity(parts.send_capacity) }),
+        recv: Receivers::new(size),
+        staging,
+        completions: Mutex::new(Completions { reads_done: VecDeque::new() }),
         service_reads: AtomicU64::new(0),
         chunks: Chunks {
-            local: zeroes(count),
-            remote: zeroes(count * size),
+            local: zeroed_atomics(count),
             count,
             regions: Mutex::new(Vec::new()),
             waiting: Mutex::new(Vec::new()),
@@ -293,10 +288,15 @@ pub fn connect(
         busy_limit: parts.busy_limit,
         busy_count: AtomicUsize::new(0),
         busy_refused: AtomicBool::new(false),
-        send_capacity: parts.send_capacity,
         tcp_checked: AtomicU64::new(0),
     };
     Ok(Connected::Rdma(Box::new(RdmaTransport::start(shared)?)))
+}
+
+/// `n` atomics at 0, in memory the kernel zeroes lazily (a large heap has thousands of chunks).
+fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
+    // SAFETY: all-zero bytes are a valid AtomicU64.
+    unsafe { Box::<[AtomicU64]>::new_zeroed_slice(n).assume_init() }
 }
 
 /// A start packet sequence number for the queue pair from `from` to `to` (any 24-bit value works).
@@ -308,8 +308,8 @@ fn verbs<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RdmaError {
     move |e| RdmaError::verbs(what, std::io::Error::other(e.to_string()))
 }
 
-/// Creates the protection domain and the completion queues. The completion queues have room for
-/// the first buffers of every peer and the full set of as many peers as may become busy.
+/// Creates the protection domain and the completion queues (which grow with the queue pairs made:
+/// see [`CompletionQueues`]).
 fn prepare(port: Port, size: usize) -> Result<Parts, RdmaError> {
     let busy_limit = port.busy_peers.min(size.saturating_sub(1));
     check_memlock(Buffers::FIRST_LEN + CHUNK)?;
@@ -318,28 +318,18 @@ fn prepare(port: Port, size: usize) -> Result<Parts, RdmaError> {
     let fd = channel.as_raw_fd();
     // SAFETY: fcntl on an fd we own.
     unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
-    let cq = |n: usize| {
-        port.ctx
-            .create_cq_builder()
-            .setup_cqe(n as u32)
-            .setup_comp_channel(&channel, 0)
-            .build()
-            .map_err(verbs("ibv_create_cq"))
-    };
-    let send_capacity = size * SEND_FIRST + busy_limit * (SEND_DEPTH - SEND_FIRST);
-    let send_cq = cq(send_capacity)?;
-    let recv_cq = cq(size * RECV_FIRST + busy_limit * (RECV_DEPTH - RECV_FIRST))?;
-    Ok(Parts { port, pd, channel, send_cq, recv_cq, bufs: Buffers::new(size), busy_limit, send_capacity })
+    let cqs = CompletionQueues::create(&port, &channel, size, busy_limit)?;
+    Ok(Parts { port, pd, channel, cqs, bufs: Buffers::new(size), busy_limit })
 }
 
 /// A queue pair to `peer` in INIT, its first receives posted (its first buffers exist).
 pub(super) fn new_link(
     pd: &Arc<ProtectionDomain>,
     port: &Port,
-    send_cq: &Arc<BasicCompletionQueue>,
-    recv_cq: &Arc<BasicCompletionQueue>,
+    cqs: &CompletionQueues,
     bufs: &Buffers,
     peer: usize,
+    chunks: usize,
 ) -> Result<Link, RdmaError> {
     let mut qp = pd
         .create_qp_builder()
@@ -348,8 +338,8 @@ pub(super) fn new_link(
         .setup_max_recv_wr(RECV_DEPTH as u32)
         .setup_max_send_sge(1)
         .setup_max_recv_sge(1)
-        .setup_send_cq(send_cq.clone())
-        .setup_recv_cq(recv_cq.clone())
+        .setup_send_cq(cqs.send().clone())
+        .setup_recv_cq(cqs.recv().clone())
         .build()
         .map_err(verbs("ibv_create_qp"))?;
     let mut attr = QueuePairAttribute::new();
@@ -365,6 +355,7 @@ pub(super) fn new_link(
         completed: AtomicU64::new(0),
         tokens: (0..SEND_DEPTH).map(|_| AtomicU64::new(super::NO_TOKEN)).collect(),
         remote_base: AtomicU64::new(0),
+        rkeys: zeroed_atomics(chunks),
         left: AtomicBool::new(false),
         lost: AtomicU32::new(0),
         wants_busy: AtomicBool::new(false),

@@ -11,9 +11,12 @@
 //! takes a lock, so a page fault may be the first use. The dialer (started with the transport:
 //! no thread is created on the way to a link, since the waiting thread may hold a libc lock that
 //! thread creation takes) dials the wanted peers one at a time. The *keeper* thread accepts the
-//! connections peers make to us and gives each handshake a short-lived thread of its own, so a
-//! stranger that connects and says nothing delays nobody, and no dial waits for a thread that
-//! itself waits for a dial: two ranks may dial each other at the same moment.
+//! connections peers make to us and serves all their handshakes at once, each a few bytes each
+//! way on a non-blocking socket, so a stranger that connects and says nothing delays nobody, no
+//! dial waits for a thread that itself waits for a dial (two ranks may dial each other at the
+//! same moment), and letting a peer in never creates a thread either: a thread of ours that
+//! faults while holding a lock thread creation takes (glibc's TLS lock, inside `dlopen`) may be
+//! waiting for exactly that peer.
 //!
 //! They then agree on one connection. The acceptor answers every authenticated dial with a
 //! sealed one-byte record: `Y` (this connection is the link), `N` (we keep another: our own
@@ -23,9 +26,10 @@
 //! Rank 0 never dials (it holds a link to everyone from start-up): its keeper exists only during
 //! start-up, to take the joins.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,7 +39,7 @@ use crate::seal::{Opener, Sealer};
 use crate::sys::{self, Epoll, EventFd};
 use crate::{auth, LostReason, TransportError};
 
-/// Most handshakes served at once; more connections wait in the listen queue.
+/// Most handshakes under way at once; more connections wait in the listen queue.
 const MAX_HANDSHAKES: usize = 64;
 
 /// Link states (a futex word per peer).
@@ -345,11 +349,11 @@ enum Arrivals {
 }
 
 /// Lets peers in and makes the links senders ask for: an acceptor thread, from the moment it
-/// exists, takes every connection as it arrives and gives each its own short-lived handshake
-/// thread, so that a stranger that connects and says nothing (or slowly) delays nobody, and a
-/// rank busy connecting to others still lets the ranks that connect to it in. It sleeps in
-/// `poll` until a connection comes or the keeper ends (while every handshake
-/// slot is taken, it looks again every 5 ms for one that came free).
+/// exists, takes every connection as it arrives and serves the handshakes of all of them at once
+/// ([`Arriving`]), so that a stranger that connects and says nothing (or slowly) delays nobody,
+/// and a rank busy connecting to others still lets the ranks that connect to it in. It sleeps in
+/// `poll` until a connection or a handshake's next bytes come, a handshake runs out of time, or
+/// the keeper ends.
 pub(super) struct Keeper {
     passed: Option<Mutex<mpsc::Receiver<Passed>>>,
     /// Signalled when the keeper ends: its threads then stop.
@@ -395,7 +399,7 @@ impl Keeper {
             .name("gallocy-keeper".into())
             .spawn(move || {
                 thread_start();
-                keep(&listener, &stopped, &token, &arrivals, thread_start)
+                keep(&listener, &stopped, &token, &arrivals)
             })
             .map_err(|e| format!("starting the connection keeper thread: {e}"))?;
         Ok(Keeper { passed: None, stop, acceptor: Some(acceptor), dialer: None })
@@ -423,12 +427,12 @@ impl Drop for Keeper {
     }
 }
 
-/// The keeper's thread: accepts until `stop` is signalled, starting a handshake thread per
-/// connection (at most [`MAX_HANDSHAKES`] at once; the rest wait in the listen queue), and
-/// dials what is wanted. An error that ends it goes to start-up (rank 0), or ends the process's
-/// links: senders then find their peers unreachable.
-fn keep(listener: &TcpListener, stop: &EventFd, token: &[u8], arrivals: &Arrivals, thread_start: fn()) {
-    if let Err(e) = accept_until_stopped(listener, stop, token, arrivals, thread_start) {
+/// The keeper's thread: accepts until `stop` is signalled, serving the handshakes of the
+/// connections (at most [`MAX_HANDSHAKES`] at once; the rest wait in the listen queue). An error
+/// that ends it goes to start-up (rank 0), or ends the process's links: senders then find their
+/// peers unreachable.
+fn keep(listener: &TcpListener, stop: &EventFd, token: &[u8], arrivals: &Arrivals) {
+    if let Err(e) = accept_until_stopped(listener, stop, token, arrivals) {
         match arrivals {
             Arrivals::Joins(pass) => {
                 let _ = pass.send(Err(e));
@@ -449,20 +453,44 @@ fn accept_until_stopped(
     stop: &EventFd,
     token: &[u8],
     arrivals: &Arrivals,
-    thread_start: fn(),
 ) -> Result<(), String> {
-    let busy = Arc::new(AtomicUsize::new(0));
+    let mut arriving: Vec<Arriving> = Vec::new();
     loop {
-        let full = busy.load(Ordering::Acquire) >= MAX_HANDSHAKES;
-        let (listen_fd, timeout) = if full { (-1, 5) } else { (listener.as_raw_fd(), -1) };
-        let [stopped, _] =
-            sys::poll_readable([stop.0, listen_fd], timeout).map_err(|e| format!("waiting for connections: {e}"))?;
-        if stopped {
+        let now = Instant::now();
+        arriving.retain(|a| a.deadline > now);
+        let room = arriving.len() < MAX_HANDSHAKES;
+        let mut fds = vec![stop.0, if room { listener.as_raw_fd() } else { -1 }];
+        fds.extend(arriving.iter().map(|a| a.stream.as_raw_fd()));
+        let timeout = arriving
+            .iter()
+            .map(|a| a.deadline)
+            .min()
+            .map_or(-1, |d| d.saturating_duration_since(now).as_millis().min(i32::MAX as u128) as libc::c_int + 1);
+        let ready = sys::poll_readable_all(&fds, timeout).map_err(|e| format!("waiting for connections: {e}"))?;
+        if ready[0] {
             return Ok(());
         }
-        while busy.load(Ordering::Acquire) < MAX_HANDSHAKES {
+        let before = std::mem::take(&mut arriving);
+        for (a, readable) in before.into_iter().zip(&ready[2..]) {
+            if !readable {
+                arriving.push(a);
+                continue;
+            }
+            match a.progress(token) {
+                Progress::Waiting(a) => arriving.push(a),
+                Progress::Done(conn, rank) => match arrivals {
+                    // Start-up may be over: the stream then just closes.
+                    Arrivals::Joins(pass) => {
+                        let _ = pass.send(Ok((conn, rank)));
+                    }
+                    Arrivals::Links(links) => links.take_incoming(rank, conn),
+                },
+                Progress::Dropped => {}
+            }
+        }
+        while ready[1] && arriving.len() < MAX_HANDSHAKES {
             match listener.accept() {
-                Ok((s, _)) => greet(s, token, arrivals, &busy, thread_start)?,
+                Ok((s, _)) => arriving.extend(Arriving::greet(s)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // Out of descriptors, typically: the job cannot start, and says why.
@@ -472,36 +500,63 @@ fn accept_until_stopped(
     }
 }
 
-/// Runs the handshake of `s` on a thread of its own; a connection that proves the token becomes
-/// a join or a link.
-fn greet(
-    mut s: TcpStream,
-    token: &[u8],
-    arrivals: &Arrivals,
-    busy: &Arc<AtomicUsize>,
-    thread_start: fn(),
-) -> Result<(), String> {
-    s.set_nonblocking(false).map_err(|e| e.to_string())?;
-    let (token, arrivals, done) = (token.to_vec(), arrivals.clone(), busy.clone());
-    busy.fetch_add(1, Ordering::AcqRel);
-    let started = std::thread::Builder::new().name("gallocy-handshake".into()).spawn(move || {
-        thread_start();
-        if let Ok((rank, keys)) = auth::accept(&mut s, &token, AUTH_TIMEOUT) {
-            let conn = Conn { stream: s, keys };
-            match arrivals {
-                // Start-up may be over: the stream then just closes.
-                Arrivals::Joins(pass) => {
-                    let _ = pass.send(Ok((conn, rank as usize)));
-                }
-                Arrivals::Links(links) => links.take_incoming(rank as usize, conn),
+/// A connection whose handshake is under way: our hello went out, and its proof comes in, on a
+/// non-blocking socket. A connection that fails the handshake, or does not finish it within
+/// [`AUTH_TIMEOUT`], is closed without a byte of heap.
+struct Arriving {
+    stream: TcpStream,
+    acceptance: auth::Acceptance,
+    proof: [u8; auth::CLIENT_PROOF_LEN],
+    got: usize,
+    deadline: Instant,
+}
+
+/// Where a handshake stands after the bytes that came.
+enum Progress {
+    Waiting(Arriving),
+    /// Proven: the connection and the rank it proved.
+    Done(Conn, usize),
+    Dropped,
+}
+
+impl Arriving {
+    /// Sends a new connection our hello; `None` if it cannot take it.
+    fn greet(stream: TcpStream) -> Option<Arriving> {
+        stream.set_nonblocking(true).ok()?;
+        let acceptance = auth::Acceptance::new().ok()?;
+        // A new connection's send buffer takes these few bytes at once.
+        let hello = acceptance.hello();
+        if (&stream).write(&hello).ok()? != hello.len() {
+            return None;
+        }
+        let deadline = Instant::now() + AUTH_TIMEOUT;
+        Some(Arriving { stream, acceptance, proof: [0; auth::CLIENT_PROOF_LEN], got: 0, deadline })
+    }
+
+    /// Reads what came; once the proof is whole, checks it and answers.
+    fn progress(mut self, token: &[u8]) -> Progress {
+        while self.got < self.proof.len() {
+            match (&self.stream).read(&mut self.proof[self.got..]) {
+                Ok(0) => return Progress::Dropped,
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Progress::Waiting(self),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Dropped,
             }
         }
-        done.fetch_sub(1, Ordering::AcqRel);
-    });
-    started.map(|_| ()).map_err(|e| {
-        busy.fetch_sub(1, Ordering::AcqRel);
-        format!("starting a handshake thread: {e}")
-    })
+        let Ok((rank, answer, keys)) = self.acceptance.check(token, &self.proof) else { return Progress::Dropped };
+        if !matches!((&self.stream).write(&answer), Ok(n) if n == answer.len()) {
+            return Progress::Dropped;
+        }
+        // As a blocking handshake leaves it: whoever takes the connection sets it up for itself.
+        let blocking = self.stream.set_nonblocking(false).is_ok()
+            && self.stream.set_read_timeout(Some(AUTH_TIMEOUT)).is_ok()
+            && self.stream.set_write_timeout(Some(AUTH_TIMEOUT)).is_ok();
+        if !blocking {
+            return Progress::Dropped;
+        }
+        Progress::Done(Conn { stream: self.stream, keys }, rank as usize)
+    }
 }
 
 /// Connects to `addr` and proves we are `rank`, trying again until `deadline` while the peer
