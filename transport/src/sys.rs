@@ -186,11 +186,7 @@ fn poll_once(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> io::Result<li
 /// is skipped). Returns which became readable or hung up; none when a signal interrupted.
 pub fn poll_readable<const N: usize>(fds: [RawFd; N], ms: libc::c_int) -> io::Result<[bool; N]> {
     let mut p = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-    // SAFETY: N valid pollfds in a live array.
-    if unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, ms) } < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok([false; N]) } else { Err(e) };
-    }
+    poll_in(&mut p, ms)?;
     Ok(p.map(|p| p.revents != 0))
 }
 
@@ -199,12 +195,21 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], ms: libc::c_int) -> io::Re
 pub fn poll_readable_all(fds: &[RawFd], ms: libc::c_int) -> io::Result<Vec<bool>> {
     let mut p: Vec<libc::pollfd> =
         fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
-    // SAFETY: `p.len()` valid pollfds in a live vector.
+    poll_in(&mut p, ms)?;
+    Ok(p.iter().map(|p| p.revents != 0).collect())
+}
+
+/// `poll` over `p`; an interrupted call counts as nothing ready.
+fn poll_in(p: &mut [libc::pollfd], ms: libc::c_int) -> io::Result<()> {
+    // SAFETY: `p.len()` valid pollfds in a live slice.
     if unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) } < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok(vec![false; fds.len()]) } else { Err(e) };
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        p.iter_mut().for_each(|p| p.revents = 0);
     }
-    Ok(p.iter().map(|p| p.revents != 0).collect())
+    Ok(())
 }
 
 /// Waits until `fd` has room to write, taking in the peer's data meanwhile (see

@@ -36,8 +36,6 @@ mod receivers;
 mod setup;
 
 use std::collections::{HashSet, VecDeque};
-
-use receivers::{Assembly, Held, Receivers, RecvPeer};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,6 +56,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub use buffers::BUSY_PEERS;
 pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
+
+use receivers::{Assembly, Held, Receivers, RecvPeer};
 
 use crate::frame::FrameError;
 use crate::seal::{Opener, Sealer, Tag, TAG_LEN};
