@@ -291,15 +291,20 @@ impl Links {
                     if self.state[rank].load(Ordering::Acquire) == WANTED {
                         self.fail(rank, WE_LEFT);
                     }
-                } else if self.state[rank]
-                    .compare_exchange(WANTED, DIALING, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
+                } else if self.claim_dial(rank) {
                     self.dial(rank);
                 }
                 self.dialing.store(false, Ordering::Release);
             }
         }
+    }
+
+    /// Moves a wanted link to DIALING. Under `decide`, so that the keeper's answer to the peer's
+    /// own dial and the link it installs are never based on a state this changes in between
+    /// (taking the peer's dial while we start ours would leave each side with a different link).
+    fn claim_dial(&self, rank: usize) -> bool {
+        let _d = self.decide.lock().unwrap_or_else(|p| p.into_inner());
+        self.state[rank].compare_exchange(WANTED, DIALING, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// Connects to `rank`, proves our rank, and installs the link if the peer takes it.
