@@ -14,6 +14,8 @@ pub struct Stats {
     pub prefetched: AtomicU64,
     /// Global locks taken without a message (this rank kept them since its last use).
     pub locks_local: AtomicU64,
+    /// Of those, taken in the grace after the lock's home recalled it.
+    pub locks_in_grace: AtomicU64,
     pub invalidations_sent: AtomicU64,
     pub invalidations_received: AtomicU64,
     /// Pages whose memory went back to the system (dropped copies).
@@ -42,6 +44,8 @@ pub struct StatsSnapshot {
     pub prefetched: u64,
     /// Global locks taken without a message (this rank kept them since its last use).
     pub locks_local: u64,
+    /// Of those, taken in the grace after the lock's home recalled it.
+    pub locks_in_grace: u64,
     pub invalidations_sent: u64,
     pub invalidations_received: u64,
     /// Pages whose memory went back to the system (dropped copies).
@@ -69,6 +73,7 @@ impl Default for Stats {
             write_faults: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
             locks_local: AtomicU64::new(0),
+            locks_in_grace: AtomicU64::new(0),
             invalidations_sent: AtomicU64::new(0),
             invalidations_received: AtomicU64::new(0),
             pages_released: AtomicU64::new(0),
@@ -122,6 +127,7 @@ impl Stats {
             write_faults: self.write_faults.load(Ordering::Relaxed),
             prefetched: self.prefetched.load(Ordering::Relaxed),
             locks_local: self.locks_local.load(Ordering::Relaxed),
+            locks_in_grace: self.locks_in_grace.load(Ordering::Relaxed),
             invalidations_sent: self.invalidations_sent.load(Ordering::Relaxed),
             invalidations_received: self.invalidations_received.load(Ordering::Relaxed),
             pages_released: self.pages_released.load(Ordering::Relaxed),
@@ -147,12 +153,13 @@ impl Stats {
         let (n, p90, max) =
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
-            "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} | invalidations sent {} received {} | \
+            "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} (in a grace {}) | invalidations sent {} received {} | \
              pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
             s.locks_local,
+            s.locks_in_grace,
             s.invalidations_sent,
             s.invalidations_received,
             s.pages_released,

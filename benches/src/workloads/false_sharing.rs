@@ -48,6 +48,39 @@ unsafe fn checksum(p: *const u64, slots: usize) -> u64 {
     (0..slots).fold(0u64, |acc, i| acc.wrapping_add(term(i as u64, unsafe { read_volatile(p.add(i)) })))
 }
 
+/// Writes to stderr which slots do not hold what `adds` passes give them (a wrong checksum then
+/// says whether single increments or whole pages went missing).
+///
+/// # Safety
+/// `p` points at `slots` readable u64s that nobody writes meanwhile.
+unsafe fn report_wrong_slots(p: *const u64, slots: usize, adds: u64, ranks: usize) {
+    let page = 4096 / 8;
+    let mut wrong = 0usize;
+    let mut shown = 0usize;
+    for i in 0..slots {
+        let want = adds.wrapping_mul(inc(i));
+        // SAFETY: `i < slots` (the caller's promise).
+        let got = unsafe { read_volatile(p.add(i)) };
+        if got != want {
+            wrong += 1;
+            if shown < 8 {
+                shown += 1;
+                eprintln!(
+                    "false_sharing: slot {i} (page {}, rank {}) holds {got} = {} increments of {}, want {}",
+                    i / page,
+                    i % ranks,
+                    got / inc(i),
+                    inc(i),
+                    adds
+                );
+            }
+        }
+    }
+    if wrong > 0 {
+        eprintln!("false_sharing: {wrong} of {slots} slots wrong");
+    }
+}
+
 pub fn sequential(s: &Params) -> Result<Outcome> {
     let slots = s.fs_slots as usize;
     let t_setup = now_ns();
@@ -91,6 +124,10 @@ pub fn distributed(s: &Params) -> Result<Option<Outcome>> {
     let t1 = now_ns();
     // SAFETY: after the last barrier nobody writes the array.
     let checksum = if job.rank == 0 { unsafe { checksum(p, slots) } } else { 0 };
+    if job.rank == 0 {
+        // SAFETY: as above; after the last barrier nobody writes any more.
+        unsafe { report_wrong_slots(p, slots, s.fs_rounds * s.fs_passes, job.size) };
+    }
     job.barrier();
     Ok((job.rank == 0).then(|| Outcome { setup_ms: ms(t_setup, t0), ms: ms(t0, t1), checksum, ..Default::default() }))
 }

@@ -6,6 +6,7 @@ use crate::fault::acquire::wait_for;
 use crate::heap::alloc::RuntimeScope;
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, Runtime};
+use crate::protocol::locks::LocalTake;
 use crate::protocol::placement::Policy;
 use crate::protocol::{wire, Msg};
 use crate::release;
@@ -47,8 +48,12 @@ pub fn lock(id: u32) {
         fatal(rt, &format!("lock({id}) by a thread that already holds global lock {id} (it would wait for itself)"));
     }
     if rt.size() > 1 {
-        if rt.lock_cache().try_local(id) {
+        let local = rt.lock_cache().try_local(id, crate::sys::clock::now_ns());
+        if let Some(take) = local {
             rt.stats().count(&rt.stats().locks_local, 1);
+            if take == LocalTake::InGrace {
+                rt.stats().count(&rt.stats().locks_in_grace, 1);
+            }
         } else {
             let waiter = rt.slots().claim_dependent();
             rt.send_from_app(id as usize % rt.size(), Msg::LockAcquire { id, waiter });
@@ -94,9 +99,22 @@ pub fn unlock(id: u32) {
     if rt.size() > 1 {
         // Our writes reach their homes before anybody can take the lock after us.
         release::release(rt);
-        let release = rt.lock_cache().release(id);
+        let (release, grace) = {
+            let mut cache = rt.lock_cache();
+            let now = crate::sys::clock::now_ns();
+            let release = cache.release(id, now);
+            let grace = cache.next_grace_end(now);
+            rt.service().set_grace_end(grace);
+            (release, grace)
+        };
         if let Some(msg) = release {
             rt.send_from_app(id as usize % rt.size(), msg);
+        } else if grace.is_some() && (rt.service().sleeping() || rt.service().deaf()) {
+            // The service thread gives the lock back when the grace ends: it must not sleep
+            // past that.
+            if let Some(t) = rt.transport() {
+                t.wake();
+            }
         }
     }
 }

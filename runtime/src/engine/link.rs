@@ -3,7 +3,7 @@
 //! (local threads read them), and the pause for a fork snapshot.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,6 +24,10 @@ pub struct ServiceLink {
     sleeping: AtomicBool,
     deaf: AtomicBool,
     pause: AtomicU32,
+    /// When the earliest grace of a recalled lock this rank keeps ends (ns; 0: none): then the
+    /// service thread gives back what nobody holds (see [`crate::protocol::locks`]). Written
+    /// under the lock cache's mutex, by whoever changed the cache.
+    grace_end: AtomicU64,
 }
 
 impl ServiceLink {
@@ -44,6 +48,17 @@ impl ServiceLink {
             return Vec::new();
         }
         self.posted.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    /// Records when the earliest lock grace ends (`None`: no grace runs). Call with the lock
+    /// cache's mutex held, with what the cache says.
+    pub fn set_grace_end(&self, end: Option<u64>) {
+        self.grace_end.store(end.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// When the earliest lock grace ends, if one runs.
+    pub fn grace_end(&self) -> Option<u64> {
+        Some(self.grace_end.load(Ordering::SeqCst)).filter(|&t| t != 0)
     }
 
     /// Whether the service thread sleeps in the transport and needs a wake-up. Async-signal-safe.

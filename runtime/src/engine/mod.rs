@@ -111,6 +111,7 @@ impl<'a> Engine<'a> {
             self.rt.service().pause_if_asked();
             let mut handled = self.take_local_work();
             handled += self.pump(Duration::ZERO);
+            handled += self.end_graces();
             if self.rt.membership().leaving() && self.liveness.all_departed(self.rt) {
                 self.rt.membership().set_all_departed();
                 return;
@@ -133,6 +134,38 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Gives back the recalled locks whose grace is over and that no thread holds; returns how
+    /// many went.
+    fn end_graces(&mut self) -> usize {
+        let Some(end) = self.rt.service().grace_end() else { return 0 };
+        let now = now_ns();
+        if now < end {
+            return 0;
+        }
+        let releases = {
+            let mut cache = self.rt.lock_cache();
+            let releases = cache.expired(now);
+            self.rt.service().set_grace_end(cache.next_grace_end(now));
+            releases
+        };
+        let n = releases.len();
+        for msg in releases {
+            if let Msg::LockRelease { id } = msg {
+                self.send(id as usize % self.rt.size(), msg);
+            }
+        }
+        n
+    }
+
+    /// How long the service thread may block at most: until the next grace ends, capped at
+    /// `cap`.
+    fn until_grace_end(&self, cap: Duration) -> Duration {
+        match self.rt.service().grace_end() {
+            Some(end) => cap.min(Duration::from_nanos(end.saturating_sub(now_ns()))),
+            None => cap,
+        }
+    }
+
     /// Blocks until there may be work. While local threads spin for answers they read the
     /// sockets themselves, so we then wait only for their call (or a short timeout) instead of
     /// waking on every frame and competing with them for the two CPUs.
@@ -146,7 +179,7 @@ impl<'a> Engine<'a> {
             // their waits we still look every DEAF_POLL.
             rt.service().set_deaf(true);
             if !rt.slots().has_posted() && !rt.service().has_posted() {
-                transport.wait_for_wake(DEAF_POLL);
+                transport.wait_for_wake(self.until_grace_end(DEAF_POLL));
             }
             rt.service().set_deaf(false);
             return;
@@ -155,7 +188,7 @@ impl<'a> Engine<'a> {
         // Re-check for work posted just before we announced sleeping.
         if !rt.slots().has_posted() && !rt.service().has_posted() && rt.service().pause_state() == link::RUN {
             let budget = self.liveness.sleep_budget(now_ns(), !self.deferred.is_empty());
-            self.pump(budget);
+            self.pump(self.until_grace_end(budget));
         }
         rt.service().set_sleeping(false);
     }
@@ -386,9 +419,12 @@ impl<'a> Engine<'a> {
             Msg::LockGranted { waiter, .. } => self.complete(from, waiter, 0),
             Msg::LockRelease { id } => self.locks.release(from, id, &mut out),
             Msg::LockRecall { id } => {
-                if let Some(release) = rt.lock_cache().recall(id) {
+                let mut cache = rt.lock_cache();
+                let now = now_ns();
+                if let Some(release) = cache.recall(id, now) {
                     out.push(Send { to: from, msg: release });
                 }
+                rt.service().set_grace_end(cache.next_grace_end(now));
                 Ok(())
             }
             Msg::Broadcast { seq, total, offset } => {

@@ -191,10 +191,17 @@ fn heap_mappings() -> Result<Option<usize>, Error> {
     Ok(Some(parse_number(NAME, 0, MIN_HEAP_MAPPINGS, max, "mappings")? as usize))
 }
 
-/// `GALLOCY_SERVICE_SLICE_US`: 0 or unset for the kernel's default, else a slice it accepts.
+/// The service thread's slice when `GALLOCY_SERVICE_SLICE_US` is unset: the shortest the kernel
+/// accepts, so that a message wakes the service thread in front of an application thread that
+/// spins or computes on the same CPU (Linux 6.12 and later let a waking task with a shorter
+/// slice preempt; older kernels ignore the request).
+pub const DEFAULT_SERVICE_SLICE_US: u64 = 100;
+
+/// `GALLOCY_SERVICE_SLICE_US`: unset for [`DEFAULT_SERVICE_SLICE_US`], 0 for the kernel's
+/// default, else a slice it accepts.
 fn service_slice() -> Result<Option<Duration>, Error> {
     const NAME: &str = "GALLOCY_SERVICE_SLICE_US";
-    let Some(v) = var(NAME)? else { return Ok(None) };
+    let Some(v) = var(NAME)? else { return Ok(Some(Duration::from_micros(DEFAULT_SERVICE_SLICE_US))) };
     let why = format!(
         "must be 0 (the kernel's default) or a whole number of microseconds from {} to {}",
         SERVICE_SLICE_US.start(),

@@ -31,8 +31,13 @@
 //!   local hit (a read hit only checks the value it reads and changes nothing; a write hit
 //!   writes a new version). Otherwise the thread sends `Request` to the page's home and waits.
 //! - `Acquire`/`Release { rank }`: the thread takes the lock: at once if its rank keeps it unused
-//!   ([`LockCache`]), else it asks lock 0's home (rank 0) and waits; or releases it (to the home
-//!   only if the home recalled it).
+//!   ([`LockCache`]: also in the grace after a recall), else it asks lock 0's home (rank 0) and
+//!   waits; or releases it (to the home only if the home recalled it and the grace is over).
+//!   The model gives the cache one time throughout, so every recall of a lock its rank used
+//!   starts a grace.
+//! - `GraceEnds { rank }`: the service thread's timer ends the rank's grace: a recalled lock
+//!   nobody holds goes back to the home. Enabled whenever a grace runs, so a run that leaves the
+//!   lock in a grace has no deadlock only if the grace's end lets the waiter go on.
 //! - `Deliver { from, to }`: the head of link `from -> to` is handled by `to` as the engine does:
 //!   the receive check, then the directory (`Request`, `RevokeAck`, `Done`), the holder
 //!   (`Revoke`: access per `after_revoke`, then `RevokeAck`; `Forward`: per `forward`), the
@@ -233,7 +238,12 @@ pub enum Action {
     Release { rank: Rank },
     Deliver { from: Rank, to: Rank, msg: Msg },
     FinishRead { rank: Rank },
+    GraceEnds { rank: Rank },
 }
+
+/// The one time the model gives the lock cache: every recall after a use starts a grace, which
+/// ends only by [`Action::GraceEnds`] (any time, like the service thread's timer).
+const MODEL_NOW: u64 = 1;
 
 impl Action {
     /// Whether the action can change the state of a correct protocol (read hits cannot).
@@ -254,6 +264,7 @@ impl fmt::Debug for Action {
             Action::Release { rank } => write!(f, "rank {rank} releases the lock"),
             Action::Deliver { from, to, msg } => write!(f, "{from} -> {to}: {msg:?}"),
             Action::FinishRead { rank } => write!(f, "rank {rank}'s one-sided read completes"),
+            Action::GraceEnds { rank } => write!(f, "rank {rank}'s grace for the recalled lock ends"),
         }
     }
 }
@@ -341,7 +352,7 @@ impl Dsm {
                 _ => Err(Violation::StaleWaiter { from, waiter }),
             },
             Msg::LockRecall { id } => {
-                if let Some(release) = node.cache.recall(id) {
+                if let Some(release) = node.cache.recall(id, MODEL_NOW) {
                     out.push(Send { to: from, msg: release });
                 }
                 Ok(())
@@ -449,6 +460,9 @@ impl Model for Dsm {
             if n.reading.is_some() {
                 actions.push(Action::FinishRead { rank });
             }
+            if n.lock != LockUse::Held && n.cache.next_grace_end(MODEL_NOW).is_some() {
+                actions.push(Action::GraceEnds { rank });
+            }
             if n.wait.is_some() {
                 continue;
             }
@@ -491,7 +505,7 @@ impl Model for Dsm {
             Action::Acquire { rank } => {
                 let node = &mut s.nodes[rank];
                 node.acquires += 1;
-                if node.cache.try_local(LOCK) {
+                if node.cache.try_local(LOCK, MODEL_NOW).is_some() {
                     node.local_acquires += 1;
                     node.lock = LockUse::Held;
                 } else {
@@ -503,7 +517,7 @@ impl Model for Dsm {
             }
             Action::Release { rank } => {
                 s.nodes[rank].lock = LockUse::Released;
-                if let Some(release) = s.nodes[rank].cache.release(LOCK) {
+                if let Some(release) = s.nodes[rank].cache.release(LOCK, MODEL_NOW) {
                     s.post(rank, Send { to: LOCK as usize % RANKS, msg: release });
                 }
             }
@@ -511,6 +525,11 @@ impl Model for Dsm {
                 let env = s.links[from * RANKS + to].pop_front().expect("a message to deliver");
                 debug_assert_eq!(env.msg, msg);
                 self.receive(&mut s, from, to, env);
+            }
+            Action::GraceEnds { rank } => {
+                for release in s.nodes[rank].cache.expired(u64::MAX) {
+                    s.post(rank, Send { to: LOCK as usize % RANKS, msg: release });
+                }
             }
             Action::FinishRead { rank } => {
                 let r = s.nodes[rank].reading.take().expect("a read under way");

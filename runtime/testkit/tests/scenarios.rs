@@ -47,6 +47,15 @@ fn a_lock_taken_again_by_the_same_rank_is_local() {
     launch_ok(3, &["relock", "--times", &count(1000, 200)], limit(2 * MIN));
 }
 
+/// A rank that uses a lock when another asks for it keeps it for a short, bounded grace: some
+/// acquires are taken in one (the scenario fails otherwise), no increment is lost, and every
+/// rank finishes its turns.
+#[test]
+fn a_busy_lock_stays_for_a_grace_when_recalled() {
+    let _g = serial();
+    launch_ok(3, &["lockbatch", "--times", &count(2000, 300)], limit(2 * MIN));
+}
+
 #[test]
 fn more_lock_waiters_than_wait_slots() {
     let _g = serial();
@@ -280,7 +289,8 @@ fn the_fault_path_fits_a_threads_own_alternate_stack() {
 }
 
 /// `GALLOCY_SERVICE_SLICE_US` reaches the service thread of every rank, where the kernel shows
-/// slices (Linux 6.12 and later; elsewhere the test only checks that the job runs).
+/// slices (Linux 6.12 and later; elsewhere the test only checks that the job runs); unset, the
+/// slice is 100 µs, and 0 leaves the kernel's own.
 #[test]
 fn the_service_thread_takes_the_slice_it_is_given() {
     let _g = serial();
@@ -306,7 +316,9 @@ fn the_service_thread_takes_the_slice_it_is_given() {
     }
     assert!(given.iter().all(|s| s == "300000"), "the slice given is 300 µs: {given:?}");
     let default = slices(&[]);
-    assert!(default.iter().all(|s| s != "300000"), "without the variable the kernel's slice stays: {default:?}");
+    assert!(default.iter().all(|s| s == "100000"), "without the variable the slice is 100 µs: {default:?}");
+    let kernels = slices(&[("GALLOCY_SERVICE_SLICE_US", "0")]);
+    assert!(kernels.iter().all(|s| s != "100000" && s != "300000"), "with 0 the kernel's own slice stays: {kernels:?}");
 }
 
 /// The figures of the `interleave` PASS line of `rank`.

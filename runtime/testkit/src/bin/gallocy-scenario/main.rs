@@ -37,6 +37,8 @@ scenarios (all ranks run the same NAME):
   fill64      [--mib M]                      rank 0 fills M MiB (default 64), every rank verifies
   counter     [--total N] [--threads T]      shared counter under gallocy::lock(1)
   relock      [--times N]                    rank 0 re-takes lock 1 locally; then all ranks share it
+  lockbatch   [--times N] [--work W] [--min-local-pct P]
+                                             all ranks take lock 1 in turn; most takes are local
   pingpong    [--rounds N]                   two ranks write one page alternately
   disjoint    [--rounds N] [--words W]       ranks write disjoint words of one page
   contend     [--ms M] [--threads T] [--changes K] [--cap-ms C]
@@ -102,6 +104,7 @@ fn main() {
         "counter" => sync::counter,
         "service-slice" => sync::service_slice,
         "relock" => sync::relock,
+        "lockbatch" => sync::lockbatch,
         "pingpong" => sync::pingpong,
         "disjoint" => sync::disjoint,
         "contend" => sync::contend,

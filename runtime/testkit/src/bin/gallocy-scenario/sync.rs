@@ -88,6 +88,65 @@ pub fn relock(args: &Args) -> Outcome {
     Ok(format!("{times} acquires in a row, {} of them local; counter {got}", gallocy::stats().locks_local - before))
 }
 
+/// lockbatch: every rank takes lock 1 `--times` times (default 2000), adding to a shared
+/// counter, with `--work` mixing rounds (default 50) outside the lock, while the others do the
+/// same. A rank that uses the lock when its home recalls it keeps it for a short grace: the job
+/// fails if no acquire anywhere was one of a grace's, or if fewer than `--min-local-pct` percent
+/// (default 0) of its acquires were local, or if an increment was lost.
+pub fn lockbatch(args: &Args) -> Outcome {
+    let times = args.usize_or("--times", 2000) as u64;
+    let work = args.usize_or("--work", 50) as u64;
+    let min_pct = args.usize_or("--min-local-pct", 0) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    let cell = collective(gallocy::page_size())?;
+    let ctr = cell.word(0);
+    gallocy::barrier();
+    let (before, grace_before) = (gallocy::stats().locks_local, gallocy::stats().locks_in_grace);
+    let mut x = rank as u64;
+    for _ in 0..times {
+        gallocy::lock(1);
+        // SAFETY: `ctr` is the first word of a live collective page; the global lock serialises
+        // every read-modify-write of it.
+        unsafe { vwrite(ctr, vread(ctr) + 1) };
+        gallocy::unlock(1);
+        for _ in 0..work {
+            x = mix(x);
+        }
+    }
+    let local = gallocy::stats().locks_local - before;
+    let in_grace = gallocy::stats().locks_in_grace - grace_before;
+    // SAFETY: words 1 + rank and 1 + size + rank of the live collective page are this rank's own.
+    unsafe {
+        vwrite(cell.word(1 + rank), local);
+        vwrite(cell.word(1 + size + rank), in_grace);
+    }
+    gallocy::barrier();
+    // SAFETY: as above; after the barrier nobody writes any more.
+    let got = unsafe { vread(ctr) };
+    // SAFETY: as above.
+    let locals: Vec<u64> = (0..size).map(|r| unsafe { vread(cell.word(1 + r)) }).collect();
+    // SAFETY: as above.
+    let graces: Vec<u64> = (0..size).map(|r| unsafe { vread(cell.word(1 + size + r)) }).collect();
+    gallocy::barrier();
+    let total = times * size as u64;
+    if got != total {
+        return Err(format!("counter is {got}, expected {total}"));
+    }
+    let all_local: u64 = locals.iter().sum();
+    if graces.iter().sum::<u64>() == 0 {
+        return Err(format!("no acquire was taken in a grace (local per rank {locals:?})"));
+    }
+    if all_local * 100 < min_pct * total {
+        return Err(format!(
+            "{all_local} of the job's {total} acquires were local (per rank {locals:?}), expected at least {min_pct}%"
+        ));
+    }
+    Ok(format!(
+        "counter {got}; {all_local} of {total} acquires local (per rank {locals:?}; in a grace {graces:?}); mix {:x}",
+        x & 0xf
+    ))
+}
+
 /// Spin (yielding) until `cond` holds; gives up after `limit`.
 fn spin_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
@@ -302,14 +361,16 @@ pub fn contend(args: &Args) -> Outcome {
 /// Reports the time slice of this process's service thread, as the kernel shows it
 /// (`se.slice` in /proc/self/task/TID/sched; "none" where the kernel shows no slice). The thread
 /// names itself and asks for its slice when it first runs, which may come after the barrier
-/// (waiting threads take barrier notices themselves): with `GALLOCY_SERVICE_SLICE_US` set, this
+/// (waiting threads take barrier notices themselves): unless `GALLOCY_SERVICE_SLICE_US` is 0, this
 /// waits up to 10 s for the slice asked for.
 pub fn service_slice(_args: &Args) -> Outcome {
     gallocy::barrier();
-    let wanted = std::env::var("GALLOCY_SERVICE_SLICE_US")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|us| (us * 1000).to_string());
+    // Unset: the runtime's default of 100 µs; 0: the kernel's own, whatever it is.
+    let wanted = match std::env::var("GALLOCY_SERVICE_SLICE_US").ok().map(|v| v.trim().parse::<u64>().ok()) {
+        None => Some("100000".to_string()),
+        Some(Some(0)) => None,
+        Some(us) => us.map(|us| (us * 1000).to_string()),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seen = service_thread_slice()?;
