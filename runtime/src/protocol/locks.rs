@@ -208,10 +208,16 @@ impl LockCache {
             .collect()
     }
 
-    /// The earliest end after `now` of a grace (`None`: no grace runs). A lock held when its grace
-    /// ends goes at its release.
+    /// The earliest end of a grace that [`LockCache::expired`] still has to act on (`None`:
+    /// none): every grace of a lock nobody holds, even one that ended already (it is still
+    /// kept), and the graces after `now` of held locks (a held lock whose grace ended goes at
+    /// its release).
     pub fn next_grace_end(&self, now: u64) -> Option<u64> {
-        self.locks.values().filter(|l| l.token && l.recalled && l.grace_until > now).map(|l| l.grace_until).min()
+        self.locks
+            .values()
+            .filter(|l| l.token && l.recalled && l.grace_until != 0 && (!l.held || l.grace_until > now))
+            .map(|l| l.grace_until)
+            .min()
     }
 
     /// Gives back every lock this rank keeps unused (a rank leaving the job).
@@ -352,6 +358,19 @@ mod tests {
         assert_eq!(c.release(8, released), None, "kept for a grace from the release");
         assert!(c.try_local(8, released + 1).is_some(), "taken again in it");
         assert_eq!(c.release(8, released + GRACE_NS), Some(Msg::LockRelease { id: 8 }), "goes after it");
+
+        // A grace that ended while another lock's recall came in is still due: the service
+        // thread must learn of it (it recomputes the next end after every recall).
+        c.granted(10);
+        c.granted(11);
+        assert_eq!(c.release(10, 1_000), None);
+        assert_eq!(c.release(11, 1_000), None);
+        assert_eq!(c.recall(10, 2_000), None, "a grace for lock 10");
+        let late = 2_000 + 2 * GRACE_NS;
+        assert_eq!(c.recall(11, late), Some(Msg::LockRelease { id: 11 }), "lock 11 unused for long");
+        assert_eq!(c.next_grace_end(late), Some(2_000 + GRACE_NS), "lock 10's grace is over but not acted on");
+        assert_eq!(c.expired(late), vec![Msg::LockRelease { id: 10 }]);
+        assert_eq!(c.next_grace_end(late), None);
 
         // A recall that overtook its grant gives no grace.
         assert_eq!(c.recall(9, 0), None);
