@@ -18,6 +18,7 @@ use std::time::Duration;
 use gallocy_transport::{Event, Span, TransportError};
 
 use crate::fault::acquire::{attached, open_page};
+use crate::fault::prefetch::CONTENDED_NS;
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::holder::{self, check_received};
@@ -394,12 +395,13 @@ impl<'a> Engine<'a> {
                 if !to_read {
                     rt.stats().count(&rt.stats().invalidations_received, 1);
                 }
+                let lost_before = rt.pt().lost_at(page as usize);
                 self.set_access(page, keep);
                 // A home revoking its own copy sends it to the requester next: only a copy that
                 // another rank's revoke dropped is dead. Our acknowledgement goes out after
                 // this, so no new contents of the page can arrive before the release.
                 if from != self.me {
-                    self.release_if_dropped(page, keep);
+                    self.release_if_dropped(page, keep, lost_before);
                 }
                 out.push(Send { to: from, msg: Msg::RevokeAck { page } });
                 Ok(())
@@ -492,9 +494,21 @@ impl<'a> Engine<'a> {
     /// system, before the acknowledgement goes out. Not a copy this process forwards or a home's
     /// own copy (their contents are about to be sent), and not with one-sided reads (RDMA
     /// registrations stay on the pages they pinned).
-    fn release_if_dropped(&self, page: Page, keep: Access) {
+    ///
+    /// Nor a copy that another rank's write already took from us in the last
+    /// [`CONTENDED_NS`] (`lost_before`, when it was): a page that goes back and forth between
+    /// writers comes back soon, and keeps its memory for that. Releasing it on every round would
+    /// cost a hole punched and a fresh, zeroed page per fault; and on the kernels of our CI
+    /// machines (Linux 6.18, 2 vCPUs), 4 ranks doing that thousands of times a second ended with
+    /// bits 0x20 and 0x40 set in the first word of a page now and then (a wrong checksum in
+    /// `false_sharing` at N=4, in 10 of 16 runs), which never happened without the release (0 of 7).
+    fn release_if_dropped(&self, page: Page, keep: Access, lost_before: u64) {
+        let contended = lost_before != 0 && now_ns().saturating_sub(lost_before) < CONTENDED_NS;
+        if keep != Access::None || self.one_sided || contended {
+            return;
+        }
         // A failure only keeps the memory: the copy is dead either way.
-        if keep == Access::None && !self.one_sided && self.rt.region().release(page as usize, 1).is_ok() {
+        if self.rt.region().release(page as usize, 1).is_ok() {
             self.rt.stats().count(&self.rt.stats().pages_released, 1);
         }
     }

@@ -25,7 +25,7 @@ pub const MAX_BATCH: usize = 8;
 /// Largest stride (in pages) still taken for a run.
 const MAX_STRIDE: i64 = 16;
 /// How long a page another rank took from this process counts as contended.
-const CONTENDED_NS: u64 = 100_000_000;
+pub const CONTENDED_NS: u64 = 100_000_000;
 
 /// This thread's last read miss.
 #[derive(Clone, Copy)]

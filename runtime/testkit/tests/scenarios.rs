@@ -238,6 +238,15 @@ fn dropped_copies_give_their_memory_back() {
     memory_comes_back(&["release", "--mib", "32"]);
 }
 
+/// A copy that goes back and forth between writers keeps its memory: only its first drop gives
+/// it back, the drops that follow every few ms do not (see `engine::release_if_dropped`). Over
+/// RDMA no copy gives its memory back, which passes too.
+#[test]
+fn contended_copies_keep_their_memory() {
+    let _g = serial();
+    launch_ok(2, &["contended-release", "--pages", "16", "--rounds", "200"], limit(2 * MIN));
+}
+
 /// Runs `scenario` on 2 ranks, asking it to check that the memory came back (`--expect`) except
 /// over RDMA, where registrations pin the pages and only the contents are checked.
 fn memory_comes_back(scenario: &[&str]) {

@@ -58,6 +58,7 @@ scenarios (all ranks run the same NAME):
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
   freed       [--mib M] [--expect]           a freed large block gives its memory back
+  contended-release [--pages P] [--rounds R]  copies going back and forth keep their memory (2 ranks)
   rc-drf      [--rounds N] [--pages P]       data-race-free writers, locks and quiet pages under
                                              GALLOCY_CONSISTENCY=release, checked bit for bit
   rc-random   [--epochs E] [--pages P] [--threads T] [--seed S]
@@ -122,6 +123,7 @@ fn main() {
         "scale" => scale::scale,
         "release" => release::release,
         "freed" => release::freed,
+        "contended-release" => release::contended_release,
         "rc-drf" => relaxed::rc_drf,
         "rc-random" => relaxed::rc_random,
         "stack" => stack::stack,

@@ -76,6 +76,56 @@ pub fn release(args: &Args) -> Outcome {
     Ok(summary)
 }
 
+/// contended-release [--pages P] [--rounds R]: copies that go back and forth between writers keep
+/// their memory. On 2 ranks, P pages of a collective allocation (block placement: rank 0 is the
+/// home of the first half, rank 1 of the second); in every round one rank writes all of them
+/// (rank 0 in even rounds, rank 1 in odd ones) and, after a barrier, the other reads and checks
+/// them. Each write drops the other rank's copies of the pages it is not the home of, every few
+/// ms. Only a copy's first drop gives its memory back (a later one comes within
+/// `CONTENDED_NS`): each rank fails if it released more than a tenth of its drops.
+pub fn contended_release(args: &Args) -> Outcome {
+    let pages = args.usize_or("--pages", 16);
+    let rounds = args.usize_or("--rounds", 200) as u64;
+    let (rank, size) = (gallocy::rank(), gallocy::size());
+    if size != 2 {
+        return Err("contended-release runs on 2 ranks".into());
+    }
+    let page = gallocy::page_size();
+    let buf = collective(pages * page)?;
+    let word = |p: usize| buf.at(p * page);
+    gallocy::barrier();
+    let released_before = gallocy::stats().pages_released;
+    for round in 0..rounds {
+        let writer = (round % 2) as usize;
+        if rank == writer {
+            for p in 0..pages {
+                // SAFETY: the first word of page p; only this round's writer writes, between
+                // barriers.
+                unsafe { vwrite(word(p), round << 32 | p as u64) };
+            }
+        }
+        gallocy::barrier();
+        if rank != writer {
+            for p in 0..pages {
+                // SAFETY: as above; nobody writes meanwhile.
+                let got = unsafe { vread(word(p)) };
+                if got != round << 32 | p as u64 {
+                    return Err(format!("page {p}: {got:#x} in round {round}"));
+                }
+            }
+        }
+        gallocy::barrier();
+    }
+    let released = gallocy::stats().pages_released - released_before;
+    // This rank's copies of the other half are dropped in every round the other rank writes.
+    let drops = rounds / 2 * (pages / 2) as u64;
+    let summary = format!("{released} pages released in {drops} drops of a copy");
+    if released * 10 > drops {
+        return Err(format!("{summary}: a copy that comes back within ms should keep its memory"));
+    }
+    Ok(summary)
+}
+
 /// freed [--mib M] [--expect]: a freed large block gives its memory back. Every rank mallocs M
 /// MiB of its own arena, writes every page, and frees it; it reports its `RssShmem` with the
 /// block and after the free, and the pages released. With `--expect` it fails unless most of the
