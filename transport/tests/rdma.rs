@@ -1114,7 +1114,15 @@ fn only_peers_in_use_get_the_full_set_of_message_buffers() {
                     assert!(busy == [1] || busy == [2], "rank 0 may make one peer busy, and did {busy:?}");
                 }),
                 1 | 2 => {
-                    // Rank 0's messages pile up in the first buffers meanwhile.
+                    // Rank 0's messages pile up in the first buffers meanwhile, from the moment
+                    // its connection is made. Its request comes on TCP, which no service thread
+                    // reads here: a waiting thread's inline poll answers it (declining messages).
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !tr.connected_peers().contains(&0) {
+                        assert!(Instant::now() < deadline, "rank {rank}: rank 0 did not connect within 60 s");
+                        tr.poll_inline(&mut |_, _, _| false);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     std::thread::sleep(Duration::from_secs(1));
                     let mut next = 0;
                     let deadline = Instant::now() + Duration::from_secs(60);
