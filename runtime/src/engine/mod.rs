@@ -18,7 +18,7 @@ use std::time::Duration;
 use gallocy_transport::{Event, Span, TransportError};
 
 use crate::fault::acquire::{attached, open_page};
-use crate::fault::prefetch::CONTENDED_NS;
+use crate::fault::prefetch::contended;
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::holder::{self, check_received};
@@ -495,16 +495,15 @@ impl<'a> Engine<'a> {
     /// own copy (their contents are about to be sent), and not with one-sided reads (RDMA
     /// registrations stay on the pages they pinned).
     ///
-    /// Nor a copy that another rank's write already took from us in the last
-    /// [`CONTENDED_NS`] (`lost_before`, when it was): a page that goes back and forth between
-    /// writers comes back soon, and keeps its memory for that. Releasing it on every round would
+    /// Nor a copy still [`contended`]: another rank's write took it from us (at `lost_before`)
+    /// less than `CONTENDED_NS` ago. A page that goes back and forth between writers comes back
+    /// soon, and keeps its memory for that. Releasing it on every round would
     /// cost a hole punched and a fresh, zeroed page per fault; and on the kernels of our CI
     /// machines (Linux 6.18, 2 vCPUs), 4 ranks doing that thousands of times a second ended with
     /// bits 0x20 and 0x40 set in the first word of a page now and then (a wrong checksum in
     /// `false_sharing` at N=4, in 10 of 16 runs), which never happened without the release (0 of 7).
     fn release_if_dropped(&self, page: Page, keep: Access, lost_before: u64) {
-        let contended = lost_before != 0 && now_ns().saturating_sub(lost_before) < CONTENDED_NS;
-        if keep != Access::None || self.one_sided || contended {
+        if keep != Access::None || self.one_sided || contended(lost_before, now_ns()) {
             return;
         }
         // A failure only keeps the memory: the copy is dead either way.

@@ -27,6 +27,12 @@ const MAX_STRIDE: i64 = 16;
 /// How long a page another rank took from this process counts as contended.
 pub const CONTENDED_NS: u64 = 100_000_000;
 
+/// Whether a page another rank's write took from this process at `lost_at` (0: never) is still
+/// contended at `now` (both from [`crate::sys::clock::now_ns`]). Async-signal-safe.
+pub fn contended(lost_at: u64, now: u64) -> bool {
+    lost_at != 0 && now.saturating_sub(lost_at) < CONTENDED_NS
+}
+
 /// This thread's last read miss.
 #[derive(Clone, Copy)]
 struct Run {
@@ -79,7 +85,7 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
         let wanted = p >= 0
             && p < pages
             && !rt.placement().is_first_touch(p as u64)
-            && now.saturating_sub(rt.pt().lost_at(p as usize)) >= CONTENDED_NS;
+            && !contended(rt.pt().lost_at(p as usize), now);
         wanted.then_some(p as usize)
     })
 }
@@ -90,7 +96,7 @@ pub fn upgrade_run(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '
     let pages = rt.placement().pages() as usize;
     let now = crate::sys::clock::now_ns();
     (page + 1..(page + rt.settings().prefetch as usize).min(pages)).take_while(move |&p| {
-        rt.pt().access(p) == crate::heap::region::Access::Read && now.saturating_sub(rt.pt().lost_at(p)) >= CONTENDED_NS
+        rt.pt().access(p) == crate::heap::region::Access::Read && !contended(rt.pt().lost_at(p), now)
     })
 }
 
@@ -134,5 +140,16 @@ mod tests {
     fn a_jump_starts_over() {
         assert_eq!(windows(&[10, 11, 12, 14, 5000, 5001]), vec![(0, 1), (1, 1), (1, 2), (1, 4), (0, 1), (1, 1)]);
         assert_eq!(windows(&[7, 7]), vec![(0, 1), (0, 1)], "the same page again is no run");
+    }
+
+    #[test]
+    fn a_page_lost_lately_is_contended_until_the_window_ends() {
+        let lost = 5 * CONTENDED_NS;
+        assert!(!contended(0, 10), "a page never lost, early in the clock's life");
+        assert!(!contended(0, 10 * CONTENDED_NS), "a page never lost");
+        assert!(contended(lost, lost), "lost just now");
+        assert!(contended(lost, lost + CONTENDED_NS - 1), "lost just inside the window");
+        assert!(!contended(lost, lost + CONTENDED_NS), "lost a whole window ago");
+        assert!(contended(lost, lost - 1), "a loss stamped by another thread a moment later");
     }
 }
