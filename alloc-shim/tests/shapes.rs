@@ -19,6 +19,10 @@
 //! - a forking server in a joined member: 20 children must each see the shared heap exactly as
 //!   it was at fork while the parent's threads overwrite it and the other rank reads it, and
 //!   the children's writes must never reach the parent (forkserver.c);
+//! - a joined member forking 200 times while another thread keeps calling `fflush(NULL)` (stdio's
+//!   list lock, which glibc's `fork` takes, held while it writes FILEs on the heap); the same
+//!   with another library's fork child handler that reads and writes the heap (forkhook.c); and a
+//!   child made by a raw `clone`, past the fork handlers, touching the heap (forkflush.c);
 //! - leaving while a thread writes a page that moves between the ranks: exit(0) from a thread,
 //!   main returning, _exit(0) and _Exit(0) from a thread (exit status 0, no "fatal" or "lost
 //!   contact" anywhere), and exit(3) and _exit(3) from a thread of rank 1, which must fail the
@@ -550,6 +554,70 @@ fn forking_server_children_see_the_heap_as_it_was_at_fork() {
         &none,
         Stats::Absent,
     );
+}
+
+/// A joined member forks while another thread flushes every stdio stream (`fflush(NULL)` holds
+/// stdio's list lock, which glibc's `fork` takes after the fork handlers, while it writes FILE
+/// structures on heap pages). Both ranks fork 200 times; every fork must complete (a fork that
+/// froze heap writes until the child had its copy deadlocked with the flushing thread) and every
+/// child must see whole data.
+#[test]
+fn a_member_forks_while_another_thread_flushes_stdio() {
+    let dir = TempDir::new("shapes-forkflush");
+    let prog = build_prog(&dir, "forkflush");
+    let argv = [os(&prog), os("200")];
+    let ran = job(2, &[], &argv);
+    check_job(&ran, 2, &|r| vec![format!("rank {r} of 2: fork beside fflush ok (200 forks)")], &none, Stats::Absent);
+}
+
+/// Another library's fork child handler reads and writes the heap: it must read what the parent
+/// had at the fork, its write must stay in the child, and the parent must not see it.
+#[test]
+fn another_librarys_fork_child_handler_touches_the_heap() {
+    let dir = TempDir::new("shapes-forkhook");
+    let prog = build_prog(&dir, "forkflush");
+    let hook = build_lib(&dir, "forkhook");
+    let list = format!("{}:{}", hook.display(), libgallocy().display());
+    let ran = job(2, &[("GALLOCY_PRELOAD_LIB", os(&list))], &[os(&prog), os("50"), os("hook")]);
+    check_job(
+        &ran,
+        2,
+        &|r| vec![format!("rank {r} of 2: fork beside fflush ok (50 forks) with a hook")],
+        &none,
+        Stats::Absent,
+    );
+}
+
+/// A child made by a raw `clone` system call runs no fork handler, so it gets no copy of the heap
+/// (the shared view is not inherited): touching the heap ends it with one clear line and exit
+/// code 1, and its parent's job goes on.
+#[test]
+fn a_raw_clone_child_of_a_member_that_touches_the_heap_stops_with_a_clear_error() {
+    let dir = TempDir::new("shapes-rawclone");
+    let prog = build_prog(&dir, "forkflush");
+    let ran = job(2, &[], &[os(&prog), os("0"), os("clone")]);
+    ran.assert_success();
+    let (outs, other_out) = split_ranks(&ran.f.stdout, 2);
+    let (errs, other_err) = split_ranks(&ran.f.stderr, 2);
+    if !other_out.is_empty() || !other_err.is_empty() {
+        ran.fail(&format!("lines that belong to no rank: {:?}", [other_out, other_err].concat()));
+    }
+    for r in 0..2 {
+        let prefix = format!("rank {r} of 2: raw clone child stopped (page ");
+        let Some(page) = outs[r].first().and_then(|l| l.strip_prefix(&prefix)?.strip_suffix(')')) else {
+            ran.fail(&format!("rank {r}: stdout lines are {:?}, expected one starting with {prefix:?}", outs[r]));
+        };
+        if outs[r].len() != 1 {
+            ran.fail(&format!("rank {r}: stdout lines are {:?}, expected one", outs[r]));
+        }
+        let want = format!(
+            "gallocy: rank {r}: fatal: a child process made without fork's handlers touched the shared heap: page {page}"
+        );
+        let own: Vec<&String> = errs[r].iter().filter(|l| !(r == 0 && l.starts_with("gallocy: transport:"))).collect();
+        if own != [&want] {
+            ran.fail(&format!("rank {r}: stderr lines are {own:?}, expected [{want:?}]"));
+        }
+    }
 }
 
 /// Requires that rank 0's statistics (`GALLOCY_STATS=1`) count at least one close of its heap's

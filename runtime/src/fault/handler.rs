@@ -28,6 +28,9 @@ static PREVIOUS: PreviousAction = PreviousAction(UnsafeCell::new(MaybeUninit::un
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static INSTALL_LOCK: Mutex<()> = Mutex::new(());
 
+/// `si_code` of a fault on an address with no mapping (`<asm-generic/siginfo.h>`).
+const SEGV_MAPERR: libc::c_int = 1;
+
 /// Size of the alternate signal stack gallocy gives threads.
 const ALT_STACK: usize = 64 * 1024;
 
@@ -96,9 +99,11 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     let saved_errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo_t.
     let addr = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: as above.
+    let unmapped = unsafe { (*info).si_code } == SEGV_MAPERR;
     let handled = RUNTIME.get().is_some_and(|rt| {
         rt.region().contains(addr)
-            && crate::fault::stacks::with_enough_stack(|| handle_heap_fault(rt, addr, reported_write(ctx)))
+            && crate::fault::stacks::with_enough_stack(|| handle_heap_fault(rt, addr, unmapped, reported_write(ctx)))
     });
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
@@ -144,12 +149,19 @@ thread_local! {
 /// Faults in a row on one held page after which the fault is taken as foreign.
 const SPURIOUS_LIMIT: u32 = 100_000;
 
-/// Resolves a fault at `addr` in the heap. Returns false if it is not ours to resolve.
-fn handle_heap_fault(rt: &Runtime, addr: usize, reported_write: Option<bool>) -> bool {
+/// Resolves a fault at `addr` in the heap (`unmapped`: where this process has no mapping).
+/// Returns false if it is not ours to resolve.
+fn handle_heap_fault(rt: &Runtime, addr: usize, unmapped: bool, reported_write: Option<bool>) -> bool {
     if rt.size() == 1 {
         return false;
     }
     let page = rt.page_of(addr);
+    if unmapped && rt.membership().joined() && !rt.membership().forked() {
+        // The heap of a member that joined is mapped whole; a child of it has none until it
+        // takes its copy (the shared view is not inherited).
+        crate::preload::fault_before_snapshot(rt, page);
+        return true;
+    }
     let write = write_or_infer(reported_write, || rt.pt().permits(page, false));
     match rt.membership().phase() {
         // Not joined: the heap is private memory and the arena is open; any other page is not

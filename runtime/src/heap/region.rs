@@ -34,6 +34,26 @@ fn prot(access: Access) -> libc::c_int {
     }
 }
 
+/// The copy of the heap a fork gives the child: a memfd, or -1 for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkCopy(i32);
+
+impl ForkCopy {
+    /// No copy.
+    pub const NONE: ForkCopy = ForkCopy(-1);
+
+    /// Whether there is a copy.
+    pub fn exists(self) -> bool {
+        self.0 >= 0
+    }
+}
+
+/// This thread's errno. Async-signal-safe.
+fn errno() -> i32 {
+    // SAFETY: errno is thread-local and always readable.
+    unsafe { *libc::__errno_location() }
+}
+
 /// The mapped heap.
 ///
 /// A heap starts as private anonymous memory (a one-process job, or a job member that has not
@@ -159,8 +179,8 @@ impl Region {
         if rt == libc::MAP_FAILED {
             return fail(Error::os("mapping the heap's runtime view"), rt);
         }
-        // A child never uses the runtime view (it copies its snapshot through the memfd, see
-        // `snapshot_in_child`): keep it out of children, so that `fork` leaves the parent's
+        // A child never uses the runtime view (its parent copies the snapshot through the memfd,
+        // see `copy_for_fork`): keep it out of children, so that `fork` leaves the parent's
         // registered RDMA memory alone on every kernel, and a child cannot write to it.
         // SAFETY: advice on the mapping made above.
         if unsafe { libc::madvise(rt, self.size, libc::MADV_DONTFORK) } != 0 {
@@ -191,6 +211,13 @@ impl Region {
         if app == libc::MAP_FAILED {
             return fail(Error::os("mapping the shared heap"), rt);
         }
+        // A child gets the heap as it was at the fork, as a private copy the parent makes before
+        // it (`copy_for_fork`), never this shared mapping: through it the child would see the
+        // parent's later writes, and its writes would reach the parent and the job.
+        // SAFETY: advice on the mapping made above.
+        if unsafe { libc::madvise(app, self.size, libc::MADV_DONTFORK) } != 0 {
+            return fail(Error::os("madvise(MADV_DONTFORK) on the shared heap"), rt);
+        }
         let _ = self.shared.set(Shared { memfd, runtime_base: rt as usize });
         Ok(MemoryView { base: rt as *mut u8, len: self.size })
     }
@@ -213,90 +240,147 @@ impl Region {
         Ok(runs)
     }
 
-    /// In a forked child of a job member: replaces the shared application view by private
-    /// memory holding a copy of `runs` (the parent's readable pages, frozen by the parent until
-    /// this returns), readable and writable (the copy is the child's own); everything else has
-    /// no access. The child's
-    /// heap is then exactly the parent's at `fork`, and nothing either side writes reaches the
-    /// other. Async-signal-safe (no allocation). On failure returns the errno.
-    pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
-        let Some(shared) = self.shared.get() else { return Ok(()) };
-        let errno = || {
-            // SAFETY: reading errno right after a failing call.
-            unsafe { *libc::__errno_location() }
-        };
-        // SAFETY: a fresh private mapping; copies from readable runs of our application view into
-        // it; then moves it over the application view (one mapping, so mremap can move it whole),
-        // and sets the protections of our own heap range.
-        unsafe {
-            let copy = libc::mmap(
-                std::ptr::null_mut(),
-                self.size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            );
-            if copy == libc::MAP_FAILED {
-                return Err(errno());
-            }
-            // Read straight from the memfd: the child's shared mapping has no page table entries
-            // yet, and faulting each page in through it costs more than the copy.
-            let read = |from: libc::off_t, to: libc::off_t| -> Result<(), i32> {
-                let mut off = from;
-                while off < to {
-                    let n = libc::syscall(
-                        libc::SYS_pread64,
-                        shared.memfd,
-                        (copy as *mut u8).add(off as usize),
-                        (to - off) as usize,
-                        off,
-                    );
-                    if n < 0 && *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    if n <= 0 {
-                        return Err(if n < 0 { errno() } else { libc::EIO });
-                    }
-                    off += n as libc::off_t;
-                }
-                Ok(())
-            };
-            // Of a large run, only the parts of the memfd that hold data: holes read as zeros,
-            // as the fresh copy does (a rank's arena is one large writable run, mostly never
-            // touched). A small run is read whole (a view that closed to save mappings gives
-            // many runs of a page or two, and seeking costs more than reading them).
-            for r in runs {
-                let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
-                if end - start < SEEK_HOLES_FROM {
-                    read(start, end)?;
+    /// For a fork of a job member, in the parent: a fresh memfd of the heap's size holding a copy
+    /// of `runs` of the application view (the pages to give the child; the caller keeps them
+    /// from changing meanwhile) at their offsets, holes elsewhere. The kernel copies file to file
+    /// (`copy_file_range`), so no page of the copy is ever mapped here, and `fork` has no page
+    /// table entries of it to copy. Returns it, for [`Region::install_snapshot`] in the child and
+    /// [`Region::drop_snapshot`] here. Async-signal-safe (no allocation). On failure returns the
+    /// errno.
+    pub fn copy_for_fork(&self, runs: &[Readable]) -> Result<ForkCopy, i32> {
+        let Some(shared) = self.shared.get() else { return Ok(ForkCopy::NONE) };
+        // SAFETY: creating and sizing a memfd of our own; closed again on failure.
+        let fd = unsafe { libc::memfd_create(c"gallocy-fork-copy".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(errno());
+        }
+        let copy = ForkCopy(fd);
+        // SAFETY: as above.
+        if unsafe { libc::ftruncate(fd, self.size as libc::off_t) } != 0 {
+            let e = errno();
+            self.drop_snapshot(copy);
+            return Err(e);
+        }
+        let copy_range = |from: libc::off_t, to: libc::off_t| -> Result<(), i32> {
+            let (mut off_in, mut off_out) = (from, from);
+            while off_in < to {
+                // SAFETY: both descriptors are ours; the offsets are valid pointers to locals.
+                let n = unsafe {
+                    libc::copy_file_range(shared.memfd, &mut off_in, fd, &mut off_out, (to - off_in) as usize, 0)
+                };
+                if n < 0 && errno() == libc::EINTR {
                     continue;
                 }
+                if n < 0 && matches!(errno(), libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) {
+                    return self.copy_through_buffer(shared.memfd, fd, off_in, to);
+                }
+                if n <= 0 {
+                    return Err(if n < 0 { errno() } else { libc::EIO });
+                }
+            }
+            Ok(())
+        };
+        // Of a large run, only the parts of the memfd that hold data: holes stay holes, which
+        // read as zeros (a rank's arena is one large writable run, mostly never touched). A
+        // small run is copied whole (a view that closed to save mappings gives many runs of a
+        // page or two, and seeking costs more than copying them).
+        for r in runs {
+            let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
+            let copied = if end - start < SEEK_HOLES_FROM {
+                copy_range(start, end)
+            } else {
                 let mut at = start;
-                while at < end {
-                    let data = libc::lseek(shared.memfd, at, libc::SEEK_DATA);
+                let mut copied = Ok(());
+                while at < end && copied.is_ok() {
+                    // SAFETY: seeking in our own memfd.
+                    let data = unsafe { libc::lseek(shared.memfd, at, libc::SEEK_DATA) };
                     if data < 0 || data >= end {
                         break;
                     }
-                    let hole = libc::lseek(shared.memfd, data, libc::SEEK_HOLE);
+                    // SAFETY: as above.
+                    let hole = unsafe { libc::lseek(shared.memfd, data, libc::SEEK_HOLE) };
                     let hole = if hole <= data { end } else { hole.min(end) };
-                    read(data, hole)?;
+                    copied = copy_range(data, hole);
                     at = hole;
                 }
+                copied
+            };
+            if let Err(e) = copied {
+                self.drop_snapshot(copy);
+                return Err(e);
             }
-            let moved = libc::mremap(
-                copy,
-                self.size,
-                self.size,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+        }
+        Ok(copy)
+    }
+
+    /// Copies `[from, to)` of file `src` to the same offsets of `dst` through a buffer on the
+    /// stack: where `copy_file_range` cannot. Async-signal-safe. On failure returns the errno.
+    fn copy_through_buffer(&self, src: i32, dst: i32, from: libc::off_t, to: libc::off_t) -> Result<(), i32> {
+        let mut buf = [0u8; 16 * 1024];
+        let mut off = from;
+        while off < to {
+            let want = ((to - off) as usize).min(buf.len());
+            // SAFETY: reading into our own stack buffer of at least `want` bytes.
+            let n = unsafe { libc::pread(src, buf.as_mut_ptr().cast(), want, off) };
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                return Err(if n < 0 { errno() } else { libc::EIO });
+            }
+            let mut done = 0;
+            while done < n as usize {
+                // SAFETY: writing bytes of our own stack buffer that pread filled.
+                let w = unsafe {
+                    libc::pwrite(dst, buf[done..].as_ptr().cast(), n as usize - done, off + done as libc::off_t)
+                };
+                if w < 0 && errno() == libc::EINTR {
+                    continue;
+                }
+                if w <= 0 {
+                    return Err(if w < 0 { errno() } else { libc::EIO });
+                }
+                done += w as usize;
+            }
+            off += n as libc::off_t;
+        }
+        Ok(())
+    }
+
+    /// In the parent, after the fork: closes the copy [`Region::copy_for_fork`] made (the child
+    /// has its own descriptor of it). Async-signal-safe.
+    pub fn drop_snapshot(&self, copy: ForkCopy) {
+        if copy.0 >= 0 {
+            // SAFETY: our own descriptor, which nothing else uses.
+            unsafe { libc::close(copy.0) };
+        }
+    }
+
+    /// In a forked child of a job member: maps the copy the parent made before the fork
+    /// ([`Region::copy_for_fork`] of `runs`), private (copy-on-write: the child's writes stay
+    /// its own, and its own children get copy-on-write snapshots of it), at the heap's address,
+    /// where the child has no mapping (the shared application view is `MADV_DONTFORK`, see
+    /// [`Region::share`]). The runs become readable and writable, the rest has no access. The
+    /// child's heap is then exactly the parent's at `fork`, and nothing either side writes
+    /// reaches the other. Async-signal-safe (no allocation). On failure returns the errno.
+    pub fn install_snapshot(&self, copy: ForkCopy, runs: &[Readable]) -> Result<(), i32> {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        // SAFETY: maps the child's own descriptor of the copy over the heap's address range,
+        // which holds no mapping of ours in the child, then sets the protections of that range
+        // and closes descriptors of our own.
+        unsafe {
+            let mapped = libc::mmap(
                 self.base as *mut libc::c_void,
+                self.size,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                copy.0,
+                0,
             );
-            if moved == libc::MAP_FAILED {
+            if mapped == libc::MAP_FAILED {
                 return Err(errno());
             }
-            if libc::mprotect(self.base as *mut libc::c_void, self.size, libc::PROT_NONE) != 0 {
-                return Err(errno());
-            }
+            libc::close(copy.0);
             // Every page the child has a copy of is its own now, to read and to write. If that
             // takes more mappings than the kernel allows, the view stays closed, and the child's
             // fault handler opens the pages it holds as they are touched.
@@ -311,8 +395,7 @@ impl Region {
                     break;
                 }
             }
-            // The runtime view is not in the child (MADV_DONTFORK, see `share`): its address range
-            // is free here, and may already hold a mapping of the child's; nothing to unmap.
+            // The runtime view is not in the child either (MADV_DONTFORK, see `share`).
             libc::close(shared.memfd);
         }
         Ok(())
