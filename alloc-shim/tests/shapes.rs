@@ -23,6 +23,9 @@
 //!   list lock, which glibc's `fork` takes, held while it writes FILEs on the heap); the same
 //!   with another library's fork child handler that reads and writes the heap (forkhook.c); and a
 //!   child made by a raw `clone`, past the fork handlers, touching the heap (forkflush.c);
+//! - `_exit` from a signal handler of a member while a thread of it waits in a barrier: from
+//!   another thread it leaves the job; interrupting the barrier itself, the peer stops with a
+//!   clear error (sigexit.c);
 //! - leaving while a thread writes a page that moves between the ranks: exit(0) from a thread,
 //!   main returning, _exit(0) and _Exit(0) from a thread (exit status 0, no "fatal" or "lost
 //!   contact" anywhere), and exit(3) and _exit(3) from a thread of rank 1, which must fail the
@@ -617,6 +620,38 @@ fn a_raw_clone_child_of_a_member_that_touches_the_heap_stops_with_a_clear_error(
         if own != [&want] {
             ran.fail(&format!("rank {r}: stderr lines are {own:?}, expected [{want:?}]"));
         }
+    }
+}
+
+/// `_exit(0)` from a signal handler on rank 0's main thread while another thread of rank 0 waits
+/// in a barrier for rank 1: the process leaves the job properly (its leaving barrier is the next
+/// one), and the job ends with status 0 once rank 1 came and left.
+#[test]
+fn exit_from_a_signal_handler_beside_a_thread_in_a_barrier_leaves_the_job() {
+    let dir = TempDir::new("shapes-sigexit-thread");
+    let prog = build_prog(&dir, "sigexit");
+    let ran = job(2, &[], &[os(&prog), os("thread")]);
+    check_job(&ran, 2, &|r| vec![format!("rank {r} of 2: barrier passed")], &none, Stats::Absent);
+}
+
+/// `_exit(0)` from a signal handler that interrupted rank 0 inside its own barrier wait
+/// (gallocy's code cannot be entered again there): rank 0 ends at once without leaving the job,
+/// and rank 1 stops with a clear error naming rank 0, within the test's time limit.
+#[test]
+fn exit_from_a_signal_handler_inside_a_barrier_ends_the_job_with_a_clear_error() {
+    let dir = TempDir::new("shapes-sigexit-interrupted");
+    let prog = build_prog(&dir, "sigexit");
+    let ran = job(2, &[], &[os(&prog), os("interrupted")]);
+    if ran.f.success() {
+        ran.fail("the job succeeded, though rank 0 ended without leaving it");
+    }
+    let (outs, _) = split_ranks(&ran.f.stdout, 2);
+    let (errs, _) = split_ranks(&ran.f.stderr, 2);
+    if outs.iter().any(|o| !o.is_empty()) {
+        ran.fail(&format!("expected no output from the ranks, got {outs:?}"));
+    }
+    if !errs[1].iter().any(|l| l.starts_with("gallocy: rank 1: fatal: lost contact with rank 0")) {
+        ran.fail("rank 1 did not report that it lost contact with rank 0");
     }
 }
 
