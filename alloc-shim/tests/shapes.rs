@@ -561,9 +561,9 @@ fn forking_server_children_see_the_heap_as_it_was_at_fork() {
 
 /// A joined member forks while another thread flushes every stdio stream (`fflush(NULL)` holds
 /// stdio's list lock, which glibc's `fork` takes after the fork handlers, while it writes FILE
-/// structures on heap pages). Both ranks fork 200 times; every fork must complete (a fork that
-/// froze heap writes until the child had its copy deadlocked with the flushing thread) and every
-/// child must see whole data.
+/// structures on heap pages). Both ranks fork 200 times; every fork must complete (freezing the
+/// heap while the flushing thread held that lock deadlocked: it waited for the heap, the fork for
+/// the lock) and every child must see whole data.
 #[test]
 fn a_member_forks_while_another_thread_flushes_stdio() {
     let dir = TempDir::new("shapes-forkflush");

@@ -17,7 +17,7 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::engine::link::PAUSED;
-use crate::heap::region::{Access, ForkCopy, Readable};
+use crate::heap::region::{Access, Readable};
 use crate::job::runtime::{Runtime, RUNTIME};
 
 /// True while the calling thread runs gallocy's own code (its allocations must not come from
@@ -216,21 +216,22 @@ pub fn before_kernel_access(addr: usize, len: usize, write: bool) {
 /// What a fork in progress needs across its three handlers.
 struct ForkState {
     guards: Option<crate::heap::alloc::ForkGuards<'static>>,
-    /// The parent's readable heap runs at the fork (write-protected while they are copied).
+    /// The parent's readable heap runs at the fork (write-protected until the child has its copy).
     runs: Vec<Readable>,
     /// The runs of pages the parent holds, when its view has closed some of them to save
-    /// mappings (then `runs` misses those); these are copied then.
+    /// mappings (then `runs` misses those); the child copies these.
     held: Vec<Readable>,
-    /// Whether `held` is what is copied (decided when the heap froze).
+    /// Whether the child copies `held` (decided when the heap froze).
     use_held: bool,
-    /// The child's copy of the heap, made by the parent before the fork.
-    copy: ForkCopy,
+    /// The child writes one byte here once it holds its copy; the parent waits for it (or for
+    /// the end of file, if the child died first).
+    pipe: [libc::c_int; 2],
     /// Whether this fork gives the child a copy (the parent is a member that joined).
     snapshot: bool,
 }
 
 impl ForkState {
-    /// The runs the child's copy holds.
+    /// The runs the child copies.
     fn copied_runs(&self) -> &[Readable] {
         if self.use_held {
             &self.held
@@ -250,11 +251,19 @@ static FORK: ForkCell = ForkCell(UnsafeCell::new(ForkState {
     runs: Vec::new(),
     held: Vec::new(),
     use_held: false,
-    copy: ForkCopy::NONE,
+    pipe: [-1, -1],
     snapshot: false,
 }));
 /// The thread that froze the heap for a fork (its tid), or 0.
 static FORK_OWNER: AtomicI32 = AtomicI32::new(0);
+
+extern "C" {
+    /// glibc's lock of its list of open `FILE`s (exported since glibc 2.2.5), which its `fork`
+    /// takes after the fork handlers. Recursive: `fork` takes it again in the thread that holds it.
+    fn _IO_list_lock();
+    /// Releases one hold of [`_IO_list_lock`].
+    fn _IO_list_unlock();
+}
 
 fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
@@ -262,10 +271,9 @@ fn gettid() -> i32 {
 }
 
 /// A heap fault while the heap is frozen for a fork, in the thread that froze it: a signal
-/// handler that interrupted our prepare handler touched a frozen page. Waiting at the gate would
-/// wait for ourselves: the page is opened again with the access the page table gives it (a
-/// frozen page is one this process holds). Returns whether the fault was handled so.
-/// Async-signal-safe.
+/// handler, or a fork handler registered before ours, touched a frozen page. Waiting at the gate would wait for ourselves: the page is opened again with the
+/// access the page table gives it (a frozen page is one this process holds). Returns whether
+/// the fault was handled so. Async-signal-safe.
 pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool {
     if FORK_OWNER.load(Ordering::Acquire) != gettid() || !rt.membership().is_joined_member() {
         return false;
@@ -276,9 +284,9 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool
         // thread that froze the heap cannot wait for itself.
         let mut buf = [0u8; 200];
         let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
-        w.str("gallocy: rank ")
-            .num(rt.rank() as u64)
-            .str(": fatal: a signal handler touched a shared page this process does not hold while it forked");
+        w.str("gallocy: rank ").num(rt.rank() as u64).str(
+            ": fatal: the forking thread touched a shared page this process does not hold while the heap was frozen",
+        );
         w.str(if write { " for writing" } else { "" }).str(": page ").num(page as u64).str("\n");
         crate::sys::rawio::write_stderr(w.as_bytes());
         crate::sys::rawio::exit_now(1);
@@ -289,14 +297,13 @@ pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool
     true
 }
 
-/// A fault on the heap where this process has no mapping at all: a child forked by a member that
-/// joined, before its child handler moved its copy of the heap into place (another library's
-/// child handler, registered before ours, or glibc touched the heap first). Installs the copy
-/// now; ends the process with a clear message in a child that has none (made by a raw `clone`,
-/// past the fork handlers). Async-signal-safe.
+/// A heap fault where this process has no mapping, in a child of a member that joined (the
+/// shared view is not inherited): before its child handler took its copy of the heap (glibc's
+/// own child code resets the lock of every open `FILE`, and `FILE`s live on the heap), the copy
+/// is taken now; a child made past the fork handlers (a raw `clone`) has none, and ends with a
+/// clear message. Async-signal-safe.
 pub(crate) fn fault_before_snapshot(rt: &Runtime, page: usize) {
-    if fork_state().snapshot && fork_state().copy.exists() {
-        after_fork_child();
+    if take_snapshot_in_child(rt) {
         return;
     }
     let mut buf = [0u8; 200];
@@ -319,29 +326,23 @@ fn fork_state() -> &'static mut ForkState {
 
 /// `pthread_atfork` prepare handler. Holds the allocator's locks across `fork`, so the child
 /// never inherits one held by a thread that does not exist there. In a member that joined the
-/// job, also copies the heap for the child (see [`after_fork_child`]): for that moment new heap
-/// faults wait at the gate, fetches under way finish, the service thread pauses (no page
-/// changes hands) and the writable pages become read-only; then all goes on before the fork
-/// itself. So no thread waits for the heap while glibc's `fork` takes its own locks (stdio's,
-/// for one), which such a thread may hold.
+/// job, also freezes the heap until the child has its snapshot (see [`after_fork_child`]):
+/// new heap faults wait at the gate, fetches under way finish, the service thread pauses (no
+/// page changes hands), and the writable pages become read-only for that moment. First it takes
+/// glibc's list of open `FILE`s, which `fork` takes next: a thread that holds it (in
+/// `fflush(NULL)`, say) and writes a `FILE` on the heap must not wait at the frozen heap while
+/// the fork waits for it.
 pub fn before_fork() {
     let Some(rt) = RUNTIME.get() else { return };
     let _s = scope();
     crate::job::forklock::fork_lock();
     let st = fork_state();
     st.snapshot = rt.membership().is_joined_member() && !rt.membership().forked();
-    st.copy = ForkCopy::NONE;
     if st.snapshot {
+        // SAFETY: glibc's own recursive lock, released in the parent handler (glibc resets it in
+        // the child).
+        unsafe { _IO_list_lock() };
         freeze_heap(rt, st);
-        let copied = rt.region().copy_for_fork(st.copied_runs());
-        thaw_heap(rt, st);
-        match copied {
-            Ok(copy) => st.copy = copy,
-            Err(errno) => crate::job::runtime::fatal(
-                rt,
-                &format!("fork: cannot copy the heap for the child: {}", std::io::Error::from_raw_os_error(errno)),
-            ),
-        }
     }
     st.guards = Some(rt.alloc().lock_all());
 }
@@ -384,21 +385,34 @@ fn freeze_heap(rt: &'static Runtime, st: &mut ForkState) {
             crate::job::runtime::protect_failed(rt, e);
         }
     }
+    st.pipe = [-1, -1];
+    // SAFETY: `pipe` is a valid array of two descriptors.
+    if unsafe { libc::pipe2(st.pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        crate::job::runtime::fatal(rt, "fork: cannot create a pipe to wait for the child's heap snapshot");
+    }
 }
 
-/// `pthread_atfork` parent handler (also after a failed fork): drops the copy made for the
-/// child, which has its own.
+/// `pthread_atfork` parent handler (also after a failed fork): waits until the child holds its
+/// snapshot, then lets the heap go on.
 pub fn after_fork_parent() {
     let Some(rt) = RUNTIME.get() else { return };
     let _s = scope();
     let st = fork_state();
     st.guards = None;
     if st.snapshot {
-        rt.region().drop_snapshot(st.copy);
-        st.copy = ForkCopy::NONE;
-        st.runs.clear();
-        st.held.clear();
+        // SAFETY: our own pipe's descriptors; a one-byte buffer on the stack.
+        unsafe {
+            libc::close(st.pipe[1]);
+            let mut b = 0u8;
+            while libc::read(st.pipe[0], (&mut b as *mut u8).cast(), 1) < 0 && *libc::__errno_location() == libc::EINTR
+            {
+            }
+            libc::close(st.pipe[0]);
+        }
+        thaw_heap(rt, st);
         st.snapshot = false;
+        // SAFETY: the hold taken in before_fork.
+        unsafe { _IO_list_unlock() };
     }
     crate::job::forklock::fork_unlock();
 }
@@ -438,29 +452,71 @@ fn held_runs(rt: &Runtime, out: &mut Vec<Readable>) {
     }
 }
 
-/// Gives the writable runs their access back, resumes the service thread and opens the gate
-/// (the runs stay recorded: the child sets its copy's protections from them).
-fn thaw_heap(rt: &Runtime, st: &ForkState) {
+/// Gives the writable runs their access back, resumes the service thread and opens the gate.
+fn thaw_heap(rt: &Runtime, st: &mut ForkState) {
     for r in st.runs.iter().filter(|r| r.writable) {
         if let Err(e) = rt.region().protect_range(r.start, r.end, Access::Write) {
             crate::job::runtime::protect_failed(rt, e);
         }
     }
+    st.runs.clear();
+    st.held.clear();
     rt.service().resume();
     FORK_OWNER.store(0, Ordering::Release);
     rt.gate().open();
 }
 
+/// In a child of a member that joined, once (from its child handler, or from the first heap
+/// fault before that): takes its copy of the heap, closes the parent's descriptors, and lets
+/// the parent go on. False if no fork of such a member made this process. Async-signal-safe.
+fn take_snapshot_in_child(rt: &Runtime) -> bool {
+    let st = fork_state();
+    if !st.snapshot {
+        return false;
+    }
+    st.snapshot = false;
+    if let Err(errno) = rt.region().snapshot_in_child(st.copied_runs()) {
+        let mut buf = [0u8; 160];
+        let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
+        w.str("gallocy: rank ").num(rt.rank() as u64).str(": fatal: fork: the child could not copy the heap (errno ");
+        w.num(errno as u64).str(")\n");
+        crate::sys::rawio::write_stderr(w.as_bytes());
+        crate::sys::rawio::exit_now(1);
+    }
+    if let Some(t) = rt.transport() {
+        t.close_in_forked_child();
+    }
+    // SAFETY: our own pipe's descriptors; a one-byte buffer.
+    unsafe {
+        libc::write(st.pipe[1], b"1".as_ptr().cast(), 1);
+        libc::close(st.pipe[0]);
+        libc::close(st.pipe[1]);
+    }
+    // Forget the parent's fork in progress: it is not ours (clearing frees nothing).
+    st.runs.clear();
+    st.held.clear();
+    st.use_held = false;
+    if rt.size() > 1 {
+        rt.membership().set_forked();
+    }
+    rt.service().resume();
+    FORK_OWNER.store(0, Ordering::Release);
+    rt.gate().open();
+    true
+}
+
 /// `pthread_atfork` child handler. A process that has not joined (a one-process job, or a
 /// member before its first job-wide call) has private memory: the kernel already gave the
-/// child a copy-on-write snapshot. The child of a member that joined moves the copy its parent
-/// made before the fork (see [`before_fork`]) to the heap's address, so it sees the heap
-/// exactly as it was at the fork. Either way the child is not a member of the job: it can keep
-/// allocating (from the parent's arena, now its own), frees of other ranks' blocks are ignored,
-/// and touching a page the parent did not hold is a clear error. Runs in the child's only
-/// thread: no locks are needed, and nothing here allocates.
+/// child a copy-on-write snapshot. The child of a member that joined has no heap mapped (the
+/// shared view is not inherited); it copies the pages its parent holds out of the heap's memfd
+/// while the parent waits with the heap frozen (see [`before_fork`]), so it sees the heap
+/// exactly as it was at the fork; then it lets the parent go on. Either way the child is not a
+/// member of the job: it can keep allocating (from the parent's arena, now its own), frees of
+/// other ranks' blocks are ignored, and touching a page the parent did not hold is a clear
+/// error. Runs in the child's only thread: no locks are needed, and nothing here allocates.
 pub fn after_fork_child() {
     let Some(rt) = RUNTIME.get() else { return };
+    take_snapshot_in_child(rt);
     let st = fork_state();
     st.guards = None;
     FORK_CHILD.store(true, Ordering::Release);
@@ -471,27 +527,6 @@ pub fn after_fork_child() {
         // Forked while another thread was joining: the child is no member; let it run.
         rt.membership().set_phase(crate::job::membership::LOCAL);
         rt.gate().open();
-    }
-    if st.snapshot {
-        if let Err(errno) = rt.region().install_snapshot(st.copy, st.copied_runs()) {
-            let mut buf = [0u8; 160];
-            let mut w = crate::sys::rawio::RawWriter::new(&mut buf);
-            w.str("gallocy: rank ")
-                .num(rt.rank() as u64)
-                .str(": fatal: fork: the child could not take its copy of the heap (errno ");
-            w.num(errno as u64).str(")\n");
-            crate::sys::rawio::write_stderr(w.as_bytes());
-            crate::sys::rawio::exit_now(1);
-        }
-        if let Some(t) = rt.transport() {
-            t.close_in_forked_child();
-        }
-        // Forget the parent's fork in progress: it is not ours.
-        st.copy = ForkCopy::NONE;
-        st.runs.clear();
-        st.held.clear();
-        st.use_held = false;
-        st.snapshot = false;
     }
     crate::fault::stacks::reset_in_child();
     crate::job::forklock::reset_in_child();

@@ -156,11 +156,16 @@ fn handle_heap_fault(rt: &Runtime, addr: usize, unmapped: bool, reported_write: 
         return false;
     }
     let page = rt.page_of(addr);
-    if unmapped && rt.membership().joined() && !rt.membership().forked() {
-        // The heap of a member that joined is mapped whole; a child of it has none until it
-        // takes its copy (the shared view is not inherited).
-        crate::preload::fault_before_snapshot(rt, page);
-        return true;
+    if unmapped {
+        let m = rt.membership();
+        if m.joined() && !m.forked() && !m.is_joined_member() {
+            // A child of a member that joined, which has no heap until it takes its copy (the
+            // shared view is not inherited).
+            crate::preload::fault_before_snapshot(rt, page);
+            return true;
+        }
+        // The heap is mapped whole in every other case: the program unmapped part of it.
+        return false;
     }
     let write = write_or_infer(reported_write, || rt.pt().permits(page, false));
     match rt.membership().phase() {

@@ -34,18 +34,13 @@ fn prot(access: Access) -> libc::c_int {
     }
 }
 
-/// The copy of the heap a fork gives the child: a memfd, or -1 for none.
+/// The copy of the heap a forked child makes: a memfd, or -1 for none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ForkCopy(i32);
+struct ForkCopy(i32);
 
 impl ForkCopy {
     /// No copy.
-    pub const NONE: ForkCopy = ForkCopy(-1);
-
-    /// Whether there is a copy.
-    pub fn exists(self) -> bool {
-        self.0 >= 0
-    }
+    const NONE: ForkCopy = ForkCopy(-1);
 }
 
 /// This thread's errno. Async-signal-safe.
@@ -179,8 +174,8 @@ impl Region {
         if rt == libc::MAP_FAILED {
             return fail(Error::os("mapping the heap's runtime view"), rt);
         }
-        // A child never uses the runtime view (its parent copies the snapshot through the memfd,
-        // see `copy_for_fork`): keep it out of children, so that `fork` leaves the parent's
+        // A child never uses the runtime view (it copies its snapshot through the memfd, see
+        // `snapshot_in_child`): keep it out of children, so that `fork` leaves the parent's
         // registered RDMA memory alone on every kernel, and a child cannot write to it.
         // SAFETY: advice on the mapping made above.
         if unsafe { libc::madvise(rt, self.size, libc::MADV_DONTFORK) } != 0 {
@@ -211,9 +206,9 @@ impl Region {
         if app == libc::MAP_FAILED {
             return fail(Error::os("mapping the shared heap"), rt);
         }
-        // A child gets the heap as it was at the fork, as a private copy the parent makes before
-        // it (`copy_for_fork`), never this shared mapping: through it the child would see the
-        // parent's later writes, and its writes would reach the parent and the job.
+        // A child gets the heap as it was at the fork, as a private copy it makes while the
+        // parent waits (`snapshot_in_child`), never this shared mapping: through it the child
+        // would see the parent's later writes, and its writes would reach the parent and the job.
         // SAFETY: advice on the mapping made above.
         if unsafe { libc::madvise(app, self.size, libc::MADV_DONTFORK) } != 0 {
             return fail(Error::os("madvise(MADV_DONTFORK) on the shared heap"), rt);
@@ -240,14 +235,26 @@ impl Region {
         Ok(runs)
     }
 
-    /// For a fork of a job member, in the parent: a fresh memfd of the heap's size holding a copy
-    /// of `runs` of the application view (the pages to give the child; the caller keeps them
-    /// from changing meanwhile) at their offsets, holes elsewhere. The kernel copies file to file
-    /// (`copy_file_range`), so no page of the copy is ever mapped here, and `fork` has no page
-    /// table entries of it to copy. Returns it, for [`Region::install_snapshot`] in the child and
-    /// [`Region::drop_snapshot`] here. Async-signal-safe (no allocation). On failure returns the
-    /// errno.
-    pub fn copy_for_fork(&self, runs: &[Readable]) -> Result<ForkCopy, i32> {
+    /// In a forked child of a job member: replaces the application view, which the child does
+    /// not have (it is `MADV_DONTFORK`, see [`Region::share`]), by a private copy of `runs` (the
+    /// parent's pages, which the parent keeps frozen until this returns), readable and writable
+    /// (the copy is the child's own); everything else has no access. The child's heap is then
+    /// exactly the parent's at `fork`, and nothing either side writes reaches the other.
+    /// Async-signal-safe (no allocation). On failure returns the errno.
+    pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
+        let copy = self.copy_runs(runs)?;
+        let installed = self.install_snapshot(copy, runs);
+        if installed.is_err() {
+            self.drop_snapshot(copy);
+        }
+        installed
+    }
+
+    /// A fresh memfd of the heap's size holding a copy of `runs` of the heap (read from its
+    /// memfd) at their offsets, holes elsewhere. The kernel copies file to file
+    /// (`copy_file_range`), so no page is copied through a mapping. Async-signal-safe (no
+    /// allocation). On failure returns the errno.
+    fn copy_runs(&self, runs: &[Readable]) -> Result<ForkCopy, i32> {
         let Some(shared) = self.shared.get() else { return Ok(ForkCopy::NONE) };
         // SAFETY: creating and sizing a memfd of our own; closed again on failure.
         let fd = unsafe { libc::memfd_create(c"gallocy-fork-copy".as_ptr(), libc::MFD_CLOEXEC) };
@@ -347,38 +354,40 @@ impl Region {
         Ok(())
     }
 
-    /// In the parent, after the fork: closes the copy [`Region::copy_for_fork`] made (the child
-    /// has its own descriptor of it). Async-signal-safe.
-    pub fn drop_snapshot(&self, copy: ForkCopy) {
+    /// Closes a copy that [`Region::copy_runs`] made. Async-signal-safe.
+    fn drop_snapshot(&self, copy: ForkCopy) {
         if copy.0 >= 0 {
             // SAFETY: our own descriptor, which nothing else uses.
             unsafe { libc::close(copy.0) };
         }
     }
 
-    /// In a forked child of a job member: maps the copy the parent made before the fork
-    /// ([`Region::copy_for_fork`] of `runs`), private (copy-on-write: the child's writes stay
-    /// its own, and its own children get copy-on-write snapshots of it), at the heap's address,
-    /// where the child has no mapping (the shared application view is `MADV_DONTFORK`, see
-    /// [`Region::share`]). The runs become readable and writable, the rest has no access. The
-    /// child's heap is then exactly the parent's at `fork`, and nothing either side writes
-    /// reaches the other. Async-signal-safe (no allocation). On failure returns the errno.
-    pub fn install_snapshot(&self, copy: ForkCopy, runs: &[Readable]) -> Result<(), i32> {
+    /// Maps `copy` (of `runs`) private (copy-on-write: the child's writes stay its own, and its
+    /// own children get copy-on-write snapshots of it) at the heap's address, where a forked
+    /// child has no mapping; the runs become readable and writable, the rest has no access.
+    /// Closes the copy's descriptor and the heap's memfd. Async-signal-safe. On failure returns
+    /// the errno.
+    fn install_snapshot(&self, copy: ForkCopy, runs: &[Readable]) -> Result<(), i32> {
         let Some(shared) = self.shared.get() else { return Ok(()) };
-        // SAFETY: maps the child's own descriptor of the copy over the heap's address range,
-        // which holds no mapping of ours in the child, then sets the protections of that range
-        // and closes descriptors of our own.
+        // SAFETY: maps our own copy at the heap's address range, which holds no mapping in a
+        // forked child (MAP_FIXED_NOREPLACE fails rather than replace anything), then sets the
+        // protections of that range and closes descriptors of our own.
         unsafe {
             let mapped = libc::mmap(
                 self.base as *mut libc::c_void,
                 self.size,
                 libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
                 copy.0,
                 0,
             );
             if mapped == libc::MAP_FAILED {
                 return Err(errno());
+            }
+            if mapped as usize != self.base {
+                // An old kernel took NOREPLACE as a hint: something holds the heap's range.
+                libc::munmap(mapped, self.size);
+                return Err(libc::EEXIST);
             }
             libc::close(copy.0);
             // Every page the child has a copy of is its own now, to read and to write. If that

@@ -2,9 +2,9 @@
  *
  * A joined job member forks while another of its threads keeps flushing every stdio stream.
  * `fflush(NULL)` holds stdio's list lock while it writes the FILE structures, which live on the
- * heap; glibc's `fork` takes that same lock after the fork handlers. A fork that blocked heap
- * writes until the child had its copy deadlocked here: the flushing thread waited for the heap
- * while holding the lock, and the fork waited for the lock.
+ * heap; glibc's `fork` takes that same lock after the fork handlers. A fork that froze the heap
+ * while the flushing thread held the lock deadlocked here: the flushing thread waited for the
+ * heap while holding the lock, and the fork waited for the lock.
  *
  * Every rank joins (gallocy_barrier), opens /dev/null as a stdio stream (its FILE and buffer come
  * from malloc, so from the shared heap) and fills a 64 KiB block with a pattern. A second thread
