@@ -265,6 +265,13 @@ extern "C" {
     fn _IO_list_unlock();
 }
 
+/// Whether the calling thread froze the heap for a fork and has not thawed it yet.
+/// Async-signal-safe.
+pub(crate) fn freezing_here() -> bool {
+    let owner = FORK_OWNER.load(Ordering::Acquire);
+    owner != 0 && owner == gettid()
+}
+
 fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }

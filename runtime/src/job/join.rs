@@ -125,12 +125,20 @@ fn share_view_ids(rt: &Runtime) {
 /// Punches a hole for a freed block's pages in the heap's memfd (both views read zeros there
 /// afterwards; a block is uninitialised memory). Not in a forked child, which has no share of the
 /// heap. Failure only keeps the memory.
+///
+/// A fork's child copies the heap out of the memfd while the parent's heap is frozen: a punch
+/// then would zero a block the child still has. So the punch counts as a fetch at the gate: it
+/// waits while a fork is frozen, and a fork waits for a punch under way before it freezes. The
+/// thread that froze the heap (freeing from a signal handler meanwhile) keeps the memory.
 fn release_freed_pages(first: usize, pages: usize) {
     let Some(rt) = RUNTIME.get() else { return };
-    if rt.membership().forked() {
+    if rt.membership().forked() || crate::preload::freezing_here() {
         return;
     }
-    if rt.region().release(first, pages).is_ok() {
+    rt.gate().begin_fetch();
+    let released = rt.region().release(first, pages).is_ok();
+    rt.gate().end_fetch();
+    if released {
         rt.stats().count(&rt.stats().pages_released, pages as u64);
     }
 }
