@@ -282,7 +282,7 @@ fn gettid() -> i32 {
 /// access the page table gives it (a frozen page is one this process holds). Returns whether
 /// the fault was handled so. Async-signal-safe.
 pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool {
-    if FORK_OWNER.load(Ordering::Acquire) != gettid() || !rt.membership().is_joined_member() {
+    if !freezing_here() || !rt.membership().is_joined_member() {
         return false;
     }
     let access = rt.pt().access(page);

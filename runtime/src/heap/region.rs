@@ -34,15 +34,6 @@ fn prot(access: Access) -> libc::c_int {
     }
 }
 
-/// The copy of the heap a forked child makes: a memfd, or -1 for none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ForkCopy(i32);
-
-impl ForkCopy {
-    /// No copy.
-    const NONE: ForkCopy = ForkCopy(-1);
-}
-
 /// This thread's errno. Async-signal-safe.
 fn errno() -> i32 {
     // SAFETY: errno is thread-local and always readable.
@@ -242,44 +233,42 @@ impl Region {
     /// exactly the parent's at `fork`, and nothing either side writes reaches the other.
     /// Async-signal-safe (no allocation). On failure returns the errno.
     pub fn snapshot_in_child(&self, runs: &[Readable]) -> Result<(), i32> {
-        let copy = self.copy_runs(runs)?;
-        let installed = self.install_snapshot(copy, runs);
-        if installed.is_err() {
-            self.drop_snapshot(copy);
-        }
-        installed
-    }
-
-    /// A fresh memfd of the heap's size holding a copy of `runs` of the heap (read from its
-    /// memfd) at their offsets, holes elsewhere. The kernel copies file to file
-    /// (`copy_file_range`), so no page is copied through a mapping. Async-signal-safe (no
-    /// allocation). On failure returns the errno.
-    fn copy_runs(&self, runs: &[Readable]) -> Result<ForkCopy, i32> {
-        let Some(shared) = self.shared.get() else { return Ok(ForkCopy::NONE) };
-        // SAFETY: creating and sizing a memfd of our own; closed again on failure.
-        let fd = unsafe { libc::memfd_create(c"gallocy-fork-copy".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        // SAFETY: creating a memfd of our own, closed below (the mapping keeps its own reference).
+        let copy = unsafe { libc::memfd_create(c"gallocy-fork-copy".as_ptr(), libc::MFD_CLOEXEC) };
+        if copy < 0 {
             return Err(errno());
         }
-        let copy = ForkCopy(fd);
-        // SAFETY: as above.
-        if unsafe { libc::ftruncate(fd, self.size as libc::off_t) } != 0 {
-            let e = errno();
-            self.drop_snapshot(copy);
-            return Err(e);
+        let done = self.copy_runs(shared.memfd, copy, runs).and_then(|()| self.install_snapshot(copy, runs));
+        // SAFETY: our own descriptors: the copy's, and the heap's memfd, which the child no
+        // longer uses (the runtime view is not in the child either: MADV_DONTFORK, see `share`).
+        unsafe {
+            libc::close(copy);
+            libc::close(shared.memfd);
+        }
+        done
+    }
+
+    /// Fills `copy`, a fresh memfd, with `runs` of the heap read from its memfd `heap`, at their
+    /// offsets, holes elsewhere. The kernel copies file to file (`copy_file_range`), so no page
+    /// is copied through a mapping. Async-signal-safe (no allocation). On failure returns the
+    /// errno.
+    fn copy_runs(&self, heap: i32, copy: i32, runs: &[Readable]) -> Result<(), i32> {
+        // SAFETY: sizing our own memfd.
+        if unsafe { libc::ftruncate(copy, self.size as libc::off_t) } != 0 {
+            return Err(errno());
         }
         let copy_range = |from: libc::off_t, to: libc::off_t| -> Result<(), i32> {
             let (mut off_in, mut off_out) = (from, from);
             while off_in < to {
                 // SAFETY: both descriptors are ours; the offsets are valid pointers to locals.
-                let n = unsafe {
-                    libc::copy_file_range(shared.memfd, &mut off_in, fd, &mut off_out, (to - off_in) as usize, 0)
-                };
+                let n =
+                    unsafe { libc::copy_file_range(heap, &mut off_in, copy, &mut off_out, (to - off_in) as usize, 0) };
                 if n < 0 && errno() == libc::EINTR {
                     continue;
                 }
                 if n < 0 && matches!(errno(), libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) {
-                    return self.copy_through_buffer(shared.memfd, fd, off_in, to);
+                    return self.copy_through_buffer(heap, copy, off_in, to);
                 }
                 if n <= 0 {
                     return Err(if n < 0 { errno() } else { libc::EIO });
@@ -293,31 +282,25 @@ impl Region {
         // page or two, and seeking costs more than copying them).
         for r in runs {
             let (start, end) = ((r.start - self.base) as libc::off_t, (r.end - self.base) as libc::off_t);
-            let copied = if end - start < SEEK_HOLES_FROM {
-                copy_range(start, end)
-            } else {
-                let mut at = start;
-                let mut copied = Ok(());
-                while at < end && copied.is_ok() {
-                    // SAFETY: seeking in our own memfd.
-                    let data = unsafe { libc::lseek(shared.memfd, at, libc::SEEK_DATA) };
-                    if data < 0 || data >= end {
-                        break;
-                    }
-                    // SAFETY: as above.
-                    let hole = unsafe { libc::lseek(shared.memfd, data, libc::SEEK_HOLE) };
-                    let hole = if hole <= data { end } else { hole.min(end) };
-                    copied = copy_range(data, hole);
-                    at = hole;
+            if end - start < SEEK_HOLES_FROM {
+                copy_range(start, end)?;
+                continue;
+            }
+            let mut at = start;
+            while at < end {
+                // SAFETY: seeking in our own memfd.
+                let data = unsafe { libc::lseek(heap, at, libc::SEEK_DATA) };
+                if data < 0 || data >= end {
+                    break;
                 }
-                copied
-            };
-            if let Err(e) = copied {
-                self.drop_snapshot(copy);
-                return Err(e);
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(heap, data, libc::SEEK_HOLE) };
+                let hole = if hole <= data { end } else { hole.min(end) };
+                copy_range(data, hole)?;
+                at = hole;
             }
         }
-        Ok(copy)
+        Ok(())
     }
 
     /// Copies `[from, to)` of file `src` to the same offsets of `dst` through a buffer on the
@@ -354,31 +337,21 @@ impl Region {
         Ok(())
     }
 
-    /// Closes a copy that [`Region::copy_runs`] made. Async-signal-safe.
-    fn drop_snapshot(&self, copy: ForkCopy) {
-        if copy.0 >= 0 {
-            // SAFETY: our own descriptor, which nothing else uses.
-            unsafe { libc::close(copy.0) };
-        }
-    }
-
     /// Maps `copy` (of `runs`) private (copy-on-write: the child's writes stay its own, and its
     /// own children get copy-on-write snapshots of it) at the heap's address, where a forked
     /// child has no mapping; the runs become readable and writable, the rest has no access.
-    /// Closes the copy's descriptor and the heap's memfd. Async-signal-safe. On failure returns
-    /// the errno.
-    fn install_snapshot(&self, copy: ForkCopy, runs: &[Readable]) -> Result<(), i32> {
-        let Some(shared) = self.shared.get() else { return Ok(()) };
+    /// Async-signal-safe. On failure returns the errno.
+    fn install_snapshot(&self, copy: i32, runs: &[Readable]) -> Result<(), i32> {
         // SAFETY: maps our own copy at the heap's address range, which holds no mapping in a
         // forked child (MAP_FIXED_NOREPLACE fails rather than replace anything), then sets the
-        // protections of that range and closes descriptors of our own.
+        // protections of that range.
         unsafe {
             let mapped = libc::mmap(
                 self.base as *mut libc::c_void,
                 self.size,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
-                copy.0,
+                copy,
                 0,
             );
             if mapped == libc::MAP_FAILED {
@@ -389,7 +362,6 @@ impl Region {
                 libc::munmap(mapped, self.size);
                 return Err(libc::EEXIST);
             }
-            libc::close(copy.0);
             // Every page the child has a copy of is its own now, to read and to write. If that
             // takes more mappings than the kernel allows, the view stays closed, and the child's
             // fault handler opens the pages it holds as they are touched.
@@ -404,8 +376,6 @@ impl Region {
                     break;
                 }
             }
-            // The runtime view is not in the child either (MADV_DONTFORK, see `share`).
-            libc::close(shared.memfd);
         }
         Ok(())
     }
