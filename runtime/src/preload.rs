@@ -278,9 +278,10 @@ fn gettid() -> i32 {
 }
 
 /// A heap fault while the heap is frozen for a fork, in the thread that froze it: a signal
-/// handler, or a fork handler registered before ours, touched a frozen page. Waiting at the gate would wait for ourselves: the page is opened again with the
-/// access the page table gives it (a frozen page is one this process holds). Returns whether
-/// the fault was handled so. Async-signal-safe.
+/// handler, or a fork handler registered before ours, touched a frozen page. Waiting at the
+/// gate would wait for ourselves: the page is opened again with the access the page table
+/// gives it (a frozen page is one this process holds). Returns whether the fault was handled
+/// so. Async-signal-safe.
 pub(crate) fn fault_while_frozen(rt: &Runtime, page: usize, write: bool) -> bool {
     if !freezing_here() || !rt.membership().is_joined_member() {
         return false;
