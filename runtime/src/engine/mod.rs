@@ -26,10 +26,14 @@ use crate::protocol::locks::Locks;
 use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
+use crate::sys::sched::RunQueue;
 use liveness::Liveness;
 
 /// How often a deaf service thread still looks at the sockets.
 const DEAF_POLL: Duration = Duration::from_micros(500);
+
+/// Idle turns of the service thread's spin between two looks at whether a CPU is still free.
+const SPINS_PER_CPU_CHECK: u32 = 16;
 
 /// Longest a page waits for the thread it was installed for to resume.
 pub const MAX_HOLD_NS: u64 = 5_000_000;
@@ -61,6 +65,8 @@ pub struct Engine<'a> {
     /// What the state machines want sent (reused).
     out: Vec<Send>,
     buf: Vec<u8>,
+    /// Says whether a CPU is free to spin on.
+    run_queue: RunQueue,
 }
 
 /// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
@@ -100,6 +106,7 @@ impl<'a> Engine<'a> {
             liveness: Liveness::new(rt.rank(), rt.size(), now_ns()),
             out: Vec::new(),
             buf: vec![0u8; wire::LIMIT],
+            run_queue: RunQueue::open(),
         }
     }
 
@@ -123,15 +130,22 @@ impl<'a> Engine<'a> {
                 idle_spins = 0;
                 continue;
             }
-            if now.saturating_sub(last_activity) < spin_ns {
+            // Spin only while no local thread reads the sockets itself (a thread waiting for an
+            // answer takes it, and the spin would only take a CPU from it or from the peer that
+            // answers), and only while a CPU is free: a thread that computes or spins on a
+            // shared flag needs it more.
+            if now.saturating_sub(last_activity) < spin_ns && self.rt.slots().spinners() == 0 {
                 idle_spins = idle_spins.wrapping_add(1);
-                if idle_spins.is_multiple_of(64) {
-                    // SAFETY: sched_yield has no preconditions.
-                    unsafe { libc::sched_yield() };
+                if idle_spins.is_multiple_of(SPINS_PER_CPU_CHECK) && !self.run_queue.cpu_free() {
+                    last_activity = 0;
                 }
                 continue;
             }
-            self.idle();
+            if self.idle() > 0 && self.run_queue.cpu_free() {
+                // What woke us is activity too: spin for the next message as after any other.
+                last_activity = now_ns();
+                idle_spins = 0;
+            }
         }
     }
 
@@ -169,8 +183,9 @@ impl<'a> Engine<'a> {
 
     /// Blocks until there may be work. While local threads spin for answers they read the
     /// sockets themselves, so we then wait only for their call (or a short timeout) instead of
-    /// waking on every frame and competing with them for the two CPUs.
-    fn idle(&mut self) {
+    /// waking on every frame and competing with them for the two CPUs. Returns how many events
+    /// it handled.
+    fn idle(&mut self) -> usize {
         let rt = self.rt;
         let transport = rt.transport().expect("a job of several processes has a transport");
         // Only while a thread spins: a thread spinning in application code (on a shared flag, or
@@ -183,15 +198,17 @@ impl<'a> Engine<'a> {
                 transport.wait_for_wake(self.until_grace_end(DEAF_POLL));
             }
             rt.service().set_deaf(false);
-            return;
+            return 0;
         }
         rt.service().set_sleeping(true);
+        let mut handled = 0;
         // Re-check for work posted just before we announced sleeping.
         if !rt.slots().has_posted() && !rt.service().has_posted() && rt.service().pause_state() == link::RUN {
             let budget = self.liveness.sleep_budget(now_ns(), !self.deferred.is_empty());
-            self.pump(self.until_grace_end(budget));
+            handled = self.pump(self.until_grace_end(budget));
         }
         rt.service().set_sleeping(false);
+        handled
     }
 
     /// Polls the transport (waiting at most `timeout`) and handles what arrived.

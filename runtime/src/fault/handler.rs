@@ -102,8 +102,14 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // SAFETY: as above.
     let unmapped = unsafe { (*info).si_code } == SEGV_MAPERR;
     let handled = RUNTIME.get().is_some_and(|rt| {
+        let no_alt = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+        // SAFETY: the kernel passes the signal's ucontext_t, whose `uc_stack` it filled (a
+        // handler chaining to us may pass none).
+        let alt = if ctx.is_null() { &no_alt } else { unsafe { &(*ctx.cast::<libc::ucontext_t>()).uc_stack } };
         rt.region().contains(addr)
-            && crate::fault::stacks::with_enough_stack(|| handle_heap_fault(rt, addr, unmapped, reported_write(ctx)))
+            && crate::fault::stacks::with_enough_stack(alt, || {
+                handle_heap_fault(rt, addr, unmapped, reported_write(ctx))
+            })
     });
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };

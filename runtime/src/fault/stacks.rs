@@ -8,8 +8,7 @@
 //! leaves room for. So a fault taken with less than [`ENOUGH`] bytes of stack left runs on a
 //! stack of our own, from a small pool: mapped on first use with a guard page below it, claimed
 //! for the length of one fault, never unmapped (when all are in use, a stack mapped for that
-//! fault alone). Async-signal-safe: atomics, `mmap`,
-//! `sigaltstack`, `sched_yield` and a stack switch (`psm`).
+//! fault alone). Async-signal-safe: atomics, `mmap` and a stack switch (`psm`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -26,8 +25,10 @@ static BUSY: [AtomicBool; POOL] = [const { AtomicBool::new(false) }; POOL];
 /// Runs `f`, on a pool stack if the current one has less than [`ENOUGH`] bytes left (on a
 /// stack mapped for this call alone when all pool stacks are in use: a fault may wait long, for
 /// example at the heap gate while a fork takes its snapshot, and nobody waits for a stack).
-pub fn with_enough_stack<R>(f: impl FnOnce() -> R) -> R {
-    if room_left() >= ENOUGH {
+/// `alt` is the thread's alternate signal stack as the kernel saved it in the signal's context
+/// (`uc_stack`): reading it there costs no system call.
+pub fn with_enough_stack<R>(alt: &libc::stack_t, f: impl FnOnce() -> R) -> R {
+    if room_left(alt, psm::stack_pointer() as usize) >= ENOUGH {
         return f();
     }
     let (slot, base) = match claim() {
@@ -56,19 +57,14 @@ pub fn reset_in_child() {
     }
 }
 
-/// Bytes left on the alternate stack the handler runs on; `usize::MAX` when it runs on the
-/// thread's ordinary stack (the thread has no alternate stack).
-fn room_left() -> usize {
-    // SAFETY: querying this thread's alternate stack into a zeroed stack_t.
-    let st = unsafe {
-        let mut st: libc::stack_t = std::mem::zeroed();
-        libc::sigaltstack(std::ptr::null(), &mut st);
-        st
-    };
-    if st.ss_flags & libc::SS_ONSTACK == 0 {
+/// Bytes left below `sp` on the alternate stack `alt`; `usize::MAX` when `sp` is not on it (the
+/// handler runs on the thread's ordinary stack: the thread has no alternate stack).
+fn room_left(alt: &libc::stack_t, sp: usize) -> usize {
+    let low = alt.ss_sp as usize;
+    if alt.ss_flags & libc::SS_DISABLE != 0 || !(low..low.saturating_add(alt.ss_size)).contains(&sp) {
         return usize::MAX;
     }
-    (psm::stack_pointer() as usize).saturating_sub(st.ss_sp as usize)
+    sp - low
 }
 
 /// Claims a free pool stack (mapping it on first use). `None` if all are in use or a stack
@@ -128,14 +124,17 @@ mod tests {
     /// which is free again afterwards.
     #[test]
     fn small_alternate_stacks_move_to_a_pool_stack() {
-        assert_eq!(room_left(), usize::MAX, "not on an alternate stack here");
-        let sp = with_enough_stack(|| psm::stack_pointer() as usize);
+        let none = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+        assert_eq!(room_left(&none, psm::stack_pointer() as usize), usize::MAX, "not on an alternate stack here");
+        let sp = with_enough_stack(&none, || psm::stack_pointer() as usize);
         let local = 0u8;
         assert!(sp.abs_diff(&local as *const u8 as usize) < 1 << 20, "ran in place");
         // Inside a signal handler on a 16 KiB alternate stack.
         static SEEN: AtomicUsize = AtomicUsize::new(0);
-        extern "C" fn on_usr1(_: libc::c_int) {
-            SEEN.store(with_enough_stack(|| psm::stack_pointer() as usize), Ordering::SeqCst);
+        extern "C" fn on_usr1(_: libc::c_int, _: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+            // SAFETY: the kernel passes the signal's ucontext_t.
+            let alt = unsafe { &(*ctx.cast::<libc::ucontext_t>()).uc_stack };
+            SEEN.store(with_enough_stack(alt, || psm::stack_pointer() as usize), Ordering::SeqCst);
         }
         let mut alt = vec![0u8; 16 * 1024];
         // SAFETY: this thread's alternate stack is `alt` while the signal runs, then disabled;
@@ -145,7 +144,7 @@ mod tests {
             assert_eq!(libc::sigaltstack(&st, std::ptr::null_mut()), 0);
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_usr1 as *const () as usize;
-            sa.sa_flags = libc::SA_ONSTACK;
+            sa.sa_flags = libc::SA_ONSTACK | libc::SA_SIGINFO;
             libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
             libc::pthread_kill(libc::pthread_self(), libc::SIGUSR1);
             let off = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };

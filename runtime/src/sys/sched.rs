@@ -66,6 +66,43 @@ pub fn current_slice_ns() -> u64 {
     }
 }
 
+/// Whether a CPU is free for the calling thread to spin on, from the kernel's count of runnable
+/// threads (`/proc/loadavg`, which counts the caller too) and the CPUs this process may use. A
+/// service thread that spins while every CPU has work takes one from a thread that computes or
+/// answers.
+pub struct RunQueue {
+    loadavg: Option<std::fs::File>,
+    cpus: usize,
+}
+
+impl RunQueue {
+    /// Opens `/proc/loadavg` once; without it (no `/proc`) a CPU always counts as free, and the
+    /// service thread spins as configured.
+    pub fn open() -> RunQueue {
+        RunQueue {
+            loadavg: std::fs::File::open("/proc/loadavg").ok(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Whether the runnable threads of the system, the caller included, are no more than the
+    /// CPUs this process may use (true when the kernel does not say). One `pread`.
+    pub fn cpu_free(&self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.loadavg else { return true };
+        let mut buf = [0u8; 128];
+        let Ok(n) = f.read_at(&mut buf, 0) else { return true };
+        runnable(&buf[..n]).is_none_or(|r| r <= self.cpus)
+    }
+}
+
+/// The runnable threads in a `/proc/loadavg` line: `R` of its fourth field `R/T`.
+fn runnable(line: &[u8]) -> Option<usize> {
+    let field = line.split(|b| *b == b' ').nth(3)?;
+    let r = field.split(|b| *b == b'/').next()?;
+    std::str::from_utf8(r).ok()?.parse().ok()
+}
+
 /// Gives the CPU to another runnable thread (`sched_yield`). Async-signal-safe.
 pub fn yield_cpu() {
     // SAFETY: sched_yield has no arguments and cannot fail in a way that matters.
@@ -81,6 +118,32 @@ mod tests {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    }
+
+    #[test]
+    fn the_runnable_count_is_read_from_loadavg() {
+        assert_eq!(runnable(b"0.52 0.58 0.59 3/467 12345\n"), Some(3));
+        assert_eq!(runnable(b"0.52 0.58 0.59\n"), None);
+        assert_eq!(runnable(b"a b c x/1 2"), None);
+        // This thread runs, so the kernel counts at least one runnable thread.
+        let q = RunQueue::open();
+        let line = std::fs::read("/proc/loadavg").unwrap();
+        assert!(runnable(&line).is_some_and(|r| r >= 1), "{}", String::from_utf8_lossy(&line));
+        // With every CPU busy spinning (and this thread too), none is free.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinners: Vec<_> = (0..q.cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || while !stop.load(std::sync::atomic::Ordering::Relaxed) {})
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let busy = (0..20).filter(|_| !q.cpu_free()).count();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in spinners {
+            t.join().unwrap();
+        }
+        assert!(busy >= 15, "a CPU looked free while every CPU spun: {busy} of 20 reads said busy");
     }
 
     #[test]
