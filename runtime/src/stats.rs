@@ -26,7 +26,8 @@ pub struct Stats {
     pub diffs_sent: AtomicU64,
     /// Release consistency: copies of volatile pages dropped at an acquire.
     pub self_invalidations: AtomicU64,
-    /// Release consistency: pages read straight from their home's memory (same host, or RDMA).
+    /// Pages copied straight out of another rank's memory by the rank that needed them: from
+    /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: AtomicU64,
     latency_lock: AtomicBool,
     latency: std::cell::UnsafeCell<Histogram<u64>>,
@@ -56,7 +57,8 @@ pub struct StatsSnapshot {
     pub diffs_sent: u64,
     /// Release consistency: copies of volatile pages dropped at an acquire.
     pub self_invalidations: u64,
-    /// Release consistency: pages read straight from their home's memory (same host, or RDMA).
+    /// Pages copied straight out of another rank's memory by the rank that needed them: from
+    /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: u64,
     /// Times the heap's application view was closed to stay under `vm.max_map_count`.
     pub view_closes: u64,

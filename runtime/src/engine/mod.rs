@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use gallocy_transport::{Event, Span, TransportError};
 
-use crate::fault::acquire::{attached, open_page};
+use crate::fault::acquire::{attached, open_page, read_from_host_peer};
 use crate::fault::prefetch::contended;
 use crate::heap::region::Access;
 use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
+use crate::protocol::ranks::RankSet;
 use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
@@ -67,6 +68,8 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
     /// Says whether a CPU is free to spin on.
     run_queue: RunQueue,
+    /// The requesters the directory lets read our memory themselves (see `learn_direct_readers`).
+    direct_readers: RankSet,
 }
 
 /// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
@@ -107,6 +110,7 @@ impl<'a> Engine<'a> {
             out: Vec::new(),
             buf: vec![0u8; wire::LIMIT],
             run_queue: RunQueue::open(),
+            direct_readers: RankSet::empty(),
         }
     }
 
@@ -342,6 +346,26 @@ impl<'a> Engine<'a> {
         self.out.clear();
     }
 
+    /// Whether rank `r` reads page contents from our memory itself: every rank with one-sided
+    /// reads, else the ranks on our host, which map our heap's memfd.
+    fn reads_directly(&self, r: Rank) -> bool {
+        self.one_sided || self.rt.local_views().is_some_and(|v| v.may_read(r))
+    }
+
+    /// Tells the directory which requesters read our pages themselves, once the same-host peers
+    /// are known (after the join) or when one of them turned out unreadable.
+    fn learn_direct_readers(&mut self) {
+        if self.one_sided {
+            return;
+        }
+        let Some(views) = self.rt.local_views() else { return };
+        let readers = (0..self.rt.size()).filter(|r| views.may_read(*r)).fold(RankSet::empty(), RankSet::with);
+        if readers != self.direct_readers {
+            self.direct_readers = readers;
+            self.dir.set_direct_readers(readers);
+        }
+    }
+
     /// Ends the process on a protocol violation.
     fn violated(&self, v: Violation) -> ! {
         fatal(self.rt, &format!("protocol violation: {v}"))
@@ -362,7 +386,10 @@ impl<'a> Engine<'a> {
                     let home_writes = mark_shared(rt, from, page);
                     sharing.request(from, page, write, waiter, home_writes, &mut out)
                 }
-                None => self.dir.request(from, page, write, waiter, &mut out),
+                None => {
+                    self.learn_direct_readers();
+                    self.dir.request(from, page, write, waiter, &mut out)
+                }
             },
             Msg::Written { page, ack } => {
                 if let Some(rc) = rt.release() {
@@ -401,8 +428,8 @@ impl<'a> Engine<'a> {
                 if write {
                     rt.stats().count(&rt.stats().invalidations_received, 1);
                 }
-                let (keep, grant) =
-                    holder::forward(self.me, self.one_sided, current, page, requester as usize, waiter, write);
+                let direct = self.reads_directly(requester as usize);
+                let (keep, grant) = holder::forward(self.me, direct, current, page, requester as usize, waiter, write);
                 self.set_access(page, keep);
                 out.push(grant);
                 Ok(())
@@ -582,6 +609,11 @@ impl<'a> Engine<'a> {
                 Ok(())
             }
             Source::ReadFrom(owner) => {
+                if !self.one_sided && read_from_host_peer(self.rt, owner as usize, page) {
+                    self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
+                    self.install(page, waiter, write, self.sharing.is_none());
+                    return Ok(());
+                }
                 self.reads.insert(page, (waiter, write));
                 let len = self.rt.region().page as u32;
                 let span = Span { offset: page * u64::from(len), len };
@@ -599,6 +631,9 @@ impl<'a> Engine<'a> {
             self.violated(Violation::UnexpectedRead { from, page });
         };
         self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
+        if self.one_sided {
+            self.rt.stats().count(&self.rt.stats().pages_read_directly, 1);
+        }
         // The home waits for our word that the owner's copy is no longer needed (not under
         // release consistency, where the home's master copy never moves).
         self.install(page, waiter, write, self.sharing.is_none());

@@ -238,10 +238,22 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
     }
     if let Source::ReadFrom(owner) = source {
         // One-sided read by this thread when the transport can do it without allocating (the
-        // service thread does the first read of each chunk, which registers memory).
+        // service thread does the first read of each chunk, which registers memory), or a copy
+        // out of the owner's heap when it runs on this host.
         let len = rt.region().page as u32;
         let span = Span { offset: page * u64::from(len), len };
-        if !rt.transport().is_some_and(|t| t.read_inline(owner as usize, span)) {
+        let read = match rt.transport() {
+            Some(t) if t.one_sided_reads() => {
+                let read = t.read_inline(owner as usize, span);
+                if read {
+                    rt.stats().count(&rt.stats().pages_read_directly, 1);
+                }
+                read
+            }
+            Some(_) => read_from_host_peer(rt, owner as usize, page),
+            None => false,
+        };
+        if !read {
             return false;
         }
         rt.stats().count(&rt.stats().bytes_in, u64::from(span.len));
@@ -256,6 +268,22 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
     }
     rt.slots().complete(waiter);
     true
+}
+
+/// Copies `page` from the heap of `peer`, a process on this host, into our runtime view (see
+/// `gallocy_transport::local`). False when that heap cannot be read here (the caller then asks
+/// over the transport). The page must be claimed and closed in our application view.
+/// Async-signal-safe.
+pub fn read_from_host_peer(rt: &Runtime, peer: usize, page: u64) -> bool {
+    let len = rt.region().page;
+    rt.local_views().is_some_and(|v| {
+        // SAFETY: the runtime view's page has `len` writable bytes, and nobody else writes it
+        // now: the page is claimed and closed in the application view.
+        v.may_read(peer) && unsafe { v.read(peer, page * len as u64, rt.region().runtime_page(page as usize), len) }
+    }) && {
+        rt.stats().count(&rt.stats().pages_read_directly, 1);
+        true
+    }
 }
 
 /// Opens the application view of `page`, whose new contents are complete in the runtime view,

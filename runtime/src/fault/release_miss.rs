@@ -12,7 +12,7 @@
 
 use gallocy_transport::Span;
 
-use super::acquire::{open_page, request, send_raw, wait_for, Batch};
+use super::acquire::{open_page, read_from_host_peer, request, send_raw, wait_for, Batch};
 use crate::heap::region::Access;
 use crate::job::runtime::Runtime;
 use crate::protocol::Msg;
@@ -91,18 +91,17 @@ fn read_directly(rt: &Runtime, home: usize, page: usize) -> bool {
     let len = rt.region().page as u32;
     let span = Span { offset: page as u64 * u64::from(len), len };
     let read = if t.one_sided_reads() {
-        t.read_inline(home, span)
+        let read = t.read_inline(home, span);
+        if read {
+            rt.stats().count(&rt.stats().pages_read_directly, 1);
+        }
+        read
     } else {
-        rt.local_views().is_some_and(|v| {
-            // SAFETY: the runtime view's page has `len` writable bytes; nobody else writes it now
-            // (the page is claimed and closed in the application view).
-            v.may_read(home) && unsafe { v.read(home, span.offset, rt.region().runtime_page(page), len as usize) }
-        })
+        read_from_host_peer(rt, home, page as u64)
     };
     if !read {
         return false;
     }
-    rt.stats().count(&rt.stats().pages_read_directly, 1);
     rt.stats().count(&rt.stats().bytes_in, u64::from(len));
     open_page(rt, page as u64, false);
     rt.pt().clear_fresh(page);

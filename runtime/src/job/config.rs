@@ -104,6 +104,9 @@ pub struct Settings {
     /// Most kernel mappings the heap's application view may use before it is closed
     /// (`GALLOCY_HEAP_MAPPINGS`); `None`: derived from `vm.max_map_count` when joining.
     pub heap_mappings: Option<usize>,
+    /// Whether this process copies pages straight out of the heaps of its same-host peers
+    /// (`GALLOCY_SAME_HOST_READS`, default 1), instead of receiving them over the transport.
+    pub same_host_reads: bool,
 }
 
 /// The memory model a job gives its programs (`GALLOCY_CONSISTENCY`).
@@ -282,8 +285,14 @@ fn one_process(rank: usize, size: usize, bind: Option<IpAddr>) -> Identity {
 
 /// A 0/1 variable: unset, empty or `0` is false.
 fn flag(name: &str) -> Result<bool, Error> {
+    flag_or(name, false)
+}
+
+/// `name` as 0 or 1; `default` when unset or empty.
+fn flag_or(name: &str, default: bool) -> Result<bool, Error> {
     match var(name)?.as_deref().map(str::trim) {
-        None | Some("") | Some("0") => Ok(false),
+        None | Some("") => Ok(default),
+        Some("0") => Ok(false),
         Some("1") => Ok(true),
         Some(other) => Err(Error::config(name, other, "must be 0 or 1")),
     }
@@ -456,6 +465,7 @@ pub fn settings() -> Result<Settings, Error> {
         prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
         service_slice: service_slice()?,
         heap_mappings: heap_mappings()?,
+        same_host_reads: flag_or("GALLOCY_SAME_HOST_READS", true)?,
     })
 }
 

@@ -98,14 +98,12 @@ pub(crate) fn join(rt: &'static Runtime) -> Result<(), Error> {
         joined.map_err(|e| e.on_rank(rt.rank()))?;
     }
     barrier::wait_for_all(rt);
-    if rt.release().is_some() {
-        share_view_ids(rt);
-    }
+    share_view_ids(rt);
     Ok(())
 }
 
-/// Rank 0 tells every rank the heap ids it collected at start-up; every rank then reads the heaps
-/// of its same-host peers directly (release consistency).
+/// Rank 0 tells every rank the heap ids it collected at start-up; every rank then reads pages
+/// out of the heaps of its same-host peers directly.
 fn share_view_ids(rt: &Runtime) {
     let n = rt.size();
     let mut table = vec![0u8; n * VIEW_ID_LEN];
@@ -119,7 +117,11 @@ fn share_view_ids(rt: &Runtime) {
     crate::api::sync::broadcast(&mut table, 0);
     let ids: Vec<Option<ViewId>> =
         table.chunks_exact(VIEW_ID_LEN).map(|c| ViewId::decode(c.try_into().expect("chunks of VIEW_ID_LEN"))).collect();
-    rt.set_local_views(LocalViews::new(&ids, rt.rank(), rt.region().size));
+    // Every rank takes part in the broadcast; one that reads no peer's heap itself
+    // (`GALLOCY_SAME_HOST_READS=0`) still lets its peers read its own.
+    if rt.settings().same_host_reads {
+        rt.set_local_views(LocalViews::new(&ids, rt.rank(), rt.region().size));
+    }
 }
 
 /// Punches a hole for a freed block's pages in the heap's memfd (both views read zeros there
@@ -176,8 +178,8 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     rt.region().protect(first, end - first, arena_access).map_err(|e| os("opening this rank's arena", e))?;
     // Writers to the arena go on now; faults on other pages wait for the end of the join.
     rt.gate().open();
-    // Release consistency reads pages of same-host peers straight from their memfds.
-    let view_id = if rt.release().is_some() { rt.region().memfd().and_then(ViewId::of) } else { None };
+    // Same-host peers read pages straight from our memfd.
+    let view_id = rt.region().memfd().and_then(ViewId::of);
     let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, view_id, None)?;
     rt.set_transport(transport);
     if rt.rank() == 0 && rt.identity().token_derived {

@@ -99,7 +99,9 @@ pub struct PageRecord {
 pub struct Directory {
     me: Rank,
     placement: Placement,
-    one_sided: bool,
+    /// The requesters that read page contents from our memory themselves (a one-sided read, or
+    /// a same-host read of our heap's memfd) instead of receiving them attached.
+    direct: RankSet,
     entries: BTreeMap<Page, Entry>,
     #[cfg(test)]
     broken: Option<Broken>,
@@ -114,17 +116,25 @@ pub enum Broken {
 }
 
 impl Directory {
-    /// The directory of rank `me`. With `one_sided`, requesters read page contents from the
-    /// holder's memory themselves instead of receiving them attached.
+    /// The directory of rank `me`. With `one_sided`, every requester reads page contents from
+    /// the holder's memory itself instead of receiving them attached.
     pub fn new(me: Rank, placement: Placement, one_sided: bool) -> Directory {
+        let direct =
+            if one_sided { (0..placement.ranks()).fold(RankSet::empty(), RankSet::with) } else { RankSet::empty() };
         Directory {
             me,
             placement,
-            one_sided,
+            direct,
             entries: BTreeMap::new(),
             #[cfg(test)]
             broken: None,
         }
+    }
+
+    /// From now on the ranks of `readers` (and no others) read page contents from our memory
+    /// themselves: ranks on our host, which map our heap.
+    pub fn set_direct_readers(&mut self, readers: RankSet) {
+        self.direct = readers;
     }
 
     #[cfg(test)]
@@ -236,7 +246,7 @@ impl Directory {
 
     fn start(&mut self, page: Page, req: Req, out: &mut Vec<Send>) {
         let me = self.me;
-        let one_sided = self.one_sided;
+        let direct = self.direct.contains(req.from);
         let e = self.entry(page);
         let r = req.from;
         if e.unowned {
@@ -255,7 +265,7 @@ impl Directory {
                 return self.finish(page, out);
             }
             if holders.contains(me) && !writable {
-                if one_sided {
+                if direct {
                     // The requester reads our copy; it stays put until the requester's Done.
                     e.txn = Some(Txn::AwaitDone { req, on_done: OnDone::AddReader });
                     return out.push(Self::grant(req, page, false, Source::ReadFrom(me as u32)));
@@ -304,13 +314,13 @@ impl Directory {
 
     fn after_acks(&mut self, page: Page, out: &mut Vec<Send>) {
         let me = self.me;
-        let one_sided = self.one_sided;
+        let direct = self.direct;
         let e = self.entry(page);
         let Some(Txn::AwaitAcks { req, then, .. }) = e.txn else {
             unreachable!("after_acks runs only for a transaction awaiting acknowledgements");
         };
         match then {
-            AfterAcks::GrantFromHome if one_sided => {
+            AfterAcks::GrantFromHome if direct.contains(req.from) => {
                 // Our copy (now read-only or invalid for us) is what the requester reads; the
                 // directory changes when it says Done.
                 let on_done = if req.write { OnDone::NewOwner } else { OnDone::AddReader };

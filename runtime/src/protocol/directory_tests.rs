@@ -83,6 +83,29 @@ fn with_one_sided_reads_the_requester_reads_the_homes_copy_and_says_done() {
 }
 
 #[test]
+fn a_requester_on_the_homes_host_reads_the_homes_copy_and_one_elsewhere_gets_it_attached() {
+    let mut d = home0(false);
+    // Rank 1 shares our host (it maps our heap); rank 2 does not.
+    d.set_direct_readers(RankSet::only(1));
+    assert_eq!(req(&mut d, 1, 3, false, 1), vec![revoke(0, 3, true)]);
+    assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::ReadFrom(0))]);
+    assert!(d.record(3).busy, "the home's copy stays put until Done");
+    assert_eq!(req(&mut d, 2, 3, false, 2), Vec::new(), "the next request waits its turn");
+    assert_eq!(done(&mut d, 1, 3), vec![grant(2, 3, 2, false, Source::Inline)]);
+    assert_eq!(d.record(3), rec(0, false, &[0, 1, 2], false));
+    // A write by the same-host rank: every other copy goes, then it reads ours (now invalid for
+    // us, but unchanged) and becomes the owner when done.
+    assert_eq!(req(&mut d, 1, 3, true, 3), vec![revoke(0, 3, false), revoke(2, 3, false)]);
+    assert!(ack(&mut d, 0, 3).is_empty());
+    assert_eq!(ack(&mut d, 2, 3), vec![grant(1, 3, 3, true, Source::Valid)], "it holds a valid copy");
+    assert_eq!(d.record(3), rec(1, true, &[1], false));
+    // A write by the rank elsewhere of a page the home holds: attached.
+    assert_eq!(req(&mut d, 2, 6, true, 5), vec![revoke(0, 6, false)]);
+    assert_eq!(ack(&mut d, 0, 6), vec![grant(2, 6, 5, true, Source::Inline)]);
+    assert_eq!(d.record(6), rec(2, true, &[2], false));
+}
+
+#[test]
 fn a_read_of_a_page_another_rank_owns_writable_is_forwarded() {
     let mut d = home0(false);
     let fwd = Send { to: 1, msg: Msg::Forward { page: 12, requester: 2, waiter: w(5), write: false } };

@@ -49,11 +49,12 @@ pub fn after_revoke(current: Access, to_read: bool) -> Access {
 }
 
 /// The owner's move when its home forwards a request: the access it keeps, and its grant to the
-/// requester (the page attached, or, with one-sided reads, an invitation to read it from us; the
-/// copy then stays put until the home has the requester's `Done`).
+/// requester (the page attached, or, when the requester reads our memory itself (`direct`: a
+/// one-sided read, or a same-host read of our heap), an invitation to read it from us; the copy
+/// then stays put until the home has the requester's `Done`).
 pub fn forward(
     me: Rank,
-    one_sided: bool,
+    direct: bool,
     current: Access,
     page: Page,
     requester: Rank,
@@ -61,7 +62,7 @@ pub fn forward(
     write: bool,
 ) -> (Access, Send) {
     let keep = if write { Access::None } else { after_revoke(current, true) };
-    let source = if one_sided { Source::ReadFrom(me as u32) } else { Source::Forwarded };
+    let source = if direct { Source::ReadFrom(me as u32) } else { Source::Forwarded };
     (keep, Send { to: requester, msg: Msg::Grant { page, waiter, write, source } })
 }
 

@@ -2,10 +2,12 @@
 //! pages and one global lock, driven through the REAL protocol code of this module
 //! ([`Directory`], [`holder::after_revoke`], [`holder::forward`], [`holder::check_received`],
 //! [`Locks`]); only the engine's glue (deliver a message, install a page, run the thread that
-//! waited for it) is written here, following the engine and `docs/protocol.md`. Both transport
-//! modes are checked: pages attached to grants (TCP), and one-sided reads (RDMA), where every
-//! grant that would attach the page says `ReadFrom(sender)` instead. (Reads from a read-only
-//! owner that is not the home are one-sided in both modes.)
+//! waited for it) is written here, following the engine and `docs/protocol.md`. Three ways of
+//! moving page contents are checked: pages attached to grants (TCP between hosts); one-sided
+//! reads (RDMA), where every grant that would attach the page says `ReadFrom(sender)` instead;
+//! and same-host reads, where ranks 0 and 1 share a host and read each other's memory while rank
+//! 2 gets pages attached, so both kinds of grant meet on one page. (Reads from a read-only owner
+//! that is not the home are one-sided in every mode.)
 //!
 //! # What a state is
 //!
@@ -86,6 +88,7 @@ use super::holder::{self, Access};
 use super::locks::{LockCache, Locks};
 use super::msg::{Msg, Page, Rank, Source, Waiter};
 use super::placement::Placement;
+use super::ranks::RankSet;
 use super::violation::{Attached, Violation};
 
 const RANKS: usize = 3;
@@ -269,10 +272,43 @@ impl fmt::Debug for Action {
     }
 }
 
+/// How page contents reach a requester.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reads {
+    /// Attached to the grant (TCP between hosts).
+    Attached,
+    /// Every requester reads the holder's memory itself (RDMA).
+    OneSided,
+    /// Ranks 0 and 1 share a host and read each other's memory; rank 2 is elsewhere and gets
+    /// pages attached (TCP with same-host reads).
+    SameHost,
+}
+
+impl Reads {
+    const ALL: [Reads; 3] = [Reads::Attached, Reads::OneSided, Reads::SameHost];
+
+    /// Whether `reader` reads `holder`'s memory itself.
+    fn direct(self, reader: Rank, holder: Rank) -> bool {
+        match self {
+            Reads::Attached => false,
+            Reads::OneSided => true,
+            Reads::SameHost => reader < 2 && holder < 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reads::Attached => "attached pages",
+            Reads::OneSided => "one-sided reads",
+            Reads::SameHost => "same-host reads",
+        }
+    }
+}
+
 /// The model: which transport mode, which (deliberately broken) directory, and the bound.
 #[derive(Clone, Debug)]
 pub struct Dsm {
-    one_sided: bool,
+    reads: Reads,
     broken: Option<Broken>,
     /// Page operations (write hits and requests) per rank ...
     ops: u8,
@@ -310,7 +346,15 @@ impl Dsm {
             }
             Msg::Forward { page, requester, waiter, write } => {
                 let a = &mut node.access[ix(page)];
-                let (keep, grant) = holder::forward(to, self.one_sided, *a, page, requester as Rank, waiter, write);
+                let (keep, grant) = holder::forward(
+                    to,
+                    self.reads.direct(requester as Rank, to),
+                    *a,
+                    page,
+                    requester as Rank,
+                    waiter,
+                    write,
+                );
                 *a = keep;
                 out.push(grant);
                 Ok(())
@@ -415,7 +459,10 @@ impl Model for Dsm {
         let pl = placement();
         let nodes = (0..RANKS)
             .map(|r| {
-                let mut dir = Directory::new(r, pl, self.one_sided);
+                let mut dir = Directory::new(r, pl, false);
+                dir.set_direct_readers(
+                    (0..RANKS).filter(|q| self.reads.direct(*q, r)).fold(RankSet::empty(), RankSet::with),
+                );
                 if let Some(b) = self.broken {
                     dir.break_with(b);
                 }
@@ -600,10 +647,14 @@ impl Model for Dsm {
                 (0..PAGES.len()).any(|i| s.nodes.iter().all(|n| n.access[i] == Access::Read))
             }),
             Property::sometimes("page contents travel", |m: &Dsm, s: &State| {
-                if m.one_sided {
-                    s.nodes.iter().any(|n| n.reading.is_some())
-                } else {
-                    s.links.iter().flatten().any(|e| e.data.is_some())
+                match m.reads {
+                    Reads::Attached => s.links.iter().flatten().any(|e| e.data.is_some()),
+                    Reads::OneSided => s.nodes.iter().any(|n| n.reading.is_some()),
+                    // Both ways at once.
+                    Reads::SameHost => {
+                        s.nodes.iter().any(|n| n.reading.is_some())
+                            && s.links.iter().flatten().any(|e| e.data.is_some())
+                    }
                 }
             }),
             Property::sometimes("a rank waits for the lock another holds", |_, s: &State| {
@@ -622,21 +673,13 @@ impl Model for Dsm {
 }
 
 /// The bounds of the checks below: page operations per rank, and of all ranks together. With
-/// (2, 3) the two modes have about 2 million states (15 s on 2 CPUs); (2, 4) has 13.5 million
+/// (2, 3) each mode has 2 to 3 million states (12 to 24 s on 2 CPUs); (2, 4) has 13.5 million
 /// (140 s), (1, 3) under a million.
 const OPS_PER_RANK: u8 = 2;
 const OPS_TOTAL: u8 = 3;
 
-fn model(one_sided: bool, broken: Option<Broken>) -> Dsm {
-    Dsm { one_sided, broken, ops: OPS_PER_RANK, total_ops: OPS_TOTAL }
-}
-
-fn mode_name(one_sided: bool) -> &'static str {
-    if one_sided {
-        "one-sided reads"
-    } else {
-        "attached pages"
-    }
+fn model(reads: Reads, broken: Option<Broken>) -> Dsm {
+    Dsm { reads, broken, ops: OPS_PER_RANK, total_ops: OPS_TOTAL }
 }
 
 /// The names of the safety properties (`always`).
@@ -648,23 +691,19 @@ fn safety_properties(m: &Dsm) -> Vec<&'static str> {
 fn model_check_real_protocol() {
     let mut total = 0;
     let start = Instant::now();
-    for one_sided in [false, true] {
+    for reads in Reads::ALL {
         let t = Instant::now();
-        let model = model(one_sided, None);
+        let model = model(reads, None);
         let names = safety_properties(&model);
         let checker = model.checker().threads(2).spawn_bfs().join();
         let failures: Vec<_> = names.iter().filter_map(|n| checker.discovery(n).map(|p| (n, p))).collect();
         for (name, path) in &failures {
-            println!(
-                "model check ({}): \"{name}\" fails:\n{path}last state: {:?}",
-                mode_name(one_sided),
-                path.last_state()
-            );
+            println!("model check ({}): \"{name}\" fails:\n{path}last state: {:?}", reads.name(), path.last_state());
         }
         let states = checker.unique_state_count();
         println!(
             "model check ({}): {states} states, {} violations, depth {}, in {:.1?}",
-            mode_name(one_sided),
+            reads.name(),
             failures.len(),
             checker.max_depth(),
             t.elapsed()
@@ -687,13 +726,13 @@ fn model_check_finds_broken_variant() {
         "every accessible copy is the latest write",
         "every read returns the latest write",
     ];
-    for one_sided in [false, true] {
+    for reads in Reads::ALL {
         let t = Instant::now();
         // Stateright's breadth-first search takes the newest state of a batch first, so its
         // counterexamples are not always shortest: deepen the bound step by step instead.
         let mut states = 0;
         let found = (1..=50).find_map(|depth| {
-            let checker = model(one_sided, Some(Broken::GrantBeforeAcks))
+            let checker = model(reads, Some(Broken::GrantBeforeAcks))
                 .checker()
                 .target_max_depth(depth)
                 .finish_when(HasDiscoveries::AnyOf(targets.iter().copied().collect()))
@@ -704,9 +743,9 @@ fn model_check_finds_broken_variant() {
             targets.iter().find_map(|n| checker.discovery(n).map(|p| (*n, p)))
         });
         let Some((name, path)) = found else {
-            panic!("the checker missed the broken directory (GrantBeforeAcks) with {}", mode_name(one_sided));
+            panic!("the checker missed the broken directory (GrantBeforeAcks) with {}", reads.name());
         };
-        println!("broken directory (GrantBeforeAcks), {}: \"{name}\" fails after:", mode_name(one_sided));
+        println!("broken directory (GrantBeforeAcks), {}: \"{name}\" fails after:", reads.name());
         for action in path.into_actions() {
             println!("  {action:?}");
         }

@@ -396,3 +396,73 @@ fn a_small_mapping_budget_under_release_consistency() {
     let env = [("GALLOCY_CONSISTENCY", "release"), ("GALLOCY_HEAP_MAPPINGS", "256")];
     interleave_within(4, &["interleave", "--pages", "3000", "--rounds", "3"], &env, 266, limit(2 * MIN));
 }
+
+/// The number after `what` on the PASS line of `rank` of `scenario`.
+fn pass_figure(f: &Finished, scenario: &str, rank: usize, what: &str) -> u64 {
+    let all = format!("{}{}", f.stdout, f.stderr);
+    let line = all
+        .lines()
+        .find(|l| l.contains(&format!("rank {rank}: {scenario} ok")))
+        .unwrap_or_else(|| panic!("no PASS line of rank {rank}\n{}", f.report()));
+    let rest = &line[line.find(what).unwrap_or_else(|| panic!("no {what:?} in {line}")) + what.len()..];
+    rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// `hostreads` on 3 ranks with `env` added; every rank checks every page it reads.
+fn hostreads(args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let mut all = vec!["hostreads", "--pages", "128"];
+    all.extend_from_slice(args);
+    let label = format!("gallocy run -n 3 -- gallocy-scenario {} ({env:?})", all.join(" "));
+    let mut cmd = launcher_cmd(3, &all);
+    cmd.envs(env.iter().copied());
+    let p = run(&label, &mut cmd, limit(2 * MIN));
+    assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
+    for r in 0..3 {
+        pass_figure(&p, "hostreads", r, "pages read directly");
+    }
+    p
+}
+
+/// Whether this suite runs over RDMA, where every rank reads pages one-sidedly whatever the host.
+fn over_rdma() -> bool {
+    transport().as_deref() == Some("rdma")
+}
+
+/// Ranks on one host copy the pages they miss out of each other's heaps (the owner's memfd,
+/// mapped read-only): no page travels over the transport, and every read sees the latest write.
+#[test]
+fn same_host_ranks_copy_pages_out_of_each_others_heaps() {
+    let _g = serial();
+    let p = hostreads(&[], &[]);
+    for r in 0..3 {
+        let (faults, direct) =
+            (pass_figure(&p, "hostreads", r, "read faults"), pass_figure(&p, "hostreads", r, "pages read directly"));
+        assert!(faults > 0 && direct >= faults, "rank {r}: {direct} pages read directly for {faults} read faults");
+    }
+}
+
+/// `GALLOCY_SAME_HOST_READS=0`: pages come over the transport (attached to their grants over
+/// TCP), with the same results.
+#[test]
+fn with_same_host_reads_off_pages_travel_over_the_transport() {
+    let _g = serial();
+    let p = hostreads(&[], &[("GALLOCY_SAME_HOST_READS", "0")]);
+    if !over_rdma() {
+        for r in 0..3 {
+            assert_eq!(pass_figure(&p, "hostreads", r, "pages read directly"), 0, "rank {r}\n{}", p.report());
+        }
+    }
+}
+
+/// A rank that reads no peer's heap itself, while its peers offer it theirs (they read its own):
+/// it gets every page another way (over TCP, the owner answers a read request), and every read
+/// sees the latest write.
+#[test]
+fn a_rank_that_reads_no_peers_heap_still_gets_every_page() {
+    let _g = serial();
+    let p = hostreads(&["--no-direct-rank", "1"], &[]);
+    if !over_rdma() {
+        assert_eq!(pass_figure(&p, "hostreads", 1, "pages read directly"), 0, "{}", p.report());
+        assert!(pass_figure(&p, "hostreads", 0, "pages read directly") > 0, "{}", p.report());
+    }
+}

@@ -16,6 +16,7 @@ mod alloc;
 mod faults;
 mod fill;
 mod hostile;
+mod hostreads;
 mod interleave;
 mod jacobi;
 mod litmus;
@@ -65,6 +66,9 @@ scenarios (all ranks run the same NAME):
                                              a randomized data-race-free program under
                                              GALLOCY_CONSISTENCY=release, every byte checked
   stack       [--pages P]                    alternate signal stack use of remote faults (2 ranks)
+  hostreads   [--pages P] [--rounds R] [--no-direct-rank R]
+                                             pages change hands between same-host ranks, which
+                                             copy them out of each other's heaps; every read checked
   service-slice                              prints the service thread's time slice (se.slice)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
@@ -127,9 +131,13 @@ fn main() {
         "rc-drf" => relaxed::rc_drf,
         "rc-random" => relaxed::rc_random,
         "stack" => stack::stack,
+        "hostreads" => hostreads::hostreads,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 
+    if name == "hostreads" {
+        hostreads::prepare(&args);
+    }
     util::init_or_exit();
     let outcome = run(&args);
     util::finish(&name, outcome);
