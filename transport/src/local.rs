@@ -203,6 +203,11 @@ fn map_view(id: &ViewId, len: usize) -> Option<usize> {
     let base = if same {
         // SAFETY: mapping `len` bytes of a file at least that long, read-only and shared.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        if p != libc::MAP_FAILED {
+            // A forked child is no member and reads no peer: it must not keep the peer's heap.
+            // SAFETY: advice on the mapping just made.
+            unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
+        }
         (p != libc::MAP_FAILED).then_some(p as usize)
     } else {
         None
