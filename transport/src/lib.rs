@@ -251,9 +251,7 @@ pub trait Transport: Send + Sync {
     /// thread only: an RDMA transport may register memory here, which allocates.
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError>;
     /// Waits up to `timeout` (`None`: forever, `Some(ZERO)`: do not wait) for events and hands
-    /// each to `handler`. Returns how many events were handled. May return early, with what it
-    /// handled so far, while a waiting thread reads the connections ([`Transport::poll_inline`]):
-    /// that thread takes its answers and wakes the poller for anything else.
+    /// each to `handler`. Returns how many events were handled.
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError>;
     /// Lets a thread that waits for an answer read incoming frames itself, so no thread hand-off
     /// sits on the fault path. Each complete control message is offered to `accept`; if it

@@ -106,6 +106,12 @@ impl LocalViews {
         self.maps.get(peer).is_some_and(|m| m.load(Ordering::Acquire) != UNUSABLE)
     }
 
+    /// Whether `peer`'s heap can be read here: maps it now if it is not yet (and remembers a
+    /// failure). Async-signal-safe: raw system calls, no allocation, no lock.
+    pub fn readable(&self, peer: usize) -> bool {
+        self.mapping(peer).is_some()
+    }
+
     /// Copies `len` bytes at `offset` of `peer`'s heap to `dst`. False when that peer's heap
     /// cannot be read here. Async-signal-safe: raw system calls, no allocation, no lock.
     ///
@@ -117,8 +123,9 @@ impl LocalViews {
         }
         let Some(base) = self.mapping(peer) else { return false };
         // SAFETY: [offset, offset + len) lies inside the peer's mapping of `self.len` bytes
-        // (checked above); `dst` is the caller's. The peer may write the source meanwhile: the
-        // copy is then some mix of old and new bytes (the caller's protocol allows that).
+        // (checked above); `dst` is the caller's. Under release consistency the peer may write
+        // the source meanwhile: the copy is then some mix of old and new bytes, which that
+        // protocol allows (under sequential consistency the source holds still until `Done`).
         unsafe { std::ptr::copy_nonoverlapping((base + offset as usize) as *const u8, dst, len) };
         true
     }

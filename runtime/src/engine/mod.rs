@@ -23,7 +23,6 @@ use crate::heap::region::Access;
 use crate::job::runtime::{fatal, Runtime};
 use crate::protocol::holder::{self, check_received};
 use crate::protocol::locks::Locks;
-use crate::protocol::ranks::RankSet;
 use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
@@ -68,8 +67,6 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
     /// Says whether a CPU is free to spin on.
     run_queue: RunQueue,
-    /// The requesters the directory lets read our memory themselves (see `learn_direct_readers`).
-    direct_readers: RankSet,
 }
 
 /// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
@@ -100,7 +97,7 @@ impl<'a> Engine<'a> {
             rt,
             me: rt.rank(),
             one_sided,
-            dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
+            dir: Directory::new(rt.rank(), *rt.placement()),
             sharing: rt.release().map(|_| Sharing::new(rt.rank(), *rt.placement(), one_sided)),
             locks: Locks::default(),
             self_queue: VecDeque::new(),
@@ -110,7 +107,6 @@ impl<'a> Engine<'a> {
             out: Vec::new(),
             buf: vec![0u8; wire::LIMIT],
             run_queue: RunQueue::open(),
-            direct_readers: RankSet::empty(),
         }
     }
 
@@ -273,7 +269,7 @@ impl<'a> Engine<'a> {
         let mut posted = Vec::new();
         let mut n = self.rt.slots().take_posted(|waiter, page, write| posted.push((waiter, page, write)));
         for (waiter, page, write) in posted {
-            self.handle(self.me, Msg::Request { page, write, waiter }, &[], Attached::Nothing);
+            self.handle(self.me, Msg::Request { page, write, waiter, direct: false }, &[], Attached::Nothing);
         }
         for (to, m) in self.rt.service().take_posted() {
             if to == self.me {
@@ -346,26 +342,6 @@ impl<'a> Engine<'a> {
         self.out.clear();
     }
 
-    /// Whether rank `r` reads page contents from our memory itself: every rank with one-sided
-    /// reads, else the ranks on our host, which map our heap's memfd.
-    fn reads_directly(&self, r: Rank) -> bool {
-        self.one_sided || self.rt.local_views().is_some_and(|v| v.may_read(r))
-    }
-
-    /// Tells the directory which requesters read our pages themselves, once the same-host peers
-    /// are known (after the join) or when one of them turned out unreadable.
-    fn learn_direct_readers(&mut self) {
-        if self.one_sided {
-            return;
-        }
-        let Some(views) = self.rt.local_views() else { return };
-        let readers = (0..self.rt.size()).filter(|r| views.may_read(*r)).fold(RankSet::empty(), RankSet::with);
-        if readers != self.direct_readers {
-            self.direct_readers = readers;
-            self.dir.set_direct_readers(readers);
-        }
-    }
-
     /// Ends the process on a protocol violation.
     fn violated(&self, v: Violation) -> ! {
         fatal(self.rt, &format!("protocol violation: {v}"))
@@ -381,15 +357,12 @@ impl<'a> Engine<'a> {
         }
         let mut out = std::mem::take(&mut self.out);
         let result = match msg {
-            Msg::Request { page, write, waiter } => match &mut self.sharing {
+            Msg::Request { page, write, waiter, direct } => match &mut self.sharing {
                 Some(sharing) => {
                     let home_writes = mark_shared(rt, from, page);
                     sharing.request(from, page, write, waiter, home_writes, &mut out)
                 }
-                None => {
-                    self.learn_direct_readers();
-                    self.dir.request(from, page, write, waiter, &mut out)
-                }
+                None => self.dir.request(from, page, write, waiter, direct, &mut out),
             },
             Msg::Written { page, ack } => {
                 if let Some(rc) = rt.release() {
@@ -428,8 +401,10 @@ impl<'a> Engine<'a> {
                 if write {
                     rt.stats().count(&rt.stats().invalidations_received, 1);
                 }
-                let direct = self.reads_directly(requester as usize);
-                let (keep, grant) = holder::forward(self.me, direct, current, page, requester as usize, waiter, write);
+                // The requester's request said whether it reads the home's memory, not ours: a
+                // forwarded page comes attached unless reads are one-sided.
+                let (keep, grant) =
+                    holder::forward(self.me, self.one_sided, current, page, requester as usize, waiter, write);
                 self.set_access(page, keep);
                 out.push(grant);
                 Ok(())

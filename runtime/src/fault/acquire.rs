@@ -165,8 +165,11 @@ pub(super) fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
             t.wake();
         }
     } else {
+        let direct =
+            rt.transport().is_some_and(|t| t.one_sided_reads()) || rt.local_views().is_some_and(|v| v.readable(home));
         // No need to wake the service thread: we read the answer ourselves.
-        send_raw(rt, home, &Msg::Request { page: page as u64, write, waiter }, "cannot send a page request to rank ");
+        let msg = Msg::Request { page: page as u64, write, waiter, direct };
+        send_raw(rt, home, &msg, "cannot send a page request to rank ");
     }
     waiter
 }

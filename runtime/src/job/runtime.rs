@@ -28,7 +28,7 @@ use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 pub static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
 /// Protocol version every rank must share.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Everything the runtime owns.
 pub struct Runtime {
@@ -52,7 +52,8 @@ pub struct Runtime {
     lock_cache: std::sync::Mutex<LockCache>,
     /// Release consistency's twins and page sets; `None` under sequential consistency.
     release: Option<ReleaseState>,
-    /// Release consistency: the heaps of same-host peers, read directly (set when joining).
+    /// The heaps of same-host peers, read directly (set when joining, unless
+    /// `GALLOCY_SAME_HOST_READS=0`).
     local_views: OnceLock<LocalViews>,
     stats: Stats,
 }
@@ -102,8 +103,8 @@ impl Runtime {
         })
     }
 
-    /// The heaps of same-host peers this rank may read directly (release consistency, once
-    /// joined).
+    /// The heaps of same-host peers this rank may read directly (once joined; `None` with
+    /// `GALLOCY_SAME_HOST_READS=0`).
     #[inline]
     pub fn local_views(&self) -> Option<&LocalViews> {
         self.local_views.get()

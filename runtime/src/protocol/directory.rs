@@ -7,15 +7,17 @@
 //! - nobody holds the page yet (a first-touch page, see [`super::placement`]): `r` becomes its
 //!   writable owner, `Grant { Valid, write }` at once (its own copy of a fresh page is zero).
 //! - `r` already holds what it needs: `Grant { Valid }` at once.
-//! - read, the home holds a read-only copy: `Grant { Inline }` with the page attached, or, with
-//!   one-sided reads, `Grant { ReadFrom(home) }` and wait for `Done`.
+//! - read, the home holds a read-only copy: `Grant { Inline }` with the page attached, or, when
+//!   `r` reads the home's memory itself (its request says `direct`: a one-sided read, or the same
+//!   host), `Grant { ReadFrom(home) }` and wait for `Done`.
 //! - read, the home owns it writable: revoke its own copy down to read, then as above.
 //! - read, another rank owns it writable: `Forward` to the owner, which downgrades itself and
 //!   grants; wait for the requester's `Done`.
 //! - read, another rank owns it read-only: `Grant { ReadFrom(owner) }`; wait for `Done`.
 //! - write: `Revoke` every other copy and wait for each acknowledgement (from exactly the
-//!   revoked ranks), then grant (no data if `r` holds a valid copy, attached if the home does),
-//!   or `Forward` to the owner, which invalidates itself and grants; wait for `Done`.
+//!   revoked ranks), then grant (no data if `r` holds a valid copy; the home's copy as for a read
+//!   if the home holds one), or `Forward` to the owner, which invalidates itself and grants; wait
+//!   for `Done`.
 //!
 //! Checked on receipt: a request must name a page of the heap that this rank is home of; an
 //! acknowledgement must come from a rank still to acknowledge; `Done` must come from the
@@ -42,6 +44,8 @@ struct Req {
     from: Rank,
     waiter: Waiter,
     write: bool,
+    /// The requester reads our memory itself.
+    direct: bool,
 }
 
 /// What the home does once every revoke is acknowledged.
@@ -99,9 +103,6 @@ pub struct PageRecord {
 pub struct Directory {
     me: Rank,
     placement: Placement,
-    /// The requesters that read page contents from our memory themselves (a one-sided read, or
-    /// a same-host read of our heap's memfd) instead of receiving them attached.
-    direct: RankSet,
     entries: BTreeMap<Page, Entry>,
     #[cfg(test)]
     broken: Option<Broken>,
@@ -116,25 +117,15 @@ pub enum Broken {
 }
 
 impl Directory {
-    /// The directory of rank `me`. With `one_sided`, every requester reads page contents from
-    /// the holder's memory itself instead of receiving them attached.
-    pub fn new(me: Rank, placement: Placement, one_sided: bool) -> Directory {
-        let direct =
-            if one_sided { (0..placement.ranks()).fold(RankSet::empty(), RankSet::with) } else { RankSet::empty() };
+    /// The directory of rank `me`.
+    pub fn new(me: Rank, placement: Placement) -> Directory {
         Directory {
             me,
             placement,
-            direct,
             entries: BTreeMap::new(),
             #[cfg(test)]
             broken: None,
         }
-    }
-
-    /// From now on the ranks of `readers` (and no others) read page contents from our memory
-    /// themselves: ranks on our host, which map our heap.
-    pub fn set_direct_readers(&mut self, readers: RankSet) {
-        self.direct = readers;
     }
 
     #[cfg(test)]
@@ -161,17 +152,18 @@ impl Directory {
         }
     }
 
-    /// Rank `from` asks for `page`.
+    /// Rank `from` asks for `page` (`direct`: it reads our memory itself).
     pub fn request(
         &mut self,
         from: Rank,
         page: Page,
         write: bool,
         waiter: Waiter,
+        direct: bool,
         out: &mut Vec<Send>,
     ) -> Result<(), Violation> {
         self.placement.check_home(self.me, from, page)?;
-        let req = Req { from, waiter, write };
+        let req = Req { from, waiter, write, direct };
         let e = self.entry(page);
         if e.txn.is_some() {
             e.queue.push_back(req);
@@ -246,7 +238,7 @@ impl Directory {
 
     fn start(&mut self, page: Page, req: Req, out: &mut Vec<Send>) {
         let me = self.me;
-        let direct = self.direct.contains(req.from);
+        let direct = req.direct;
         let e = self.entry(page);
         let r = req.from;
         if e.unowned {
@@ -314,13 +306,12 @@ impl Directory {
 
     fn after_acks(&mut self, page: Page, out: &mut Vec<Send>) {
         let me = self.me;
-        let direct = self.direct;
         let e = self.entry(page);
         let Some(Txn::AwaitAcks { req, then, .. }) = e.txn else {
             unreachable!("after_acks runs only for a transaction awaiting acknowledgements");
         };
         match then {
-            AfterAcks::GrantFromHome if direct.contains(req.from) => {
+            AfterAcks::GrantFromHome if req.direct => {
                 // Our copy (now read-only or invalid for us) is what the requester reads; the
                 // directory changes when it says Done.
                 let on_done = if req.write { OnDone::NewOwner } else { OnDone::AddReader };

@@ -49,9 +49,9 @@ pub fn after_revoke(current: Access, to_read: bool) -> Access {
 }
 
 /// The owner's move when its home forwards a request: the access it keeps, and its grant to the
-/// requester (the page attached, or, when the requester reads our memory itself (`direct`: a
-/// one-sided read, or a same-host read of our heap), an invitation to read it from us; the copy
-/// then stays put until the home has the requester's `Done`).
+/// requester (the page attached, or, when the requester reads our memory itself (`direct`: reads
+/// are one-sided), an invitation to read it from us; the copy then stays put until the home has
+/// the requester's `Done`).
 pub fn forward(
     me: Rank,
     direct: bool,

@@ -5,8 +5,9 @@
 //! waited for it) is written here, following the engine and `docs/protocol.md`. Three ways of
 //! moving page contents are checked: pages attached to grants (TCP between hosts); one-sided
 //! reads (RDMA), where every grant that would attach the page says `ReadFrom(sender)` instead;
-//! and same-host reads, where ranks 0 and 1 share a host and read each other's memory while rank
-//! 2 gets pages attached, so both kinds of grant meet on one page. (Reads from a read-only owner
+//! and same-host reads, where ranks 0 and 1 share a host and read a home's memory on it (their
+//! requests say `direct`) while rank 2 gets pages attached, so both kinds of grant meet on one
+//! page. (Reads from a read-only owner
 //! that is not the home are one-sided in every mode.)
 //!
 //! # What a state is
@@ -88,7 +89,6 @@ use super::holder::{self, Access};
 use super::locks::{LockCache, Locks};
 use super::msg::{Msg, Page, Rank, Source, Waiter};
 use super::placement::Placement;
-use super::ranks::RankSet;
 use super::violation::{Attached, Violation};
 
 const RANKS: usize = 3;
@@ -279,8 +279,8 @@ enum Reads {
     Attached,
     /// Every requester reads the holder's memory itself (RDMA).
     OneSided,
-    /// Ranks 0 and 1 share a host and read each other's memory; rank 2 is elsewhere and gets
-    /// pages attached (TCP with same-host reads).
+    /// Ranks 0 and 1 share a host and read a home's memory there; rank 2 is elsewhere and gets
+    /// pages attached (TCP with same-host reads). Forwarded pages come attached.
     SameHost,
 }
 
@@ -335,7 +335,7 @@ impl Dsm {
     fn handle(&self, s: &mut State, from: Rank, to: Rank, env: Envelope, out: &mut Vec<Send>) -> Result<(), Violation> {
         let node = &mut s.nodes[to];
         match env.msg {
-            Msg::Request { page, write, waiter } => node.dir.request(from, page, write, waiter, out),
+            Msg::Request { page, write, waiter, direct } => node.dir.request(from, page, write, waiter, direct, out),
             Msg::RevokeAck { page } => node.dir.revoke_ack(from, page, out),
             Msg::Done { page } => node.dir.done(from, page, out),
             Msg::Revoke { page, to_read } => {
@@ -346,15 +346,8 @@ impl Dsm {
             }
             Msg::Forward { page, requester, waiter, write } => {
                 let a = &mut node.access[ix(page)];
-                let (keep, grant) = holder::forward(
-                    to,
-                    self.reads.direct(requester as Rank, to),
-                    *a,
-                    page,
-                    requester as Rank,
-                    waiter,
-                    write,
-                );
+                let (keep, grant) =
+                    holder::forward(to, self.reads == Reads::OneSided, *a, page, requester as Rank, waiter, write);
                 *a = keep;
                 out.push(grant);
                 Ok(())
@@ -437,7 +430,9 @@ impl Dsm {
         node.ops += 1;
         let waiter = Self::start_wait(node);
         node.wait = Some(Wait::Page { page, write, waiter });
-        s.post(rank, Send { to: placement().home(page), msg: Msg::Request { page, write, waiter } });
+        let home = placement().home(page);
+        let direct = self.reads.direct(rank, home);
+        s.post(rank, Send { to: home, msg: Msg::Request { page, write, waiter, direct } });
     }
 
     /// A state where nothing that could make progress is possible, yet a thread still waits.
@@ -459,10 +454,7 @@ impl Model for Dsm {
         let pl = placement();
         let nodes = (0..RANKS)
             .map(|r| {
-                let mut dir = Directory::new(r, pl, false);
-                dir.set_direct_readers(
-                    (0..RANKS).filter(|q| self.reads.direct(*q, r)).fold(RankSet::empty(), RankSet::with),
-                );
+                let mut dir = Directory::new(r, pl);
                 if let Some(b) = self.broken {
                     dir.break_with(b);
                 }

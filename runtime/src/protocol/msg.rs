@@ -43,8 +43,10 @@ impl Source {
 /// as the frame's payload next to the message (see [`super::wire`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg {
-    /// Requester -> home: I need `page` (for writing if `write`).
-    Request { page: Page, write: bool, waiter: Waiter },
+    /// Requester -> home: I need `page` (for writing if `write`). `direct`: I can read your memory
+    /// myself (a one-sided read, or your heap on our shared host), so a copy you hold comes as
+    /// `ReadFrom(you)` instead of attached.
+    Request { page: Page, write: bool, waiter: Waiter, direct: bool },
     /// Home -> owner: give `page` to `requester` (downgrade to read, or invalidate if `write`).
     Forward { page: Page, requester: u32, waiter: Waiter, write: bool },
     /// -> requester: access granted.

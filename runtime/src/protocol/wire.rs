@@ -221,7 +221,9 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
     let nw = |num: u64, w: Waiter| NumWaiter { num: num.into(), waiter: waiter_w(w) };
     let n = |num: u64| Num { num: num.into() };
     match *msg {
-        Msg::Request { page, write, waiter } => put(buf, Tag::Request, pw(page, waiter, write, 0, 0).as_bytes(), &[]),
+        Msg::Request { page, write, waiter, direct } => {
+            put(buf, Tag::Request, pw(page, waiter, write, u32::from(direct), 0).as_bytes(), &[])
+        }
         Msg::Forward { page, requester, waiter, write } => {
             put(buf, Tag::Forward, pw(page, waiter, write, requester, 0).as_bytes(), &[])
         }
@@ -307,9 +309,13 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                 |v: U32| if v.get() == 0 { Ok(()) } else { Err(DecodeError::BadField { tag: t, field: "unused" }) };
             match tag {
                 Tag::Request => {
-                    unused(m.a)?;
                     unused(m.b)?;
-                    Msg::Request { page, write, waiter }
+                    let direct = match m.a.get() {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(DecodeError::BadField { tag: t, field: "direct" }),
+                    };
+                    Msg::Request { page, write, waiter, direct }
                 }
                 Tag::Forward => {
                     unused(m.b)?;
@@ -398,7 +404,8 @@ mod tests {
     fn every_message() -> Vec<Msg> {
         let w = Waiter { slot: 511, generation: u32::MAX };
         vec![
-            Msg::Request { page: 1 << 40, write: true, waiter: w },
+            Msg::Request { page: 1 << 40, write: true, waiter: w, direct: true },
+            Msg::Request { page: 3, write: false, waiter: w, direct: false },
             Msg::Forward { page: 3, requester: 2, waiter: w, write: false },
             Msg::Grant { page: 3, waiter: w, write: false, source: Source::Inline },
             Msg::Grant { page: 3, waiter: w, write: true, source: Source::Forwarded },
@@ -541,10 +548,13 @@ mod tests {
         let mut ack = encode(&Msg::RevokeAck { page: 1 }, &[], &mut buf).unwrap().to_vec();
         *ack.last_mut().unwrap() = 1;
         assert!(decode(&ack).is_err());
-        let mut req =
-            encode(&Msg::Request { page: 1, write: false, waiter: Waiter { slot: 1, generation: 1 } }, &[], &mut buf)
-                .unwrap()
-                .to_vec();
+        let mut req = encode(
+            &Msg::Request { page: 1, write: false, waiter: Waiter { slot: 1, generation: 1 }, direct: false },
+            &[],
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec();
         *req.last_mut().unwrap() = 1;
         assert!(matches!(decode(&req), Err(DecodeError::BadField { field: "unused", .. })));
         let lock = encode(&Msg::LockRelease { id: 1 }, &[], &mut buf).unwrap().to_vec();

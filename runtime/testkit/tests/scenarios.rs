@@ -405,22 +405,33 @@ fn pass_figure(f: &Finished, scenario: &str, rank: usize, what: &str) -> u64 {
         .find(|l| l.contains(&format!("rank {rank}: {scenario} ok")))
         .unwrap_or_else(|| panic!("no PASS line of rank {rank}\n{}", f.report()));
     let rest = &line[line.find(what).unwrap_or_else(|| panic!("no {what:?} in {line}")) + what.len()..];
-    rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {what:?} in {line}"))
 }
 
-/// `hostreads` on 3 ranks with `env` added; every rank checks every page it reads.
-fn hostreads(args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let mut all = vec!["hostreads", "--pages", "128"];
+/// `hostreads` on 3 ranks with `env` added, without prefetch (so that every page a read miss
+/// asks for is one read fault); every rank checks every page it reads. Returns, per rank, its
+/// read faults and the pages it read directly.
+fn hostreads(args: &[&str], env: &[(&str, &str)]) -> Vec<(u64, u64)> {
+    let mut all = vec!["hostreads", "--pages", "120"];
     all.extend_from_slice(args);
     let label = format!("gallocy run -n 3 -- gallocy-scenario {} ({env:?})", all.join(" "));
     let mut cmd = launcher_cmd(3, &all);
-    cmd.envs(env.iter().copied());
+    cmd.env("GALLOCY_PREFETCH", "1").envs(env.iter().copied());
     let p = run(&label, &mut cmd, limit(2 * MIN));
     assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
-    for r in 0..3 {
-        pass_figure(&p, "hostreads", r, "pages read directly");
-    }
-    p
+    (0..3)
+        .map(|r| {
+            let asked = pass_figure(&p, "hostreads", r, "read faults");
+            assert_eq!(pass_figure(&p, "hostreads", r, "prefetched"), 0, "GALLOCY_PREFETCH=1\n{}", p.report());
+            let direct = pass_figure(&p, "hostreads", r, "pages read directly");
+            assert!(asked > 0, "rank {r} took no read fault\n{}", p.report());
+            (asked, direct)
+        })
+        .collect()
 }
 
 /// Whether this suite runs over RDMA, where every rank reads pages one-sidedly whatever the host.
@@ -428,41 +439,34 @@ fn over_rdma() -> bool {
     transport().as_deref() == Some("rdma")
 }
 
-/// Ranks on one host copy the pages they miss out of each other's heaps (the owner's memfd,
-/// mapped read-only): no page travels over the transport, and every read sees the latest write.
+/// Ranks on one host copy the pages they miss out of the home's heap (its memfd, mapped
+/// read-only): every read miss is read directly, no page comes over the transport, and every
+/// read sees the latest write. (Over RDMA: every page is read one-sidedly.)
 #[test]
 fn same_host_ranks_copy_pages_out_of_each_others_heaps() {
     let _g = serial();
-    let p = hostreads(&[], &[]);
-    for r in 0..3 {
-        let (faults, direct) =
-            (pass_figure(&p, "hostreads", r, "read faults"), pass_figure(&p, "hostreads", r, "pages read directly"));
-        assert!(faults > 0 && direct >= faults, "rank {r}: {direct} pages read directly for {faults} read faults");
+    for (r, (asked, direct)) in hostreads(&[], &[]).into_iter().enumerate() {
+        assert_eq!(direct, asked, "rank {r}: pages read directly against read faults");
     }
 }
 
-/// `GALLOCY_SAME_HOST_READS=0`: pages come over the transport (attached to their grants over
-/// TCP), with the same results.
+/// `GALLOCY_SAME_HOST_READS=0`: pages come attached to their grants over TCP, with the same
+/// results.
 #[test]
 fn with_same_host_reads_off_pages_travel_over_the_transport() {
     let _g = serial();
-    let p = hostreads(&[], &[("GALLOCY_SAME_HOST_READS", "0")]);
-    if !over_rdma() {
-        for r in 0..3 {
-            assert_eq!(pass_figure(&p, "hostreads", r, "pages read directly"), 0, "rank {r}\n{}", p.report());
-        }
+    for (r, (asked, direct)) in hostreads(&[], &[("GALLOCY_SAME_HOST_READS", "0")]).into_iter().enumerate() {
+        assert_eq!(direct, if over_rdma() { asked } else { 0 }, "rank {r}: pages read directly");
     }
 }
 
-/// A rank that reads no peer's heap itself, while its peers offer it theirs (they read its own):
-/// it gets every page another way (over TCP, the owner answers a read request), and every read
-/// sees the latest write.
+/// A rank that reads no peer's heap itself gets its pages attached, while its peers still read
+/// its heap and each other's; every read sees the latest write.
 #[test]
-fn a_rank_that_reads_no_peers_heap_still_gets_every_page() {
+fn a_rank_that_reads_no_peers_heap_gets_its_pages_attached_and_others_still_read_its_heap() {
     let _g = serial();
-    let p = hostreads(&["--no-direct-rank", "1"], &[]);
-    if !over_rdma() {
-        assert_eq!(pass_figure(&p, "hostreads", 1, "pages read directly"), 0, "{}", p.report());
-        assert!(pass_figure(&p, "hostreads", 0, "pages read directly") > 0, "{}", p.report());
+    for (r, (asked, direct)) in hostreads(&["--no-direct-rank", "1"], &[]).into_iter().enumerate() {
+        let want = if r == 1 && !over_rdma() { 0 } else { asked };
+        assert_eq!(direct, want, "rank {r}: pages read directly");
     }
 }

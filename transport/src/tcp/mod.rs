@@ -706,14 +706,7 @@ impl Transport for TcpTransport {
         // Wait without the receiver lock, so a waiting thread can read meanwhile.
         let mut keys = [0u64; 32];
         let n = self.links.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
-        // A waiting thread that reads the connections holds the lock only while it drains them:
-        // do not sleep on it (its unlock would then have to wake us, on the fault path). What it
-        // leaves is still there at the next poll (level-triggered), and it signals the waker.
-        let mut rx = match self.links.receiver.try_lock() {
-            Ok(rx) => rx,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
-        };
+        let mut rx = self.links.receiver.lock().unwrap_or_else(|p| p.into_inner());
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
         // A lost connection is reported after everything else that arrived: another peer's

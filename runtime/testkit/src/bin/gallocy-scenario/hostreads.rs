@@ -1,12 +1,14 @@
 //! hostreads: pages change hands between ranks of one host, which copy them out of each other's
 //! heaps (`gallocy_transport::local`) instead of receiving them over the transport.
 //!
-//! The ranks share a collective block of `--pages` pages. In round r, rank r % ranks writes a
-//! new value into every page (write faults: every other copy goes), then every rank reads every
-//! page and checks it (read faults: the owner, a home or a third rank, gives its copy). The PASS
-//! line gives this rank's read faults and the pages it read directly. `--no-direct-rank R` makes
-//! rank R read no peer's heap itself (`GALLOCY_SAME_HOST_READS=0` for it alone), though its
-//! peers still offer it theirs: it must then get every page another way.
+//! The ranks share a collective block of `--pages` pages (placed in one block per rank, each
+//! rank home and owner of its block). In round r, rank r % ranks writes a new value into every
+//! page of its own block, which takes every other copy away, then every rank reads every page and
+//! checks it: each read miss asks the page's home, which holds the page, so a requester on its
+//! host reads it out of the home's heap. The PASS line gives this rank's read faults, the pages
+//! they asked for beyond the faulting one (prefetch), and the pages it read directly.
+//! `--no-direct-rank R` makes rank R read no peer's heap itself (`GALLOCY_SAME_HOST_READS=0` for
+//! it alone), though its peers still read its own.
 
 use crate::util::{collective, env_rank, mix, vread, vwrite, Args, Outcome};
 
@@ -27,31 +29,42 @@ pub fn hostreads(args: &Args) -> Outcome {
     let pages = args.usize_or("--pages", 256);
     let rounds = args.usize_or("--rounds", 2 * ranks);
     let buf = collective(pages * page)?;
+    let slot = |i: usize| buf.at(i * page + (i % 7) * 8);
+    let mine: Vec<usize> = (0..pages).filter(|i| gallocy::home_of(slot(*i) as usize) == rank).collect();
+    if mine.is_empty() {
+        return Err(format!("no page of {pages} has this rank as its home"));
+    }
+    // Every page's value of the round that last wrote it.
+    let mut last = vec![usize::MAX; pages];
     let before = gallocy::stats();
     for round in 0..rounds {
-        if round % ranks == rank {
-            for i in 0..pages {
-                // SAFETY: inside the collective block; between barriers only this rank writes.
-                unsafe { vwrite(buf.at(i * page + (i % 7) * 8), value(i, round, pages)) };
+        let writer = round % ranks;
+        if writer == rank {
+            for &i in &mine {
+                // SAFETY: inside the collective block; between barriers only this rank, the
+                // page's home, writes it.
+                unsafe { vwrite(slot(i), value(i, round, pages)) };
             }
         }
+        for i in (0..pages).filter(|i| gallocy::home_of(slot(*i) as usize) == writer) {
+            last[i] = round;
+        }
         gallocy::barrier();
-        for i in 0..pages {
+        for (i, &written) in last.iter().enumerate() {
             // SAFETY: inside the collective block; between barriers every rank only reads.
-            let got = unsafe { vread(buf.at(i * page + (i % 7) * 8)) };
-            if got != value(i, round, pages) {
-                return Err(format!(
-                    "round {round}: page {i} of {pages} holds {got:#x}, expected {:#x}",
-                    value(i, round, pages)
-                ));
+            let got = unsafe { vread(slot(i)) };
+            let want = if written == usize::MAX { 0 } else { value(i, written, pages) };
+            if got != want {
+                return Err(format!("round {round}: page {i} of {pages} holds {got:#x}, expected {want:#x}"));
             }
         }
         gallocy::barrier();
     }
     let s = gallocy::stats();
     Ok(format!(
-        "{pages} pages, {rounds} rounds, read faults {}, pages read directly {}",
+        "{pages} pages, {rounds} rounds, read faults {}, prefetched {}, pages read directly {}",
         s.read_faults - before.read_faults,
+        s.prefetched - before.prefetched,
         s.pages_read_directly - before.pages_read_directly
     ))
 }
