@@ -251,7 +251,9 @@ pub trait Transport: Send + Sync {
     /// thread only: an RDMA transport may register memory here, which allocates.
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError>;
     /// Waits up to `timeout` (`None`: forever, `Some(ZERO)`: do not wait) for events and hands
-    /// each to `handler`. Returns how many events were handled.
+    /// each to `handler`. Returns how many events were handled. May return at once (with 0)
+    /// while a waiting thread reads the connections ([`Transport::poll_inline`]); the next call
+    /// then does not wait.
     fn poll(&self, timeout: Option<Duration>, handler: &mut dyn FnMut(Event<'_>)) -> Result<usize, TransportError>;
     /// Lets a thread that waits for an answer read incoming frames itself, so no thread hand-off
     /// sits on the fault path. Each complete control message is offered to `accept`; if it

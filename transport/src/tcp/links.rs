@@ -90,6 +90,9 @@ pub(super) struct Links {
     /// Wakes the dialer: a link is wanted.
     wanted: EventFd,
     pub(super) receiver: Mutex<Receiver>,
+    /// A waiting thread left a frame (or a broken connection) for the service thread since the
+    /// service thread last took the receiver lock: set under that lock.
+    pub(super) left_for_service: AtomicBool,
     pub(super) epoll: Epoll,
     pub(super) waker: EventFd,
     /// Per peer, the keys of a transport layered on its connection, until that transport takes
@@ -123,6 +126,7 @@ impl Links {
             dialing: AtomicBool::new(false),
             wanted: EventFd::new()?,
             receiver: Mutex::new(Receiver { inboxes: (0..size).map(|_| Inbox::default()).collect() }),
+            left_for_service: AtomicBool::new(false),
             epoll,
             waker,
             layered: Mutex::new((0..size).map(|_| None).collect()),

@@ -439,6 +439,7 @@ impl TcpTransport {
                 };
                 if !taken {
                     inbox.pending = true;
+                    self.links.left_for_service.store(true, Ordering::Relaxed);
                     self.links.waker.signal();
                     return Ok(false);
                 }
@@ -489,6 +490,7 @@ impl TcpTransport {
     /// reports it, and returns the error.
     fn broken(&self, rank: usize, inbox: &mut Inbox, e: FrameError) -> TransportError {
         inbox.broken = Some(e);
+        self.links.left_for_service.store(true, Ordering::Relaxed);
         // A waiting thread found it: the service thread must hear of it even if nothing more
         // arrives.
         self.links.waker.signal();
@@ -706,7 +708,16 @@ impl Transport for TcpTransport {
         // Wait without the receiver lock, so a waiting thread can read meanwhile.
         let mut keys = [0u64; 32];
         let n = self.links.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
-        let mut rx = self.links.receiver.lock().unwrap_or_else(|p| p.into_inner());
+        // A waiting thread that reads the connections itself holds the lock only while it drains
+        // them: do not sleep on the lock, or its unlock would have to wake us, on its fault path.
+        // What it leaves for us it tells us after it unlocks (see `poll_inline`).
+        let mut rx = match self.links.receiver.try_lock() {
+            Ok(rx) => rx,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+        };
+        // Everything left for us is handled below, under the lock.
+        self.links.left_for_service.store(false, Ordering::Relaxed);
         let mut handled = 0;
         let mut sink = Sink::Service(handler);
         // A lost connection is reported after everything else that arrived: another peer's
@@ -762,6 +773,13 @@ impl Transport for TcpTransport {
                     }
                 }
             }
+        }
+        drop(rx);
+        // The service thread may have found the lock taken after our signal (it does not wait
+        // for the lock): while something waits for it, tell it again now that the lock is free.
+        // (It clears the mark under the lock, so this may only say it once too often.)
+        if self.links.left_for_service.load(Ordering::Relaxed) {
+            self.links.waker.signal();
         }
         taken
     }
