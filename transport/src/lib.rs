@@ -262,7 +262,8 @@ pub trait Transport: Send + Sync {
     /// taken. Never blocks; returns 0 at once if another thread is receiving. Async-signal-safe
     /// (allocation-free), provided `accept` is.
     fn poll_inline(&self, accept: &mut Accept<'_>) -> usize;
-    /// Blocks until `wake` is called or `timeout` passes, ignoring the peers' connections.
+    /// Blocks until `wake` is called or `timeout` passes, ignoring the peers' connections. The
+    /// wake-up may stay for the next `poll` to consume.
     fn wait_for_wake(&self, timeout: Duration);
     /// Makes the current or next `poll` (or `wait_for_wake`) return promptly. Async-signal-safe.
     fn wake(&self);

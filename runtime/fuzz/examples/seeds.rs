@@ -20,7 +20,7 @@ fn write(target: &str, name: &str, bytes: &[u8]) {
 fn main() {
     let w = Waiter { slot: 511, generation: 7 };
     let messages = [
-        ("request", Msg::Request { page: 1 << 20, write: true, waiter: w }),
+        ("request", Msg::Request { page: 1 << 20, write: true, waiter: w, direct: true }),
         ("forward", Msg::Forward { page: 3, requester: 2, waiter: w, write: false }),
         ("grant_inline", Msg::Grant { page: 3, waiter: w, write: false, source: Source::Inline }),
         ("grant_forwarded", Msg::Grant { page: 3, waiter: w, write: true, source: Source::Forwarded }),
@@ -64,7 +64,7 @@ fn main() {
         write("frame_header", name, &[&h.encode()[..], &view].concat());
     }
 
-    let mut hello = Hello::new(None, None);
+    let mut hello = Hello::new(None, None, None);
     hello.host = "node1".into();
     hello.pid = 1234;
     let report = hello.encode();

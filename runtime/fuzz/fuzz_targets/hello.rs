@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 fn own() -> &'static (Hello, Vec<u8>) {
     static OWN: OnceLock<(Hello, Vec<u8>)> = OnceLock::new();
     OWN.get_or_init(|| {
-        let h = Hello::new(None, None);
+        let h = Hello::new(None, None, None);
         let bytes = h.encode();
         (h, bytes)
     })

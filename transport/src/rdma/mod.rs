@@ -1174,7 +1174,7 @@ impl Shared {
     }
 
     fn wait_for_wake(&self, timeout: Duration) {
-        self.tcp.wait_for_wake(timeout);
+        self.tcp.wait_for_wake_consuming(timeout);
     }
 
     fn wake(&self) {

@@ -610,6 +610,25 @@ impl TcpTransport {
         self.links.layered.lock().unwrap_or_else(|p| p.into_inner()).get_mut(peer)?.take()
     }
 
+    /// Blocks until the waker is signalled or `timeout` passes; returns whether it was.
+    fn wait_for_waker(&self, timeout: Duration) -> bool {
+        let mut p = libc::pollfd { fd: self.links.waker.0, events: libc::POLLIN, revents: 0 };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one valid pollfd and a valid timespec.
+        unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) > 0 }
+    }
+
+    /// [`Transport::wait_for_wake`] that also consumes the wake-up, for a transport layered on
+    /// this one (RDMA), whose polls read these connections only now and then.
+    pub fn wait_for_wake_consuming(&self, timeout: Duration) {
+        if self.wait_for_waker(timeout) {
+            self.links.waker.drain();
+        }
+    }
+
     /// Makes the connection to `peer` now if there is none, and waits for it (see
     /// [`Transport::send`]). A transport layered on these connections (RDMA) uses this to learn
     /// why a peer cannot be reached. Allocation-free and async-signal-safe.
@@ -785,15 +804,11 @@ impl Transport for TcpTransport {
     }
 
     fn wait_for_wake(&self, timeout: Duration) {
-        let mut p = libc::pollfd { fd: self.links.waker.0, events: libc::POLLIN, revents: 0 };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: one valid pollfd and a valid timespec.
-        if unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) } > 0 {
-            self.links.waker.drain();
-        }
+        // The wake-up stays for the next `poll`, which consumes it under the receiver lock: a
+        // wake-up consumed here could be the one that says a waiting thread left a frame for
+        // the service thread, whose next `poll` may then find the lock taken by another thread
+        // and return; nothing would remind it (see `poll`).
+        self.wait_for_waker(timeout);
     }
 
     fn wake(&self) {
