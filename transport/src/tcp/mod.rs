@@ -913,6 +913,47 @@ mod tests {
         Header { kind: Kind::Message, msg_len: 3, page_len: page, offset: 4096, token: 0 }
     }
 
+    /// How long `f` takes.
+    fn timed(f: impl FnOnce()) -> Duration {
+        let start = std::time::Instant::now();
+        f();
+        start.elapsed()
+    }
+
+    #[test]
+    fn a_wake_up_that_ends_a_wait_is_left_for_the_next_poll() {
+        // A waiting thread may leave a frame for the service thread and signal it; the service
+        // thread's wait must not eat that signal, or its next poll (which may find the receiver
+        // lock taken and return) sleeps with the frame unread.
+        let (ours, _theirs) = conn_pair();
+        let (t, _) = rank0(ours, None);
+        t.wake();
+        assert!(
+            timed(|| t.wait_for_wake(Duration::from_secs(5))) < Duration::from_secs(2),
+            "the wake-up ends the wait"
+        );
+        let poll = |timeout| {
+            timed(|| {
+                t.poll(Some(timeout), &mut |_| {}).unwrap();
+            })
+        };
+        assert!(poll(Duration::from_secs(5)) < Duration::from_secs(2), "the next poll still sees the wake-up");
+        assert!(poll(Duration::from_millis(300)) >= Duration::from_millis(250), "that poll consumed it");
+    }
+
+    #[test]
+    fn a_consuming_wait_takes_the_wake_up() {
+        // What RDMA's `wait_for_wake` uses: its polls read these links only now and then.
+        let (ours, _theirs) = conn_pair();
+        let (t, _) = rank0(ours, None);
+        t.wake();
+        assert!(timed(|| t.wait_for_wake_consuming(Duration::from_secs(5))) < Duration::from_secs(2));
+        let waited = timed(|| {
+            t.poll(Some(Duration::from_millis(300)), &mut |_| {}).unwrap();
+        });
+        assert!(waited >= Duration::from_millis(250), "the wake-up was consumed, yet poll returned after {waited:?}");
+    }
+
     #[test]
     fn authentic_frames_arrive_with_their_pages() {
         let (ours, mut theirs) = conn_pair();
