@@ -26,6 +26,7 @@ fn main() {
         ("grant_forwarded", Msg::Grant { page: 3, waiter: w, write: true, source: Source::Forwarded }),
         ("grant_valid", Msg::Grant { page: 3, waiter: w, write: true, source: Source::Valid }),
         ("grant_read_from", Msg::Grant { page: 3, waiter: w, write: false, source: Source::ReadFrom(7) }),
+        ("grant_host_copy", Msg::Grant { page: 3, waiter: w, write: false, source: Source::HostCopy }),
         ("done", Msg::Done { page: 9 }),
         ("revoke", Msg::Revoke { page: 9, to_read: true }),
         ("revoke_ack", Msg::RevokeAck { page: 9 }),

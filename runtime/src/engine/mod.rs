@@ -97,7 +97,7 @@ impl<'a> Engine<'a> {
             rt,
             me: rt.rank(),
             one_sided,
-            dir: Directory::new(rt.rank(), *rt.placement()),
+            dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
             sharing: rt.release().map(|_| Sharing::new(rt.rank(), *rt.placement(), one_sided)),
             locks: Locks::default(),
             self_queue: VecDeque::new(),
@@ -581,6 +581,16 @@ impl<'a> Engine<'a> {
         match source {
             Source::Inline | Source::Valid | Source::Forwarded => {
                 self.install(page, waiter, write, source.needs_done() && self.sharing.is_none());
+                Ok(())
+            }
+            Source::HostCopy => {
+                // The home is done with the request: the copy cannot wait, nor fall back to a
+                // read over the transport (it would complete after the home's later messages).
+                if self.one_sided || !read_from_host_peer(self.rt, from, page) {
+                    return Err(Violation::BadReadSource { from, page, owner: from as u32 });
+                }
+                self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
+                self.install(page, waiter, write, false);
                 Ok(())
             }
             Source::ReadFrom(owner) => {

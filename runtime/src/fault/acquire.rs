@@ -239,6 +239,14 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
     if (source.needs_done() && home == rt.rank()) || !rt.slots().waits_for_page(waiter, page) {
         return false;
     }
+    if source == Source::HostCopy {
+        // Copied now, before any later message from the home is handled (see `Source`); a job
+        // with one-sided reads gets no such grant (the service thread reports it).
+        if rt.transport().is_none_or(|t| t.one_sided_reads()) || !read_from_host_peer(rt, from, page) {
+            return false;
+        }
+        rt.stats().count(&rt.stats().bytes_in, u64::from(rt.region().page as u32));
+    }
     if let Source::ReadFrom(owner) = source {
         // One-sided read by this thread when the transport can do it without allocating (the
         // service thread does the first read of each chunk, which registers memory), or a copy

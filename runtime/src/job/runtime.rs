@@ -28,7 +28,7 @@ use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 pub static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
 /// Protocol version every rank must share.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Everything the runtime owns.
 pub struct Runtime {

@@ -8,8 +8,11 @@
 //!   writable owner, `Grant { Valid, write }` at once (its own copy of a fresh page is zero).
 //! - `r` already holds what it needs: `Grant { Valid }` at once.
 //! - read, the home holds a read-only copy: `Grant { Inline }` with the page attached, or, when
-//!   `r` reads the home's memory itself (its request says `direct`: a one-sided read, or the same
-//!   host), `Grant { ReadFrom(home) }` and wait for `Done`.
+//!   `r` reads the home's memory itself (its request says `direct`): on the same host (a job
+//!   without one-sided reads) `Grant { HostCopy }`, which `r` copies as it handles the grant, so
+//!   the home is done at once, as for `Inline`; with one-sided reads `Grant { ReadFrom(home) }`
+//!   and wait for `Done` (the read completes later, while other messages from the home may
+//!   already be handled).
 //! - read, the home owns it writable: revoke its own copy down to read, then as above.
 //! - read, another rank owns it writable: `Forward` to the owner, which downgrades itself and
 //!   grants; wait for the requester's `Done`.
@@ -103,6 +106,9 @@ pub struct PageRecord {
 pub struct Directory {
     me: Rank,
     placement: Placement,
+    /// A direct requester copies out of our heap on our host as it handles the grant (no
+    /// one-sided reads in this job), rather than reading it one-sidedly later.
+    host_copies: bool,
     entries: BTreeMap<Page, Entry>,
     #[cfg(test)]
     broken: Option<Broken>,
@@ -117,11 +123,13 @@ pub enum Broken {
 }
 
 impl Directory {
-    /// The directory of rank `me`.
-    pub fn new(me: Rank, placement: Placement) -> Directory {
+    /// The directory of rank `me`; `one_sided`: direct requesters read one-sidedly (RDMA), else
+    /// they are on our host and copy out of our heap.
+    pub fn new(me: Rank, placement: Placement, one_sided: bool) -> Directory {
         Directory {
             me,
             placement,
+            host_copies: !one_sided,
             entries: BTreeMap::new(),
             #[cfg(test)]
             broken: None,
@@ -239,6 +247,7 @@ impl Directory {
     fn start(&mut self, page: Page, req: Req, out: &mut Vec<Send>) {
         let me = self.me;
         let direct = req.direct;
+        let host_copies = self.host_copies;
         let e = self.entry(page);
         let r = req.from;
         if e.unowned {
@@ -257,6 +266,12 @@ impl Directory {
                 return self.finish(page, out);
             }
             if holders.contains(me) && !writable {
+                if direct && host_copies {
+                    // The requester copies ours as it handles the grant: done, as for Inline.
+                    e.copyset = e.copyset.with(r);
+                    out.push(Self::grant(req, page, false, Source::HostCopy));
+                    return self.finish(page, out);
+                }
                 if direct {
                     // The requester reads our copy; it stays put until the requester's Done.
                     e.txn = Some(Txn::AwaitDone { req, on_done: OnDone::AddReader });
@@ -306,20 +321,26 @@ impl Directory {
 
     fn after_acks(&mut self, page: Page, out: &mut Vec<Send>) {
         let me = self.me;
+        let host_copies = self.host_copies;
         let e = self.entry(page);
         let Some(Txn::AwaitAcks { req, then, .. }) = e.txn else {
             unreachable!("after_acks runs only for a transaction awaiting acknowledgements");
         };
         match then {
-            AfterAcks::GrantFromHome if req.direct => {
-                // Our copy (now read-only or invalid for us) is what the requester reads; the
-                // directory changes when it says Done.
+            AfterAcks::GrantFromHome if req.direct && !host_copies => {
+                // Our copy (now read-only or invalid for us) is what the requester reads
+                // one-sidedly; the directory changes when it says Done.
                 let on_done = if req.write { OnDone::NewOwner } else { OnDone::AddReader };
                 e.txn = Some(Txn::AwaitDone { req, on_done });
                 out.push(Self::grant(req, page, req.write, Source::ReadFrom(me as u32)));
             }
             AfterAcks::GrantValid | AfterAcks::GrantFromHome => {
-                let source = if then == AfterAcks::GrantValid { Source::Valid } else { Source::Inline };
+                let source = match then {
+                    AfterAcks::GrantValid => Source::Valid,
+                    // Copied as the requester handles the grant (see `start`).
+                    _ if req.direct => Source::HostCopy,
+                    _ => Source::Inline,
+                };
                 if req.write {
                     e.owner = req.from;
                     e.writable = true;

@@ -9,7 +9,12 @@ use super::violation::Violation;
 /// 3 ranks, 30 pages, arenas of 10: page 3's home is rank 0 and its first owner rank 0; page 12's
 /// home is rank 0 and its first owner rank 1; page 21's home is 0 and first owner 2.
 fn home0() -> Directory {
-    Directory::new(0, Placement::new(3, 30, 10))
+    Directory::new(0, Placement::new(3, 30, 10), false)
+}
+
+/// [`home0`] in a job whose direct requesters read one-sidedly (RDMA).
+fn home0_one_sided() -> Directory {
+    Directory::new(0, Placement::new(3, 30, 10), true)
 }
 
 fn w(slot: u32) -> Waiter {
@@ -76,7 +81,7 @@ fn a_read_of_a_page_the_home_owns_writable_downgrades_the_home_first() {
 
 #[test]
 fn with_one_sided_reads_the_requester_reads_the_homes_copy_and_says_done() {
-    let mut d = home0();
+    let mut d = home0_one_sided();
     assert_eq!(req_direct(&mut d, 1, 3, false, 1), vec![revoke(0, 3, true)]);
     assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::ReadFrom(0))]);
     assert!(d.record(3).busy, "the home's copy stays put until Done");
@@ -90,21 +95,42 @@ fn with_one_sided_reads_the_requester_reads_the_homes_copy_and_says_done() {
 }
 
 #[test]
-fn a_requester_on_the_homes_host_reads_the_homes_copy_and_one_elsewhere_gets_it_attached() {
+fn a_requester_on_the_homes_host_copies_the_homes_copy_and_one_elsewhere_gets_it_attached() {
     let mut d = home0();
     // Rank 1 shares our host (it maps our heap); rank 2 does not.
     assert_eq!(req_direct(&mut d, 1, 3, false, 1), vec![revoke(0, 3, true)]);
-    assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::ReadFrom(0))]);
-    assert!(d.record(3).busy, "the home's copy stays put until Done");
-    assert_eq!(req(&mut d, 2, 3, false, 2), Vec::new(), "the next request waits its turn");
-    assert_eq!(done(&mut d, 1, 3), vec![grant(2, 3, 2, false, Source::Inline)]);
+    assert_eq!(ack(&mut d, 0, 3), vec![grant(1, 3, 1, false, Source::HostCopy)]);
+    // Copied as rank 1 handles the grant, before anything we send it later: no Done.
+    assert_eq!(d.record(3), rec(0, false, &[0, 1], false));
+    let mut out = Vec::new();
+    assert!(matches!(d.done(1, 3, &mut out), Err(Violation::UnexpectedDone { .. })), "no Done is owed");
+    assert_eq!(req(&mut d, 2, 3, false, 2), vec![grant(2, 3, 2, false, Source::Inline)]);
     assert_eq!(d.record(3), rec(0, false, &[0, 1, 2], false));
+    // The home's own read-only copy, asked for again by a same-host rank: copied at once.
+    assert_eq!(req_direct(&mut d, 1, 0, false, 3), vec![revoke(0, 0, true)]);
+    assert_eq!(ack(&mut d, 0, 0), vec![grant(1, 0, 3, false, Source::HostCopy)]);
     // A write by the rank elsewhere of a page the home holds: the home's copy, attached.
-    assert_eq!(req(&mut d, 2, 6, true, 3), vec![revoke(0, 6, false)]);
-    assert_eq!(ack(&mut d, 0, 6), vec![grant(2, 6, 3, true, Source::Inline)]);
+    assert_eq!(req(&mut d, 2, 6, true, 4), vec![revoke(0, 6, false)]);
+    assert_eq!(ack(&mut d, 0, 6), vec![grant(2, 6, 4, true, Source::Inline)]);
     assert_eq!(d.record(6), rec(2, true, &[2], false));
-    // A write by the same-host rank of a page the home holds: it reads the home's (now invalid
-    // for the home, but unchanged) copy and becomes the owner when done.
+    // A write by the same-host rank of a page the home holds: it copies the home's (now invalid
+    // for the home, but unchanged) copy and is the owner at once.
+    assert_eq!(req_direct(&mut d, 1, 9, true, 5), vec![revoke(0, 9, false)]);
+    assert_eq!(ack(&mut d, 0, 9), vec![grant(1, 9, 5, true, Source::HostCopy)]);
+    assert_eq!(d.record(9), rec(1, true, &[1], false));
+}
+
+#[test]
+fn a_one_sided_reader_waits_its_turn_behind_another_and_a_one_sided_writer_says_done() {
+    let mut d = home0_one_sided();
+    assert_eq!(req_direct(&mut d, 1, 0, false, 3), vec![revoke(0, 0, true)]);
+    assert_eq!(ack(&mut d, 0, 0), vec![grant(1, 0, 3, false, Source::ReadFrom(0))]);
+    assert!(done(&mut d, 1, 0).is_empty());
+    assert_eq!(req_direct(&mut d, 2, 0, false, 6), vec![grant(2, 0, 6, false, Source::ReadFrom(0))]);
+    assert!(d.record(0).busy);
+    assert_eq!(req(&mut d, 2, 0, false, 7), Vec::new(), "the next request waits its turn");
+    assert_eq!(done(&mut d, 2, 0), vec![grant(2, 0, 7, false, Source::Valid)]);
+    // A write by a direct requester of a page the home holds: the owner when done.
     assert_eq!(req_direct(&mut d, 1, 9, true, 4), vec![revoke(0, 9, false)]);
     assert_eq!(ack(&mut d, 0, 9), vec![grant(1, 9, 4, true, Source::ReadFrom(0))]);
     assert!(d.record(9).busy);
@@ -223,7 +249,7 @@ fn placed_collective_pages_follow_their_policy() {
     // Pages 3..9: first touch (cyclic homes, no owner); pages 12..15: block (ranks 0, 0, 1, 2).
     assert!(ranges.add(3, 6, Policy::FirstTouch));
     assert!(ranges.add(12, 4, Policy::Block));
-    let mut d = Directory::new(0, Placement::new(3, 30, 10).with_ranges(Policy::Block, ranges));
+    let mut d = Directory::new(0, Placement::new(3, 30, 10).with_ranges(Policy::Block, ranges), false);
     assert_eq!(d.record(3).holders, RankSet::empty(), "nobody holds a first-touch page");
     // The first to touch it, even by reading, owns it writable; nothing moves.
     assert_eq!(req(&mut d, 2, 3, false, 1), vec![grant(2, 3, 1, true, Source::Valid)]);

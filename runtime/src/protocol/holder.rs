@@ -119,7 +119,7 @@ pub fn check_received(
             Ok(())
         }
         Msg::Grant { page, source, .. } => match source {
-            Source::Inline | Source::Valid => from_home(page, "this grant"),
+            Source::Inline | Source::Valid | Source::HostCopy => from_home(page, "this grant"),
             // From the owner, which only the home knows.
             Source::Forwarded => Ok(()),
             Source::ReadFrom(owner) => {

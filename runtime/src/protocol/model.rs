@@ -6,8 +6,9 @@
 //! moving page contents are checked: pages attached to grants (TCP between hosts); one-sided
 //! reads (RDMA), where every grant that would attach the page says `ReadFrom(sender)` instead;
 //! and same-host reads, where ranks 0 and 1 share a host and read a home's memory on it (their
-//! requests say `direct`) while rank 2 gets pages attached, so both kinds of grant meet on one
-//! page. (Reads from a read-only owner
+//! requests say `direct`; a home grants `HostCopy`, copied out of its runtime view *as the
+//! grant is handled*, with no `Done`) while rank 2 gets pages attached, so both kinds of grant
+//! meet on one page. (Reads from a read-only owner
 //! that is not the home are one-sided in every mode.)
 //!
 //! # What a state is
@@ -372,6 +373,13 @@ impl Dsm {
                         self.install(s, to, page, write, false, out);
                         Ok(())
                     }
+                    Source::HostCopy => {
+                        // Copied out of the home's runtime view as the grant is handled.
+                        let now = s.nodes[from].copy[ix(page)];
+                        s.nodes[to].copy[ix(page)] = now;
+                        self.install(s, to, page, write, false, out);
+                        Ok(())
+                    }
                 }
             }
             Msg::LockAcquire { id, waiter } => {
@@ -454,7 +462,7 @@ impl Model for Dsm {
         let pl = placement();
         let nodes = (0..RANKS)
             .map(|r| {
-                let mut dir = Directory::new(r, pl);
+                let mut dir = Directory::new(r, pl, self.reads == Reads::OneSided);
                 if let Some(b) = self.broken {
                     dir.break_with(b);
                 }

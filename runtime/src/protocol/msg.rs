@@ -25,6 +25,11 @@ pub enum Source {
     Valid,
     /// Read it from this rank's runtime view (one-sided read), then tell the home.
     ReadFrom(u32),
+    /// Copy it out of the sender's heap, on this host, while handling the grant; the sender is
+    /// the home, which is done with the request. Its copy holds still until the requester has
+    /// handled the grant, because anything that changes it first asks the requester on the same
+    /// link (a revoke, a forward), and links are FIFO.
+    HostCopy,
 }
 
 impl Source {

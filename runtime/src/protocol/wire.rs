@@ -179,6 +179,7 @@ const SRC_INLINE: u32 = 0;
 const SRC_FORWARDED: u32 = 1;
 const SRC_VALID: u32 = 2;
 const SRC_READ_FROM: u32 = 3;
+const SRC_HOST_COPY: u32 = 4;
 
 fn waiter_w(w: Waiter) -> WaiterW {
     WaiterW { slot: w.slot.into(), generation: w.generation.into() }
@@ -233,6 +234,7 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
                 Source::Forwarded => (SRC_FORWARDED, 0),
                 Source::Valid => (SRC_VALID, 0),
                 Source::ReadFrom(r) => (SRC_READ_FROM, r),
+                Source::HostCopy => (SRC_HOST_COPY, 0),
             };
             put(buf, Tag::Grant, pw(page, waiter, write, a, b).as_bytes(), &[])
         }
@@ -327,6 +329,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
                         (SRC_FORWARDED, 0) => Source::Forwarded,
                         (SRC_VALID, 0) => Source::Valid,
                         (SRC_READ_FROM, r) => Source::ReadFrom(r),
+                        (SRC_HOST_COPY, 0) => Source::HostCopy,
                         _ => return Err(DecodeError::BadField { tag: t, field: "source" }),
                     };
                     Msg::Grant { page, waiter, write, source }
@@ -411,6 +414,7 @@ mod tests {
             Msg::Grant { page: 3, waiter: w, write: true, source: Source::Forwarded },
             Msg::Grant { page: 3, waiter: w, write: true, source: Source::Valid },
             Msg::Grant { page: 3, waiter: w, write: false, source: Source::ReadFrom(7) },
+            Msg::Grant { page: 3, waiter: w, write: true, source: Source::HostCopy },
             Msg::Done { page: 9 },
             Msg::Revoke { page: 9, to_read: true },
             Msg::Revoke { page: 9, to_read: false },
