@@ -125,7 +125,8 @@ impl LocalViews {
         // SAFETY: [offset, offset + len) lies inside the peer's mapping of `self.len` bytes
         // (checked above); `dst` is the caller's. Under release consistency the peer may write
         // the source meanwhile: the copy is then some mix of old and new bytes, which that
-        // protocol allows (under sequential consistency the source holds still until `Done`).
+        // protocol allows (under sequential consistency the source holds still until the copy is
+        // done: gallocy's docs/protocol.md, "Direct reads").
         unsafe { std::ptr::copy_nonoverlapping((base + offset as usize) as *const u8, dst, len) };
         true
     }

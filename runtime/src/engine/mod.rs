@@ -587,7 +587,7 @@ impl<'a> Engine<'a> {
                 // The home is done with the request: the copy cannot wait, nor fall back to a
                 // read over the transport (it would complete after the home's later messages).
                 if self.one_sided || !read_from_host_peer(self.rt, from, page) {
-                    return Err(Violation::BadReadSource { from, page, owner: from as u32 });
+                    return Err(Violation::HostCopyUnreadable { from, page });
                 }
                 self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
                 self.install(page, waiter, write, false);

@@ -283,7 +283,8 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
 
 /// Copies `page` from the heap of `peer`, a process on this host, into our runtime view (see
 /// `gallocy_transport::local`). False when that heap cannot be read here (the caller then asks
-/// over the transport). The page must be claimed and closed in our application view.
+/// over the transport; for a `HostCopy` grant, which allows no later read, it leaves the grant to
+/// the service thread, which reports it). The page must be claimed and closed in our application view.
 /// Async-signal-safe.
 pub fn read_from_host_peer(rt: &Runtime, peer: usize, page: u64) -> bool {
     let len = rt.region().page;

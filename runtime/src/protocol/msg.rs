@@ -50,7 +50,7 @@ impl Source {
 pub enum Msg {
     /// Requester -> home: I need `page` (for writing if `write`). `direct`: I can read your memory
     /// myself (a one-sided read, or your heap on our shared host), so a copy you hold comes as
-    /// `ReadFrom(you)` instead of attached.
+    /// `ReadFrom(you)` (one-sided) or `HostCopy` (our host) instead of attached.
     Request { page: Page, write: bool, waiter: Waiter, direct: bool },
     /// Home -> owner: give `page` to `requester` (downgrade to read, or invalidate if `write`).
     Forward { page: Page, requester: u32, waiter: Waiter, write: bool },

@@ -27,6 +27,9 @@ pub enum Violation {
     /// rank {from} told this rank to read page {page} from rank {owner}
     #[error("rank {from} told this rank to read page {page} from rank {owner}")]
     BadReadSource { from: Rank, page: Page, owner: u32 },
+    /// rank {from} granted page {page} to be copied out of its heap, which this rank cannot read
+    #[error("rank {from} granted page {page} to be copied out of its heap on this host, which this rank cannot read")]
+    HostCopyUnreadable { from: Rank, page: Page },
     /// rank {from} answered a wait that is not waiting for that answer
     #[error("rank {from} answered wait slot {} (generation {}), which is not waiting for that answer", waiter.slot, waiter.generation)]
     StaleWaiter { from: Rank, waiter: Waiter },
