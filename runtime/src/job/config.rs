@@ -101,6 +101,8 @@ pub struct Settings {
     /// The time slice the service thread asks the kernel for (`GALLOCY_SERVICE_SLICE_US`);
     /// `None`: the kernel's default.
     pub service_slice: Option<Duration>,
+    /// The nice value the service thread asks for (`GALLOCY_SERVICE_NICE`).
+    pub service_nice: i32,
     /// Most kernel mappings the heap's application view may use before it is closed
     /// (`GALLOCY_HEAP_MAPPINGS`); `None`: derived from `vm.max_map_count` when joining.
     pub heap_mappings: Option<usize>,
@@ -199,6 +201,21 @@ fn heap_mappings() -> Result<Option<usize>, Error> {
 /// spins or computes on the same CPU (Linux 6.12 and later let a waking task with a shorter
 /// slice preempt; older kernels ignore the request).
 pub const DEFAULT_SERVICE_SLICE_US: u64 = 100;
+
+/// The service thread's nice value when `GALLOCY_SERVICE_NICE` is unset: the highest priority.
+/// Where the process may not raise it (no `CAP_SYS_NICE`, `RLIMIT_NICE` 0: the usual case for an
+/// unprivileged user), it gets as close as `RLIMIT_NICE` allows, or keeps the process's own.
+pub const DEFAULT_SERVICE_NICE: i32 = -20;
+
+/// `GALLOCY_SERVICE_NICE`: unset for [`DEFAULT_SERVICE_NICE`], else -20 to 19.
+fn service_nice() -> Result<i32, Error> {
+    const NAME: &str = "GALLOCY_SERVICE_NICE";
+    let Some(v) = var(NAME)? else { return Ok(DEFAULT_SERVICE_NICE) };
+    match v.trim().parse::<i32>() {
+        Ok(n) if (-20..=19).contains(&n) => Ok(n),
+        _ => Err(Error::config(NAME, &v, "must be a nice value, a whole number from -20 to 19")),
+    }
+}
 
 /// `GALLOCY_SERVICE_SLICE_US`: unset for [`DEFAULT_SERVICE_SLICE_US`], 0 for the kernel's
 /// default, else a slice it accepts.
@@ -464,6 +481,7 @@ pub fn settings() -> Result<Settings, Error> {
         consistency,
         prefetch: parse_number("GALLOCY_PREFETCH", MAX_BATCH as u64, 1, MAX_BATCH as u64, "pages")? as u32,
         service_slice: service_slice()?,
+        service_nice: service_nice()?,
         heap_mappings: heap_mappings()?,
         same_host_reads: flag_or("GALLOCY_SAME_HOST_READS", true)?,
     })

@@ -1,4 +1,5 @@
-//! Scheduling the service thread: a time slice of its own (`GALLOCY_SERVICE_SLICE_US`).
+//! Scheduling the service thread: a time slice of its own (`GALLOCY_SERVICE_SLICE_US`), and a
+//! priority above the application's where the process may raise it (`GALLOCY_SERVICE_NICE`).
 //!
 //! The service thread answers peers (revocations, grants, diffs) for a process whose
 //! application threads may hold every CPU, for example spinning on a shared flag. Under the
@@ -43,6 +44,45 @@ pub fn request_slice(slice: Duration) -> bool {
     // SAFETY: pid 0 is the calling thread; `attr` is a valid sched_attr of the size it states,
     // alive for the call.
     unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) == 0 }
+}
+
+/// Sets the calling thread's nice value to `wanted`, or, where the process may not go that low
+/// (no `CAP_SYS_NICE`), to the lowest that `RLIMIT_NICE` allows, if that is below the thread's
+/// current one. Returns the nice value the thread has afterwards.
+pub fn request_nice(wanted: i32) -> i32 {
+    let now = thread_nice();
+    if set_thread_nice(wanted) {
+        return wanted;
+    }
+    // RLIMIT_NICE r lets an unprivileged process go down to 20 - r (getrlimit(2)).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for the call to fill.
+    let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } == 0 {
+        20 - lim.rlim_cur.min(40) as i32
+    } else {
+        now
+    };
+    let allowed = wanted.max(floor);
+    if allowed < now && set_thread_nice(allowed) {
+        return allowed;
+    }
+    now
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> i32 {
+    // SAFETY: getpriority has no memory arguments; errno is thread-local. PRIO_PROCESS with the
+    // thread's id names that thread alone (Linux).
+    unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+    }
+}
+
+fn set_thread_nice(nice: i32) -> bool {
+    // SAFETY: setpriority has no memory arguments; PRIO_PROCESS with the thread's id names that
+    // thread alone (Linux).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
 }
 
 /// The slice the calling thread has, in ns (0 where the kernel does not report one).
@@ -118,6 +158,28 @@ mod tests {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    }
+
+    #[test]
+    fn a_thread_gets_the_nice_value_it_may_have_and_only_it_changes() {
+        let outside = thread_nice();
+        let (lower, higher) = std::thread::spawn(|| {
+            let before = thread_nice();
+            let got = request_nice(-20);
+            assert_eq!(got, thread_nice(), "the value returned is the thread's");
+            assert!(got <= before, "asking for -20 never raises the nice value ({before} -> {got})");
+            // SAFETY: geteuid has no arguments.
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(got, -20, "root may take -20");
+            }
+            // Going up is always allowed.
+            (got, request_nice(19))
+        })
+        .join()
+        .unwrap();
+        assert!(lower <= outside);
+        assert_eq!(higher, 19);
+        assert_eq!(thread_nice(), outside, "other threads keep theirs");
     }
 
     #[test]

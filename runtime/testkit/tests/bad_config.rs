@@ -137,6 +137,8 @@ fn absurd_values_are_refused_naming_the_variable() {
         (&[("GALLOCY_SERVICE_SLICE_US", "50")], "GALLOCY_SERVICE_SLICE_US"),
         (&[("GALLOCY_SERVICE_SLICE_US", "100001")], "GALLOCY_SERVICE_SLICE_US"),
         (&[("GALLOCY_SERVICE_SLICE_US", "fast")], "GALLOCY_SERVICE_SLICE_US"),
+        (&[("GALLOCY_SERVICE_NICE", "-21")], "GALLOCY_SERVICE_NICE"),
+        (&[("GALLOCY_SERVICE_NICE", "high")], "GALLOCY_SERVICE_NICE"),
         (&[("GALLOCY_HEAP_MAPPINGS", "63")], "GALLOCY_HEAP_MAPPINGS"),
         (&[("GALLOCY_HEAP_MAPPINGS", "many")], "GALLOCY_HEAP_MAPPINGS"),
         // More than the kernel allows a process (vm.max_map_count).

@@ -330,6 +330,34 @@ fn the_service_thread_takes_the_slice_it_is_given() {
     assert!(kernels.iter().all(|s| s != "100000" && s != "300000"), "with 0 the kernel's own slice stays: {kernels:?}");
 }
 
+/// `GALLOCY_SERVICE_NICE` reaches the service thread of every rank; unset, it asks for -20. Only
+/// a privileged process (root here) may go below 0; others keep theirs, and the job still runs.
+#[test]
+fn the_service_thread_takes_the_nice_value_it_is_given() {
+    let _g = serial();
+    let nices = |extra: &[(&str, &str)]| -> Vec<i32> {
+        let mut cmd = launcher_cmd(2, &["service-slice"]);
+        cmd.envs(extra.iter().copied());
+        let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
+        assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
+        p.stdout
+            .lines()
+            .filter_map(|l| l.split_once("service nice ").and_then(|(_, n)| n.split(',').next()?.parse().ok()))
+            .collect()
+    };
+    let up = nices(&[("GALLOCY_SERVICE_NICE", "7")]);
+    assert_eq!(up, [7, 7], "every rank's service thread takes nice 7");
+    let default = nices(&[]);
+    assert_eq!(default.len(), 2, "{default:?}");
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the privileged part: not root (service threads at {default:?})");
+        return;
+    }
+    assert_eq!(default, [-20, -20], "unset, the service threads ask for -20");
+    assert_eq!(nices(&[("GALLOCY_SERVICE_NICE", "-5")]), [-5, -5]);
+}
+
 /// The figures of the `interleave` PASS line of `rank`.
 fn interleave_figures(f: &Finished, rank: usize) -> (usize, usize, u64) {
     let all = format!("{}{}", f.stdout, f.stderr);

@@ -69,7 +69,7 @@ scenarios (all ranks run the same NAME):
   hostreads   [--pages P] [--rounds R] [--no-direct-rank R]
                                              pages change hands between same-host ranks, which
                                              copy them out of each other's heaps; every read checked
-  service-slice                              prints the service thread's time slice (se.slice)
+  service-slice                              prints the service thread's nice value and time slice (se.slice)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
                                              protocol forbids: a clear error, no hang

@@ -358,11 +358,13 @@ pub fn contend(args: &Args) -> Outcome {
     ))
 }
 
-/// Reports the time slice of this process's service thread, as the kernel shows it
-/// (`se.slice` in /proc/self/task/TID/sched; "none" where the kernel shows no slice). The thread
-/// names itself and asks for its slice when it first runs, which may come after the barrier
-/// (waiting threads take barrier notices themselves): unless `GALLOCY_SERVICE_SLICE_US` is 0, this
-/// waits up to 10 s for the slice asked for.
+/// Reports the nice value and the time slice of this process's service thread, as the kernel
+/// shows them (`/proc/self/task/TID/stat` and `se.slice` in `.../sched`; "none" where the kernel
+/// shows no slice): `service nice N, service slice S`. The thread names itself and asks for both
+/// when it first runs, which may come after the barrier (waiting threads take barrier notices
+/// themselves): this waits up to 10 s for the slice asked for (unless `GALLOCY_SERVICE_SLICE_US`
+/// is 0) and for the nice value asked for (`GALLOCY_SERVICE_NICE`, by default -20) where this
+/// process may take it (root).
 pub fn service_slice(_args: &Args) -> Outcome {
     gallocy::barrier();
     // Unset: the runtime's default of 100 µs; 0: the kernel's own, whatever it is.
@@ -371,18 +373,21 @@ pub fn service_slice(_args: &Args) -> Outcome {
         Some(Some(0)) => None,
         Some(us) => us.map(|us| (us * 1000).to_string()),
     };
+    let nice: i32 = std::env::var("GALLOCY_SERVICE_NICE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(-20);
+    // SAFETY: geteuid has no arguments.
+    let may_take = nice >= 0 || unsafe { libc::geteuid() } == 0;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seen = service_thread_slice()?;
         let settled = match (&seen, &wanted) {
             (None, _) => false,
-            (Some(s), Some(w)) => s == w || s == "none",
+            (Some((s, _)), Some(w)) => s == w || s == "none",
             (Some(_), None) => true,
-        };
+        } && seen.as_ref().is_some_and(|(_, n)| !may_take || *n == nice);
         if settled || Instant::now() >= deadline {
             gallocy::barrier();
             return match seen {
-                Some(s) => Ok(format!("service slice {s}")),
+                Some((s, n)) => Ok(format!("service nice {n}, service slice {s}")),
                 None => Err("no thread named gallocy-service".into()),
             };
         }
@@ -390,9 +395,9 @@ pub fn service_slice(_args: &Args) -> Outcome {
     }
 }
 
-/// The `se.slice` of the thread named gallocy-service ("none" if the kernel shows none), or
-/// `None` while there is no such thread.
-fn service_thread_slice() -> Result<Option<String>, String> {
+/// The `se.slice` ("none" if the kernel shows none) and the nice value of the thread named
+/// gallocy-service, or `None` while there is no such thread.
+fn service_thread_slice() -> Result<Option<(String, i32)>, String> {
     let tasks = std::fs::read_dir("/proc/self/task").map_err(|e| format!("reading /proc/self/task: {e}"))?;
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -405,7 +410,14 @@ fn service_thread_slice() -> Result<Option<String>, String> {
             .find(|l| l.starts_with("se.slice"))
             .and_then(|l| l.split(':').nth(1))
             .map_or("none".to_string(), |v| v.trim().to_string());
-        return Ok(Some(slice));
+        // stat: "pid (comm) state ..."; nice is the 19th field, the 17th after the comm.
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("no nice value in {stat:?}"))?;
+        return Ok(Some((slice, nice)));
     }
     Ok(None)
 }
