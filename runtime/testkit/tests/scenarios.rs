@@ -297,6 +297,20 @@ fn the_fault_path_fits_a_threads_own_alternate_stack() {
     assert!(used + 1024 <= own.max(8192), "the fault path used {used} of {own} bytes\n{}", r.report());
 }
 
+/// Runs `gallocy-scenario service-slice` on 2 ranks with `extra` in their environment, and
+/// returns what `pick` takes from each rank's report (`service nice N, service slice S`).
+fn service_thread_reports<T>(extra: &[(&str, &str)], pick: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    let mut cmd = launcher_cmd(2, &["service-slice"]);
+    cmd.envs(extra.iter().copied());
+    let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
+    assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
+    p.stdout
+        .lines()
+        .filter_map(|l| l.split_once("service-slice ok ("))
+        .filter_map(|(_, r)| pick(r.trim_end_matches(')')))
+        .collect()
+}
+
 /// `GALLOCY_SERVICE_SLICE_US` reaches the service thread of every rank, where the kernel shows
 /// slices (Linux 6.12 and later; elsewhere the test only checks that the job runs); unset, the
 /// slice is 100 µs, and 0 leaves the kernel's own.
@@ -304,14 +318,7 @@ fn the_fault_path_fits_a_threads_own_alternate_stack() {
 fn the_service_thread_takes_the_slice_it_is_given() {
     let _g = serial();
     let slices = |extra: &[(&str, &str)]| -> Vec<String> {
-        let mut cmd = launcher_cmd(2, &["service-slice"]);
-        cmd.envs(extra.iter().copied());
-        let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
-        assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
-        p.stdout
-            .lines()
-            .filter_map(|l| l.split_once("service slice ").map(|(_, s)| s.trim_end_matches(')').to_string()))
-            .collect()
+        service_thread_reports(extra, |r| r.split_once("service slice ").map(|(_, s)| s.to_string()))
     };
     let given = slices(&[("GALLOCY_SERVICE_SLICE_US", "300")]);
     assert_eq!(given.len(), 2, "every rank reports its service thread's slice: {given:?}");
@@ -336,14 +343,7 @@ fn the_service_thread_takes_the_slice_it_is_given() {
 fn the_service_thread_takes_the_nice_value_it_is_given() {
     let _g = serial();
     let nices = |extra: &[(&str, &str)]| -> Vec<i32> {
-        let mut cmd = launcher_cmd(2, &["service-slice"]);
-        cmd.envs(extra.iter().copied());
-        let p = run("gallocy run -n 2 -- gallocy-scenario service-slice", &mut cmd, limit(MIN));
-        assert!(p.success(), "expected exit 0, got {}\n{}", describe(p.status), p.report());
-        p.stdout
-            .lines()
-            .filter_map(|l| l.split_once("service nice ").and_then(|(_, n)| n.split(',').next()?.parse().ok()))
-            .collect()
+        service_thread_reports(extra, |r| r.split_once("service nice ")?.1.split(',').next()?.parse().ok())
     };
     let up = nices(&[("GALLOCY_SERVICE_NICE", "7")]);
     assert_eq!(up, [7, 7], "every rank's service thread takes nice 7");
