@@ -196,10 +196,12 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
             if let Some(slice) = rt.settings().service_slice {
                 crate::sys::sched::request_slice(slice);
             }
-            // Where the process may (CAP_SYS_NICE, RLIMIT_NICE), the service thread runs at a
-            // higher priority than the application's threads: a message that wakes it preempts
-            // a thread that computes on its CPU at once.
-            crate::sys::sched::request_nice(rt.settings().service_nice);
+            // Asked to, and where the process may (CAP_SYS_NICE, RLIMIT_NICE), the service
+            // thread runs at a higher priority than the application's threads: a message that
+            // wakes it preempts a thread that computes on its CPU at once.
+            if let Some(nice) = rt.settings().service_nice {
+                crate::sys::sched::request_nice(nice);
+            }
             crate::engine::Engine::new(rt).run();
         })
         .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;

@@ -1,5 +1,5 @@
 //! Scheduling the service thread: a time slice of its own (`GALLOCY_SERVICE_SLICE_US`), and a
-//! priority above the application's where the process may raise it (`GALLOCY_SERVICE_NICE`).
+//! priority above the application's when asked for and allowed (`GALLOCY_SERVICE_NICE`).
 //!
 //! The service thread answers peers (revocations, grants, diffs) for a process whose
 //! application threads may hold every CPU, for example spinning on a shared flag. Under the

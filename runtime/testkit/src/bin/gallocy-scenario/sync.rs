@@ -363,8 +363,8 @@ pub fn contend(args: &Args) -> Outcome {
 /// shows no slice): `service nice N, service slice S`. The thread names itself and asks for both
 /// when it first runs, which may come after the barrier (waiting threads take barrier notices
 /// themselves): this waits up to 10 s for the slice asked for (unless `GALLOCY_SERVICE_SLICE_US`
-/// is 0) and for the nice value asked for (`GALLOCY_SERVICE_NICE`, by default -20) where this
-/// process may take it (root).
+/// is 0) and for the nice value asked for (`GALLOCY_SERVICE_NICE`; unset, the process's own)
+/// where this process may take it (root).
 pub fn service_slice(_args: &Args) -> Outcome {
     gallocy::barrier();
     // Unset: the runtime's default of 100 µs; 0: the kernel's own, whatever it is.
@@ -373,7 +373,10 @@ pub fn service_slice(_args: &Args) -> Outcome {
         Some(Some(0)) => None,
         Some(us) => us.map(|us| (us * 1000).to_string()),
     };
-    let nice: i32 = std::env::var("GALLOCY_SERVICE_NICE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(-20);
+    // SAFETY: getpriority has no memory arguments (the process's own nice value, which the
+    // service thread keeps when the variable is unset).
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let nice: i32 = std::env::var("GALLOCY_SERVICE_NICE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(own);
     // SAFETY: geteuid has no arguments.
     let may_take = nice >= 0 || unsafe { libc::geteuid() } == 0;
     let deadline = Instant::now() + Duration::from_secs(10);
