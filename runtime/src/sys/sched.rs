@@ -26,11 +26,7 @@ struct SchedAttr {
 /// Asks for a slice of `slice` for the calling thread, keeping its policy (normal) and nice
 /// value. Returns whether the kernel took the request.
 pub fn request_slice(slice: Duration) -> bool {
-    // SAFETY: getpriority has no memory arguments; errno is thread-local.
-    let nice = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
+    let nice = thread_nice();
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
@@ -70,7 +66,7 @@ pub fn request_nice(wanted: i32) -> i32 {
 }
 
 /// The calling thread's nice value.
-pub fn thread_nice() -> i32 {
+fn thread_nice() -> i32 {
     // SAFETY: getpriority has no memory arguments; errno is thread-local. PRIO_PROCESS with the
     // thread's id names that thread alone (Linux).
     unsafe {
