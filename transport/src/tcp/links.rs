@@ -29,8 +29,8 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use super::startup::{read_record, resolve, write_record};
@@ -93,6 +93,9 @@ pub(super) struct Links {
     /// A waiting thread left a frame (or a broken connection) for the service thread since the
     /// service thread last took the receiver lock: set under that lock.
     pub(super) left_for_service: AtomicBool,
+    /// The service thread found the receiver lock taken and sleeps until it is let go (see
+    /// [`Links::receiver_for_service`]).
+    service_waits: AtomicBool,
     pub(super) epoll: Epoll,
     pub(super) waker: EventFd,
     /// Per peer, the keys of a transport layered on its connection, until that transport takes
@@ -127,10 +130,52 @@ impl Links {
             wanted: EventFd::new()?,
             receiver: Mutex::new(Receiver { inboxes: (0..size).map(|_| Inbox::default()).collect() }),
             left_for_service: AtomicBool::new(false),
+            service_waits: AtomicBool::new(false),
             epoll,
             waker,
             layered: Mutex::new((0..size).map(|_| None).collect()),
         })
+    }
+
+    /// The receiver lock for a thread other than the service thread, if nobody holds it. Give it
+    /// back with [`Links::let_go`].
+    pub(super) fn try_receiver(&self) -> Option<MutexGuard<'_, Receiver>> {
+        self.receiver.try_lock().ok()
+    }
+
+    /// Gives back the receiver lock that a thread other than the service thread held, and wakes
+    /// the service thread if it waits for the lock or the holder left something for it.
+    pub(super) fn let_go(&self, rx: MutexGuard<'_, Receiver>) {
+        drop(rx);
+        // Pairs with the fence in `receiver_for_service`: either the service thread's second
+        // try finds the lock free, or we see that it waits.
+        fence(Ordering::SeqCst);
+        if self.left_for_service.load(Ordering::Relaxed) || self.service_waits.load(Ordering::Relaxed) {
+            self.waker.signal();
+        }
+    }
+
+    /// The receiver lock for the service thread, which never sleeps on it: the holder may be a
+    /// thread on its fault path, whose unlock must not have to wake anyone. When another thread
+    /// holds it, the service thread's wake-up is consumed and the holder signals again when it
+    /// lets go ([`Links::let_go`]); until then the service thread sleeps, instead of finding
+    /// the wake-up again and again. (Spinning so, with a short slice, on the CPU of a holder it
+    /// had preempted, it kept that holder from running for milliseconds.)
+    pub(super) fn receiver_for_service(&self) -> Option<MutexGuard<'_, Receiver>> {
+        let take = || match self.receiver.try_lock() {
+            Ok(rx) => Some(rx),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let rx = take().or_else(|| {
+            self.service_waits.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            self.waker.drain();
+            // The holder may have let go before it could see that we wait.
+            take()
+        })?;
+        self.service_waits.store(false, Ordering::Relaxed);
+        Some(rx)
     }
 
     /// What runs first on every thread we start.
@@ -212,7 +257,9 @@ impl Links {
         self.layered.lock().unwrap_or_else(|p| p.into_inner())[rank] = Some((keys.layered_sealer, keys.layered_opener));
         // Nobody holds the receiver while waiting for a link: the frames it reads come from
         // linked peers, and their answers go back on the same links.
-        self.receiver.lock().unwrap_or_else(|p| p.into_inner()).inboxes[rank] = inbox;
+        let mut rx = self.receiver.lock().unwrap_or_else(|p| p.into_inner());
+        rx.inboxes[rank] = inbox;
+        self.let_go(rx);
         let fd = stream.as_raw_fd();
         if self.peers[rank].set(Peer::new(stream, keys.sealer)).is_err() {
             return Err(std::io::Error::other(format!("a second link to rank {rank}")));

@@ -291,9 +291,13 @@ impl TcpTransport {
     /// sends (see [`sys::write_all_vectored`]), if no other thread is reading.
     fn write_frame(&self, rank: usize, header: Header, msg: &[u8]) -> Result<(), TransportError> {
         let fd = self.peer(rank)?.stream.as_raw_fd();
-        self.write_frame_absorbing(rank, header, msg, &mut || match self.links.receiver.try_lock() {
-            Ok(mut rx) => self.absorb(fd, &mut rx.inboxes[rank]),
-            Err(_) => Ok(0),
+        self.write_frame_absorbing(rank, header, msg, &mut || match self.links.try_receiver() {
+            Some(mut rx) => {
+                let n = self.absorb(fd, &mut rx.inboxes[rank]);
+                self.links.let_go(rx);
+                n
+            }
+            None => Ok(0),
         })
     }
 
@@ -728,13 +732,8 @@ impl Transport for TcpTransport {
         let mut keys = [0u64; 32];
         let n = self.links.epoll.wait(&mut keys, ms).map_err(|e| TransportError::io("epoll_wait", e))?;
         // A waiting thread that reads the connections itself holds the lock only while it drains
-        // them: do not sleep on the lock, or its unlock would have to wake us, on its fault path.
-        // What it leaves for us it tells us after it unlocks (see `poll_inline`).
-        let mut rx = match self.links.receiver.try_lock() {
-            Ok(rx) => rx,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
-        };
+        // them; it tells us when it lets go (see `Links::receiver_for_service`).
+        let Some(mut rx) = self.links.receiver_for_service() else { return Ok(0) };
         // Everything left for us is handled below, under the lock.
         self.links.left_for_service.store(false, Ordering::Relaxed);
         let mut handled = 0;
@@ -778,7 +777,7 @@ impl Transport for TcpTransport {
         if !keys[..n].iter().any(|k| (*k as usize) < self.size) {
             return 0;
         }
-        let Ok(mut rx) = self.links.receiver.try_lock() else { return 0 };
+        let Some(mut rx) = self.links.try_receiver() else { return 0 };
         let mut sink = Sink::Inline(accept);
         let mut taken = 0;
         for &key in &keys[..n] {
@@ -793,13 +792,10 @@ impl Transport for TcpTransport {
                 }
             }
         }
-        drop(rx);
         // The service thread may have found the lock taken after our signal (it does not wait
-        // for the lock): while something waits for it, tell it again now that the lock is free.
-        // (It clears the mark under the lock, so this may only say it once too often.)
-        if self.links.left_for_service.load(Ordering::Relaxed) {
-            self.links.waker.signal();
-        }
+        // for the lock): while something waits for it, it hears again now that the lock is free.
+        // (It clears the marks under the lock, so this may only say it once too often.)
+        self.links.let_go(rx);
         taken
     }
 
@@ -939,6 +935,36 @@ mod tests {
         };
         assert!(poll(Duration::from_secs(5)) < Duration::from_secs(2), "the next poll still sees the wake-up");
         assert!(poll(Duration::from_millis(300)) >= Duration::from_millis(250), "that poll consumed it");
+    }
+
+    #[test]
+    fn the_service_thread_sleeps_while_another_thread_holds_the_receiver_until_it_lets_go() {
+        // A waiting thread holds the receiver lock and has signalled the service thread. The
+        // service thread's poll cannot take the lock; its next wait must sleep until the holder
+        // lets go, not find the same wake-up again and spin (which, on the holder's CPU, kept
+        // the holder from running for milliseconds).
+        let (ours, _theirs) = conn_pair();
+        let (t, _) = rank0(ours, None);
+        let t = &t;
+        let held = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rx = t.links.try_receiver().expect("the receiver is free");
+                t.wake();
+                held.wait();
+                std::thread::sleep(Duration::from_millis(400));
+                t.links.let_go(rx);
+            });
+            held.wait();
+            assert_eq!(t.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0, "the lock is taken");
+            let waited = timed(|| t.wait_for_wake(Duration::from_secs(10)));
+            assert!(waited >= Duration::from_millis(200), "the wait found the consumed wake-up again ({waited:?})");
+            assert!(waited < Duration::from_secs(5), "letting go did not wake the service thread ({waited:?})");
+        });
+        // Now the lock is free: the next poll takes it and consumes the holder's signal.
+        t.poll(Some(Duration::ZERO), &mut |_| {}).unwrap();
+        let waited = timed(|| t.wait_for_wake(Duration::from_millis(300)));
+        assert!(waited >= Duration::from_millis(250), "a wake-up was left over ({waited:?})");
     }
 
     #[test]

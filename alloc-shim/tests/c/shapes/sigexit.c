@@ -6,7 +6,8 @@
  *   thread       a second thread of rank 0 waits in the barrier; the handler runs on the main
  *                thread (outside gallocy), so `_exit` leaves the job properly: its barrier is the
  *                next one, which rank 1's exit completes. Rank 0's thread prints "rank 0 of 2:
- *                barrier passed"; rank 1 prints "rank 1 of 2: barrier passed" and returns 0.
+ *                barrier passed"; rank 1 prints "rank 1 of 2: barrier passed" and returns 0
+ *                2 s later (its exit ends rank 0's process, which must not cut the print).
  *   interrupted  the handler interrupts rank 0's main thread inside the barrier (gallocy's own
  *                code, which cannot be entered again): `_exit` ends the process at once, without
  *                leaving the job. Rank 1 must then stop with gallocy's clear error about rank 0
@@ -41,6 +42,9 @@ int main(int argc, char **argv) {
         gallocy_barrier();
         printf("rank 1 of 2: barrier passed\n");
         fflush(stdout);
+        /* Rank 1's exit completes rank 0's leaving barrier, after which rank 0's process ends
+         * with whatever its waiter thread has not printed yet: give that thread time to print. */
+        sleep(2);
         return 0;
     }
     struct sigaction sa;
