@@ -34,6 +34,8 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
             rt.pt().release(page);
             break;
         }
+        // The application touched it: it was handed out (prefetch may take the pages below it).
+        rt.placement().note_in_use(page as u64);
         let counter = if write { &rt.stats().write_faults } else { &rt.stats().read_faults };
         rt.stats().count(counter, 1);
         if let Some(rc) = rt.release() {

@@ -64,6 +64,9 @@ pub struct Ranges {
     ranges: [Range; MAX_RANGES],
     /// Published entries.
     len: AtomicUsize,
+    /// Every page of rank 0's arena below this one has been handed out (see
+    /// [`Placement::note_in_use`]).
+    in_use_below: AtomicU64,
 }
 
 impl Default for Ranges {
@@ -75,6 +78,7 @@ impl Default for Ranges {
                 policy: AtomicU8::new(0),
             }),
             len: AtomicUsize::new(0),
+            in_use_below: AtomicU64::new(0),
         }
     }
 }
@@ -250,6 +254,33 @@ impl Placement {
         Ok(())
     }
 
+    /// Notes that the application touched `page`, so that it and every page below it in its
+    /// arena have been handed out: rank 0's allocator hands out the pages of its arena from the
+    /// bottom up, and collective allocations are placed only on pages it never handed out.
+    /// Async-signal-safe.
+    pub fn note_in_use(&self, page: Page) {
+        if let Some(r) = self.ranges {
+            if self.arena_rank(page) == 0 && self.placed(page).is_none() {
+                r.in_use_below.fetch_max(page + 1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether `page` may still be placed by a later collective allocation, for all this rank
+    /// knows: a page of rank 0's arena, not placed yet, above every page noted in use. Nobody
+    /// may ask for such a page before it is placed (its home could change), so prefetch leaves
+    /// it alone. Async-signal-safe.
+    pub fn may_still_be_placed(&self, page: Page) -> bool {
+        match self.ranges {
+            Some(r) if self.policy != Policy::Cyclic => {
+                self.arena_rank(page) == 0
+                    && page >= r.in_use_below.load(Ordering::Relaxed)
+                    && self.placed(page).is_none()
+            }
+            _ => false,
+        }
+    }
+
     /// The rank whose arena holds `page` (its allocator hands it out and takes it back).
     pub fn arena_rank(&self, page: Page) -> Rank {
         ((page / self.pages_per_arena) as Rank).min(self.ranks - 1)
@@ -293,5 +324,26 @@ mod tests {
         assert_eq!((rc.home(12), rc.home(41)), (p.home(12), p.home(41)), "blocks and first touch keep their homes");
         assert_eq!(Policy::parse("first-touch"), Some(Policy::FirstTouch));
         assert_eq!(Policy::parse("Block"), None);
+    }
+
+    #[test]
+    fn only_pages_of_rank_0s_arena_above_every_page_in_use_may_still_be_placed() {
+        let ranges: &'static Ranges = Box::leak(Box::default());
+        let p = Placement::new(3, 1000, 300).with_ranges(Policy::Block, ranges);
+        assert!(ranges.add(10, 9, Policy::Block));
+        assert!(p.may_still_be_placed(0) && p.may_still_be_placed(299), "nothing is known in use yet");
+        assert!(!p.may_still_be_placed(12), "placed already");
+        assert!(!p.may_still_be_placed(300) && !p.may_still_be_placed(999), "other arenas are never placed");
+        p.note_in_use(50);
+        assert!(!p.may_still_be_placed(0) && !p.may_still_be_placed(50), "handed out, up to the page in use");
+        assert!(p.may_still_be_placed(51), "above it, a page may still be fresh");
+        p.note_in_use(20);
+        assert!(p.may_still_be_placed(51), "a lower page in use says nothing new");
+        p.note_in_use(400);
+        assert!(p.may_still_be_placed(51), "a page of another arena says nothing about rank 0's");
+        p.note_in_use(14);
+        assert!(p.may_still_be_placed(51), "nor does a placed page");
+        let cyclic = Placement::new(3, 1000, 300).with_ranges(Policy::Cyclic, ranges);
+        assert!(!cyclic.may_still_be_placed(900) && !cyclic.may_still_be_placed(299), "cyclic places nothing");
     }
 }

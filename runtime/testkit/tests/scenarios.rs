@@ -500,3 +500,15 @@ fn a_rank_that_reads_no_peers_heap_gets_its_pages_attached_and_others_still_read
         assert_eq!(direct, want, "rank {r}: pages read directly");
     }
 }
+
+/// A rank reading scattered pages at the end of another rank's last block, while that rank
+/// makes a collective allocation on the fresh pages right after it: block prefetch must leave
+/// those pages alone (their homes change when they are placed; before the guard, the reader's
+/// prefetch went to their old homes and rank 0 stopped with a protocol violation).
+#[test]
+fn prefetch_leaves_pages_a_collective_allocation_places_alone() {
+    let _g = serial();
+    for _ in 0..3 {
+        launch_ok(2, &["prefetch-fresh"], limit(MIN));
+    }
+}

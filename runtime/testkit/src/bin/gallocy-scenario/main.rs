@@ -55,6 +55,8 @@ scenarios (all ranks run the same NAME):
                                              1.5 x vm.max_map_count pages), all read and check
   alloc                                      allocator checks (local, threaded, remote free)
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
+  prefetch-fresh                             prefetch never asks for pages a later collective
+                                             allocation places (2 ranks)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
@@ -119,6 +121,7 @@ fn main() {
         "jacobi" => jacobi::jacobi,
         "alloc" => alloc::alloc,
         "placement" => placement::placement,
+        "prefetch-fresh" => placement::prefetch_fresh,
         "interleave" => interleave::interleave,
         "map-count" => faults::map_count,
         "misuse" => misuse::misuse,

@@ -91,3 +91,80 @@ fn verify(policy: &str, buf: usize, pages: usize, page: usize, round: u64) -> Re
     }
     Ok(())
 }
+
+/// prefetch-fresh: prefetch never asks for pages that a later collective allocation places.
+///
+/// Rank 0 allocates a 40- or 44-page block (the last pages its arena handed out, ending inside
+/// an aligned block of 8 pages) and writes it. Right after a barrier rank 0 makes a collective
+/// allocation, whose fresh pages come next in its arena and are placed in blocks (their homes
+/// change), while rank 1 first reads the block's last pages, each after a far page: each of its
+/// second misses in the last aligned block would block-prefetch the rest of it, fresh pages
+/// included, from their homes before placement. Then every rank writes its part of the
+/// collective allocation and checks all of it.
+pub fn prefetch_fresh(_args: &Args) -> Outcome {
+    let (rank, page) = (gallocy::rank(), gallocy::page_size());
+    if gallocy::size() != 2 {
+        return Err("prefetch-fresh needs 2 ranks".into());
+    }
+    let page_of = |a: usize| (a - gallocy::heap_base()) / page;
+    let mut layout = [0u8; 16];
+    if rank == 0 {
+        let mut pages = 40;
+        let mut p = gallocy::malloc(pages * page) as usize;
+        if (page_of(p) + pages) % 8 == 0 {
+            // SAFETY: allocated just above, unused.
+            unsafe { gallocy::free(p as *mut u8) };
+            pages = 44;
+            p = gallocy::malloc(pages * page) as usize;
+        }
+        if p == 0 {
+            return Err("malloc failed".into());
+        }
+        for i in 0..pages {
+            // SAFETY: inside the block just allocated.
+            unsafe { std::ptr::write_volatile((p + i * page) as *mut u64, mix(i as u64)) };
+        }
+        layout[..8].copy_from_slice(&(p as u64).to_le_bytes());
+        layout[8..].copy_from_slice(&(pages as u64).to_le_bytes());
+    }
+    gallocy::broadcast(&mut layout, 0);
+    let p = u64::from_le_bytes(layout[..8].try_into().expect("8 bytes")) as usize;
+    let pages = u64::from_le_bytes(layout[8..].try_into().expect("8 bytes")) as usize;
+    let end = page_of(p) + pages;
+    gallocy::barrier();
+    if rank == 1 {
+        for k in 0..8 {
+            for i in [k * 4 % 24, pages - 1 - k] {
+                // SAFETY: inside rank 0's block, which nobody writes any more.
+                let got = unsafe { std::ptr::read_volatile((p + i * page) as *const u64) };
+                if got != mix(i as u64) {
+                    return Err(format!("page {i} of rank 0's block reads {got:#x}"));
+                }
+            }
+        }
+    }
+    let parts = 16;
+    let buf = collective(parts * page)?.0;
+    let first = page_of(buf);
+    if first >= end.div_ceil(8) * 8 {
+        return Err(format!(
+            "the collective allocation starts at page {first}, past the aligned block of rank 0's \
+             block's end {end}: the test did not test what it is for"
+        ));
+    }
+    let mine = |i: usize| i * 2 / parts == rank;
+    for i in (0..parts).filter(|&i| mine(i)) {
+        // SAFETY: inside the collective allocation; each rank writes its own part.
+        unsafe { std::ptr::write_volatile((buf + i * page) as *mut u64, mix(1000 + i as u64)) };
+    }
+    gallocy::barrier();
+    for i in 0..parts {
+        // SAFETY: as above; after the barrier every rank only reads.
+        let got = unsafe { std::ptr::read_volatile((buf + i * page) as *const u64) };
+        if got != mix(1000 + i as u64) {
+            return Err(format!("page {i} of the collective allocation reads {got:#x}"));
+        }
+    }
+    gallocy::barrier();
+    Ok(format!("rank 0's block ends at page {end}, the collective allocation starts at page {first}"))
+}
