@@ -99,8 +99,9 @@ fn verify(policy: &str, buf: usize, pages: usize, page: usize, round: u64) -> Re
 /// allocation, whose fresh pages come next in its arena and are placed in blocks (their homes
 /// change), while rank 1 first reads the block's last pages, each after a far page: each of its
 /// second misses in the last aligned block would block-prefetch the rest of it, fresh pages
-/// included, from their homes before placement. Then every rank writes its part of the
-/// collective allocation and checks all of it.
+/// included, from their homes before placement (it must prefetch the block's pages below the
+/// end, which are in use). Then every rank writes its part of the collective allocation and
+/// checks all of it.
 pub fn prefetch_fresh(_args: &Args) -> Outcome {
     let (rank, page) = (gallocy::rank(), gallocy::page_size());
     if gallocy::size() != 2 {
@@ -132,15 +133,21 @@ pub fn prefetch_fresh(_args: &Args) -> Outcome {
     let pages = u64::from_le_bytes(layout[8..].try_into().expect("8 bytes")) as usize;
     let end = page_of(p) + pages;
     gallocy::barrier();
+    let prefetched_before = gallocy::stats().prefetched;
     if rank == 1 {
         for k in 0..8 {
-            for i in [k * 4 % 24, pages - 1 - k] {
+            for i in [k, pages - 1 - k] {
                 // SAFETY: inside rank 0's block, which nobody writes any more.
                 let got = unsafe { std::ptr::read_volatile((p + i * page) as *const u64) };
                 if got != mix(i as u64) {
                     return Err(format!("page {i} of rank 0's block reads {got:#x}"));
                 }
             }
+        }
+        // No run forms (every miss is far from the one before), so only block prefetch takes
+        // the pages below the block's end that were not read.
+        if gallocy::stats().prefetched == prefetched_before {
+            return Err("the second misses in the block's last aligned block prefetched nothing".into());
         }
     }
     let parts = 16;
