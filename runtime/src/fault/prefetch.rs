@@ -13,11 +13,11 @@
 //! before, since their home may change).
 //!
 //! A read miss far from the thread's previous one (no run, no stride) that lands in an aligned
-//! block of [`BLOCK`] pages where an earlier miss of the thread landed (remembered in a small table, [`RECENT_BLOCKS`]) asks for
-//! the rest of that block too: a thread that reads scattered pages of a region (searching a tree
-//! another rank built) takes about two misses per block instead of one per page. Not when the
-//! missed page itself was taken by another rank's write lately (a block being written
-//! elsewhere). The same exclusions apply.
+//! block of [`BLOCK`] pages where an earlier miss of the thread landed (remembered in a small
+//! table, [`RECENT_BLOCKS`]) asks for the rest of that block too: a thread that reads scattered
+//! pages of a region (searching a tree another rank built) takes about two misses per block
+//! instead of one per page. Not when the missed page itself was taken by another rank's write
+//! lately (a block being written elsewhere). The same exclusions apply.
 //!
 //! A write to a page this process holds read-only (an upgrade: the data is here, only other
 //! copies must go) also upgrades the pages right after it that this process holds read-only and
@@ -115,13 +115,14 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
     let limit = rt.settings().prefetch as usize;
     let window = run.window.min(limit as u32) as i64;
     let along_run = (1..window).map(move |i| page as i64 + run.stride * i);
-    let block = (page as u64 / BLOCK * BLOCK) as i64;
     let now = crate::sys::clock::now_ns();
     // Not for a miss near the one before (streak 2 and up): that may be a run forming, whose
     // next misses must land where the run predicts, or a halo of a few pages. Nor for a page
     // another rank's write took from us lately: its block is being written elsewhere (a shared
-    // queue's head, say), and its neighbours would only go back and forth with it.
+    // queue's head, say), and its neighbours would only go back and forth with it. (A miss with
+    // streak 1 has a window of 1: at most one of `along_run` and `rest_of_block` has pages.)
     let block_wanted = run.streak <= 1 && seen && !contended(rt.pt().lost_at(page), now);
+    let block = (page as u64 / BLOCK * BLOCK) as i64;
     let rest_of_block = if block_wanted { block..block + BLOCK as i64 } else { 0..0 };
     along_run
         .chain(rest_of_block.filter(move |&p| p != page as i64).take(limit.saturating_sub(1)))

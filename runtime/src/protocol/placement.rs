@@ -260,7 +260,11 @@ impl Placement {
     /// Async-signal-safe.
     pub fn note_in_use(&self, page: Page) {
         if let Some(r) = self.ranges {
-            if self.arena_rank(page) == 0 && self.placed(page).is_none() {
+            // Most faults are below the mark already: no scan of the ranges, no atomic write.
+            if self.arena_rank(page) == 0
+                && page >= r.in_use_below.load(Ordering::Relaxed)
+                && self.placed(page).is_none()
+            {
                 r.in_use_below.fetch_max(page + 1, Ordering::Relaxed);
             }
         }
