@@ -29,6 +29,12 @@ pub struct Stats {
     /// Pages copied straight out of another rank's memory by the rank that needed them: from
     /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: AtomicU64,
+    /// Revokes and forwards the service thread held back until the thread their page was just
+    /// installed for resumed.
+    pub held_back: AtomicU64,
+    /// Of those, let go only at the service thread's next timed look, although that thread
+    /// had already resumed (it should have woken the service thread).
+    pub held_past_resume: AtomicU64,
     latency_lock: AtomicBool,
     latency: std::cell::UnsafeCell<Histogram<u64>>,
 }
@@ -60,6 +66,12 @@ pub struct StatsSnapshot {
     /// Pages copied straight out of another rank's memory by the rank that needed them: from
     /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: u64,
+    /// Revokes and forwards held back until the thread their page was just installed for
+    /// resumed.
+    pub held_back: u64,
+    /// Of those, let go only at the service thread's next timed look, although that thread had
+    /// already resumed.
+    pub held_past_resume: u64,
     /// Times the heap's application view was closed to stay under `vm.max_map_count`.
     pub view_closes: u64,
     /// Held pages reopened by a fault after such a close (no message).
@@ -84,6 +96,8 @@ impl Default for Stats {
             diffs_sent: AtomicU64::new(0),
             self_invalidations: AtomicU64::new(0),
             pages_read_directly: AtomicU64::new(0),
+            held_back: AtomicU64::new(0),
+            held_past_resume: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
             latency: std::cell::UnsafeCell::new(
                 Histogram::new_with_bounds(100, 600_000_000_000, 2).expect("valid histogram bounds"),
@@ -137,6 +151,8 @@ impl Stats {
             diffs_sent: self.diffs_sent.load(Ordering::Relaxed),
             self_invalidations: self.self_invalidations.load(Ordering::Relaxed),
             pages_read_directly: self.pages_read_directly.load(Ordering::Relaxed),
+            held_back: self.held_back.load(Ordering::Relaxed),
+            held_past_resume: self.held_past_resume.load(Ordering::Relaxed),
             view_closes: 0,
             pages_reopened: 0,
             fault_p50_us: p50,
@@ -156,7 +172,7 @@ impl Stats {
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} (in a grace {}) | invalidations sent {} received {} | \
-             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | held back {} (past a resume {}) | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
@@ -168,6 +184,8 @@ impl Stats {
             s.diffs_sent,
             s.self_invalidations,
             s.pages_read_directly,
+            s.held_back,
+            s.held_past_resume,
             s.view_closes,
             s.pages_reopened,
             s.bytes_moved,

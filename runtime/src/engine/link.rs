@@ -23,6 +23,10 @@ pub struct ServiceLink {
     has_posted: AtomicBool,
     sleeping: AtomicBool,
     deaf: AtomicBool,
+    /// The service thread holds back a revoke or forward until a local thread resumes.
+    deferred: AtomicBool,
+    /// Wake-ups sent by threads that resumed while messages were held back.
+    resume_wakes: AtomicU64,
     pause: AtomicU32,
     /// When the earliest grace of a recalled lock this rank keeps ends (ns; 0: none): then the
     /// service thread gives back what nobody holds (see [`crate::protocol::locks`]). Written
@@ -77,6 +81,26 @@ impl ServiceLink {
 
     pub fn set_deaf(&self, v: bool) {
         self.deaf.store(v, Ordering::SeqCst);
+    }
+
+    /// Whether the service thread holds back a revoke or forward for a page until the thread
+    /// it was installed for resumes (and then wants a wake-up). Async-signal-safe.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.load(Ordering::SeqCst)
+    }
+
+    pub fn set_deferred(&self, v: bool) {
+        self.deferred.store(v, Ordering::SeqCst);
+    }
+
+    /// Counts a wake-up sent by a thread that resumed. Async-signal-safe.
+    pub fn note_resume_wake(&self) {
+        self.resume_wakes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many wake-ups threads that resumed have sent.
+    pub fn resume_wakes(&self) -> u64 {
+        self.resume_wakes.load(Ordering::SeqCst)
     }
 
     /// [`RUN`], [`PAUSE`] or [`PAUSED`].

@@ -67,6 +67,9 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
     /// Says whether a CPU is free to spin on.
     run_queue: RunQueue,
+    /// The last wait ended by its timeout, with no message and no wake-up from a thread that
+    /// resumed (for [`Stats::held_past_resume`](crate::stats::Stats)).
+    timed_look: bool,
 }
 
 /// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
@@ -107,6 +110,7 @@ impl<'a> Engine<'a> {
             out: Vec::new(),
             buf: vec![0u8; wire::LIMIT],
             run_queue: RunQueue::open(),
+            timed_look: false,
         }
     }
 
@@ -194,8 +198,11 @@ impl<'a> Engine<'a> {
             // Waiting threads take their answers and signal us for anything else; between
             // their waits we still look every DEAF_POLL.
             rt.service().set_deaf(true);
-            if !rt.slots().has_posted() && !rt.service().has_posted() {
-                transport.wait_for_wake(self.until_grace_end(DEAF_POLL));
+            if !rt.slots().has_posted() && !rt.service().has_posted() && !self.deferred_ready() {
+                let (wait, from, wakes) = (self.until_grace_end(DEAF_POLL), now_ns(), rt.service().resume_wakes());
+                transport.wait_for_wake(wait);
+                self.timed_look =
+                    now_ns().saturating_sub(from) >= wait.as_nanos() as u64 && rt.service().resume_wakes() == wakes;
             }
             rt.service().set_deaf(false);
             return 0;
@@ -203,7 +210,11 @@ impl<'a> Engine<'a> {
         rt.service().set_sleeping(true);
         let mut handled = 0;
         // Re-check for work posted just before we announced sleeping.
-        if !rt.slots().has_posted() && !rt.service().has_posted() && rt.service().pause_state() == link::RUN {
+        if !rt.slots().has_posted()
+            && !rt.service().has_posted()
+            && rt.service().pause_state() == link::RUN
+            && !self.deferred_ready()
+        {
             let budget = self.liveness.sleep_budget(now_ns(), !self.deferred.is_empty());
             handled = self.pump(self.until_grace_end(budget));
         }
@@ -218,6 +229,7 @@ impl<'a> Engine<'a> {
         let mut arrivals: Vec<Arrival> = Vec::new();
         let mut reads_done: Vec<(Rank, u64)> = Vec::new();
         let mut left: Vec<Rank> = Vec::new();
+        let (from, wakes) = (now_ns(), rt.service().resume_wakes());
         let r = transport.poll(Some(timeout), &mut |ev| match ev {
             Event::Message { from, bytes, page } => match wire::decode(bytes) {
                 Ok((msg, payload)) => {
@@ -229,6 +241,13 @@ impl<'a> Engine<'a> {
             Event::PeerLeft { rank } => left.push(rank),
         });
         let now = now_ns();
+        if !timeout.is_zero() {
+            self.timed_look = arrivals.is_empty()
+                && reads_done.is_empty()
+                && left.is_empty()
+                && now.saturating_sub(from) >= timeout.as_nanos() as u64
+                && rt.service().resume_wakes() == wakes;
+        }
         let mut handled = 0;
         for a in arrivals {
             self.liveness.heard(a.from, now);
@@ -394,6 +413,8 @@ impl<'a> Engine<'a> {
             Msg::RevokeAck { page } => self.dir.revoke_ack(from, page, &mut out),
             Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
                 self.deferred.push_back((from, msg));
+                rt.service().set_deferred(true);
+                rt.stats().count(&rt.stats().held_back, 1);
                 Ok(())
             }
             Msg::Forward { page, requester, waiter, write } => {
@@ -554,11 +575,29 @@ impl<'a> Engine<'a> {
             if msg.page().is_some_and(|p| self.held(p)) {
                 self.deferred.push_back((from, msg));
             } else {
+                let resumed = msg.page().is_some_and(|p| !self.rt.pt().is_fresh(p as usize));
+                if self.timed_look && resumed && self.rt.settings().hold.is_zero() {
+                    self.rt.stats().count(&self.rt.stats().held_past_resume, 1);
+                }
                 self.handle(from, msg, &[], Attached::Nothing);
                 n += 1;
             }
         }
+        self.timed_look = false;
+        self.rt.service().set_deferred(!self.deferred.is_empty());
         n
+    }
+
+    /// Whether a message held back can go now: the thread its page was installed for resumed
+    /// (or the hold is over). Called after marking that we wait (sleeping or deaf), paired with
+    /// [`Runtime::page_resumed`]: either we see the page resumed here, or that thread sees the
+    /// mark and wakes us.
+    fn deferred_ready(&self) -> bool {
+        if self.deferred.is_empty() {
+            return false;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.deferred.iter().any(|(_, msg)| msg.page().is_some_and(|p| !self.held(p)))
     }
 
     fn set_access(&self, page: Page, access: Access) {

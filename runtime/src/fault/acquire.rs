@@ -114,7 +114,7 @@ impl Batch {
             if let Some(w) = waiter.take() {
                 wait_for(rt, w);
             }
-            rt.pt().clear_fresh(*page);
+            rt.page_resumed(*page);
             rt.pt().release(*page);
         }
     }

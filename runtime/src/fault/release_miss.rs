@@ -52,7 +52,7 @@ pub fn resolve(rt: &Runtime, rc: &ReleaseState, page: usize, write: bool) {
                 rt.stats().count(&rt.stats().prefetched, batch.len() as u64);
             }
             wait_for(rt, waiter);
-            rt.pt().clear_fresh(page);
+            rt.page_resumed(page);
             batch.wait(rt);
         }
         if write {
@@ -76,7 +76,7 @@ fn resolve_at_home(rt: &Runtime, page: usize, write: bool) {
         if rt.pt().has_sharers(page) {
             let waiter = request(rt, page, true);
             wait_for(rt, waiter);
-            rt.pt().clear_fresh(page);
+            rt.page_resumed(page);
         }
     }
     set_access(rt, page, if write { Access::Write } else { Access::Read });
@@ -104,7 +104,7 @@ fn read_directly(rt: &Runtime, home: usize, page: usize) -> bool {
     }
     rt.stats().count(&rt.stats().bytes_in, u64::from(len));
     open_page(rt, page as u64, false);
-    rt.pt().clear_fresh(page);
+    rt.page_resumed(page);
     true
 }
 

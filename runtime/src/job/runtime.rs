@@ -304,6 +304,24 @@ impl Runtime {
         }
     }
 
+    /// The thread `page` was installed for goes on: from now on the page may be taken from this
+    /// process again. A revoke or forward the service thread held back for it (see
+    /// [`crate::engine`]) goes out now, not at the service thread's next timed look.
+    /// Async-signal-safe.
+    pub fn page_resumed(&self, page: usize) {
+        self.pt.clear_fresh(page);
+        // Paired with the service thread, which marks that it holds messages back and that it
+        // waits, then looks at their pages again: either it sees this page resumed, or we see
+        // both marks and wake it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if self.service.has_deferred() && (self.service.sleeping() || self.service.deaf()) {
+            if let Some(t) = self.transport() {
+                self.service.note_resume_wake();
+                t.wake();
+            }
+        }
+    }
+
     /// Wakes the service thread if it sleeps. Async-signal-safe.
     #[inline]
     pub fn wake_service(&self) {

@@ -84,10 +84,26 @@ fn collective_allocations_are_placed_by_the_policy() {
     }
 }
 
+/// Two ranks hand one page back and forth 10,000 times; the value word checks every move. The
+/// page moves so fast that a revoke often arrives before the thread the page was just installed
+/// for has resumed: the service thread holds it back, and that thread must wake it when it
+/// resumes. Before, nobody did, and the revoke waited for the service thread's next timed look
+/// (1 ms): every move took about that long.
 #[test]
 fn pingpong_two_ranks() {
     let _g = serial();
-    launch_ok(2, &["pingpong", "--rounds", "10000"], limit(3 * MIN));
+    let p = launch_ok(2, &["pingpong", "--rounds", "10000"], limit(3 * MIN));
+    let held: u64 = (0..2).map(|r| pass_figure(&p, "pingpong", r, "held back")).sum();
+    assert!(held > 0, "no revoke was held back for a page just installed: nothing tested\n{}", p.report());
+    for r in 0..2 {
+        let late = pass_figure(&p, "pingpong", r, "past a resume");
+        assert_eq!(
+            late,
+            0,
+            "rank {r}: revokes held back for a thread that had resumed waited for the service thread's timed look ({held} held back in all)\n{}",
+            p.report()
+        );
+    }
 }
 
 /// `gallocy run` holds the coordinator's port from before the ranks start: while rank 0 has not

@@ -213,10 +213,13 @@ pub fn pingpong(args: &Args) -> Outcome {
     if v != rounds {
         return Err(format!("after the game the value word is {v}, expected {rounds}"));
     }
+    let st = gallocy::stats();
     Ok(format!(
-        "{moves} of {rounds} moves made here; {:.0} ms, {:.1} us per move",
+        "{moves} of {rounds} moves made here; {:.0} ms, {:.1} us per move; held back {} (past a resume {})",
         elapsed.as_secs_f64() * 1e3,
-        elapsed.as_secs_f64() * 1e6 / rounds.max(1) as f64
+        elapsed.as_secs_f64() * 1e6 / rounds.max(1) as f64,
+        st.held_back,
+        st.held_past_resume
     ))
 }
 
