@@ -201,8 +201,9 @@ impl<'a> Engine<'a> {
             if !rt.slots().has_posted() && !rt.service().has_posted() && !self.deferred_ready() {
                 let (wait, from, wakes) = (self.until_grace_end(DEAF_POLL), now_ns(), rt.service().resume_wakes());
                 transport.wait_for_wake(wait);
-                self.timed_look =
-                    now_ns().saturating_sub(from) >= wait.as_nanos() as u64 && rt.service().resume_wakes() == wakes;
+                self.timed_look = !wait.is_zero()
+                    && now_ns().saturating_sub(from) >= wait.as_nanos() as u64
+                    && rt.service().resume_wakes() == wakes;
             }
             rt.service().set_deaf(false);
             return 0;
