@@ -212,6 +212,7 @@ fn spin_for(home_here: bool, lost_at: u64, now: u64, spin: Duration) -> Duration
     }
 }
 
+/// [`wait_for`], spinning for `spin` before it sleeps.
 fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> u64 {
     let mut drive = || {
         if let Some(t) = rt.transport() {
