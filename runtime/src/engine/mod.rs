@@ -67,9 +67,12 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
     /// Says whether a CPU is free to spin on.
     run_queue: RunQueue,
-    /// The last wait ended by its timeout, with no message and no wake-up from a thread that
-    /// resumed (for [`Stats::held_past_resume`](crate::stats::Stats)).
+    /// The last wait ended by its timeout, with no message (for
+    /// [`Stats::held_past_resume`](crate::stats::Stats)) ...
     timed_look: bool,
+    /// ... and the wake-ups from resumed threads counted when it began: a held-back message let
+    /// go after it, with none since, waited for the timeout although its thread had resumed.
+    look_wakes: u64,
 }
 
 /// The transport's check of arriving page contents ([`gallocy_transport::tcp::PageCheck`]): they
@@ -111,6 +114,7 @@ impl<'a> Engine<'a> {
             buf: vec![0u8; wire::LIMIT],
             run_queue: RunQueue::open(),
             timed_look: false,
+            look_wakes: 0,
         }
     }
 
@@ -201,9 +205,8 @@ impl<'a> Engine<'a> {
             if !rt.slots().has_posted() && !rt.service().has_posted() && !self.deferred_ready() {
                 let (wait, from, wakes) = (self.until_grace_end(DEAF_POLL), now_ns(), rt.service().resume_wakes());
                 transport.wait_for_wake(wait);
-                self.timed_look = !wait.is_zero()
-                    && now_ns().saturating_sub(from) >= wait.as_nanos() as u64
-                    && rt.service().resume_wakes() == wakes;
+                self.timed_look = !wait.is_zero() && now_ns().saturating_sub(from) >= wait.as_nanos() as u64;
+                self.look_wakes = wakes;
             }
             rt.service().set_deaf(false);
             return 0;
@@ -246,8 +249,8 @@ impl<'a> Engine<'a> {
             self.timed_look = arrivals.is_empty()
                 && reads_done.is_empty()
                 && left.is_empty()
-                && now.saturating_sub(from) >= timeout.as_nanos() as u64
-                && rt.service().resume_wakes() == wakes;
+                && now.saturating_sub(from) >= timeout.as_nanos() as u64;
+            self.look_wakes = wakes;
         }
         let mut handled = 0;
         for a in arrivals {
@@ -577,7 +580,8 @@ impl<'a> Engine<'a> {
                 self.deferred.push_back((from, msg));
             } else {
                 let resumed = msg.page().is_some_and(|p| !self.rt.pt().is_fresh(p as usize));
-                if self.timed_look && resumed && self.rt.settings().hold.is_zero() {
+                let no_wake = self.rt.service().resume_wakes() == self.look_wakes;
+                if self.timed_look && no_wake && resumed && self.rt.settings().hold.is_zero() {
                     self.rt.stats().count(&self.rt.stats().held_past_resume, 1);
                 }
                 self.handle(from, msg, &[], Attached::Nothing);
