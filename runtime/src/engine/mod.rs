@@ -205,8 +205,7 @@ impl<'a> Engine<'a> {
             if !rt.slots().has_posted() && !rt.service().has_posted() && !self.deferred_ready() {
                 let (wait, from, wakes) = (self.until_grace_end(DEAF_POLL), now_ns(), rt.service().resume_wakes());
                 transport.wait_for_wake(wait);
-                self.timed_look = !wait.is_zero() && now_ns().saturating_sub(from) >= wait.as_nanos() as u64;
-                self.look_wakes = wakes;
+                self.note_wait(wait, from, wakes, true);
             }
             rt.service().set_deaf(false);
             return 0;
@@ -246,11 +245,7 @@ impl<'a> Engine<'a> {
         });
         let now = now_ns();
         if !timeout.is_zero() {
-            self.timed_look = arrivals.is_empty()
-                && reads_done.is_empty()
-                && left.is_empty()
-                && now.saturating_sub(from) >= timeout.as_nanos() as u64;
-            self.look_wakes = wakes;
+            self.note_wait(timeout, from, wakes, arrivals.is_empty() && reads_done.is_empty() && left.is_empty());
         }
         let mut handled = 0;
         for a in arrivals {
@@ -591,6 +586,14 @@ impl<'a> Engine<'a> {
         self.timed_look = false;
         self.rt.service().set_deferred(!self.deferred.is_empty());
         n
+    }
+
+    /// Records how a wait of at most `wait` that began at `from`, with `wakes` wake-ups from
+    /// resumed threads counted then, ended: by its timeout with nothing to handle (`quiet`), or
+    /// not (for [`Stats::held_past_resume`](crate::stats::Stats)).
+    fn note_wait(&mut self, wait: Duration, from: u64, wakes: u64, quiet: bool) {
+        self.timed_look = quiet && !wait.is_zero() && now_ns().saturating_sub(from) >= wait.as_nanos() as u64;
+        self.look_wakes = wakes;
     }
 
     /// Whether a message held back can go now: the thread its page was installed for resumed
