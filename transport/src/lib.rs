@@ -246,6 +246,12 @@ pub trait Transport: Send + Sync {
     /// the local runtime view that lands at the same offset in the peer's runtime view before the
     /// peer is told about the message.
     fn send(&self, peer: usize, msg: &[u8], page: Option<Span>) -> Result<(), TransportError>;
+    /// Sends several control messages to `peer`, in order, as that many [`Transport::send`]s
+    /// without pages would, in as few system calls as the transport can (TCP: one `sendmsg` for
+    /// up to [`SEND_BATCH`] of them). Async-signal-safe when `send` is.
+    fn send_batch(&self, peer: usize, msgs: &[&[u8]]) -> Result<(), TransportError> {
+        msgs.iter().try_for_each(|m| self.send(peer, m, None))
+    }
     /// Starts copying `span` of `peer`'s runtime view into the same place of ours. Completion is
     /// reported by `poll` as [`Event::ReadDone`] with `token`. Called by the polling (service)
     /// thread only: an RDMA transport may register memory here, which allocates.
@@ -303,6 +309,9 @@ pub trait Transport: Send + Sync {
 /// What a waiting thread does with an incoming message in [`Transport::poll_inline`]:
 /// `(sender, message, attached page) -> taken?`.
 pub type Accept<'a> = dyn FnMut(usize, &[u8], Option<Span>) -> bool + 'a;
+
+/// Most messages one [`Transport::send_batch`] hands to the kernel at once.
+pub const SEND_BATCH: usize = 16;
 
 /// Largest control message a transport must carry.
 pub const MAX_MESSAGE: usize = 256 * 1024;

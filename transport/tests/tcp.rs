@@ -165,6 +165,44 @@ fn messages_pages_and_reads_arrive_intact_and_in_order() {
 }
 
 #[test]
+fn batches_of_messages_arrive_sealed_whole_and_in_order_among_single_sends() {
+    job(2, |rank, t, _v| {
+        // Message k: its number and a length that varies (empty ones included).
+        let message = |k: u32| {
+            let mut m = k.to_le_bytes().to_vec();
+            m.resize(4 + (k as usize * 7) % 61, k as u8);
+            m
+        };
+        let mut k = 0u32;
+        if rank == 0 {
+            // Batches of every size from 0 to 2.5 times what one write takes, between single sends.
+            for size in 0..=gallocy_transport::SEND_BATCH * 5 / 2 {
+                let batch: Vec<Vec<u8>> = (0..size as u32).map(|i| message(k + i)).collect();
+                let refs: Vec<&[u8]> = batch.iter().map(|m| m.as_slice()).collect();
+                t.send_batch(1, &refs).unwrap();
+                k += size as u32;
+                t.send(1, &message(k), None).unwrap();
+                k += 1;
+            }
+            let too_long = vec![0u8; gallocy_transport::MAX_MESSAGE + 1];
+            assert!(matches!(t.send_batch(1, &[b"x", &too_long]), Err(TransportError::MessageTooLong(_))));
+            t.send(1, b"end", None).unwrap();
+            assert_eq!(collect(&*t, 1)[0].1, b"done");
+        } else {
+            let total: u32 = (0..=gallocy_transport::SEND_BATCH as u32 * 5 / 2).map(|s| s + 1).sum();
+            let got = collect(&*t, total as usize + 1);
+            for (i, (from, bytes, page)) in got.iter().enumerate().take(total as usize) {
+                assert_eq!((*from, page.is_none()), (0, true));
+                assert_eq!(*bytes, message(i as u32), "message {i}");
+            }
+            assert_eq!(got[total as usize].1, b"end", "nothing of the refused batch was sent");
+            t.send(0, b"done", None).unwrap();
+        }
+        Some(t)
+    });
+}
+
+#[test]
 fn inline_reader_takes_what_it_accepts_and_leaves_the_rest_in_order() {
     job(2, |rank, t, _v| {
         if rank == 0 {

@@ -301,6 +301,40 @@ impl TcpTransport {
         })
     }
 
+    /// Writes up to [`crate::SEND_BATCH`] message frames (no pages) to `rank` with one vectored
+    /// write, each sealed as [`Self::write_frame`] seals it. Allocation-free.
+    fn write_frames(&self, rank: usize, msgs: &[&[u8]]) -> Result<(), TransportError> {
+        debug_assert!(msgs.len() <= crate::SEND_BATCH);
+        let peer = self.peer(rank)?;
+        let fd = peer.stream.as_raw_fd();
+        let mut heads = [[0u8; HEADER_LEN]; crate::SEND_BATCH];
+        let mut tags = [[0u8; TAG_LEN]; crate::SEND_BATCH];
+        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        let mut parts = [empty; 3 * crate::SEND_BATCH];
+        let mut out = peer.out.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, msg) in msgs.iter().enumerate() {
+            let h = Header { kind: Kind::Message, msg_len: msg.len() as u32, page_len: 0, offset: 0, token: 0 };
+            heads[i] = h.encode();
+            tags[i] = out.sealer.seal(&[&heads[i], msg, &[]]);
+        }
+        for (i, msg) in msgs.iter().enumerate() {
+            parts[3 * i] = libc::iovec { iov_base: heads[i].as_ptr() as *mut libc::c_void, iov_len: HEADER_LEN };
+            parts[3 * i + 1] = libc::iovec { iov_base: msg.as_ptr() as *mut libc::c_void, iov_len: msg.len() };
+            parts[3 * i + 2] = libc::iovec { iov_base: tags[i].as_ptr() as *mut libc::c_void, iov_len: TAG_LEN };
+        }
+        let written =
+            sys::write_all_vectored(fd, &mut parts[..3 * msgs.len()], &mut || match self.links.try_receiver() {
+                Some(mut rx) => {
+                    let n = self.absorb(fd, &mut rx.inboxes[rank]);
+                    self.links.let_go(rx);
+                    n
+                }
+                None => Ok(0),
+            });
+        drop(out);
+        written.map_err(|e| TransportError::PeerLost { rank, reason: LostReason::Io(e) })
+    }
+
     /// Takes in what `fd` has for `inbox` (a writer waiting for room does this).
     fn absorb(&self, fd: RawFd, inbox: &mut Inbox) -> std::io::Result<usize> {
         let n = inbox.backlog.fill_from(fd)?;
@@ -707,6 +741,13 @@ impl Transport for TcpTransport {
             token: 0,
         };
         self.write_frame(peer, h, msg)
+    }
+
+    fn send_batch(&self, peer: usize, msgs: &[&[u8]]) -> Result<(), TransportError> {
+        if let Some(m) = msgs.iter().find(|m| m.len() > crate::MAX_MESSAGE) {
+            return Err(TransportError::MessageTooLong(m.len()));
+        }
+        msgs.chunks(crate::SEND_BATCH).try_for_each(|chunk| self.write_frames(peer, chunk))
     }
 
     fn start_read(&self, peer: usize, span: Span, token: u64) -> Result<(), TransportError> {
