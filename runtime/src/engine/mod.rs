@@ -9,6 +9,7 @@
 //! [`MAX_HOLD_NS`]), plus an optional fixed window (`GALLOCY_HOLD_US`), so that a thread
 //! contending for a page always gets to use it once: no livelock.
 
+mod coalesce;
 pub mod link;
 mod liveness;
 
@@ -27,6 +28,7 @@ use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
 use crate::sys::sched::{BusyStreak, RunQueue};
+use coalesce::Coalescer;
 use liveness::Liveness;
 
 /// How often a deaf service thread still looks at the sockets.
@@ -67,6 +69,8 @@ pub struct Engine<'a> {
     buf: Vec<u8>,
     /// Says whether a CPU is free to spin on.
     run_queue: RunQueue,
+    /// Downgrades and messages held back while one batch of arrivals is handled.
+    batch: Coalescer,
     /// The last wait ended by its timeout, with no message (for
     /// [`Stats::held_past_resume`](crate::stats::Stats)) ...
     timed_look: bool,
@@ -113,6 +117,7 @@ impl<'a> Engine<'a> {
             out: Vec::new(),
             buf: vec![0u8; wire::LIMIT],
             run_queue: RunQueue::open(),
+            batch: Coalescer::default(),
             timed_look: false,
             look_wakes: 0,
         }
@@ -252,6 +257,7 @@ impl<'a> Engine<'a> {
             self.note_wait(timeout, from, wakes, arrivals.is_empty() && reads_done.is_empty() && left.is_empty());
         }
         let mut handled = 0;
+        self.batch.begin();
         for a in arrivals {
             self.liveness.heard(a.from, now);
             if a.from != self.me {
@@ -264,6 +270,7 @@ impl<'a> Engine<'a> {
             self.drain_self_queue();
             handled += 1;
         }
+        self.end_batch();
         for (from, token) in reads_done {
             self.liveness.heard(from, now);
             self.read_done(from, token);
@@ -321,6 +328,11 @@ impl<'a> Engine<'a> {
             self.self_queue.push_back(msg);
             return;
         }
+        if self.batch.active() {
+            self.batch.hold_send(to, msg);
+            return;
+        }
+        self.apply_downgrades();
         let rt = self.rt;
         let span = msg.attaches_page().then(|| {
             rt.stats().count(&rt.stats().bytes_out, rt.region().page as u64);
@@ -332,14 +344,47 @@ impl<'a> Engine<'a> {
             Err(e) => fatal(rt, &format!("cannot encode a message: {e}")),
         };
         let transport = rt.transport().expect("a job of several processes has a transport");
-        match transport.send(to, bytes, span) {
+        let result = transport.send(to, bytes, span);
+        self.sent(result);
+    }
+
+    /// Sends messages that attach no page to `to`, in order, in as few system calls as the
+    /// transport can.
+    fn send_batch(&mut self, to: Rank, msgs: &[Msg]) {
+        let rt = self.rt;
+        let mut arena = Vec::with_capacity(msgs.len() * 64);
+        let mut ends = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            match wire::encode(msg, &[], &mut self.buf) {
+                Ok(b) => arena.extend_from_slice(b),
+                Err(e) => fatal(rt, &format!("cannot encode a message: {e}")),
+            }
+            ends.push(arena.len());
+        }
+        let mut start = 0;
+        let frames: Vec<&[u8]> = ends
+            .iter()
+            .map(|&end| {
+                let frame = &arena[start..end];
+                start = end;
+                frame
+            })
+            .collect();
+        let transport = rt.transport().expect("a job of several processes has a transport");
+        let result = transport.send_batch(to, &frames);
+        self.sent(result);
+    }
+
+    /// Acts on how a send to a peer went.
+    fn sent(&mut self, result: Result<(), TransportError>) {
+        match result {
             Ok(()) => {}
             // It left before we ever talked to it: like a message to a peer after its goodbye,
             // this one goes nowhere.
             Err(TransportError::PeerLeft { rank }) => self.peer_left(rank),
             // We said goodbye: nobody expects anything new from us.
             Err(TransportError::Left) => {}
-            Err(e) => self.liveness.transport_failed(rt, &e),
+            Err(e) => self.liveness.transport_failed(self.rt, &e),
         }
     }
 
@@ -612,17 +657,59 @@ impl<'a> Engine<'a> {
         self.deferred.iter().any(|(_, msg)| msg.page().is_some_and(|p| !self.held(p)))
     }
 
-    fn set_access(&self, page: Page, access: Access) {
+    fn set_access(&mut self, page: Page, access: Access) {
         let rt = self.rt;
         let current = rt.pt().access(page as usize);
         if current == access {
             return;
         }
+        if self.batch.active() && current == Access::Write && access == Access::Read {
+            // Applied with its neighbours at the end of the batch, before anything is sent.
+            rt.pt().set(page as usize, Access::Read);
+            self.batch.hold_downgrade(page);
+            return;
+        }
+        self.apply_downgrades();
         if access == Access::None {
             // Invalidated for another rank's write (a downgrade to read is not a loss).
             rt.pt().mark_lost(page as usize, now_ns());
         }
         rt.set_access(page as usize, 1, access);
+    }
+
+    /// Makes the pages whose downgrade to read-only was held back read-only, one `mprotect` per
+    /// run of consecutive pages (see [`coalesce`]).
+    fn apply_downgrades(&mut self) {
+        if !self.batch.has_downgrades() {
+            return;
+        }
+        let pt = self.rt.pt();
+        for (first, count) in self.batch.take_downgrades(|p| pt.access(p as usize) == Access::Read) {
+            self.rt.set_access(first as usize, count, Access::Read);
+        }
+    }
+
+    /// Ends a batch of arrivals: applies the downgrades held back, then sends the messages, those
+    /// in a row to one peer that attach no page together (one `sendmsg` on TCP: a miss with
+    /// prefetch gets its grants at once).
+    fn end_batch(&mut self) {
+        self.apply_downgrades();
+        let held = self.batch.end();
+        let mut rest = held.as_slice();
+        while let Some(&(to, first)) = rest.first() {
+            let together = rest
+                .iter()
+                .take_while(|(peer, msg)| *peer == to && !msg.attaches_page() && !first.attaches_page())
+                .count();
+            if together <= 1 {
+                self.send(to, first);
+                rest = &rest[1..];
+                continue;
+            }
+            let msgs: Vec<Msg> = rest[..together].iter().map(|(_, m)| *m).collect();
+            self.send_batch(to, &msgs);
+            rest = &rest[together..];
+        }
     }
 
     fn grant(&mut self, from: Rank, page: Page, waiter: Waiter, write: bool, source: Source) -> Result<(), Violation> {
