@@ -12,7 +12,7 @@ use crate::protocol::holder::check_received;
 use crate::protocol::wire::{self, BARRIER_NOTICE_TAG, GRANT_TAG, LOCK_GRANTED_TAG};
 use crate::protocol::{Attached, Msg, Source, Waiter};
 
-use super::prefetch;
+use super::{prefetch, spin_budget};
 use crate::sys::clock::now_ns;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 
@@ -70,11 +70,17 @@ pub fn acquire(rt: &Runtime, page: usize, write: bool) {
     rt.gate().end_fetch();
 }
 
-/// The pages one miss asks for (the faulting page first), each with its wait slot.
+/// Fills arrays of messages before they are set.
+const NO_MSG: Msg = Msg::Done { page: 0 };
+
+/// The pages one miss asks for (the faulting page first), each with its wait slot, and the
+/// requests to other ranks not sent yet: they go together, one `sendmsg` per home on TCP
+/// ([`Batch::send_requests`]).
 #[derive(Default)]
 pub(super) struct Batch {
     pages: [(usize, Option<Waiter>); prefetch::MAX_BATCH],
     len: usize,
+    unsent: [Option<(usize, Msg)>; prefetch::MAX_BATCH],
 }
 
 impl Batch {
@@ -82,11 +88,33 @@ impl Batch {
         self.len
     }
 
-    /// Asks the home of `page` (claimed by this thread) for it.
+    /// Asks the home of `page` (claimed by this thread) for it; a request to another rank waits
+    /// for [`Batch::send_requests`] (or [`Batch::wait`]).
     pub(super) fn ask(&mut self, rt: &Runtime, page: usize, write: bool) {
-        let waiter = request(rt, page, write);
+        let (waiter, remote) = prepare_request(rt, page, write);
+        self.unsent[self.len] = remote;
         self.pages[self.len] = (page, Some(waiter));
         self.len += 1;
+    }
+
+    /// Sends the requests asked for and not sent yet: those to one home in one batch.
+    /// Async-signal-safe.
+    pub(super) fn send_requests(&mut self, rt: &Runtime) {
+        for first in 0..self.len {
+            let Some((home, _)) = self.unsent[first] else { continue };
+            let mut msgs = [NO_MSG; prefetch::MAX_BATCH];
+            let mut n = 0;
+            for unsent in &mut self.unsent[first..self.len] {
+                if let Some((h, msg)) = *unsent {
+                    if h == home {
+                        *unsent = None;
+                        msgs[n] = msg;
+                        n += 1;
+                    }
+                }
+            }
+            send_raw_batch(rt, home, &msgs[..n], "cannot send a page request to rank ");
+        }
     }
 
     /// Also asks for the pages that follow a read miss of `page` in this thread's run (see
@@ -112,10 +140,19 @@ impl Batch {
     /// Waits for every page asked for; then the service thread may let them go again, and the
     /// other local threads waiting for them go on.
     pub(super) fn wait(&mut self, rt: &Runtime) {
-        for (page, waiter) in &mut self.pages[..self.len] {
+        self.send_requests(rt);
+        for (i, (page, waiter)) in self.pages[..self.len].iter_mut().enumerate() {
             if let Some(w) = waiter.take() {
                 let home_here = rt.home(*page) == rt.rank();
-                wait_with_spin(rt, w, spin_for(home_here, rt.pt().lost_at(*page), now_ns(), rt.settings().spin));
+                let full = spin_for(home_here, rt.pt().lost_at(*page), now_ns(), rt.settings().spin);
+                if i == 0 && !full.is_zero() {
+                    // The faulting page: its wait is the miss's latency, and teaches the spin.
+                    let start = now_ns();
+                    let in_spin = wait_with_spin(rt, w, spin_budget::budget(full)).1;
+                    spin_budget::learn(full, Duration::from_nanos(now_ns().saturating_sub(start)), in_spin);
+                } else {
+                    wait_with_spin(rt, w, full);
+                }
             }
             rt.page_resumed(*page);
             rt.pt().release(*page);
@@ -162,6 +199,16 @@ pub fn wait_for_exit(rt: &Runtime) {
 
 /// Asks the home for `page` (for writing if `write`); returns the wait slot its grant completes.
 pub(super) fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
+    let (waiter, remote) = prepare_request(rt, page, write);
+    if let Some((home, msg)) = remote {
+        send_raw(rt, home, &msg, "cannot send a page request to rank ");
+    }
+    waiter
+}
+
+/// Claims the wait slot for a request of `page`. This rank's own service thread gets the
+/// request at once; a request to another home is returned, to be sent: `(home, request)`.
+fn prepare_request(rt: &Runtime, page: usize, write: bool) -> (Waiter, Option<(usize, Msg)>) {
     let waiter = rt.slots().claim_for(page as u64, write);
     let home = rt.home(page);
     if home == rt.rank() {
@@ -169,14 +216,34 @@ pub(super) fn request(rt: &Runtime, page: usize, write: bool) -> Waiter {
         if let Some(t) = rt.transport() {
             t.wake();
         }
-    } else {
-        let direct =
-            rt.transport().is_some_and(|t| t.one_sided_reads()) || rt.local_views().is_some_and(|v| v.readable(home));
-        // No need to wake the service thread: we read the answer ourselves.
-        let msg = Msg::Request { page: page as u64, write, waiter, direct };
-        send_raw(rt, home, &msg, "cannot send a page request to rank ");
+        return (waiter, None);
     }
-    waiter
+    let direct =
+        rt.transport().is_some_and(|t| t.one_sided_reads()) || rt.local_views().is_some_and(|v| v.readable(home));
+    // No need to wake the service thread: we read the answer ourselves.
+    (waiter, Some((home, Msg::Request { page: page as u64, write, waiter, direct })))
+}
+
+/// Sends small messages (at most [`prefetch::MAX_BATCH`], none attaching a page) to `to` from the
+/// fault path, in order, in one batch (one `sendmsg` on TCP); failure is fatal.
+fn send_raw_batch(rt: &Runtime, to: usize, msgs: &[Msg], what: &str) {
+    const FRAME: usize = 64;
+    let mut bufs = [[0u8; FRAME]; prefetch::MAX_BATCH];
+    let mut lens = [0usize; prefetch::MAX_BATCH];
+    for ((msg, buf), len) in msgs.iter().zip(bufs.iter_mut()).zip(lens.iter_mut()) {
+        match wire::encode(msg, &[], buf) {
+            Ok(bytes) => *len = bytes.len(),
+            Err(_) => fatal_raw(rt, what, to),
+        }
+    }
+    let mut frames: [&[u8]; prefetch::MAX_BATCH] = [&[]; prefetch::MAX_BATCH];
+    for ((frame, buf), &len) in frames.iter_mut().zip(&bufs).zip(&lens) {
+        *frame = &buf[..len];
+    }
+    let n = msgs.len().min(prefetch::MAX_BATCH);
+    if rt.transport().is_none_or(|t| t.send_batch(to, &frames[..n]).is_err()) {
+        fatal_raw(rt, what, to);
+    }
 }
 
 /// Sends a small message from the fault path; failure is fatal.
@@ -192,7 +259,7 @@ pub(super) fn send_raw(rt: &Runtime, to: usize, msg: &Msg, what: &str) {
 /// Waits for `waiter`'s answer: spins reading incoming answers itself (so no hand-off to the
 /// service thread sits on the path), then sleeps. Returns the value the answer carried.
 pub fn wait_for(rt: &Runtime, waiter: Waiter) -> u64 {
-    wait_with_spin(rt, waiter, rt.settings().spin)
+    wait_with_spin(rt, waiter, rt.settings().spin).0
 }
 
 /// How long a thread spins for the answer to a page request (`GALLOCY_SPIN_US`, `spin`) before
@@ -212,23 +279,29 @@ fn spin_for(home_here: bool, lost_at: u64, now: u64, spin: Duration) -> Duration
     }
 }
 
-/// [`wait_for`], spinning for `spin` before it sleeps.
-fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> u64 {
+/// [`wait_for`], spinning for `spin` before it sleeps. Also returns whether the answer came
+/// while it spun.
+fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> (u64, bool) {
+    let mut in_spin = false;
     let mut drive = || {
         if let Some(t) = rt.transport() {
-            t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page));
+            let mut done = DoneNotes::default();
+            t.poll_inline(&mut |from, bytes, page| take_answer(rt, from, bytes, page, &mut done));
+            done.send(rt);
         }
     };
     // When we stop reading the sockets ourselves without an answer, make sure the service
     // thread does.
     let mut after_spin = |done: bool| {
+        in_spin = done;
         if !done && rt.service().deaf() {
             if let Some(t) = rt.transport() {
                 t.wake();
             }
         }
     };
-    rt.slots().wait_and_release(waiter, spin, &mut drive, &mut after_spin)
+    let value = rt.slots().wait_and_release(waiter, spin, &mut drive, &mut after_spin);
+    (value, in_spin)
 }
 
 /// What came attached to a message, as the protocol names it.
@@ -245,7 +318,7 @@ pub fn attached(rt: &Runtime, span: Option<Span>) -> Attached {
 /// grants and barrier notices it can complete on the spot. Declines (returns false) everything else, and anything
 /// that is not exactly as the protocol expects: the service thread then handles it, and stops
 /// the process with a clear message if it is wrong.
-fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> bool {
+fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>, done: &mut DoneNotes) -> bool {
     match bytes.first() {
         Some(&GRANT_TAG) | Some(&LOCK_GRANTED_TAG) | Some(&BARRIER_NOTICE_TAG) => {}
         _ => return false,
@@ -302,10 +375,52 @@ fn take_answer(rt: &Runtime, from: usize, bytes: &[u8], span: Option<Span>) -> b
     open_page(rt, page, write);
     // Release consistency's homes need no word back (their master copy never moves).
     if source.needs_done() && rt.release().is_none() {
-        send_raw(rt, home, &Msg::Done { page }, "cannot send a completion to rank ");
+        done.note(rt, home, page);
     }
     rt.slots().complete(waiter);
     true
+}
+
+/// The completions (`Done`) a waiting thread owes homes for the grants it took in one look at
+/// the sockets: sent together after the look, one batch per home (the grants of a miss with
+/// prefetch come together). Async-signal-safe.
+#[derive(Default)]
+struct DoneNotes {
+    notes: [(usize, u64); prefetch::MAX_BATCH],
+    len: usize,
+}
+
+impl DoneNotes {
+    /// Notes that `home` is owed the completion of `page` (sending what is noted when full).
+    fn note(&mut self, rt: &Runtime, home: usize, page: u64) {
+        if self.len == self.notes.len() {
+            self.send(rt);
+        }
+        self.notes[self.len] = (home, page);
+        self.len += 1;
+    }
+
+    /// Sends what is noted, in order, one batch per home.
+    fn send(&mut self, rt: &Runtime) {
+        let mut sent = [false; prefetch::MAX_BATCH];
+        for first in 0..self.len {
+            if sent[first] {
+                continue;
+            }
+            let home = self.notes[first].0;
+            let mut msgs = [NO_MSG; prefetch::MAX_BATCH];
+            let mut n = 0;
+            for (&(h, page), sent) in self.notes[first..self.len].iter().zip(&mut sent[first..]) {
+                if h == home {
+                    *sent = true;
+                    msgs[n] = Msg::Done { page };
+                    n += 1;
+                }
+            }
+            send_raw_batch(rt, home, &msgs[..n], "cannot send a completion to rank ");
+        }
+        self.len = 0;
+    }
 }
 
 /// Copies `page` from the heap of `peer`, a process on this host, into our runtime view (see
@@ -329,6 +444,9 @@ pub fn read_from_host_peer(rt: &Runtime, peer: usize, page: u64) -> bool {
 /// and marks it as just installed.
 pub fn open_page(rt: &Runtime, page: u64, write: bool) {
     let access = Access::granted(write);
+    if write {
+        rt.pt().mark_written_here(page as usize);
+    }
     if rt.pt().access(page as usize) != access {
         rt.set_access(page as usize, 1, access);
     }

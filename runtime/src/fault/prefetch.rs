@@ -35,6 +35,8 @@ pub const MAX_BATCH: usize = 8;
 const MAX_STRIDE: i64 = 16;
 /// How long a page another rank took from this process counts as contended.
 pub const CONTENDED_NS: u64 = 100_000_000;
+/// Largest gap between the losses of two pages that still counts as one invalidation.
+const LOST_TOGETHER_NS: u64 = 500_000;
 
 /// Whether a page another rank's write took from this process at `lost_at` (0: never) is still
 /// contended at `now` (both from [`crate::sys::clock::now_ns`]). Async-signal-safe.
@@ -126,14 +128,43 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
     let rest_of_block = if block_wanted { block..block + BLOCK as i64 } else { 0..0 };
     along_run
         .chain(rest_of_block.filter(move |&p| p != page as i64).take(limit.saturating_sub(1)))
+        .chain(lost_with(rt, page, now, limit))
         .filter(move |&p| {
             p >= 0
                 && p < pages
                 && !rt.placement().is_first_touch(p as u64)
                 && !rt.placement().may_still_be_placed(p as u64)
-                && !contended(rt.pt().lost_at(p as usize), now)
+                && !contested(rt, p as usize, now)
         })
         .map(|p| p as usize)
+}
+
+/// The pages right after `page` that another rank's write took from us together with it (see
+/// [`LOST_TOGETHER_NS`]), when `page` is one that others write and we only read: a writer that
+/// took a row of pages from us in one go wrote them all, and we held them all because we read
+/// them all (a neighbour's halo row, read every sweep). At most `limit` - 1, up to the first page
+/// that does not qualify. Async-signal-safe.
+fn lost_with(rt: &Runtime, page: usize, now: u64, limit: usize) -> impl Iterator<Item = i64> + '_ {
+    let lost = rt.pt().lost_at(page);
+    let wanted = contended(lost, now) && !rt.pt().written_here(page);
+    let end = (rt.placement().pages() as usize).min(page.saturating_add(limit));
+    (page + 1..if wanted { end } else { page + 1 })
+        .take_while(move |&p| lost_together(lost, rt.pt().lost_at(p)) && !rt.pt().written_here(p))
+        .map(|p| p as i64)
+}
+
+/// Whether two pages lost at `a` and `b` (0: never) went in the same invalidation: a writer's
+/// batch of revokes arrives within microseconds.
+fn lost_together(a: u64, b: u64) -> bool {
+    a != 0 && b != 0 && a.abs_diff(b) <= LOST_TOGETHER_NS
+}
+
+/// Whether `page` goes back and forth between writers, this process one of them: another rank's
+/// write took it from us lately ([`contended`]) and we write it too. A page that others write
+/// and we only read (a neighbour's halo row, a producer's buffer) is prefetched like any other:
+/// what we will read next of it was written at the same time. Async-signal-safe.
+fn contested(rt: &Runtime, page: usize, now: u64) -> bool {
+    contended(rt.pt().lost_at(page), now) && rt.pt().written_here(page)
 }
 
 /// The pages a write upgrade of `page` also upgrades: the run of pages after it held read-only
@@ -199,6 +230,16 @@ mod tests {
         assert!(!recent.seen(8 * 64 + 2), "block 64 takes block 0's entry");
         assert!(!recent.seen(5), "so block 0 was forgotten");
         assert!(recent.seen(8 * 10), "block 10 kept its entry");
+    }
+
+    #[test]
+    fn pages_lost_in_one_invalidation_are_lost_together() {
+        let t = 7 * CONTENDED_NS;
+        assert!(lost_together(t, t + 3_000), "one batch of revokes");
+        assert!(lost_together(t + 3_000, t), "in either order");
+        assert!(!lost_together(t, t + LOST_TOGETHER_NS + 1), "another invalidation");
+        assert!(!lost_together(t, 0), "never lost");
+        assert!(!lost_together(0, 0), "neither lost");
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub fn resolve(rt: &Runtime, rc: &ReleaseState, page: usize, write: bool) {
             let mut batch = Batch::default();
             if !write && access == Access::None {
                 batch.prefetch_after(rt, page);
+                batch.send_requests(rt);
                 rt.stats().count(&rt.stats().prefetched, batch.len() as u64);
             }
             wait_for(rt, waiter);

@@ -23,6 +23,8 @@ const WRITER: u8 = 2;
 const VOLATILE: u8 = 4;
 /// Release consistency, at the page's home: another rank holds or held a copy.
 const HAS_SHARERS: u8 = 8;
+/// This process was granted write access to the page (either consistency model).
+const WRITTEN_HERE: u8 = 16;
 
 /// Per-page local state.
 pub struct PageTable {
@@ -123,6 +125,18 @@ impl PageTable {
 
     pub fn mark_writer(&self, page: usize) {
         self.set_sharing_bit(page, WRITER | SHARER);
+    }
+
+    /// Whether this process was ever granted write access to `page` (it writes the page, not
+    /// only reads it). Async-signal-safe.
+    pub fn written_here(&self, page: usize) -> bool {
+        self.sharing_bit(page, WRITTEN_HERE)
+    }
+
+    pub fn mark_written_here(&self, page: usize) {
+        if !self.written_here(page) {
+            self.set_sharing_bit(page, WRITTEN_HERE);
+        }
     }
 
     /// Release consistency: whether another rank writes the page (a copy here is dropped at
