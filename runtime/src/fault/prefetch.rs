@@ -36,7 +36,7 @@ const MAX_STRIDE: i64 = 16;
 /// How long a page another rank took from this process counts as contended.
 pub const CONTENDED_NS: u64 = 100_000_000;
 /// Largest gap between the losses of two pages that still counts as one invalidation.
-const LOST_TOGETHER_NS: u64 = 500_000;
+const LOST_TOGETHER_NS: u64 = 2_000_000;
 
 /// Whether a page another rank's write took from this process at `lost_at` (0: never) is still
 /// contended at `now` (both from [`crate::sys::clock::now_ns`]). Async-signal-safe.

@@ -11,10 +11,20 @@ pub fn jacobi(args: &Args) -> Outcome {
     let threads = args.usize_or("--threads", 2);
     let progress = args.flag("--progress");
     let slow = args.opt_usize("--slow-ms").map(|ms| Duration::from_millis(ms as u64));
+    // The read faults of sweeps 3 to `iters` (after two sweeps every rank holds what it keeps;
+    // the final gather of the grid is not counted).
+    let report_faults = args.flag("--report-faults");
     let rank = gallocy::rank();
+    let (mut before, mut after) = (0, 0);
     let t0 = Instant::now();
-    let res = if progress || slow.is_some() {
+    let res = if progress || slow.is_some() || report_faults {
         let mut cb = |k: usize| {
+            if k == 2 {
+                before = gallocy::stats().read_faults;
+            }
+            if k == iters {
+                after = gallocy::stats().read_faults;
+            }
             if progress {
                 println!("iteration {k}");
                 let _ = std::io::stdout().flush();
@@ -39,6 +49,9 @@ pub fn jacobi(args: &Args) -> Outcome {
         res.residual,
         elapsed.as_secs_f64() * 1e3
     );
+    if report_faults {
+        detail.push_str(&format!("; read faults in sweeps 3 to {iters}: {}", after.saturating_sub(before)));
+    }
     if rank == 0 {
         let want = gallocy_cli::jacobi::reference(n, iters);
         if want.len() != res.grid.len() {

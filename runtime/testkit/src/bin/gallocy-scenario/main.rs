@@ -47,7 +47,7 @@ scenarios (all ranks run the same NAME):
   litmus-mp   [--rounds N]                   message passing litmus test
   litmus-sb   [--rounds N]                   store buffering litmus test
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
-  jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M]
+  jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M] [--report-faults]
   nullderef   [--rank R]                     rank R (default: last) reads address 0
   map-count                                  rank 1 takes all but 64 mappings, then reads 4096
                                              scattered pages: the runtime keeps working

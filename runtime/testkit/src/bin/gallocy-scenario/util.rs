@@ -13,7 +13,7 @@ pub struct Args {
 }
 
 /// Flags that take no value.
-const BOOL_FLAGS: &[&str] = &["--progress", "--remote", "--expect"];
+const BOOL_FLAGS: &[&str] = &["--progress", "--remote", "--expect", "--report-faults"];
 
 impl Args {
     pub fn parse(argv: &[String]) -> Result<Args, String> {
