@@ -12,7 +12,7 @@ use crate::protocol::holder::check_received;
 use crate::protocol::wire::{self, BARRIER_NOTICE_TAG, GRANT_TAG, LOCK_GRANTED_TAG};
 use crate::protocol::{Attached, Msg, Source, Waiter};
 
-use super::{prefetch, spin_budget};
+use super::prefetch;
 use crate::sys::clock::now_ns;
 use crate::sys::rawio::{exit_now, write_stderr, RawWriter};
 
@@ -141,18 +141,10 @@ impl Batch {
     /// other local threads waiting for them go on.
     pub(super) fn wait(&mut self, rt: &Runtime) {
         self.send_requests(rt);
-        for (i, (page, waiter)) in self.pages[..self.len].iter_mut().enumerate() {
+        for (page, waiter) in &mut self.pages[..self.len] {
             if let Some(w) = waiter.take() {
                 let home_here = rt.home(*page) == rt.rank();
-                let full = spin_for(home_here, rt.pt().lost_at(*page), now_ns(), rt.settings().spin);
-                if i == 0 && !full.is_zero() {
-                    // The faulting page: its wait is the miss's latency, and teaches the spin.
-                    let start = now_ns();
-                    let in_spin = wait_with_spin(rt, w, spin_budget::budget(full)).1;
-                    spin_budget::learn(full, Duration::from_nanos(now_ns().saturating_sub(start)), in_spin);
-                } else {
-                    wait_with_spin(rt, w, full);
-                }
+                wait_with_spin(rt, w, spin_for(home_here, rt.pt().lost_at(*page), now_ns(), rt.settings().spin));
             }
             rt.page_resumed(*page);
             rt.pt().release(*page);
@@ -259,7 +251,7 @@ pub(super) fn send_raw(rt: &Runtime, to: usize, msg: &Msg, what: &str) {
 /// Waits for `waiter`'s answer: spins reading incoming answers itself (so no hand-off to the
 /// service thread sits on the path), then sleeps. Returns the value the answer carried.
 pub fn wait_for(rt: &Runtime, waiter: Waiter) -> u64 {
-    wait_with_spin(rt, waiter, rt.settings().spin).0
+    wait_with_spin(rt, waiter, rt.settings().spin)
 }
 
 /// How long a thread spins for the answer to a page request (`GALLOCY_SPIN_US`, `spin`) before
@@ -279,10 +271,8 @@ fn spin_for(home_here: bool, lost_at: u64, now: u64, spin: Duration) -> Duration
     }
 }
 
-/// [`wait_for`], spinning for `spin` before it sleeps. Also returns whether the answer came
-/// while it spun.
-fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> (u64, bool) {
-    let mut in_spin = false;
+/// [`wait_for`], spinning for `spin` before it sleeps.
+fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> u64 {
     let mut drive = || {
         if let Some(t) = rt.transport() {
             let mut done = DoneNotes::default();
@@ -293,15 +283,13 @@ fn wait_with_spin(rt: &Runtime, waiter: Waiter, spin: Duration) -> (u64, bool) {
     // When we stop reading the sockets ourselves without an answer, make sure the service
     // thread does.
     let mut after_spin = |done: bool| {
-        in_spin = done;
         if !done && rt.service().deaf() {
             if let Some(t) = rt.transport() {
                 t.wake();
             }
         }
     };
-    let value = rt.slots().wait_and_release(waiter, spin, &mut drive, &mut after_spin);
-    (value, in_spin)
+    rt.slots().wait_and_release(waiter, spin, &mut drive, &mut after_spin)
 }
 
 /// What came attached to a message, as the protocol names it.

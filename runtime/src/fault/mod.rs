@@ -14,7 +14,6 @@
 //!   the first write.
 //! - [`prefetch`]: which further pages a read miss asks for (sequential and strided runs).
 //! - [`slots`]: the wait slots threads wait in.
-//! - [`spin_budget`]: how long a thread spins for an answer before it sleeps, learnt per thread.
 //! - [`stacks`]: stacks of our own for faults on threads whose alternate stack is small.
 //! - [`gate`]: the gate heap faults wait at while the heap's mappings change.
 
@@ -25,5 +24,4 @@ pub mod handler;
 pub mod prefetch;
 pub mod release_miss;
 pub mod slots;
-pub mod spin_budget;
 pub mod stacks;
