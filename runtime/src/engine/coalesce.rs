@@ -9,6 +9,8 @@
 //! [`MAX_BATCH`](crate::fault::prefetch::MAX_BATCH) pages in one go; before, the owner paid one
 //! shootdown per page while its own threads computed on the other CPU.
 //!
+//! Messages are held only from the first downgrade held back on (before it, they go at once).
+//!
 //! Safe because nothing leaves before the protection is applied: the page table says read-only at
 //! once (the engine's later decisions in the batch see it), local threads may still write the
 //! page until the batch ends, exactly as if the request had arrived a moment later, and no peer
@@ -52,6 +54,14 @@ impl Coalescer {
     /// Whether downgrades wait to be applied.
     pub(super) fn has_downgrades(&self) -> bool {
         !self.downgrades.is_empty()
+    }
+
+    /// Whether a message to a peer must wait for the end of the batch: a downgrade it may depend
+    /// on waits, or messages before it do (they keep their order). Otherwise it goes at once, as
+    /// outside a batch: a page that goes back and forth between writers (no downgrade to
+    /// read-only) is not delayed.
+    pub(super) fn holds_sends(&self) -> bool {
+        self.active && (!self.downgrades.is_empty() || !self.sends.is_empty())
     }
 
     /// The downgrades held back, as runs of consecutive pages `(first, count)`, keeping only the
@@ -110,6 +120,24 @@ mod tests {
             c.hold_downgrade(p);
         }
         assert_eq!(c.take_downgrades(|p| p != 43), vec![(40, 3), (44, 4)]);
+    }
+
+    #[test]
+    fn messages_wait_only_behind_a_downgrade_or_a_held_message() {
+        let mut c = Coalescer::default();
+        assert!(!c.holds_sends(), "no batch");
+        c.begin();
+        assert!(!c.holds_sends(), "nothing to wait for: a message goes at once");
+        c.hold_downgrade(3);
+        assert!(c.holds_sends(), "it may depend on the downgrade");
+        assert_eq!(c.take_downgrades(|_| true), vec![(3, 1)]);
+        assert!(!c.holds_sends(), "downgrade applied");
+        c.hold_downgrade(4);
+        c.hold_send(1, Msg::Done { page: 4 });
+        assert_eq!(c.take_downgrades(|_| true), vec![(4, 1)]);
+        assert!(c.holds_sends(), "a message held before it: order");
+        assert_eq!(c.end().len(), 1);
+        assert!(!c.holds_sends());
     }
 
     #[test]

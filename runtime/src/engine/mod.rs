@@ -27,7 +27,7 @@ use crate::protocol::locks::Locks;
 use crate::protocol::sharing::Sharing;
 use crate::protocol::{wire, Attached, Directory, Msg, Page, Rank, Send, Source, Violation, Waiter};
 use crate::sys::clock::now_ns;
-use crate::sys::sched::{BusyStreak, RunQueue};
+use crate::sys::sched::RunQueue;
 use coalesce::Coalescer;
 use liveness::Liveness;
 
@@ -128,7 +128,6 @@ impl<'a> Engine<'a> {
         let spin_ns = self.rt.settings().spin.as_nanos() as u64;
         let mut last_activity = now_ns();
         let mut idle_spins = 0u32;
-        let mut busy = BusyStreak::default();
         loop {
             self.rt.service().pause_if_asked();
             let mut handled = self.take_local_work();
@@ -142,17 +141,15 @@ impl<'a> Engine<'a> {
             if handled > 0 {
                 last_activity = now;
                 idle_spins = 0;
-                busy.reset();
                 continue;
             }
             // Spin only while no local thread reads the sockets itself (a thread waiting for an
             // answer takes it, and the spin would only take a CPU from it or from the peer that
             // answers), and only while a CPU is free: a thread that computes or spins on a
-            // shared flag needs it more. One look that finds every CPU busy is not enough (see
-            // `BusyStreak`).
+            // shared flag needs it more.
             if now.saturating_sub(last_activity) < spin_ns && self.rt.slots().spinners() == 0 {
                 idle_spins = idle_spins.wrapping_add(1);
-                if idle_spins.is_multiple_of(SPINS_PER_CPU_CHECK) && busy.look(self.run_queue.cpu_free()) {
+                if idle_spins.is_multiple_of(SPINS_PER_CPU_CHECK) && !self.run_queue.cpu_free() {
                     last_activity = 0;
                 }
                 continue;
@@ -161,7 +158,6 @@ impl<'a> Engine<'a> {
                 // What woke us is activity too: spin for the next message as after any other.
                 last_activity = now_ns();
                 idle_spins = 0;
-                busy.reset();
             }
         }
     }
@@ -328,7 +324,7 @@ impl<'a> Engine<'a> {
             self.self_queue.push_back(msg);
             return;
         }
-        if self.batch.active() {
+        if self.batch.holds_sends() {
             self.batch.hold_send(to, msg);
             return;
         }

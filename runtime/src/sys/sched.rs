@@ -132,36 +132,6 @@ impl RunQueue {
     }
 }
 
-/// Whether every CPU has stayed busy over several looks in a row, the test for a spinning
-/// service thread to stop. One look that finds them all busy often catches a thread that runs
-/// for a few microseconds: in a remote fault, the answer wakes the requester's own service
-/// thread while the requester spins for it. Stopping then made the next request wake a sleeping
-/// service thread on an idle vCPU (16 µs from wake-up to running here); with a streak of
-/// [`BusyStreak::LOOKS`], the read fault of `gallocy-bench fault --procs 2` went from 58–62 µs
-/// to 33–54 µs at the median, the write fault from 61–69 to 34–39 µs in most runs. A thread that
-/// computes keeps the CPUs busy look after look, and the spin still stops within a few looks.
-#[derive(Debug, Default)]
-pub struct BusyStreak {
-    looks: u32,
-}
-
-impl BusyStreak {
-    /// Looks in a row that must find every CPU busy.
-    pub const LOOKS: u32 = 3;
-
-    /// Records one look (`cpu_free`: whether it found a CPU free); returns whether the CPUs have
-    /// now been busy for [`Self::LOOKS`] looks in a row.
-    pub fn look(&mut self, cpu_free: bool) -> bool {
-        self.looks = if cpu_free { 0 } else { self.looks.saturating_add(1) };
-        self.looks >= Self::LOOKS
-    }
-
-    /// Forgets the looks so far (after activity, the spin starts over).
-    pub fn reset(&mut self) {
-        self.looks = 0;
-    }
-}
-
 /// The runnable threads in a `/proc/loadavg` line: `R` of its fourth field `R/T`.
 fn runnable(line: &[u8]) -> Option<usize> {
     let field = line.split(|b| *b == b' ').nth(3)?;
@@ -206,23 +176,6 @@ mod tests {
         assert!(lower <= outside);
         assert_eq!(higher, 19);
         assert_eq!(thread_nice(), outside, "other threads keep theirs");
-    }
-
-    #[test]
-    fn a_spin_stops_only_after_every_cpu_stayed_busy_for_several_looks() {
-        let mut busy = BusyStreak::default();
-        for _ in 0..10 {
-            // A thread that runs briefly: busy, then free again.
-            assert!(!busy.look(false), "one busy look does not stop the spin");
-            assert!(!busy.look(true));
-        }
-        for _ in 1..BusyStreak::LOOKS {
-            assert!(!busy.look(false));
-        }
-        assert!(busy.look(false), "{} busy looks in a row stop it", BusyStreak::LOOKS);
-        assert!(busy.look(false), "and it stays stopped while they stay busy");
-        busy.reset();
-        assert!(!busy.look(false), "after activity the streak starts over");
     }
 
     #[test]
