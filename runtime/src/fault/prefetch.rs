@@ -20,9 +20,12 @@
 //! lately (a block being written elsewhere). The same exclusions apply.
 //!
 //! A write to a page this process holds read-only (an upgrade: the data is here, only other
-//! copies must go) also upgrades the pages right after it that this process holds read-only and
-//! that no other rank's write invalidated lately, up to [`MAX_BATCH`] in all: a rank rewriting a
-//! row its neighbour has read takes the whole row back in one round trip. Async-signal-safe: a `const` thread-local
+//! copies must go) also upgrades the pages right after it that this process holds read-only,
+//! wrote before (held write access to) and that no other rank's write invalidated lately, up to
+//! [`MAX_BATCH`] in all: a rank rewriting a row its neighbour has read takes the whole row back in
+//! one round trip. Never a page it only reads: the neighbour's next row, held read-only because
+//! it was read last sweep, is the neighbour's to write; taking it would cost the neighbour a
+//! fault, and would make this rank count as one of its writers. Async-signal-safe: a `const` thread-local
 //! (no lazy initialisation, no destructor) and arithmetic.
 
 use std::cell::Cell;
@@ -168,12 +171,15 @@ fn contested(rt: &Runtime, page: usize, now: u64) -> bool {
 }
 
 /// The pages a write upgrade of `page` also upgrades: the run of pages after it held read-only
-/// here and not contended (see the module comment), at most `GALLOCY_PREFETCH` - 1.
+/// here, written here before and not contended (see the module comment), at most
+/// `GALLOCY_PREFETCH` - 1.
 pub fn upgrade_run(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_ {
     let pages = rt.placement().pages() as usize;
     let now = crate::sys::clock::now_ns();
     (page + 1..(page + rt.settings().prefetch as usize).min(pages)).take_while(move |&p| {
-        rt.pt().access(p) == crate::heap::region::Access::Read && !contended(rt.pt().lost_at(p), now)
+        rt.pt().access(p) == crate::heap::region::Access::Read
+            && rt.pt().written_here(p)
+            && !contended(rt.pt().lost_at(p), now)
     })
 }
 

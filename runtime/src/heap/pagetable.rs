@@ -127,8 +127,9 @@ impl PageTable {
         self.set_sharing_bit(page, WRITER | SHARER);
     }
 
-    /// Whether this process was ever granted write access to `page` (it writes the page, not
-    /// only reads it). Async-signal-safe.
+    /// Whether this process ever held write access to `page` (it writes the page, not only
+    /// reads it): granted by a fault, by a collective allocation's placement, or as part of its
+    /// own arena. Async-signal-safe.
     pub fn written_here(&self, page: usize) -> bool {
         self.sharing_bit(page, WRITTEN_HERE)
     }
@@ -149,14 +150,25 @@ impl PageTable {
         self.set_sharing_bit(page, VOLATILE);
     }
 
-    /// Records a new access (the caller changes the protection accordingly).
+    /// Records a new access (the caller changes the protection accordingly). A page given write
+    /// access, or taken from write down to read-only (a reader came for what this process
+    /// wrote), counts as [`PageTable::written_here`]; not one closed from write access, which
+    /// is how a collective allocation moves pages of this rank's arena to the ranks it places
+    /// them on.
     pub fn set(&self, page: usize, access: Access) {
         let v = match access {
             Access::None => INVALID,
             Access::Read => READ,
             Access::Write => WRITE,
         };
-        self.state.get(page).store(v, Ordering::Release);
+        let old = self.state.get(page).swap(v, Ordering::AcqRel);
+        let held_write = match old {
+            DEFAULT => self.initial_access(page) == Access::Write,
+            o => o == WRITE,
+        };
+        if access == Access::Write || (held_write && access == Access::Read) {
+            self.mark_written_here(page);
+        }
     }
 
     /// Whether the current access allows the faulting access.
@@ -248,5 +260,28 @@ mod tests {
         assert!(pt.try_claim(3) && !pt.try_claim(3));
         pt.release(3);
         assert!(pt.try_claim(3));
+    }
+
+    #[test]
+    fn pages_that_held_write_access_count_as_written_here() {
+        let pt = PageTable::new(100, 10, 20).unwrap();
+        // An arena page (write access from the start) taken down to read-only.
+        pt.set(15, Access::Read);
+        assert!(pt.written_here(15));
+        // A page granted write access.
+        pt.set(30, Access::Write);
+        assert!(pt.written_here(30));
+        // Pages only ever read here, or taken away unread, do not; nor arena pages closed
+        // (placed elsewhere by a collective allocation).
+        pt.set(40, Access::Read);
+        pt.set(40, Access::None);
+        pt.set(41, Access::None);
+        pt.set(17, Access::None);
+        assert!(!pt.written_here(40) && !pt.written_here(41) && !pt.written_here(17));
+        // An arena page that opens read-only (release consistency) is not written until granted.
+        let ro = PageTable::new(100, 10, 20).unwrap();
+        ro.set_own_read_only();
+        ro.set(16, Access::None);
+        assert!(!ro.written_here(16));
     }
 }

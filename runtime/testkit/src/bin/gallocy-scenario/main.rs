@@ -57,6 +57,8 @@ scenarios (all ranks run the same NAME):
   placement   [--pages P]                    homes and first owners of a collective allocation (GALLOCY_PLACEMENT)
   prefetch-fresh                             prefetch never asks for pages a later collective
                                              allocation places (2 ranks)
+  upgrade-edge                               a write upgrade's run stops at the neighbour's pages
+                                             (2 ranks)
   double-free [--remote]                     frees a pointer twice: must be reported
   misuse      --what W [--rank R]            API misuse on rank R: a clear error, no hang
   release     [--mib M] [--expect]           dropped copies give their memory back (2 ranks)
@@ -122,6 +124,7 @@ fn main() {
         "alloc" => alloc::alloc,
         "placement" => placement::placement,
         "prefetch-fresh" => placement::prefetch_fresh,
+        "upgrade-edge" => placement::upgrade_edge,
         "interleave" => interleave::interleave,
         "map-count" => faults::map_count,
         "misuse" => misuse::misuse,

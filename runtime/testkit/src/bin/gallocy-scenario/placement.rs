@@ -175,3 +175,75 @@ pub fn prefetch_fresh(_args: &Args) -> Outcome {
     gallocy::barrier();
     Ok(format!("rank 0's block ends at page {end}, the collective allocation starts at page {first}"))
 }
+
+/// upgrade-edge: a write upgrade takes back the pages this rank writes, never its neighbour's.
+///
+/// A collective allocation of 16 pages in blocks: rank 0 owns pages 0-7, rank 1 pages 8-15.
+/// Both write their blocks; then rank 0 reads rank 1's first pages (8-11) and rank 1 reads rank
+/// 0's last pages (4-7), so each holds the other's read-only and its own read-only too. Rank 0
+/// rewrites its pages 4-7: one write upgrade takes them back in a run, and must stop at page 8,
+/// which rank 0 only read. Rank 1 then rereads its own pages 8-11: with no read fault, since it
+/// still holds them (before the fix the run went on into them, taking them from rank 1, and the
+/// halo of a Jacobi sweep came back one page per fault ever after).
+pub fn upgrade_edge(_args: &Args) -> Outcome {
+    let (rank, page) = (gallocy::rank(), gallocy::page_size());
+    if gallocy::size() != 2 {
+        return Err("upgrade-edge needs 2 ranks".into());
+    }
+    let pages = 16;
+    let buf = collective(pages * page)?.0;
+    let word = |i: usize| (buf + i * page) as *mut u64;
+    let (mine, theirs) = if rank == 0 { (0..8, 8..12) } else { (8..16, 4..8) };
+    for i in mine.clone() {
+        // SAFETY: inside the collective allocation; this rank writes only its own block.
+        unsafe { std::ptr::write_volatile(word(i), mix(i as u64)) };
+    }
+    gallocy::barrier();
+    for i in theirs {
+        // SAFETY: inside the collective allocation; nobody writes until the next barrier.
+        let got = unsafe { std::ptr::read_volatile(word(i)) };
+        if got != mix(i as u64) {
+            return Err(format!("page {i} reads {got:#x}, expected {:#x}", mix(i as u64)));
+        }
+    }
+    gallocy::barrier();
+    let upgrades_before = gallocy::stats().write_faults;
+    if rank == 0 {
+        for i in 4..8 {
+            // SAFETY: rank 0's own pages; nobody else writes them.
+            unsafe { std::ptr::write_volatile(word(i), mix(i as u64 + 1)) };
+        }
+    }
+    let upgrades = gallocy::stats().write_faults - upgrades_before;
+    gallocy::barrier();
+    let reads_before = gallocy::stats().read_faults;
+    if rank == 1 {
+        for i in 8..12 {
+            // SAFETY: rank 1's own pages; nobody writes until the next barrier.
+            let got = unsafe { std::ptr::read_volatile(word(i)) };
+            if got != mix(i as u64) {
+                return Err(format!("page {i} reads {got:#x}, expected {:#x}", mix(i as u64)));
+            }
+        }
+        let faults = gallocy::stats().read_faults - reads_before;
+        if faults != 0 {
+            return Err(format!(
+                "rereading its own pages 8-11 took {faults} read faults: rank 0's write upgrade of \
+                 pages 4-7 took pages it only reads"
+            ));
+        }
+    }
+    if rank == 0 && upgrades != 1 {
+        return Err(format!("rewriting pages 4-7 took {upgrades} write faults, expected one (a run)"));
+    }
+    gallocy::barrier();
+    for i in 4..8 {
+        // SAFETY: inside the collective allocation; nobody writes any more.
+        let got = unsafe { std::ptr::read_volatile(word(i)) };
+        if got != mix(i as u64 + 1) {
+            return Err(format!("page {i} reads {got:#x} after the rewrite, expected {:#x}", mix(i as u64 + 1)));
+        }
+    }
+    gallocy::barrier();
+    Ok(format!("rank 0 rewrote pages 4-7 in {upgrades} write fault(s); rank 1 kept its own"))
+}
