@@ -432,9 +432,7 @@ pub fn read_from_host_peer(rt: &Runtime, peer: usize, page: u64) -> bool {
 /// and marks it as just installed.
 pub fn open_page(rt: &Runtime, page: u64, write: bool) {
     let access = Access::granted(write);
-    if write {
-        rt.pt().mark_written_here(page as usize);
-    }
+    // Setting write access marks the page written here (`PageTable::set`).
     if rt.pt().access(page as usize) != access {
         rt.set_access(page as usize, 1, access);
     }

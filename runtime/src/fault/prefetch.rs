@@ -25,8 +25,10 @@
 //! [`MAX_BATCH`] in all: a rank rewriting a row its neighbour has read takes the whole row back in
 //! one round trip. Never a page it only reads: the neighbour's next row, held read-only because
 //! it was read last sweep, is the neighbour's to write; taking it would cost the neighbour a
-//! fault, and would make this rank count as one of its writers. Async-signal-safe: a `const` thread-local
-//! (no lazy initialisation, no destructor) and arithmetic.
+//! fault, and would make this rank count as one of its writers.
+//!
+//! Async-signal-safe: a `const` thread-local (no lazy initialisation, no destructor) and
+//! arithmetic.
 
 use std::cell::Cell;
 

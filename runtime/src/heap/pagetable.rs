@@ -134,7 +134,7 @@ impl PageTable {
         self.sharing_bit(page, WRITTEN_HERE)
     }
 
-    pub fn mark_written_here(&self, page: usize) {
+    fn mark_written_here(&self, page: usize) {
         if !self.written_here(page) {
             self.set_sharing_bit(page, WRITTEN_HERE);
         }

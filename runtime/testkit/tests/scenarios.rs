@@ -546,10 +546,6 @@ fn a_rank_that_reads_no_peers_heap_gets_its_pages_attached_and_others_still_read
     }
 }
 
-/// A rank reading scattered pages at the end of another rank's last block, while that rank
-/// makes a collective allocation on the fresh pages right after it: block prefetch must leave
-/// those pages alone (their homes change when they are placed; before the guard, the reader's
-/// prefetch went to their old homes and rank 0 stopped with a protocol violation).
 /// A rank rewriting its last pages, next to its neighbour's first ones that it holds read-only,
 /// takes its own back in one write upgrade and leaves the neighbour's alone (see
 /// `fault::prefetch::upgrade_run`).
@@ -559,6 +555,10 @@ fn a_write_upgrade_leaves_the_neighbours_pages_alone() {
     launch_ok(2, &["upgrade-edge"], limit(MIN));
 }
 
+/// A rank reading scattered pages at the end of another rank's last block, while that rank
+/// makes a collective allocation on the fresh pages right after it: block prefetch must leave
+/// those pages alone (their homes change when they are placed; before the guard, the reader's
+/// prefetch went to their old homes and rank 0 stopped with a protocol violation).
 #[test]
 fn prefetch_leaves_pages_a_collective_allocation_places_alone() {
     let _g = serial();
