@@ -432,7 +432,8 @@ pub fn read_from_host_peer(rt: &Runtime, peer: usize, page: u64) -> bool {
 /// and marks it as just installed.
 pub fn open_page(rt: &Runtime, page: u64, write: bool) {
     let access = Access::granted(write);
-    // Setting write access marks the page written here (`PageTable::set`).
+    // `PageTable::set` marks a page given write access as written here; one already held with
+    // this access needs no change.
     if rt.pt().access(page as usize) != access {
         rt.set_access(page as usize, 1, access);
     }

@@ -127,9 +127,11 @@ impl PageTable {
         self.set_sharing_bit(page, WRITER | SHARER);
     }
 
-    /// Whether this process ever held write access to `page` (it writes the page, not only
-    /// reads it): granted by a fault, by a collective allocation's placement, or as part of its
-    /// own arena. Async-signal-safe.
+    /// Whether this process writes `page`, not only reads it: marked by [`PageTable::set`] when
+    /// write access is granted (a fault, a collective allocation's placement) and when a page
+    /// held for writing, its own arena's included, goes down to read-only. A page of its arena
+    /// it still holds as at the start, or lost straight from write to no access, is not marked.
+    /// Async-signal-safe.
     pub fn written_here(&self, page: usize) -> bool {
         self.sharing_bit(page, WRITTEN_HERE)
     }
