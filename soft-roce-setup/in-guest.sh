@@ -21,7 +21,11 @@
 # initramfs there. Later runs reuse the cache.
 #
 # Environment:
-#   GALLOCY_QEMU_CACHE  cache directory (default ~/.cache/gallocy-qemu)
+#   GALLOCY_QEMU_CACHE  cache directory (default ~/.cache/gallocy-qemu, or
+#                       ~/.cache/gallocy-qemu-HASH with GALLOCY_QEMU_KERNEL_DEB)
+#   GALLOCY_QEMU_KERNEL_DEB  URL or path of a Debian kernel package to boot
+#                       instead of linux-image-amd64 (e.g. a newer one from
+#                       trixie-backports; modules may be .ko or .ko.xz)
 #   GALLOCY_QEMU_MEM    guest memory in MiB (default 2048)
 #   GALLOCY_QEMU_CPUS   guest vCPUs (default 2)
 #   GALLOCY_QEMU_KEEP=1 keep the run directory (logs) even on success
@@ -30,7 +34,12 @@
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE=${GALLOCY_QEMU_CACHE:-$HOME/.cache/gallocy-qemu}
+KERNEL_DEB=${GALLOCY_QEMU_KERNEL_DEB:-}
+if [[ -n $KERNEL_DEB ]]; then
+    CACHE=${GALLOCY_QEMU_CACHE:-$HOME/.cache/gallocy-qemu-$(printf '%s' "$KERNEL_DEB" | sha256sum | cut -c1-12)}
+else
+    CACHE=${GALLOCY_QEMU_CACHE:-$HOME/.cache/gallocy-qemu}
+fi
 MEM=${GALLOCY_QEMU_MEM:-2048}
 CPUS=${GALLOCY_QEMU_CPUS:-2}
 TIMEOUT=600
@@ -74,7 +83,8 @@ QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu
 
 # Guest kernel modules to load (their dependencies are added automatically).
 GUEST_MODULES=(virtio_pci virtio_console 9pnet_virtio 9p overlay dummy
-               crc32_generic rdma_rxe ib_uverbs rdma_ucm)
+               rdma_rxe ib_uverbs rdma_ucm)
+OPTIONAL_MODULES=(crc32_generic)
 
 apt_download() {  # apt_download PKG... (into the current directory)
     if ! apt-get download "$@" >/dev/null 2>apt-download.err; then
@@ -88,13 +98,18 @@ apt_download() {  # apt_download PKG... (into the current directory)
 # Decompress the kernel package's bzImage into an ELF vmlinux (booted via
 # PVH, which is faster than letting the guest decompress it under TCG).
 extract_vmlinux() {  # extract_vmlinux VMLINUZ OUT
-    local in=$1 out=$2 off
-    # xz stream magic FD 37 7A 58 5A 00 (Debian uses CONFIG_KERNEL_XZ).
+    local in=$1 out=$2 off unpack=(xz -dc)
+    # xz stream magic FD 37 7A 58 5A 00 (bookworm's CONFIG_KERNEL_XZ), else
+    # zstd's 28 B5 2F FD (newer Debian kernels), if zstd is there.
     off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$in" | head -n1 | cut -d: -f1 || true)
+    if [[ -z $off ]] && command -v zstd >/dev/null; then
+        off=$(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$in" | head -n1 | cut -d: -f1 || true)
+        unpack=(zstd -dcq)
+    fi
     [[ -n $off ]] || return 1
-    # xz complains about the relocation data appended after the stream; judge
-    # the result by its ELF header and program headers instead.
-    tail -c +$((off + 1)) "$in" | xz -dc > "$out.tmp" 2>/dev/null || true
+    # The decompressor complains about the relocation data appended after the
+    # stream; judge the result by its ELF header and program headers instead.
+    tail -c +$((off + 1)) "$in" | "${unpack[@]}" > "$out.tmp" 2>/dev/null || true
     if command -v readelf >/dev/null && [[ $(head -c 4 "$out.tmp" | od -An -c | tr -d ' ') == '177ELF' ]] &&
        readelf -n "$out.tmp" 2>/dev/null | grep -q 'Unknown note type: (0x00000012)'; then
         mv "$out.tmp" "$out"   # has XEN_ELFNOTE_PHYS32_ENTRY: PVH-bootable
@@ -104,11 +119,25 @@ extract_vmlinux() {  # extract_vmlinux VMLINUZ OUT
     fi
 }
 
-# mod_path NAME: path of NAME.ko under the extracted module tree ("-" == "_").
+# mod_path NAME: path of NAME.ko (or NAME.ko.xz) under the extracted module tree ("-" == "_").
 mod_path() {
     local n=${1//-/_}
-    awk -v n="$n" '{ b=$0; sub(/.*\//, "", b); sub(/\.ko$/, "", b); gsub(/-/, "_", b);
+    awk -v n="$n" '{ b=$0; sub(/.*\//, "", b); sub(/\.ko(\.xz)?$/, "", b); gsub(/-/, "_", b);
                      if (b == n) { print; exit } }' "$MODLIST"
+}
+
+# mod_cat PATH: the module's ELF, decompressed if it is .ko.xz.
+mod_cat() {
+    case $1 in *.xz) xz -dc "$1" ;; *) cat "$1" ;; esac
+}
+
+# The extracted kernel's module directory (lib/ or, merged-/usr packages, usr/lib/).
+mod_dir() {  # mod_dir ROOT KVER
+    local d
+    for d in "$1/lib/modules/$2" "$1/usr/lib/modules/$2"; do
+        [[ -d $d ]] && { echo "$d"; return 0; }
+    done
+    return 1
 }
 
 # add_module NAME: append NAME and (first) its dependencies to LOAD_ORDER.
@@ -119,9 +148,9 @@ add_module() {
     [[ -n ${SEEN[$n]:-} ]] && return 0
     SEEN[$n]=1
     p=$(mod_path "$n")
-    [[ -n $p ]] || { grep -qw "$n" "$KROOT/lib/modules/$KVER/modules.builtin" 2>/dev/null && return 0
+    [[ -n $p ]] || { grep -qw "$n" "$MODDIR/modules.builtin" 2>/dev/null && return 0
                      die "kernel module $n not found in linux-image-$KVER"; }
-    deps=$(tr '\0' '\n' < "$p" | sed -n 's/^depends=//p' | head -n1)
+    deps=$(mod_cat "$p" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1)
     for dep in ${deps//,/ }; do add_module "$dep"; done
     LOAD_ORDER+=("$p")
 }
@@ -148,7 +177,15 @@ prepare_cache() {
         # versioned package that holds vmlinuz and the modules.
         local kpkg
         kpkg=${GALLOCY_QEMU_KERNEL_PKG:-}
-        if [[ -z $kpkg ]]; then
+        if [[ -n $KERNEL_DEB ]]; then
+            case $KERNEL_DEB in
+                http://*|https://*) need curl curl
+                                    curl -fsSL -o kernel.deb.tmp "$KERNEL_DEB" || die "cannot download $KERNEL_DEB" ;;
+                *) cp "$KERNEL_DEB" kernel.deb.tmp || die "cannot read $KERNEL_DEB" ;;
+            esac
+            kpkg=$(dpkg-deb -f kernel.deb.tmp Package) || die "$KERNEL_DEB is not a Debian package"
+            mv kernel.deb.tmp "${kpkg}_given.deb"
+        elif [[ -z $kpkg ]]; then
             rm -f linux-image-amd64_*.deb
             apt_download linux-image-amd64
             kpkg=$(dpkg-deb -f linux-image-amd64_*.deb Depends | grep -o 'linux-image-[0-9][^ ,]*' | head -n1)
@@ -167,7 +204,7 @@ prepare_cache() {
             dpkg-deb -x "$(ls "${p}"_*.deb | head -n1)" "$CACHE/root"
         done
         KVER=${kpkg#linux-image-}
-        [[ -d $CACHE/root/lib/modules/$KVER ]] || die "no modules for $KVER in $kpkg"
+        mod_dir "$CACHE/root" "$KVER" >/dev/null || die "no modules for $KVER in $kpkg"
         echo "$KVER" > "$CACHE/kernel-version"
         touch "$unpacked"
     fi
@@ -187,9 +224,12 @@ prepare_cache() {
 
     # Initramfs: static busybox, our /init, the modules in load order.
     MODLIST=$CACHE/modules.list
-    find "$KROOT/lib/modules/$KVER/kernel" -name '*.ko' > "$MODLIST"
+    MODDIR=$(mod_dir "$KROOT" "$KVER")
+    find "$MODDIR/kernel" -name '*.ko' -o -name '*.ko.xz' > "$MODLIST"
     local m
     for m in "${GUEST_MODULES[@]}"; do add_module "$m"; done
+    # Modules that newer kernels no longer have (crc32_generic became part of lib/crc32).
+    for m in "${OPTIONAL_MODULES[@]}"; do [[ -z $(mod_path "$m") ]] || add_module "$m"; done
     local ird=$CACHE/initramfs
     rm -rf "$ird"
     mkdir -p "$ird/bin" "$ird/lib/modules"
@@ -198,8 +238,10 @@ prepare_cache() {
     chmod 755 "$ird/init"
     : > "$ird/modules.load"
     for p in "${LOAD_ORDER[@]}"; do
-        cp "$p" "$ird/lib/modules/"
-        basename "$p" >> "$ird/modules.load"
+        local b
+        b=$(basename "$p" .xz)
+        mod_cat "$p" > "$ird/lib/modules/$b"
+        echo "$b" >> "$ird/modules.load"
     done
     (cd "$ird" && find . | "$KROOT/bin/busybox" cpio -o -H newc 2>/dev/null) > "$CACHE/initramfs.cpio"
 
