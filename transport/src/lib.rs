@@ -304,6 +304,14 @@ pub trait Transport: Send + Sync {
     fn one_sided_reads(&self) -> bool {
         false
     }
+    /// True when a hole punched in the heap's memfd reaches every reader of this process's
+    /// memory: what a peer reads of a page afterwards is the page there now (TCP copies out of the
+    /// mapping; RDMA only when the heap is registered with on-demand paging). Only then may the
+    /// runtime give memory of the heap back to the system: a pinned registration stays on the old
+    /// physical page, and a peer would read stale contents there.
+    fn holes_reach_readers(&self) -> bool {
+        true
+    }
 }
 
 /// What a waiting thread does with an incoming message in [`Transport::poll_inline`]:

@@ -26,7 +26,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use gallocy_transport::rdma::{self, Connected, RdmaConfig, RdmaError, RdmaTransport, CHUNK};
+use gallocy_transport::rdma::{self, Connected, OnDemand, RdmaConfig, RdmaError, RdmaTransport, CHUNK};
 use gallocy_transport::tcp::{establish, PageCheck, TcpConfig, TcpTransport};
 use gallocy_transport::{frame, Event, MemoryView, Span, Transport, TransportError, MAX_MESSAGE};
 
@@ -533,6 +533,207 @@ fn page_span(chunk: usize, page: usize) -> Span {
 
 fn page_seed(chunk: usize, page: usize) -> u64 {
     0xC0DE_0000 + (chunk * 1000 + page) as u64
+}
+
+/// A page its owner gives back (`MADV_DONTNEED`: its frame goes back to the kernel, as a hole
+/// punched in the runtime's heap memfd does) and then writes again: with the view registered on
+/// demand, a peer's READ brings the new bytes. With it pinned (`OnDemand::Off`) the registration
+/// still holds the old frame and the READ brings the old bytes, which is why the runtime gives
+/// heap memory back over RDMA only with on-demand paging (`Transport::holes_reach_readers`).
+#[test]
+fn a_page_given_back_and_written_again_is_what_a_read_brings_only_on_demand() {
+    let _g = serial();
+    let test = "a_page_given_back_and_written_again_is_what_a_read_brings_only_on_demand";
+    if skip_without_device(test) {
+        return;
+    }
+    let on_demand = rdma::open(&RdmaConfig::default()).is_ok_and(|p| p.on_demand());
+    if !on_demand {
+        eprintln!("note: {test}: this device cannot read on-demand-paging memory; only the pinned case runs");
+    }
+    let on_demand_config: fn(usize) -> RdmaConfig = |_| RdmaConfig::default();
+    let pinned_config: fn(usize) -> RdmaConfig = |_| RdmaConfig { on_demand: OnDemand::Off, ..RdmaConfig::default() };
+    let cases = [(true, on_demand_config), (false, pinned_config)];
+    for (fresh, config) in cases.into_iter().filter(|c| on_demand || !c.0) {
+        let span = page_span(2, 5);
+        let (old, new) = (0xAAAA, 0xBBBB);
+        rdma_job_configured(2, VIEW, config, move |rank, t, v, gate| {
+            gate.sync(rank, "up");
+            assert_eq!(rdma::open(&config(rank)).map(|p| p.on_demand()).ok(), Some(fresh), "rank {rank}: registration");
+            if rank == 0 {
+                fill(v, span, old);
+                gate.sync(0, "old");
+                await_msg(&*t, 1, b"read", 50);
+                // SAFETY: one page of this rank's own view, which only this thread touches now.
+                let r = unsafe { libc::madvise(v.base.add(span.offset as usize).cast(), PAGE, libc::MADV_DONTNEED) };
+                assert_eq!(r, 0, "madvise(MADV_DONTNEED)");
+                assert!(bytes(v, span).iter().all(|b| *b == 0), "the page was not given back");
+                fill(v, span, new);
+                gate.sync(0, "new");
+                await_msg(&*t, 1, b"done", 50);
+                return Some(t);
+            }
+            gate.sync(1, "old");
+            t.start_read(0, span, 1).unwrap_or_else(|e| panic!("start_read: {e}"));
+            assert_eq!(collect(&*t, 1, 30), vec![Ev::Read(0, 1)]);
+            let wrong: Vec<usize> = bytes(v, span)
+                .iter()
+                .enumerate()
+                .filter(|(j, b)| **b != pattern_byte(old, *j))
+                .map(|(j, _)| j)
+                .collect();
+            assert!(
+                wrong.is_empty(),
+                "the first read brought {} wrong bytes, first at {:?}, last at {:?}; zero: {}",
+                wrong.len(),
+                wrong.first(),
+                wrong.last(),
+                wrong.iter().filter(|j| bytes(v, span)[**j] == 0).count()
+            );
+            t.send(0, b"read", None).unwrap();
+            gate.sync(1, "new");
+            bytes(v, span).fill(0);
+            t.start_read(0, span, 2).unwrap_or_else(|e| panic!("start_read: {e}"));
+            assert_eq!(collect(&*t, 1, 30), vec![Ev::Read(0, 2)]);
+            if fresh {
+                assert!(holds(v, span, new), "on demand: the read after the page came back must bring the new bytes");
+            } else {
+                assert!(holds(v, span, old), "pinned: the registration was expected to keep the old frame");
+            }
+            t.send(0, b"done", None).unwrap();
+            Some(t)
+        });
+    }
+}
+
+/// The heap's registrations and the queue pairs grant remote READ only: a peer that has a chunk's
+/// key (it read from the chunk) and posts an RDMA WRITE there with it changes no byte, and its
+/// connection fails with the refusal (Soft-RoCE: "remote invalid request", from the queue pair).
+#[test]
+fn a_peer_cannot_write_into_the_heap_with_its_read_key() {
+    let _g = serial();
+    if skip_without_device("a_peer_cannot_write_into_the_heap_with_its_read_key") {
+        return;
+    }
+    let span = page_span(1, 9);
+    let (theirs, ours) = (0x5151, 0x7777);
+    static TRIED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    TRIED.store(false, std::sync::atomic::Ordering::SeqCst);
+    rdma_job(2, move |rank, t, v, gate| {
+        gate.sync(rank, "up");
+        if rank == 0 {
+            fill(v, span, theirs);
+            gate.sync(0, "filled");
+            // Serve the key query (poll) until rank 1 has tried; the connection then fails.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !TRIED.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                let _ = t.poll(Some(Duration::from_millis(10)), &mut |_| {});
+            }
+            assert!(holds(v, span, theirs), "a peer's RDMA WRITE changed this rank's heap");
+            return None;
+        }
+        gate.sync(1, "filled");
+        t.start_read(0, span, 1).unwrap_or_else(|e| panic!("start_read: {e}"));
+        assert_eq!(collect(&*t, 1, 30), vec![Ev::Read(0, 1)]);
+        assert!(holds(v, span, theirs));
+        fill(v, span, ours);
+        t.post_write_for_test(0, span).unwrap_or_else(|e| panic!("posting the write: {e}"));
+        // The write's failed completion breaks the connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let err = loop {
+            if Instant::now() >= deadline {
+                TRIED.store(true, std::sync::atomic::Ordering::SeqCst);
+                panic!("the refused write was never reported");
+            }
+            if let Err(e) = t.poll(Some(Duration::from_millis(10)), &mut |_| {}) {
+                break e.to_string();
+            }
+        };
+        TRIED.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Refused by the peer's queue pair (no remote write: "remote invalid request") or by its
+        // registration ("remote access error"), depending on the device.
+        assert!(err.contains("remote access error") || err.contains("remote invalid request"), "{err}");
+        None
+    });
+}
+
+/// The network device under an RDMA device (Soft-RoCE's `ndevs`), if sysfs names one.
+fn netdev_of(device: &str) -> Option<String> {
+    let n = std::fs::read_to_string(format!("/sys/class/infiniband/{device}/ports/1/gid_attrs/ndevs/0")).ok()?;
+    Some(n.trim().to_owned()).filter(|n| !n.is_empty())
+}
+
+fn set_mtu(netdev: &str, mtu: u32) {
+    let ok = std::process::Command::new("ip")
+        .args(["link", "set", "dev", netdev, "mtu", &mtu.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip link set dev {netdev} mtu {mtu} failed");
+}
+
+/// Soft-RoCE copies on-demand-paging memory from the start of the page whatever a packet's offset
+/// in it, so with an RDMA MTU below 4096 (a network MTU of 1500 gives 1024) `auto` keeps the heap
+/// pinned and `GALLOCY_RDMA_ODP=on` is refused naming the MTU; with 4096 (network MTU 9000) both
+/// register it on demand. Changes the MTU of the device under `rxe0` for the test (root, the
+/// Soft-RoCE guest) and puts it back.
+#[test]
+fn soft_roce_uses_on_demand_paging_only_with_whole_page_packets() {
+    let _g = serial();
+    let test = "soft_roce_uses_on_demand_paging_only_with_whole_page_packets";
+    if skip_without_device(test) {
+        return;
+    }
+    let Some(dev) = first_device().filter(|d| d.starts_with("rxe")) else {
+        eprintln!("SKIP {test}: the device here is not Soft-RoCE");
+        return;
+    };
+    let netdev = netdev_of(&dev).unwrap_or_else(|| panic!("no network device under {dev}"));
+    let old: u32 = std::fs::read_to_string(format!("/sys/class/net/{netdev}/mtu")).unwrap().trim().parse().unwrap();
+    struct Restore(String, u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_mtu(&self.0, self.1);
+        }
+    }
+    let _restore = Restore(netdev.clone(), old);
+    let open = |on_demand| rdma::open(&RdmaConfig { on_demand, ..RdmaConfig::default() });
+    // The port takes the new MTU at once; wait a little in case it does not.
+    let settle = |want_small: bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let small = open(OnDemand::Off).unwrap().describe().contains("MTU 1024");
+            if small == want_small {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the RDMA MTU of {dev} did not follow {netdev}'s");
+    };
+    set_mtu(&netdev, 1500);
+    settle(true);
+    let auto = open(OnDemand::Auto).unwrap();
+    assert!(!auto.on_demand(), "auto with RDMA MTU 1024 must keep the heap pinned: {}", auto.describe());
+    assert!(auto.describe().ends_with("heap pinned"), "{}", auto.describe());
+    let supports = match open(OnDemand::Required) {
+        Err(e @ RdmaError::SoftRoceOnDemandMtu { mtu: 1024, .. }) => {
+            assert!(e.to_string().contains("GALLOCY_RDMA_ODP=on") && e.to_string().contains("4200"), "{e}");
+            true
+        }
+        Err(e @ RdmaError::NoOnDemandPaging { .. }) => {
+            eprintln!("note: {test}: {dev} has no on-demand paging at all (Linux before 6.14): {e}");
+            false
+        }
+        Err(e) => panic!("GALLOCY_RDMA_ODP=on with RDMA MTU 1024: unexpected error {e}"),
+        Ok(p) => panic!("GALLOCY_RDMA_ODP=on with RDMA MTU 1024 must be refused: {}", p.describe()),
+    };
+    set_mtu(&netdev, 9000);
+    settle(false);
+    for mode in [OnDemand::Auto, OnDemand::Required] {
+        match open(mode) {
+            Ok(p) => assert_eq!(p.on_demand(), supports, "{mode:?} with RDMA MTU 4096: {}", p.describe()),
+            Err(e) => assert!(!supports && mode == OnDemand::Required, "{mode:?} with RDMA MTU 4096: {e}"),
+        }
+    }
 }
 
 /// Rank 0 fills pages `pages` of every chunk, then serves until rank 1 says "done".
@@ -1873,6 +2074,7 @@ fn open_names_the_device_port_or_gid_index_that_is_wrong() {
         port,
         gid_index,
         busy_peers: None,
+        on_demand: OnDemand::Auto,
     };
     let Some(dev) = first_device() else {
         // No device: whatever is asked for, the answer is that there is none.

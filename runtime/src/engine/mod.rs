@@ -53,6 +53,8 @@ pub struct Engine<'a> {
     rt: &'a Runtime,
     me: Rank,
     one_sided: bool,
+    /// Memory of the heap may go back to the system ([`gallocy_transport::Transport::holes_reach_readers`]).
+    may_release: bool,
     dir: Directory,
     /// The home side of release consistency (`None` under sequential consistency).
     sharing: Option<Sharing>,
@@ -107,6 +109,7 @@ impl<'a> Engine<'a> {
             rt,
             me: rt.rank(),
             one_sided,
+            may_release: rt.transport().is_none_or(|t| t.holes_reach_readers()),
             dir: Directory::new(rt.rank(), *rt.placement(), one_sided),
             sharing: rt.release().map(|_| Sharing::new(rt.rank(), *rt.placement(), one_sided)),
             locks: Locks::default(),
@@ -576,8 +579,9 @@ impl<'a> Engine<'a> {
 
     /// Gives the memory of a copy that its home's revoke dropped (`keep` is none) back to the
     /// system, before the acknowledgement goes out. Not a copy this process forwards or a home's
-    /// own copy (their contents are about to be sent), and not with one-sided reads (RDMA
-    /// registrations stay on the pages they pinned).
+    /// own copy (their contents are about to be sent), and not where a hole would not reach this
+    /// process's readers (RDMA registrations that pin the heap's pages; with on-demand paging
+    /// they follow the page tables, and the memory goes back as over TCP).
     ///
     /// Nor a copy still [`contended`]: another rank's write took it from us (at `lost_before`)
     /// less than `CONTENDED_NS` ago. A page that goes back and forth between writers comes back
@@ -587,7 +591,7 @@ impl<'a> Engine<'a> {
     /// bits 0x20 and 0x40 set in the first word of a page now and then (a wrong checksum in
     /// `false_sharing` at N=4, in 10 of 16 runs), which never happened without the release (0 of 7).
     fn release_if_dropped(&self, page: Page, keep: Access, lost_before: u64) {
-        if keep != Access::None || self.one_sided || contended(lost_before, now_ns()) {
+        if keep != Access::None || !self.may_release || contended(lost_before, now_ns()) {
             return;
         }
         // A failure only keeps the memory: the copy is dead either way.

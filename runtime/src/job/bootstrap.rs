@@ -270,6 +270,11 @@ fn rdma_port(
         port: s.rdma.port,
         gid_index: s.rdma.gid_index,
         busy_peers: s.rdma.busy_peers,
+        on_demand: match s.rdma.on_demand {
+            None => rdma::OnDemand::Auto,
+            Some(true) => rdma::OnDemand::Required,
+            Some(false) => rdma::OnDemand::Off,
+        },
     };
     let port = rdma::open(&cfg);
     let problem = match (&port, problem) {

@@ -58,6 +58,9 @@ pub struct RdmaSettings {
     pub port: Option<u8>,
     pub gid_index: Option<u32>,
     pub busy_peers: Option<usize>,
+    /// `GALLOCY_RDMA_ODP`: `None` (auto) registers the heap with on-demand paging where the device
+    /// serves READs of such memory, `Some(true)` (on) requires it, `Some(false)` (off) never.
+    pub on_demand: Option<bool>,
 }
 
 /// Who this process is in which job, and how to reach rank 0.
@@ -445,6 +448,12 @@ pub fn settings() -> Result<Settings, Error> {
                         &format!("must be a number of peers from 0 to {MAX_BUSY_PEERS}"),
                     )
                 })?),
+            },
+            on_demand: match var("GALLOCY_RDMA_ODP")?.as_deref().map(str::trim) {
+                None | Some("") | Some("auto") => None,
+                Some("on") => Some(true),
+                Some("off") => Some(false),
+                Some(other) => return Err(Error::config("GALLOCY_RDMA_ODP", other, "must be auto, on or off")),
             },
         };
     let consistency = match var("GALLOCY_CONSISTENCY")? {

@@ -180,6 +180,9 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
     rt.gate().open();
     // Same-host peers read pages straight from our memfd.
     let view_id = rt.region().memfd().and_then(ViewId::of);
+    // A panic in one of our threads (a bug of ours; the transports start theirs here) ends the
+    // process with one line, instead of leaving it and its peers waiting for a thread that is gone.
+    crate::job::panics::install(rt.rank());
     let transport = bootstrap::connect(rt.identity(), Some(rt.settings()), view, view_id, None)?;
     rt.set_transport(transport);
     if rt.rank() == 0 && rt.identity().token_derived {
@@ -188,26 +191,30 @@ fn connect(rt: &'static Runtime) -> Result<(), Error> {
              which keeps other jobs out but is not a secret"
         );
     }
+    let rank = rt.rank();
     std::thread::Builder::new()
         .name("gallocy-service".into())
         .spawn(move || {
-            std::mem::forget(RuntimeScope::enter());
-            fault::handler::prepare_thread();
-            if let Some(slice) = rt.settings().service_slice {
-                crate::sys::sched::request_slice(slice);
-            }
-            // Asked to, and where the process may (CAP_SYS_NICE, RLIMIT_NICE), the service
-            // thread runs at a higher priority than the application's threads: a message that
-            // wakes it preempts a thread that computes on its CPU at once.
-            if let Some(nice) = rt.settings().service_nice {
-                crate::sys::sched::request_nice(nice);
-            }
-            crate::engine::Engine::new(rt).run();
+            crate::job::panics::guarded(rank, "gallocy-service", || {
+                std::mem::forget(RuntimeScope::enter());
+                fault::handler::prepare_thread();
+                if let Some(slice) = rt.settings().service_slice {
+                    crate::sys::sched::request_slice(slice);
+                }
+                // Asked to, and where the process may (CAP_SYS_NICE, RLIMIT_NICE), the service
+                // thread runs at a higher priority than the application's threads: a message that
+                // wakes it preempts a thread that computes on its CPU at once.
+                if let Some(nice) = rt.settings().service_nice {
+                    crate::sys::sched::request_nice(nice);
+                }
+                crate::engine::Engine::new(rt).run();
+            })
         })
         .map_err(|e| Error::Os { what: "starting the service thread".into(), source: e })?;
-    // Freed large blocks give their memory back, except with one-sided reads (RDMA registrations
-    // stay on the physical pages they pinned: a hole would leave peers reading a stale page).
-    if !rt.transport().is_some_and(|t| t.one_sided_reads()) {
+    // Freed large blocks give their memory back, except where a hole would not reach this
+    // process's readers (RDMA registrations that pin the physical pages: peers would go on
+    // reading a stale page; with on-demand paging they follow the page tables).
+    if rt.transport().is_none_or(|t| t.holes_reach_readers()) {
         rt.alloc().release_freed_pages_with(release_freed_pages);
     }
     rt.membership().record_member_pid();

@@ -9,4 +9,5 @@ pub mod config;
 pub mod forklock;
 pub mod join;
 pub mod membership;
+pub mod panics;
 pub mod runtime;

@@ -154,6 +154,36 @@ pub fn count(normal: usize, slow_count: usize) -> String {
     if slow() { slow_count } else { normal }.to_string()
 }
 
+/// Whether the runtime registers the heap with on-demand paging by default here
+/// (`GALLOCY_RDMA_ODP=auto`), and so gives memory back over RDMA as over TCP: the first RDMA
+/// device (`ibv_devinfo -v`) serves RDMA READs of on-demand-paging memory on reliable connections
+/// (`SUPPORT_READ` under `rc_odp_caps`; Soft-RoCE from Linux 6.14 on), and is not Soft-RoCE
+/// (vendor id 0xffffff) with an active MTU below 4096 (its on-demand copy is wrong for packets that
+/// start inside a page). False without a device or without `ibv_devinfo`.
+pub fn rdma_on_demand_reads() -> bool {
+    let Ok(out) = Command::new("ibv_devinfo").arg("-v").output() else { return false };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The first device only (the runtime takes the first with an active port, which the guest's
+    // one device is).
+    let first = text.split("hca_id:").nth(1).unwrap_or("");
+    let value = |key: &str| {
+        first.lines().find_map(|l| l.trim().strip_prefix(key)).map(|v| v.trim().to_owned()).unwrap_or_default()
+    };
+    let soft_roce = value("vendor_id:") == "0xffffff";
+    let mtu: u32 = value("active_mtu:").split_whitespace().next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    let mut in_rc = false;
+    let mut reads = false;
+    for line in first.lines() {
+        let t = line.trim();
+        if t.ends_with(':') || t.contains(":\t") || t.contains(": ") {
+            in_rc = t.starts_with("rc_odp_caps:");
+            continue;
+        }
+        reads |= in_rc && t == "SUPPORT_READ";
+    }
+    reads && !(soft_roce && mtu < 4096)
+}
+
 /// The transport the tests' jobs use: the test process's own `GALLOCY_TRANSPORT` (CI's second
 /// run in the Soft-RoCE guest, `.ci/guest-suite.sh`, sets `rdma`), else none, i.e. the runtime's
 /// default. [`clean_env`] removes it from the children like every other GALLOCY_* variable; what

@@ -145,6 +145,7 @@ fn absurd_values_are_refused_naming_the_variable() {
         (&[("GALLOCY_HEAP_MAPPINGS", "100000000000")], "GALLOCY_HEAP_MAPPINGS"),
         (&[("GALLOCY_RDMA_BUSY_PEERS", "1024")], "GALLOCY_RDMA_BUSY_PEERS"),
         (&[("GALLOCY_RDMA_BUSY_PEERS", "some")], "GALLOCY_RDMA_BUSY_PEERS"),
+        (&[("GALLOCY_RDMA_ODP", "yes")], "GALLOCY_RDMA_ODP"),
         // A coordinator that is not on loopback: the job may span hosts, so it needs a secret.
         (&[("GALLOCY_RANK", "1"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "10.213.8.1:7000")], "GALLOCY_TOKEN"),
         (&[("GALLOCY_CONSISTENCY", "Release")], "GALLOCY_CONSISTENCY"),

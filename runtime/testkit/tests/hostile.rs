@@ -54,6 +54,16 @@ fn a_grant_to_no_waiting_thread_is_refused() {
 }
 
 #[test]
+fn a_revoke_of_a_page_past_the_heap_is_refused() {
+    hostile_message_stops_the_job("revoke-past", "beyond the heap");
+}
+
+#[test]
+fn a_forward_of_a_page_past_the_heap_is_refused() {
+    hostile_message_stops_the_job("forward-past", "beyond the heap");
+}
+
+#[test]
 fn releasing_a_lock_not_held_is_refused() {
     hostile_message_stops_the_job("lock-release", "released global lock 2, which it does not hold");
 }

@@ -143,9 +143,10 @@ fn bad_rdma_port_is_a_configuration_error() {
 }
 
 /// Starts a 2-rank job over RDMA whose ranks run `args` with RLIMIT_MEMLOCK at `kib` KiB and
-/// without CAP_IPC_LOCK (root would lock memory regardless of the limit).
-fn job_with_memlock_limit(kib: u64, args: &[&str]) -> Job {
-    let b = Job::builder(2).env_all("GALLOCY_TRANSPORT", "rdma");
+/// without CAP_IPC_LOCK (root would lock memory regardless of the limit), the heap registered as
+/// `GALLOCY_RDMA_ODP=odp` says.
+fn job_with_memlock_limit(kib: u64, odp: &str, args: &[&str]) -> Job {
+    let b = Job::builder(2).env_all("GALLOCY_TRANSPORT", "rdma").env_all("GALLOCY_RDMA_ODP", odp);
     let mut ranks = Vec::new();
     for r in 0..2 {
         let mut cmd = b.command(r, args);
@@ -181,8 +182,9 @@ fn memlock_limit_too_low_says_raise_ulimit() {
         return skip("memlock_limit_too_low_says_raise_ulimit");
     }
     let _g = serial();
-    let mut job = job_with_memlock_limit(64, &["fill64", "--mib", "1"]);
-    job.wait_or_fail("RLIMIT_MEMLOCK of 64 KiB", T);
+    // Below the first message buffers (24 KiB), which are pinned however the heap is registered.
+    let mut job = job_with_memlock_limit(16, "auto", &["fill64", "--mib", "1"]);
+    job.wait_or_fail("RLIMIT_MEMLOCK of 16 KiB", T);
     for r in 0..2 {
         assert!(job.ranks[r].status().is_some_and(|s| !s.success()), "rank {r} must fail\n{}", job.report());
         assert!(says_raise_ulimit(&job.ranks[r].stderr()), "rank {r} must say to raise ulimit -l\n{}", job.report());
@@ -190,8 +192,8 @@ fn memlock_limit_too_low_says_raise_ulimit() {
 }
 
 /// The limit admits the start (message buffers and one heap chunk) but not the heap a 16 MiB
-/// fill pins as it is read: the rank whose registration is refused names the limit, the other
-/// learns that it left, and neither hangs.
+/// fill pins as it is read (`GALLOCY_RDMA_ODP=off`: pinned): the rank whose registration is
+/// refused names the limit, the other learns that it left, and neither hangs.
 #[test]
 fn memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit() {
     if not_built("memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit") {
@@ -201,10 +203,11 @@ fn memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit() {
         return skip("memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit");
     }
     let _g = serial();
-    let mut job = job_with_memlock_limit(4096, &["fill64", "--mib", "16"]);
+    let mut job = job_with_memlock_limit(4096, "off", &["fill64", "--mib", "16"]);
     job.wait_or_fail("RLIMIT_MEMLOCK of 4 MiB, 16 MiB read", T);
     let report = job.report();
     assert!(report.contains("gallocy: transport: rdma ("), "the job must start on RDMA\n{report}");
+    assert!(report.contains("heap pinned)"), "GALLOCY_RDMA_ODP=off must pin the heap\n{report}");
     for r in 0..2 {
         assert!(job.ranks[r].status().is_some_and(|s| !s.success()), "rank {r} must fail\n{report}");
         assert!(job.ranks[r].stderr().contains("fatal"), "rank {r} must end with a fatal line\n{report}");
@@ -213,6 +216,38 @@ fn memlock_limit_reached_as_the_heap_grows_ends_the_job_naming_the_limit() {
         (0..2).any(|r| says_raise_ulimit(&job.ranks[r].stderr())),
         "a rank must name RLIMIT_MEMLOCK and say to raise ulimit -l\n{report}"
     );
+}
+
+/// With on-demand paging (the default where the device reads such memory) the heap pins nothing:
+/// the same 4 MiB limit that stops a pinned 16 MiB fill above lets it run to its checked end.
+/// Where the device cannot, `GALLOCY_RDMA_ODP=on` is refused at start-up, naming the variable.
+#[test]
+fn with_on_demand_paging_the_memlock_limit_does_not_cap_the_heap() {
+    let what = "with_on_demand_paging_the_memlock_limit_does_not_cap_the_heap";
+    if not_built(what) {
+        return;
+    }
+    if !has_device() {
+        return skip(what);
+    }
+    let _g = serial();
+    if !rdma_on_demand_reads() {
+        eprintln!("note: {what}: this device cannot read on-demand-paging memory: checking that GALLOCY_RDMA_ODP=on is refused");
+        expect_job_fails(
+            "GALLOCY_RDMA_ODP=on without on-demand paging",
+            &[both("GALLOCY_TRANSPORT", "rdma"), both("GALLOCY_RDMA_ODP", "on")].concat(),
+            &["GALLOCY_RDMA_ODP=on"],
+        );
+        return;
+    }
+    for odp in ["auto", "on"] {
+        let label = format!("GALLOCY_RDMA_ODP={odp}, RLIMIT_MEMLOCK of 4 MiB, 16 MiB read");
+        let mut job = job_with_memlock_limit(4096, odp, &["fill64", "--mib", "16"]);
+        job.wait_or_fail(&label, T);
+        job.assert_all_ok(&label, "fill64");
+        let report = job.report();
+        assert!(report.contains("heap on-demand paging)"), "{label}: the heap must be on demand\n{report}");
+    }
 }
 
 /// Clears the inheritable capability set (capset(2), version 3). Async-signal-safe.

@@ -19,6 +19,24 @@ pub struct RdmaConfig {
     /// Peers that may get the full set of message buffers (`GALLOCY_RDMA_BUSY_PEERS`); `None`:
     /// [`super::BUSY_PEERS`].
     pub busy_peers: Option<usize>,
+    /// Whether the heap is registered with on-demand paging (`GALLOCY_RDMA_ODP`).
+    pub on_demand: OnDemand,
+}
+
+/// Whether the heap's registrations use on-demand paging (ODP): a registration that follows the
+/// process's page tables instead of pinning the physical pages, so that memory given back (a
+/// hole punched in the heap's memfd) is given back for real and a peer's READ sees the page
+/// that is there now. Not on Soft-RoCE with an RDMA MTU below 4096 bytes, whose on-demand copy
+/// is wrong for packets that start inside a page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnDemand {
+    /// Where the device can serve RDMA READs of on-demand memory on reliable connections.
+    #[default]
+    Auto,
+    /// Always: a device that cannot is refused at start-up.
+    Required,
+    /// Never: registrations pin the heap's pages, and no memory of the heap is given back.
+    Off,
 }
 
 /// Why RDMA cannot be used here. The message says what is missing and what to do.
@@ -35,6 +53,24 @@ pub enum RdmaError {
     /// No RDMA device exists.
     #[error("no RDMA: no RDMA device found (ibv_devices lists none; for Soft-RoCE see soft-roce-setup/)")]
     NoDevice,
+    /// `GALLOCY_RDMA_ODP=on`, but the device cannot serve READs of on-demand memory.
+    #[error(
+        "no RDMA: GALLOCY_RDMA_ODP=on, but {device} cannot serve RDMA READs of on-demand-paging memory on reliable connections (ibv_devinfo -v: rc_odp_caps lacks SUPPORT_READ); use auto or off"
+    )]
+    NoOnDemandPaging {
+        /// The device in use.
+        device: String,
+    },
+    /// `GALLOCY_RDMA_ODP=on` on Soft-RoCE with an RDMA MTU below the page size.
+    #[error(
+        "no RDMA: GALLOCY_RDMA_ODP=on, but {device} is Soft-RoCE with an RDMA MTU of {mtu} bytes: its on-demand-paging copy ignores where a packet starts inside a page (Linux 6.14 to 6.18 at least) and would corrupt pages; give its network device an MTU of 4200 or more (RDMA MTU 4096), or use auto or off"
+    )]
+    SoftRoceOnDemandMtu {
+        /// The device in use.
+        device: String,
+        /// Its active RDMA MTU in bytes.
+        mtu: u32,
+    },
     /// GALLOCY_RDMA_DEVICE names a device that does not exist.
     #[error("no RDMA: no device named {wanted:?} (GALLOCY_RDMA_DEVICE); devices here: {have}")]
     NoSuchDevice {
@@ -149,16 +185,24 @@ pub struct Port {
     pub(crate) ethernet: bool,
     pub(crate) max_rd_atomic: u8,
     pub(crate) busy_peers: usize,
+    /// The heap is registered with on-demand paging ([`OnDemand`]).
+    pub(crate) on_demand: bool,
 }
 
 impl Port {
+    /// Whether the heap is registered with on-demand paging ([`OnDemand`]).
+    pub fn on_demand(&self) -> bool {
+        self.on_demand
+    }
+
     /// One line for the start-up message: device, port, GID index and MTU.
     pub fn describe(&self) -> String {
         let mtu = 128u32 << (self.mtu as u32);
+        let heap = if self.on_demand { "heap on-demand paging" } else { "heap pinned" };
         if self.ethernet {
-            format!("{} port {} GID index {} ({}) MTU {mtu}", self.device, self.port, self.gid_index, self.gid)
+            format!("{} port {} GID index {} ({}) MTU {mtu}, {heap}", self.device, self.port, self.gid_index, self.gid)
         } else {
-            format!("{} port {} LID {} MTU {mtu}", self.device, self.port, self.lid)
+            format!("{} port {} LID {} MTU {mtu}, {heap}", self.device, self.port, self.lid)
         }
     }
 }
@@ -264,7 +308,23 @@ pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
         let dev_attr =
             ctx.query_device().map_err(|e| RdmaError::verbs("ibv_query_device", std::io::Error::other(e)))?;
         let max_rd_atomic = dev_attr.max_qp_rd_atom().clamp(1, 16) as u8;
+        let mtu_bytes = 128u32 << (attr.active_mtu() as u32);
+        // Soft-RoCE copies on-demand memory from the start of the page whatever the packet's
+        // offset in it (`__rxe_odp_mr_copy`): only packets of whole pages come out right.
+        let soft_roce_mtu_too_small = dev_attr.vendor_id() == SOFT_ROCE_VENDOR_ID && mtu_bytes < 4096;
+        let on_demand = match cfg.on_demand {
+            OnDemand::Off => false,
+            OnDemand::Auto => serves_on_demand_reads(&dev_attr) && !soft_roce_mtu_too_small,
+            OnDemand::Required if !serves_on_demand_reads(&dev_attr) => {
+                return Err(RdmaError::NoOnDemandPaging { device: names[i].clone() })
+            }
+            OnDemand::Required if soft_roce_mtu_too_small => {
+                return Err(RdmaError::SoftRoceOnDemandMtu { device: names[i].clone(), mtu: mtu_bytes })
+            }
+            OnDemand::Required => true,
+        };
         return Ok(Port {
+            on_demand,
             busy_peers: cfg.busy_peers.unwrap_or(super::BUSY_PEERS),
             device: names[i].clone(),
             port,
@@ -278,6 +338,17 @@ pub fn open(cfg: &RdmaConfig) -> Result<Port, RdmaError> {
         });
     }
     Err(RdmaError::NoActivePort(refusals.join("; ")))
+}
+
+/// The vendor id Soft-RoCE (`rdma_rxe`) reports.
+const SOFT_ROCE_VENDOR_ID: u32 = 0xFF_FFFF;
+
+/// Whether the device serves RDMA READs of on-demand-paging memory on reliable connections.
+fn serves_on_demand_reads(attr: &sideway::ibverbs::device_context::DeviceAttr) -> bool {
+    let odp = &attr.attr.odp_caps;
+    let general = u64::from(rdma_mummy_sys::ibv_odp_general_caps::IBV_ODP_SUPPORT.0);
+    let read = rdma_mummy_sys::ibv_odp_transport_cap_bits::IBV_ODP_SUPPORT_READ.0;
+    odp.general_caps & general != 0 && odp.per_transport_caps.rc_odp_caps & read != 0
 }
 
 /// Picks the GID: the index asked for (checked), else the IPv4-mapped RoCE v2 GID, else any RoCE v2

@@ -54,7 +54,7 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 pub use buffers::BUSY_PEERS;
-pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, Port, RdmaConfig, RdmaError};
+pub use device::{can_lock_unlimited, check_memlock, memlock_limit, open, OnDemand, Port, RdmaConfig, RdmaError};
 pub use setup::{connect, Connected};
 
 use receivers::{Assembly, Held, Receivers, RecvPeer};
@@ -762,8 +762,12 @@ impl Shared {
         let start = c * CHUNK;
         let len = CHUNK.min(self.view.len - start);
         // Peers only ever READ the heap (one-sided reads of pages the protocol grants them): no
-        // remote write access.
-        let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead;
+        // remote write access. With on-demand paging the registration follows the page tables,
+        // so a hole punched in the memfd gives the memory back and a later READ sees the new page.
+        let mut access = AccessFlags::LocalWrite | AccessFlags::RemoteRead;
+        if self.port.on_demand {
+            access |= AccessFlags::OnDemand;
+        }
         // SAFETY: the range lies inside the runtime view, which stays mapped as long as the
         // transport (and so the region) lives.
         let mr = unsafe { self.pd.reg_mr(self.view.base as usize + start, len, access) }.map_err(|e| {
@@ -771,8 +775,10 @@ impl Shared {
                 sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
                 other => std::io::Error::other(other.to_string()),
             };
-            // What this process would have pinned: its buffers, the chunks so far, and this one.
-            let pinned = self.bufs.pinned() + regions.len() * CHUNK + len;
+            // What this process would have pinned: its buffers, the chunks so far, and this one
+            // (none of the heap with on-demand paging).
+            let heap = if self.port.on_demand { 0 } else { regions.len() * CHUNK + len };
+            let pinned = self.bufs.pinned() + heap;
             TransportError::Rdma(RdmaError::registration("registering the heap's runtime view", io, pinned))
         })?;
         let keys = (u64::from(mr.lkey()) << 32) | u64::from(mr.rkey());
@@ -803,6 +809,20 @@ impl Shared {
     /// Posts the READ of `span` from `peer` with known keys; returns its send sequence number.
     /// Async-signal-safe.
     fn post_read_keys(&self, peer: usize, span: Span, token: u64, lkey: u32, rkey: u32) -> Result<u64, TransportError> {
+        self.post_one_sided(ibv_wr_opcode::IBV_WR_RDMA_READ, peer, span, token, lkey, rkey)
+    }
+
+    /// Posts a one-sided `opcode` between `span` of our view and the same place of `peer`'s, with
+    /// known keys; returns its send sequence number. Async-signal-safe.
+    fn post_one_sided(
+        &self,
+        opcode: ibv_wr_opcode::Type,
+        peer: usize,
+        span: Span,
+        token: u64,
+        lkey: u32,
+        rkey: u32,
+    ) -> Result<u64, TransportError> {
         let link = self.link(peer)?;
         self.check_link(peer, link)?;
         let mut ring = link.send.lock().unwrap_or_else(|p| p.into_inner());
@@ -815,11 +835,25 @@ impl Shared {
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.sg_list = &mut sge;
         wr.num_sge = 1;
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+        wr.opcode = opcode;
         wr.wr.rdma.remote_addr = link.remote_base.load(Ordering::Acquire) + span.offset;
         wr.wr.rdma.rkey = rkey;
         self.post(peer, link, &mut ring, &mut wr)?;
         Ok(ring.posted - 1)
+    }
+
+    /// Posts an RDMA WRITE of `span` of our view to the same place in `peer`'s, with the peer's
+    /// key for the chunk (known from an earlier read). See [`RdmaTransport::post_write_for_test`].
+    fn post_write_for_test(&self, peer: usize, span: Span) -> Result<(), TransportError> {
+        let chunk = self.chunk_of(span)?;
+        let link = self.link(peer)?;
+        let rkey = link.rkeys[chunk as usize].load(Ordering::Acquire);
+        if rkey & RKEY_VALID == 0 {
+            return Err(TransportError::BadSpan { offset: span.offset, len: span.len });
+        }
+        let lkey = (self.local_keys(chunk)? >> 32) as u32;
+        let rkey = (rkey & 0xffff_ffff) as u32;
+        self.post_one_sided(ibv_wr_opcode::IBV_WR_RDMA_WRITE, peer, span, NO_TOKEN, lkey, rkey).map(drop)
     }
 
     /// The chunk of a span that lies within one chunk.
@@ -1239,6 +1273,16 @@ impl RdmaTransport {
         self.0.busy_peers()
     }
 
+    /// Test support, not part of the API: posts an RDMA WRITE of `span` of our view into the same
+    /// place of `peer`'s view, with the key `peer` gave us for that chunk (after a read from it;
+    /// else `BadSpan`), as a peer that knows the job's secret could. The peer's registrations
+    /// grant remote read only, so the write must fail (the connection then fails too): the tests
+    /// check that nothing lands.
+    #[doc(hidden)]
+    pub fn post_write_for_test(&self, peer: usize, span: Span) -> Result<(), TransportError> {
+        self.0.post_write_for_test(peer, span)
+    }
+
     /// Bytes of message buffers registered (pinned) here.
     pub fn pinned_buffer_bytes(&self) -> usize {
         self.0.pinned_buffer_bytes()
@@ -1295,6 +1339,9 @@ impl Transport for RdmaTransport {
     }
     fn one_sided_reads(&self) -> bool {
         true
+    }
+    fn holes_reach_readers(&self) -> bool {
+        self.0.port.on_demand
     }
     fn linked(&self, peer: usize) -> bool {
         self.0.linked(peer)

@@ -312,7 +312,9 @@ fn verbs<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> RdmaError {
 /// see [`CompletionQueues`]).
 fn prepare(port: Port, size: usize) -> Result<Parts, RdmaError> {
     let busy_limit = port.busy_peers.min(size.saturating_sub(1));
-    check_memlock(Buffers::FIRST_LEN + CHUNK)?;
+    // The first message buffers and, unless the heap is registered on demand (not pinned), its
+    // first chunk.
+    check_memlock(Buffers::FIRST_LEN + if port.on_demand { 0 } else { CHUNK })?;
     let pd = port.ctx.alloc_pd().map_err(verbs("ibv_alloc_pd"))?;
     let channel = port.ctx.create_comp_channel().map_err(verbs("ibv_create_comp_channel"))?;
     let fd = channel.as_raw_fd();

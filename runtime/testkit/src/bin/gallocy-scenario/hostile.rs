@@ -14,7 +14,9 @@
 //! - `size-reply`: an answer to a size query nobody asked;
 //! - `diff`: changes to rank 0's page from a rank that never registered to write it (under
 //!   release consistency; under sequential consistency no diff is allowed at all);
-//! - `written`: a notice that others write rank 0's own page (only a home sends those).
+//! - `written`: a notice that others write rank 0's own page (only a home sends those);
+//! - `revoke-past`, `forward-past`: a revoke or a forward of a page past the end of the heap
+//!   (once checked only after it was used: the service thread panicked).
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,8 @@ use crate::util::{Args, Outcome};
 /// second half rank 1.
 const BYTES: usize = 16 * 4096;
 const PATTERN: u8 = 0xab;
+/// A page number past the end of any heap (2^40 pages of 4 KiB: 4 PiB).
+const PAST_THE_HEAP: u64 = 1 << 40;
 
 pub fn hostile(args: &Args) -> Outcome {
     let what = args.str_or("--what", "");
@@ -68,6 +72,8 @@ pub fn hostile(args: &Args) -> Outcome {
             "broadcast" => (Msg::Broadcast { seq: 99, total: 1 << 40, offset: 4096 }, false),
             "size-reply" => (Msg::SizeReply { waiter: nobody, size: 1 }, false),
             "written" => (Msg::Written { page, ack: true }, false),
+            "revoke-past" => (Msg::Revoke { page: PAST_THE_HEAP, to_read: false }, false),
+            "forward-past" => (Msg::Forward { page: PAST_THE_HEAP, requester: 1, waiter: nobody, write: true }, false),
             other => return Err(format!("unknown hostile message {other:?}")),
         };
         gallocy::hostile::send(0, &msg, with_page)?;

@@ -95,6 +95,7 @@ pub fn contended_release(args: &Args) -> Outcome {
     let word = |p: usize| buf.at(p * page);
     gallocy::barrier();
     let released_before = gallocy::stats().pages_released;
+    let started = std::time::Instant::now();
     for round in 0..rounds {
         let writer = (round % 2) as usize;
         if rank == writer {
@@ -119,7 +120,8 @@ pub fn contended_release(args: &Args) -> Outcome {
     let released = gallocy::stats().pages_released - released_before;
     // This rank's copies of the other half are dropped in every round the other rank writes.
     let drops = rounds / 2 * (pages / 2) as u64;
-    let summary = format!("{released} pages released in {drops} drops of a copy");
+    let per_round = started.elapsed().as_secs_f64() * 1e3 / rounds.max(1) as f64;
+    let summary = format!("{released} pages released in {drops} drops of a copy, {per_round:.1} ms per round");
     if released * 10 > drops {
         return Err(format!("{summary}: a copy that comes back within ms should keep its memory"));
     }
