@@ -83,7 +83,7 @@ env -u GALLOCY_TRANSPORT cargo test "${runtime_tests[@]}" --test rdma -- --test-
     tee "$hlog" || host_status=1
 env -u GALLOCY_TRANSPORT cargo test --release -p gallocy-shim --features gallocy-rt/rdma --test shapes \
     -- preloaded_member_says_which_transport_runs --nocapture 2>&1 | tee -a "$hlog" || host_status=1
-echo "guest suite: running the runtime tests in the guest (GALLOCY_TRANSPORT=$transport, MTU $mtu, kernel ${GALLOCY_QEMU_KERNEL_DEB:-the default}, timeout ${timeout} s)"
+echo "guest suite: running the runtime tests in the guest (GALLOCY_TRANSPORT=$transport, timeout ${timeout} s)"
 t_guest=$SECONDS
 set +e
 soft-roce-setup/in-guest.sh --timeout "$timeout" -- "${guest_cmd[@]}" 2>&1 | tee "$log"

@@ -63,7 +63,7 @@ pub enum RdmaError {
     },
     /// `GALLOCY_RDMA_ODP=on` on Soft-RoCE with an RDMA MTU below the page size.
     #[error(
-        "no RDMA: GALLOCY_RDMA_ODP=on, but {device} is Soft-RoCE with an RDMA MTU of {mtu} bytes: its on-demand-paging copy ignores where a packet starts inside a page (Linux 6.14 to 6.18 at least) and would corrupt pages; give its network device an MTU of 4200 or more (RDMA MTU 4096), or use auto or off"
+        "no RDMA: GALLOCY_RDMA_ODP=on, but {device} is Soft-RoCE with an RDMA MTU of {mtu} bytes: its on-demand-paging copy ignores where a packet starts inside a page (seen on Linux 6.16) and would corrupt pages; give its network device an MTU of 4200 or more (RDMA MTU 4096), or use auto or off"
     )]
     SoftRoceOnDemandMtu {
         /// The device in use.
