@@ -87,6 +87,11 @@ mod tests {
         std::env::var_os(CHILD).is_some()
     }
 
+    /// Runs `body` in a thread named `name` and joins it; true if it panicked.
+    fn in_thread(name: &str, body: impl FnOnce() + Send + 'static) -> bool {
+        std::thread::Builder::new().name(name.into()).spawn(body).unwrap().join().is_err()
+    }
+
     fn fatal_lines(stderr: &str) -> Vec<&str> {
         stderr.lines().filter(|l| l.starts_with("gallocy: ")).collect()
     }
@@ -113,11 +118,7 @@ mod tests {
             return;
         }
         install(7);
-        let t = std::thread::Builder::new()
-            .name("gallocy-test".into())
-            .spawn(|| panic!("boom in the service: index {}", 3))
-            .unwrap();
-        let _ = t.join();
+        in_thread("gallocy-test", || panic!("boom in the service: index {}", 3));
         eprintln!("the process went on after a runtime thread panicked");
     }
 
@@ -140,8 +141,7 @@ mod tests {
             return;
         }
         install(7);
-        let t = std::thread::Builder::new().name("worker".into()).spawn(|| panic!("the program's own")).unwrap();
-        assert!(t.join().is_err());
+        assert!(in_thread("worker", || panic!("the program's own")));
         eprintln!("joined: the program caught it");
     }
 
@@ -162,11 +162,7 @@ mod tests {
         install(2);
         // The program installs a hook of its own after joining.
         panic::set_hook(Box::new(|_| {}));
-        let t = std::thread::Builder::new()
-            .name("gallocy-test".into())
-            .spawn(|| guarded(2, "gallocy-test", || -> () { panic!("replaced") }))
-            .unwrap();
-        let _ = t.join();
+        in_thread("gallocy-test", || guarded(2, "gallocy-test", || -> () { panic!("replaced") }));
         eprintln!("the process went on after a runtime thread panicked");
     }
 }
