@@ -81,6 +81,17 @@ pub mod hostile {
         transport.send(to, bytes, span).map_err(|e| e.to_string())
     }
 
+    /// Reads heap page `page` of rank `to` into this process's runtime view, as a `ReadFrom`
+    /// grant would make it (over TCP a read request that rank answers, over RDMA a one-sided
+    /// READ), though no grant asked for it.
+    pub fn read(to: usize, page: Page) -> Result<(), String> {
+        let rt = crate::api::rt();
+        let transport = rt.transport().ok_or("a one-process job has no peers")?;
+        let len = rt.region().page as u32;
+        let span = gallocy_transport::Span { offset: page * u64::from(len), len };
+        transport.start_read(to, span, page).map_err(|e| e.to_string())
+    }
+
     /// Sends `msg` with `payload` (a broadcast chunk or a diff) to rank `to`, authenticated.
     pub fn send_with_payload(to: usize, msg: &Msg, payload: &[u8]) -> Result<(), String> {
         let rt = crate::api::rt();

@@ -29,6 +29,9 @@ pub struct Stats {
     /// Pages copied straight out of another rank's memory by the rank that needed them: from
     /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: AtomicU64,
+    /// Pages a holder sent back to this rank's read request: a grant named a rank whose memory
+    /// this rank cannot read itself (TCP to another host), which answers with the page.
+    pub pages_read_by_request: AtomicU64,
     /// Revokes and forwards the service thread held back until the thread their page was just
     /// installed for resumed.
     pub held_back: AtomicU64,
@@ -66,6 +69,8 @@ pub struct StatsSnapshot {
     /// Pages copied straight out of another rank's memory by the rank that needed them: from
     /// the heap of a peer on the same host, or with a one-sided RDMA read.
     pub pages_read_directly: u64,
+    /// Pages a holder sent back to this rank's read request (see [`Stats`]).
+    pub pages_read_by_request: u64,
     /// Revokes and forwards held back until the thread their page was just installed for
     /// resumed.
     pub held_back: u64,
@@ -96,6 +101,7 @@ impl Default for Stats {
             diffs_sent: AtomicU64::new(0),
             self_invalidations: AtomicU64::new(0),
             pages_read_directly: AtomicU64::new(0),
+            pages_read_by_request: AtomicU64::new(0),
             held_back: AtomicU64::new(0),
             held_past_resume: AtomicU64::new(0),
             latency_lock: AtomicBool::new(false),
@@ -151,6 +157,7 @@ impl Stats {
             diffs_sent: self.diffs_sent.load(Ordering::Relaxed),
             self_invalidations: self.self_invalidations.load(Ordering::Relaxed),
             pages_read_directly: self.pages_read_directly.load(Ordering::Relaxed),
+            pages_read_by_request: self.pages_read_by_request.load(Ordering::Relaxed),
             held_back: self.held_back.load(Ordering::Relaxed),
             held_past_resume: self.held_past_resume.load(Ordering::Relaxed),
             view_closes: 0,
@@ -172,7 +179,7 @@ impl Stats {
             self.with_latency(|h| (h.len(), h.value_at_quantile(0.9) as f64 / 1e3, h.max() as f64 / 1e3));
         format!(
             "gallocy stats rank {rank}: read faults {} | write faults {} | prefetched pages {} | local lock acquires {} (in a grace {}) | invalidations sent {} received {} | \
-             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | held back {} (past a resume {}) | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
+             pages released {} | diffs sent {} | copies dropped at acquire {} | pages read directly {} | pages read by request {} | held back {} (past a resume {}) | view closes {} | pages reopened {} | bytes moved {} (in {}, out {}) | fault latency us: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} (n={n})",
             s.read_faults,
             s.write_faults,
             s.prefetched,
@@ -184,6 +191,7 @@ impl Stats {
             s.diffs_sent,
             s.self_invalidations,
             s.pages_read_directly,
+            s.pages_read_by_request,
             s.held_back,
             s.held_past_resume,
             s.view_closes,

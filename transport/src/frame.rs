@@ -68,6 +68,9 @@ pub enum FrameError {
     /// Page contents this process did not ask for.
     #[error("page contents for {0:#x}+{1} that this process did not ask for")]
     NotOwed(u64, u32),
+    /// A read of this process's memory that the protocol does not owe the peer.
+    #[error("a read of {0:#x}+{1} that this process does not owe that rank")]
+    ReadNotOwed(u64, u32),
 }
 
 /// A decoded header.

@@ -230,6 +230,7 @@ where
                     link_timeout: SETUP,
                     thread_start: || {},
                     owed,
+                    serves: None,
                 };
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     let tcp = establish(&cfg, b"hello", &|_| Ok(()))

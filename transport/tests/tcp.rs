@@ -73,6 +73,7 @@ fn config(rank: usize, size: usize, port: u16, token: &str) -> TcpConfig {
         link_timeout: Duration::from_secs(5),
         thread_start: || {},
         owed: None,
+        serves: None,
     }
 }
 

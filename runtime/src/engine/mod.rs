@@ -91,6 +91,17 @@ pub fn contents_owed(_from: usize, msg: &[u8], span: Span) -> bool {
     holder::owes_contents(&msg, span.offset, span.len, page_size, |w, p| rt.slots().waits_for_page(w, p))
 }
 
+/// The transport's check of a peer's read of our memory ([`gallocy_transport::tcp::ReadCheck`]):
+/// one whole page this rank holds read-only, where a `ReadFrom` grant sends readers. Runs on
+/// whichever thread reads the connection (a faulting thread too): reads atomics only.
+pub fn read_owed(_from: usize, span: Span) -> bool {
+    let Some(rt) = crate::job::runtime::RUNTIME.get() else { return false };
+    let page_size = rt.region().page as u64;
+    holder::owes_read(span.offset, span.len, page_size, |page| {
+        rt.placement().contains(page).then(|| rt.pt().access(page as usize))
+    })
+}
+
 /// Release consistency: another rank shares `page` of ours from now on. Marks it shared, then
 /// says whether this rank (the home) already wrote it alone: paired with the home's fault path
 /// (`fault::release_miss`), which marks itself a writer, then looks for sharers.
@@ -754,9 +765,9 @@ impl<'a> Engine<'a> {
             self.violated(Violation::UnexpectedRead { from, page });
         };
         self.rt.stats().count(&self.rt.stats().bytes_in, self.rt.region().page as u64);
-        if self.one_sided {
-            self.rt.stats().count(&self.rt.stats().pages_read_directly, 1);
-        }
+        let read =
+            if self.one_sided { &self.rt.stats().pages_read_directly } else { &self.rt.stats().pages_read_by_request };
+        self.rt.stats().count(read, 1);
         // The home waits for our word that the owner's copy is no longer needed (not under
         // release consistency, where the home's master copy never moves).
         self.install(page, waiter, write, self.sharing.is_none());

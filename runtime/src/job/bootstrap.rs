@@ -190,6 +190,7 @@ pub fn connect(
         // The transport's threads are the runtime's: their allocations never come from the heap.
         thread_start: || std::mem::forget(crate::heap::alloc::RuntimeScope::enter()),
         owed: Some(crate::engine::contents_owed),
+        serves: Some(crate::engine::read_owed),
     };
     let tcp = match tcp::establish(&cfg, &hello.encode(), &judge) {
         Ok(t) => t,

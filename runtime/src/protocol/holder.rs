@@ -140,6 +140,16 @@ pub fn check_received(
     }
 }
 
+/// Whether a peer may read `len` bytes at heap offset `offset` of this rank's memory, two-sided
+/// (a TCP read request). Only a `ReadFrom` grant sends a reader here, and without one-sided
+/// reads that names an owner holding a read-only copy, which stays put until the home has the
+/// reader's `Done`. So: exactly one page of the heap, which this rank holds read-only (`access`:
+/// this rank's access to a page, `None` for a page outside the heap). A page this rank may write
+/// is changing under the reader; one it does not hold is not its to give.
+pub fn owes_read(offset: u64, len: u32, page_size: u64, access: impl Fn(Page) -> Option<Access>) -> bool {
+    u64::from(len) == page_size && offset.is_multiple_of(page_size) && access(offset / page_size) == Some(Access::Read)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +170,25 @@ mod tests {
         let huge = Msg::Grant { page: u64::MAX, waiter: w, write: false, source: Source::Inline };
         assert!(!owes_contents(&huge, 0, 4096, 4096, |_, _| true), "an offset that overflows");
         assert!(!owes_contents(&Msg::Ping, 5 * 4096, 4096, 4096, waits), "not a grant");
+    }
+
+    #[test]
+    fn a_peer_may_read_one_whole_page_held_read_only_and_nothing_else() {
+        let access = |p: Page| match p {
+            5 => Some(Access::Read),
+            6 => Some(Access::Write),
+            7 => Some(Access::None),
+            p if p < 16 => Some(Access::Read),
+            _ => None,
+        };
+        assert!(owes_read(5 * 4096, 4096, 4096, access));
+        assert!(!owes_read(6 * 4096, 4096, 4096, access), "a page this rank may write");
+        assert!(!owes_read(7 * 4096, 4096, 4096, access), "a page this rank does not hold");
+        assert!(!owes_read(16 * 4096, 4096, 4096, access), "past the heap");
+        assert!(!owes_read(5 * 4096 + 8, 4096, 4096, access), "not page-aligned");
+        assert!(!owes_read(5 * 4096, 2048, 4096, access), "part of a page");
+        assert!(!owes_read(4 * 4096, 8192, 4096, access), "two pages held read-only");
+        assert!(!owes_read(u64::MAX - 4095, 4096, 4096, access), "an offset near the end of the address space");
     }
 
     const W: Waiter = Waiter { slot: 3, generation: 9 };

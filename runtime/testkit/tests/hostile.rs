@@ -63,6 +63,20 @@ fn a_forward_of_a_page_past_the_heap_is_refused() {
     hostile_message_stops_the_job("forward-past", "beyond the heap");
 }
 
+/// A member reads a page of rank 0's that no grant sent it for (rank 0 holds it writable). Over
+/// TCP rank 0 answers only the reads the protocol owes: one whole page it holds read-only, where a
+/// `ReadFrom` grant sends readers (`a_page_owned_read_only_elsewhere_is_read_from_its_owner_by_request`
+/// in scenarios.rs checks that those are answered). Over RDMA a READ needs no CPU of rank 0 and
+/// cannot be refused: the README says that a member can read the whole heap there.
+#[test]
+fn a_read_that_no_grant_sent_the_reader_for_is_refused() {
+    if transport().as_deref() == Some("rdma") {
+        eprintln!("skipped over RDMA: a one-sided READ of the heap needs nobody's consent");
+        return;
+    }
+    hostile_message_stops_the_job("read", "does not owe");
+}
+
 #[test]
 fn releasing_a_lock_not_held_is_refused() {
     hostile_message_stops_the_job("lock-release", "released global lock 2, which it does not hold");

@@ -578,6 +578,24 @@ fn a_rank_that_reads_no_peers_heap_gets_its_pages_attached_and_others_still_read
     }
 }
 
+/// Rank 0 reads pages it is home of that another rank owns read-only (`owner-reads`): its
+/// directory sends it to that owner (`ReadFrom`). With same-host reads off, over TCP, it asks the
+/// owner, which answers that read (it refuses any it does not owe, see hostile.rs); over RDMA it
+/// reads the owner's memory one-sidedly. Every read is checked.
+#[test]
+fn a_page_owned_read_only_elsewhere_is_read_from_its_owner_by_request() {
+    let _g = serial();
+    let label = "gallocy run -n 3 -- gallocy-scenario owner-reads --pages 16 --rounds 4";
+    let mut cmd = launcher_cmd(3, &["owner-reads", "--pages", "16", "--rounds", "4"]);
+    cmd.env("GALLOCY_SAME_HOST_READS", "0").env("GALLOCY_PLACEMENT", "block");
+    let p = run(label, &mut cmd, limit(2 * MIN));
+    assert!(p.success(), "{label}: expected exit 0, got {}\n{}", describe(p.status), p.report());
+    let by_request = pass_figure(&p, "owner-reads", 0, "pages read by request");
+    let directly = pass_figure(&p, "owner-reads", 0, "pages read directly");
+    let want = if over_rdma() { (0, 64) } else { (64, 0) };
+    assert_eq!((by_request, directly), want, "rank 0: pages read by request, directly\n{}", p.report());
+}
+
 /// A rank rewriting its last pages, next to its neighbour's first ones that it holds read-only,
 /// takes its own back in one write upgrade and leaves the neighbour's alone (see
 /// `fault::prefetch::upgrade_run`).

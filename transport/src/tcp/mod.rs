@@ -8,7 +8,8 @@
 //! Every record and frame after a connection's handshake carries a tag under that connection's
 //! keys ([`crate::seal`]); one that fails it loses the peer. Page contents land in the runtime view
 //! only when they are owed: a reply to a read this process started, or what the runtime's
-//! [`PageCheck`] accepts; nothing else lands, not even in part.
+//! [`PageCheck`] accepts; nothing else lands, not even in part. A peer's read of this process's
+//! view is answered only when the runtime's [`ReadCheck`] says the protocol owes it.
 
 mod links;
 mod startup;
@@ -60,6 +61,9 @@ pub struct TcpConfig {
     /// Which page contents this process is owed: the page of a message lands in the runtime view
     /// only if this says yes (`None`: every page in the view).
     pub owed: Option<PageCheck>,
+    /// Which reads of the view this process answers: a peer's read request is answered only if
+    /// this says yes; anything else loses that peer (`None`: any span in the view).
+    pub serves: Option<ReadCheck>,
     /// Runs first on every thread the transport starts (its connection keeper, handshake and
     /// dial threads): the runtime marks them as its own, so that their allocations never come
     /// from the shared heap.
@@ -70,6 +74,11 @@ pub struct TcpConfig {
 /// this process. Called on the thread that reads the connection, which may be a thread waiting in
 /// the page-fault handler: it must be async-signal-safe.
 pub type PageCheck = fn(from: usize, msg: &[u8], span: Span) -> bool;
+
+/// Whether rank `from` may read `span` of this process's view now: the protocol told it to read
+/// those bytes here. Called on the thread that reads the connection, which may be a thread
+/// waiting in the page-fault handler: it must be async-signal-safe.
+pub type ReadCheck = fn(from: usize, span: Span) -> bool;
 
 /// Reads of our view a peer asked for that we have not answered yet are not tracked; reads we
 /// asked for are: at most this many per peer at a time.
@@ -188,6 +197,7 @@ pub struct TcpTransport {
     size: usize,
     view: MemoryView,
     owed: Option<PageCheck>,
+    serves: Option<ReadCheck>,
     /// Per peer, [`READS_IN_FLIGHT`] slots of reads we asked it for: `offset + 1` of each, 0 when
     /// free. Only a reply to one of them may land.
     reads: Box<[AtomicU64]>,
@@ -241,6 +251,7 @@ impl TcpTransport {
             size: cfg.size,
             view: cfg.view,
             owed: cfg.owed,
+            serves: cfg.serves,
             reads: (0..cfg.size * READS_IN_FLIGHT).map(|_| AtomicU64::new(0)).collect(),
             links,
             keeper,
@@ -594,6 +605,10 @@ impl TcpTransport {
     ) -> Result<usize, TransportError> {
         let h = inbox.header.expect("a complete frame has a header");
         if h.kind == Kind::ReadRequest {
+            let span = Span { offset: h.offset, len: h.page_len };
+            if !self.serves.is_none_or(|serves| serves(rank, span)) {
+                return Err(self.broken(rank, inbox, FrameError::ReadNotOwed(h.offset, h.page_len)));
+            }
             // Answered at once. We hold this connection's reader, so while the answer waits
             // for room we take in what the peer sends ourselves.
             inbox.reset();
@@ -891,6 +906,15 @@ mod tests {
     /// Rank 0 of a two-rank job whose link to rank 1 is `ours`, with a view of [`VIEW`] bytes
     /// (zero) and the page check `owed`.
     fn rank0(ours: Conn, owed: Option<PageCheck>) -> (TcpTransport, &'static mut [u8]) {
+        rank0_serving(ours, owed, None)
+    }
+
+    /// [`rank0`] that answers the reads `serves` allows.
+    fn rank0_serving(
+        ours: Conn,
+        owed: Option<PageCheck>,
+        serves: Option<ReadCheck>,
+    ) -> (TcpTransport, &'static mut [u8]) {
         let mem: &'static mut [u8] = Box::leak(vec![0u8; VIEW].into_boxed_slice());
         let cfg = TcpConfig {
             rank: 0,
@@ -903,6 +927,7 @@ mod tests {
             setup_timeout: Duration::from_secs(5),
             link_timeout: Duration::from_secs(5),
             owed,
+            serves,
             thread_start: || {},
         };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1059,6 +1084,44 @@ mod tests {
                 "{change:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn a_peer_reads_only_what_the_protocol_owes_it() {
+        let (ours, mut theirs) = conn_pair();
+        let (t, view) = rank0_serving(ours, None, Some(|from, span| from == 1 && span.offset == 8192));
+        view[8192..12288].fill(7);
+        let read = |offset| Header { kind: Kind::ReadRequest, msg_len: 0, page_len: 4096, offset, token: 3 };
+
+        // An owed read is answered with the bytes.
+        let f = frame(&mut theirs, read(8192), &[], &[]);
+        theirs.stream.write_all(&f).unwrap();
+        theirs.stream.set_nonblocking(true).unwrap();
+        let mut reply = vec![0u8; HEADER_LEN + 4096 + TAG_LEN];
+        let mut got = 0;
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while got < reply.len() && std::time::Instant::now() < until {
+            t.poll(Some(Duration::from_millis(20)), &mut |_| {}).unwrap();
+            match std::io::Read::read(&mut theirs.stream, &mut reply[got..]) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("reading the reply: {e}"),
+            }
+        }
+        assert_eq!(got, reply.len(), "the owed read was answered");
+        let h = Header::decode(reply[..HEADER_LEN].try_into().unwrap(), VIEW).unwrap();
+        assert_eq!((h.kind, h.offset, h.page_len, h.token), (Kind::ReadReply, 8192, 4096, 3));
+        assert!(reply[HEADER_LEN..HEADER_LEN + 4096].iter().all(|b| *b == 7), "the reply carries the page");
+
+        // One it is not owed loses the peer, without a byte sent.
+        view[4096..8192].fill(5);
+        let f = frame(&mut theirs, read(4096), &[], &[]);
+        theirs.stream.write_all(&f).unwrap();
+        let e = poll_rank0(&t).unwrap_err().to_string();
+        assert!(e.contains("rank 1") && e.contains("does not owe"), "{e}");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut rest = [0u8; 64];
+        assert!(!matches!(std::io::Read::read(&mut theirs.stream, &mut rest), Ok(n) if n > 0), "nothing was sent back");
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!   release consistency; under sequential consistency no diff is allowed at all);
 //! - `written`: a notice that others write rank 0's own page (only a home sends those);
 //! - `revoke-past`, `forward-past`: a revoke or a forward of a page past the end of the heap
-//!   (once checked only after it was used: the service thread panicked).
+//!   (once checked only after it was used: the service thread panicked);
+//! - `read`: a read of rank 0's page, which rank 0 holds writable, that no grant sent it for
+//!   (over TCP rank 0 answered any read of its heap; over RDMA a READ needs nobody, see the test).
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,11 @@ pub fn hostile(args: &Args) -> Outcome {
             gallocy::hostile::send_with_payload(0, &Msg::Diff { page }, &diff)?;
             std::thread::sleep(Duration::from_secs(30));
             return Err(format!("hostile {what}: rank 0 went on after the message"));
+        }
+        if what == "read" {
+            gallocy::hostile::read(0, page)?;
+            std::thread::sleep(Duration::from_secs(30));
+            return Err(format!("hostile {what}: rank 0 went on after the read"));
         }
         let (msg, with_page) = match what.as_str() {
             "contents" => (Msg::Grant { page, waiter: nobody, write: true, source: Source::Inline }, true),

@@ -73,6 +73,8 @@ scenarios (all ranks run the same NAME):
   hostreads   [--pages P] [--rounds R] [--no-direct-rank R]
                                              pages change hands between same-host ranks, which
                                              copy them out of each other's heaps; every read checked
+  owner-reads [--pages P] [--rounds R]       rank 0 reads pages it is home of from the rank that
+                                             owns them read-only (3 ranks); every read checked
   service-slice                              prints the service thread's nice value and time slice (se.slice)
   scale                                      every kind of traffic once, on a large job (128 ranks)
   hostile     --what W                       rank 1 sends rank 0 an authenticated message the
@@ -138,6 +140,7 @@ fn main() {
         "rc-random" => relaxed::rc_random,
         "stack" => stack::stack,
         "hostreads" => hostreads::hostreads,
+        "owner-reads" => hostreads::owner_reads,
         other => util::usage_error(&format!("unknown scenario {other:?}")),
     };
 
