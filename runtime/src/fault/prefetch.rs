@@ -133,7 +133,7 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
     let rest_of_block = if block_wanted { block..block + BLOCK as i64 } else { 0..0 };
     along_run
         .chain(rest_of_block.filter(move |&p| p != page as i64).take(limit.saturating_sub(1)))
-        .chain(lost_with(rt, page, now, limit))
+        .chain(lost_with(rt, page, limit))
         .filter(move |&p| {
             p >= 0
                 && p < pages
@@ -147,11 +147,13 @@ pub fn next_pages(rt: &Runtime, page: usize) -> impl Iterator<Item = usize> + '_
 /// The pages right after `page` that another rank's write took from us together with it (see
 /// [`LOST_TOGETHER_NS`]), when `page` is one that others write and we only read: a writer that
 /// took a row of pages from us in one go wrote them all, and we held them all because we read
-/// them all (a neighbour's halo row, read every sweep). At most `limit` - 1, up to the first page
-/// that does not qualify. Async-signal-safe.
-fn lost_with(rt: &Runtime, page: usize, now: u64, limit: usize) -> impl Iterator<Item = i64> + '_ {
+/// them all (a neighbour's halo row, read every sweep). However long ago that was: a sweep may
+/// take longer than [`CONTENDED_NS`] (under emulation one took 150 ms, and the rank that read the
+/// row a whole sweep after its loss took a fault per page). At most `limit` - 1, up to the first
+/// page that does not qualify. Async-signal-safe.
+fn lost_with(rt: &Runtime, page: usize, limit: usize) -> impl Iterator<Item = i64> + '_ {
     let lost = rt.pt().lost_at(page);
-    let wanted = contended(lost, now) && !rt.pt().written_here(page);
+    let wanted = lost != 0 && !rt.pt().written_here(page);
     let end = (rt.placement().pages() as usize).min(page.saturating_add(limit));
     (page + 1..if wanted { end } else { page + 1 })
         .take_while(move |&p| lost_together(lost, rt.pt().lost_at(p)) && !rt.pt().written_here(p))
