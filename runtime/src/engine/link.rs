@@ -164,7 +164,7 @@ mod tests {
                 return now;
             }
             turns += 1;
-            if turns % 1024 == 0 {
+            if turns.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
