@@ -31,12 +31,29 @@ extern "C" {
 }
 
 /// Rust allocations inside this library: glibc's internal entry points, which our exported
-/// symbols never shadow.
+/// symbols never shadow. Never on the fault path (see [`GlibcInternal::refuse_on_fault_path`]).
 struct GlibcInternal;
+
+impl GlibcInternal {
+    /// The fault path must not allocate: the signal may have interrupted glibc's allocator,
+    /// holding its lock. An allocation there is a bug of ours that could hang the process, so
+    /// it ends the process at once with one line (and SIGABRT, for a core) instead.
+    fn refuse_on_fault_path() {
+        if gallocy_rt::on_fault_path() {
+            let line = b"gallocy: fatal: an allocation on the fault path (a bug in gallocy)\n";
+            // SAFETY: writing a static buffer to stderr, then aborting: both async-signal-safe.
+            unsafe {
+                libc::write(2, line.as_ptr().cast(), line.len());
+                libc::abort();
+            }
+        }
+    }
+}
 
 // SAFETY: forwards to glibc's allocator, which honours size and (via memalign) alignment.
 unsafe impl GlobalAlloc for GlibcInternal {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        Self::refuse_on_fault_path();
         // SAFETY: plain calls into glibc.
         unsafe {
             if l.align() <= 16 {
@@ -48,6 +65,7 @@ unsafe impl GlobalAlloc for GlibcInternal {
     }
 
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        Self::refuse_on_fault_path();
         if l.align() <= 16 {
             // SAFETY: plain call into glibc.
             unsafe { __libc_calloc(1, l.size()).cast() }
@@ -64,11 +82,13 @@ unsafe impl GlobalAlloc for GlibcInternal {
     }
 
     unsafe fn dealloc(&self, p: *mut u8, _l: Layout) {
+        Self::refuse_on_fault_path();
         // SAFETY: `p` came from glibc.
         unsafe { __libc_free(p.cast()) }
     }
 
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        Self::refuse_on_fault_path();
         if l.align() <= 16 {
             // SAFETY: `p` came from glibc with this alignment.
             return unsafe { __libc_realloc(p.cast(), new_size).cast() };

@@ -56,6 +56,12 @@ pub mod fuzzing {
     pub use crate::job::bootstrap::{judge, Hello};
 }
 
+/// Whether the calling thread is inside gallocy's SIGSEGV handler resolving a heap fault, for
+/// test programs whose allocator refuses to serve the fault path (which must never allocate):
+/// not part of the API.
+#[doc(hidden)]
+pub use fault::handler::on_fault_path;
+
 /// A peer that knows the job's token but breaks the protocol, for the malicious-peer tests
 /// (`gallocy-scenario hostile`): not part of the API.
 #[doc(hidden)]

@@ -259,11 +259,16 @@ fn a_peer_that_vanishes_is_reported_by_rank() {
 
 #[test]
 fn ranks_link_on_first_use_and_only_to_whom_they_talk() {
-    job(4, |rank, t, _v| {
+    // Every rank looks at its links before rank 3 dials rank 1 (the ranks are threads that
+    // start at once).
+    let looked = Arc::new(Barrier::new(4));
+    job(4, move |rank, t, _v| {
         let linked = |t: &dyn Transport| (0..4).filter(|r| t.linked(*r)).collect::<Vec<_>>();
+        let at_start = linked(&*t);
+        looked.wait();
         match rank {
-            0 => assert_eq!(linked(&*t), vec![1, 2, 3], "rank 0 links everyone at start-up"),
-            r => assert_eq!(linked(&*t), vec![0], "rank {r} starts linked to rank 0 only"),
+            0 => assert_eq!(at_start, vec![1, 2, 3], "rank 0 links everyone at start-up"),
+            r => assert_eq!(at_start, vec![0], "rank {r} starts linked to rank 0 only"),
         }
         if rank == 3 {
             t.send(1, b"from 3", None).unwrap();

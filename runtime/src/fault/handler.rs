@@ -97,6 +97,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // socket calls must not change what it reads.
     // SAFETY: errno is thread-local and always readable.
     let saved_errno = unsafe { *libc::__errno_location() };
+    ON_FAULT_PATH.set(true);
     // SAFETY: the kernel passes a valid siginfo_t.
     let addr = unsafe { (*info).si_addr() } as usize;
     // SAFETY: as above.
@@ -111,6 +112,7 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
                 handle_heap_fault(rt, addr, unmapped, reported_write(ctx))
             })
     });
+    ON_FAULT_PATH.set(false);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
     if !handled {
@@ -146,10 +148,20 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
 }
 
 thread_local! {
+    /// Whether this thread runs our handler now, up to the point where it hands a foreign fault
+    /// on (see [`on_fault_path`]).
+    static ON_FAULT_PATH: Cell<bool> = const { Cell::new(false) };
     /// The page of this thread's last fault on a page its process holds, and how many such
     /// faults in a row it took: a foreign fault in disguise (e.g. executing heap memory) if it
     /// keeps happening, whatever reopening the page did.
     static SPURIOUS: Cell<(usize, u32)> = const { Cell::new((usize::MAX, 0)) };
+}
+
+/// Whether the calling thread is on the fault path now: inside our SIGSEGV handler, not yet
+/// handing a foreign fault to the handler before ours. Nothing may allocate then; a test
+/// program's global allocator asks this to prove it (`gallocy-scenario`). Async-signal-safe.
+pub fn on_fault_path() -> bool {
+    ON_FAULT_PATH.get()
 }
 
 /// Faults in a row on one held page after which the fault is taken as foreign.

@@ -36,6 +36,29 @@ fn nullderef_one_process_dies_by_sigsegv() {
     );
 }
 
+/// A program that installed its own SIGSEGV handler before joining keeps it for its own faults:
+/// gallocy resolves the heap misses (rank 1 reads pages rank 0 wrote) and hands the null
+/// dereference to the handler it found, which exits with 42.
+#[test]
+fn a_foreign_fault_reaches_the_programs_own_handler() {
+    let _g = serial();
+    let label = "gallocy run -n 2 -- gallocy-scenario nullderef --own-handler";
+    let p = run(label, &mut launcher_cmd(2, &["nullderef", "--own-handler"]), Duration::from_secs(60));
+    assert!(!p.status.unwrap().success(), "{label}: must fail\n{}", p.report());
+    let err = &p.stderr;
+    assert!(
+        err.contains("rank 1: nullderef: read 4 pages rank 0 wrote, with the program's own handler installed"),
+        "{label}: rank 1 must read the pages first\n{}",
+        p.report()
+    );
+    assert!(
+        err.contains("[rank 1] nullderef: the program's own handler ran for address 0")
+            && err.contains("rank 1 exited with code 42"),
+        "{label}: rank 1's own handler must take the null dereference and exit 42\n{}",
+        p.report()
+    );
+}
+
 const JACOBI_LONG: &[&str] = &["jacobi", "--n", "64", "--iters", "100000", "--progress", "--slow-ms", "20"];
 
 #[test]

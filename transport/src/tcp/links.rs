@@ -34,7 +34,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use super::startup::{read_record, resolve, write_record};
-use super::{set_socket_options, Conn, Inbox, Peer, Receiver, AUTH_TIMEOUT};
+use super::{errno_of, set_socket_options, Conn, Inbox, Peer, Receiver, AUTH_TIMEOUT};
 use crate::seal::{Opener, Sealer};
 use crate::sys::{self, Epoll, EventFd};
 use crate::{auth, LostReason, TransportError};
@@ -317,7 +317,7 @@ impl Links {
         }
         if let Err(e) = self.install(rank, conn) {
             drop(_d);
-            self.fail(rank, e.raw_os_error().unwrap_or(libc::EPROTO));
+            self.fail(rank, errno_of(&e));
         }
     }
 
@@ -381,7 +381,7 @@ impl Links {
         let state = self.state[rank].load(Ordering::Acquire);
         match answer.as_slice() {
             // (Also while we leave: the peer holds this link now, and it gets our goodbye.)
-            TAKEN if state == DIALING => self.install(rank, conn).map_err(|e| e.raw_os_error().unwrap_or(libc::EPROTO)),
+            TAKEN if state == DIALING => self.install(rank, conn).map_err(|e| errno_of(&e)),
             // The peer dials us too, and its dial wins (or we have its link already): it
             // arrives as an incoming connection.
             DECLINED => Ok(()),

@@ -208,6 +208,22 @@ pub struct TcpTransport {
     listener: TcpListener,
 }
 
+/// The kernel refused a socket option a link needs.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name} to {SOCKET_BUFFER} bytes on the link: {source}")]
+pub(crate) struct SocketOptionRefused {
+    name: &'static str,
+    errno: i32,
+    source: std::io::Error,
+}
+
+/// The errno behind an error in setting up a link (`EPROTO` when it has none).
+pub(crate) fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error()
+        .or_else(|| e.get_ref().and_then(|i| i.downcast_ref::<SocketOptionRefused>()).map(|r| r.errno))
+        .unwrap_or(libc::EPROTO)
+}
+
 fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(None)?;
@@ -216,7 +232,7 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
     // Large buffers make a writer wait for room less often. The kernel caps them
     // (`net.core.wmem_max`, `rmem_max`) without failing; nothing depends on their size (a writer
     // that waits for room takes in what its peer sends), but a refusal is an error.
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+    for (opt, name) in [(libc::SO_SNDBUF, "SO_SNDBUF"), (libc::SO_RCVBUF, "SO_RCVBUF")] {
         // SAFETY: setting an int socket option from a valid pointer.
         let r = unsafe {
             libc::setsockopt(
@@ -228,7 +244,9 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
             )
         };
         if r != 0 {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            return Err(std::io::Error::new(e.kind(), SocketOptionRefused { name, errno, source: e }));
         }
     }
     Ok(())

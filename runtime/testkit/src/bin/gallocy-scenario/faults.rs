@@ -1,14 +1,25 @@
 //! nullderef and occupy: scenarios that are expected to fail in a specific way.
 
-use crate::util::{env_rank, init_or_exit, parse_size, Args, Outcome};
+use crate::util::{collective, env_rank, init_or_exit, parse_size, vread, vwrite, Args, Outcome};
 
 /// After init, rank `--rank` (default: the last rank) reads address 0 and must die by SIGSEGV
 /// exactly as it would without the runtime. The other ranks wait in a barrier (and so learn of
 /// its death as a lost peer).
+///
+/// With `--own-handler` the program installs a SIGSEGV handler of its own before `init()`, as a
+/// runtime or a crash reporter would. Heap misses must still be ours (rank 0 writes a page, the
+/// victim reads it), and the null dereference must reach the program's handler, which prints
+/// `nullderef: the program's own handler ran for address 0` and exits with code 42.
 pub fn nullderef(args: &Args) -> ! {
+    if args.flag("--own-handler") {
+        install_own_handler();
+    }
     init_or_exit();
     let (rank, size) = (gallocy::rank(), gallocy::size());
     let victim = args.usize_or("--rank", size - 1);
+    if args.flag("--own-handler") {
+        heap_traffic_before_the_crash(rank, victim);
+    }
     if rank == victim {
         eprintln!("rank {rank}: nullderef: reading address 0 now");
         let p = std::hint::black_box(std::ptr::null::<u64>());
@@ -20,6 +31,74 @@ pub fn nullderef(args: &Args) -> ! {
     gallocy::barrier();
     eprintln!("error: rank {rank}: nullderef: the barrier completed although rank {victim} should have crashed");
     std::process::exit(1);
+}
+
+/// Code the program's own SIGSEGV handler exits with (`nullderef --own-handler`).
+const OWN_HANDLER_EXIT: i32 = 42;
+
+/// The program's own SIGSEGV handler: it reports the faulting address (0, or "not 0") and ends
+/// the process. Async-signal-safe: static strings, `write`, `_exit`.
+extern "C" fn own_handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel (or gallocy's handler, chaining) passes a valid siginfo_t.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let line: &[u8] = if addr == 0 {
+        b"nullderef: the program's own handler ran for address 0\n"
+    } else {
+        b"error: nullderef: the program's own handler ran for an address that is not 0\n"
+    };
+    // SAFETY: write and _exit are async-signal-safe; the buffer is static.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), line.len());
+        libc::_exit(if addr == 0 { OWN_HANDLER_EXIT } else { 1 });
+    }
+}
+
+fn install_own_handler() {
+    // SAFETY: installing a handler with SA_SIGINFO whose signature matches; a zeroed sigaction
+    // with an empty mask is valid.
+    let ok = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = own_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()) == 0
+    };
+    if !ok {
+        eprintln!("error: nullderef: cannot install the program's own SIGSEGV handler");
+        std::process::exit(1);
+    }
+}
+
+/// Rank 0 writes a page of a collective allocation, the victim reads it: a heap miss on every
+/// rank, which gallocy's handler must resolve without the program's handler seeing it.
+fn heap_traffic_before_the_crash(rank: usize, victim: usize) {
+    let page = gallocy::page_size();
+    let buf = match collective(4 * page) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: rank {rank}: nullderef: {e}");
+            std::process::exit(1);
+        }
+    };
+    let want = 0x6e75_6c6c_6465_7266u64;
+    if rank == 0 {
+        for i in 0..4 {
+            // SAFETY: inside the collective block; only rank 0 writes, before the barrier.
+            unsafe { vwrite(buf.at(i * page), want + i as u64) };
+        }
+    }
+    gallocy::barrier();
+    if rank == victim {
+        for i in 0..4 {
+            // SAFETY: inside the collective block; nobody writes after the barrier.
+            let got = unsafe { vread(buf.at(i * page)) };
+            if got != want + i as u64 {
+                eprintln!("error: rank {rank}: nullderef: page {i} holds {got:#x}, expected {:#x}", want + i as u64);
+                std::process::exit(1);
+            }
+        }
+        eprintln!("rank {rank}: nullderef: read 4 pages rank 0 wrote, with the program's own handler installed");
+    }
 }
 
 /// On the rank named by `SCENARIO_OCCUPY_RANK`, map an anonymous page at heap base + 1 MiB

@@ -30,7 +30,56 @@ mod stack;
 mod sync;
 mod util;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+
 use util::{Args, Outcome};
+
+/// Every scenario's allocator: the system's, which refuses to serve gallocy's fault path. The
+/// fault path must never allocate (it runs in a signal handler that may have interrupted
+/// `malloc`); an allocation there ends the process with one line and SIGABRT, so every scenario
+/// the suite runs checks it, whatever misses, prefetches, grants and errors it takes.
+struct FaultPathAllocates;
+
+impl FaultPathAllocates {
+    fn check() {
+        if gallocy::on_fault_path() {
+            let line = b"gallocy-scenario: an allocation on gallocy's fault path (inside its SIGSEGV handler)\n";
+            // SAFETY: writing a static buffer to stderr, then aborting: both async-signal-safe.
+            unsafe {
+                libc::write(2, line.as_ptr().cast(), line.len());
+                libc::abort();
+            }
+        }
+    }
+}
+
+// SAFETY: every call is passed on unchanged to the system allocator (after a check that either
+// returns or aborts).
+unsafe impl GlobalAlloc for FaultPathAllocates {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::check();
+        // SAFETY: the caller's contract is System's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::check();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::check();
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::check();
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: FaultPathAllocates = FaultPathAllocates;
 
 const USAGE: &str = "usage: gallocy-scenario NAME [ARGS]
 
@@ -48,7 +97,8 @@ scenarios (all ranks run the same NAME):
   litmus-sb   [--rounds N]                   store buffering litmus test
   litmus-iriw [--rounds N]                   independent reads of independent writes (4+ ranks)
   jacobi      [--n N] [--iters I] [--threads T] [--progress] [--slow-ms M] [--report-faults]
-  nullderef   [--rank R]                     rank R (default: last) reads address 0
+  nullderef   [--rank R] [--own-handler]     rank R (default: last) reads address 0 (with the
+                                             program's own SIGSEGV handler installed first)
   map-count                                  rank 1 takes all but 64 mappings, then reads 4096
                                              scattered pages: the runtime keeps working
   interleave  [--pages P] [--rounds R]       ranks write interleaved pages of one block (default

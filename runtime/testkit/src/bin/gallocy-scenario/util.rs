@@ -13,7 +13,7 @@ pub struct Args {
 }
 
 /// Flags that take no value.
-const BOOL_FLAGS: &[&str] = &["--progress", "--remote", "--expect", "--report-faults"];
+const BOOL_FLAGS: &[&str] = &["--progress", "--remote", "--expect", "--report-faults", "--own-handler"];
 
 impl Args {
     pub fn parse(argv: &[String]) -> Result<Args, String> {
