@@ -39,14 +39,7 @@ impl GlibcInternal {
     /// holding its lock. An allocation there is a bug of ours that could hang the process, so
     /// it ends the process at once with one line (and SIGABRT, for a core) instead.
     fn refuse_on_fault_path() {
-        if gallocy_rt::on_fault_path() {
-            let line = b"gallocy: fatal: an allocation on the fault path (a bug in gallocy)\n";
-            // SAFETY: writing a static buffer to stderr, then aborting: both async-signal-safe.
-            unsafe {
-                libc::write(2, line.as_ptr().cast(), line.len());
-                libc::abort();
-            }
-        }
+        gallocy_rt::refuse_on_fault_path(b"gallocy: fatal: an allocation on the fault path (a bug in gallocy)\n");
     }
 }
 

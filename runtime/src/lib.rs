@@ -56,11 +56,11 @@ pub mod fuzzing {
     pub use crate::job::bootstrap::{judge, Hello};
 }
 
-/// Whether the calling thread is inside gallocy's SIGSEGV handler resolving a heap fault, for
-/// test programs whose allocator refuses to serve the fault path (which must never allocate):
-/// not part of the API.
+/// Whether the calling thread is inside gallocy's SIGSEGV handler resolving a heap fault, and
+/// an end to the process if so: for allocators that refuse to serve the fault path (which must
+/// never allocate), the shim's and test programs': not part of the API.
 #[doc(hidden)]
-pub use fault::handler::on_fault_path;
+pub use fault::handler::{on_fault_path, refuse_on_fault_path};
 
 /// A peer that knows the job's token but breaks the protocol, for the malicious-peer tests
 /// (`gallocy-scenario hostile`): not part of the API.

@@ -61,8 +61,14 @@ pub struct Engine<'a> {
     locks: Locks,
     /// Messages to ourselves, handled right after the message that caused them.
     self_queue: VecDeque<Msg>,
-    /// Revokes/forwards waiting for a hold to end: (from, message).
-    deferred: VecDeque<(Rank, Msg)>,
+    /// Revokes/forwards waiting for a hold to end: (from, message, when it arrived).
+    deferred: VecDeque<(Rank, Msg, u64)>,
+    /// When the messages being handled arrived from peers (0: they did not; now is meant). A
+    /// copy they drop was lost then: a writer's batch of revokes arrives at once, however long
+    /// handling them takes (a `mprotect` and a hole punched per page, slow under emulation) or
+    /// however long one of them waits for a hold, so the pages keep the same time
+    /// ([`crate::fault::prefetch`] brings back together what was lost together).
+    arrived_at: u64,
     /// Pages being read from an owner: page -> (waiter, write).
     reads: HashMap<Page, (Waiter, bool)>,
     liveness: Liveness,
@@ -126,6 +132,7 @@ impl<'a> Engine<'a> {
             locks: Locks::default(),
             self_queue: VecDeque::new(),
             deferred: VecDeque::new(),
+            arrived_at: 0,
             reads: HashMap::new(),
             liveness: Liveness::new(rt.rank(), rt.size(), now_ns()),
             out: Vec::new(),
@@ -267,6 +274,7 @@ impl<'a> Engine<'a> {
             self.note_wait(timeout, from, wakes, arrivals.is_empty() && reads_done.is_empty() && left.is_empty());
         }
         let mut handled = 0;
+        self.arrived_at = now;
         self.batch.begin();
         for a in arrivals {
             self.liveness.heard(a.from, now);
@@ -281,6 +289,7 @@ impl<'a> Engine<'a> {
             handled += 1;
         }
         self.end_batch();
+        self.arrived_at = 0;
         for (from, token) in reads_done {
             self.liveness.heard(from, now);
             self.read_done(from, token);
@@ -470,7 +479,7 @@ impl<'a> Engine<'a> {
             Msg::Done { page } => self.dir.done(from, page, &mut out),
             Msg::RevokeAck { page } => self.dir.revoke_ack(from, page, &mut out),
             Msg::Forward { page, .. } | Msg::Revoke { page, .. } if self.held(page) => {
-                self.deferred.push_back((from, msg));
+                self.deferred.push_back((from, msg, self.arrival_time()));
                 rt.service().set_deferred(true);
                 rt.stats().count(&rt.stats().held_back, 1);
                 Ok(())
@@ -630,16 +639,18 @@ impl<'a> Engine<'a> {
     fn run_deferred(&mut self) -> usize {
         let mut n = 0;
         for _ in 0..self.deferred.len() {
-            let Some((from, msg)) = self.deferred.pop_front() else { break };
+            let Some((from, msg, arrived)) = self.deferred.pop_front() else { break };
             if msg.page().is_some_and(|p| self.held(p)) {
-                self.deferred.push_back((from, msg));
+                self.deferred.push_back((from, msg, arrived));
             } else {
                 let resumed = msg.page().is_some_and(|p| !self.rt.pt().is_fresh(p as usize));
                 let no_wake = self.rt.service().resume_wakes() == self.look_wakes;
                 if self.timed_look && no_wake && resumed && self.rt.settings().hold.is_zero() {
                     self.rt.stats().count(&self.rt.stats().held_past_resume, 1);
                 }
+                self.arrived_at = arrived;
                 self.handle(from, msg, &[], Attached::Nothing);
+                self.arrived_at = 0;
                 n += 1;
             }
         }
@@ -665,7 +676,16 @@ impl<'a> Engine<'a> {
             return false;
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.deferred.iter().any(|(_, msg)| msg.page().is_some_and(|p| !self.held(p)))
+        self.deferred.iter().any(|(_, msg, _)| msg.page().is_some_and(|p| !self.held(p)))
+    }
+
+    /// When the message being handled arrived (now, for one that did not come from a peer).
+    fn arrival_time(&self) -> u64 {
+        if self.arrived_at != 0 {
+            self.arrived_at
+        } else {
+            now_ns()
+        }
     }
 
     fn set_access(&mut self, page: Page, access: Access) {
@@ -683,7 +703,7 @@ impl<'a> Engine<'a> {
         self.apply_downgrades();
         if access == Access::None {
             // Invalidated for another rank's write (a downgrade to read is not a loss).
-            rt.pt().mark_lost(page as usize, now_ns());
+            rt.pt().mark_lost(page as usize, self.arrival_time());
         }
         rt.set_access(page as usize, 1, access);
     }

@@ -164,6 +164,17 @@ pub fn on_fault_path() -> bool {
     ON_FAULT_PATH.get()
 }
 
+/// Ends the process with `line` on stderr and SIGABRT (for a core) if the calling thread is on
+/// the fault path: for allocators that must never serve it (the shim's own, a test program's).
+/// Async-signal-safe.
+pub fn refuse_on_fault_path(line: &[u8]) {
+    if on_fault_path() {
+        crate::sys::rawio::write_stderr(line);
+        // SAFETY: abort has no preconditions; it is async-signal-safe.
+        unsafe { libc::abort() };
+    }
+}
+
 /// Faults in a row on one held page after which the fault is taken as foreign.
 const SPURIOUS_LIMIT: u32 = 100_000;
 

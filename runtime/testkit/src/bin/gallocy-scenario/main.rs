@@ -42,14 +42,9 @@ struct FaultPathAllocates;
 
 impl FaultPathAllocates {
     fn check() {
-        if gallocy::on_fault_path() {
-            let line = b"gallocy-scenario: an allocation on gallocy's fault path (inside its SIGSEGV handler)\n";
-            // SAFETY: writing a static buffer to stderr, then aborting: both async-signal-safe.
-            unsafe {
-                libc::write(2, line.as_ptr().cast(), line.len());
-                libc::abort();
-            }
-        }
+        gallocy::refuse_on_fault_path(
+            b"gallocy-scenario: an allocation on gallocy's fault path (inside its SIGSEGV handler)\n",
+        );
     }
 }
 
