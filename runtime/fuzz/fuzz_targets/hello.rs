@@ -50,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
             && h.heap_base == zero.heap_base
             && h.heap_size == zero.heap_size
             && h.page_size == zero.page_size
-            && h.transport == zero.transport;
+            && h.transport == zero.transport
+            && h.consistency == zero.consistency
+            && h.placement == zero.placement;
         if !agrees {
             let e = verdict.as_ref().expect_err("a disagreeing report passed");
             assert!(e.contains(&format!("rank {rank} ")), "{e}");

@@ -2,23 +2,25 @@
 //!
 //! Beyond "no panic": whatever decodes is the one encoding of what it decoded (`wire::encode`
 //! of the message and its payload gives back exactly the input, and needs every byte of it),
-//! only a broadcast carries a payload, and nothing accepted exceeds `wire::LIMIT`.
+//! only a broadcast (at most `BROADCAST_CHUNK` bytes) or a diff (1 to `DIFF_LIMIT` bytes) carries
+//! a payload, and nothing accepted exceeds `wire::LIMIT`.
 
 #![no_main]
 
 use gallocy::protocol::msg::Msg;
 use gallocy::protocol::wire::{
-    decode, encode, EncodeError, BARRIER_NOTICE_TAG, BROADCAST_CHUNK, GRANT_TAG, LIMIT, LOCK_GRANTED_TAG,
+    decode, encode, EncodeError, BARRIER_NOTICE_TAG, BROADCAST_CHUNK, DIFF_LIMIT, GRANT_TAG, LIMIT, LOCK_GRANTED_TAG,
 };
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok((msg, payload)) = decode(data) else { return };
     assert!(data.len() <= LIMIT, "{msg:?}: accepted {} bytes", data.len());
-    assert!(payload.len() <= BROADCAST_CHUNK);
     assert!(data.ends_with(payload), "the payload is the message's tail");
-    if !matches!(msg, Msg::Broadcast { .. }) {
-        assert!(payload.is_empty(), "{msg:?} came with a payload");
+    match msg {
+        Msg::Broadcast { .. } => assert!(payload.len() <= BROADCAST_CHUNK, "{msg:?}: {} bytes", payload.len()),
+        Msg::Diff { .. } => assert!((1..=DIFF_LIMIT).contains(&payload.len()), "{msg:?}: {} bytes", payload.len()),
+        _ => assert!(payload.is_empty(), "{msg:?} came with a payload"),
     }
     match msg {
         Msg::Grant { .. } => assert_eq!(data[0], GRANT_TAG),

@@ -1,5 +1,5 @@
 //! The encoding of [`Msg`]: one tag byte, then the variant's fields in a fixed little-endian
-//! layout ([`zerocopy`] structs), then, for a broadcast only, its payload. Encoding and decoding
+//! layout ([`zerocopy`] structs), then, for a broadcast or a diff only, its payload. Encoding and decoding
 //! never allocate, so the fault path can use both.
 
 use zerocopy::little_endian::{U32, U64};
@@ -200,7 +200,7 @@ fn put<'a>(buf: &'a mut [u8], tag: Tag, body: &[u8], payload: &[u8]) -> Result<&
     Ok(&buf[..need])
 }
 
-/// Encodes `msg` (and a broadcast's `payload`; empty for every other message) into `buf`,
+/// Encodes `msg` (and a broadcast's or a diff's `payload`; empty for every other message) into `buf`,
 /// returning the used prefix.
 pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u8], EncodeError> {
     let payload_limit = match msg {
@@ -267,7 +267,7 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
 }
 
 /// Reads the fixed body of a `tag` message: exactly `size_of::<T>()` bytes unless `rest` is
-/// allowed (a broadcast's payload).
+/// allowed (a broadcast's or a diff's payload).
 fn body<T: FromBytes + KnownLayout + Immutable + Unaligned + Copy>(
     tag: u8,
     bytes: &[u8],
@@ -297,7 +297,7 @@ fn small(tag: u8, v: u64, field: &'static str) -> Result<u32, DecodeError> {
     u32::try_from(v).map_err(|_| DecodeError::BadField { tag, field })
 }
 
-/// Decodes one whole message, and a broadcast's payload (empty for every other message).
+/// Decodes one whole message, and a broadcast's or a diff's payload (empty for every other message).
 pub fn decode(bytes: &[u8]) -> Result<(Msg, &[u8]), DecodeError> {
     let (&t, b) = bytes.split_first().ok_or(DecodeError::Empty)?;
     let tag = Tag::of(t).ok_or(DecodeError::UnknownTag(t))?;
