@@ -60,7 +60,7 @@ pub mod fuzzing {
 /// an end to the process if so: for allocators that refuse to serve the fault path (which must
 /// never allocate), the shim's and test programs': not part of the API.
 #[doc(hidden)]
-pub use fault::handler::{on_fault_path, refuse_on_fault_path};
+pub use fault::handler::refuse_on_fault_path;
 
 /// A peer that knows the job's token but breaks the protocol, for the malicious-peer tests
 /// (`gallocy-scenario hostile`): not part of the API.

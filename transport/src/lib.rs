@@ -32,7 +32,9 @@ pub mod fuzzing {
     pub use crate::auth::{accept, connect, is_refusal, SERVER_HELLO_LEN};
     #[cfg(feature = "rdma")]
     pub use crate::rdma::fuzzing::{endpoint_round_trip, fragment_round_trip, FRAGMENT_MAX};
-    pub use crate::tcp::fuzzing::{decode_join, encode_join, read_record, sealed_record};
+    pub use crate::tcp::fuzzing::{
+        decode_answer, decode_join, encode_join, encode_roster, read_record, sealed_record, Answer, AnswerError,
+    };
 }
 
 /// Errors of the transport layer. Each variant's message names the peer involved.

@@ -9,7 +9,7 @@ use gallocy::fuzzing::Hello;
 use gallocy::protocol::msg::{Msg, Source, Waiter};
 use gallocy::protocol::wire;
 use gallocy_transport::frame::{Header, Kind};
-use gallocy_transport::fuzzing::encode_join;
+use gallocy_transport::fuzzing::{encode_join, encode_roster};
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
@@ -94,4 +94,12 @@ fn main() {
     other.heap_base ^= 1 << 40;
     other.transport = "rdma".into();
     write("hello", "two_ranks_one_disagrees", &[&report[..], &[0], &other.encode()].concat());
+
+    // Roster answer: the job size (low 4 bits), then rank 0's answer.
+    let roster: Vec<String> = ["node0:7000", "127.0.0.1:40001", "[::1]:40002"].map(String::from).to_vec();
+    write("roster_answer", "roster_three", &[&[3u8][..], &encode_roster(&roster)].concat());
+    let reason = b"Arank 1 believes the job has 3 processes, rank 0 believes 2";
+    write("roster_answer", "aborted", &[&[2u8][..], reason].concat());
+    write("roster_answer", "port_zero", &[&[1u8][..], &encode_roster(&["127.0.0.1:0".into()])].concat());
+    write("roster_answer", "not_utf8", b"\x02Oa:1\n\xff:2");
 }

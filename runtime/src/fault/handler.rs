@@ -158,9 +158,9 @@ thread_local! {
 }
 
 /// Whether the calling thread is on the fault path now: inside our SIGSEGV handler, not yet
-/// handing a foreign fault to the handler before ours. Nothing may allocate then; a test
-/// program's global allocator asks this to prove it (`gallocy-scenario`). Async-signal-safe.
-pub fn on_fault_path() -> bool {
+/// handing a foreign fault to the handler before ours. Nothing may allocate then (see
+/// [`refuse_on_fault_path`]). Async-signal-safe.
+fn on_fault_path() -> bool {
     ON_FAULT_PATH.get()
 }
 

@@ -45,8 +45,10 @@ pub enum EncodeError {
     /// the buffer of {have} bytes is too small for a message of {need}
     #[error("the buffer of {have} bytes is too small for a message of {need}")]
     BufferTooSmall { have: usize, need: usize },
-    /// a payload goes only with a broadcast or a diff
-    #[error("only a broadcast (at most {BROADCAST_CHUNK} bytes) or a diff (at most {DIFF_LIMIT}) carries a payload")]
+    /// a payload goes only with a broadcast or a diff, and a diff always has one
+    #[error(
+        "only a broadcast (at most {BROADCAST_CHUNK} bytes) or a diff (1 to {DIFF_LIMIT} bytes) carries a payload"
+    )]
     BadPayload,
 }
 
@@ -208,7 +210,9 @@ pub fn encode<'a>(msg: &Msg, payload: &[u8], buf: &'a mut [u8]) -> Result<&'a [u
         Msg::Diff { .. } => DIFF_LIMIT,
         _ => 0,
     };
-    if payload.len() > payload_limit {
+    // A diff without changes is never sent, and `decode` refuses one.
+    let empty_diff = matches!(msg, Msg::Diff { .. }) && payload.is_empty();
+    if payload.len() > payload_limit || empty_diff {
         return Err(EncodeError::BadPayload);
     }
     let pw = |page: u64, w: Waiter, write: bool, a: u32, b: u32| PageWaiter {
@@ -474,6 +478,7 @@ mod tests {
         let b = encode(&d, b"\x00\x00\x01\x00z", &mut buf).unwrap().to_vec();
         assert_eq!(decode(&b).unwrap(), (d, &b"\x00\x00\x01\x00z"[..]));
         assert!(decode(&b[..9]).is_err(), "a diff without changes is refused");
+        assert_eq!(encode(&d, &[], &mut buf), Err(EncodeError::BadPayload), "and never encoded");
         assert_eq!(encode(&d, &vec![0; DIFF_LIMIT + 1], &mut buf), Err(EncodeError::BadPayload));
         assert_eq!(encode(&m, &vec![0; BROADCAST_CHUNK + 1], &mut buf), Err(EncodeError::BadPayload));
         let mut small = [0u8; 8];

@@ -213,14 +213,15 @@ pub struct TcpTransport {
 #[error("setting {name} to {SOCKET_BUFFER} bytes on the link: {source}")]
 pub(crate) struct SocketOptionRefused {
     name: &'static str,
-    errno: i32,
     source: std::io::Error,
 }
 
 /// The errno behind an error in setting up a link (`EPROTO` when it has none).
 pub(crate) fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error()
-        .or_else(|| e.get_ref().and_then(|i| i.downcast_ref::<SocketOptionRefused>()).map(|r| r.errno))
+        .or_else(|| {
+            e.get_ref().and_then(|i| i.downcast_ref::<SocketOptionRefused>()).and_then(|r| r.source.raw_os_error())
+        })
         .unwrap_or(libc::EPROTO)
 }
 
@@ -245,8 +246,7 @@ fn set_socket_options(s: &TcpStream) -> std::io::Result<()> {
         };
         if r != 0 {
             let e = std::io::Error::last_os_error();
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
-            return Err(std::io::Error::new(e.kind(), SocketOptionRefused { name, errno, source: e }));
+            return Err(std::io::Error::new(e.kind(), SocketOptionRefused { name, source: e }));
         }
     }
     Ok(())

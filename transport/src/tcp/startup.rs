@@ -102,6 +102,13 @@ pub mod fuzzing {
         super::decode_join(v).map(|j| (j.size, j.addr, j.hello))
     }
 
+    pub use super::{decode_answer, Answer, AnswerError};
+
+    /// The roster answer rank 0 sends every rank (`encode_roster`).
+    pub fn encode_roster(addrs: &[String]) -> Vec<u8> {
+        super::encode_roster(addrs)
+    }
+
     /// `encode_join`.
     pub fn encode_join(size: usize, listen: &std::net::SocketAddr, hello: &[u8]) -> Vec<u8> {
         super::encode_join(size, listen, hello)
@@ -130,6 +137,75 @@ fn encode_roster(addrs: &[String]) -> Vec<u8> {
     let mut v = vec![b'O'];
     v.extend_from_slice(addrs.join("\n").as_bytes());
     v
+}
+
+/// Rank 0's start-up answer, as a joining rank reads it ([`decode_answer`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The job goes on: every rank's listening address (`host:port`), by rank.
+    Roster(Vec<String>),
+    /// Rank 0 stopped the job, for this reason.
+    Aborted(String),
+}
+
+/// Why rank 0's start-up answer cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// malformed start-up answer from rank 0
+    #[error("malformed start-up answer from rank 0")]
+    Malformed,
+    /// roster from rank 0 is not UTF-8
+    #[error("roster from rank 0 is not UTF-8")]
+    NotUtf8,
+    /// roster from rank 0 has {got} addresses for a job of {size}
+    #[error("roster from rank 0 has {got} addresses for a job of {size}")]
+    WrongLength {
+        /// Addresses in the roster.
+        got: usize,
+        /// Ranks in the job.
+        size: usize,
+    },
+    /// roster from rank 0 gives rank {rank} the address {addr:?}, which is not host:port
+    #[error("roster from rank 0 gives rank {rank} the address {addr:?}, which is not host:port")]
+    BadAddress {
+        /// The first rank whose address is wrong.
+        rank: usize,
+        /// That address.
+        addr: String,
+    },
+}
+
+/// Whether `addr` reads as `host:port`: a host of visible ASCII and a port from 1 to 65535
+/// (what the dialer can resolve; a name is resolved only when the link is made).
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_graphic())
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
+}
+
+/// Decodes rank 0's answer to a join in a job of `size` ranks: a roster of exactly `size`
+/// addresses, each `host:port`, or the reason the job stopped.
+pub fn decode_answer(v: &[u8], size: usize) -> Result<Answer, AnswerError> {
+    match v.split_first() {
+        Some((b'A', reason)) => Ok(Answer::Aborted(String::from_utf8_lossy(reason).into_owned())),
+        Some((b'O', lines)) => {
+            let lines = std::str::from_utf8(lines).map_err(|_| AnswerError::NotUtf8)?;
+            // Counted before anything is collected: a hostile roster allocates no more than `size` entries.
+            let got = lines.split('\n').count();
+            if got != size {
+                return Err(AnswerError::WrongLength { got, size });
+            }
+            let roster: Vec<String> = lines.split('\n').map(str::to_owned).collect();
+            match roster.iter().position(|a| !is_host_port(a)) {
+                Some(rank) => Err(AnswerError::BadAddress { rank, addr: roster[rank].clone() }),
+                None => Ok(Answer::Roster(roster)),
+            }
+        }
+        _ => Err(AnswerError::Malformed),
+    }
 }
 
 /// The address `addr` (`host:port`) stands for: the first the resolver gives, as everywhere in
@@ -296,16 +372,17 @@ fn join(
     to_zero.stream.set_read_timeout(Some(cfg.setup_timeout + AUTH_TIMEOUT)).map_err(|e| setup_err(cfg, e))?;
     let answer = read_record(&mut to_zero, 1 << 20)
         .map_err(|e| setup_err(cfg, format!("no answer from rank 0 during start-up: {e}")))?;
-    match answer.first() {
-        Some(b'O') => {}
-        Some(b'A') => return Err(TransportError::JobAborted(String::from_utf8_lossy(&answer[1..]).into_owned())),
-        _ => return Err(setup_err(cfg, "malformed start-up answer from rank 0")),
+    match decode_answer(&answer, cfg.size).map_err(|e| setup_err(cfg, e))? {
+        Answer::Aborted(reason) => Err(TransportError::JobAborted(reason)),
+        Answer::Roster(roster) if roster[cfg.rank] != advertised.to_string() => Err(setup_err(
+            cfg,
+            format!(
+                "roster from rank 0 gives this rank the address {:?}, but it listens on {advertised}",
+                roster[cfg.rank]
+            ),
+        )),
+        Answer::Roster(roster) => Ok((to_zero, roster)),
     }
-    let roster: Vec<String> = String::from_utf8_lossy(&answer[1..]).split('\n').map(str::to_owned).collect();
-    if roster.len() != cfg.size {
-        return Err(setup_err(cfg, "roster from rank 0 has the wrong length"));
-    }
-    Ok((to_zero, roster))
 }
 
 #[cfg(test)]
@@ -374,6 +451,134 @@ pub(super) mod tests {
                 assert!(j.addr.len() + j.hello.len() + 8 == m.len());
             }
         }
+    }
+
+    fn roster(addrs: &[&str]) -> Vec<String> {
+        addrs.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn roster_answers_round_trip() {
+        let addrs = roster(&["head-node:7000", "10.0.0.2:41000", "[fd00::3]:9"]);
+        assert_eq!(decode_answer(&encode_roster(&addrs), 3), Ok(Answer::Roster(addrs)));
+        assert_eq!(decode_answer(b"Ano room", 3), Ok(Answer::Aborted("no room".into())));
+        assert_eq!(decode_answer(b"A\xffx", 3), Ok(Answer::Aborted("\u{fffd}x".into())), "a reason is only shown");
+    }
+
+    #[test]
+    fn roster_answers_that_cannot_be_used_are_refused_by_name() {
+        let three = encode_roster(&roster(&["a:1", "b:2", "c:3"]));
+        assert_eq!(decode_answer(&three, 4), Err(AnswerError::WrongLength { got: 3, size: 4 }));
+        assert_eq!(decode_answer(&three, 2), Err(AnswerError::WrongLength { got: 3, size: 2 }));
+        assert_eq!(decode_answer(b"", 1), Err(AnswerError::Malformed));
+        assert_eq!(decode_answer(b"Xa:1", 1), Err(AnswerError::Malformed));
+        assert_eq!(decode_answer(b"Oa:\xff", 1), Err(AnswerError::NotUtf8));
+        for bad in ["", "a", "a:", ":1", "a:0", "a:65536", "a:+1", "a b:1", "a:1 ", "a\t:1"] {
+            let v = encode_roster(&roster(&["a:1", bad]));
+            assert_eq!(
+                decode_answer(&v, 2),
+                Err(AnswerError::BadAddress { rank: 1, addr: bad.into() }),
+                "{bad:?} is not host:port"
+            );
+        }
+        let msg = decode_answer(&encode_roster(&roster(&["a:1", "b:0"])), 2).unwrap_err().to_string();
+        assert_eq!(msg, r#"roster from rank 0 gives rank 1 the address "b:0", which is not host:port"#);
+    }
+
+    /// A bounded in-suite fuzz run of the roster answer: random and mutated answers never panic,
+    /// and what is accepted has exactly the ranks asked for and is the one encoding of itself.
+    #[test]
+    fn fuzz_the_roster_answer() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid = encode_roster(&roster(&["node0:7000", "127.0.0.1:40001", "[::1]:40002"]));
+        let check = |v: &[u8], size: usize| match decode_answer(v, size) {
+            Ok(Answer::Roster(r)) => {
+                assert_eq!(r.len(), size);
+                assert_eq!(encode_roster(&r), v);
+            }
+            Ok(Answer::Aborted(_)) => assert_eq!(v[0], b'A'),
+            Err(_) => {}
+        };
+        for _ in 0..300_000 {
+            let len = (next() % 24) as usize;
+            let mut random: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(first) = random.first_mut() {
+                *first = [b'O', b'A', next() as u8][(next() % 3) as usize];
+            }
+            check(&random, (next() % 4) as usize);
+            let mut m = valid.clone();
+            for _ in 0..=(next() % 3) {
+                let at = (next() % m.len() as u64) as usize;
+                m[at] ^= 1 << (next() % 8);
+            }
+            if next() % 4 == 0 {
+                m.truncate((next() % m.len() as u64) as usize);
+            }
+            check(&m, 3);
+        }
+    }
+
+    /// A rank whose rank 0 answers `answer` (with the secret `secret`): what its start-up says.
+    fn join_answered_with(answer: impl FnOnce(SocketAddr) -> Vec<u8> + Send + 'static) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let coordinator = listener.local_addr().unwrap();
+        let token = b"roster-test".to_vec();
+        let fake_rank0 = {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                let doorman = Keeper::for_joins(&listener, &token, || {}).unwrap();
+                let (mut conn, rank) = doorman.next(Instant::now() + std::time::Duration::from_secs(10)).unwrap();
+                assert_eq!(rank, 1);
+                let join = decode_join(&read_record(&mut conn, 1 << 20).unwrap()).unwrap();
+                write_record(&mut conn, &answer(join.addr.parse().unwrap())).unwrap();
+                // Held open until the joining rank has read the answer and given up.
+                let _ = conn.stream.read(&mut [0u8; 1]);
+            })
+        };
+        let mem: &'static mut [u8] = Box::leak(vec![0u8; 4096].into_boxed_slice());
+        let cfg = TcpConfig {
+            rank: 1,
+            size: 2,
+            coordinator: coordinator.to_string(),
+            coordinator_held: false,
+            bind: "127.0.0.1".parse().unwrap(),
+            token,
+            view: crate::MemoryView { base: mem.as_mut_ptr(), len: mem.len() },
+            setup_timeout: std::time::Duration::from_secs(10),
+            link_timeout: std::time::Duration::from_secs(5),
+            owed: None,
+            serves: None,
+            thread_start: || {},
+        };
+        let err = match establish(&cfg, b"hello", &|_: &[Vec<u8>]| Ok(())) {
+            Ok(_) => panic!("start-up went on with a roster it should refuse"),
+            Err(e) => e.to_string(),
+        };
+        fake_rank0.join().unwrap();
+        err
+    }
+
+    #[test]
+    fn a_roster_that_is_wrong_for_this_rank_stops_its_start_up_with_a_clear_error() {
+        let err = join_answered_with(|_| encode_roster(&roster(&["a:1", "b:2", "c:3"])));
+        assert!(err.contains("rank 1: roster from rank 0 has 3 addresses for a job of 2"), "{err}");
+        let err = join_answered_with(|_| encode_roster(&roster(&["a:1", "127.0.0.1:9"])));
+        assert!(
+            err.contains(
+                r#"rank 1: roster from rank 0 gives this rank the address "127.0.0.1:9", but it listens on 127.0.0.1:"#
+            ),
+            "{err}"
+        );
+        let err = join_answered_with(|ours| [&b"O"[..], format!("a:1\n{ours}").as_bytes(), b"\n"].concat());
+        assert!(err.contains("roster from rank 0 has 3 addresses"), "{err}");
+        let err = join_answered_with(|_| b"Arank 0 says no".to_vec());
+        assert!(err.contains("rank 0 says no"), "{err}");
     }
 
     fn socket_pair() -> (TcpStream, TcpStream) {
