@@ -421,17 +421,35 @@ pub(super) mod tests {
         }
     }
 
-    /// A bounded in-suite fuzz run of the join record: a million random and mutated records,
-    /// no panic, and an accepted record never claims more bytes than it has.
-    #[test]
-    fn fuzz_the_join_record() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
+    /// A xorshift64 generator: the bounded in-suite fuzz runs' randomness, the same every run.
+    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed;
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x
-        };
+        }
+    }
+
+    /// `valid` with one to three bits flipped, and one time in four cut short.
+    fn mutated(valid: &[u8], next: &mut impl FnMut() -> u64) -> Vec<u8> {
+        let mut m = valid.to_vec();
+        for _ in 0..=(next() % 3) {
+            let at = (next() % m.len() as u64) as usize;
+            m[at] ^= 1 << (next() % 8);
+        }
+        if next().is_multiple_of(4) {
+            m.truncate((next() % m.len() as u64) as usize);
+        }
+        m
+    }
+
+    /// A bounded in-suite fuzz run of the join record: a million random and mutated records,
+    /// no panic, and an accepted record never claims more bytes than it has.
+    #[test]
+    fn fuzz_the_join_record() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let valid = encode_join(7, &"127.0.0.1:40000".parse().unwrap(), b"hello");
         for _ in 0..500_000 {
             let len = (next() % 40) as usize;
@@ -439,14 +457,7 @@ pub(super) mod tests {
             if let Some(j) = decode_join(&random) {
                 assert!(j.addr.len() + j.hello.len() + 8 == random.len());
             }
-            let mut m = valid.clone();
-            for _ in 0..=(next() % 3) {
-                let at = (next() % m.len() as u64) as usize;
-                m[at] ^= 1 << (next() % 8);
-            }
-            if next() % 4 == 0 {
-                m.truncate((next() % m.len() as u64) as usize);
-            }
+            let m = mutated(&valid, &mut next);
             if let Some(j) = decode_join(&m) {
                 assert!(j.addr.len() + j.hello.len() + 8 == m.len());
             }
@@ -489,13 +500,7 @@ pub(super) mod tests {
     /// and what is accepted has exactly the ranks asked for and is the one encoding of itself.
     #[test]
     fn fuzz_the_roster_answer() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let valid = encode_roster(&roster(&["node0:7000", "127.0.0.1:40001", "[::1]:40002"]));
         let check = |v: &[u8], size: usize| match decode_answer(v, size) {
             Ok(Answer::Roster(r)) => {
@@ -512,15 +517,7 @@ pub(super) mod tests {
                 *first = [b'O', b'A', next() as u8][(next() % 3) as usize];
             }
             check(&random, (next() % 4) as usize);
-            let mut m = valid.clone();
-            for _ in 0..=(next() % 3) {
-                let at = (next() % m.len() as u64) as usize;
-                m[at] ^= 1 << (next() % 8);
-            }
-            if next() % 4 == 0 {
-                m.truncate((next() % m.len() as u64) as usize);
-            }
-            check(&m, 3);
+            check(&mutated(&valid, &mut next), 3);
         }
     }
 
