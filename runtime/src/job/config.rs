@@ -332,8 +332,8 @@ pub fn identity() -> Result<Identity, Error> {
     let coordinator = var("GALLOCY_COORDINATOR")?.ok_or_else(|| {
         Error::config("GALLOCY_COORDINATOR", "", "must be set (host:port of rank 0) for a job of more than one process")
     })?;
-    let port = coordinator.rsplit_once(':').and_then(|(host, p)| p.parse::<u16>().ok().filter(|_| !host.is_empty()));
-    if port.is_none_or(|p| p == 0) {
+    // The rule every rank applies to rank 0's roster, whose first entry is this text.
+    if !gallocy_transport::tcp::is_host_port(&coordinator) {
         return Err(Error::config(
             "GALLOCY_COORDINATOR",
             &coordinator,

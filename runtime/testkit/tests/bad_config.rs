@@ -164,6 +164,15 @@ fn absurd_values_are_refused_naming_the_variable() {
             &[("GALLOCY_RANK", "0"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "127.0.0.1:0")],
             "GALLOCY_COORDINATOR",
         ),
+        // What every rank would refuse in rank 0's roster, whose first entry is this text.
+        (
+            &[("GALLOCY_RANK", "0"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", "127.0.0.1:+7000")],
+            "GALLOCY_COORDINATOR",
+        ),
+        (
+            &[("GALLOCY_RANK", "0"), ("GALLOCY_SIZE", "2"), ("GALLOCY_COORDINATOR", " 127.0.0.1:7000")],
+            "GALLOCY_COORDINATOR",
+        ),
     ];
     for (env, var) in cases {
         let label = format!("{env:?} gallocy-scenario fill64");

@@ -28,7 +28,7 @@ use crate::{Accept, Event, LostReason, MemoryView, Span, Transport, TransportErr
 use links::{Keeper, Links};
 #[doc(hidden)]
 pub use startup::fuzzing;
-pub use startup::{establish, resolve, route_source};
+pub use startup::{establish, is_host_port, resolve, route_source};
 
 /// Rank 0's judgement of every rank's hello (indexed by rank): `Err` stops the job with that text.
 pub type Judge = dyn Fn(&[Vec<u8>]) -> Result<(), String>;

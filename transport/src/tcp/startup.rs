@@ -175,9 +175,11 @@ pub enum AnswerError {
     },
 }
 
-/// Whether `addr` reads as `host:port`: a host of visible ASCII and a port from 1 to 65535
-/// (what the dialer can resolve; a name is resolved only when the link is made).
-fn is_host_port(addr: &str) -> bool {
+/// Whether `addr` reads as `host:port`: a host of visible ASCII and a port of decimal digits
+/// from 1 to 65535 (a name is resolved only when it is dialled). The one rule for every address
+/// of a job: `GALLOCY_COORDINATOR` as the configuration reads it, and every roster entry, rank
+/// 0's being that same text.
+pub fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty()
             && host.bytes().all(|b| b.is_ascii_graphic())
